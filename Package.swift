@@ -1,0 +1,33 @@
+// swift-tools-version:6.0
+// vqmoe: sparse mixture-of-experts with discrete (vector-quantized) routing, on the CPU.
+//
+// Layout: Sources/ is the host (C ABI header, engine, plugin host, CLI); Plugins/ holds one
+// dynamic library per component, each depending ONLY on the C ABI target.
+import PackageDescription
+
+/// One component = one folder under Plugins/ = one dynamic library.
+let pluginNames = ["QuantizerVQVAE", "RouterSMoE", "DatasetChar", "HeadLM"]
+
+let swiftFlags: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+
+let package = Package(
+    name: "vqmoe",
+    products: [
+        .executable(name: "vqmoe", targets: ["vqmoe"]),
+        .library(name: "VQMoE", targets: ["VQMoE"]),
+        // A plain C function called through the libffi bridge (registry "ffi" entries).
+        .library(name: "FFIHashRouter", type: .dynamic, targets: ["FFIHashRouter"]),
+    ] + pluginNames.map { .library(name: $0, type: .dynamic, targets: [$0]) },
+    targets: [
+        .target(name: "VQMoEABI", path: "Sources/VQMoEABI"),
+        .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
+        .systemLibrary(name: "CFFI", path: "Sources/CFFI"),
+        .target(name: "VQMoE", dependencies: ["VQMoEABI", "CBLAS", "CFFI"], swiftSettings: swiftFlags),
+        .executableTarget(name: "vqmoe", dependencies: ["VQMoE"], swiftSettings: swiftFlags),
+        .target(name: "FFIHashRouter", path: "Plugins/FFIHashRouter"),
+        .testTarget(name: "PluginHostTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginHostTests", exclude: ["Fixtures"]),
+        .testTarget(name: "PluginsTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginsTests"),
+    ] + pluginNames.map {
+        .target(name: $0, dependencies: ["VQMoEABI"], path: "Plugins/\($0)", swiftSettings: swiftFlags)
+    }
+)

@@ -1,0 +1,388 @@
+// DatasetChar: the `char` dataset plugin -- a byte-level language-modelling corpus.
+//
+// The whole file is read into memory at create() and split contiguously into train /
+// valid / test (enwik8: 90/5/5; nanoGPT's tiny Shakespeare: 90/10/0). The vocabulary is the
+// 256 raw byte values. Batches are a pure function of (instance seed, split, index,
+// batch_size):
+//   train       batch i = batch_size random windows; the start of each is drawn from the
+//               host RNG seeded with (instance seed, stream = i), so any index can be read in
+//               any order (the host's cursor seeks by asking for another index).
+//   valid/test  ordered, non-overlapping windows covering the split; the last window and
+//               the last batch may be partial (inputs padded with 0, targets with
+//               VQMOE_PAD_TARGET, `rows` = real windows).
+//
+// Depends only on the C ABI (vqmoe_plugin.h) and Glibc.
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import VQMoEABI
+
+// MARK: - small helpers
+
+/// Where to get the data, appended to "file missing" errors.
+private let dataHint = "enwik8-mini ships in the gensim 4.4.0 wheel as gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 (pip download --no-deps gensim==4.4.0, then bunzip2), or use ../shared/data; tiny Shakespeare: https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+private let splitNames = ["train", "valid", "test"]
+
+/// Report `message` through host->set_error and return `status`.
+@inline(never)
+private func fail(_ host: UnsafePointer<vqmoe_host_api>?, _ status: Int32, _ message: String) -> Int32 {
+    if let setError = host?.pointee.set_error {
+        message.withCString { setError($0) }
+    }
+    return status
+}
+
+/// Number of elements of a tensor view (shape product).
+private func numel(_ t: vqmoe_tensor) -> Int64 {
+    guard let shape = t.shape else { return t.ndim == 0 ? 1 : 0 }
+    var n: Int64 = 1
+    for i in 0..<Int(t.ndim) { n *= shape[i] }
+    return n
+}
+
+/// True when `t` is a contiguous int32 tensor with exactly `dims` as its shape.
+private func isI32(_ t: vqmoe_tensor, _ dims: [Int64]) -> Bool {
+    guard t.data != nil, t.dtype.code == UInt8(VQMOE_DTYPE_INT), t.dtype.bits == 32, t.dtype.lanes == 1,
+          t.strides == nil, t.byte_offset == 0, Int(t.ndim) == dims.count, let shape = t.shape else { return false }
+    for i in 0..<dims.count where shape[i] != dims[i] { return false }
+    return true
+}
+
+/// `floor(n * fraction)`, clamped to [0, n], with a guard against representation error
+/// (0.29 * 100 must give 29, not 28).
+private func fractionOf(_ n: Int, _ fraction: Double) -> Int {
+    let x = (Double(n) * fraction + 1e-6).rounded(.down)
+    return min(max(Int(x), 0), n)
+}
+
+/// Read a whole regular file. Returns (bytes, count) or an errno-style message.
+private func readWholeFile(_ path: String) -> (UnsafeMutablePointer<UInt8>?, Int, String?, Bool) {
+    let fd = open(path, O_RDONLY)
+    if fd < 0 {
+        let e = errno
+        return (nil, 0, String(cString: strerror(e)), e == ENOENT)
+    }
+    defer { close(fd) }
+    var st = stat()
+    guard fstat(fd, &st) == 0 else { return (nil, 0, String(cString: strerror(errno)), false) }
+    guard (st.st_mode & S_IFMT) == S_IFREG else { return (nil, 0, "not a regular file", false) }
+    let size = Int(st.st_size)
+    let buf = UnsafeMutablePointer<UInt8>.allocate(capacity: max(size, 1))
+    var done = 0
+    while done < size {
+        let r = read(fd, buf + done, size - done)
+        if r < 0 {
+            if errno == EINTR { continue }
+            let msg = String(cString: strerror(errno))
+            buf.deallocate()
+            return (nil, 0, msg, false)
+        }
+        if r == 0 { break }  // file shrank while reading
+        done += r
+    }
+    return (buf, done, nil, false)
+}
+
+// MARK: - the instance
+
+/// One `char` dataset: the file's bytes and the split boundaries.
+final class CharDataset {
+    let host: UnsafePointer<vqmoe_host_api>
+    let seed: UInt64
+    let path: String
+    /// The whole file. Owned; freed in deinit.
+    let bytes: UnsafeMutablePointer<UInt8>
+    let count: Int
+    /// Tokens per window (T).
+    let seqLen: Int
+    /// Start offset and length of each split in `bytes` (train, valid, test).
+    let splitStart: [Int]
+    let splitLen: [Int]
+
+    init(host: UnsafePointer<vqmoe_host_api>, seed: UInt64, path: String, bytes: UnsafeMutablePointer<UInt8>,
+         count: Int, seqLen: Int, splitStart: [Int], splitLen: [Int]) {
+        self.host = host; self.seed = seed; self.path = path; self.bytes = bytes; self.count = count
+        self.seqLen = seqLen; self.splitStart = splitStart; self.splitLen = splitLen
+    }
+
+    deinit { bytes.deallocate() }
+
+    /// Ordered windows of an eval split: ceil((len - 1) / T), 0 for a split under 2 bytes.
+    func windows(_ split: Int) -> Int64 {
+        let len = splitLen[split]
+        guard len >= 2 else { return 0 }
+        return Int64((len - 1 + seqLen - 1) / seqLen)
+    }
+
+    /// Batches of an ordered pass (valid/test), ceil(windows / B).
+    func evalBatches(_ split: Int, _ batchSize: Int64) -> Int64 {
+        (windows(split) + batchSize - 1) / batchSize
+    }
+
+    /// Train batch `index`: `batchSize` random windows from stream `index`.
+    /// inputs/targets: (B,T) int32.
+    func readTrain(index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
+                   targets: UnsafeMutablePointer<Int32>) {
+        let T = seqLen
+        let base = bytes + splitStart[0]
+        // Starts are uniform in [0, train_len - T - 1] so that targets (s+1 ... s+T) stay in train.
+        let range = UInt64(splitLen[0] - T)
+        var rng = vqmoe_rng(key: 0, counter: 0)
+        host.pointee.rng_init!(&rng, seed, UInt64(bitPattern: index))
+        for b in 0..<batchSize {
+            // Lemire's multiply-shift: the high word of x * range is uniform in [0, range).
+            let x = host.pointee.rng_next_u64!(&rng)
+            let s = Int(x.multipliedFullWidth(by: range).high)
+            let src = base + s
+            let inRow = inputs + b * T, tgRow = targets + b * T
+            for t in 0..<T {
+                inRow[t] = Int32(src[t])
+                tgRow[t] = Int32(src[t + 1])
+            }
+        }
+    }
+
+    /// Eval batch `index` of `split` (valid/test): windows index*B ..< index*B + rows, in
+    /// order; returns rows. inputs/targets: (B,T) int32; unused positions are padded.
+    func readEval(split: Int, index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
+                  targets: UnsafeMutablePointer<Int32>) -> Int {
+        let T = seqLen
+        let len = splitLen[split]
+        let base = bytes + splitStart[split]
+        let first = Int(index) * batchSize
+        let rows = min(batchSize, Int(windows(split)) - first)
+        // Padding first: every position no window fills.
+        inputs.update(repeating: 0, count: batchSize * T)
+        targets.update(repeating: Int32(VQMOE_PAD_TARGET), count: batchSize * T)
+        for r in 0..<rows {
+            let start = (first + r) * T
+            // Positions p of this window with a target inside the split: p + 1 < len.
+            let n = min(T, len - 1 - start)
+            let inRow = inputs + r * T, tgRow = targets + r * T
+            for t in 0..<n {
+                inRow[t] = Int32(base[start + t])
+                tgRow[t] = Int32(base[start + t + 1])
+            }
+        }
+        return rows
+    }
+}
+
+/// Unwrap an instance handle (borrowed, not retained).
+@inline(__always)
+private func dataset(_ inst: OpaquePointer?) -> CharDataset? {
+    guard let inst else { return nil }
+    return Unmanaged<CharDataset>.fromOpaque(UnsafeRawPointer(inst)).takeUnretainedValue()
+}
+
+// MARK: - create
+
+/// create(): read the hyperparameters, load the file, compute the splits.
+private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: UnsafePointer<vqmoe_hparams>?,
+                           _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+    guard let out else { return VQMOE_ERR_INVALID_ARGUMENT }
+    out.pointee = nil
+    guard let info, let host = info.pointee.host else { return VQMOE_ERR_INVALID_ARGUMENT }
+    guard info.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_create_info>.size) else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "char: create_info struct_size \(info.pointee.struct_size) is too small")
+    }
+    let name = info.pointee.instance_name.map { String(cString: $0) } ?? "char"
+    let who = "dataset 'char' (\(name))"
+
+    guard let pathC = vqmoe_hp_string(hp, "path", nil), pathC.pointee != 0 else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): hyperparameter 'path' is empty")
+    }
+    let path = String(cString: pathC)
+    let trainFraction = vqmoe_hp_float(hp, "train_fraction", 0.9)
+    let validFraction = vqmoe_hp_float(hp, "valid_fraction", 0.05)
+    let seqLenHP = vqmoe_hp_int(hp, "seq_len", 0)
+    guard trainFraction > 0 && trainFraction <= 1 else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): train_fraction \(trainFraction) must be in (0, 1]")
+    }
+    guard validFraction >= 0 && validFraction < 1 else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): valid_fraction \(validFraction) must be in [0, 1)")
+    }
+    guard trainFraction + validFraction <= 1 + 1e-9 else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT,
+                    "\(who): train_fraction + valid_fraction = \(trainFraction + validFraction) exceeds 1")
+    }
+    guard seqLenHP >= 0 else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): seq_len \(seqLenHP) must be >= 0 (0 = the model's)")
+    }
+    let T = seqLenHP > 0 ? Int(seqLenHP) : Int(info.pointee.seq_len)
+    guard T >= 1 else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT,
+                    "\(who): sequence length is \(T); set the dataset's seq_len or the model's seq_len to >= 1")
+    }
+
+    let (buf, n, why, missing) = readWholeFile(path)
+    guard let bytes = buf else {
+        let msg = missing
+            ? "\(who): data file \(path) not found. \(dataHint)"
+            : "\(who): cannot read \(path): \(why ?? "unknown error")"
+        return fail(host, VQMOE_ERR_IO, msg)
+    }
+    guard n > 0 else {
+        bytes.deallocate()
+        return fail(host, VQMOE_ERR_IO, "\(who): data file \(path) is empty")
+    }
+
+    // Contiguous splits from cumulative fractions (so 0.9 + 0.1 leaves exactly 0 for test).
+    let trainEnd = fractionOf(n, trainFraction)
+    let validEnd = max(trainEnd, fractionOf(n, trainFraction + validFraction))
+    let starts = [0, trainEnd, validEnd]
+    let lens = [trainEnd, validEnd - trainEnd, n - validEnd]
+    let sizes = "train \(lens[0]), valid \(lens[1]), test \(lens[2]) of \(n) bytes"
+    guard lens[0] >= T + 1 else {
+        bytes.deallocate()
+        return fail(host, VQMOE_ERR_IO,
+                    "\(who): \(path): the train split has \(lens[0]) bytes (\(sizes)), too short for one window of seq_len \(T) plus its target byte (\(T + 1) bytes)")
+    }
+    for s in 1...2 where lens[s] == 1 {
+        bytes.deallocate()
+        return fail(host, VQMOE_ERR_IO,
+                    "\(who): \(path): the \(splitNames[s]) split has 1 byte (\(sizes)), too short for one window (an input byte and its target); change train_fraction / valid_fraction")
+    }
+
+    let ds = CharDataset(host: host, seed: info.pointee.seed, path: path, bytes: bytes, count: n,
+                         seqLen: T, splitStart: starts, splitLen: lens)
+    out.pointee = OpaquePointer(Unmanaged.passRetained(ds).toOpaque())
+    return VQMOE_OK
+}
+
+// MARK: - the descriptor
+
+/// Build one hyperparameter spec with C strings that live for the process.
+private func spec(_ name: String, _ type: Int32, _ flags: UInt32, _ description: String,
+                  number: Double = 0, string: String? = nil, min: Double = 0, max: Double = 0) -> vqmoe_hparam_spec {
+    vqmoe_hparam_spec(name: UnsafePointer(strdup(name)), type: type, flags: flags,
+                      description: UnsafePointer(strdup(description)), default_number: number,
+                      default_string: string.map { UnsafePointer(strdup($0)) }, min_value: min, max_value: max,
+                      choices: nil)
+}
+
+/// The descriptor, built once on first use; never freed (the host never unloads plugins).
+nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> = {
+    let specs: [vqmoe_hparam_spec] = [
+        spec("path", VQMOE_HP_STRING, VQMOE_HP_PATH,
+             "byte corpus to read (the host expands $DATA and $ROOT)",
+             string: "$DATA/enwik8-mini/enwik8-mini"),
+        spec("train_fraction", VQMOE_HP_FLOAT, VQMOE_HP_HAS_MIN | VQMOE_HP_HAS_MAX,
+             "leading fraction of the bytes used for training, in (0, 1]", number: 0.9, min: 0, max: 1),
+        spec("valid_fraction", VQMOE_HP_FLOAT, VQMOE_HP_HAS_MIN | VQMOE_HP_HAS_MAX,
+             "next fraction used for validation, in [0, 1); the test split is the rest", number: 0.05, min: 0, max: 1),
+        spec("seq_len", VQMOE_HP_INT, VQMOE_HP_HAS_MIN,
+             "tokens per window; 0 = the model's seq_len", number: 0, min: 0),
+    ]
+    let hp = UnsafeMutablePointer<vqmoe_hparam_spec>.allocate(capacity: specs.count)
+    hp.initialize(from: specs, count: specs.count)
+
+    let api = UnsafeMutablePointer<vqmoe_dataset_api>.allocate(capacity: 1)
+    api.initialize(to: vqmoe_dataset_api(
+        struct_size: UInt32(MemoryLayout<vqmoe_dataset_api>.size),
+        info: { inst, out in
+            guard let ds = dataset(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
+            guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_dataset_info>.size) else {
+                return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: dataset_info struct_size \(out.pointee.struct_size) is too small")
+            }
+            out.pointee.task = VQMOE_TASK_LM
+            out.pointee.vocab_size = 256
+            out.pointee.n_classes = 0
+            out.pointee.sample_ndim = 1
+            out.pointee.sample_shape = (Int64(ds.seqLen), 0, 0, 0)
+            out.pointee.split_size = (Int64(ds.splitLen[0]), Int64(ds.splitLen[1]), Int64(ds.splitLen[2]))
+            return VQMOE_OK
+        },
+        num_batches: { inst, split, batchSize, out in
+            guard let ds = dataset(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
+            guard (0...2).contains(split) else {
+                return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: unknown split \(split)")
+            }
+            guard batchSize >= 1 else {
+                return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: batch_size \(batchSize) must be >= 1")
+            }
+            out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : ds.evalBatches(Int(split), batchSize)
+            return VQMOE_OK
+        },
+        read_batch: { inst, req, out in
+            guard let ds = dataset(inst), let req, let out else { return VQMOE_ERR_INVALID_ARGUMENT }
+            let r = req.pointee
+            guard r.struct_size >= UInt32(MemoryLayout<vqmoe_batch_request>.size),
+                  out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_batch>.size) else {
+                return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: batch request / batch struct_size too small")
+            }
+            guard (0...2).contains(r.split) else {
+                return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: unknown split \(r.split)")
+            }
+            guard r.batch_size >= 1, r.index >= 0 else {
+                return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT,
+                            "char: batch_size \(r.batch_size) must be >= 1 and index \(r.index) >= 0")
+            }
+            let B = r.batch_size, T = Int64(ds.seqLen)
+            // inputs (B,T) int32, targets (B,T) int32, host-allocated.
+            guard isI32(out.pointee.inputs, [B, T]), isI32(out.pointee.targets, [B, T]) else {
+                return fail(ds.host, VQMOE_ERR_SHAPE,
+                            "char: read_batch expects contiguous int32 inputs and targets of shape (\(B), \(T))")
+            }
+            let inputs = out.pointee.inputs.data!.assumingMemoryBound(to: Int32.self)
+            let targets = out.pointee.targets.data!.assumingMemoryBound(to: Int32.self)
+            if r.split == VQMOE_SPLIT_TRAIN {
+                ds.readTrain(index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
+                out.pointee.rows = B
+                return VQMOE_OK
+            }
+            let split = Int(r.split)
+            let nb = ds.evalBatches(split, B)
+            guard r.index < nb else {
+                return fail(ds.host, VQMOE_ERR_END_OF_DATA,
+                            "char: \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
+            }
+            out.pointee.rows = Int64(ds.readEval(split: split, index: r.index, batchSize: Int(B),
+                                                 inputs: inputs, targets: targets))
+            return VQMOE_OK
+        }))
+
+    let d = UnsafeMutablePointer<vqmoe_plugin_desc>.allocate(capacity: 1)
+    d.initialize(to: vqmoe_plugin_desc(
+        abi_version: UInt32(VQMOE_ABI_VERSION),
+        struct_size: UInt32(MemoryLayout<vqmoe_plugin_desc>.size),
+        kind: VQMOE_KIND_DATASET,
+        flags: 0,
+        name: UnsafePointer(strdup("char")),
+        version: UnsafePointer(strdup("1.0.0")),
+        description: UnsafePointer(strdup("byte-level LM corpus (enwik8 format or any raw text): vocabulary of 256 bytes, contiguous train/valid/test split")),
+        hparams: UnsafePointer(hp),
+        n_hparams: Int32(specs.count),
+        create: { info, hp, out in createDataset(info, hp, out) },
+        destroy: { inst in
+            guard let inst else { return }
+            Unmanaged<CharDataset>.fromOpaque(UnsafeRawPointer(inst)).release()
+        },
+        num_buffers: { _ in 0 },
+        buffer_spec: { inst, i, _ in
+            fail(dataset(inst)?.host, VQMOE_ERR_INVALID_ARGUMENT, "char: declares no buffers (asked for buffer \(i))")
+        },
+        bind_buffers: { inst, _, n in
+            n == 0 ? VQMOE_OK : fail(dataset(inst)?.host, VQMOE_ERR_INVALID_ARGUMENT, "char: declares no buffers, got \(n) bindings")
+        },
+        init_buffers: { _, _ in VQMOE_OK },
+        begin_step: nil,
+        get_feature: nil,
+        kind_api: UnsafeRawPointer(api)))
+    return d
+}()
+
+/// The plugin entry point: the descriptor of the `char` dataset. Refuses hosts of another
+/// ABI major.
+@_cdecl("vqmoe_plugin_entry")
+public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
+    if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
+        let msg = "char: built for plugin ABI major \(VQMOE_ABI_VERSION_MAJOR), host has major \(host.pointee.abi_version >> 16)"
+        msg.withCString { m in "char".withCString { n in host.pointee.log?(VQMOE_LOG_ERROR, n, m) } }
+        return nil
+    }
+    return UnsafePointer(charDescriptor)
+}

@@ -1,0 +1,65 @@
+// The smoe router's hyperparameter schema and its resolved values.
+import VQMoEABI
+
+/// One schema entry in Swift form; `cSpec` makes the C `vqmoe_hparam_spec`.
+struct HyperparameterEntry {
+    var name: String
+    var type: Int32
+    var description: String
+    var defaultValue: Double
+    var min: Double? = nil
+    var max: Double? = nil
+
+    /// The C form; its strings are strdup'd and live as long as the library.
+    var cSpec: vqmoe_hparam_spec {
+        var flags: UInt32 = 0
+        if min != nil { flags |= VQMOE_HP_HAS_MIN }
+        if max != nil { flags |= VQMOE_HP_HAS_MAX }
+        return vqmoe_hparam_spec(name: staticCString(name), type: type, flags: flags,
+                                 description: staticCString(description), default_number: defaultValue,
+                                 default_string: staticCString(""), min_value: min ?? 0, max_value: max ?? 0,
+                                 choices: nil)
+    }
+}
+
+/// Resolved hyperparameters of one smoe router.
+struct SMoEConfig {
+    /// Experts kept per token.
+    var k: Int
+    /// Weight of the Switch balance loss in aux_loss.
+    var balanceWeight: Float
+    /// Standard deviation of the N(0, init_std^2) router weight init.
+    var initStd: Float
+    /// Whether logits get a learned bias b (E).
+    var bias: Bool
+
+    static let schema: [HyperparameterEntry] = [
+        HyperparameterEntry(name: "k", type: VQMOE_HP_INT,
+                            description: "experts kept per token (top-k; must be <= n_experts)",
+                            defaultValue: 2, min: 1, max: 64),
+        HyperparameterEntry(name: "balance_weight", type: VQMOE_HP_FLOAT,
+                            description: "weight of the Switch balance loss E * sum_e f_e * P_e in aux_loss",
+                            defaultValue: 0.01, min: 0),
+        HyperparameterEntry(name: "init_std", type: VQMOE_HP_FLOAT,
+                            description: "router weight init: W ~ N(0, init_std^2)",
+                            defaultValue: 0.02, min: 0),
+        HyperparameterEntry(name: "bias", type: VQMOE_HP_BOOL,
+                            description: "add a learned bias to the router logits (initialised to 0)",
+                            defaultValue: 0),
+    ]
+
+    /// Read the values the host resolved (defaults for anything missing) and check them
+    /// against the model: 1 <= k <= n_experts.
+    init(_ hp: UnsafePointer<vqmoe_hparams>?, nExperts: Int) throws(PluginFailure) {
+        k = Int(vqmoe_hp_int(hp, "k", 2))
+        balanceWeight = Float(vqmoe_hp_float(hp, "balance_weight", 0.01))
+        initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))
+        bias = vqmoe_hp_bool(hp, "bias", 0) != 0
+        guard k >= 1 && k <= 64 else { throw .invalid("hyperparameter k = \(k) must be in [1, 64]") }
+        guard k <= nExperts else {
+            throw .invalid("hyperparameter k = \(k) is larger than n_experts = \(nExperts): top-k routing needs k <= n_experts")
+        }
+        guard balanceWeight.isFinite && balanceWeight >= 0 else { throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0") }
+        guard initStd.isFinite && initStd >= 0 else { throw .invalid("init_std = \(initStd) must be finite and >= 0") }
+    }
+}

@@ -1,0 +1,106 @@
+import VQMoEABI
+
+/// The three splits of a dataset.
+public enum Split: Int32, CaseIterable, Sendable {
+    case train = 0, valid = 1, test = 2
+    public var name: String { ["train", "valid", "test"][Int(rawValue)] }
+}
+
+/// A dataset plugin instance. Batches are a pure function of (seed, split, index), so the
+/// host's cursor is just the next index: seeking and resuming need no dataset state.
+///
+/// ```swift
+/// let ds = try DatasetInstance(core)
+/// let batch = try ds.read(.train, index: step, batchSize: 12)   // inputs (B,T), targets (B,T)
+/// ```
+public final class DatasetInstance: @unchecked Sendable {
+    public let core: PluginInstance
+    let api: vqmoe_dataset_api
+    public let task: Int32
+    public let vocabSize: Int
+    public let nClasses: Int
+    public let sampleShape: [Int]
+    public let splitSizes: [Int]
+    public let inputIsFloat: Bool
+
+    /// One batch in host memory.
+    public struct Batch {
+        public var inputsInt: [Int32]
+        public var inputsFloat: [Float]
+        public var targets: [Int32]
+        public var rows: Int
+        public var inputShape: [Int]
+        public var targetShape: [Int]
+    }
+
+    public init(_ core: PluginInstance) throws {
+        guard core.library.kind == .dataset else { throw VQMoEError(.plugin, "\(core.describe) is not a dataset") }
+        self.core = core
+        let api = core.library.desc.pointee.kind_api!.load(as: vqmoe_dataset_api.self)
+        self.api = api
+        var info = vqmoe_dataset_info()
+        info.struct_size = structSize(vqmoe_dataset_info.self)
+        try core.call("info") { api.info!(core.handle, &info) }
+        task = info.task
+        guard [VQMOE_TASK_LM, VQMOE_TASK_CLASSIFY_TOKENS, VQMOE_TASK_CLASSIFY_IMAGE].contains(task) else {
+            throw VQMoEError(.plugin, "\(core.describe): info() gave unknown task \(task)")
+        }
+        vocabSize = Int(info.vocab_size)
+        nClasses = Int(info.n_classes)
+        guard info.sample_ndim >= 1 && info.sample_ndim <= 4 else {
+            throw VQMoEError(.plugin, "\(core.describe): info() gave sample_ndim \(info.sample_ndim)")
+        }
+        sampleShape = withUnsafeBytes(of: info.sample_shape) { raw in (0..<Int(info.sample_ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
+        splitSizes = withUnsafeBytes(of: info.split_size) { raw in (0..<3).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
+        inputIsFloat = task == VQMOE_TASK_CLASSIFY_IMAGE
+        guard sampleShape.allSatisfy({ $0 >= 1 }) else { throw VQMoEError(.plugin, "\(core.describe): sample shape \(sampleShape)") }
+        if task != VQMOE_TASK_CLASSIFY_IMAGE && vocabSize < 1 { throw VQMoEError(.plugin, "\(core.describe): vocab_size \(vocabSize)") }
+    }
+
+    public var isLM: Bool { task == VQMOE_TASK_LM }
+
+    /// Batches in an ordered pass over `split` (train: Int.max).
+    public func numBatches(_ split: Split, batchSize: Int) throws -> Int {
+        var n: Int64 = 0
+        try core.call("num_batches(\(split.name))") { api.num_batches!(core.handle, split.rawValue, Int64(batchSize), &n) }
+        return Int(n)
+    }
+
+    /// Batch `index` of `split`; nil past the end of a finite split.
+    public func read(_ split: Split, index: Int, batchSize: Int) throws -> Batch? {
+        let sampleCount = sampleShape.reduce(1, *)
+        var b = Batch(inputsInt: inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount),
+                      inputsFloat: inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : [],
+                      targets: [Int32](repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize),
+                      rows: 0, inputShape: [batchSize] + sampleShape, targetShape: isLM ? [batchSize, sampleShape[0]] : [batchSize])
+        var status: Int32 = 0
+        let a = TensorArena()
+        var req = vqmoe_batch_request(struct_size: structSize(vqmoe_batch_request.self), split: split.rawValue,
+                                      index: Int64(index), batch_size: Int64(batchSize))
+        b.targets.withUnsafeMutableBufferPointer { t in
+            let targets = a.i32(t.baseAddress, b.targetShape)
+            func run(_ inputs: vqmoe_tensor) {
+                var out = vqmoe_batch(struct_size: structSize(vqmoe_batch.self), inputs: inputs, targets: targets, rows: 0)
+                _ = HostRuntime.takeError()
+                status = api.read_batch!(core.handle, &req, &out)
+                HostRuntime.releaseScratch()
+                b.rows = Int(out.rows)
+            }
+            if inputIsFloat {
+                b.inputsFloat.withUnsafeMutableBufferPointer { run(a.f32($0.baseAddress, b.inputShape)) }
+            } else {
+                b.inputsInt.withUnsafeMutableBufferPointer { run(a.i32($0.baseAddress, b.inputShape)) }
+            }
+        }
+        if status == VQMOE_ERR_END_OF_DATA { _ = HostRuntime.takeError(); return nil }
+        if status != VQMOE_OK {
+            let msg = HostRuntime.takeError() ?? "no message"
+            throw VQMoEError(status == VQMOE_ERR_IO ? .data : .plugin,
+                             "\(core.describe) failed in read_batch(\(split.name), \(index)): \(statusName(status)): \(msg)")
+        }
+        guard b.rows >= 1 && b.rows <= batchSize else {
+            throw VQMoEError(.plugin, "\(core.describe): read_batch gave rows = \(b.rows) for batch size \(batchSize)")
+        }
+        return b
+    }
+}

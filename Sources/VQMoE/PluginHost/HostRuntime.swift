@@ -1,0 +1,181 @@
+import CBLAS
+import Dispatch
+import Foundation
+import VQMoEABI
+
+/// The services table (`vqmoe_host_api`) every plugin receives, and the host-wide runtime
+/// behind it: thread count, logging, the per-thread error slot, scratch memory.
+///
+/// ```swift
+/// HostRuntime.configure(threads: 2)          // sizes the pool and OpenBLAS together
+/// let api = HostRuntime.api                   // UnsafePointer<vqmoe_host_api>
+/// HostRuntime.takeError()                     // the message a plugin set, if any
+/// ```
+public enum HostRuntime {
+    /// Threads used by `parallel_for` and OpenBLAS. Set with `configure(threads:)`.
+    nonisolated(unsafe) public private(set) static var threads: Int = 1
+    /// Lines below this level are not printed (VQMOE_LOG_INFO by default; env VQMOE_LOG).
+    nonisolated(unsafe) public static var logLevel: Int32 = {
+        switch ProcessInfo.processInfo.environment["VQMOE_LOG"]?.lowercased() {
+        case "debug": return VQMOE_LOG_DEBUG
+        case "warn": return VQMOE_LOG_WARN
+        case "error": return VQMOE_LOG_ERROR
+        default: return VQMOE_LOG_INFO
+        }
+    }()
+
+    /// One thread pool for the whole process: OpenBLAS and `parallel_for` use the same count,
+    /// and plugin code never nests its loops around a threaded GEMM.
+    public static func configure(threads n: Int) {
+        threads = max(1, n)
+        openblas_set_num_threads(Int32(threads))
+        api.pointee.num_threads = Int32(threads)
+    }
+
+    /// The table handed to plugins; allocated once, never freed.
+    nonisolated(unsafe) public static let api: UnsafeMutablePointer<vqmoe_host_api> = {
+        let p = UnsafeMutablePointer<vqmoe_host_api>.allocate(capacity: 1)
+        p.initialize(to: vqmoe_host_api(
+            abi_version: UInt32(VQMOE_ABI_VERSION),
+            struct_size: UInt32(MemoryLayout<vqmoe_host_api>.size),
+            log: { level, name, msg in
+                HostRuntime.log(level, name.map { String(cString: $0) } ?? "?", msg.map { String(cString: $0) } ?? "")
+            },
+            set_error: { msg in HostRuntime.setError(msg.map { String(cString: $0) } ?? "(no message)") },
+            alloc: { bytes in HostRuntime.alignedAlloc(bytes) },
+            free: { ptr in Foundation.free(ptr) },
+            rng_init: { rng, seed, stream in rng?.pointee = HostRNG.make(seed: seed, stream: stream) },
+            rng_next_u64: { rng in HostRNG.next(&rng!.pointee) },
+            rng_uniform: { rng in HostRNG.uniform(&rng!.pointee) },
+            rng_normal: { rng in HostRNG.normal(&rng!.pointee) },
+            sgemm: { ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc in
+                cblas_sgemm(CblasRowMajor, ta == VQMOE_TRANS ? CblasTrans : CblasNoTrans,
+                            tb == VQMOE_TRANS ? CblasTrans : CblasNoTrans,
+                            Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb),
+                            beta, c, Int32(ldc))
+            },
+            scratch: { bytes in HostRuntime.scratch(bytes) },
+            parallel_for: { n, grain, user, fn in
+                guard let fn else { return }
+                HostRuntime.parallelFor(n, grain: grain) { b, e in fn(user, b, e) }
+            },
+            num_threads: 1))
+        return p
+    }()
+
+    // MARK: logging and errors
+
+    /// Print a log line to stderr when `level` passes the filter.
+    public static func log(_ level: Int32, _ source: String, _ message: String) {
+        guard level >= logLevel else { return }
+        let tag = ["debug", "info", "warn", "error"][Int(min(max(level, 0), 3))]
+        FileHandle.standardError.write(Data("[\(tag)] \(source): \(message)\n".utf8))
+    }
+
+    private static let errorKey = "vqmoe.plugin.error"
+    private static let scratchKey = "vqmoe.plugin.scratch"
+
+    static func setError(_ message: String) {
+        Thread.current.threadDictionary[errorKey] = message
+    }
+
+    /// The message a plugin set with `host->set_error` on this thread, cleared on read.
+    public static func takeError() -> String? {
+        let m = Thread.current.threadDictionary[errorKey] as? String
+        Thread.current.threadDictionary.removeObject(forKey: errorKey)
+        return m
+    }
+
+    // MARK: memory
+
+    /// 64-byte aligned allocation (free with `free`).
+    public static func alignedAlloc(_ bytes: Int) -> UnsafeMutableRawPointer? {
+        var p: UnsafeMutableRawPointer?
+        guard posix_memalign(&p, 64, max(bytes, 64)) == 0 else { return nil }
+        return p
+    }
+
+    final class ScratchList { var pointers: [UnsafeMutableRawPointer] = [] }
+
+    static func scratch(_ bytes: Int) -> UnsafeMutableRawPointer? {
+        guard let p = alignedAlloc(bytes) else { return nil }
+        let list = (Thread.current.threadDictionary[scratchKey] as? ScratchList) ?? {
+            let l = ScratchList(); Thread.current.threadDictionary[scratchKey] = l; return l
+        }()
+        list.pointers.append(p)
+        return p
+    }
+
+    /// Free the scratch memory this thread's plugin calls requested (after each call).
+    public static func releaseScratch() {
+        guard let list = Thread.current.threadDictionary[scratchKey] as? ScratchList else { return }
+        for p in list.pointers { Foundation.free(p) }
+        list.pointers.removeAll(keepingCapacity: true)
+    }
+
+    // MARK: threads
+
+    private static let nestedKey = "vqmoe.parallel.nested"
+
+    /// Run `body(begin, end)` over [0, n) split into at most `threads` chunks of at least
+    /// `grain` items. Calls from inside a body run serially (no nested parallelism).
+    public static func parallelFor(_ n: Int64, grain: Int64 = 1, _ body: (Int64, Int64) -> Void) {
+        guard n > 0 else { return }
+        let chunks = Int(min(Int64(threads), max(1, n / max(grain, 1))))
+        if chunks <= 1 || Thread.current.threadDictionary[nestedKey] != nil {
+            body(0, n)
+            return
+        }
+        let per = (n + Int64(chunks) - 1) / Int64(chunks)
+        nonisolated(unsafe) let body = body
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+            let begin = Int64(c) * per, end = min(n, begin + per)
+            guard begin < end else { return }
+            let dict = Thread.current.threadDictionary
+            dict[nestedKey] = true
+            body(begin, end)
+            dict.removeObject(forKey: nestedKey)
+        }
+    }
+}
+
+/// The counter-based random stream behind `host->rng_*`: SplitMix64 of (key + counter), so a
+/// stream is reproducible from (seed, stream id) and its position.
+///
+/// ```swift
+/// var r = HostRNG.make(seed: 42, stream: 0)
+/// let u = HostRNG.uniform(&r)     // [0, 1)
+/// ```
+public enum HostRNG {
+    @inline(__always) public static func mix64(_ x: UInt64) -> UInt64 {
+        var z = x &+ 0x9e37_79b9_7f4a_7c15
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+
+    public static func make(seed: UInt64, stream: UInt64) -> vqmoe_rng {
+        vqmoe_rng(key: mix64(seed ^ mix64(stream &+ 0x632b_e59b_d9b4_e019)), counter: 0)
+    }
+
+    public static func next(_ r: inout vqmoe_rng) -> UInt64 {
+        r.counter &+= 1
+        return mix64(r.key &+ r.counter &* 0x9e37_79b9_7f4a_7c15)
+    }
+
+    public static func uniform(_ r: inout vqmoe_rng) -> Float {
+        Float(next(&r) >> 40) * (1.0 / 16_777_216.0)
+    }
+
+    /// Box-Muller; consumes two draws per call.
+    public static func normal(_ r: inout vqmoe_rng) -> Float {
+        let u1 = (Double(next(&r) >> 11) + 0.5) * (1.0 / 9_007_199_254_740_992.0)
+        let u2 = Double(next(&r) >> 11) * (1.0 / 9_007_199_254_740_992.0)
+        return Float((-2.0 * Foundation.log(u1)).squareRoot() * cos(2.0 * Double.pi * u2))
+    }
+
+    /// A seed derived from several parts (run seed, instance id, step, call), well mixed.
+    public static func derive(_ parts: UInt64...) -> UInt64 {
+        parts.reduce(0x1234_5678_9abc_def0) { mix64($0 ^ $1) }
+    }
+}

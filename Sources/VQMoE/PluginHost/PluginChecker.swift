@@ -1,0 +1,418 @@
+import Foundation
+import VQMoEABI
+
+/// One line of a plugin check.
+public struct CheckResult: Sendable, CustomStringConvertible {
+    public let name: String
+    public let passed: Bool
+    public let detail: String
+    public var description: String { "\(passed ? "PASS" : "FAIL")  \(name)\(detail.isEmpty ? "" : "  \(detail)")" }
+}
+
+/// `vqmoe plugins check`: load a plugin, validate its descriptor and buffers, run forward and
+/// backward on seeded random inputs, and compare every gradient with central finite
+/// differences. Offered to plugin authors as the framework's gradcheck.
+///
+/// The objective is a random linear function of the outputs (plus the losses), so every
+/// output's backward is exercised: routers Σ r⊙weights + c·aux (top-k) or
+/// Σ r⊙dispatch + Σ s⊙combine + c·aux (dense); quantizers c·loss, and Σ r⊙quantized on the
+/// straight-through surrogate (VQMOE_STEP_SURROGATE); heads c·loss. State buffers are restored
+/// before every evaluation (EMA updates do not leak into the differences), and coordinates
+/// whose perturbation changes a discrete output (top-k set, code) are skipped and counted:
+/// the function is not differentiable there.
+///
+/// ```swift
+/// let results = PluginChecker(library: try PluginLibrary.open("libRouterSMoE.so")).run()
+/// results.forEach { print($0) }            // PASS  gradcheck x  max rel err 3e-4 ...
+/// ```
+public struct PluginChecker {
+    public var library: PluginLibrary
+    public var hyperparameters: [[String: Any]]
+    public var dims: ModelDims
+    public var seed: UInt64
+    /// Finite-difference step and tolerance: |a − f| ≤ rtol·max(|a|,|f|) + atol·max(1, max|a|).
+    public var eps: Float = 1e-2
+    public var rtol: Double = 2e-2
+    public var atol: Double = 2e-3
+    /// At most this many coordinates of each parameter buffer are checked.
+    public var coordinatesPerBuffer = 48
+
+    /// Groups × tokens per group used for router / quantizer / head inputs.
+    public var groups = 2, groupSize = 5
+
+    public init(library: PluginLibrary, hyperparameters: [[String: Any]] = [], dims: ModelDims? = nil, seed: UInt64 = 1) {
+        self.library = library
+        self.hyperparameters = hyperparameters
+        self.dims = dims ?? ModelDims(dModel: 8, nExperts: 4, nCodes: 8, vocabSize: 7, nClasses: 3, seqLen: 5,
+                                      totalSteps: 100, dataRoot: DataLocator.defaultRoot() ?? "")
+        self.seed = seed
+    }
+
+    public init(library: PluginLibrary, hyperparameters: [String: Any]) {
+        self.init(library: library, hyperparameters: [hyperparameters])
+    }
+
+    /// Run every check for the plugin's kind. Never throws: failures are results.
+    public func run() -> [CheckResult] {
+        var results: [CheckResult] = [CheckResult(
+            name: "descriptor", passed: true,
+            detail: "\(library.kind.rawValue) '\(library.name)' \(library.version), ABI \(abiString(library.abiVersion)), \(library.schema.count) hyperparameters")]
+        let hp: ResolvedHyperparameters
+        do {
+            hp = try ResolvedHyperparameters(schema: library.schema, layers: hyperparameters, keyPath: library.name)
+            results.append(CheckResult(name: "hyperparameters", passed: true,
+                                       detail: hp.names.map { "\($0)=\(HyperparameterSpec.text(hp.values[$0]!))" }.joined(separator: " ")))
+        } catch {
+            return results + [CheckResult(name: "hyperparameters", passed: false, detail: "\(error)")]
+        }
+        let make = { (s: UInt64) in try PluginInstance(library: library, instanceName: "check", dims: dims, hyperparameters: hp, seed: s) }
+        let inst: PluginInstance
+        do {
+            inst = try make(seed)
+            results.append(CheckResult(name: "create + buffers", passed: true,
+                                       detail: inst.buffers.map { "\($0.name)\($0.shape)\($0.isParameter ? "" : " state")" }.joined(separator: " ")))
+            let again = try make(seed)
+            let same = zip(inst.buffers, again.buffers).allSatisfy { memcmp($0.data, $1.data, $0.byteCount) == 0 }
+            results.append(CheckResult(name: "init deterministic", passed: same,
+                                       detail: same ? "same seed, same initial buffers" : "two instances with the same seed got different initial buffers"))
+        } catch {
+            return results + [CheckResult(name: "create + buffers", passed: false, detail: "\(error)")]
+        }
+        do {
+            switch library.kind {
+            case .router: results += try checkRouter(RouterInstance(inst))
+            case .quantizer: results += try checkQuantizer(QuantizerInstance(inst))
+            case .head: results += try checkHead(HeadInstance(inst))
+            case .dataset: results += try checkDataset(DatasetInstance(inst))
+            }
+        } catch {
+            results.append(CheckResult(name: "\(library.kind.rawValue) calls", passed: false, detail: "\(error)"))
+        }
+        return results
+    }
+
+    // MARK: shared machinery
+
+    private var n: Int { groups * groupSize }
+
+    private func step(train: Bool = true, noGrad: Bool = false, surrogate: Bool = false) -> StepInfo {
+        StepInfo(step: 3, totalSteps: dims.totalSteps, train: train, noGrad: noGrad, surrogate: surrogate, seed: seed &+ 17)
+    }
+
+    /// Objective value and the discrete outputs (for switch detection) of one evaluation.
+    private typealias Eval = () throws -> (value: Double, discrete: [Int32])
+
+    /// Compare `analytic` gradients of `target` with central differences of `eval`.
+    private func gradcheck(_ label: String, target: UnsafeMutablePointer<Float>, count: Int,
+                           analytic: [Float], coordinates: [Int], restore: () -> Void, eval: Eval) throws -> CheckResult {
+        restore()
+        let base = try eval().discrete
+        var maxErr = 0.0, worst = "", checked = 0, skipped = 0, failures = 0
+        let scale = max(1.0, Double(analytic.map { abs($0) }.max() ?? 0))
+        for i in coordinates {
+            let orig = target[i]
+            target[i] = orig + eps; restore(); let plus = try eval()
+            target[i] = orig - eps; restore(); let minus = try eval()
+            target[i] = orig
+            if plus.discrete != base || minus.discrete != base { skipped += 1; continue }
+            let fd = (plus.value - minus.value) / Double(2 * eps)
+            let a = Double(analytic[i])
+            let err = abs(a - fd)
+            let tol = rtol * max(abs(a), abs(fd)) + atol * scale
+            checked += 1
+            let rel = err / max(tol, 1e-30)
+            if rel > maxErr { maxErr = rel; worst = "at \(i): analytic \(fmt(a)) vs numeric \(fmt(fd))" }
+            if err > tol { failures += 1 }
+        }
+        restore()
+        let enough = checked > 0 || coordinates.isEmpty
+        return CheckResult(name: "gradcheck \(label)", passed: failures == 0 && enough,
+                           detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
+                               + ", worst err/tol \(String(format: "%.3f", maxErr))" + (worst.isEmpty ? "" : " \(worst)")
+                               + (enough ? "" : "; every coordinate sat at a switch"))
+    }
+
+    private func fmt(_ v: Double) -> String { String(format: "%.6g", v) }
+
+    private func coords(_ count: Int, salt: UInt64) -> [Int] {
+        if count <= coordinatesPerBuffer { return Array(0..<count) }
+        var r = HostRNG.make(seed: seed, stream: salt)
+        var set = Set<Int>()
+        while set.count < coordinatesPerBuffer { set.insert(Int(HostRNG.next(&r) % UInt64(count))) }
+        return set.sorted()
+    }
+
+    /// Snapshot of every state buffer, and a closure that puts it back.
+    private func stateRestorer(_ inst: PluginInstance) -> () -> Void {
+        let snaps = inst.states.map { b -> [UInt8] in Array(UnsafeRawBufferPointer(start: b.data, count: b.byteCount)) }
+        let states = inst.states
+        return { for (b, s) in zip(states, snaps) { s.withUnsafeBytes { _ = memcpy(b.data, $0.baseAddress!, b.byteCount) } } }
+    }
+
+    /// Gradchecks of the input and of every parameter buffer.
+    private func gradchecks(_ inst: PluginInstance, inputName: String, input: UnsafeMutablePointer<Float>, inputCount: Int,
+                            inputGrad: [Float], restore: @escaping () -> Void, eval: Eval) throws -> [CheckResult] {
+        var out = [try gradcheck(inputName, target: input, count: inputCount, analytic: inputGrad,
+                                 coordinates: coords(inputCount, salt: 1), restore: restore, eval: eval)]
+        for (bi, b) in inst.parameters.enumerated() {
+            out.append(try gradcheck(b.name, target: b.floats, count: b.count, analytic: Array(UnsafeBufferPointer(start: b.grad!, count: b.count)),
+                                     coordinates: coords(b.count, salt: 10 + UInt64(bi)), restore: restore, eval: eval))
+        }
+        return out
+    }
+
+    private func evalModeLeavesNoContext(_ ctx: PluginContext?) -> CheckResult {
+        CheckResult(name: "eval forward saves no context", passed: ctx == nil,
+                    detail: ctx == nil ? "" : "forward without VQMOE_STEP_TRAIN returned a ctx")
+    }
+
+    // MARK: router
+
+    private func checkRouter(_ r: RouterInstance) throws -> [CheckResult] {
+        var results: [CheckResult] = []
+        let e = dims.nExperts, d = dims.dModel
+        var x = randomNormal(n * d, stream: 2)
+        var ids = (0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }
+        let shape = try r.shape(step())
+        results.append(CheckResult(name: "shape", passed: true, detail: shape.mode == .topK ? "top-k, k=\(shape.k)" : "dense, \(shape.slotsPerExpert) slots per expert"))
+        let width = shape.mode == .topK ? shape.k : e * shape.slotsPerExpert
+        var idx = [Int32](repeating: 0, count: n * max(shape.k, 1))
+        var w = [Float](repeating: 0, count: n * width), disp = [Float](repeating: 0, count: n * width)
+        var comb = [Float](repeating: 0, count: n * width), load = [Float](repeating: 0, count: e)
+        let rw = randomNormal(n * width, stream: 3), rc = randomNormal(n * width, stream: 4)
+        let cAux: Float = 1.5
+        func forward(_ s: StepInfo) throws -> (Double, [Int32], PluginContext?) {
+            try x.withUnsafeMutableBufferPointer { xp in
+                try ids.withUnsafeMutableBufferPointer { ip in
+                    try idx.withUnsafeMutableBufferPointer { ixp in
+                        try w.withUnsafeMutableBufferPointer { wp in
+                            try disp.withUnsafeMutableBufferPointer { dp in
+                                try comb.withUnsafeMutableBufferPointer { cp in
+                                    try load.withUnsafeMutableBufferPointer { lp in
+                                        let o = RouterOutputs(expertIndex: ixp.baseAddress, weights: wp.baseAddress, dispatch: dp.baseAddress,
+                                                              combine: cp.baseAddress, expertLoad: lp.baseAddress!)
+                                        let (aux, ctx) = try r.forward(s, x: xp.baseAddress!, tokenIDs: ip.baseAddress, nGroups: groups,
+                                                                       groupSize: groupSize, shape: shape, outputs: o)
+                                        var v = Double(cAux) * Double(aux)
+                                        if shape.mode == .topK {
+                                            for i in 0..<(n * width) { v += Double(rw[i]) * Double(wp[i]) }
+                                        } else {
+                                            for i in 0..<(n * width) { v += Double(rw[i]) * Double(dp[i]) + Double(rc[i]) * Double(cp[i]) }
+                                        }
+                                        return (v, shape.mode == .topK ? Array(ixp) : [], ctx)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let restore = stateRestorer(r.core)
+        let (v1, d1, ctx) = try forward(step())
+        restore()
+        let (v2, d2, _) = try forward(step(noGrad: true))
+        results.append(CheckResult(name: "forward deterministic", passed: v1 == v2 && d1 == d2, detail: "objective \(fmt(v1))"))
+        if shape.mode == .topK {
+            var distinct = true
+            for t in 0..<n { if Set(idx[(t * shape.k)..<((t + 1) * shape.k)]).count != shape.k { distinct = false } }
+            results.append(CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""))
+            let loadOK = abs(Double(load.reduce(0, +)) - Double(n * shape.k)) < 1e-3
+            results.append(CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(load)"))
+        }
+        restore()
+        let (_, _, evalCtx) = try forward(step(train: false))
+        results.append(evalModeLeavesNoContext(evalCtx))
+        if library.hasNoGrad || r.api.backward == nil {
+            results.append(CheckResult(name: "backward", passed: true, detail: "declared non-trainable (no backward)"))
+            return results
+        }
+        guard let ctx else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
+        r.core.zeroGrads()
+        var gx = [Float](repeating: 0, count: n * d)
+        try rw.withUnsafeBufferPointer { rwp in
+            try rc.withUnsafeBufferPointer { rcp in
+                try gx.withUnsafeMutableBufferPointer { gp in
+                    if shape.mode == .topK {
+                        try r.backward(ctx, n: n, shape: shape, gradWeights: rwp.baseAddress, gradAux: cAux, gradX: gp.baseAddress!)
+                    } else {
+                        try r.backward(ctx, n: n, shape: shape, gradDispatch: rwp.baseAddress, gradCombine: rcp.baseAddress,
+                                       gradAux: cAux, gradX: gp.baseAddress!)
+                    }
+                }
+            }
+        }
+        let eval: Eval = { let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc) }
+        results += try x.withUnsafeMutableBufferPointer { xp in
+            try gradchecks(r.core, inputName: "x", input: xp.baseAddress!, inputCount: n * d, inputGrad: gx, restore: restore, eval: eval)
+        }
+        return results
+    }
+
+    // MARK: quantizer
+
+    private func checkQuantizer(_ q: QuantizerInstance) throws -> [CheckResult] {
+        var results = [CheckResult(name: "shape", passed: true, detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)")]
+        let d = dims.dModel, k = q.codebookSize, l = q.codesPerToken
+        var x = randomNormal(n * d, stream: 5)
+        var qo = [Float](repeating: 0, count: n * d), codes = [Int32](repeating: 0, count: n * l)
+        var counts = [Float](repeating: 0, count: k)
+        let rq = randomNormal(n * d, stream: 6)
+        func forward(_ s: StepInfo, lossWeight: Double, outWeight: Bool) throws -> (Double, [Int32], PluginContext?) {
+            try x.withUnsafeMutableBufferPointer { xp in
+                try qo.withUnsafeMutableBufferPointer { qp in
+                    try codes.withUnsafeMutableBufferPointer { cp in
+                        try counts.withUnsafeMutableBufferPointer { kp in
+                            let (loss, ctx) = try q.forward(s, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!,
+                                                            codes: cp.baseAddress!, codeCounts: kp.baseAddress!)
+                            var v = lossWeight * Double(loss)
+                            if outWeight { for i in 0..<(n * d) { v += Double(rq[i]) * Double(qp[i]) } }
+                            return (v, Array(cp), ctx)
+                        }
+                    }
+                }
+            }
+        }
+        let restore = stateRestorer(q.core)
+        let (v1, c1, ctx) = try forward(step(), lossWeight: 1, outWeight: true)
+        let countsOK = abs(Double(counts.reduce(0, +)) - Double(n * l)) < 1e-3
+        restore()
+        let (v2, c2, _) = try forward(step(noGrad: true), lossWeight: 1, outWeight: true)
+        results.append(CheckResult(name: "forward deterministic", passed: v1 == v2 && c1 == c2, detail: "objective \(fmt(v1))"))
+        results.append(CheckResult(name: "code counts sum to N·L", passed: countsOK, detail: "counts \(counts.map { Int($0) })"))
+        restore()
+        let (_, _, evalCtx) = try forward(step(train: false), lossWeight: 1, outWeight: true)
+        results.append(evalModeLeavesNoContext(evalCtx))
+        guard ctx != nil else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
+        // (1) the loss: exact gradient where the codes do not change.
+        let cLoss: Float = 1.7
+        for (label, lossWeight, surrogate) in [("loss", Double(cLoss), false), ("straight-through", 0.0, true)] {
+            restore()
+            q.core.zeroGrads()
+            let (_, _, c) = try forward(step(surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
+            guard let c else { continue }
+            var gx = [Float](repeating: 0, count: n * d)
+            try rq.withUnsafeBufferPointer { rp in
+                try gx.withUnsafeMutableBufferPointer { gp in
+                    try q.backward(c, n: n, gradQuantized: surrogate ? rp.baseAddress : nil, gradLoss: Float(lossWeight), gradX: gp.baseAddress!)
+                }
+            }
+            let eval: Eval = {
+                let (v, dsc, _) = try forward(step(noGrad: true, surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
+                return (v, dsc)
+            }
+            results += try x.withUnsafeMutableBufferPointer { xp in
+                try gradchecks(q.core, inputName: "x", input: xp.baseAddress!, inputCount: n * d, inputGrad: gx, restore: restore, eval: eval)
+            }.map { CheckResult(name: "\($0.name) [\(label)]", passed: $0.passed, detail: $0.detail) }
+        }
+        return results
+    }
+
+    // MARK: head
+
+    private func checkHead(_ h: HeadInstance) throws -> [CheckResult] {
+        var results = [CheckResult(name: "shape", passed: true, detail: "\(h.perToken ? "per token" : "per sequence"), \(h.nOut) outputs\(h.isLM ? ", LM" : "")")]
+        let d = dims.dModel, b = groups, t = groupSize, rows = h.rows(batch: b, seq: t)
+        var hs = randomNormal(b * t * d, stream: 7)
+        var r = HostRNG.make(seed: seed, stream: 8)
+        var targets = (0..<rows).map { _ in Int32(HostRNG.next(&r) % UInt64(h.nOut)) }
+        if rows > 2 { targets[1] = Int32(VQMOE_PAD_TARGET) }  // one ignored target
+        var logits = [Float](repeating: 0, count: rows * h.nOut)
+        let cLoss: Float = 1.3
+        func forward(_ s: StepInfo) throws -> (Double, [Int32], HeadInstance.Result) {
+            try hs.withUnsafeMutableBufferPointer { hp in
+                try targets.withUnsafeMutableBufferPointer { tp in
+                    try logits.withUnsafeMutableBufferPointer { lp in
+                        let res = try h.forward(s, h: hp.baseAddress!, batch: b, seq: t, targets: tp.baseAddress, logits: lp.baseAddress!)
+                        return (Double(cLoss) * Double(res.loss), [], res)
+                    }
+                }
+            }
+        }
+        let restore = stateRestorer(h.core)
+        let (v1, _, res) = try forward(step())
+        let (v2, _, _) = try forward(step(noGrad: true))
+        results.append(CheckResult(name: "forward deterministic", passed: v1 == v2, detail: "loss \(fmt(Double(res.loss)))"))
+        let expectCount = targets.filter { $0 != Int32(VQMOE_PAD_TARGET) }.count
+        let sumsOK = res.count == expectCount && abs(res.lossSum / Double(max(res.count, 1)) - Double(res.loss)) < 1e-4 * max(1, Double(res.loss))
+        results.append(CheckResult(name: "loss_sum / count = loss, pad targets ignored", passed: sumsOK,
+                                   detail: "count \(res.count) (expected \(expectCount)), loss_sum \(fmt(res.lossSum))"))
+        let (_, _, evalRes) = try forward(step(train: false))
+        results.append(evalModeLeavesNoContext(evalRes.ctx))
+        guard let ctx = res.ctx else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
+        h.core.zeroGrads()
+        var gh = [Float](repeating: 0, count: b * t * d)
+        try gh.withUnsafeMutableBufferPointer { try h.backward(ctx, batch: b, seq: t, gradLoss: cLoss, gradH: $0.baseAddress!) }
+        let eval: Eval = { let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc) }
+        results += try hs.withUnsafeMutableBufferPointer { hp in
+            try gradchecks(h.core, inputName: "h", input: hp.baseAddress!, inputCount: b * t * d, inputGrad: gh, restore: restore, eval: eval)
+        }
+        return results
+    }
+
+    // MARK: dataset
+
+    private func checkDataset(_ ds: DatasetInstance) throws -> [CheckResult] {
+        var results = [CheckResult(name: "info", passed: true,
+                                   detail: "task \(ds.task), vocab \(ds.vocabSize), classes \(ds.nClasses), sample \(ds.sampleShape), splits \(ds.splitSizes)")]
+        let bs = 4
+        guard let a = try ds.read(.train, index: 0, batchSize: bs), let a2 = try ds.read(.train, index: 0, batchSize: bs),
+              let b = try ds.read(.train, index: 1, batchSize: bs) else {
+            return results + [CheckResult(name: "train batches", passed: false, detail: "the train split gave no batch")]
+        }
+        let same = a.inputsInt == a2.inputsInt && a.inputsFloat == a2.inputsFloat && a.targets == a2.targets
+        results.append(CheckResult(name: "seek: same index, same batch", passed: same, detail: ""))
+        let differ = a.inputsInt != b.inputsInt || a.inputsFloat != b.inputsFloat || a.targets != b.targets
+        results.append(CheckResult(name: "different index, different batch", passed: differ, detail: ""))
+        let limit = ds.isLM || ds.task == VQMOE_TASK_CLASSIFY_TOKENS ? ds.vocabSize : Int.max
+        let inRange = a.inputsInt.allSatisfy { $0 >= 0 && Int($0) < limit }
+        let classes = ds.isLM ? ds.vocabSize : ds.nClasses
+        let targetsOK = a.targets.allSatisfy { ($0 >= 0 && Int($0) < classes) || $0 == Int32(VQMOE_PAD_TARGET) }
+        results.append(CheckResult(name: "inputs and targets in range", passed: inRange && targetsOK && a.inputsFloat.allSatisfy(\.isFinite),
+                                   detail: "tokens < \(limit), targets < \(classes) or pad"))
+        for split in [Split.valid, .test] {
+            let nb = try ds.numBatches(split, batchSize: bs)
+            if nb == 0 { results.append(CheckResult(name: "\(split.name) split", passed: true, detail: "empty")); continue }
+            let last = try ds.read(split, index: nb - 1, batchSize: bs)
+            let past = try ds.read(split, index: nb, batchSize: bs)
+            results.append(CheckResult(name: "\(split.name) split ends after num_batches", passed: last != nil && past == nil,
+                                       detail: "\(nb) batches of \(bs)"))
+        }
+        return results
+    }
+
+    private func randomNormal(_ count: Int, stream: UInt64) -> [Float] {
+        var r = HostRNG.make(seed: seed, stream: stream)
+        return (0..<count).map { _ in HostRNG.normal(&r) }
+    }
+}
+
+/// Check a libffi-bridged router: it loads, fills one expert per token in range, and is
+/// deterministic.
+public func checkFFIRouter(_ router: FFIRouter, dims: ModelDims = ModelDims(dModel: 8, nExperts: 4, vocabSize: 50)) -> [CheckResult] {
+    let n = 32, d = dims.dModel, e = dims.nExperts
+    var r = HostRNG.make(seed: 5, stream: 0)
+    let x = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
+    let ids = (0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }
+    var results = [CheckResult(name: "ffi binding", passed: true,
+                               detail: "\(router.entry.symbol) in \(router.entry.library): \(router.entry.signatureText)")]
+    do {
+        var a = [Int32](repeating: -1, count: n), b = [Int32](repeating: -1, count: n)
+        try x.withUnsafeBufferPointer { xp in
+            try ids.withUnsafeBufferPointer { ip in
+                try a.withUnsafeMutableBufferPointer {
+                    try router.route(x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1, expert: $0.baseAddress!)
+                }
+                try b.withUnsafeMutableBufferPointer {
+                    try router.route(x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1, expert: $0.baseAddress!)
+                }
+            }
+        }
+        results.append(CheckResult(name: "route: one expert per token in range", passed: true,
+                                   detail: "load " + (0..<e).map { ex in String(a.filter { $0 == ex }.count) }.joined(separator: "/")))
+        results.append(CheckResult(name: "route deterministic", passed: a == b, detail: ""))
+    } catch {
+        results.append(CheckResult(name: "route", passed: false, detail: "\(error)"))
+    }
+    return results
+}

@@ -1,0 +1,132 @@
+import Foundation
+import VQMoEABI
+
+/// A plugin library opened with `dlopen` whose descriptor passed every check: same ABI
+/// major, struct sizes, kind, name, function table and a consistent hyperparameter schema.
+/// Libraries are never unloaded (`RTLD_NODELETE`; unmapping a Swift plugin crashes the
+/// Swift runtime).
+///
+/// ```swift
+/// let lib = try PluginLibrary.open(".build/release/libRouterSMoE.so")
+/// print(lib.name, lib.kind, lib.version)   // smoe router 1.0.0
+/// ```
+public final class PluginLibrary: @unchecked Sendable {
+    public let path: String
+    public let desc: UnsafePointer<vqmoe_plugin_desc>
+    public let kind: PluginKind
+    public let name: String
+    public let version: String
+    public let summary: String
+    public let abiVersion: UInt32
+    public let schema: [HyperparameterSpec]
+
+    nonisolated(unsafe) private static var cache: [String: PluginLibrary] = [:]
+    private static let lock = NSLock()
+
+    /// Open (or return the already opened) library at `path` and validate its descriptor.
+    public static func open(_ path: String) throws -> PluginLibrary {
+        let key = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+        lock.lock(); defer { lock.unlock() }
+        if let lib = cache[key] { return lib }
+        let lib = try PluginLibrary(path: path)
+        cache[key] = lib
+        return lib
+    }
+
+    private init(path: String) throws {
+        self.path = path
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw VQMoEError(.plugin, "plugin library \(path) does not exist (build the plugins with `swift build -c release`)")
+        }
+        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) else {
+            let why = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
+            throw VQMoEError(.plugin, "cannot load plugin library \(path): dlopen failed: \(why)")
+        }
+        guard let sym = dlsym(handle, VQMOE_ENTRY_SYMBOL) else {
+            throw VQMoEError(.plugin, "\(path) is not a vqmoe plugin: it does not export the entry symbol `\(VQMOE_ENTRY_SYMBOL)` (C: mark it VQMOE_EXPORT; Swift: `@_cdecl(\"\(VQMOE_ENTRY_SYMBOL)\") public func ...`)")
+        }
+        let entry = unsafeBitCast(sym, to: vqmoe_plugin_entry_fn.self)
+        _ = HostRuntime.takeError()
+        guard let d = entry(UnsafePointer(HostRuntime.api)) else {
+            throw VQMoEError(.plugin, "\(path): the plugin refused this host (host plugin ABI \(abiString(UInt32(VQMOE_ABI_VERSION))))" + (HostRuntime.takeError().map { ": \($0)" } ?? ""))
+        }
+        // abi_version and struct_size come first in every version; read nothing else before
+        // the major is known to match.
+        let raw = UnsafeRawPointer(d)
+        let abi = raw.load(as: UInt32.self)
+        let size = raw.load(fromByteOffset: 4, as: UInt32.self)
+        guard abi >> 16 == UInt32(VQMOE_ABI_VERSION_MAJOR) else {
+            throw VQMoEError(.plugin, "\(path): built for plugin ABI \(abiString(abi)), but this host speaks ABI \(abiString(UInt32(VQMOE_ABI_VERSION))); rebuild the plugin against vqmoe_plugin.h \(VQMOE_ABI_VERSION_MAJOR).x")
+        }
+        guard Int(size) >= MemoryLayout<vqmoe_plugin_desc>.size else {
+            throw VQMoEError(.plugin, "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_plugin_desc>.size)")
+        }
+        let desc = d.pointee
+        guard let kind = PluginKind(code: desc.kind) else {
+            throw VQMoEError(.plugin, "\(path): unknown component kind \(desc.kind) (expected 1 router, 2 quantizer, 3 dataset, 4 head)")
+        }
+        let name = desc.name.map { String(cString: $0) } ?? ""
+        guard name.range(of: "^[a-z][a-z0-9_]*$", options: .regularExpression) != nil else {
+            throw VQMoEError(.plugin, "\(path): plugin name '\(name)' must be lower_snake_case (letters, digits, _)")
+        }
+        func need(_ ok: Bool, _ what: String) throws {
+            if !ok { throw VQMoEError(.plugin, "\(path) (\(kind.rawValue) '\(name)'): descriptor is missing \(what)") }
+        }
+        try need(desc.create != nil, "create")
+        try need(desc.destroy != nil, "destroy")
+        try need(desc.num_buffers != nil && desc.buffer_spec != nil && desc.bind_buffers != nil && desc.init_buffers != nil,
+                 "one of num_buffers / buffer_spec / bind_buffers / init_buffers")
+        try need(desc.kind_api != nil, "kind_api (the vqmoe_\(kind.rawValue)_api table)")
+        let apiSize = Int(desc.kind_api!.load(as: UInt32.self))
+        guard apiSize >= kind.apiStructSize else {
+            throw VQMoEError(.plugin, "\(path) ('\(name)'): vqmoe_\(kind.rawValue)_api struct_size \(apiSize) is smaller than ABI 1.0's \(kind.apiStructSize)")
+        }
+        try PluginLibrary.checkKindAPI(kind, desc.kind_api!, need)
+        self.desc = d
+        self.kind = kind
+        self.name = name
+        self.abiVersion = abi
+        self.version = desc.version.map { String(cString: $0) } ?? "0.0.0"
+        self.summary = desc.description.map { String(cString: $0) } ?? ""
+        var specs: [HyperparameterSpec] = []
+        for i in 0..<Int(max(desc.n_hparams, 0)) {
+            specs.append(try HyperparameterSpec(desc.hparams![i], plugin: "\(path) ('\(name)')"))
+        }
+        let names = specs.map(\.name)
+        if let dup = names.first(where: { n in names.filter { $0 == n }.count > 1 }) {
+            throw VQMoEError(.plugin, "\(path) ('\(name)'): hyperparameter '\(dup)' is declared twice")
+        }
+        self.schema = specs
+    }
+
+    private static func checkKindAPI(_ kind: PluginKind, _ api: UnsafeRawPointer,
+                                     _ need: (Bool, String) throws -> Void) throws {
+        switch kind {
+        case .router:
+            let a = api.load(as: vqmoe_router_api.self)
+            try need(a.shape != nil && a.forward != nil && a.free_ctx != nil, "router shape / forward / free_ctx")
+        case .quantizer:
+            let a = api.load(as: vqmoe_quantizer_api.self)
+            try need(a.shape != nil && a.forward != nil && a.backward != nil && a.free_ctx != nil,
+                     "quantizer shape / forward / backward / free_ctx")
+        case .dataset:
+            let a = api.load(as: vqmoe_dataset_api.self)
+            try need(a.info != nil && a.num_batches != nil && a.read_batch != nil, "dataset info / num_batches / read_batch")
+        case .head:
+            let a = api.load(as: vqmoe_head_api.self)
+            try need(a.shape != nil && a.forward != nil && a.backward != nil && a.free_ctx != nil,
+                     "head shape / forward / backward / free_ctx")
+        }
+    }
+
+    /// Whether the plugin declares it has no backward (`VQMOE_PLUGIN_NO_GRAD`).
+    public var hasNoGrad: Bool { desc.pointee.flags & VQMOE_PLUGIN_NO_GRAD != 0 }
+    /// Whether a router reads token ids (`VQMOE_PLUGIN_NEEDS_TOKEN_IDS`).
+    public var needsTokenIDs: Bool { desc.pointee.flags & VQMOE_PLUGIN_NEEDS_TOKEN_IDS != 0 }
+
+    /// An optional feature struct by string id, or nil.
+    public func feature(_ id: String) -> UnsafeRawPointer? {
+        guard let get = desc.pointee.get_feature else { return nil }
+        return get(id)
+    }
+}

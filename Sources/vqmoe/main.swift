@@ -1,0 +1,160 @@
+// vqmoe: the command-line front end. Thin: it parses arguments and calls the VQMoE library.
+import Foundation
+import VQMoE
+
+let usage = """
+vqmoe: sparse mixture-of-experts with discrete (vector-quantized) routing, on the CPU.
+
+usage: vqmoe [--registry FILE] [--threads N] COMMAND ...
+
+commands:
+  plugins list [--json]            every registered component: kind, name, version, abi, library
+  plugins inspect NAME             a component's description and hyperparameter schema
+  plugins check NAME|PATH [--set key=value ...]
+                                   load it, validate the descriptor, run forward and backward on
+                                   seeded random inputs and compare every gradient with finite
+                                   differences; exit 1 on any failure
+  plugin new KIND NAME [--lang c|swift] [--dir DIR]
+                                   write a plugin folder (KIND: router, quantizer, dataset, head)
+                                   that builds with its build.sh and passes `plugins check`
+
+options:
+  --registry FILE   plugin registry (default: registry.json found from the current directory or
+                    the executable's; env VQMOE_REGISTRY). VQMOE_PLUGIN_PATH adds directories of
+                    plugin libraries, registered by their descriptor names.
+  --threads N       threads for BLAS and parallel loops (default 1)
+  -h, --help        this text; `vqmoe COMMAND --help` for a command
+
+exit codes: 0 ok, 1 a check failed, 64 usage, 65 config, 66 data, 67 plugin/registry, 70 internal
+"""
+
+struct Args {
+    var rest: [String]
+    var registryPath: String?
+    var threads = 1
+
+    init(_ argv: [String]) throws {
+        var out: [String] = []
+        var i = 0
+        while i < argv.count {
+            let a = argv[i]
+            if a == "--registry" || a == "--threads" {
+                guard i + 1 < argv.count else { throw VQMoEError(.usage, "\(a) needs a value") }
+                if a == "--registry" { registryPath = argv[i + 1] } else {
+                    guard let n = Int(argv[i + 1]), n >= 1 else { throw VQMoEError(.usage, "--threads: expected a positive integer, got '\(argv[i + 1])'") }
+                    threads = n
+                }
+                i += 2
+                continue
+            }
+            out.append(a)
+            i += 1
+        }
+        rest = out
+    }
+
+    /// Remove `--flag VALUE` pairs (repeatable) and return the values.
+    mutating func take(_ flag: String) throws -> [String] {
+        var values: [String] = []
+        var i = 0
+        while i < rest.count {
+            if rest[i] == flag {
+                guard i + 1 < rest.count else { throw VQMoEError(.usage, "\(flag) needs a value") }
+                values.append(rest[i + 1])
+                rest.removeSubrange(i...(i + 1))
+            } else { i += 1 }
+        }
+        return values
+    }
+
+    mutating func flag(_ name: String) -> Bool {
+        guard let i = rest.firstIndex(of: name) else { return false }
+        rest.remove(at: i)
+        return true
+    }
+}
+
+/// `key=value` settings; values parse as JSON when they can (numbers, true/false), else strings.
+func parseSettings(_ items: [String]) throws -> [String: Any] {
+    var out: [String: Any] = [:]
+    for item in items {
+        guard let eq = item.firstIndex(of: "=") else { throw VQMoEError(.usage, "--set \(item): expected key=value") }
+        let key = String(item[..<eq]), raw = String(item[item.index(after: eq)...])
+        if let data = raw.data(using: .utf8), let v = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]),
+           !(v is [Any]), !(v is [String: Any]) {
+            out[key] = v
+        } else {
+            out[key] = raw
+        }
+    }
+    return out
+}
+
+func emit(_ o: PluginCommands.Output) -> Int32 {
+    print(o.text)
+    return o.ok ? 0 : 1
+}
+
+func run() throws -> Int32 {
+    var args = try Args(Array(CommandLine.arguments.dropFirst()))
+    HostRuntime.configure(threads: args.threads)
+    let wantsHelp = args.flag("--help") || args.flag("-h")
+    guard let command = args.rest.first, command != "help" else {
+        print(usage)
+        return 0
+    }
+    args.rest.removeFirst()
+    func registry() throws -> Registry { try Registry.load(registryPath: args.registryPath) }
+    switch command {
+    case "plugins":
+        let sub = args.rest.first ?? ""
+        if wantsHelp || sub.isEmpty {
+            print(usage.components(separatedBy: "\n").filter { $0.contains("plugins") || $0.hasPrefix("    ") }.joined(separator: "\n"))
+            return sub.isEmpty && !wantsHelp ? 64 : 0
+        }
+        args.rest.removeFirst()
+        switch sub {
+        case "list":
+            let json = args.flag("--json")
+            guard args.rest.isEmpty else { throw VQMoEError(.usage, "plugins list: unexpected '\(args.rest[0])'") }
+            return emit(try PluginCommands.list(try registry(), json: json))
+        case "inspect":
+            guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe plugins inspect NAME") }
+            return emit(try PluginCommands.inspect(try registry(), name: args.rest[0]))
+        case "check":
+            let settings = try parseSettings(try args.take("--set"))
+            guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe plugins check NAME|PATH [--set key=value ...]") }
+            let target = args.rest[0]
+            let isPath = target.contains("/") || target.hasSuffix(".so")
+            return emit(try PluginCommands.check(isPath ? (try? registry()) : try registry(), target: target, settings: settings))
+        default:
+            throw VQMoEError(.usage, "unknown command 'plugins \(sub)'; commands: \(closestFirst(sub, among: ["list", "inspect", "check"]).joined(separator: ", "))")
+        }
+    case "plugin":
+        guard args.rest.first == "new" else {
+            throw VQMoEError(.usage, "usage: vqmoe plugin new KIND NAME [--lang c|swift] [--dir DIR]")
+        }
+        args.rest.removeFirst()
+        if wantsHelp { print("usage: vqmoe plugin new KIND NAME [--lang c|swift] [--dir DIR]"); return 0 }
+        let lang = try args.take("--lang").last ?? "c"
+        let dir = try args.take("--dir").last
+        guard args.rest.count == 2 else { throw VQMoEError(.usage, "usage: vqmoe plugin new KIND NAME [--lang c|swift] [--dir DIR]") }
+        let root = ProcessInfo.processInfo.environment["VQMOE_ROOT"]
+            ?? (try? registry())?.registryPath.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
+            ?? FileManager.default.currentDirectoryPath
+        return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
+    default:
+        let commands = ["plugins", "plugin", "help"]
+        throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
+    }
+}
+
+do {
+    exit(try run())
+} catch let e as VQMoEError {
+    FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
+    exit(e.exitCode)
+} catch {
+    FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+    exit(70)
+}

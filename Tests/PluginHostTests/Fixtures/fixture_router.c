@@ -1,0 +1,96 @@
+/* A deliberately small router used by the host tests to provoke each failure the host must
+ * report clearly. Compiled by the tests with cc; flags select the defect:
+ *   -DFIXTURE_ABI=0x00020000   claim another ABI major
+ *   -DFIXTURE_NO_ENTRY         export no entry symbol
+ *   -DFIXTURE_NAME='"other"'   descriptor name
+ * The `fail` hyperparameter picks a runtime failure: none, create_error, forward_error, nan. */
+#include "vqmoe_plugin.h"
+#include <math.h>
+#include <stdlib.h>
+
+#ifndef FIXTURE_ABI
+#define FIXTURE_ABI VQMOE_ABI_VERSION
+#endif
+#ifndef FIXTURE_NAME
+#define FIXTURE_NAME "fixture_router"
+#endif
+
+typedef struct {
+    const vqmoe_host_api *host;
+    int fail; /* 0 none, 2 forward_error, 3 nan */
+} fixture;
+
+static const vqmoe_hparam_spec hparams[] = {
+    {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0,
+     "none,create_error,forward_error,nan"},
+};
+
+static int32_t create(const vqmoe_create_info *info, const vqmoe_hparams *hp, vqmoe_instance **out) {
+    const char *f = vqmoe_hp_string(hp, "fail", "none");
+    if (strcmp(f, "create_error") == 0) {
+        info->host->set_error("fixture asked to fail in create");
+        return VQMOE_ERR_INVALID_ARGUMENT;
+    }
+    fixture *s = (fixture *)calloc(1, sizeof(fixture));
+    s->host = info->host;
+    s->fail = strcmp(f, "forward_error") == 0 ? 2 : strcmp(f, "nan") == 0 ? 3 : 0;
+    *out = (vqmoe_instance *)s;
+    return VQMOE_OK;
+}
+static void destroy(vqmoe_instance *inst) { free(inst); }
+static int32_t num_buffers(vqmoe_instance *inst) { (void)inst; return 0; }
+static int32_t buffer_spec(vqmoe_instance *inst, int32_t i, vqmoe_buffer_spec *out) {
+    (void)inst; (void)i; (void)out; return VQMOE_ERR_INVALID_ARGUMENT;
+}
+static int32_t bind_buffers(vqmoe_instance *inst, const vqmoe_buffer_binding *b, int32_t n) {
+    (void)inst; (void)b; (void)n; return VQMOE_OK;
+}
+static int32_t init_buffers(vqmoe_instance *inst, uint64_t seed) { (void)inst; (void)seed; return VQMOE_OK; }
+
+static int32_t shape(vqmoe_instance *inst, const vqmoe_step_info *step, vqmoe_router_shape *out) {
+    (void)inst; (void)step;
+    out->mode = VQMOE_ROUTE_TOPK;
+    out->k = 1;
+    return VQMOE_OK;
+}
+static int32_t forward(vqmoe_instance *inst, const vqmoe_step_info *step, const vqmoe_router_input *in,
+                       vqmoe_router_output *out, void **ctx) {
+    (void)step;
+    fixture *s = (fixture *)inst;
+    *ctx = NULL;
+    if (s->fail == 2) {
+        s->host->set_error("fixture asked to fail in forward");
+        return VQMOE_ERR_INVALID_ARGUMENT;
+    }
+    int64_t n = in->x.shape[0];
+    int32_t *idx = (int32_t *)out->expert_index.data;
+    float *w = (float *)out->weights.data;
+    float *load = (float *)out->expert_load.data;
+    for (int64_t i = 0; i < out->expert_load.shape[0]; i++) load[i] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        idx[i] = 0;
+        w[i] = s->fail == 3 ? (float)NAN : 1.0f;
+        load[0] += 1;
+    }
+    out->aux_loss = 0;
+    return VQMOE_OK;
+}
+static void free_ctx(vqmoe_instance *inst, void *ctx) { (void)inst; (void)ctx; }
+
+static const vqmoe_router_api router_api = {sizeof(vqmoe_router_api), shape, forward, NULL, free_ctx};
+
+static const vqmoe_plugin_desc desc = {
+    FIXTURE_ABI, sizeof(vqmoe_plugin_desc), VQMOE_KIND_ROUTER, VQMOE_PLUGIN_NO_GRAD,
+    FIXTURE_NAME, "0.1.0", "test fixture: a router that fails on request",
+    hparams, 1, create, destroy, num_buffers, buffer_spec, bind_buffers, init_buffers, NULL, NULL,
+    &router_api,
+};
+
+#ifndef FIXTURE_NO_ENTRY
+VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *host) {
+    (void)host;
+    return &desc;
+}
+#else
+VQMOE_EXPORT int not_a_plugin(void) { return 42; }
+#endif

@@ -1,0 +1,96 @@
+import Foundation
+import VQMoE
+import VQMoEABI
+import XCTest
+
+/// SPEC §4 plugin rows: other ABI major, missing entry symbol, dlopen failure, plugin errors
+/// and non-finite outputs, each with a clear message.
+final class LoaderTests: XCTestCase {
+    func testOtherABIMajorIsRefusedWithBothVersions() throws {
+        let dir = try makeTempDir("abi")
+        let path = try fixture(dir, "libabi2.so", ["FIXTURE_ABI=0x00020003u"])
+        let msg = errorMessage { _ = try PluginLibrary.open(path) }
+        XCTAssertTrue(msg.contains(path), msg)
+        XCTAssertTrue(msg.contains("ABI 2.3"), msg)
+        XCTAssertTrue(msg.contains("ABI 1.0"), msg)
+    }
+
+    func testMissingEntrySymbol() throws {
+        let dir = try makeTempDir("noentry")
+        let path = try fixture(dir, "libnoentry.so", ["FIXTURE_NO_ENTRY"])
+        let msg = errorMessage { _ = try PluginLibrary.open(path) }
+        XCTAssertTrue(msg.contains(path) && msg.contains("vqmoe_plugin_entry"), msg)
+    }
+
+    func testDlopenFailureCarriesDlerror() throws {
+        let dir = try makeTempDir("garbage")
+        let path = "\(dir)/libgarbage.so"
+        try "this is not an ELF file".write(toFile: path, atomically: true, encoding: .utf8)
+        let msg = errorMessage { _ = try PluginLibrary.open(path) }
+        XCTAssertTrue(msg.contains("dlopen failed"), msg)
+        // glibc's dlerror names the file and the reason (e.g. "invalid ELF header" / "file too short").
+        XCTAssertTrue(msg.contains("libgarbage.so:") && (msg.contains("ELF") || msg.contains("too short")), msg)
+    }
+
+    func testMissingFile() {
+        let msg = errorMessage { _ = try PluginLibrary.open("/nonexistent/libnothing.so") }
+        XCTAssertTrue(msg.contains("/nonexistent/libnothing.so") && msg.contains("does not exist"), msg)
+    }
+
+    private func router(_ fail: String) throws -> RouterInstance {
+        let dir = try makeTempDir("fail")
+        let lib = try PluginLibrary.open(try fixture(dir, "libfixture_\(fail).so"))
+        let hp = try ResolvedHyperparameters(schema: lib.schema, values: ["fail": fail], keyPath: "model.router")
+        return try RouterInstance(PluginInstance(library: lib, instanceName: "layers.1.router", dims: ModelDims(dModel: 4, nExperts: 2),
+                                                 hyperparameters: hp, seed: 1))
+    }
+
+    private func forward(_ r: RouterInstance) throws {
+        var x = [Float](repeating: 1, count: 8), w = [Float](repeating: 0, count: 2), load = [Float](repeating: 0, count: 2)
+        var idx = [Int32](repeating: 0, count: 2)
+        let step = StepInfo(step: 0, totalSteps: 1, train: true, seed: 0)
+        let shape = try r.shape(step)
+        _ = try x.withUnsafeMutableBufferPointer { xp in
+            try idx.withUnsafeMutableBufferPointer { ip in
+                try w.withUnsafeMutableBufferPointer { wp in
+                    try load.withUnsafeMutableBufferPointer { lp in
+                        try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: 2, shape: shape,
+                                      outputs: RouterOutputs(expertIndex: ip.baseAddress, weights: wp.baseAddress, expertLoad: lp.baseAddress!))
+                    }
+                }
+            }
+        }
+    }
+
+    func testPluginErrorNamesPluginInstanceAndCall() throws {
+        let r = try router("forward_error")
+        let msg = errorMessage { try forward(r) }
+        XCTAssertTrue(msg.contains("'fixture_router'") && msg.contains("layers.1.router") && msg.contains("forward")
+                      && msg.contains("fixture asked to fail in forward"), msg)
+    }
+
+    func testNonFiniteOutputIsAnError() throws {
+        let r = try router("nan")
+        do {
+            try forward(r)
+            XCTFail("NaN weights were accepted")
+        } catch let e as VQMoEError {
+            XCTAssertEqual(e.category, .numeric)
+            XCTAssertTrue(e.message.contains("non-finite routing weight") && e.message.contains("fixture_router"), e.message)
+        }
+    }
+
+    func testCreateErrorCarriesPluginMessage() throws {
+        let msg = errorMessage { _ = try router("create_error") }
+        XCTAssertTrue(msg.contains("create") && msg.contains("fixture asked to fail in create"), msg)
+    }
+
+    func testHealthyFixturePassesCheck() throws {
+        let dir = try makeTempDir("ok")
+        let lib = try PluginLibrary.open(try fixture(dir, "libfixture_ok.so"))
+        let results = PluginChecker(library: lib).run()
+        XCTAssertTrue(results.allSatisfy(\.passed), results.map(\.description).joined(separator: "\n"))
+        let bad = PluginChecker(library: lib, hyperparameters: ["fail": "nan"]).run()
+        XCTAssertFalse(bad.allSatisfy(\.passed))
+    }
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install what vqmoe needs on Debian 12 (OpenBLAS, libffi, a C compiler) when missing, then
+# build the host and every plugin in release mode. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+[ -e /usr/include/x86_64-linux-gnu/cblas.h ] || [ -e /usr/include/cblas.h ] || need+=(libopenblas-dev)
+[ -e /usr/include/x86_64-linux-gnu/ffi.h ] || [ -e /usr/include/ffi.h ] || need+=(libffi-dev)
+command -v cc >/dev/null || need+=(gcc)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]} ..." >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v swift >/dev/null || { echo "swift (6.x) is not on PATH: install the Swift toolchain first" >&2; exit 1; }
+
+swift build -c release "$@"

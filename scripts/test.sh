@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The test command: set up, build (release: numeric code is 10-50x slower in debug), run the
+# unit tests, then `vqmoe plugins check` on every registered plugin and on the C example.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --build-tests
+bin=.build/release
+
+echo "== plugins check (every registered plugin, and the third-party C example)"
+Plugins/examples/cosine_vq/build.sh >/dev/null
+failed=0
+for name in $("$bin/vqmoe" plugins list --json | python3 -c 'import json,sys; print(" ".join(p["name"] for p in json.load(sys.stdin)))'); do
+  if "$bin/vqmoe" plugins check "$name" > "/tmp/vqmoe-check-$name.txt" 2>&1; then
+    echo "ok    plugins check $name ($(tail -n 1 "/tmp/vqmoe-check-$name.txt"))"
+  else
+    echo "FAIL  plugins check $name"; cat "/tmp/vqmoe-check-$name.txt"; failed=1
+  fi
+done
+if "$bin/vqmoe" plugins check Plugins/examples/cosine_vq/libcosine_vq.so > /tmp/vqmoe-check-c.txt 2>&1; then
+  echo "ok    plugins check Plugins/examples/cosine_vq/libcosine_vq.so ($(tail -n 1 /tmp/vqmoe-check-c.txt))"
+else
+  echo "FAIL  plugins check cosine_vq (C example)"; cat /tmp/vqmoe-check-c.txt; failed=1
+fi
+[ "$failed" = 0 ] || exit 1
+
+echo "== unit tests"
+swift test -c release --skip-build
