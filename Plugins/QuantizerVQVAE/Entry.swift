@@ -51,7 +51,7 @@ nonisolated(unsafe) let vqvaeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc>
     d.abi_version = UInt32(VQMOE_ABI_VERSION)
     d.struct_size = UInt32(MemoryLayout<vqmoe_plugin_desc>.size)
     d.kind = VQMOE_KIND_QUANTIZER
-    d.flags = 0
+    d.flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS)  // codebook + commitment terms use stop-gradients
     d.name = staticCString("vqvae")
     d.version = staticCString("1.0.0")
     d.description = staticCString(

@@ -61,15 +61,26 @@ func nearestCodes(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64
         var best = -1
         var bestDist = Double.infinity
         for j in 0..<k where job.norms[j] - 2 * dots[j] <= cutoff {
-            let ej = job.codebook + j * d
-            var dist: Double = 0
-            for i in 0..<d { let diff = Double(xt[i]) - Double(ej[i]); dist += diff * diff }
+            let dist = squaredDistance(xt, job.codebook + j * d, d)
             if dist < bestDist { bestDist = dist; best = j }
+        }
+        if best < 0 {  // float overflow in the screen (huge values): rank every code exactly
+            for j in 0..<k {
+                let dist = squaredDistance(xt, job.codebook + j * d, d)
+                if best < 0 || dist < bestDist { bestDist = dist; best = j }
+            }
         }
         job.codes[t] = Int32(best)
         job.sqError[t] = bestDist
         (job.quantized + t * d).update(from: job.surrogate ? xt : job.codebook + best * d, count: d)
     }
+}
+
+/// ||a - b||^2 in double precision.
+@inline(__always) func squaredDistance(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ d: Int) -> Double {
+    var s: Double = 0
+    for i in 0..<d { let diff = Double(a[i]) - Double(b[i]); s += diff * diff }
+    return s
 }
 
 extension VQVAEQuantizer {
@@ -128,14 +139,17 @@ extension VQVAEQuantizer {
         let mse = n > 0 ? total / Double(n * d) : 0
         outPtr.pointee.loss = Float(config.ema ? Double(config.commitment) * mse : (1 + Double(config.commitment)) * mse)
 
+        var ctx: QuantizerContext? = nil
         if saveContext {
-            let ctx = QuantizerContext(n: n, d: d, frozen: frozen)
-            ctx.x.update(from: x, count: n * d)
-            ctx.codes.update(from: codes, count: n)
-            for t in 0..<n { (ctx.q + t * d).update(from: C + Int(codes[t]) * d, count: d) }
-            ctxOut?.pointee = Unmanaged.passRetained(ctx).toOpaque()
+            let c = QuantizerContext(n: n, d: d, frozen: frozen)
+            c.x.update(from: x, count: n * d)
+            c.codes.update(from: codes, count: n)
+            for t in 0..<n { (c.q + t * d).update(from: C + Int(codes[t]) * d, count: d) }  // pre-update q
+            ctx = c
         }
         if config.ema && train && !frozen { try emaUpdate(x: x, codes: codes, counts: counts, n: n) }
+        // Published last: a failed forward hands the host no context.
+        if let ctx { ctxOut?.pointee = Unmanaged.passRetained(ctx).toOpaque() }
         if train || !(stats?.fromTraining ?? false) {
             stats = UsageStats(counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n, fromTraining: train)
         }

@@ -295,6 +295,16 @@ final class DatasetCharTests: XCTestCase {
         XCTAssertEqual(try ds.numBatches(.test, batchSize: 16), ((304_488 - 1 + 127) / 128 + 15) / 16)
     }
 
+    func testDefaultPathResolvesUnderTheDataRoot() throws {
+        guard let dir = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
+        guard FileManager.default.fileExists(atPath: dir + "/enwik8-mini/enwik8-mini") else { throw XCTSkip("enwik8-mini not present") }
+        // No hyperparameters: path = "$DATA/enwik8-mini/enwik8-mini", seq_len = the model's.
+        let core = try makeInstance(try openPlugin("DatasetChar"), dims: ModelDims(seqLen: 64, dataRoot: dir))
+        let ds = try DatasetInstance(core)
+        XCTAssertEqual(ds.sampleShape, [64])
+        XCTAssertEqual(ds.splitSizes, [5_480_771, 304_487, 304_488])
+    }
+
     func testRealTinyShakespeareMatchesNanoGPTSplit() throws {
         guard let dir = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
         let path = dir + "/tinyshakespeare/input.txt"

@@ -63,6 +63,15 @@ public enum HostRuntime {
         return p
     }()
 
+    /// Run `body` with OpenBLAS on one thread (for GEMMs inside `parallelFor` bodies), then
+    /// restore the pool size.
+    public static func withSerialBLAS<R>(_ body: () throws -> R) rethrows -> R {
+        guard threads > 1 else { return try body() }
+        openblas_set_num_threads(1)
+        defer { openblas_set_num_threads(Int32(threads)) }
+        return try body()
+    }
+
     // MARK: logging and errors
 
     /// Print a log line to stderr when `level` passes the filter.

@@ -104,10 +104,12 @@ public struct PluginChecker {
 
     /// Compare `analytic` gradients of `target` with central differences of `eval`.
     private func gradcheck(_ label: String, target: UnsafeMutablePointer<Float>, count: Int,
-                           analytic: [Float], coordinates: [Int], restore: () -> Void, eval: Eval) throws -> CheckResult {
+                           analytic: [Float], coordinates: [Int], restore: () -> Void, eval: Eval,
+                           directionOnly: Bool = false) throws -> CheckResult {
         restore()
         let base = try eval().discrete
         var maxErr = 0.0, worst = "", checked = 0, skipped = 0, failures = 0
+        var dotAF = 0.0, dotAA = 0.0, dotFF = 0.0
         let scale = max(1.0, Double(analytic.map { abs($0) }.max() ?? 0))
         for i in coordinates {
             let orig = target[i]
@@ -117,6 +119,7 @@ public struct PluginChecker {
             if plus.discrete != base || minus.discrete != base { skipped += 1; continue }
             let fd = (plus.value - minus.value) / Double(2 * eps)
             let a = Double(analytic[i])
+            dotAF += a * fd; dotAA += a * a; dotFF += fd * fd
             let err = abs(a - fd)
             let tol = rtol * max(abs(a), abs(fd)) + atol * scale
             checked += 1
@@ -126,6 +129,16 @@ public struct PluginChecker {
         }
         restore()
         let enough = checked > 0 || coordinates.isEmpty
+        if directionOnly {
+            // Stop-gradient loss: the backward is a positive multiple of the value's derivative
+            // per buffer (e.g. γ/(1+γ) for x in VQ-VAE), so compare directions.
+            let both = dotAA > 1e-20 && dotFF > 1e-20, neither = dotAA <= 1e-20 && dotFF <= 1e-20
+            let cosine = both ? dotAF / (dotAA.squareRoot() * dotFF.squareRoot()) : (neither ? 1 : 0)
+            let ratio = both ? (dotAA / dotFF).squareRoot() : 0
+            return CheckResult(name: "gradcheck \(label) (direction: stop-gradient loss)", passed: cosine >= 0.999 && enough,
+                               detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
+                                   + String(format: ", cosine %.6f, |analytic|/|numeric| %.4f", cosine, ratio))
+        }
         return CheckResult(name: "gradcheck \(label)", passed: failures == 0 && enough,
                            detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
                                + ", worst err/tol \(String(format: "%.3f", maxErr))" + (worst.isEmpty ? "" : " \(worst)")
@@ -151,12 +164,14 @@ public struct PluginChecker {
 
     /// Gradchecks of the input and of every parameter buffer.
     private func gradchecks(_ inst: PluginInstance, inputName: String, input: UnsafeMutablePointer<Float>, inputCount: Int,
-                            inputGrad: [Float], restore: @escaping () -> Void, eval: Eval) throws -> [CheckResult] {
+                            inputGrad: [Float], restore: @escaping () -> Void, eval: Eval,
+                            directionOnly: Bool = false) throws -> [CheckResult] {
         var out = [try gradcheck(inputName, target: input, count: inputCount, analytic: inputGrad,
-                                 coordinates: coords(inputCount, salt: 1), restore: restore, eval: eval)]
+                                 coordinates: coords(inputCount, salt: 1), restore: restore, eval: eval, directionOnly: directionOnly)]
         for (bi, b) in inst.parameters.enumerated() {
             out.append(try gradcheck(b.name, target: b.floats, count: b.count, analytic: Array(UnsafeBufferPointer(start: b.grad!, count: b.count)),
-                                     coordinates: coords(b.count, salt: 10 + UInt64(bi)), restore: restore, eval: eval))
+                                     coordinates: coords(b.count, salt: 10 + UInt64(bi)), restore: restore, eval: eval,
+                                     directionOnly: directionOnly))
         }
         return out
     }
@@ -301,8 +316,10 @@ public struct PluginChecker {
                 let (v, dsc, _) = try forward(step(noGrad: true, surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
                 return (v, dsc)
             }
+            let directionOnly = !surrogate && library.hasStopGradientLoss
             results += try x.withUnsafeMutableBufferPointer { xp in
-                try gradchecks(q.core, inputName: "x", input: xp.baseAddress!, inputCount: n * d, inputGrad: gx, restore: restore, eval: eval)
+                try gradchecks(q.core, inputName: "x", input: xp.baseAddress!, inputCount: n * d, inputGrad: gx, restore: restore, eval: eval,
+                               directionOnly: directionOnly)
             }.map { CheckResult(name: "\($0.name) [\(label)]", passed: $0.passed, detail: $0.detail) }
         }
         return results

@@ -121,6 +121,8 @@ public final class PluginLibrary: @unchecked Sendable {
 
     /// Whether the plugin declares it has no backward (`VQMOE_PLUGIN_NO_GRAD`).
     public var hasNoGrad: Bool { desc.pointee.flags & VQMOE_PLUGIN_NO_GRAD != 0 }
+    /// Whether a quantizer's loss has stop-gradient terms (`VQMOE_PLUGIN_STOPGRAD_LOSS`).
+    public var hasStopGradientLoss: Bool { desc.pointee.flags & VQMOE_PLUGIN_STOPGRAD_LOSS != 0 }
     /// Whether a router reads token ids (`VQMOE_PLUGIN_NEEDS_TOKEN_IDS`).
     public var needsTokenIDs: Bool { desc.pointee.flags & VQMOE_PLUGIN_NEEDS_TOKEN_IDS != 0 }
 

@@ -584,6 +584,11 @@ typedef struct vqmoe_metrics_feature {
 /* ================================================================== descriptor */
 #define VQMOE_PLUGIN_NEEDS_TOKEN_IDS 0x1u /* router: reads vqmoe_router_input.token_ids */
 #define VQMOE_PLUGIN_NO_GRAD 0x2u         /* has no backward (non-trainable, no input grad) */
+#define VQMOE_PLUGIN_STOPGRAD_LOSS 0x4u   /* quantizer: the loss has stop-gradient terms (VQ-VAE's
+                                             ||sg(x) - q||^2 + g*||x - sg(q)||^2), so its backward is
+                                             not the derivative of its value; gradcheck then compares
+                                             the DIRECTION of each loss gradient with finite
+                                             differences (cosine similarity) instead of its values */
 
 /**
  * What vqmoe_plugin_entry returns: static, owned by the plugin, valid while loaded.

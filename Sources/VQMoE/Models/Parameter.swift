@@ -1,0 +1,66 @@
+import Foundation
+
+/// A named float32 tensor the optimizer updates: value and gradient, 64-byte aligned.
+/// Model weights own their memory; plugin parameters are views of host buffers
+/// (`HostBuffer`), so the optimizer, clipping and checkpoints treat every component alike.
+///
+/// ```swift
+/// let w = Parameter(name: "layers.0.attn.qkv.weight", shape: [3 * c, c])
+/// w.fillNormal(std: 0.02, seed: 1)
+/// ```
+public final class Parameter: @unchecked Sendable {
+    public let name: String
+    public let shape: [Int]
+    public let count: Int
+    public let data: UnsafeMutablePointer<Float>
+    public let grad: UnsafeMutablePointer<Float>
+    /// Excluded from weight decay (biases, LayerNorm, embeddings of positions...).
+    public var noDecay: Bool
+    /// Not updated (frozen while fine-tuning).
+    public var frozen = false
+    private let owned: Bool
+
+    public init(name: String, shape: [Int], noDecay: Bool = false) {
+        self.name = name
+        self.shape = shape
+        count = shape.reduce(1, *)
+        data = HostRuntime.alignedAlloc(count * 4)!.bindMemory(to: Float.self, capacity: count)
+        grad = HostRuntime.alignedAlloc(count * 4)!.bindMemory(to: Float.self, capacity: count)
+        data.initialize(repeating: 0, count: count)
+        grad.initialize(repeating: 0, count: count)
+        self.noDecay = noDecay
+        owned = true
+    }
+
+    /// A view of a plugin's parameter buffer (memory stays the host buffer's).
+    public init(view buffer: HostBuffer, prefix: String) {
+        name = "\(prefix).\(buffer.name)"
+        shape = buffer.shape
+        count = buffer.count
+        data = buffer.floats
+        grad = buffer.grad!
+        noDecay = buffer.flags & 0x1 != 0
+        owned = false
+        keepAlive = buffer
+    }
+    private var keepAlive: HostBuffer?
+
+    deinit {
+        if owned { free(data); free(grad) }
+    }
+
+    public func zeroGrad() { grad.update(repeating: 0, count: count) }
+    public func fill(_ v: Float) { data.update(repeating: v, count: count) }
+
+    /// N(0, std²) from a seeded stream.
+    public func fillNormal(std: Float, seed: UInt64) {
+        var r = HostRNG.make(seed: seed, stream: 0x1417)
+        for i in 0..<count { data[i] = HostRNG.normal(&r) * std }
+    }
+}
+
+/// Every state buffer of a plugin (EMA counts, flags) as a named byte range, for checkpoints.
+public struct StateBuffer: @unchecked Sendable {
+    public let name: String
+    public let buffer: HostBuffer
+}

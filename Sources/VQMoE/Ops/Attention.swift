@@ -1,0 +1,102 @@
+import CBLAS
+import Foundation
+
+/// Causal multi-head self-attention core over a fused qkv buffer.
+///
+///     qkv (B,T,3C) = [Q | K | V], head h uses columns h·Dh ..< (h+1)·Dh of each, Dh = C/H
+///     S = Q Kᵀ / √Dh (causal: key j ≤ query i),  P = softmax_rows(S),  Y = P V   → y (B,T,C)
+///     backward: dV = Pᵀ dY,  dP = dY Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
+///               dQ = dS K / √Dh,  dK = dSᵀ Q / √Dh
+///
+/// Work is split over (batch, head) pairs on the host pool with single-threaded BLAS inside
+/// (never a threaded GEMM inside a parallel loop). Query rows go in blocks of 64 that only
+/// multiply the keys they can see, so the masked half of S is never computed. P is saved
+/// (B,H,T,T) for the backward.
+///
+/// ```swift
+/// Attention.forward(y: y, att: p, qkv: qkv, b: B, t: T, c: C, heads: H)
+/// ```
+public enum Attention {
+    static let block = 64
+
+    public static func forward(y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
+                               b: Int, t: Int, c: Int, heads: Int) {
+        let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
+        nonisolated(unsafe) let (y, att) = (y, att)
+        HostRuntime.withSerialBLAS {
+            HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+                for pair in Int(lo)..<Int(hi) {
+                    let bi = pair / heads, h = pair % heads
+                    let q = qkv + bi * t * ld + h * dh, k = q + c, v = q + 2 * c
+                    let p = att + pair * t * t
+                    let out = y + bi * t * c + h * dh
+                    var i0 = 0
+                    while i0 < t {
+                        let i1 = min(i0 + block, t), rows = i1 - i0
+                        // S[i0..<i1, 0..<i1] = Q Kᵀ·scale, written into P's rows
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(i1), Int32(dh), scale,
+                                    q + i0 * ld, Int32(ld), k, Int32(ld), 0, p + i0 * t, Int32(t))
+                        for i in i0..<i1 {
+                            let row = p + i * t
+                            var m = -Float.infinity
+                            for j in 0...i { m = max(m, row[j]) }
+                            var s: Float = 0
+                            for j in 0...i { let e = expf(row[j] - m); row[j] = e; s += e }
+                            let inv = 1 / s
+                            for j in 0...i { row[j] *= inv }
+                            for j in (i + 1)..<t { row[j] = 0 }
+                        }
+                        // Y[i0..<i1] = P[i0..<i1, 0..<i1] V[0..<i1]
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(i1), 1,
+                                    p + i0 * t, Int32(t), v, Int32(ld), 0, out + i0 * c, Int32(c))
+                        i0 = i1
+                    }
+                }
+            }
+        }
+    }
+
+    /// Accumulates into dqkv (B,T,3C).
+    public static func backward(dqkv: UnsafeMutablePointer<Float>, dy: UnsafePointer<Float>, qkv: UnsafePointer<Float>,
+                                att: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int) {
+        let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
+        nonisolated(unsafe) let dqkv = dqkv
+        HostRuntime.withSerialBLAS {
+            HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+                let ds = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
+                defer { ds.deallocate() }
+                for pair in Int(lo)..<Int(hi) {
+                    let bi = pair / heads, h = pair % heads
+                    let q = qkv + bi * t * ld + h * dh, k = q + c, v = q + 2 * c
+                    let dq = dqkv + bi * t * ld + h * dh, dk = dq + c, dv = dq + 2 * c
+                    let p = att + pair * t * t
+                    let g = dy + bi * t * c + h * dh
+                    var i0 = 0
+                    while i0 < t {
+                        let i1 = min(i0 + block, t), rows = i1 - i0
+                        // dV[0..<i1] += P[i0..<i1]ᵀ dY[i0..<i1]
+                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(i1), Int32(dh), Int32(rows), 1,
+                                    p + i0 * t, Int32(t), g + i0 * c, Int32(c), 1, dv, Int32(ld))
+                        // dP = dY[i0..<i1] V[0..<i1]ᵀ  (rows, i1)
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(i1), Int32(dh), 1,
+                                    g + i0 * c, Int32(c), v, Int32(ld), 0, ds, Int32(i1))
+                        for r in 0..<rows {
+                            let i = i0 + r
+                            let prow = p + i * t, drow = ds + r * i1
+                            var dot: Float = 0
+                            for j in 0...i { dot += prow[j] * drow[j] }
+                            for j in 0...i { drow[j] = prow[j] * (drow[j] - dot) * scale }
+                            for j in (i + 1)..<i1 { drow[j] = 0 }
+                        }
+                        // dQ[i0..<i1] += dS K[0..<i1];  dK[0..<i1] += dSᵀ Q[i0..<i1]
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(i1), 1,
+                                    ds, Int32(i1), k, Int32(ld), 1, dq + i0 * ld, Int32(ld))
+                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(i1), Int32(dh), Int32(rows), 1,
+                                    ds, Int32(i1), q + i0 * ld, Int32(ld), 1, dk, Int32(ld))
+                        i0 = i1
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,106 @@
+import CBLAS
+
+/// Fully connected layer over raw buffers, PyTorch layout (weight (Out,In), bias (Out)).
+///
+///     forward   out (N,Out) = inp (N,In) · Wᵀ + b
+///     backward  dinp += dout · W;  dW += doutᵀ · inp;  db += Σ_rows dout
+///
+/// ```swift
+/// Linear.forward(out: y, inp: x, weight: w, bias: b, n: 64, inFeatures: 128, outFeatures: 512)
+/// ```
+public enum Linear {
+    public static func forward(out: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                               bias: UnsafePointer<Float>?, n: Int, inFeatures: Int, outFeatures: Int) {
+        guard n > 0 else { return }
+        if let bias {
+            for r in 0..<n { (out + r * outFeatures).update(from: bias, count: outFeatures) }
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(outFeatures), Int32(inFeatures),
+                    1, inp, Int32(inFeatures), weight, Int32(inFeatures), bias == nil ? 0 : 1, out, Int32(outFeatures))
+    }
+
+    /// Accumulates into `dinp` (when non-nil), `dweight` and `dbias`.
+    public static func backward(dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMutablePointer<Float>?,
+                                dbias: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>,
+                                inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+                                n: Int, inFeatures: Int, outFeatures: Int) {
+        guard n > 0 else { return }
+        if let dinp {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(inFeatures), Int32(outFeatures),
+                        1, dout, Int32(outFeatures), weight, Int32(inFeatures), 1, dinp, Int32(inFeatures))
+        }
+        if let dweight {
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outFeatures), Int32(inFeatures), Int32(n),
+                        1, dout, Int32(outFeatures), inp, Int32(inFeatures), 1, dweight, Int32(inFeatures))
+        }
+        if let dbias { columnSums(dbias, dout, rows: n, cols: outFeatures) }
+    }
+
+    /// acc (cols) += Σ_r m (rows,cols)[r].
+    static func columnSums(_ acc: UnsafeMutablePointer<Float>, _ m: UnsafePointer<Float>, rows: Int, cols: Int) {
+        for r in 0..<rows { Vec.add(acc, m + r * cols, cols) }
+    }
+}
+
+/// Small SIMD helpers over raw float buffers (the optimizer does not vectorize reductions).
+public enum Vec {
+    /// a[i] += b[i]
+    @inline(__always) public static func add(_ a: UnsafeMutablePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) {
+        var i = 0
+        while i + 8 <= n {
+            let va = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
+            let vb = UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(a + i).storeBytes(of: va + vb, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n { a[i] += b[i]; i += 1 }
+    }
+
+    /// a[i] += s * b[i]
+    @inline(__always) public static func axpy(_ a: UnsafeMutablePointer<Float>, _ s: Float, _ b: UnsafePointer<Float>, _ n: Int) {
+        var i = 0
+        let vs = SIMD8<Float>(repeating: s)
+        while i + 8 <= n {
+            let va = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
+            let vb = UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(a + i).storeBytes(of: va + vs * vb, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n { a[i] += s * b[i]; i += 1 }
+    }
+
+    /// Σ a[i]·b[i]
+    @inline(__always) public static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = SIMD8<Float>(repeating: 0)
+        var i = 0
+        while i + 8 <= n {
+            acc += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+            i += 8
+        }
+        var s = acc.sum()
+        while i < n { s += a[i] * b[i]; i += 1 }
+        return s
+    }
+
+    /// Σ a[i]
+    @inline(__always) public static func sum(_ a: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = SIMD8<Float>(repeating: 0)
+        var i = 0
+        while i + 8 <= n { acc += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self); i += 8 }
+        var s = acc.sum()
+        while i < n { s += a[i]; i += 1 }
+        return s
+    }
+
+    /// a[i] *= s
+    @inline(__always) public static func scale(_ a: UnsafeMutablePointer<Float>, _ s: Float, _ n: Int) {
+        var i = 0
+        let vs = SIMD8<Float>(repeating: s)
+        while i + 8 <= n {
+            let va = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(a + i).storeBytes(of: va * vs, as: SIMD8<Float>.self)
+            i += 8
+        }
+        while i < n { a[i] *= s; i += 1 }
+    }
+}
