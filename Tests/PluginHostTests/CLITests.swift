@@ -59,7 +59,7 @@ final class CLITests: XCTestCase {
         """.write(toFile: reg, atomically: true, encoding: .utf8)
         let (status, out) = try runProcess(vqmoe, ["--registry", reg, "plugins", "check", "cosine_vq_c"])
         XCTAssertEqual(status, 0, out)
-        XCTAssertTrue(out.contains("gradcheck codebook [loss]") && out.contains(" passed, 0 failed"), out)
+        XCTAssertTrue(out.contains("gradcheck codebook (direction: stop-gradient loss) [loss]") && out.contains(" passed, 0 failed"), out)
         // Also registered by its descriptor name through VQMOE_PLUGIN_PATH, with no registry entry.
         let empty = "\(dir)/empty.json"
         try #"{"version": 1, "plugins": []}"#.write(toFile: empty, atomically: true, encoding: .utf8)
@@ -69,11 +69,20 @@ final class CLITests: XCTestCase {
     }
 
     func testScaffoldedCPluginsBuildAndPassCheck() throws {
-        let dir = try makeTempDir("scaffold")
+        try scaffoldEveryKind(language: "c")
+    }
+
+    /// Each Swift scaffold is a standalone SwiftPM package (a copy of the header, one dynamic library).
+    func testScaffoldedSwiftPluginsBuildAndPassCheck() throws {
+        try scaffoldEveryKind(language: "swift")
+    }
+
+    private func scaffoldEveryKind(language: String) throws {
+        let dir = try makeTempDir("scaffold-\(language)")
         for kind in PluginKind.allCases {
             let name = "my_\(kind.rawValue)"
             let folder = "\(dir)/\(name)"
-            let (s1, o1) = try run(["plugin", "new", kind.rawValue, name, "--lang", "c", "--dir", folder])
+            let (s1, o1) = try run(["plugin", "new", kind.rawValue, name, "--lang", language, "--dir", folder])
             XCTAssertEqual(s1, 0, o1)
             let (s2, o2) = try runProcess("\(folder)/build.sh", [])
             XCTAssertEqual(s2, 0, o2)

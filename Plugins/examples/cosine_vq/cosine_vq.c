@@ -395,7 +395,7 @@ static const vqmoe_plugin_desc cvq_desc = {
     VQMOE_ABI_VERSION,
     sizeof(vqmoe_plugin_desc),
     VQMOE_KIND_QUANTIZER,
-    0,
+    VQMOE_PLUGIN_STOPGRAD_LOSS, /* codebook + commitment terms use stop-gradients */
     CVQ_NAME,
     "1.0.0",
     "cosine-similarity VQ (VQGAN-style, no projection): l2-normalised inputs and codes, nearest by cosine, keeps the token norm",

@@ -275,7 +275,8 @@ static const vqmoe_hparam_spec hparams[] = {
 static const vqmoe_quantizer_api quantizer_api = {sizeof(vqmoe_quantizer_api), q_shape, q_forward, q_backward, q_free_ctx};
 
 static const vqmoe_plugin_desc descriptor = {
-    VQMOE_ABI_VERSION, sizeof(vqmoe_plugin_desc), VQMOE_KIND_QUANTIZER, 0,
+    VQMOE_ABI_VERSION, sizeof(vqmoe_plugin_desc), VQMOE_KIND_QUANTIZER,
+    VQMOE_PLUGIN_STOPGRAD_LOSS, /* the VQ loss uses stop-gradients: gradcheck compares directions */
     PLUGIN_NAME, "0.1.0", "L2 nearest-code vector quantizer (scaffold)",
     hparams, (int32_t)(sizeof hparams / sizeof hparams[0]),
     q_create, q_destroy, q_num_buffers, q_buffer_spec, q_bind_buffers, q_init_buffers,
@@ -518,7 +519,7 @@ nonisolated(unsafe) private let descriptor: UnsafeMutablePointer<vqmoe_plugin_de
         abi_version: UInt32(VQMOE_ABI_VERSION),
         struct_size: UInt32(MemoryLayout<vqmoe_plugin_desc>.size),
         kind: VQMOE_KIND_QUANTIZER,
-        flags: 0,
+        flags: UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS),  // the VQ loss uses stop-gradients: gradcheck compares directions
         name: strdup(pluginName),
         version: strdup("0.1.0"),
         description: strdup("L2 nearest-code vector quantizer (scaffold)"),

@@ -1,0 +1,130 @@
+import Foundation
+
+/// A component named in a config: registry name plus hyperparameters (checked against the
+/// plugin's schema when it is created).
+public struct ComponentSpec: @unchecked Sendable {
+    public var name: String
+    public var values: [String: Any]
+    public var keyPath: String
+}
+
+/// Optimizer, schedule and loop settings (`train` in a config).
+public struct TrainConfig: Sendable, Equatable {
+    public enum Optimizer: String, Sendable { case adam, adamw }
+    public enum Schedule: String, Sendable { case cosine, constant }
+    public var steps = 1000
+    public var batchSize = 16
+    public var optimizer = Optimizer.adam
+    public var lr: Float = 3.5e-4
+    public var minLR: Float = 0
+    public var warmupSteps = 0
+    public var schedule = Schedule.cosine
+    public var weightDecay: Float = 0
+    public var beta1: Float = 0.9
+    public var beta2: Float = 0.999
+    public var eps: Float = 1e-8
+    /// Clip the global gradient norm to this (0 = off). The paper's reference value is 0.25.
+    public var gradClip: Float = 0.25
+    public var evalEvery = 100
+    /// Validation batches per evaluation (0 = the whole split).
+    public var evalBatches = 0
+    public var logEvery = 10
+    public var threads = 1
+    public init() {}
+}
+
+/// A whole run, read strictly from JSON (unknown keys, wrong types and out-of-range values are
+/// errors naming the key path).
+///
+/// ```swift
+/// let cfg = try RunConfig(json: ConfigReader.load(file: "configs/enwik8_smoe.json", overrides: ["train.steps": 50]))
+/// ```
+public struct RunConfig: @unchecked Sendable {
+    public var name: String
+    public var seed: UInt64
+    public var data: ComponentSpec
+    public var head: ComponentSpec
+    public var model: TransformerConfig
+    public var router: ComponentSpec?
+    public var quantizer: ComponentSpec?
+    /// Codebook size requested from the quantizer (default: the number of experts, K = E).
+    public var nCodes: Int
+    public var train: TrainConfig
+    /// The config as read (with overrides), for the checkpoint sidecar.
+    public var json: [String: Any]
+
+    public init(json: [String: Any]) throws {
+        self.json = json
+        let r = ConfigReader(json, path: "")
+        name = try r.string("name", default: "run")
+        seed = UInt64(try r.int("seed", default: 1, min: 0))
+        _ = try r.string("comment", default: "")
+        data = try RunConfig.component(r.child("data", required: true))
+        head = try RunConfig.component(r.child("head", required: true))
+
+        let m = try r.child("model", required: true)
+        _ = try m.string("backbone", default: "transformer", choices: ["transformer"])
+        var mc = TransformerConfig()
+        mc.nLayer = try m.int("n_layer", default: 4, min: 1, max: 64)
+        mc.nHead = try m.int("n_head", default: 4, min: 1)
+        mc.dModel = try m.int("d_model", default: 128, min: 1)
+        mc.seqLen = try m.int("seq_len", default: 128, min: 1)
+        mc.dropout = try m.float("dropout", default: 0, min: 0, max: 0.99)
+        mc.initStd = try m.float("init_std", default: 0.02, min: 0)
+        guard mc.dModel % mc.nHead == 0 else {
+            throw VQMoEError(.config, "model.d_model (\(mc.dModel)) must be divisible by model.n_head (\(mc.nHead))")
+        }
+        let f = try m.child("ffn")
+        var fc = FFNConfig()
+        fc.mode = FFNConfig.Mode(rawValue: try f.string("mode", default: "dense", choices: FFNConfig.Mode.allCases.map(\.rawValue)))!
+        fc.dInner = try f.int("d_inner", default: 4 * mc.dModel, min: 1)
+        fc.nExperts = fc.mode == .dense ? 1 : try f.int("n_experts", default: 8, min: 1, max: 4096)
+        if fc.mode == .dense { _ = try f.int("n_experts", default: 1, min: 1) }
+        fc.activation = Activation(rawValue: try f.string("activation", default: "gelu", choices: Activation.allCases.map(\.rawValue)))!
+        fc.discreteInput = FFNConfig.DiscreteInput(rawValue: try f.string("discrete_input", default: "mix",
+                                                                           choices: FFNConfig.DiscreteInput.allCases.map(\.rawValue)))!
+        fc.mixC = try f.float("mix_c", default: 0.05, min: 0, max: 1)
+        fc.beta = try f.float("beta", default: 0.08, min: 0)
+        nCodes = try f.int("n_codes", default: fc.nExperts, min: 1)
+        router = f.has("router") ? try RunConfig.component(f.child("router")) : nil
+        quantizer = f.has("quantizer") ? try RunConfig.component(f.child("quantizer")) : nil
+        if fc.usesRouter && router == nil {
+            throw VQMoEError(.config, "model.ffn.router: mode '\(fc.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", \"k\": 2}")
+        }
+        if fc.usesQuantizer && quantizer == nil {
+            throw VQMoEError(.config, "model.ffn.quantizer: mode '\(fc.mode.rawValue)' needs a quantizer, e.g. {\"name\": \"vqvae\"}")
+        }
+        try f.finish()
+        mc.ffn = fc
+        try m.finish()
+        model = mc
+
+        let t = try r.child("train")
+        var tc = TrainConfig()
+        tc.steps = try t.int("steps", default: 1000, min: 1)
+        tc.batchSize = try t.int("batch_size", default: 16, min: 1)
+        tc.optimizer = TrainConfig.Optimizer(rawValue: try t.string("optimizer", default: "adam", choices: ["adam", "adamw"]))!
+        tc.lr = try t.float("lr", default: 3.5e-4, min: 0)
+        tc.minLR = try t.float("min_lr", default: 0, min: 0)
+        tc.warmupSteps = try t.int("warmup_steps", default: 0, min: 0)
+        tc.schedule = TrainConfig.Schedule(rawValue: try t.string("schedule", default: "cosine", choices: ["cosine", "constant"]))!
+        tc.weightDecay = try t.float("weight_decay", default: 0, min: 0)
+        tc.beta1 = try t.float("beta1", default: 0.9, min: 0, max: 0.999999)
+        tc.beta2 = try t.float("beta2", default: 0.999, min: 0, max: 0.999999)
+        tc.eps = try t.float("eps", default: 1e-8, min: 0)
+        tc.gradClip = try t.float("grad_clip", default: 0.25, min: 0)
+        tc.evalEvery = try t.int("eval_every", default: 100, min: 1)
+        tc.evalBatches = try t.int("eval_batches", default: 0, min: 0)
+        tc.logEvery = try t.int("log_every", default: 10, min: 1)
+        tc.threads = try t.int("threads", default: 1, min: 1, max: 256)
+        try t.finish()
+        train = tc
+        try r.finish()
+    }
+
+    /// {"name": ..., hyperparameters...}
+    static func component(_ r: ConfigReader) throws -> ComponentSpec {
+        let name = try r.string("name", default: nil)
+        return ComponentSpec(name: name, values: r.remaining(excluding: ["name"]), keyPath: r.path)
+    }
+}
