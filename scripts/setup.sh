@@ -16,4 +16,5 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 command -v swift >/dev/null || { echo "swift (6.x) is not on PATH: install the Swift toolchain first" >&2; exit 1; }
 
+scripts/get-data.sh
 swift build -c release "$@"
