@@ -24,4 +24,4 @@ fi
 [ "$failed" = 0 ] || exit 1
 
 echo "== unit tests"
-swift test -c release --skip-build
+swift test -c release --skip-build --disable-swift-testing

@@ -8,6 +8,10 @@ vqmoe: sparse mixture-of-experts with discrete (vector-quantized) routing, on th
 usage: vqmoe [--registry FILE] [--threads N] COMMAND ...
 
 commands:
+  train CONFIG [--set key.path=value ...] [--out DIR]
+                                   train a model from a JSON config (see configs/); writes
+                                   DIR/metrics.jsonl, DIR/best.safetensors (+ .json sidecar) and
+                                   reports test loss / bits per character with the best checkpoint
   plugins list [--json]            every registered component: kind, name, version, abi, library
   plugins inspect NAME             a component's description and hyperparameter schema
   plugins check NAME|PATH [--set key=value ...]
@@ -31,7 +35,7 @@ exit codes: 0 ok, 1 a check failed, 64 usage, 65 config, 66 data, 67 plugin/regi
 struct Args {
     var rest: [String]
     var registryPath: String?
-    var threads = 1
+    var threads: Int?
 
     init(_ argv: [String]) throws {
         var out: [String] = []
@@ -90,6 +94,13 @@ func parseSettings(_ items: [String]) throws -> [String: Any] {
     return out
 }
 
+func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {
+    var lines = ["run \(cfg.name): \(r.steps) steps in \(String(format: "%.1f", r.wallSeconds)) s (\(String(format: "%.0f", r.tokensPerSecond)) tokens/s), output in \(r.outDir)"]
+    if let v = r.bestValid { lines.append(String(format: "best valid  loss %.4f  bpc %.4f  (step %d)", v.loss, v.bpc, r.bestStep + 1)) }
+    if let t = r.test { lines.append(String(format: "test        loss %.4f  bpc %.4f  (best-validation checkpoint)", t.loss, t.bpc)) }
+    return lines.joined(separator: "\n")
+}
+
 func emit(_ o: PluginCommands.Output) -> Int32 {
     print(o.text)
     return o.ok ? 0 : 1
@@ -97,7 +108,7 @@ func emit(_ o: PluginCommands.Output) -> Int32 {
 
 func run() throws -> Int32 {
     var args = try Args(Array(CommandLine.arguments.dropFirst()))
-    HostRuntime.configure(threads: args.threads)
+    HostRuntime.configure(threads: args.threads ?? 1)
     let wantsHelp = args.flag("--help") || args.flag("-h")
     guard let command = args.rest.first, command != "help" else {
         print(usage)
@@ -106,6 +117,18 @@ func run() throws -> Int32 {
     args.rest.removeFirst()
     func registry() throws -> Registry { try Registry.load(registryPath: args.registryPath) }
     switch command {
+    case "train":
+        if wantsHelp { print(usage.components(separatedBy: "\n").filter { $0.contains("train") || $0.hasPrefix("                                   ") }.joined(separator: "\n")); return 0 }
+        var overrides = try parseSettings(try args.take("--set"))
+        if let t = args.threads { overrides["train.threads"] = t }
+        let out = try args.take("--out").last
+        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe train CONFIG [--set key.path=value ...] [--out DIR]") }
+        let cfg = try RunConfig(json: try ConfigReader.load(file: args.rest[0], overrides: overrides))
+        let dir = out ?? "runs/\(cfg.name)"
+        let trainer = try Trainer(config: cfg, registry: try registry(), outDir: dir)
+        let r = try trainer.run()
+        print(trainSummary(cfg, r))
+        return 0
     case "plugins":
         let sub = args.rest.first ?? ""
         if wantsHelp || sub.isEmpty {
@@ -144,7 +167,7 @@ func run() throws -> Int32 {
             ?? FileManager.default.currentDirectoryPath
         return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
     default:
-        let commands = ["plugins", "plugin", "help"]
+        let commands = ["train", "plugins", "plugin", "help"]
         throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
     }
 }

@@ -1,0 +1,73 @@
+import Foundation
+
+/// Creates a run's components from its config: the dataset and head plugins, one router and
+/// one quantizer instance per layer, and the backbone.
+///
+/// ```swift
+/// let built = try ModelBuilder(config: cfg, registry: try Registry.load()).build()
+/// ```
+public struct ModelBuilder {
+    public let config: RunConfig
+    public let registry: Registry
+    public let dataRoot: String
+
+    public init(config: RunConfig, registry: Registry, dataRoot: String? = nil) {
+        self.config = config
+        self.registry = registry
+        self.dataRoot = dataRoot ?? DataLocator.defaultRoot() ?? ""
+    }
+
+    /// What `build()` returns.
+    public struct Built {
+        public let dataset: DatasetInstance
+        public let model: Transformer
+    }
+
+    /// One plugin instance of `kind` from a config component (registry defaults under the
+    /// config's values, both checked against the schema with the config's key path).
+    public func instance(_ kind: PluginKind, _ spec: ComponentSpec, dims: ModelDims, seed: UInt64, name: String) throws -> PluginInstance {
+        let entry: Registry.Entry
+        do { entry = try registry.entry(named: spec.name, kind: kind) } catch let e as VQMoEError {
+            throw VQMoEError(e.category, "\(spec.keyPath).name: \(e.message)")
+        }
+        let lib = try registry.library(for: entry)
+        let hp = try ResolvedHyperparameters(schema: lib.schema, layers: [entry.defaults.mapValues(\.value), spec.values], keyPath: spec.keyPath)
+        return try PluginInstance(library: lib, instanceName: name, dims: dims, hyperparameters: hp, seed: seed)
+    }
+
+    public func build() throws -> Built {
+        let c = config
+        var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
+        let dataset = try DatasetInstance(instance(.dataset, c.data, dims: dims, seed: HostRNG.derive(c.seed, 201), name: "data"))
+        guard dataset.isLM else {
+            throw VQMoEError(.config, "data.name: '\(c.data.name)' is a classification dataset; `train` pre-trains language models (use `finetune`)")
+        }
+        guard dataset.sampleShape == [c.model.seqLen] else {
+            throw VQMoEError(.config, "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)")
+        }
+        var mc = c.model
+        mc.vocabSize = dataset.vocabSize
+        dims.vocabSize = dataset.vocabSize
+        let head = try HeadInstance(instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
+        guard head.isLM, head.nOut == dataset.vocabSize else {
+            throw VQMoEError(.config, "head.name: '\(c.head.name)' predicts \(head.nOut) outputs; the dataset's vocabulary is \(dataset.vocabSize)")
+        }
+        let model = try Transformer(config: mc, head: head, components: { layer in
+            var comp = LayerComponents()
+            var d = dims
+            d.nExperts = mc.ffn.nExperts
+            d.nCodes = c.nCodes
+            if mc.ffn.usesRouter, let r = c.router {
+                comp.router = try RouterInstance(instance(.router, r, dims: d, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
+                                                          name: "layers.\(layer).ffn.router"))
+            }
+            if mc.ffn.usesQuantizer, let q = c.quantizer {
+                comp.quantizer = try QuantizerInstance(instance(.quantizer, q, dims: d, seed: HostRNG.derive(c.seed, 400, UInt64(layer)),
+                                                                name: "layers.\(layer).ffn.quantizer"))
+            }
+            return comp
+        }, seed: HostRNG.derive(c.seed, 100))
+        model.totalSteps = c.train.steps
+        return Built(dataset: dataset, model: model)
+    }
+}

@@ -1,0 +1,201 @@
+import Foundation
+
+/// Result of an evaluation pass.
+public struct EvalResult: Sendable {
+    public var loss: Double
+    public var bpc: Double { loss / log(2.0) }
+    public var count: Int
+    public var accuracy: Double
+}
+
+/// Result of `vqmoe train`.
+public struct TrainResult: Sendable {
+    public var steps: Int
+    public var bestValid: EvalResult?
+    public var bestStep: Int
+    public var test: EvalResult?
+    public var wallSeconds: Double
+    public var tokensPerSecond: Double
+    public var outDir: String
+}
+
+/// The training loop: Adam(W) with warmup + cosine schedule and global-norm clipping,
+/// validation every `eval_every` steps, the best-validation checkpoint kept (safetensors +
+/// JSON sidecar), and the test split evaluated with it at the end. Writes
+/// `OUT/metrics.jsonl` (one JSON object per line) and `OUT/config.json`.
+///
+/// ```swift
+/// let result = try Trainer(config: cfg, registry: reg, outDir: "runs/x").run()
+/// print(result.test!.bpc)
+/// ```
+public final class Trainer {
+    public let config: RunConfig
+    public let outDir: String
+    public let dataset: DatasetInstance
+    public let model: Transformer
+    public let optimizer: AdamOptimizer
+    /// Where progress goes (a progress bar on a terminal, plain lines otherwise).
+    public var progress: ProgressReporter
+    private var metrics: FileHandle?
+
+    public init(config: RunConfig, registry: Registry, outDir: String, dataRoot: String? = nil, quiet: Bool = false) throws {
+        self.config = config
+        self.outDir = outDir
+        HostRuntime.configure(threads: config.train.threads)
+        let built = try ModelBuilder(config: config, registry: registry, dataRoot: dataRoot).build()
+        dataset = built.dataset
+        model = built.model
+        optimizer = AdamOptimizer(parameters: model.parameters.filter { !$0.frozen }, config: config.train)
+        progress = ProgressReporter(total: config.train.steps, quiet: quiet)
+    }
+
+    private func log(_ object: [String: Any]) {
+        guard let metrics, let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else { return }
+        metrics.write(data)
+        metrics.write(Data("\n".utf8))
+    }
+
+    /// Mean loss over `split` (at most `maxBatches` batches; 0 = the whole split).
+    public func evaluate(_ split: Split, maxBatches: Int = 0) throws -> EvalResult {
+        let bs = config.train.batchSize
+        var sum = 0.0, count = 0, correct = 0, index = 0
+        while maxBatches == 0 || index < maxBatches {
+            guard let batch = try dataset.read(split, index: index, batchSize: bs) else { break }
+            let parts = try batch.inputsInt.withUnsafeBufferPointer { x in
+                try batch.targets.withUnsafeBufferPointer { y in
+                    try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: index, train: false)
+                }
+            }
+            sum += parts.lossSum
+            count += parts.count
+            correct += parts.correct
+            index += 1
+        }
+        guard count > 0 else { throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate") }
+        return EvalResult(loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count))
+    }
+
+    /// One optimizer step on train batch `step`; returns the loss parts and the gradient norm.
+    public func trainStep(_ step: Int) throws -> (LossParts, Float) {
+        let bs = config.train.batchSize
+        try model.beginStep(step)
+        guard let batch = try dataset.read(.train, index: step, batchSize: bs) else {
+            throw VQMoEError(.data, "the train split of '\(config.data.name)' gave no batch \(step)")
+        }
+        let parts = try batch.inputsInt.withUnsafeBufferPointer { x in
+            try batch.targets.withUnsafeBufferPointer { y in
+                try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: true)
+            }
+        }
+        try model.backward()
+        let norm = clipGradients(optimizer.parameters, maxNorm: config.train.gradClip)
+        guard norm.isFinite else { throw VQMoEError(.numeric, "non-finite gradient norm at step \(step)") }
+        optimizer.step(lr: learningRate(step: step, config: config.train))
+        model.zeroGrads()
+        return (parts, norm)
+    }
+
+    /// Checkpoint the model (and optimizer) to OUT/NAME.safetensors + OUT/NAME.json.
+    public func saveCheckpoint(_ name: String, step: Int, extra: [String: Any] = [:]) throws {
+        let path = "\(outDir)/\(name).safetensors"
+        try Checkpoint.write(path: path, tensors: model.checkpointTensors(optimizer: optimizer), metadata: ["step": String(step)])
+        var side: [String: Any] = ["format": Checkpoint.format, "step": step, "config": config.json,
+                                   "checkpoint": "\(name).safetensors", "optimizer_steps": optimizer.t]
+        side.merge(extra) { _, new in new }
+        let data = try JSONSerialization.data(withJSONObject: side, options: [.prettyPrinted, .sortedKeys])
+        try Checkpoint.atomicWrite(data, to: "\(outDir)/\(name).json")
+    }
+
+    public func run() throws -> TrainResult {
+        try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+        let cfgData = try JSONSerialization.data(withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
+        try cfgData.write(to: URL(fileURLWithPath: "\(outDir)/config.json"))
+        FileManager.default.createFile(atPath: "\(outDir)/metrics.jsonl", contents: nil)
+        metrics = FileHandle(forWritingAtPath: "\(outDir)/metrics.jsonl")
+        defer { try? metrics?.close() }
+
+        let t = config.train
+        let tokensPerStep = t.batchSize * config.model.seqLen
+        let start = Date()
+        var windowStart = Date(), windowTokens = 0
+        var best: EvalResult?
+        var bestStep = -1
+        var lastTokensPerSecond = 0.0
+        for step in 0..<t.steps {
+            let (parts, norm) = try trainStep(step)
+            windowTokens += tokensPerStep
+            let isLast = step == t.steps - 1
+            if step % t.logEvery == 0 || isLast {
+                let elapsed = Date().timeIntervalSince(windowStart)
+                lastTokensPerSecond = Double(windowTokens) / max(elapsed, 1e-9)
+                windowStart = Date()
+                windowTokens = 0
+                var line: [String: Any] = ["step": step, "split": "train", "loss": Double(parts.total), "task_loss": Double(parts.task),
+                                           "bpc": Double(parts.task) / Foundation.log(2.0), "aux_loss": Double(parts.aux), "vq_loss": Double(parts.vq),
+                                           "lr": Double(learningRate(step: step, config: t)), "grad_norm": Double(norm),
+                                           "tokens_per_s": lastTokensPerSecond]
+                if !parts.layers.isEmpty, config.model.ffn.mode != .dense {
+                    line["expert_load"] = parts.layers.map { $0.expertLoad.map(Double.init) }
+                    if config.model.ffn.usesQuantizer { line["code_counts"] = parts.layers.map { $0.codeCounts.map(Double.init) } }
+                }
+                log(line)
+                progress.update(step: step + 1, text: String(format: "loss %.4f  lr %.2e  %.0f tok/s", parts.total,
+                                                             learningRate(step: step, config: t), lastTokensPerSecond))
+            }
+            if (step + 1) % t.evalEvery == 0 || isLast {
+                let v = try evaluate(.valid, maxBatches: t.evalBatches)
+                log(["step": step, "split": "valid", "loss": v.loss, "bpc": v.bpc])
+                progress.note(String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc))
+                if best == nil || v.loss < best!.loss {
+                    best = v
+                    bestStep = step
+                    try saveCheckpoint("best", step: step + 1, extra: ["valid_loss": v.loss, "valid_bpc": v.bpc])
+                }
+            }
+        }
+        let wall = Date().timeIntervalSince(start)
+        progress.finish()
+        // Test with the best-validation checkpoint.
+        var test: EvalResult?
+        if dataset.splitSizes[Int(Split.test.rawValue)] > 1 {
+            try model.load(Checkpoint.read(path: "\(outDir)/best.safetensors"), path: "\(outDir)/best.safetensors")
+            test = try evaluate(.test)
+            log(["step": bestStep, "split": "test", "loss": test!.loss, "bpc": test!.bpc])
+        }
+        let result = TrainResult(steps: t.steps, bestValid: best, bestStep: bestStep, test: test, wallSeconds: wall,
+                                 tokensPerSecond: Double(t.steps * tokensPerStep) / wall, outDir: outDir)
+        return result
+    }
+}
+
+/// A progress bar on a terminal; plain lines when stdout is not a terminal.
+public struct ProgressReporter {
+    public let total: Int
+    public let quiet: Bool
+    let tty = isatty(1) != 0
+    var lastLine = ""
+
+    public init(total: Int, quiet: Bool) {
+        self.total = total
+        self.quiet = quiet
+    }
+
+    public mutating func update(step: Int, text: String) {
+        guard !quiet else { return }
+        if tty {
+            let width = 30, filled = width * step / max(total, 1)
+            lastLine = "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(step)/\(total)  \(text)"
+            print("\r\u{1B}[K" + lastLine, terminator: "")
+            fflush(nil)
+        } else {
+            print("step \(step)/\(total)  \(text)")
+        }
+    }
+
+    public func note(_ text: String) {
+        guard !quiet else { return }
+        if tty { print("\r\u{1B}[K" + text); print(lastLine, terminator: ""); fflush(nil) } else { print(text) }
+    }
+
+    public func finish() { if tty && !quiet { print("") } }
+}
