@@ -26,6 +26,7 @@ let package = Package(
         .executableTarget(name: "vqmoe", dependencies: ["VQMoE"], swiftSettings: swiftFlags),
         .target(name: "FFIHashRouter", path: "Plugins/FFIHashRouter"),
         .testTarget(name: "PluginHostTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginHostTests", exclude: ["Fixtures"]),
+        .testTarget(name: "EngineTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/EngineTests"),
         .testTarget(name: "PluginsTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginsTests"),
     ] + pluginNames.map {
         .target(name: $0, dependencies: ["VQMoEABI"], path: "Plugins/\($0)", swiftSettings: swiftFlags)

@@ -38,8 +38,8 @@ public struct FFNConfig: Sendable, Equatable {
         self.activation = activation; self.discreteInput = discreteInput; self.mixC = mixC; self.beta = beta
     }
 
-    var usesRouter: Bool { mode == .smoe || mode == .vqmoe }
-    var usesQuantizer: Bool { mode == .vqmoe || mode == .vqmoeFinetune }
+    public var usesRouter: Bool { mode == .smoe || mode == .vqmoe }
+    public var usesQuantizer: Bool { mode == .vqmoe || mode == .vqmoeFinetune }
 }
 
 /// Losses and statistics of one MoE layer forward.

@@ -1,0 +1,106 @@
+import Foundation
+import VQMoE
+import XCTest
+
+/// The engine against PyTorch on the same weights (fixtures written by
+/// scripts/make_parity_fixtures.py): logits, loss parts, every parameter gradient, and the
+/// losses of 10 Adam steps, for dense, SMoE and VQMoE (three discrete-path inputs).
+/// Tolerances: 1e-4 relative on values, 1e-3 relative to each tensor's largest gradient.
+final class PyTorchParityTests: XCTestCase {
+    struct Fixture {
+        let json: [String: Any]
+        func int(_ k: String) -> Int { json[k] as! Int }
+        func floats(_ v: Any?) -> [Float] { (v as! [Any]).map { Float(($0 as! NSNumber).doubleValue) } }
+    }
+
+    static let fixtureDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures").path
+
+    func load(_ mode: String) throws -> Fixture {
+        let path = "\(Self.fixtureDir)/parity_\(mode).json"
+        let data = try XCTUnwrap(FileManager.default.contents(atPath: path), "missing \(path): run scripts/make_parity_fixtures.py")
+        return Fixture(json: try JSONSerialization.jsonObject(with: data) as! [String: Any])
+    }
+
+    func instance(_ product: String, dims: ModelDims, _ values: [String: Any] = [:]) throws -> PluginInstance {
+        let lib = try PluginLibrary.open("\(Registry.executableDirectory())/lib\(product).so")
+        let hp = try ResolvedHyperparameters(schema: lib.schema, values: values, keyPath: product)
+        return try PluginInstance(library: lib, instanceName: product, dims: dims, hyperparameters: hp, seed: 1)
+    }
+
+    func build(_ fx: Fixture) throws -> Transformer {
+        let mode = fx.json["mode"] as! String
+        let d = fx.int("d_model"), e = fx.int("n_experts")
+        var ffn = FFNConfig(mode: mode == "dense" ? .dense : mode == "smoe" ? .smoe : .vqmoe, dInner: fx.int("d_inner"), nExperts: e)
+        if mode.hasPrefix("vqmoe") { ffn.discreteInput = FFNConfig.DiscreteInput(rawValue: String(mode.split(separator: "_")[1]))! }
+        ffn.beta = 0.08
+        ffn.mixC = 0.05
+        let cfg = TransformerConfig(vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), nLayer: fx.int("n_layer"),
+                                    nHead: fx.int("n_head"), dModel: d, ffn: ffn)
+        let dims = ModelDims(dModel: d, nExperts: e, nCodes: e, vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), totalSteps: 10)
+        let head = try HeadInstance(instance("HeadLM", dims: dims))
+        let model = try Transformer(config: cfg, head: head, components: { _ in
+            LayerComponents(router: ffn.usesRouter ? try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])) : nil,
+                            quantizer: ffn.usesQuantizer ? try QuantizerInstance(self.instance("QuantizerVQVAE", dims: dims)) : nil)
+        }, seed: 1)
+        let params = fx.json["params"] as! [String: Any]
+        XCTAssertEqual(Set(params.keys), Set(model.parameters.map(\.name)), "parameter names differ from the fixture's")
+        for p in model.parameters {
+            let entry = params[p.name] as! [String: Any]
+            XCTAssertEqual(entry["shape"] as! [Int], p.shape, p.name)
+            let values = fx.floats(entry["data"])
+            for i in 0..<p.count { p.data[i] = values[i] }
+        }
+        return model
+    }
+
+    func assertClose(_ a: [Float], _ b: [Float], relTo scale: Float? = nil, tol: Float, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(a.count, b.count, what, file: file, line: line)
+        let s = scale ?? max(b.map { abs($0) }.max() ?? 1, 1e-6)
+        var worst: Float = 0, at = 0
+        for i in 0..<min(a.count, b.count) where abs(a[i] - b[i]) > worst { worst = abs(a[i] - b[i]); at = i }
+        XCTAssertLessThanOrEqual(worst, tol * s, "\(what): worst |diff| \(worst) at \(at) (ours \(a[at]), torch \(b[at]), scale \(s))", file: file, line: line)
+    }
+
+    func check(_ mode: String) throws {
+        let fx = try load(mode)
+        let model = try build(fx)
+        let b = fx.int("batch"), t = fx.int("seq_len"), v = fx.int("vocab")
+        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
+        var logits = [Float](repeating: 0, count: b * t * v)
+        let parts = try model.forward(tokens: tokens, targets: targets, batch: b, step: 0, train: true, logits: &logits)
+        let loss = fx.json["loss"] as! [String: Double]
+        assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
+        XCTAssertEqual(Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "\(mode) task loss")
+        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "\(mode) aux loss")
+        XCTAssertEqual(Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "\(mode) vq loss")
+        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(mode) total loss")
+        model.zeroGrads()
+        try model.backward()
+        let grads = fx.json["grads"] as! [String: Any]
+        for p in model.parameters {
+            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "\(mode) grad \(p.name)")
+        }
+        // 10 Adam steps (lr 1e-2, clip 1.0) on the same batch.
+        var tc = TrainConfig()
+        tc.lr = 1e-2
+        tc.gradClip = 1
+        let opt = AdamOptimizer(parameters: model.parameters, config: tc)
+        model.zeroGrads()
+        var ours: [Float] = []
+        for s in 0..<10 {
+            let p = try model.forward(tokens: tokens, targets: targets, batch: b, step: s, train: true)
+            ours.append(p.total)
+            try model.backward()
+            clipGradients(model.parameters, maxNorm: 1)
+            opt.step(lr: 1e-2)
+            model.zeroGrads()
+        }
+        assertClose(ours, fx.floats(fx.json["adam_losses"]), relTo: 1, tol: 2e-3, "\(mode) Adam losses")
+    }
+
+    func testDense() throws { try check("dense") }
+    func testSMoE() throws { try check("smoe") }
+    func testVQMoEMix() throws { try check("vqmoe_mix") }
+    func testVQMoESTE() throws { try check("vqmoe_ste") }
+    func testVQMoEX() throws { try check("vqmoe_x") }
+}

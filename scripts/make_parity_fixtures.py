@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Golden fixtures for the Swift engine's PyTorch parity tests (Tests/EngineTests/Fixtures).
+
+A tiny decoder-only Transformer LM, written here in plain PyTorch with the exact semantics of
+the Swift engine and its plugins (`smoe` router, `vqvae` quantizer, `lm` head):
+
+  x = wte[tok] + wpe[t];  per layer: x += proj(attn(LN1(x)));  x += FFN(LN2(x));  LN_f;  head
+  attention: fused qkv Linear, causal softmax(QK^T/sqrt(Dh)) V, output Linear (all with bias)
+  expert: fc2(gelu(fc1(x))), exact GELU, biases
+  dense:  one expert
+  smoe:   logits = x W_r^T (no bias); top-k (descending); weights = softmax over the kept logits;
+          aux = 0.01 * E * sum_e f_e P_e  (f_e: share of the N*k assignments, P_e: mean full softmax)
+  vqmoe:  y = g_c * smoe(x) + g_d * E_{c(x)}(x_hat), [g_c, g_d] = softmax(W_g x + b_g);
+          vqvae: c = argmin ||x - e_j||^2, q = e_c, vq = mse(q, sg(x)) + 0.25 mse(x, sg(q));
+          x_hat: ste = x + sg(q - x); mix = (1-c) x + c sg(q - x) (c = 0.05); x = x
+  head:   logits = LN_f(x) W^T + b; loss = CE
+  total = CE + sum(aux) + beta * sum(vq)   (beta = 0.08; vq enters only in vqmoe)
+
+Each fixture stores the weights (under the Swift engine's parameter names), one batch, the
+logits, the loss parts, every parameter gradient, and the total losses of 10 Adam steps
+(lr 1e-2, betas 0.9/0.999, eps 1e-8, global-norm clipping at 1.0) on that batch.
+
+usage: python scripts/make_parity_fixtures.py [OUT_DIR]   (needs torch; default OUT_DIR is
+Tests/EngineTests/Fixtures)
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+V, T, B, D, H, L, F_INNER, E, K = 32, 8, 2, 16, 2, 2, 32, 4, 2
+BETA, MIX_C, GAMMA, AUX_W = 0.08, 0.05, 0.25, 0.01
+
+
+def params(mode, gen):
+    """Random weights (moderate scale, biases non-zero so that every gradient is exercised)."""
+    def rnd(*shape, std=0.3):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).float()
+
+    p = {"wte": rnd(V, D), "wpe": rnd(T, D)}
+    e = 1 if mode == "dense" else E
+    for i in range(L):
+        pre = f"layers.{i}"
+        p[f"{pre}.ln1.weight"] = 1 + rnd(D, std=0.1)
+        p[f"{pre}.ln1.bias"] = rnd(D, std=0.1)
+        p[f"{pre}.attn.qkv.weight"] = rnd(3 * D, D)
+        p[f"{pre}.attn.qkv.bias"] = rnd(3 * D, std=0.1)
+        p[f"{pre}.attn.proj.weight"] = rnd(D, D)
+        p[f"{pre}.attn.proj.bias"] = rnd(D, std=0.1)
+        p[f"{pre}.ln2.weight"] = 1 + rnd(D, std=0.1)
+        p[f"{pre}.ln2.bias"] = rnd(D, std=0.1)
+        p[f"{pre}.ffn.experts.fc1.weight"] = rnd(e, F_INNER, D)
+        p[f"{pre}.ffn.experts.fc1.bias"] = rnd(e, F_INNER, std=0.1)
+        p[f"{pre}.ffn.experts.fc2.weight"] = rnd(e, D, F_INNER)
+        p[f"{pre}.ffn.experts.fc2.bias"] = rnd(e, D, std=0.1)
+        if mode.startswith("vqmoe"):
+            p[f"{pre}.ffn.gate.weight"] = rnd(2, D)
+            p[f"{pre}.ffn.gate.bias"] = rnd(2, std=0.1)
+        if mode != "dense":
+            p[f"{pre}.ffn.router.weight"] = rnd(E, D)
+        if mode.startswith("vqmoe"):
+            p[f"{pre}.ffn.quantizer.codebook"] = rnd(E, D, std=1.0)
+    p["lnf.weight"] = 1 + rnd(D, std=0.1)
+    p["lnf.bias"] = rnd(D, std=0.1)
+    p["head.weight"] = rnd(V, D)
+    p["head.bias"] = rnd(V, std=0.1)
+    return {k: v.clone().requires_grad_(True) for k, v in p.items()}
+
+
+def expert(p, pre, e, x):
+    h = F.gelu(x @ p[f"{pre}.ffn.experts.fc1.weight"][e].t() + p[f"{pre}.ffn.experts.fc1.bias"][e])
+    return h @ p[f"{pre}.ffn.experts.fc2.weight"][e].t() + p[f"{pre}.ffn.experts.fc2.bias"][e]
+
+
+def smoe(p, pre, x):
+    logits = x @ p[f"{pre}.ffn.router.weight"].t()                       # (N,E)
+    probs = logits.softmax(-1)
+    topv, topi = logits.topk(K, dim=-1)                                   # descending
+    w = topv.softmax(-1)                                                  # softmax over kept logits
+    frac = F.one_hot(topi, E).sum(dim=(0, 1)).float() / topi.numel()
+    aux = AUX_W * E * (frac * probs.mean(0)).sum()
+    return topi, w, aux
+
+
+def ffn(p, pre, x, mode):
+    n = x.shape[0]
+    zero = x.new_zeros(())
+    if mode == "dense":
+        return expert(p, pre, 0, x), zero, zero
+    topi, w, aux = smoe(p, pre, x)
+    if mode == "smoe":
+        gc = torch.ones(n, 1)
+    else:
+        g = (x @ p[f"{pre}.ffn.gate.weight"].t() + p[f"{pre}.ffn.gate.bias"]).softmax(-1)
+        gc, gd = g[:, :1], g[:, 1]
+    y = torch.zeros_like(x)
+    for j in range(K):
+        for e in range(E):
+            sel = (topi[:, j] == e).nonzero(as_tuple=True)[0]
+            if sel.numel():
+                y = y.index_add(0, sel, (gc[sel] * w[sel, j:j + 1]) * expert(p, pre, e, x[sel]))
+    if mode == "smoe":
+        return y, aux, zero
+    cb = p[f"{pre}.ffn.quantizer.codebook"]
+    dist = (x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)
+    code = dist.argmin(-1)
+    q = cb[code]
+    vq = F.mse_loss(q, x.detach()) + GAMMA * F.mse_loss(x, q.detach())
+    kind = mode.split("_")[1]
+    if kind == "ste":
+        xh = x + (q - x).detach()
+    elif kind == "mix":
+        xh = (1 - MIX_C) * x + MIX_C * (q - x).detach()
+    else:
+        xh = x
+    for e in range(E):
+        sel = (code % E == e).nonzero(as_tuple=True)[0]
+        if sel.numel():
+            y = y.index_add(0, sel, gd[sel].unsqueeze(1) * expert(p, pre, e, xh[sel]))
+    return y, aux, vq
+
+
+def forward(p, tok, tgt, mode):
+    x = p["wte"][tok] + p["wpe"][torch.arange(T)]
+    aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
+    for i in range(L):
+        pre = f"layers.{i}"
+        h = F.layer_norm(x, (D,), p[f"{pre}.ln1.weight"], p[f"{pre}.ln1.bias"], 1e-5)
+        qkv = h @ p[f"{pre}.attn.qkv.weight"].t() + p[f"{pre}.attn.qkv.bias"]
+        q, k, v = qkv.split(D, dim=2)
+        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)
+        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        a = (att @ v).transpose(1, 2).reshape(B, T, D)
+        x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
+        h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5)
+        y, aux, vq = ffn(p, pre, h.reshape(B * T, D), mode)
+        x = x + y.view(B, T, D)
+        aux_t, vq_t = aux_t + aux, vq_t + vq
+    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)
+    logits = h @ p["head.weight"].t() + p["head.bias"]
+    ce = F.cross_entropy(logits.view(-1, V), tgt.view(-1))
+    total = ce + aux_t + (BETA * vq_t if mode.startswith("vqmoe") else 0)
+    return logits, ce, aux_t, vq_t, total
+
+
+def fixture(mode, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = params(mode, gen)
+    tok = torch.randint(0, V, (B, T), generator=gen)
+    tgt = torch.randint(0, V, (B, T), generator=gen)
+    init = {k: v.detach().clone() for k, v in p.items()}
+    logits, ce, aux, vq, total = forward(p, tok, tgt, mode)
+    total.backward()
+    grads = {k: v.grad.detach().clone() for k, v in p.items()}
+    # 10 Adam steps on the same batch.
+    for v in p.values():
+        v.grad = None
+    opt = torch.optim.Adam(list(p.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        *_, tot = forward(p, tok, tgt, mode)
+        losses.append(tot.item())
+        tot.backward()
+        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
+        opt.step()
+    flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
+    return {
+        "mode": mode, "vocab": V, "seq_len": T, "batch": B, "d_model": D, "n_head": H, "n_layer": L,
+        "d_inner": F_INNER, "n_experts": E, "k": K, "beta": BETA, "mix_c": MIX_C,
+        "tokens": tok.reshape(-1).tolist(), "targets": tgt.reshape(-1).tolist(),
+        "params": {k: {"shape": list(v.shape), "data": flat(v)} for k, v in init.items()},
+        "grads": {k: flat(v) for k, v in grads.items()},
+        "logits": flat(logits.detach()),
+        "loss": {"task": ce.item(), "aux": aux.item(), "vq": vq.item(), "total": total.item()},
+        "adam_losses": losses,
+    }
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "Tests", "EngineTests", "Fixtures")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    for i, mode in enumerate(["dense", "smoe", "vqmoe_mix", "vqmoe_ste", "vqmoe_x"]):
+        fx = fixture(mode, 1000 + i)
+        path = os.path.join(out, f"parity_{mode}.json")
+        with open(path, "w") as fh:
+            json.dump(fx, fh)
+        print(f"{path}: total loss {fx['loss']['total']:.6f}, 10 Adam steps {fx['adam_losses'][0]:.4f} -> {fx['adam_losses'][-1]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
