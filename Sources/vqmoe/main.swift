@@ -12,6 +12,9 @@ commands:
                                    train a model from a JSON config (see configs/); writes
                                    DIR/metrics.jsonl, DIR/best.safetensors (+ .json sidecar) and
                                    reports test loss / bits per character with the best checkpoint
+  bench CONFIG [--steps N] [--threads T] [--json] [--set key.path=value ...]
+                                   time training steps: tokens/s, ms per step (forward / backward /
+                                   optimizer), training GFLOP/s, peak RSS
   plugins list [--json]            every registered component: kind, name, version, abi, library
   plugins inspect NAME             a component's description and hyperparameter schema
   plugins check NAME|PATH [--set key=value ...]
@@ -129,6 +132,26 @@ func run() throws -> Int32 {
         let r = try trainer.run()
         print(trainSummary(cfg, r))
         return 0
+    case "bench":
+        if wantsHelp { print("usage: vqmoe bench CONFIG [--steps N] [--threads T] [--json] [--set key.path=value ...]"); return 0 }
+        var overrides = try parseSettings(try args.take("--set"))
+        if let t = args.threads { overrides["train.threads"] = t }
+        let steps = try args.take("--steps").last.map { s -> Int in
+            guard let n = Int(s), n >= 2 else { throw VQMoEError(.usage, "--steps: expected an integer >= 2, got '\(s)'") }
+            return n
+        } ?? 15
+        let json = args.flag("--json")
+        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe bench CONFIG [--steps N] [--threads T] [--json]") }
+        let cfg = try RunConfig(json: try ConfigReader.load(file: args.rest[0], overrides: overrides))
+        let r = try Bench(config: cfg, registry: try registry(), steps: steps).run()
+        if json {
+            let data = try JSONSerialization.data(withJSONObject: r.json, options: [.sortedKeys])
+            print(String(decoding: data, as: UTF8.self))
+        } else {
+            print(String(format: "%@: %.0f tokens/s, %.1f ms/step (forward %.1f, backward %.1f, optimizer %.1f, data %.1f), %.1f GFLOP/s, peak RSS %.0f MB, %d threads",
+                         cfg.name, r.tokensPerSecond, r.msPerStep, r.msForward, r.msBackward, r.msOptimizer, r.msData, r.gflops, r.peakRSSMB, r.threads))
+        }
+        return 0
     case "plugins":
         let sub = args.rest.first ?? ""
         if wantsHelp || sub.isEmpty {
@@ -167,7 +190,7 @@ func run() throws -> Int32 {
             ?? FileManager.default.currentDirectoryPath
         return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
     default:
-        let commands = ["train", "plugins", "plugin", "help"]
+        let commands = ["train", "bench", "plugins", "plugin", "help"]
         throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
     }
 }
