@@ -12,6 +12,7 @@ commands:
                                    train a model from a JSON config (see configs/); writes
                                    DIR/metrics.jsonl, DIR/best.safetensors (+ .json sidecar) and
                                    reports test loss / bits per character with the best checkpoint
+  results RUN_DIR...               a markdown table of finished runs (test / valid BPC, params, speed)
   bench CONFIG [--steps N] [--threads T] [--json] [--set key.path=value ...]
                                    time training steps: tokens/s, ms per step (forward / backward /
                                    optimizer), training GFLOP/s, peak RSS
@@ -132,6 +133,10 @@ func run() throws -> Int32 {
         let r = try trainer.run()
         print(trainSummary(cfg, r))
         return 0
+    case "results":
+        guard !args.rest.isEmpty else { throw VQMoEError(.usage, "usage: vqmoe results RUN_DIR...") }
+        print(try ResultsTable.markdown(runs: args.rest))
+        return 0
     case "bench":
         if wantsHelp { print("usage: vqmoe bench CONFIG [--steps N] [--threads T] [--json] [--set key.path=value ...]"); return 0 }
         var overrides = try parseSettings(try args.take("--set"))
@@ -190,7 +195,7 @@ func run() throws -> Int32 {
             ?? FileManager.default.currentDirectoryPath
         return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
     default:
-        let commands = ["train", "bench", "plugins", "plugin", "help"]
+        let commands = ["train", "results", "bench", "plugins", "plugin", "help"]
         throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
     }
 }

@@ -83,6 +83,8 @@ public final class MoELayer: @unchecked Sendable {
     public let pluginParameters: [Parameter]
 
     let ws = Workspace()
+    /// Temporaries shared by every layer of a model (only live within one forward or backward).
+    let scratch: Workspace
     // Saved by forward for backward.
     private var n = 0, k = 0, levels = 0, nAssign = 0, nSparse = 0
     private var x: UnsafePointer<Float>?
@@ -91,7 +93,8 @@ public final class MoELayer: @unchecked Sendable {
     private var step = StepInfo(step: 0, totalSteps: 0, train: false, seed: 0)
 
     public init(config: FFNConfig, dModel: Int, name: String, router: RouterInstance?, quantizer: QuantizerInstance?,
-                seed: UInt64, initStd: Float = 0.02) throws {
+                seed: UInt64, initStd: Float = 0.02, scratch: Workspace = Workspace()) throws {
+        self.scratch = scratch
         self.config = config
         self.dModel = dModel
         self.name = name
@@ -209,7 +212,7 @@ public final class MoELayer: @unchecked Sendable {
         // 4. Assignments: (token, expert, weight, source) — sparse first, then discrete.
         buildAssignments(n: n)
         // 5. Experts over their segments, 6. combine per token.
-        runExperts()
+        runExperts(y: y)
         combine(y: y)
         stats.expertLoad = (0..<e).map { Float(ws.ints("offsets", e + 1)[$0 + 1] - ws.ints("offsets", e + 1)[$0]) }
         return stats
@@ -274,12 +277,41 @@ public final class MoELayer: @unchecked Sendable {
         i < nSparse ? (config.mode == .dense ? i : i / max(k, 1)) : (i - nSparse) / levels
     }
 
-    private func runExperts() {
+    /// body(token, assignment) for every assignment, tokens split over the pool: a token's
+    /// assignments are visited by one thread, in assignment order (sparse, then discrete).
+    private func forEachToken(_ body: (Int, Int) -> Void) {
+        let k = self.k, levels = self.levels, nSparse = self.nSparse, hasDiscrete = quantizer != nil
+        let sparsePerToken = config.mode == .vqmoeFinetune ? 0 : k
+        nonisolated(unsafe) let body = body
+        HostRuntime.parallelFor(Int64(n), grain: 64) { lo, hi in
+            for t in Int(lo)..<Int(hi) {
+                for j in 0..<sparsePerToken { body(t, t * sparsePerToken + j) }
+                if hasDiscrete { for l in 0..<levels { body(t, nSparse + t * levels + l) } }
+            }
+        }
+    }
+
+    /// Dense mode runs its one expert on x and writes y directly (no gather, no combine).
+    private var isDense: Bool { config.mode == .dense }
+
+    private func runExperts(y: UnsafeMutablePointer<Float>) {
         let d = dModel, f = config.dInner, e = config.nExperts, a = nAssign
-        let xg = ws.floats("xg", a * d), hpre = ws.floats("hpre", a * f), h = ws.floats("h", a * f), yg = ws.floats("yg", a * d)
+        let hpre = ws.floats("hpre", a * f), h = scratch.floats("h", a * f)
         let slot = ws.ints("slot", a), offsets = ws.ints("offsets", e + 1)
-        // Gather: xg[slot[i]] = source(i)   (A,d)
-        for i in 0..<a { (xg + Int(slot[i]) * d).update(from: source(i), count: d) }
+        let xg: UnsafePointer<Float>, yg: UnsafeMutablePointer<Float>
+        if isDense {
+            xg = x!
+            yg = y
+        } else {
+            // Gather: xg[slot[i]] = source(i)   (A,d)
+            let g = ws.floats("xg", a * d)
+            nonisolated(unsafe) let dst = g
+            HostRuntime.parallelFor(Int64(a), grain: 256) { lo, hi in
+                for i in Int(lo)..<Int(hi) { (dst + Int(slot[i]) * d).update(from: self.source(i), count: d) }
+            }
+            xg = UnsafePointer(g)
+            yg = ws.floats("yg", a * d)
+        }
         for ex in 0..<e {
             let lo = Int(offsets[ex]), rows = Int(offsets[ex + 1]) - lo
             guard rows > 0 else { continue }
@@ -293,12 +325,12 @@ public final class MoELayer: @unchecked Sendable {
 
     /// y[t] = Σ over t's assignments of weight·yg[slot], in assignment order.
     private func combine(y: UnsafeMutablePointer<Float>) {
+        guard !isDense else { return }
         let d = dModel
         y.update(repeating: 0, count: n * d)
         let yg = ws.floats("yg", nAssign * d), slot = ws.ints("slot", nAssign), weight = ws.floats("weight", nAssign)
-        for i in 0..<nAssign {
-            Vec.axpy(y + token(i) * d, weight[i], yg + Int(slot[i]) * d, d)
-        }
+        nonisolated(unsafe) let y = y
+        forEachToken { t, i in Vec.axpy(y + t * d, weight[i], yg + Int(slot[i]) * d, d) }
     }
 
     // MARK: backward
@@ -308,23 +340,38 @@ public final class MoELayer: @unchecked Sendable {
     public func backward(dy: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, auxGrad: Float = 1) throws {
         let d = dModel, f = config.dInner, e = config.nExperts, a = nAssign
         guard let x else { throw VQMoEError(.internalError, "\(name): backward before forward") }
-        let xg = ws.floats("xg", a * d), hpre = ws.floats("hpre", a * f), h = ws.floats("h", a * f), yg = ws.floats("yg", a * d)
+        let hpre = ws.floats("hpre", a * f), h = scratch.floats("h", a * f)
         let slot = ws.ints("slot", a), offsets = ws.ints("offsets", e + 1), weight = ws.floats("weight", a)
-        let dyg = ws.floats("dyg", a * d), dweight = ws.floats("dweight", a)
-        // Combine backward: dyg[slot] = w·dy[t];  dw = dy[t]·yg[slot]
-        for i in 0..<a {
-            let t = token(i), s = Int(slot[i])
-            let g = dy + t * d
-            let out = dyg + s * d
-            let w = weight[i]
-            for j in 0..<d { out[j] = w * g[j] }
-            dweight[i] = Vec.dot(g, yg + s * d, d)
+        let dweight = scratch.floats("dweight", a)
+        let xg: UnsafePointer<Float>, dyg: UnsafePointer<Float>, dxg: UnsafeMutablePointer<Float>
+        if isDense {
+            xg = x
+            dyg = dy
+            dxg = dx
+        } else {
+            // Combine backward: dyg[slot] = w·dy[t];  dw = dy[t]·yg[slot]
+            let yg = ws.floats("yg", a * d), g = scratch.floats("dyg", a * d)
+            nonisolated(unsafe) let (gg, dw) = (g, dweight)
+            HostRuntime.parallelFor(Int64(a), grain: 256) { lo, hi in
+                for i in Int(lo)..<Int(hi) {
+                    let s = Int(slot[i])
+                    let src = dy + self.token(i) * d
+                    let out = gg + s * d
+                    out.update(from: src, count: d)
+                    Vec.scale(out, weight[i], d)
+                    dw[i] = Vec.dot(src, yg + s * d, d)
+                }
+            }
+            xg = UnsafePointer(ws.floats("xg", a * d))
+            dyg = UnsafePointer(g)
+            dxg = scratch.zeros("dxg", a * d)
         }
-        // Experts backward, segment by segment.
-        let dh = ws.floats("dh", a * f), dxg = ws.zeros("dxg", a * d)
+        // Experts backward, segment by segment (h recomputed from hpre instead of kept).
+        let dh = scratch.floats("dh", a * f)
         for ex in 0..<e {
             let lo = Int(offsets[ex]), rows = Int(offsets[ex + 1]) - lo
             guard rows > 0 else { continue }
+            config.activation.forward(out: h + lo * f, inp: hpre + lo * f, count: rows * f)
             (dh + lo * f).update(repeating: 0, count: rows * f)
             Linear.backward(dinp: dh + lo * f, dweight: fc2Weight.frozen ? nil : fc2Weight.grad + ex * d * f,
                             dbias: fc2Bias.frozen ? nil : fc2Bias.grad + ex * d, dout: dyg + lo * d, inp: h + lo * f,
@@ -335,14 +382,17 @@ public final class MoELayer: @unchecked Sendable {
                             weight: fc1Weight.data + ex * f * d, n: rows, inFeatures: d, outFeatures: f)
         }
         // Scatter to the sources: x for sparse assignments, x̂ for discrete ones.
-        let dxh = quantizer == nil ? nil : ws.zeros("dxhat", n * d)
-        for i in 0..<a {
-            let src = dxg + Int(slot[i]) * d
-            if i < nSparse { Vec.add(dx + token(i) * d, src, d) } else { Vec.add(dxh! + token(i) * d, src, d) }
+        let dxh = quantizer == nil ? nil : scratch.zeros("dxhat", n * d)
+        if !isDense {
+            nonisolated(unsafe) let (dxp, dxhp) = (dx, dxh)
+            forEachToken { t, i in
+                let src = dxg + Int(slot[i]) * d
+                if i < self.nSparse { Vec.add(dxp + t * d, src, d) } else { Vec.add(dxhp! + t * d, src, d) }
+            }
         }
         // Routing weights → router and gate.
         if config.mode == .smoe || config.mode == .vqmoe, let router, let ctx = routerCtx {
-            let gw = ws.floats("gradW", n * k)
+            let gw = scratch.floats("gradW", n * k)
             if config.mode == .smoe {
                 gw.update(from: dweight, count: n * k)
             } else {
@@ -353,7 +403,7 @@ public final class MoELayer: @unchecked Sendable {
         }
         if config.mode == .vqmoe, let gwP = gateWeight, let gbP = gateBias {
             // dg_c = Σ_j w_j·dweight_j (sparse), dg_d = Σ_l dweight_l / L (discrete); softmax backward.
-            let g = ws.floats("gate", n * 2), w = ws.floats("w", n * k), dz = ws.floats("dgate", n * 2)
+            let g = ws.floats("gate", n * 2), w = ws.floats("w", n * k), dz = scratch.floats("dgate", n * 2)
             let perLevel = 1 / Float(levels)
             for t in 0..<n {
                 var dgc: Float = 0, dgd: Float = 0

@@ -69,6 +69,8 @@ public final class Transformer: @unchecked Sendable {
     public let headParameters: [Parameter]
 
     private let ws = Workspace()
+    /// Temporaries shared by all layers (backward scratch).
+    private let scratch: Workspace
     private var b = 0, t = 0
     private var tokens: UnsafeMutablePointer<Int32>?
     private var headCtx: PluginContext?
@@ -84,6 +86,8 @@ public final class Transformer: @unchecked Sendable {
         self.head = head
         runSeed = seed
         let c = config.dModel, std = config.initStd
+        let scratch = Workspace()
+        self.scratch = scratch
         wte = Parameter(name: "wte", shape: [config.vocabSize, c])
         wpe = Parameter(name: "wpe", shape: [config.seqLen, c])
         wte.fillNormal(std: std, seed: HostRNG.derive(seed, 101))
@@ -108,7 +112,7 @@ public final class Transformer: @unchecked Sendable {
             let (d2, e2) = ln("\(p).ln2"); l2w.append(d2); l2b.append(e2)
             let comp = try components(i)
             ls.append(try MoELayer(config: config.ffn, dModel: c, name: "\(p).ffn", router: comp.router, quantizer: comp.quantizer,
-                                   seed: HostRNG.derive(seed, UInt64(i), 3), initStd: std))
+                                   seed: HostRNG.derive(seed, UInt64(i), 3), initStd: std, scratch: scratch))
         }
         ln1w = l1w; ln1b = l1b; qkvw = qw; qkvb = qb; projw = pw; projb = pb; ln2w = l2w; ln2b = l2b
         layers = ls
@@ -195,7 +199,7 @@ public final class Transformer: @unchecked Sendable {
             Linear.forward(out: proj, inp: atty, weight: projw[l].data, bias: projb[l].data, n: n, inFeatures: c, outFeatures: c)
             if drop { Dropout.forward(out: proj, mask: act("projmask", l, n * c), inp: proj, count: n * c, p: p, seed: HostRNG.derive(runSeed, 12, UInt64(l), UInt64(step))) }
             let mid = act("mid", l, n * c)
-            for i in 0..<(n * c) { mid[i] = x[i] + proj[i] }
+            Vec.sum(mid, x, proj, n * c)
             let ln2 = act("ln2", l, n * c), m2 = act("ln2m", l, n), r2 = act("ln2r", l, n)
             LayerNorm.forward(out: ln2, mean: m2, rstd: r2, inp: mid, weight: ln2w[l].data, bias: ln2b[l].data, n: n, c: c)
             let ffn = act("ffn", l, n * c)
@@ -209,7 +213,7 @@ public final class Transformer: @unchecked Sendable {
             parts.layers.append(stats)
             if drop { Dropout.forward(out: ffn, mask: act("ffnmask", l, n * c), inp: ffn, count: n * c, p: p, seed: HostRNG.derive(runSeed, 13, UInt64(l), UInt64(step))) }
             let next = act("x", l + 1, n * c)
-            for i in 0..<(n * c) { next[i] = mid[i] + ffn[i] }
+            Vec.sum(next, mid, ffn, n * c)
             x = next
         }
         let lnf = act("lnf", 0, n * c), mf = act("lnfm", 0, n), rf = act("lnfr", 0, n)
@@ -283,7 +287,7 @@ public final class Transformer: @unchecked Sendable {
     }
 
     /// Bytes of activation and scratch memory held by the model (not counting plugins).
-    public var workspaceBytes: Int { ws.bytes + layers.reduce(0) { $0 + $1.workspaceBytes } }
+    public var workspaceBytes: Int { ws.bytes + scratch.bytes + layers.reduce(0) { $0 + $1.workspaceBytes } }
 }
 
 extension MoELayer {

@@ -17,7 +17,14 @@ public enum Activation: String, Sendable, CaseIterable {
         case .gelu:
             nonisolated(unsafe) let out = out
             HostRuntime.parallelFor(Int64(count), grain: 4096) { b, e in
-                for i in Int(b)..<Int(e) { let x = inp[i]; out[i] = 0.5 * x * (1 + erff(x * 0.70710678118654752)) }
+                var i = Int(b)
+                while i + 8 <= Int(e) {
+                    let x = UnsafeRawPointer(inp + i).loadUnaligned(as: SIMD8<Float>.self)
+                    let y = 0.5 * x * (1 + VecMath.erf(x * 0.70710678118654752))
+                    UnsafeMutableRawPointer(out + i).storeBytes(of: y, as: SIMD8<Float>.self)
+                    i += 8
+                }
+                while i < Int(e) { let x = inp[i]; out[i] = 0.5 * x * (1 + erff(x * 0.70710678118654752)); i += 1 }
             }
         case .relu:
             for i in 0..<count { out[i] = max(inp[i], 0) }
@@ -30,11 +37,21 @@ public enum Activation: String, Sendable, CaseIterable {
         case .gelu:
             nonisolated(unsafe) let dinp = dinp
             HostRuntime.parallelFor(Int64(count), grain: 4096) { b, e in
-                for i in Int(b)..<Int(e) {
+                var i = Int(b)
+                while i + 8 <= Int(e) {
+                    let x = UnsafeRawPointer(inp + i).loadUnaligned(as: SIMD8<Float>.self)
+                    let g = UnsafeRawPointer(dout + i).loadUnaligned(as: SIMD8<Float>.self)
+                    let cdf = 0.5 * (1 + VecMath.erf(x * 0.70710678118654752))
+                    let pdf = 0.3989422804014327 * VecMath.exp(-0.5 * x * x)
+                    UnsafeMutableRawPointer(dinp + i).storeBytes(of: g * (cdf + x * pdf), as: SIMD8<Float>.self)
+                    i += 8
+                }
+                while i < Int(e) {
                     let x = inp[i]
                     let cdf = 0.5 * (1 + erff(x * 0.70710678118654752))
                     let pdf = 0.3989422804014327 * expf(-0.5 * x * x)
                     dinp[i] = dout[i] * (cdf + x * pdf)
+                    i += 1
                 }
             }
         case .relu:

@@ -38,13 +38,10 @@ public enum Attention {
                                     q + i0 * ld, Int32(ld), k, Int32(ld), 0, p + i0 * t, Int32(t))
                         for i in i0..<i1 {
                             let row = p + i * t
-                            var m = -Float.infinity
-                            for j in 0...i { m = max(m, row[j]) }
-                            var s: Float = 0
-                            for j in 0...i { let e = expf(row[j] - m); row[j] = e; s += e }
-                            let inv = 1 / s
-                            for j in 0...i { row[j] *= inv }
-                            for j in (i + 1)..<t { row[j] = 0 }
+                            let m = VecMath.max(row, count: i + 1)
+                            let s = VecMath.expInPlace(row, count: i + 1, subtracting: m)
+                            Vec.scale(row, 1 / s, i + 1)
+                            (row + i + 1).update(repeating: 0, count: t - i - 1)
                         }
                         // Y[i0..<i1] = P[i0..<i1, 0..<i1] V[0..<i1]
                         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(i1), 1,
@@ -54,6 +51,19 @@ public enum Attention {
                 }
             }
         }
+    }
+
+    /// d[j] = p[j]·(d[j] − dot)·scale
+    @inline(__always) static func softmaxBackwardRow(_ d: UnsafeMutablePointer<Float>, _ p: UnsafePointer<Float>, dot: Float, scale: Float, count: Int) {
+        var j = 0
+        let vdot = SIMD8<Float>(repeating: dot), vs = SIMD8<Float>(repeating: scale)
+        while j + 8 <= count {
+            let pv = UnsafeRawPointer(p + j).loadUnaligned(as: SIMD8<Float>.self)
+            let dv = UnsafeRawPointer(d + j).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(d + j).storeBytes(of: pv * (dv - vdot) * vs, as: SIMD8<Float>.self)
+            j += 8
+        }
+        while j < count { d[j] = p[j] * (d[j] - dot) * scale; j += 1 }
     }
 
     /// Accumulates into dqkv (B,T,3C).
@@ -83,10 +93,9 @@ public enum Attention {
                         for r in 0..<rows {
                             let i = i0 + r
                             let prow = p + i * t, drow = ds + r * i1
-                            var dot: Float = 0
-                            for j in 0...i { dot += prow[j] * drow[j] }
-                            for j in 0...i { drow[j] = prow[j] * (drow[j] - dot) * scale }
-                            for j in (i + 1)..<i1 { drow[j] = 0 }
+                            let dot = Vec.dot(prow, drow, i + 1)
+                            Attention.softmaxBackwardRow(drow, prow, dot: dot, scale: scale, count: i + 1)
+                            (drow + i + 1).update(repeating: 0, count: i1 - i - 1)
                         }
                         // dQ[i0..<i1] += dS K[0..<i1];  dK[0..<i1] += dSᵀ Q[i0..<i1]
                         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(i1), 1,

@@ -52,11 +52,27 @@ public enum LayerNorm {
             }
         }
         guard dweight != nil || dbias != nil else { return }
-        for r in 0..<n {
-            let x = inp + r * c, dy = dout + r * c
-            let m = mean[r], s = rstd[r]
-            if let dweight { for i in 0..<c { dweight[i] += dy[i] * (x[i] - m) * s } }
-            if let dbias { Vec.add(dbias, dy, c) }
+        // dγ, dβ: partial sums over fixed 128-row chunks in parallel, then added in chunk order,
+        // so the result does not depend on the thread count.
+        let chunk = 128, chunks = (n + chunk - 1) / chunk
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: chunks * 2 * c)
+        defer { partial.deallocate() }
+        partial.initialize(repeating: 0, count: chunks * 2 * c)
+        nonisolated(unsafe) let part = partial
+        HostRuntime.parallelFor(Int64(chunks)) { lo, hi in
+            for k in Int(lo)..<Int(hi) {
+                let pw = part + k * 2 * c, pb = pw + c
+                for r in (k * chunk)..<min(n, (k + 1) * chunk) {
+                    let x = inp + r * c, dy = dout + r * c
+                    let m = mean[r], s = rstd[r]
+                    for i in 0..<c { pw[i] += dy[i] * (x[i] - m) * s }
+                    Vec.add(pb, dy, c)
+                }
+            }
+        }
+        for k in 0..<chunks {
+            if let dweight { Vec.add(dweight, partial + k * 2 * c, c) }
+            if let dbias { Vec.add(dbias, partial + k * 2 * c + c, c) }
         }
     }
 }

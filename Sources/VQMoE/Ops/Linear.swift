@@ -36,9 +36,24 @@ public enum Linear {
         if let dbias { columnSums(dbias, dout, rows: n, cols: outFeatures) }
     }
 
-    /// acc (cols) += Σ_r m (rows,cols)[r].
+    /// acc (cols) += Σ_r m (rows,cols)[r], in fixed 256-row chunks summed in order (the result
+    /// does not depend on the thread count).
     static func columnSums(_ acc: UnsafeMutablePointer<Float>, _ m: UnsafePointer<Float>, rows: Int, cols: Int) {
-        for r in 0..<rows { Vec.add(acc, m + r * cols, cols) }
+        let chunk = 256, chunks = (rows + chunk - 1) / chunk
+        if chunks <= 1 {
+            for r in 0..<rows { Vec.add(acc, m + r * cols, cols) }
+            return
+        }
+        let partial = UnsafeMutablePointer<Float>.allocate(capacity: chunks * cols)
+        defer { partial.deallocate() }
+        partial.initialize(repeating: 0, count: chunks * cols)
+        nonisolated(unsafe) let part = partial
+        HostRuntime.parallelFor(Int64(chunks)) { lo, hi in
+            for k in Int(lo)..<Int(hi) {
+                for r in (k * chunk)..<min(rows, (k + 1) * chunk) { Vec.add(part + k * cols, m + r * cols, cols) }
+            }
+        }
+        for k in 0..<chunks { Vec.add(acc, partial + k * cols, cols) }
     }
 }
 
@@ -90,6 +105,20 @@ public enum Vec {
         var s = acc.sum()
         while i < n { s += a[i]; i += 1 }
         return s
+    }
+
+    /// out[i] = a[i] + b[i], in parallel chunks.
+    public static func sum(_ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) {
+        nonisolated(unsafe) let out = out
+        HostRuntime.parallelFor(Int64(n), grain: 1 << 16) { lo, hi in
+            var i = Int(lo)
+            while i + 8 <= Int(hi) {
+                let v = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) + UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+                UnsafeMutableRawPointer(out + i).storeBytes(of: v, as: SIMD8<Float>.self)
+                i += 8
+            }
+            while i < Int(hi) { out[i] = a[i] + b[i]; i += 1 }
+        }
     }
 
     /// a[i] *= s

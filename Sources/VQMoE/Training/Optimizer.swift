@@ -48,15 +48,33 @@ public final class AdamOptimizer: @unchecked Sendable {
             let (mm, vv, w, g) = (m[i], v[i], p.data, p.grad)
             nonisolated(unsafe) let ptrs = (mm, vv, w, g)
             let dec = decoupled
-            HostRuntime.parallelFor(Int64(p.count), grain: 16384) { lo, hi in
+            HostRuntime.parallelFor(Int64(p.count), grain: 32768) { lo, hi in
                 let (mm, vv, w, g) = ptrs
-                for j in Int(lo)..<Int(hi) {
+                let vb1 = SIMD8<Float>(repeating: b1), vb2 = SIMD8<Float>(repeating: b2)
+                let c1 = SIMD8<Float>(repeating: 1 / bc1), c2 = SIMD8<Float>(repeating: 1 / bc2)
+                let veps = SIMD8<Float>(repeating: e), vlr = SIMD8<Float>(repeating: lr), vwd = SIMD8<Float>(repeating: wd)
+                var j = Int(lo)
+                while j + 8 <= Int(hi) {
+                    var grad = UnsafeRawPointer(g + j).loadUnaligned(as: SIMD8<Float>.self)
+                    let wj = UnsafeRawPointer(w + j).loadUnaligned(as: SIMD8<Float>.self)
+                    if !dec && wd != 0 { grad += vwd * wj }
+                    let m1 = vb1 * UnsafeRawPointer(mm + j).loadUnaligned(as: SIMD8<Float>.self) + (1 - vb1) * grad
+                    let v1 = vb2 * UnsafeRawPointer(vv + j).loadUnaligned(as: SIMD8<Float>.self) + (1 - vb2) * grad * grad
+                    UnsafeMutableRawPointer(mm + j).storeBytes(of: m1, as: SIMD8<Float>.self)
+                    UnsafeMutableRawPointer(vv + j).storeBytes(of: v1, as: SIMD8<Float>.self)
+                    let update = (m1 * c1) / ((v1 * c2).squareRoot() + veps)
+                    let decay = dec ? vwd * wj : SIMD8<Float>(repeating: 0)
+                    UnsafeMutableRawPointer(w + j).storeBytes(of: wj - vlr * (update + decay), as: SIMD8<Float>.self)
+                    j += 8
+                }
+                while j < Int(hi) {
                     var grad = g[j]
                     if !dec && wd != 0 { grad += wd * w[j] }
                     mm[j] = b1 * mm[j] + (1 - b1) * grad
                     vv[j] = b2 * vv[j] + (1 - b2) * grad * grad
                     let update = (mm[j] / bc1) / ((vv[j] / bc2).squareRoot() + e)
                     w[j] -= lr * (update + (dec ? wd * w[j] : 0))
+                    j += 1
                 }
             }
         }

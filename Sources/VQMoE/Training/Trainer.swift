@@ -164,6 +164,14 @@ public final class Trainer {
         }
         let result = TrainResult(steps: t.steps, bestValid: best, bestStep: bestStep, test: test, wallSeconds: wall,
                                  tokensPerSecond: Double(t.steps * tokensPerStep) / wall, outDir: outDir)
+        var summary: [String: Any] = ["name": config.name, "ffn": config.model.ffn.mode.rawValue, "steps": t.steps, "best_step": bestStep + 1,
+                                      "params_total": model.parameters.reduce(0) { $0 + $1.count },
+                                      "flops_per_token_forward": model.flopsPerToken(k: config.router.flatMap { $0.values["k"] as? Int } ?? 2),
+                                      "wall_s": wall, "tokens_per_s": result.tokensPerSecond, "threads": t.threads]
+        if let best { summary["valid_loss"] = best.loss; summary["valid_bpc"] = best.bpc }
+        if let test { summary["test_loss"] = test.loss; summary["test_bpc"] = test.bpc }
+        try Checkpoint.atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.prettyPrinted, .sortedKeys]),
+                                   to: "\(outDir)/result.json")
         return result
     }
 }

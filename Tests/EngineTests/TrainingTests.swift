@@ -1,0 +1,148 @@
+import Foundation
+import VQMoE
+import XCTest
+
+let engineRepoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().path
+
+/// Configs, schedule, clipping, checkpoints and a short real training run.
+final class TrainingTests: XCTestCase {
+    func registry() throws -> Registry {
+        try Registry.load(registryPath: "\(engineRepoRoot)/registry.json", binDir: Registry.executableDirectory(), searchPath: [])
+    }
+
+    /// A tiny enwik8-mini config (the real data; skipped where it cannot be found).
+    func tinyConfig(_ mode: String, _ extra: [String: Any] = [:]) throws -> [String: Any] {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory (run scripts/get-data.sh)") }
+        var ffn: [String: Any] = ["mode": mode, "d_inner": 64]
+        if mode != "dense" { ffn["n_experts"] = 4; ffn["router"] = ["name": "smoe", "k": 2] }
+        if mode == "vqmoe" { ffn["quantizer"] = ["name": "vqvae"] }
+        var cfg: [String: Any] = [
+            "name": "tiny_\(mode)", "seed": 3,
+            "data": ["name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"],
+            "model": ["n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "ffn": ffn],
+            "head": ["name": "lm"],
+            "train": ["steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4, "log_every": 10],
+        ]
+        for (k, v) in extra { try setPath(&cfg, k, v) }
+        return cfg
+    }
+
+    func setPath(_ obj: inout [String: Any], _ path: String, _ value: Any) throws {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("cfg-\(UUID().uuidString).json").path
+        try JSONSerialization.data(withJSONObject: obj).write(to: URL(fileURLWithPath: file))
+        obj = try ConfigReader.load(file: file, overrides: [path: value])
+    }
+
+    func configError(_ json: [String: Any]) -> String {
+        do {
+            let cfg = try RunConfig(json: json)
+            _ = try ModelBuilder(config: cfg, registry: try registry()).build()
+            XCTFail("accepted a bad config")
+        } catch let e as VQMoEError { return e.message } catch { XCTFail("\(error)") }
+        return ""
+    }
+
+    func testConfigErrorsNameTheKeyPath() throws {
+        let base = try tinyConfig("smoe")
+        func with(_ k: String, _ v: Any) throws -> [String: Any] { var c = base; try setPath(&c, k, v); return c }
+        XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eval_every, lr, batch_size, beta1, beta2, log_every, min_lr, schedule, threads, eps, optimizer, grad_clip, weight_decay, eval_batches, warmup_steps")
+        XCTAssertEqual(configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
+        XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
+        XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, dense, vqmoe, vqmoe_finetune")
+        XCTAssertEqual(configError(try with("model.ffn.router.k", 0)), "model.ffn.router.k: 0 is below the minimum 1")
+        XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, init_std, balance_weight")
+        XCTAssertTrue(configError(try with("model.ffn.router.name", "smeo")).hasPrefix("model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))
+        XCTAssertEqual(configError(try with("model.d_model", 30)), "model.d_model (30) must be divisible by model.n_head (2)")
+        var noRouter = base
+        var model = noRouter["model"] as! [String: Any]
+        var ffn = model["ffn"] as! [String: Any]
+        ffn.removeValue(forKey: "router")
+        model["ffn"] = ffn
+        noRouter["model"] = model
+        XCTAssertTrue(configError(noRouter).hasPrefix("model.ffn.router: mode 'smoe' needs a router"))
+    }
+
+    func testLearningRateSchedule() {
+        var c = TrainConfig()
+        c.steps = 100; c.lr = 1e-3; c.minLR = 1e-4; c.warmupSteps = 9
+        XCTAssertEqual(learningRate(step: 0, config: c), 1e-4, accuracy: 1e-9)      // (0+1)/(9+1)·lr
+        XCTAssertEqual(learningRate(step: 8, config: c), 9e-4, accuracy: 1e-9)
+        XCTAssertEqual(learningRate(step: 9, config: c), 1e-3, accuracy: 1e-9)      // cosine starts at lr
+        XCTAssertEqual(learningRate(step: 9 + 91 / 2, config: c), 1e-4 + 0.5 * 9e-4 * (1 + cos(Float.pi * 45 / 91)), accuracy: 1e-8)
+        XCTAssertEqual(learningRate(step: 100, config: c), 1e-4, accuracy: 1e-9)
+        c.schedule = .constant
+        XCTAssertEqual(learningRate(step: 50, config: c), 1e-3)
+    }
+
+    func testGradientClippingByGlobalNorm() {
+        let a = Parameter(name: "a", shape: [2]), b = Parameter(name: "b", shape: [1])
+        a.grad[0] = 3; a.grad[1] = 0; b.grad[0] = 4
+        XCTAssertEqual(clipGradients([a, b], maxNorm: 10), 5)
+        XCTAssertEqual(a.grad[0], 3)  // below the limit: unchanged
+        XCTAssertEqual(clipGradients([a, b], maxNorm: 1), 5)
+        XCTAssertEqual(a.grad[0], 0.6, accuracy: 1e-5)
+        XCTAssertEqual(b.grad[0], 0.8, accuracy: 1e-5)
+    }
+
+    func testCheckpointRoundTripAndCorruption() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ck-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let cfg = try RunConfig(json: tinyConfig("vqmoe", ["model.ffn.quantizer.ema": true]))
+        let trainer = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true)
+        for s in 0..<3 { _ = try trainer.trainStep(s) }
+        try trainer.saveCheckpoint("ck", step: 3)
+        let path = "\(dir)/ck.safetensors"
+        let loaded = try Checkpoint.read(path: path)
+        XCTAssertNotNil(loaded.tensors["layers.0.ffn.quantizer.codebook"] == nil ? loaded.tensors["state.layers.0.ffn.quantizer.codebook"] : loaded.tensors["layers.0.ffn.quantizer.codebook"])
+        XCTAssertNotNil(loaded.tensors["state.layers.1.ffn.quantizer.ema_count"])
+        XCTAssertNotNil(loaded.tensors["optimizer.m.wte"])
+        // A second model gets the same weights and state back.
+        let other = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true)
+        try other.model.load(loaded, optimizer: other.optimizer, path: path)
+        for (p, q) in zip(trainer.model.parameters, other.model.parameters) {
+            XCTAssertEqual(Array(UnsafeBufferPointer(start: p.data, count: p.count)), Array(UnsafeBufferPointer(start: q.data, count: q.count)), p.name)
+        }
+        // Truncated and altered files are refused.
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+        try bytes.prefix(bytes.count - 10).write(to: URL(fileURLWithPath: "\(dir)/trunc.safetensors"))
+        XCTAssertThrowsError(try Checkpoint.read(path: "\(dir)/trunc.safetensors")) {
+            XCTAssertTrue(($0 as! VQMoEError).message.contains("checksum mismatch"), "\($0)")
+        }
+        try bytes.prefix(5).write(to: URL(fileURLWithPath: "\(dir)/short.safetensors"))
+        XCTAssertThrowsError(try Checkpoint.read(path: "\(dir)/short.safetensors")) {
+            XCTAssertTrue(($0 as! VQMoEError).message.contains("file too short"), "\($0)")
+        }
+        bytes[bytes.count - 3] ^= 0x40
+        try bytes.write(to: URL(fileURLWithPath: "\(dir)/altered.safetensors"))
+        XCTAssertThrowsError(try Checkpoint.read(path: "\(dir)/altered.safetensors")) {
+            XCTAssertTrue(($0 as! VQMoEError).message.contains("truncated or altered"), "\($0)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(path).tmp-\(getpid())"))
+    }
+
+    /// A short end-to-end run on real data for each FFN mode: the loss falls, every output is
+    /// written, and the test split is evaluated with the best checkpoint.
+    func testShortTrainingOnEnwik8Mini() throws {
+        for mode in ["dense", "smoe", "vqmoe"] {
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("run-\(mode)-\(UUID().uuidString)").path
+            let cfg = try RunConfig(json: tinyConfig(mode))
+            let trainer = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true)
+            let r = try trainer.run()
+            let lines = try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+                .map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any] }
+            let train = lines.filter { $0["split"] as? String == "train" }
+            let first = train.first!["task_loss"] as! Double, last = train.last!["task_loss"] as! Double
+            XCTAssertEqual(first, log(256), accuracy: 0.1, mode)       // uniform over bytes at init
+            XCTAssertLessThan(last, first - 1.0, "\(mode): \(first) -> \(last)")
+            XCTAssertEqual(lines.filter { $0["split"] as? String == "valid" }.count, 2, mode)
+            XCTAssertNotNil(r.test, mode)
+            XCTAssertLessThan(r.test!.bpc, 6.5, mode)
+            if mode != "dense" { XCTAssertEqual((train.last!["expert_load"] as! [[Double]]).count, 2, mode) }
+            if mode == "vqmoe" { XCTAssertGreaterThan(train.last!["vq_loss"] as! Double, 0) }
+            for file in ["best.safetensors", "best.json", "config.json", "result.json"] {
+                XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/\(file)"), "\(mode): \(file)")
+            }
+        }
+    }
+}
