@@ -8,8 +8,8 @@ import Foundation
 ///     backward: dV = Pᵀ dY,  dP = dY Vᵀ,  dS = P ⊙ (dP − rowsum(dP ⊙ P)),
 ///               dQ = dS K / √Dh,  dK = dSᵀ Q / √Dh
 ///
-/// Work is split over (batch, head) pairs on the host pool with single-threaded BLAS inside
-/// (never a threaded GEMM inside a parallel loop). Query rows go in blocks of 64 that only
+/// Work is split over (batch, head) pairs on the host pool, each pair's GEMMs single-threaded
+/// (OpenBLAS runs on one thread; see `HostRuntime.sgemm`). Query rows go in blocks of 64 that only
 /// multiply the keys they can see, so the masked half of S is never computed. P is saved
 /// (B,H,T,T) for the backward.
 ///
@@ -23,7 +23,7 @@ public enum Attention {
                                b: Int, t: Int, c: Int, heads: Int) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         nonisolated(unsafe) let (y, att) = (y, att)
-        HostRuntime.withSerialBLAS {
+        do {
             HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
                 for pair in Int(lo)..<Int(hi) {
                     let bi = pair / heads, h = pair % heads
@@ -71,7 +71,7 @@ public enum Attention {
                                 att: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         nonisolated(unsafe) let dqkv = dqkv
-        HostRuntime.withSerialBLAS {
+        do {
             HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
                 let ds = UnsafeMutablePointer<Float>.allocate(capacity: block * t)
                 defer { ds.deallocate() }

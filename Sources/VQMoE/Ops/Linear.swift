@@ -1,5 +1,3 @@
-import CBLAS
-
 /// Fully connected layer over raw buffers, PyTorch layout (weight (Out,In), bias (Out)).
 ///
 ///     forward   out (N,Out) = inp (N,In) · Wᵀ + b
@@ -15,8 +13,8 @@ public enum Linear {
         if let bias {
             for r in 0..<n { (out + r * outFeatures).update(from: bias, count: outFeatures) }
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(n), Int32(outFeatures), Int32(inFeatures),
-                    1, inp, Int32(inFeatures), weight, Int32(inFeatures), bias == nil ? 0 : 1, out, Int32(outFeatures))
+        HostRuntime.sgemm(transA: false, transB: true, m: n, n: outFeatures, k: inFeatures, alpha: 1, a: inp, lda: inFeatures,
+                          b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1, c: out, ldc: outFeatures)
     }
 
     /// Accumulates into `dinp` (when non-nil), `dweight` and `dbias`.
@@ -26,12 +24,12 @@ public enum Linear {
                                 n: Int, inFeatures: Int, outFeatures: Int) {
         guard n > 0 else { return }
         if let dinp {
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(n), Int32(inFeatures), Int32(outFeatures),
-                        1, dout, Int32(outFeatures), weight, Int32(inFeatures), 1, dinp, Int32(inFeatures))
+            HostRuntime.sgemm(transA: false, transB: false, m: n, n: inFeatures, k: outFeatures, alpha: 1, a: dout, lda: outFeatures,
+                              b: weight, ldb: inFeatures, beta: 1, c: dinp, ldc: inFeatures)
         }
         if let dweight {
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(outFeatures), Int32(inFeatures), Int32(n),
-                        1, dout, Int32(outFeatures), inp, Int32(inFeatures), 1, dweight, Int32(inFeatures))
+            HostRuntime.sgemm(transA: true, transB: false, m: outFeatures, n: inFeatures, k: n, alpha: 1, a: dout, lda: outFeatures,
+                              b: inp, ldb: inFeatures, beta: 1, c: dweight, ldc: inFeatures)
         }
         if let dbias { columnSums(dbias, dout, rows: n, cols: outFeatures) }
     }

@@ -11,7 +11,7 @@ public enum VecMath {
     /// bits. Only lane-wise float/int arithmetic and bit casts (generic SIMD rounding and
     /// conversions are scalarised by the compiler): n is rounded with the 1.5·2^23 trick.
     @inline(__always) public static func exp(_ xIn: SIMD8<Float>) -> SIMD8<Float> {
-        let x = pointwiseMin(pointwiseMax(xIn, SIMD8(repeating: -87.3)), SIMD8(repeating: 88.3))
+        let x = clamp(xIn, -87.3, 88.3)
         let magic = SIMD8<Float>(repeating: 12_582_912)
         let shifted = x * 1.442695040888963 + magic
         let n = shifted - magic
@@ -26,6 +26,17 @@ public enum VecMath {
         p = p * r + 1
         let ni = unsafeBitCast(shifted, to: SIMD8<Int32>.self) &- 0x4B40_0000
         return p * unsafeBitCast((ni &+ 127) &<< 23, to: SIMD8<Float>.self)
+    }
+
+    /// min(max(x, lo), hi) with lane-wise arithmetic only: max(a,b) = (a + b + |a − b|)/2.
+    @inline(__always) static func clamp(_ x: SIMD8<Float>, _ lo: Float, _ hi: Float) -> SIMD8<Float> {
+        let mask = SIMD8<UInt32>(repeating: 0x7FFF_FFFF)
+        @inline(__always) func abs(_ v: SIMD8<Float>) -> SIMD8<Float> {
+            unsafeBitCast(unsafeBitCast(v, to: SIMD8<UInt32>.self) & mask, to: SIMD8<Float>.self)
+        }
+        let l = SIMD8<Float>(repeating: lo), h = SIMD8<Float>(repeating: hi)
+        let up = 0.5 * (x + l + abs(x - l))
+        return 0.5 * (up + h - abs(up - h))
     }
 
     /// erf(x), Abramowitz & Stegun 7.1.26 on |x|, sign restored from x's sign bit.

@@ -28,8 +28,49 @@ public enum HostRuntime {
     /// and plugin code never nests its loops around a threaded GEMM.
     public static func configure(threads n: Int) {
         threads = max(1, n)
-        openblas_set_num_threads(Int32(threads))
+        // OpenBLAS itself stays single-threaded: `sgemm` below splits large products over this
+        // pool, so OpenBLAS's own workers never spin beside ours (2 cores oversubscribe at once).
+        openblas_set_num_threads(1)
         api.pointee.num_threads = Int32(threads)
+    }
+
+    /// Row-major SGEMM C = α·op(A)·op(B) + β·C over the host pool: large products are split
+    /// into one block of C's rows (or columns, when C is wide and short) per thread, each a
+    /// single-threaded OpenBLAS call. Inside a `parallelFor` body it runs serially.
+    public static func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+                             a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+                             beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
+        func call(_ m: Int, _ n: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>) {
+            cblas_sgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+        }
+        let parts = threads
+        if parts <= 1 || m * n * k < (1 << 21) || Thread.current.threadDictionary[nestedKey] != nil {
+            call(m, n, a, b, c)
+            return
+        }
+        nonisolated(unsafe) let c = c
+        if m >= n || m >= 64 * parts {
+            // Blocks of rows of C (and of op(A)), multiples of 16.
+            let per = ((m + parts - 1) / parts + 15) / 16 * 16
+            parallelFor(Int64(parts)) { lo, hi in
+                for p in Int(lo)..<Int(hi) {
+                    let r0 = p * per, rows = min(per, m - r0)
+                    guard rows > 0 else { continue }
+                    call(rows, n, transA ? a + r0 : a + r0 * lda, b, c + r0 * ldc)
+                }
+            }
+        } else {
+            // Blocks of columns of C (and of op(B)).
+            let per = ((n + parts - 1) / parts + 15) / 16 * 16
+            parallelFor(Int64(parts)) { lo, hi in
+                for p in Int(lo)..<Int(hi) {
+                    let c0 = p * per, cols = min(per, n - c0)
+                    guard cols > 0 else { continue }
+                    call(m, cols, a, transB ? b + c0 * ldb : b + c0, c + c0)
+                }
+            }
+        }
     }
 
     /// The table handed to plugins; allocated once, never freed.
@@ -49,10 +90,9 @@ public enum HostRuntime {
             rng_uniform: { rng in HostRNG.uniform(&rng!.pointee) },
             rng_normal: { rng in HostRNG.normal(&rng!.pointee) },
             sgemm: { ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc in
-                cblas_sgemm(CblasRowMajor, ta == VQMOE_TRANS ? CblasTrans : CblasNoTrans,
-                            tb == VQMOE_TRANS ? CblasTrans : CblasNoTrans,
-                            Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb),
-                            beta, c, Int32(ldc))
+                guard let a, let b, let c else { return }
+                HostRuntime.sgemm(transA: ta == VQMOE_TRANS, transB: tb == VQMOE_TRANS, m: Int(m), n: Int(n), k: Int(k), alpha: alpha,
+                                  a: a, lda: Int(lda), b: b, ldb: Int(ldb), beta: beta, c: c, ldc: Int(ldc))
             },
             scratch: { bytes in HostRuntime.scratch(bytes) },
             parallel_for: { n, grain, user, fn in
@@ -62,15 +102,6 @@ public enum HostRuntime {
             num_threads: 1))
         return p
     }()
-
-    /// Run `body` with OpenBLAS on one thread (for GEMMs inside `parallelFor` bodies), then
-    /// restore the pool size.
-    public static func withSerialBLAS<R>(_ body: () throws -> R) rethrows -> R {
-        guard threads > 1 else { return try body() }
-        openblas_set_num_threads(1)
-        defer { openblas_set_num_threads(Int32(threads)) }
-        return try body()
-    }
 
     // MARK: logging and errors
 
@@ -124,7 +155,7 @@ public enum HostRuntime {
 
     // MARK: threads
 
-    private static let nestedKey = "vqmoe.parallel.nested"
+    static let nestedKey = "vqmoe.parallel.nested"
 
     /// Run `body(begin, end)` over [0, n) split into at most `threads` chunks of at least
     /// `grain` items. Calls from inside a body run serially (no nested parallelism).
