@@ -46,14 +46,14 @@ final class TrainingTests: XCTestCase {
     func testConfigErrorsNameTheKeyPath() throws {
         let base = try tinyConfig("smoe")
         func with(_ k: String, _ v: Any) throws -> [String: Any] { var c = base; try setPath(&c, k, v); return c }
-        XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eval_every, lr, batch_size, beta1, beta2, log_every, min_lr, schedule, threads, eps, optimizer, grad_clip, weight_decay, eval_batches, warmup_steps")
+        XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay")
         XCTAssertEqual(configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
         XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
-        XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, dense, vqmoe, vqmoe_finetune")
+        XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, vqmoe_finetune")
         XCTAssertEqual(configError(try with("model.ffn.router.k", 0)), "model.ffn.router.k: 0 is below the minimum 1")
         XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, init_std, balance_weight")
         XCTAssertTrue(configError(try with("model.ffn.router.name", "smeo")).hasPrefix("model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))
-        XCTAssertEqual(configError(try with("model.d_model", 30)), "model.d_model (30) must be divisible by model.n_head (2)")
+        XCTAssertEqual(configError(try with("model.d_model", 33)), "model.d_model (33) must be divisible by model.n_head (2)")
         var noRouter = base
         var model = noRouter["model"] as! [String: Any]
         var ffn = model["ffn"] as! [String: Any]

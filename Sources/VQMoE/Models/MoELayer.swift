@@ -367,16 +367,16 @@ public final class MoELayer: @unchecked Sendable {
             dxg = scratch.zeros("dxg", a * d)
         }
         // Experts backward, segment by segment (h recomputed from hpre instead of kept).
-        let dh = scratch.floats("dh", a * f)
+        let dh = scratch.floats("dh", a * f), slope = scratch.floats("slope", a * f)
         for ex in 0..<e {
             let lo = Int(offsets[ex]), rows = Int(offsets[ex + 1]) - lo
             guard rows > 0 else { continue }
-            config.activation.forward(out: h + lo * f, inp: hpre + lo * f, count: rows * f)
+            config.activation.forwardWithSlope(out: h + lo * f, slope: slope + lo * f, inp: hpre + lo * f, count: rows * f)
             (dh + lo * f).update(repeating: 0, count: rows * f)
             Linear.backward(dinp: dh + lo * f, dweight: fc2Weight.frozen ? nil : fc2Weight.grad + ex * d * f,
                             dbias: fc2Bias.frozen ? nil : fc2Bias.grad + ex * d, dout: dyg + lo * d, inp: h + lo * f,
                             weight: fc2Weight.data + ex * d * f, n: rows, inFeatures: f, outFeatures: d)
-            config.activation.backward(dinp: dh + lo * f, dout: dh + lo * f, inp: hpre + lo * f, count: rows * f)
+            Vec.multiply(dh + lo * f, slope + lo * f, rows * f)
             Linear.backward(dinp: dxg + lo * d, dweight: fc1Weight.frozen ? nil : fc1Weight.grad + ex * f * d,
                             dbias: fc1Bias.frozen ? nil : fc1Bias.grad + ex * f, dout: dh + lo * f, inp: xg + lo * d,
                             weight: fc1Weight.data + ex * f * d, n: rows, inFeatures: d, outFeatures: f)

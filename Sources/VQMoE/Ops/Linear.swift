@@ -119,6 +119,20 @@ public enum Vec {
         }
     }
 
+    /// a[i] *= b[i], in parallel chunks.
+    public static func multiply(_ a: UnsafeMutablePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) {
+        nonisolated(unsafe) let a = a
+        HostRuntime.parallelFor(Int64(n), grain: 1 << 16) { lo, hi in
+            var i = Int(lo)
+            while i + 8 <= Int(hi) {
+                let v = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+                UnsafeMutableRawPointer(a + i).storeBytes(of: v, as: SIMD8<Float>.self)
+                i += 8
+            }
+            while i < Int(hi) { a[i] *= b[i]; i += 1 }
+        }
+    }
+
     /// a[i] *= s
     @inline(__always) public static func scale(_ a: UnsafeMutablePointer<Float>, _ s: Float, _ n: Int) {
         var i = 0

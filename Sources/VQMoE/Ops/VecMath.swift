@@ -28,12 +28,38 @@ public enum VecMath {
         return p * unsafeBitCast((ni &+ 127) &<< 23, to: SIMD8<Float>.self)
     }
 
+    /// |v| per lane (sign bit cleared).
+    @inline(__always) static func abs(_ v: SIMD8<Float>) -> SIMD8<Float> {
+        unsafeBitCast(unsafeBitCast(v, to: SIMD8<UInt32>.self) & SIMD8<UInt32>(repeating: 0x7FFF_FFFF), to: SIMD8<Float>.self)
+    }
+
+    /// max(a, b) per lane as (a + b + |a − b|)/2 (finite inputs; no generic call).
+    @inline(__always) static func lanewiseMax(_ a: SIMD8<Float>, _ b: SIMD8<Float>) -> SIMD8<Float> {
+        0.5 * (a + b + abs(a - b))
+    }
+
+    /// GELU and its derivative in one pass, sharing one exp: with a = |x|/√2,
+    /// e = exp(−a²) = √(2π)·φ(x), Φ(x) = ½(1 ± erf(a)), gelu = x·Φ(x), gelu' = Φ(x) + x·φ(x).
+    @inline(__always) public static func geluAndDerivative(_ x: SIMD8<Float>) -> (value: SIMD8<Float>, derivative: SIMD8<Float>) {
+        let signBit = SIMD8<UInt32>(repeating: 0x8000_0000)
+        let bits = unsafeBitCast(x, to: SIMD8<UInt32>.self)
+        let a = unsafeBitCast(bits & ~signBit, to: SIMD8<Float>.self) * 0.70710678118654752
+        let one = SIMD8<Float>(repeating: 1)
+        let t = one / (one + 0.3275911 * a)
+        var p = SIMD8<Float>(repeating: 1.061405429)
+        p = p * t - 1.453152027
+        p = p * t + 1.421413741
+        p = p * t - 0.284496736
+        p = p * t + 0.254829592
+        let e = exp(-(a * a))
+        let erfAbs = one - p * t * e
+        let erfX = unsafeBitCast(unsafeBitCast(erfAbs, to: SIMD8<UInt32>.self) | (bits & signBit), to: SIMD8<Float>.self)
+        let cdf = 0.5 * (one + erfX)
+        return (x * cdf, cdf + x * (0.3989422804014327 * e))
+    }
+
     /// min(max(x, lo), hi) with lane-wise arithmetic only: max(a,b) = (a + b + |a − b|)/2.
     @inline(__always) static func clamp(_ x: SIMD8<Float>, _ lo: Float, _ hi: Float) -> SIMD8<Float> {
-        let mask = SIMD8<UInt32>(repeating: 0x7FFF_FFFF)
-        @inline(__always) func abs(_ v: SIMD8<Float>) -> SIMD8<Float> {
-            unsafeBitCast(unsafeBitCast(v, to: SIMD8<UInt32>.self) & mask, to: SIMD8<Float>.self)
-        }
         let l = SIMD8<Float>(repeating: lo), h = SIMD8<Float>(repeating: hi)
         let up = 0.5 * (x + l + abs(x - l))
         return 0.5 * (up + h - abs(up - h))
@@ -76,12 +102,16 @@ public enum VecMath {
         return sum
     }
 
-    /// max of row[0..<count].
+    /// max of row[0..<count] (finite values).
     @inline(__always) public static func max(_ row: UnsafePointer<Float>, count: Int) -> Float {
-        var m = SIMD8<Float>(repeating: -Float.infinity)
+        var r = -Float.infinity
         var i = 0
-        while i + 8 <= count { m = pointwiseMax(m, UnsafeRawPointer(row + i).loadUnaligned(as: SIMD8<Float>.self)); i += 8 }
-        var r = m.max()
+        if count >= 8 {
+            var m = UnsafeRawPointer(row).loadUnaligned(as: SIMD8<Float>.self)
+            i = 8
+            while i + 8 <= count { m = lanewiseMax(m, UnsafeRawPointer(row + i).loadUnaligned(as: SIMD8<Float>.self)); i += 8 }
+            for l in 0..<8 { r = Swift.max(r, m[l]) }
+        }
         while i < count { r = Swift.max(r, row[i]); i += 1 }
         return r
     }
