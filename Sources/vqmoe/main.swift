@@ -12,6 +12,8 @@ commands:
                                    train a model from a JSON config (see configs/); writes
                                    DIR/metrics.jsonl, DIR/best.safetensors (+ .json sidecar) and
                                    reports test loss / bits per character with the best checkpoint
+  eval RUN_DIR [--split valid|test] [--checkpoint NAME]
+                                   evaluate a run's checkpoint (default best) on a whole split
   results RUN_DIR...               a markdown table of finished runs (test / valid BPC, params, speed)
   bench CONFIG [--steps N] [--threads T] [--json] [--set key.path=value ...]
                                    time training steps: tokens/s, ms per step (forward / backward /
@@ -133,6 +135,22 @@ func run() throws -> Int32 {
         let r = try trainer.run()
         print(trainSummary(cfg, r))
         return 0
+    case "eval":
+        let split = try args.take("--split").last ?? "test"
+        let name = try args.take("--checkpoint").last ?? "best"
+        guard args.rest.count == 1, let sp = Split.allCases.first(where: { $0.name == split }) else {
+            throw VQMoEError(.usage, "usage: vqmoe eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]")
+        }
+        let dir = args.rest[0]
+        var overrides: [String: Any] = [:]
+        if let t = args.threads { overrides["train.threads"] = t }
+        let cfg = try RunConfig(json: try ConfigReader.load(file: "\(dir)/config.json", overrides: overrides))
+        let trainer = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true)
+        let path = "\(dir)/\(name).safetensors"
+        try trainer.model.load(try Checkpoint.read(path: path), path: path)
+        let r = try trainer.evaluate(sp)
+        print(String(format: "%@ %@: loss %.4f  bpc %.4f  accuracy %.4f  (%d targets, checkpoint %@)", cfg.name, split, r.loss, r.bpc, r.accuracy, r.count, path))
+        return 0
     case "results":
         guard !args.rest.isEmpty else { throw VQMoEError(.usage, "usage: vqmoe results RUN_DIR...") }
         print(try ResultsTable.markdown(runs: args.rest))
@@ -195,7 +213,7 @@ func run() throws -> Int32 {
             ?? FileManager.default.currentDirectoryPath
         return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
     default:
-        let commands = ["train", "results", "bench", "plugins", "plugin", "help"]
+        let commands = ["train", "eval", "results", "bench", "plugins", "plugin", "help"]
         throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
     }
 }
