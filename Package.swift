@@ -6,7 +6,11 @@
 import PackageDescription
 
 /// One component = one folder under Plugins/ = one dynamic library.
-let pluginNames = ["QuantizerVQVAE", "RouterSMoE", "DatasetChar", "HeadLM"]
+let pluginNames = [
+    "QuantizerVQVAE", "QuantizerVQGANCos", "QuantizerLFQ", "QuantizerRVQ",
+    "RouterSMoE", "RouterXMoE", "RouterStableMoE", "RouterSMoEDropout", "RouterSoftMoE", "RouterDense",
+    "DatasetChar", "HeadLM",
+]
 
 let swiftFlags: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
 
@@ -28,7 +32,9 @@ let package = Package(
         .testTarget(name: "PluginHostTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginHostTests", exclude: ["Fixtures"]),
         .testTarget(name: "EngineTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/EngineTests"),
         .testTarget(name: "PluginsTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginsTests"),
+        // Shared plumbing of the Swift plugins, linked statically into each (never into the host).
+        .target(name: "PluginKit", dependencies: ["VQMoEABI"], path: "Plugins/PluginKit", swiftSettings: swiftFlags),
     ] + pluginNames.map {
-        .target(name: $0, dependencies: ["VQMoEABI"], path: "Plugins/\($0)", swiftSettings: swiftFlags)
+        .target(name: $0, dependencies: ["VQMoEABI", "PluginKit"], path: "Plugins/\($0)", swiftSettings: swiftFlags)
     }
 )

@@ -1,4 +1,5 @@
 // vqvae backward: straight-through to x, plus the gradients of the VQ loss.
+import PluginKit
 import VQMoEABI
 
 extension VQVAEQuantizer {

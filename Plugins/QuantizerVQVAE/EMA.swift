@@ -1,4 +1,5 @@
 // The EMA codebook update (van den Oord et al. 2017, appendix A.1), with Laplace smoothing.
+import PluginKit
 import VQMoEABI
 
 extension VQVAEQuantizer {

@@ -1,5 +1,6 @@
 // The descriptor of the `vqvae` quantizer plugin and its one exported entry point.
 import Glibc
+import PluginKit
 import VQMoEABI
 
 /// The instance behind an opaque handle (retained by create, released by destroy).

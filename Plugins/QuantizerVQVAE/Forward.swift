@@ -1,5 +1,6 @@
 // vqvae forward: nearest code, quantized vectors, the VQ loss, code counts; EMA codebook
 // updates in training forwards.
+import PluginKit
 import VQMoEABI
 
 /// What backward needs, copied at forward time (the codebook may change afterwards, e.g.

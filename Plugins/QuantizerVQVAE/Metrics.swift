@@ -1,5 +1,6 @@
 // The optional "vqmoe.metrics/1" feature: code usage of the last forward.
 import Glibc
+import PluginKit
 import VQMoEABI
 
 extension VQVAEQuantizer {

@@ -1,5 +1,6 @@
 // One vqvae quantizer instance: model facts, hyperparameters, the host buffers it declared
 // (codebook (K,d); with ema also ema_count (K) and ema_sum (K,d)) and report-only stats.
+import PluginKit
 import VQMoEABI
 
 /// Names of the declared buffers (static storage, as `vqmoe_buffer_spec.name` requires).

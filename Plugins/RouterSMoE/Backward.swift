@@ -1,5 +1,6 @@
 // smoe backward: d(loss)/d(logits) from the routing weights and the balance loss, then
 // through the linear map to x, W and b.
+import PluginKit
 import VQMoEABI
 
 /// Pointers for the per-token dlogits loop.

@@ -1,5 +1,6 @@
 // smoe forward: logits, top-k, softmax over the kept logits, Switch balance loss.
 import Glibc
+import PluginKit
 import VQMoEABI
 
 /// What backward needs, copied at forward time (host buffers may change afterwards).

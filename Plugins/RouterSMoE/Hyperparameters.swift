@@ -1,26 +1,7 @@
 // The smoe router's hyperparameter schema and its resolved values.
+import PluginKit
 import VQMoEABI
 
-/// One schema entry in Swift form; `cSpec` makes the C `vqmoe_hparam_spec`.
-struct HyperparameterEntry {
-    var name: String
-    var type: Int32
-    var description: String
-    var defaultValue: Double
-    var min: Double? = nil
-    var max: Double? = nil
-
-    /// The C form; its strings are strdup'd and live as long as the library.
-    var cSpec: vqmoe_hparam_spec {
-        var flags: UInt32 = 0
-        if min != nil { flags |= VQMOE_HP_HAS_MIN }
-        if max != nil { flags |= VQMOE_HP_HAS_MAX }
-        return vqmoe_hparam_spec(name: staticCString(name), type: type, flags: flags,
-                                 description: staticCString(description), default_number: defaultValue,
-                                 default_string: staticCString(""), min_value: min ?? 0, max_value: max ?? 0,
-                                 choices: nil)
-    }
-}
 
 /// Resolved hyperparameters of one smoe router.
 struct SMoEConfig {

@@ -1,5 +1,6 @@
 // One smoe router instance: its model facts, hyperparameters and the host buffers it
 // declared (weight (E,d), optional bias (E)).
+import PluginKit
 import VQMoEABI
 
 /// Names of the declared buffers (static storage, as `vqmoe_buffer_spec.name` requires).
