@@ -30,7 +30,7 @@ let package = Package(
         .executableTarget(name: "vqmoe", dependencies: ["VQMoE"], swiftSettings: swiftFlags),
         .target(name: "FFIHashRouter", path: "Plugins/FFIHashRouter"),
         .testTarget(name: "PluginHostTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginHostTests", exclude: ["Fixtures"]),
-        .testTarget(name: "EngineTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/EngineTests"),
+        .testTarget(name: "EngineTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/EngineTests", exclude: ["Fixtures"]),
         .testTarget(name: "PluginsTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginsTests"),
         // Shared plumbing of the Swift plugins, linked statically into each (never into the host).
         .target(name: "PluginKit", dependencies: ["VQMoEABI"], path: "Plugins/PluginKit", swiftSettings: swiftFlags),

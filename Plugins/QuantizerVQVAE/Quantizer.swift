@@ -1,5 +1,6 @@
 // One vqvae quantizer instance: model facts, hyperparameters, the host buffers it declared
-// (codebook (K,d); with ema also ema_count (K) and ema_sum (K,d)) and report-only stats.
+// (codebook (K,d); with ema also ema_count (K) and ema_sum (K,d); with kmeans_init also
+// initialized (1) int32) and report-only stats.
 import PluginKit
 import VQMoEABI
 
@@ -7,6 +8,12 @@ import VQMoEABI
 nonisolated(unsafe) let codebookBufferName = staticCString("codebook")
 nonisolated(unsafe) let emaCountBufferName = staticCString("ema_count")
 nonisolated(unsafe) let emaSumBufferName = staticCString("ema_sum")
+nonisolated(unsafe) let initializedBufferName = staticCString("initialized")
+
+/// The buffers a configuration declares, in declaration order.
+enum BufferKind {
+    case codebook, emaCount, emaSum, initialized
+}
 
 /// Code-usage statistics of the last forward, kept for `vqmoe.metrics/1` only (they never
 /// change results, so they need not live in a declared buffer).
@@ -16,6 +23,8 @@ struct UsageStats {
     var tokens: Int
     /// Whether these come from a training forward (those win over eval forwards).
     var fromTraining: Bool
+    /// Codes replaced by the dead-code restart in that forward (nil when it did not run).
+    var restarted: Int?
 }
 
 /// The VQ-VAE quantizer: c(x) = argmin_j ||x - e_j||^2, q = e_c.
@@ -33,6 +42,8 @@ final class VQVAEQuantizer {
     /// ema: (K) N_j and (K,d) m_j.
     private(set) var emaCount: UnsafeMutablePointer<Float>?
     private(set) var emaSum: UnsafeMutablePointer<Float>?
+    /// kmeans_init: (1) int32, 0 until the k-means initialisation has run, then 1.
+    private(set) var initialized: UnsafeMutablePointer<Int32>?
 
     var stats: UsageStats?
 
@@ -44,12 +55,20 @@ final class VQVAEQuantizer {
         guard i.d_model >= 1 else { throw .invalid("d_model = \(i.d_model): the quantizer needs d_model >= 1") }
         dModel = Int(i.d_model)
         config = try VQVAEConfig(hp, nCodes: Int(i.n_codes))
+        if config.kmeansInit || config.deadCodeThreshold > 0 {
+            guard info.pointee.host.pointee.rng_next_u64 != nil else {
+                throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
+            }
+        }
+        bufferKinds = [.codebook] + (config.ema ? [.emaCount, .emaSum] : []) + (config.kmeansInit ? [.initialized] : [])
     }
 
-    var bufferCount: Int { config.ema ? 3 : 1 }
+    /// codebook; with ema ema_count, ema_sum; with kmeans_init initialized.
+    let bufferKinds: [BufferKind]
+    var bufferCount: Int { bufferKinds.count }
 
-    /// 0: "codebook" (K,d) -- PARAM (no weight decay, frozen when fine-tuning), or STATE
-    /// with ema; 1: "ema_count" (K) STATE; 2: "ema_sum" (K,d) STATE.
+    /// "codebook" (K,d) -- PARAM (no weight decay, frozen when fine-tuning), or STATE with
+    /// ema; "ema_count" (K) STATE; "ema_sum" (K,d) STATE; "initialized" (1) int32 STATE.
     func bufferSpec(_ i: Int, _ out: UnsafeMutablePointer<vqmoe_buffer_spec>?) throws(PluginFailure) {
         guard let out else { throw .invalid("buffer_spec: out is NULL") }
         guard i >= 0 && i < bufferCount else { throw .invalid("buffer index \(i) outside [0, \(bufferCount))") }
@@ -57,8 +76,8 @@ final class VQVAEQuantizer {
         s.struct_size = UInt32(MemoryLayout<vqmoe_buffer_spec>.size)
         s.dtype = vqmoe_f32()
         s.role = VQMOE_BUF_STATE
-        switch i {
-        case 0:
+        switch bufferKinds[i] {
+        case .codebook:
             s.name = codebookBufferName
             if !config.ema {
                 s.role = VQMOE_BUF_PARAM
@@ -66,14 +85,19 @@ final class VQVAEQuantizer {
             }
             s.ndim = 2
             s.shape = (Int64(nCodes), Int64(dModel), 0, 0, 0, 0)
-        case 1:
+        case .emaCount:
             s.name = emaCountBufferName
             s.ndim = 1
             s.shape = (Int64(nCodes), 0, 0, 0, 0, 0)
-        default:
+        case .emaSum:
             s.name = emaSumBufferName
             s.ndim = 2
             s.shape = (Int64(nCodes), Int64(dModel), 0, 0, 0, 0)
+        case .initialized:
+            s.name = initializedBufferName
+            s.dtype = vqmoe_i32()
+            s.ndim = 1
+            s.shape = (1, 0, 0, 0, 0, 0)
         }
         out.pointee = s
     }
@@ -91,6 +115,10 @@ final class VQVAEQuantizer {
             emaCount = count.assumingMemoryBound(to: Float.self)
             emaSum = sum.assumingMemoryBound(to: Float.self)
         }
+        if config.kmeansInit {
+            guard let flag = bindings[bufferCount - 1].data else { throw .invalid("bind_buffers: 'initialized' has no data") }
+            initialized = flag.assumingMemoryBound(to: Int32.self)
+        }
     }
 
     /// The bound codebook, or a STATE error before bind_buffers.
@@ -100,7 +128,7 @@ final class VQVAEQuantizer {
     }
 
     /// e_j ~ N(0, init_scale^2) from the host stream (seed, 0); with ema: ema_sum = codebook,
-    /// ema_count = 1.
+    /// ema_count = 1; with kmeans_init: initialized = 0.
     func initBuffers(seed: UInt64) throws(PluginFailure) {
         let c = try boundCodebook()
         var r = host.rng(seed: seed, stream: 0)
@@ -109,7 +137,19 @@ final class VQVAEQuantizer {
             emaSum.update(from: c, count: nCodes * dModel)
             emaCount.update(repeating: 1, count: nCodes)
         }
+        initialized?.pointee = 0
         stats = nil
+    }
+
+    /// The next raw 64-bit draw of a host stream (checked present at create when used).
+    @inline(__always) func nextRandom(_ r: inout vqmoe_rng) -> UInt64 { host.api.pointee.rng_next_u64!(&r) }
+
+    /// `count` int32 of host scratch memory, valid until the current plugin call returns.
+    func scratchInts(_ count: Int, _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Int32> {
+        guard let p = host.api.pointee.scratch!(max(count, 1) * MemoryLayout<Int32>.stride) else {
+            throw .outOfMemory("could not get \(count * 4) bytes of scratch memory for \(what)")
+        }
+        return p.bindMemory(to: Int32.self, capacity: max(count, 1))
     }
 
     func shape(_ out: UnsafeMutablePointer<vqmoe_quantizer_shape>?) throws(PluginFailure) {

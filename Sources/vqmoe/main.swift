@@ -15,11 +15,13 @@ commands:
   eval RUN_DIR [--split valid|test] [--checkpoint NAME]
                                    evaluate a run's checkpoint (default best) on a whole split
   results RUN_DIR...               a markdown table of finished runs (test / valid BPC, params, speed)
-  bench CONFIG [--steps N] [--threads T] [--json] [--set key.path=value ...]
+  bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]
                                    time training steps: tokens/s, ms per step (forward / backward /
-                                   optimizer), training GFLOP/s, peak RSS
+                                   optimizer), training GFLOP/s, peak RSS; --ffn: one MoE layer
+                                   against a dense FFN with the same active FLOPs
   plugins list [--json]            every registered component: kind, name, version, abi, library
   plugins inspect NAME             a component's description and hyperparameter schema
+  plugins docs                     markdown reference of every component (the README's plugin list)
   plugins check NAME|PATH [--set key=value ...]
                                    load it, validate the descriptor, run forward and backward on
                                    seeded random inputs and compare every gradient with finite
@@ -163,9 +165,19 @@ func run() throws -> Int32 {
             guard let n = Int(s), n >= 2 else { throw VQMoEError(.usage, "--steps: expected an integer >= 2, got '\(s)'") }
             return n
         } ?? 15
-        let json = args.flag("--json")
-        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe bench CONFIG [--steps N] [--threads T] [--json]") }
+        let json = args.flag("--json"), ffnOnly = args.flag("--ffn")
+        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe bench CONFIG [--steps N] [--threads T] [--json] [--ffn]") }
         let cfg = try RunConfig(json: try ConfigReader.load(file: args.rest[0], overrides: overrides))
+        if ffnOnly {
+            let r = try FFNBench(config: cfg, registry: try registry(), steps: steps).run()
+            if json {
+                print(String(decoding: try JSONSerialization.data(withJSONObject: r.json, options: [.sortedKeys]), as: UTF8.self))
+            } else {
+                print(String(format: "%@ FFN layer (%@), %d tokens: %.2f ms forward+backward; dense FFN with the same active FLOPs (d_inner %d): %.2f ms; ratio %.3f",
+                             cfg.name, cfg.model.ffn.mode.rawValue, r.tokens, r.moeMs, r.denseInner, r.denseMs, r.ratio))
+            }
+            return 0
+        }
         let r = try Bench(config: cfg, registry: try registry(), steps: steps).run()
         if json {
             let data = try JSONSerialization.data(withJSONObject: r.json, options: [.sortedKeys])
@@ -187,6 +199,8 @@ func run() throws -> Int32 {
             let json = args.flag("--json")
             guard args.rest.isEmpty else { throw VQMoEError(.usage, "plugins list: unexpected '\(args.rest[0])'") }
             return emit(try PluginCommands.list(try registry(), json: json))
+        case "docs":
+            return emit(try PluginCommands.docs(try registry()))
         case "inspect":
             guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe plugins inspect NAME") }
             return emit(try PluginCommands.inspect(try registry(), name: args.rest[0]))
@@ -197,7 +211,7 @@ func run() throws -> Int32 {
             let isPath = target.contains("/") || target.hasSuffix(".so")
             return emit(try PluginCommands.check(isPath ? (try? registry()) : try registry(), target: target, settings: settings))
         default:
-            throw VQMoEError(.usage, "unknown command 'plugins \(sub)'; commands: \(closestFirst(sub, among: ["list", "inspect", "check"]).joined(separator: ", "))")
+            throw VQMoEError(.usage, "unknown command 'plugins \(sub)'; commands: \(closestFirst(sub, among: ["list", "inspect", "check", "docs"]).joined(separator: ", "))")
         }
     case "plugin":
         guard args.rest.first == "new" else {

@@ -106,6 +106,39 @@ public enum PluginCommands {
         }
     }
 
+    /// `plugins docs`: markdown for every registered component, generated from the descriptors
+    /// and schemas (the README's plugin section is this text, so it cannot drift).
+    public static func docs(_ reg: Registry) throws -> Output {
+        var lines: [String] = []
+        for kind in PluginKind.allCases {
+            let entries = reg.entries.filter { $0.kind == kind }.sorted { $0.name < $1.name }
+            guard !entries.isEmpty else { continue }
+            lines.append("### \(kind.rawValue.prefix(1).uppercased() + kind.rawValue.dropFirst())s")
+            lines.append("")
+            for e in entries {
+                switch e.source {
+                case .ffi(let f):
+                    lines.append("**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; top-1, weight 1, not trainable.")
+                    lines.append("")
+                case .library:
+                    let lib = try reg.library(for: e)
+                    lines.append("**`\(lib.name)`** \(lib.version) — \(lib.summary)")
+                    lines.append("")
+                    if !lib.schema.isEmpty {
+                        lines.append("| hyperparameter | type | default | range | description |")
+                        lines.append("|---|---|---|---|---|")
+                        for h in lib.schema {
+                            let def = e.defaults[h.name].map { HyperparameterSpec.text($0.value) } ?? h.defaultText
+                            lines.append("| `\(h.name)` | \(h.type.rawValue) | `\(def)` | \(h.rangeText.replacingOccurrences(of: "|", with: "/")) | \(h.description.replacingOccurrences(of: "|", with: "/")) |")
+                        }
+                        lines.append("")
+                    }
+                }
+            }
+        }
+        return Output(text: lines.joined(separator: "\n"), ok: true)
+    }
+
     /// `plugins check NAME|PATH`: one line per check; ok only if all pass.
     public static func check(_ reg: Registry?, target: String, settings: [String: Any] = [:]) throws -> Output {
         var results: [CheckResult]

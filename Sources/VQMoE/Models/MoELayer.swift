@@ -31,6 +31,9 @@ public struct FFNConfig: Sendable, Equatable {
     public var mixC: Float = 0.05
     /// Weight of the quantizer loss in the total loss.
     public var beta: Float = 0.08
+    /// Allow routers that mix the tokens of a group (SoftMoE's dense dispatch). Natural in a
+    /// ViT; in a causal language model it lets a token see later tokens, so it must be asked for.
+    public var allowTokenMixing = false
 
     public init(mode: Mode = .dense, dInner: Int = 512, nExperts: Int = 1, activation: Activation = .gelu,
                 discreteInput: DiscreteInput = .mix, mixC: Float = 0.05, beta: Float = 0.08) {
@@ -86,9 +89,9 @@ public final class MoELayer: @unchecked Sendable {
     /// Temporaries shared by every layer of a model (only live within one forward or backward).
     let scratch: Workspace
     // Saved by forward for backward.
-    private var n = 0, k = 0, levels = 0, nAssign = 0, nSparse = 0
+    var n = 0, k = 0, levels = 0, nAssign = 0, nSparse = 0, groups = 0, groupSize = 0
     private var x: UnsafePointer<Float>?
-    private var routerShape = RouterShape(mode: .topK, k: 0)
+    var routerShape = RouterShape(mode: .topK, k: 0)
     private var routerCtx: PluginContext?, quantCtx: PluginContext?
     private var step = StepInfo(step: 0, totalSteps: 0, train: false, seed: 0)
 
@@ -159,6 +162,8 @@ public final class MoELayer: @unchecked Sendable {
                         tokenIDs: UnsafePointer<Int32>?, step: StepInfo) throws -> MoEStats {
         let n = groups * groupSize, d = dModel, e = config.nExperts
         self.n = n
+        self.groups = groups
+        self.groupSize = groupSize
         self.x = x
         self.step = step
         routerCtx = nil
@@ -169,13 +174,20 @@ public final class MoELayer: @unchecked Sendable {
         k = 0
         if let router {
             routerShape = try router.shape(step)
-            guard routerShape.mode == .topK else {
-                throw VQMoEError(.config, "\(name): router '\(router.core.library.name)' routes densely (SoftMoE); the MoE layer of a token model needs a top-k router")
-            }
-            k = routerShape.k
             let load = ws.floats("router.load", e)
+            let outputs: RouterOutputs
+            if routerShape.mode == .topK {
+                k = routerShape.k
+                outputs = RouterOutputs(expertIndex: ws.ints("idx", n * k), weights: ws.floats("w", n * k), expertLoad: load)
+            } else {
+                guard config.allowTokenMixing else {
+                    throw VQMoEError(.config, "\(name): router '\(router.core.library.name)' dispatches densely (SoftMoE), mixing the tokens of a sequence: in a causal language model a token would see later tokens. Use it in a ViT, or set model.ffn.allow_token_mixing = true for an ablation")
+                }
+                let es = e * routerShape.slotsPerExpert
+                outputs = RouterOutputs(dispatch: ws.floats("soft.dispatch", n * es), combine: ws.floats("soft.combine", n * es), expertLoad: load)
+            }
             let r = try router.forward(step, x: x, tokenIDs: tokenIDs, nGroups: groups, groupSize: groupSize, shape: routerShape,
-                                       outputs: RouterOutputs(expertIndex: ws.ints("idx", n * k), weights: ws.floats("w", n * k), expertLoad: load))
+                                       outputs: outputs)
             stats.aux = r.aux
             routerCtx = r.ctx
         }
@@ -214,7 +226,20 @@ public final class MoELayer: @unchecked Sendable {
         // 5. Experts over their segments, 6. combine per token.
         runExperts(y: y)
         combine(y: y)
-        stats.expertLoad = (0..<e).map { Float(ws.ints("offsets", e + 1)[$0 + 1] - ws.ints("offsets", e + 1)[$0]) }
+        let offsets = ws.ints("offsets", e + 1)
+        stats.expertLoad = (0..<e).map { Float(offsets[$0 + 1] - offsets[$0]) }
+        // 7. Dense (SoftMoE) routing: y += g_c·Y_soft (g_c = 1 outside VQMoE).
+        if usesSoftDispatch {
+            let soft = softForward(x: x, groups: groups, groupSize: groupSize)
+            if config.mode == .vqmoe {
+                let g = ws.floats("gate", n * 2)
+                for t in 0..<n { Vec.axpy(y + t * d, g[2 * t], soft + t * d, d) }
+            } else {
+                Vec.add(y, soft, n * d)
+            }
+            let load = ws.floats("router.load", e)
+            for i in 0..<e { stats.expertLoad[i] += load[i] }
+        }
         return stats
     }
 
@@ -289,6 +314,35 @@ public final class MoELayer: @unchecked Sendable {
                 if hasDiscrete { for l in 0..<levels { body(t, nSparse + t * levels + l) } }
             }
         }
+    }
+
+    /// Whether this step's router returned dispatch/combine weights (SoftMoE).
+    var usesSoftDispatch: Bool { router != nil && routerShape.mode == .dense }
+
+    /// Top-1 expert of each token of the last forward, per path: the router's (top-k: its first
+    /// choice; SoftMoE: the expert of the token's largest combine weight) and the discrete
+    /// path's (first code mod E). Nil where the path is absent. For the consistency score.
+    public func lastTop1() -> (router: [Int32]?, discrete: [Int32]?) {
+        var r: [Int32]?
+        if router != nil && n > 0 {
+            if routerShape.mode == .topK {
+                let idx = ws.ints("idx", n * k)
+                r = (0..<n).map { idx[$0 * k] }
+            } else {
+                let es = config.nExperts * routerShape.slotsPerExpert, comb = ws.floats("soft.combine", n * es)
+                r = (0..<n).map { t in
+                    var best = 0
+                    for j in 1..<es where comb[t * es + j] > comb[t * es + best] { best = j }
+                    return Int32(best / routerShape.slotsPerExpert)
+                }
+            }
+        }
+        var q: [Int32]?
+        if quantizer != nil && n > 0 {
+            let codes = ws.ints("codes", n * levels)
+            q = (0..<n).map { Int32(Int(codes[$0 * levels]) % config.nExperts) }
+        }
+        return (r, q)
     }
 
     /// Dense mode runs its one expert on x and writes y directly (no gather, no combine).
@@ -391,7 +445,17 @@ public final class MoELayer: @unchecked Sendable {
             }
         }
         // Routing weights → router and gate.
-        if config.mode == .smoe || config.mode == .vqmoe, let router, let ctx = routerCtx {
+        if usesSoftDispatch, let router, let ctx = routerCtx {
+            // SoftMoE: dY_soft = g_c·dy (VQMoE) or dy.
+            var dsoft = dy
+            if config.mode == .vqmoe {
+                let g = ws.floats("gate", n * 2), buf = scratch.floats("soft.dy", n * d)
+                for t in 0..<n { for j in 0..<d { buf[t * d + j] = g[2 * t] * dy[t * d + j] } }
+                dsoft = UnsafePointer(buf)
+            }
+            let (dD, dC) = softBackward(dy: dsoft, x: x, dx: dx, groups: groups, groupSize: groupSize)
+            try router.backward(ctx, n: n, shape: routerShape, gradDispatch: dD, gradCombine: dC, gradAux: auxGrad, gradX: dx)
+        } else if config.mode == .smoe || config.mode == .vqmoe, let router, let ctx = routerCtx {
             let gw = scratch.floats("gradW", n * k)
             if config.mode == .smoe {
                 gw.update(from: dweight, count: n * k)
@@ -405,8 +469,9 @@ public final class MoELayer: @unchecked Sendable {
             // dg_c = Σ_j w_j·dweight_j (sparse), dg_d = Σ_l dweight_l / L (discrete); softmax backward.
             let g = ws.floats("gate", n * 2), w = ws.floats("w", n * k), dz = scratch.floats("dgate", n * 2)
             let perLevel = 1 / Float(levels)
+            let soft: UnsafeMutablePointer<Float>? = usesSoftDispatch ? ws.floats("soft.out", n * d) : nil
             for t in 0..<n {
-                var dgc: Float = 0, dgd: Float = 0
+                var dgc: Float = soft.map { Vec.dot(dy + t * d, $0 + t * d, d) } ?? 0, dgd: Float = 0
                 for j in 0..<k { dgc += w[t * k + j] * dweight[t * k + j] }
                 for l in 0..<levels { dgd += dweight[nSparse + t * levels + l] * perLevel }
                 let gc = g[2 * t], gd = g[2 * t + 1]

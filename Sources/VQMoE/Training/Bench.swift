@@ -108,3 +108,74 @@ public struct Bench {
                       lossLast: losses.last ?? 0, threads: config.train.threads)
     }
 }
+
+/// `vqmoe bench CONFIG --ffn`: the dispatch cost of the config's MoE layer. Times forward +
+/// backward of one layer on N = batch·seq random tokens against a dense FFN with the same
+/// active FLOPs (d_inner = k·d_inner per expert, plus one more expert for VQMoE's discrete
+/// path), medians over the steps after warm-up.
+///
+/// ```swift
+/// let r = try FFNBench(config: cfg, registry: reg, steps: 10).run()   // r.ratio: MoE / dense time
+/// ```
+public struct FFNBench {
+    public let config: RunConfig
+    public let registry: Registry
+    public let steps: Int
+
+    public init(config: RunConfig, registry: Registry, steps: Int) {
+        self.config = config
+        self.registry = registry
+        self.steps = steps
+    }
+
+    public struct Report {
+        public var moeMs: Double
+        public var denseMs: Double
+        public var ratio: Double { moeMs / denseMs }
+        public var denseInner: Int
+        public var tokens: Int
+        public var json: [String: Any] {
+            ["moe_ms": moeMs, "dense_ms": denseMs, "ratio": ratio, "dense_d_inner": denseInner, "tokens": tokens]
+        }
+    }
+
+    public func run() throws -> Report {
+        HostRuntime.configure(threads: config.train.threads)
+        let c = config.model, d = c.dModel, n = config.train.batchSize * c.seqLen
+        let builder = ModelBuilder(config: config, registry: registry)
+        var dims = ModelDims(dModel: d, nExperts: c.ffn.nExperts, nCodes: config.nCodes, vocabSize: 256, seqLen: c.seqLen,
+                             totalSteps: steps, dataRoot: builder.dataRoot)
+        dims.vocabSize = 256
+        let router = try config.router.map { try RouterInstance(builder.instance(.router, $0, dims: dims, seed: 1, name: "bench.router")) }
+        let quantizer = try config.quantizer.map { try QuantizerInstance(builder.instance(.quantizer, $0, dims: dims, seed: 2, name: "bench.quantizer")) }
+        let moe = try MoELayer(config: c.ffn, dModel: d, name: "bench.ffn", router: c.ffn.usesRouter ? router : nil,
+                               quantizer: c.ffn.usesQuantizer ? quantizer : nil, seed: 3)
+        let k = try router?.shape(StepInfo(step: 0, totalSteps: steps, train: true, seed: 0)).k ?? 1
+        let active = c.ffn.mode == .dense ? 1 : (c.ffn.usesRouter ? k : 0) + (c.ffn.usesQuantizer ? 1 : 0)
+        let denseInner = max(active, 1) * c.ffn.dInner
+        let dense = try MoELayer(config: FFNConfig(mode: .dense, dInner: denseInner), dModel: d, name: "bench.dense",
+                                 router: nil, quantizer: nil, seed: 4)
+        var r = HostRNG.make(seed: 5, stream: 0)
+        let x = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
+        var y = [Float](repeating: 0, count: n * d), dx = y
+        let dy = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
+        let ids = (0..<n).map { Int32($0 % 256) }
+        func time(_ layer: MoELayer) throws -> Double {
+            var ms: [Double] = []
+            for s in 0..<steps {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                let step = StepInfo(step: s, totalSteps: steps, train: true, seed: UInt64(s))
+                _ = try y.withUnsafeMutableBufferPointer { yp in
+                    try layer.forward(x: x, y: yp.baseAddress!, groups: config.train.batchSize, groupSize: c.seqLen, tokenIDs: ids, step: step)
+                }
+                try dx.withUnsafeMutableBufferPointer { try layer.backward(dy: dy, dx: $0.baseAddress!) }
+                layer.parameters.forEach { $0.zeroGrad() }
+                if s >= min(3, steps / 3) { ms.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6) }
+            }
+            return ms.sorted()[ms.count / 2]
+        }
+        _ = try time(dense)  // warm both code paths once
+        let moeMs = try time(moe), denseMs = try time(dense)
+        return Report(moeMs: moeMs, denseMs: denseMs, denseInner: denseInner, tokens: n)
+    }
+}

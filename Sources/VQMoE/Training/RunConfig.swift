@@ -85,6 +85,7 @@ public struct RunConfig: @unchecked Sendable {
                                                                            choices: FFNConfig.DiscreteInput.allCases.map(\.rawValue)))!
         fc.mixC = try f.float("mix_c", default: 0.05, min: 0, max: 1)
         fc.beta = try f.float("beta", default: 0.08, min: 0)
+        fc.allowTokenMixing = try f.bool("allow_token_mixing", default: false)
         nCodes = try f.int("n_codes", default: fc.nExperts, min: 1)
         router = f.has("router") ? try RunConfig.component(f.child("router")) : nil
         quantizer = f.has("quantizer") ? try RunConfig.component(f.child("quantizer")) : nil

@@ -37,6 +37,7 @@ public final class Trainer {
     /// Where progress goes (a progress bar on a terminal, plain lines otherwise).
     public var progress: ProgressReporter
     private var metrics: FileHandle?
+    private var previousProbe: (router: [[Int32]], discrete: [[Int32]])?
 
     public init(config: RunConfig, registry: Registry, outDir: String, dataRoot: String? = nil, quiet: Bool = false) throws {
         self.config = config
@@ -73,6 +74,25 @@ public final class Trainer {
         }
         guard count > 0 else { throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate") }
         return EvalResult(loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count))
+    }
+
+    /// Top-1 expert of every token of a fixed probe batch (validation batch 0), per layer and
+    /// path (router, discrete), from an eval-mode forward.
+    public func probeAssignments() throws -> (router: [[Int32]], discrete: [[Int32]]) {
+        let bs = config.train.batchSize
+        guard let batch = try dataset.read(.valid, index: 0, batchSize: bs) ?? dataset.read(.train, index: 0, batchSize: bs) else { return ([], []) }
+        _ = try batch.inputsInt.withUnsafeBufferPointer { x in
+            try batch.targets.withUnsafeBufferPointer { y in
+                try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: 0, train: false)
+            }
+        }
+        let tops = model.layers.map { $0.lastTop1() }
+        return (tops.compactMap(\.router), tops.compactMap(\.discrete))
+    }
+
+    /// Fraction of positions whose value is unchanged, per layer (the consistency score).
+    static func consistency(_ a: [[Int32]], _ b: [[Int32]]) -> [Double] {
+        zip(a, b).map { x, y in Double(zip(x, y).filter { $0 == $1 }.count) / Double(max(x.count, 1)) }
     }
 
     /// One optimizer step on train batch `step`; returns the loss parts and the gradient norm.
@@ -146,6 +166,17 @@ public final class Trainer {
                 let v = try evaluate(.valid, maxBatches: t.evalBatches)
                 log(["step": step, "split": "valid", "loss": v.loss, "bpc": v.bpc])
                 progress.note(String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc))
+                if config.model.ffn.mode != .dense {
+                    let probe = try probeAssignments()
+                    var line: [String: Any] = ["step": step, "split": "probe", "router_top1": probe.router.map { $0.map(Int.init) },
+                                               "discrete_top1": probe.discrete.map { $0.map(Int.init) }]
+                    if let prev = previousProbe {
+                        line["consistency_router"] = Trainer.consistency(prev.router, probe.router)
+                        line["consistency_discrete"] = Trainer.consistency(prev.discrete, probe.discrete)
+                    }
+                    previousProbe = probe
+                    log(line)
+                }
                 if best == nil || v.loss < best!.loss {
                     best = v
                     bestStep = step
