@@ -11,7 +11,9 @@ commands:
   train CONFIG [--set key.path=value ...] [--out DIR]
                                    train a model from a JSON config (see configs/); writes
                                    DIR/metrics.jsonl, DIR/best.safetensors (+ .json sidecar) and
-                                   reports test loss / bits per character with the best checkpoint
+                                   reports test loss / bits per character with the best checkpoint;
+                                   SIGINT/SIGTERM write DIR/last.* and stop
+  train --resume DIR               continue an interrupted run exactly where it stopped
   eval RUN_DIR [--split valid|test] [--checkpoint NAME]
                                    evaluate a run's checkpoint (default best) on a whole split
   results RUN_DIR...               a markdown table of finished runs (test / valid BPC, params, speed)
@@ -103,6 +105,7 @@ func parseSettings(_ items: [String]) throws -> [String: Any] {
 }
 
 func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {
+    if r.interrupted { return "run \(cfg.name) stopped after \(r.steps) steps; resume with: vqmoe train --resume \(r.outDir)" }
     var lines = ["run \(cfg.name): \(r.steps) steps in \(String(format: "%.1f", r.wallSeconds)) s (\(String(format: "%.0f", r.tokensPerSecond)) tokens/s), output in \(r.outDir)"]
     if let v = r.bestValid { lines.append(String(format: "best valid  loss %.4f  bpc %.4f  (step %d)", v.loss, v.bpc, r.bestStep + 1)) }
     if let t = r.test { lines.append(String(format: "test        loss %.4f  bpc %.4f  (best-validation checkpoint)", t.loss, t.bpc)) }
@@ -130,13 +133,23 @@ func run() throws -> Int32 {
         var overrides = try parseSettings(try args.take("--set"))
         if let t = args.threads { overrides["train.threads"] = t }
         let out = try args.take("--out").last
-        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe train CONFIG [--set key.path=value ...] [--out DIR]") }
-        let cfg = try RunConfig(json: try ConfigReader.load(file: args.rest[0], overrides: overrides))
-        let dir = out ?? "runs/\(cfg.name)"
+        let resume = try args.take("--resume").last
+        let usageText = "usage: vqmoe train CONFIG [--set key.path=value ...] [--out DIR]  |  vqmoe train --resume DIR"
+        let cfg: RunConfig, dir: String
+        if let resume {
+            guard args.rest.isEmpty, out == nil else { throw VQMoEError(.usage, usageText) }
+            cfg = try RunConfig(json: try ConfigReader.load(file: "\(resume)/config.json", overrides: overrides))
+            dir = resume
+        } else {
+            guard args.rest.count == 1 else { throw VQMoEError(.usage, usageText) }
+            cfg = try RunConfig(json: try ConfigReader.load(file: args.rest[0], overrides: overrides))
+            dir = out ?? "runs/\(cfg.name)"
+        }
         let trainer = try Trainer(config: cfg, registry: try registry(), outDir: dir)
-        let r = try trainer.run()
+        Trainer.installInterruptHandlers()
+        let r = try trainer.run(resume: resume != nil)
         print(trainSummary(cfg, r))
-        return 0
+        return r.interrupted ? 130 : 0
     case "eval":
         let split = try args.take("--split").last ?? "test"
         let name = try args.take("--checkpoint").last ?? "best"

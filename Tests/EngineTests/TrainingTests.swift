@@ -46,7 +46,7 @@ final class TrainingTests: XCTestCase {
     func testConfigErrorsNameTheKeyPath() throws {
         let base = try tinyConfig("smoe")
         func with(_ k: String, _ v: Any) throws -> [String: Any] { var c = base; try setPath(&c, k, v); return c }
-        XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay")
+        XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every")
         XCTAssertEqual(configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
         XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
         XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, vqmoe_finetune")
@@ -144,5 +144,36 @@ final class TrainingTests: XCTestCase {
                 XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/\(file)"), "\(mode): \(file)")
             }
         }
+    }
+
+    /// An interrupted-and-resumed run's loss curve equals the uninterrupted one, step for step
+    /// (dropout, an EMA quantizer with k-means-free state, Adam moments, schedule).
+    func testResumeIsBitIdentical() throws {
+        let json = try tinyConfig("vqmoe", ["model.ffn.quantizer.ema": true])
+        var cfgJSON = json
+        try setPath(&cfgJSON, "model.dropout", 0.1)
+        try setPath(&cfgJSON, "train.steps", 16)
+        try setPath(&cfgJSON, "train.eval_every", 5)
+        try setPath(&cfgJSON, "train.log_every", 1)
+        let cfg = try RunConfig(json: cfgJSON)
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("resume-\(UUID().uuidString)").path
+        _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true).run()
+        let first = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(stopAfter: 7)
+        XCTAssertTrue(first.interrupted)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(tmp)/b/last.safetensors"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: "\(tmp)/b/result.json"))
+        let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(resume: true)
+        XCTAssertFalse(resumed.interrupted)
+        func curve(_ dir: String) throws -> [String] {
+            try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map { line in
+                var o = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
+                o.removeValue(forKey: "tokens_per_s")
+                return String(decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
+            }
+        }
+        let a = try curve("\(tmp)/a"), b = try curve("\(tmp)/b")
+        XCTAssertEqual(a.count, b.count)
+        for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertEqual(x, y, "metrics line \(i)") }
+        XCTAssertEqual(resumed.test?.loss, try XCTUnwrap(Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true)).evaluateCheckpoint("best", .test).loss)
     }
 }

@@ -29,6 +29,8 @@ public struct TrainConfig: Sendable, Equatable {
     /// Validation batches per evaluation (0 = the whole split).
     public var evalBatches = 0
     public var logEvery = 10
+    /// Write the resumable `last` checkpoint every this many steps (default: eval_every).
+    public var checkpointEvery = 100
     public var threads = 1
     public init() {}
 }
@@ -117,6 +119,7 @@ public struct RunConfig: @unchecked Sendable {
         tc.evalEvery = try t.int("eval_every", default: 100, min: 1)
         tc.evalBatches = try t.int("eval_batches", default: 0, min: 0)
         tc.logEvery = try t.int("log_every", default: 10, min: 1)
+        tc.checkpointEvery = try t.int("checkpoint_every", default: tc.evalEvery, min: 1)
         tc.threads = try t.int("threads", default: 1, min: 1, max: 256)
         try t.finish()
         train = tc

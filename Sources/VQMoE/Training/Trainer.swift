@@ -17,6 +17,8 @@ public struct TrainResult: Sendable {
     public var wallSeconds: Double
     public var tokensPerSecond: Double
     public var outDir: String
+    /// Stopped early (interrupt or `stopAfter`); `last` holds the state to resume from.
+    public var interrupted = false
 }
 
 /// The training loop: Adam(W) with warmup + cosine schedule and global-norm clipping,
@@ -76,6 +78,13 @@ public final class Trainer {
         return EvalResult(loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count))
     }
 
+    /// Load OUT/NAME.safetensors into the model and evaluate `split` in full.
+    public func evaluateCheckpoint(_ name: String, _ split: Split) throws -> EvalResult {
+        let path = "\(outDir)/\(name).safetensors"
+        try model.load(try Checkpoint.read(path: path), path: path)
+        return try evaluate(split)
+    }
+
     /// Top-1 expert of every token of a fixed probe batch (validation batch 0), per layer and
     /// path (router, discrete), from an eval-mode forward.
     public func probeAssignments() throws -> (router: [[Int32]], discrete: [[Int32]]) {
@@ -126,22 +135,89 @@ public final class Trainer {
         try Checkpoint.atomicWrite(data, to: "\(outDir)/\(name).json")
     }
 
-    public func run() throws -> TrainResult {
+    /// Set by SIGINT/SIGTERM (see `installInterruptHandlers`); the loop checkpoints and stops.
+    nonisolated(unsafe) public static var interruptRequested: sig_atomic_t = 0
+
+    /// SIGINT and SIGTERM ask the training loop to write `last` and stop after the current step.
+    public static func installInterruptHandlers() {
+        signal(SIGINT) { _ in Trainer.interruptRequested = 1 }
+        signal(SIGTERM) { _ in Trainer.interruptRequested = 1 }
+    }
+
+    /// Run state saved in `last.json` beside `last.safetensors`, enough to continue exactly.
+    struct RunState {
+        var nextStep = 0
+        var best: EvalResult?
+        var bestStep = -1
+        var probe: (router: [[Int32]], discrete: [[Int32]])?
+
+        var json: [String: Any] {
+            var o: [String: Any] = ["next_step": nextStep, "best_step": bestStep]
+            if let best { o["best_valid"] = ["loss": best.loss, "count": best.count, "accuracy": best.accuracy] }
+            if let probe { o["probe"] = ["router": probe.router.map { $0.map(Int.init) }, "discrete": probe.discrete.map { $0.map(Int.init) }] }
+            return o
+        }
+
+        init() {}
+        init(json o: [String: Any], path: String) throws {
+            guard let n = o["next_step"] as? Int, let bs = o["best_step"] as? Int else {
+                throw VQMoEError(.checkpoint, "\(path): missing next_step / best_step")
+            }
+            nextStep = n
+            bestStep = bs
+            if let b = o["best_valid"] as? [String: Any], let l = b["loss"] as? Double, let c = b["count"] as? Int {
+                best = EvalResult(loss: l, count: c, accuracy: b["accuracy"] as? Double ?? 0)
+            }
+            if let p = o["probe"] as? [String: Any], let r = p["router"] as? [[Int]], let d = p["discrete"] as? [[Int]] {
+                probe = (r.map { $0.map(Int32.init) }, d.map { $0.map(Int32.init) })
+            }
+        }
+    }
+
+    /// Train from scratch, or continue a run from OUT/last.* (`resume`). The loss curve of an
+    /// interrupted and resumed run equals the uninterrupted one: batches, dropout masks, plugin
+    /// randomness and the learning rate follow from the step number, and the checkpoint holds
+    /// every parameter, plugin state buffer and optimizer moment. `stopAfter` ends the loop
+    /// early as an interrupt would (checkpoint `last`, no test evaluation).
+    public func run(resume: Bool = false, stopAfter: Int? = nil) throws -> TrainResult {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
-        let cfgData = try JSONSerialization.data(withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
-        try cfgData.write(to: URL(fileURLWithPath: "\(outDir)/config.json"))
-        FileManager.default.createFile(atPath: "\(outDir)/metrics.jsonl", contents: nil)
-        metrics = FileHandle(forWritingAtPath: "\(outDir)/metrics.jsonl")
+        var state = RunState()
+        let metricsPath = "\(outDir)/metrics.jsonl"
+        if resume {
+            let ckPath = "\(outDir)/last.safetensors"
+            try model.load(try Checkpoint.read(path: ckPath), optimizer: optimizer, path: ckPath)
+            guard let data = FileManager.default.contents(atPath: "\(outDir)/last.json"),
+                  let side = try JSONSerialization.jsonObject(with: data) as? [String: Any],
+                  let run = side["run"] as? [String: Any], let t = side["optimizer_steps"] as? Int else {
+                throw VQMoEError(.checkpoint, "\(outDir)/last.json: missing or not a vqmoe checkpoint sidecar")
+            }
+            state = try RunState(json: run, path: "\(outDir)/last.json")
+            optimizer.t = t
+            // Keep the metrics of the steps the checkpoint covers; drop anything logged after it.
+            let old = (try? String(contentsOfFile: metricsPath, encoding: .utf8)) ?? ""
+            let kept = old.split(separator: "\n").filter { line in
+                guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], let st = o["step"] as? Int else { return false }
+                return st < state.nextStep
+            }
+            try (kept.joined(separator: "\n") + (kept.isEmpty ? "" : "\n")).write(toFile: metricsPath, atomically: true, encoding: .utf8)
+            progress.note("resuming \(config.name) at step \(state.nextStep) from \(ckPath)")
+        } else {
+            let cfgData = try JSONSerialization.data(withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
+            try cfgData.write(to: URL(fileURLWithPath: "\(outDir)/config.json"))
+            FileManager.default.createFile(atPath: metricsPath, contents: nil)
+        }
+        metrics = FileHandle(forWritingAtPath: metricsPath)
+        metrics?.seekToEndOfFile()
         defer { try? metrics?.close() }
 
         let t = config.train
         let tokensPerStep = t.batchSize * config.model.seqLen
         let start = Date()
         var windowStart = Date(), windowTokens = 0
-        var best: EvalResult?
-        var bestStep = -1
         var lastTokensPerSecond = 0.0
-        for step in 0..<t.steps {
+        previousProbe = state.probe
+        var interrupted = false
+        for step in state.nextStep..<t.steps {
             let (parts, norm) = try trainStep(step)
             windowTokens += tokensPerStep
             let isLast = step == t.steps - 1
@@ -177,32 +253,46 @@ public final class Trainer {
                     previousProbe = probe
                     log(line)
                 }
-                if best == nil || v.loss < best!.loss {
-                    best = v
-                    bestStep = step
+                if state.best == nil || v.loss < state.best!.loss {
+                    state.best = v
+                    state.bestStep = step
                     try saveCheckpoint("best", step: step + 1, extra: ["valid_loss": v.loss, "valid_bpc": v.bpc])
                 }
+            }
+            state.nextStep = step + 1
+            state.probe = previousProbe
+            let stopNow = Trainer.interruptRequested != 0 || stopAfter == step + 1
+            if stopNow || (step + 1) % t.checkpointEvery == 0 {
+                try saveCheckpoint("last", step: step + 1, extra: ["run": state.json])
+            }
+            if stopNow && !isLast {
+                interrupted = true
+                progress.note("stopped after step \(step + 1): checkpoint \(outDir)/last.safetensors; continue with `vqmoe train --resume \(outDir)`")
+                break
             }
         }
         let wall = Date().timeIntervalSince(start)
         progress.finish()
-        // Test with the best-validation checkpoint.
         var test: EvalResult?
-        if dataset.splitSizes[Int(Split.test.rawValue)] > 1 {
+        if !interrupted && state.bestStep >= 0 && dataset.splitSizes[Int(Split.test.rawValue)] > 1 {
+            // Test with the best-validation checkpoint.
             try model.load(Checkpoint.read(path: "\(outDir)/best.safetensors"), path: "\(outDir)/best.safetensors")
             test = try evaluate(.test)
-            log(["step": bestStep, "split": "test", "loss": test!.loss, "bpc": test!.bpc])
+            log(["step": state.bestStep, "split": "test", "loss": test!.loss, "bpc": test!.bpc])
         }
-        let result = TrainResult(steps: t.steps, bestValid: best, bestStep: bestStep, test: test, wallSeconds: wall,
-                                 tokensPerSecond: Double(t.steps * tokensPerStep) / wall, outDir: outDir)
-        var summary: [String: Any] = ["name": config.name, "ffn": config.model.ffn.mode.rawValue, "steps": t.steps, "best_step": bestStep + 1,
-                                      "params_total": model.parameters.reduce(0) { $0 + $1.count },
-                                      "flops_per_token_forward": model.flopsPerToken(k: config.router.flatMap { $0.values["k"] as? Int } ?? 2),
-                                      "wall_s": wall, "tokens_per_s": result.tokensPerSecond, "threads": t.threads]
-        if let best { summary["valid_loss"] = best.loss; summary["valid_bpc"] = best.bpc }
-        if let test { summary["test_loss"] = test.loss; summary["test_bpc"] = test.bpc }
-        try Checkpoint.atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.prettyPrinted, .sortedKeys]),
-                                   to: "\(outDir)/result.json")
+        let done = state.nextStep
+        let result = TrainResult(steps: done, bestValid: state.best, bestStep: state.bestStep, test: test, wallSeconds: wall,
+                                 tokensPerSecond: Double(max(done, 1) * tokensPerStep) / max(wall, 1e-9), outDir: outDir, interrupted: interrupted)
+        if !interrupted {
+            var summary: [String: Any] = ["name": config.name, "ffn": config.model.ffn.mode.rawValue, "steps": t.steps, "best_step": state.bestStep + 1,
+                                          "params_total": model.parameters.reduce(0) { $0 + $1.count },
+                                          "flops_per_token_forward": model.flopsPerToken(k: config.router.flatMap { $0.values["k"] as? Int } ?? 2),
+                                          "wall_s": wall, "tokens_per_s": result.tokensPerSecond, "threads": t.threads]
+            if let best = state.best { summary["valid_loss"] = best.loss; summary["valid_bpc"] = best.bpc }
+            if let test { summary["test_loss"] = test.loss; summary["test_bpc"] = test.bpc }
+            try Checkpoint.atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.prettyPrinted, .sortedKeys]),
+                                       to: "\(outDir)/result.json")
+        }
         return result
     }
 }
