@@ -109,4 +109,30 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(s5, 64)
         XCTAssertTrue(o5.contains("unknown kind 'heads'; kinds: head"), o5)
     }
+
+    /// SIGINT writes a checkpoint and exits (130); `--resume` continues from it.
+    func testInterruptCheckpointsAndResumeContinues() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("sigint")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: vqmoe)
+        p.arguments = ["--registry", "\(repoRoot)/registry.json", "train", "\(repoRoot)/configs/enwik8_smoe.json", "--out", "\(dir)/run",
+                       "--set", "train.steps=100000", "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.seq_len=32",
+                       "--set", "train.batch_size=4", "--set", "train.threads=1", "--set", "train.eval_every=1000"]
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        var waited = 0.0
+        while !FileManager.default.fileExists(atPath: "\(dir)/run/metrics.jsonl") && waited < 30 { Thread.sleep(forTimeInterval: 0.1); waited += 0.1 }
+        Thread.sleep(forTimeInterval: 1.0)
+        p.interrupt()
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 130)
+        let side = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/run/last.json"))) as! [String: Any]
+        let next = try XCTUnwrap((side["run"] as? [String: Any])?["next_step"] as? Int)
+        XCTAssertGreaterThan(next, 0)
+        let (status, out) = try run(["train", "--resume", "\(dir)/run", "--set", "train.steps=\(next + 3)"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("resuming") || FileManager.default.fileExists(atPath: "\(dir)/run/result.json"), out)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/run/result.json"))
+    }
 }
