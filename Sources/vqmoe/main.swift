@@ -16,6 +16,10 @@ commands:
   train --resume DIR               continue an interrupted run exactly where it stopped
   eval RUN_DIR [--split valid|test] [--checkpoint NAME]
                                    evaluate a run's checkpoint (default best) on a whole split
+  sweep CONFIG [--set key.path=value ...]
+                                   run a grid of trainings (config key "sweep": grid, seeds,
+                                   parallel, out), skip finished runs, write results.md/.csv
+                                   with mean ± std over seeds
   results RUN_DIR...               a markdown table of finished runs (test / valid BPC, params, speed)
   bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]
                                    time training steps: tokens/s, ms per step (forward / backward /
@@ -166,6 +170,14 @@ func run() throws -> Int32 {
         let r = try trainer.evaluate(sp)
         print(String(format: "%@ %@: loss %.4f  bpc %.4f  accuracy %.4f  (%d targets, checkpoint %@)", cfg.name, split, r.loss, r.bpc, r.accuracy, r.count, path))
         return 0
+    case "sweep":
+        let overrides = try parseSettings(try args.take("--set"))
+        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe sweep CONFIG [--set key.path=value ...]") }
+        let sweep = try Sweep(configFile: args.rest[0], overrides: overrides)
+        let exe = URL(fileURLWithPath: Registry.executableDirectory()).appendingPathComponent("vqmoe").path
+        let table = try sweep.execute(executable: exe, registry: args.registryPath) { print($0); fflush(nil) }
+        print(table)
+        return 0
     case "results":
         guard !args.rest.isEmpty else { throw VQMoEError(.usage, "usage: vqmoe results RUN_DIR...") }
         print(try ResultsTable.markdown(runs: args.rest))
@@ -240,7 +252,7 @@ func run() throws -> Int32 {
             ?? FileManager.default.currentDirectoryPath
         return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
     default:
-        let commands = ["train", "eval", "results", "bench", "plugins", "plugin", "help"]
+        let commands = ["train", "eval", "sweep", "results", "bench", "plugins", "plugin", "help"]
         throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
     }
 }

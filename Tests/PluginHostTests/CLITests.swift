@@ -135,4 +135,36 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(out.contains("resuming") || FileManager.default.fileExists(atPath: "\(dir)/run/result.json"), out)
         XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/run/result.json"))
     }
+
+    /// A 2×2 sweep (grid value × seed) runs 2 at a time, writes mean ± std tables, and a
+    /// second invocation skips the finished runs.
+    func testSweepRunsTheGridAndSkipsFinishedRuns() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("sweep")
+        let cfg = """
+        {"name": "mini", "seed": 1, "data": {"name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"},
+         "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16,
+                   "ffn": {"mode": "smoe", "d_inner": 16, "n_experts": 4, "router": {"name": "smoe"}}},
+         "head": {"name": "lm"}, "train": {"steps": 4, "batch_size": 2, "eval_every": 2, "eval_batches": 2},
+         "sweep": {"grid": {"model.ffn.router.k": [1, 2]}, "seeds": [1, 2], "parallel": 2, "out": "\(dir)/out"}}
+        """
+        try cfg.write(toFile: "\(dir)/sweep.json", atomically: true, encoding: .utf8)
+        let (s1, o1) = try run(["sweep", "\(dir)/sweep.json"])
+        XCTAssertEqual(s1, 0, o1)
+        XCTAssertTrue(o1.contains("4 runs, 0 already finished, 4 to run, 2 at a time"), o1)
+        let csv = try String(contentsOfFile: "\(dir)/out/results.csv", encoding: .utf8).split(separator: "\n")
+        XCTAssertEqual(csv.count, 3)
+        XCTAssertTrue(csv[1].hasPrefix("\"k=1\",") && csv[1].hasSuffix(",2"), String(csv[1]))
+        XCTAssertTrue(csv[2].hasPrefix("\"k=2\","), String(csv[2]))
+        let md = try String(contentsOfFile: "\(dir)/out/results.md", encoding: .utf8)
+        XCTAssertTrue(md.contains("| k=1 | ") && md.contains(" ± "), md)
+        let (s2, o2) = try run(["sweep", "\(dir)/sweep.json"])
+        XCTAssertEqual(s2, 0, o2)
+        XCTAssertTrue(o2.contains("4 runs, 4 already finished, 0 to run"), o2)
+        // A bad grid key is refused before anything runs.
+        try cfg.replacingOccurrences(of: "model.ffn.router.k", with: "model.ffn.router.kk").write(toFile: "\(dir)/bad.json", atomically: true, encoding: .utf8)
+        let (s3, o3) = try run(["sweep", "\(dir)/bad.json"])
+        XCTAssertEqual(s3, 65, o3)
+        XCTAssertTrue(o3.contains("model.ffn.router.kk: unknown hyperparameter"), o3)
+    }
 }

@@ -1,0 +1,160 @@
+import Foundation
+
+/// `vqmoe sweep CONFIG`: a grid of runs from one config. The config is a run config plus
+///
+/// ```json
+/// "sweep": {"grid": {"model.ffn.quantizer.name": ["vqvae", "lfq"], "model.ffn.beta": [0.01, 0.1]},
+///           "seeds": [1, 2, 3], "parallel": 1, "out": "runs/sweeps/quantizers"}
+/// ```
+///
+/// Every combination (× seeds) becomes `vqmoe train` with those `--set` overrides in
+/// OUT/<name>, run sequentially or `parallel` at a time as separate processes; runs whose
+/// `result.json` exists are skipped. The results — one row per combination, mean ± std over
+/// seeds — go to OUT/results.md and OUT/results.csv.
+public struct Sweep {
+    public struct Run {
+        public var name: String
+        public var overrides: [(key: String, value: Any)]
+        public var group: String
+        public var dir: String
+    }
+
+    public let base: [String: Any]
+    public let keys: [String]
+    public let values: [[Any]]
+    public let seeds: [Int]
+    public let parallel: Int
+    public let outDir: String
+
+    public init(configFile: String, overrides: [String: Any] = [:]) throws {
+        var json = try ConfigReader.load(file: configFile, overrides: overrides)
+        guard let sweep = json.removeValue(forKey: "sweep") as? [String: Any] else {
+            throw VQMoEError(.config, "\(configFile): a sweep config needs a \"sweep\" object with a \"grid\"")
+        }
+        let r = ConfigReader(sweep, path: "sweep")
+        let grid = try r.child("grid", required: true)
+        keys = grid.object.keys.sorted()
+        values = try keys.map { k in
+            guard let list = grid.object[k] as? [Any], !list.isEmpty else { throw VQMoEError(.config, "sweep.grid.\(k): expected a non-empty list of values") }
+            return list
+        }
+        grid.accept(keys)
+        seeds = try (sweep["seeds"] as? [Any] ?? [json["seed"] ?? 1]).map {
+            guard let n = jsonNumber($0), n == n.rounded() else { throw VQMoEError(.config, "sweep.seeds: expected integers") }
+            return Int(n)
+        }
+        r.accept(["seeds"])
+        parallel = try r.int("parallel", default: 1, min: 1, max: 64)
+        let name = json["name"] as? String ?? "sweep"
+        outDir = try r.string("out", default: "runs/sweeps/\(name)")
+        try r.finish()
+        base = json
+        // Every combination must make a valid run config (unknown keys and bad values fail now).
+        for run in runs() { _ = try RunConfig(json: try apply(run)) }
+    }
+
+    /// The cartesian product of the grid × seeds.
+    public func runs() -> [Run] {
+        var combos: [[(String, Any)]] = [[]]
+        for (k, vs) in zip(keys, values) { combos = combos.flatMap { c in vs.map { c + [(k, $0)] } } }
+        return combos.flatMap { combo -> [Run] in
+            let group = combo.map { "\($0.0.split(separator: ".").last!)=\(describeJSON($0.1).replacingOccurrences(of: "\"", with: ""))" }.joined(separator: ",")
+            return seeds.map { seed in
+                let name = (group.isEmpty ? "" : group + ",") + "seed=\(seed)"
+                return Run(name: name, overrides: combo.map { (key: $0.0, value: $0.1) } + [(key: "seed", value: seed)], group: group,
+                           dir: "\(outDir)/\(name.replacingOccurrences(of: "/", with: "_"))")
+            }
+        }
+    }
+
+    func apply(_ run: Run) throws -> [String: Any] {
+        var json = base
+        for (k, v) in run.overrides { try ConfigReader.set(&json, path: k.split(separator: ".").map(String.init), value: v, full: k) }
+        json["name"] = "\(base["name"] as? String ?? "run")[\(run.name)]"
+        return json
+    }
+
+    /// Run every missing combination with `vqmoe` (the executable at `executable`), then write
+    /// the results tables. Returns the markdown table.
+    public func execute(executable: String, registry: String?, log: (String) -> Void) throws -> String {
+        try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+        let all = runs()
+        let todo = all.filter { !FileManager.default.fileExists(atPath: "\($0.dir)/result.json") }
+        log("sweep: \(all.count) runs, \(all.count - todo.count) already finished, \(todo.count) to run, \(parallel) at a time, in \(outDir)")
+        var pending = todo[...]
+        var active: [(Run, Process)] = []
+        var failed: [String] = []
+        while !pending.isEmpty || !active.isEmpty {
+            while active.count < parallel, let run = pending.popFirst() {
+                try FileManager.default.createDirectory(atPath: run.dir, withIntermediateDirectories: true)
+                let cfgPath = "\(run.dir)/config.input.json"
+                try JSONSerialization.data(withJSONObject: try apply(run), options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: cfgPath))
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: executable)
+                p.arguments = (registry.map { ["--registry", $0] } ?? []) + ["train", cfgPath, "--out", run.dir]
+                FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)
+                let logHandle = FileHandle(forWritingAtPath: "\(run.dir)/train.log")
+                p.standardOutput = logHandle
+                p.standardError = logHandle
+                try p.run()
+                log("started \(run.name)")
+                active.append((run, p))
+            }
+            Thread.sleep(forTimeInterval: 0.2)
+            active.removeAll { run, p in
+                guard !p.isRunning else { return false }
+                if p.terminationStatus == 0 { log("finished \(run.name)") } else {
+                    failed.append(run.name)
+                    log("FAILED \(run.name) (exit \(p.terminationStatus)); see \(run.dir)/train.log")
+                }
+                return true
+            }
+        }
+        let (md, csv) = try results()
+        try md.write(toFile: "\(outDir)/results.md", atomically: true, encoding: .utf8)
+        try csv.write(toFile: "\(outDir)/results.csv", atomically: true, encoding: .utf8)
+        if !failed.isEmpty { throw VQMoEError(.internalError, "sweep: \(failed.count) runs failed: \(failed.joined(separator: "; "))") }
+        return md
+    }
+
+    /// One row per combination: mean ± std over seeds of test/valid BPC, params, tokens/s.
+    public func results() throws -> (markdown: String, csv: String) {
+        var groups: [(String, [[String: Any]])] = []
+        for run in runs() {
+            guard let data = FileManager.default.contents(atPath: "\(run.dir)/result.json"),
+                  let r = try JSONSerialization.jsonObject(with: data) as? [String: Any] else { continue }
+            if let i = groups.firstIndex(where: { $0.0 == run.group }) { groups[i].1.append(r) } else { groups.append((run.group, [r])) }
+        }
+        let metrics = ["test_bpc", "valid_bpc", "tokens_per_s"]
+        func stats(_ rs: [[String: Any]], _ k: String) -> (Double, Double)? {
+            let xs = rs.compactMap { $0[k] as? Double }
+            guard !xs.isEmpty else { return nil }
+            let m = xs.reduce(0, +) / Double(xs.count)
+            let sd = xs.count > 1 ? (xs.map { ($0 - m) * ($0 - m) }.reduce(0, +) / Double(xs.count - 1)).squareRoot() : 0
+            return (m, sd)
+        }
+        let header = ["run"] + metrics + ["params", "seeds"]
+        var md = ["| " + header.joined(separator: " | ") + " |", "|" + header.map { _ in "---" }.joined(separator: "|") + "|"]
+        var csv = [(["run"] + metrics.flatMap { [$0 + "_mean", $0 + "_std"] } + ["params", "seeds"]).joined(separator: ",")]
+        for (g, rs) in groups {
+            let params = (rs.first?["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-"
+            var cells: [String] = [g.isEmpty ? "(base)" : g]
+            var csvCells: [String] = ["\"\(g)\""]
+            for k in metrics {
+                let format = k == "tokens_per_s" ? "%.0f ± %.0f" : "%.4f ± %.4f"
+                if let (m, sd) = stats(rs, k) {
+                    cells.append(String(format: format, m, sd))
+                    csvCells += [String(m), String(sd)]
+                } else {
+                    cells.append("-")
+                    csvCells += ["", ""]
+                }
+            }
+            cells += [params, String(rs.count)]
+            csvCells += [String(rs.first?["params_total"] as? Int ?? 0), String(rs.count)]
+            md.append("| " + cells.joined(separator: " | ") + " |")
+            csv.append(csvCells.joined(separator: ","))
+        }
+        return (md.joined(separator: "\n") + "\n", csv.joined(separator: "\n") + "\n")
+    }
+}
