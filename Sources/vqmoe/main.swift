@@ -173,7 +173,7 @@ func run() throws -> Int32 {
     case "sweep":
         let overrides = try parseSettings(try args.take("--set"))
         guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe sweep CONFIG [--set key.path=value ...]") }
-        let sweep = try Sweep(configFile: args.rest[0], overrides: overrides)
+        let sweep = try Sweep(configFile: args.rest[0], overrides: overrides, registry: try registry())
         let exe = URL(fileURLWithPath: Registry.executableDirectory()).appendingPathComponent("vqmoe").path
         let table = try sweep.execute(executable: exe, registry: args.registryPath) { print($0); fflush(nil) }
         print(table)

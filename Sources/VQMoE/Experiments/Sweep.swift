@@ -26,7 +26,7 @@ public struct Sweep {
     public let parallel: Int
     public let outDir: String
 
-    public init(configFile: String, overrides: [String: Any] = [:]) throws {
+    public init(configFile: String, overrides: [String: Any] = [:], registry: Registry? = nil) throws {
         var json = try ConfigReader.load(file: configFile, overrides: overrides)
         guard let sweep = json.removeValue(forKey: "sweep") as? [String: Any] else {
             throw VQMoEError(.config, "\(configFile): a sweep config needs a \"sweep\" object with a \"grid\"")
@@ -50,7 +50,10 @@ public struct Sweep {
         try r.finish()
         base = json
         // Every combination must make a valid run config (unknown keys and bad values fail now).
-        for run in runs() { _ = try RunConfig(json: try apply(run)) }
+        for run in runs() {
+            let cfg = try RunConfig(json: try apply(run))
+            if let registry { try ModelBuilder(config: cfg, registry: registry).validate() }
+        }
     }
 
     /// The cartesian product of the grid × seeds.

@@ -35,6 +35,23 @@ public struct ModelBuilder {
         return try PluginInstance(library: lib, instanceName: name, dims: dims, hyperparameters: hp, seed: seed)
     }
 
+    /// Check every component name and hyperparameter of the config against the registry and
+    /// the plugins' schemas, without creating anything (sweeps check all runs up front).
+    public func validate() throws {
+        let c = config
+        var specs: [(PluginKind, ComponentSpec)] = [(.dataset, c.data), (.head, c.head)]
+        if c.model.ffn.usesRouter, let r = c.router { specs.append((.router, r)) }
+        if c.model.ffn.usesQuantizer, let q = c.quantizer { specs.append((.quantizer, q)) }
+        for (kind, spec) in specs {
+            let entry: Registry.Entry
+            do { entry = try registry.entry(named: spec.name, kind: kind) } catch let e as VQMoEError {
+                throw VQMoEError(e.category, "\(spec.keyPath).name: \(e.message)")
+            }
+            let lib = try registry.library(for: entry)
+            _ = try ResolvedHyperparameters(schema: lib.schema, layers: [entry.defaults.mapValues(\.value), spec.values], keyPath: spec.keyPath)
+        }
+    }
+
     public func build() throws -> Built {
         let c = config
         var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
