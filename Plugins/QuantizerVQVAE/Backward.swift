@@ -7,6 +7,10 @@ extension VQVAEQuantizer {
     ///   grad_x_t += grad_quantized_t + g * commitment * 2/M * (x_t - q_t)
     ///     (straight-through: the surrogate quantized = x has Jacobian I)
     ///   grad_e_{c_t} += g * 2/M * (q_t - x_t)   (no ema, not frozen: d mse(sg(x), q) / dq)
+    /// except after the forward that ran the k-means initialisation: that forward overwrote
+    /// the codebook with centres computed from the batch, so the loss does not depend on the
+    /// codebook parameter as it was and its gradient is 0 (at a converged Lloyd fixed point
+    /// the gradient at the centres, sum_{t in j} (e_j - x_t), is 0 as well).
     func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
                   _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?) throws(PluginFailure) {
         guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
@@ -32,7 +36,7 @@ extension VQVAEQuantizer {
                 for i in 0..<d { gx[i] += commit * (xt[i] - qt[i]) }
             }
         }
-        guard !config.ema, !ctx.frozen, let gC = codebookGrad, scale != 0 else { return }
+        guard !config.ema, !ctx.frozen, !ctx.kmeansInitialized, let gC = codebookGrad, scale != 0 else { return }
         for t in 0..<n {
             let ge = gC + Int(ctx.codes[t]) * d, xt = ctx.x + t * d, qt = ctx.q + t * d
             for i in 0..<d { ge[i] += scale * (qt[i] - xt[i]) }

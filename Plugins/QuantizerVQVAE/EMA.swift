@@ -1,4 +1,6 @@
-// The EMA codebook update (van den Oord et al. 2017, appendix A.1), with Laplace smoothing.
+// The EMA codebook update (van den Oord et al. 2017, appendix A.1), with Laplace smoothing,
+// and the dead-code restart that follows it (Dhariwal et al. 2020, Jukebox; Zeghidour et al.
+// 2021, SoundStream: codes whose EMA usage falls below a threshold restart from batch vectors).
 import PluginKit
 import VQMoEABI
 
@@ -36,5 +38,30 @@ extension VQVAEQuantizer {
             let m = emaSum + j * d, e = C + j * d
             for i in 0..<d { e[i] = Float(Double(m[i]) / smoothed) }
         }
+    }
+}
+
+extension VQVAEQuantizer {
+    /// Host stream of the dead-code restart rows: rng_init(step seed, deadCodeStream).
+    static let deadCodeStream: UInt64 = 0x6465_6164_636F_6465  // "deadcode"
+
+    /// Dead-code restart (after the EMA update of a training forward): for j = 0..<K in order,
+    /// when N_j < dead_code_threshold, draw a row t = next_u64 % N of the batch from the host
+    /// stream (seed, deadCodeStream) and set e_j = x_t, m_j = x_t, N_j = 1. Returns how many
+    /// codes were replaced (an empty batch replaces none).
+    func restartDeadCodes(x: UnsafePointer<Float>, n: Int, seed: UInt64) throws(PluginFailure) -> Int {
+        guard n > 0, let emaCount, let emaSum else { return 0 }
+        let C = try boundCodebook()
+        let d = dModel
+        var r = host.rng(seed: seed, stream: Self.deadCodeStream)
+        var replaced = 0
+        for j in 0..<nCodes where emaCount[j] < config.deadCodeThreshold {
+            let t = Int(nextRandom(&r) % UInt64(n))
+            (C + j * d).update(from: x + t * d, count: d)
+            (emaSum + j * d).update(from: x + t * d, count: d)
+            emaCount[j] = 1
+            replaced += 1
+        }
+        return replaced
     }
 }

@@ -34,7 +34,7 @@ nonisolated(unsafe) let quantizerAPI: UnsafeMutablePointer<vqmoe_quantizer_api> 
     return p
 }()
 
-/// "vqmoe.metrics/1": usage_perplexity, dead_codes, code_counts.
+/// "vqmoe.metrics/1": usage_perplexity, dead_codes, code_counts (+ restarted_codes).
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
     p.initialize(to: vqmoe_metrics_feature(
@@ -57,7 +57,11 @@ nonisolated(unsafe) let vqvaeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc>
     d.version = staticCString("1.0.0")
     d.description = staticCString(
         "VQ-VAE quantizer: nearest code by L2 (ties -> lowest index), q = e_c with a straight-through " +
-        "gradient; loss = mse(sg(x), q) + commitment * mse(x, sg(q)); optional EMA codebook")
+        "gradient; loss = mse(sg(x), q) + commitment * mse(x, sg(q)); optional EMA codebook (ema); optional " +
+        "k-means init (kmeans_init: Lloyd's k-means on the first training batch, kmeans_iters iterations from K distinct " +
+        "batch rows chosen by the step seed; state 'initialized' records it); optional dead-code restart " +
+        "(dead_code_threshold, needs ema: after each training EMA update, codes with EMA count below the threshold " +
+        "become random batch rows)")
     d.hparams = UnsafePointer(specs)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in

@@ -1,5 +1,6 @@
-// vqvae forward: nearest code, quantized vectors, the VQ loss, code counts; EMA codebook
-// updates in training forwards.
+// vqvae forward: nearest code, quantized vectors, the VQ loss, code counts; in training
+// forwards the k-means initialisation (first one only), the EMA codebook update and the
+// dead-code restart.
 import PluginKit
 import VQMoEABI
 
@@ -15,9 +16,11 @@ final class QuantizerContext {
     let codes: UnsafeMutablePointer<Int32>
     /// VQMOE_STEP_FROZEN: no parameter gradients.
     let frozen: Bool
+    /// This forward wrote the codebook by k-means: no codebook gradient (see backward).
+    let kmeansInitialized: Bool
 
-    init(n: Int, d: Int, frozen: Bool) {
-        self.n = n; self.d = d; self.frozen = frozen
+    init(n: Int, d: Int, frozen: Bool, kmeansInitialized: Bool) {
+        self.n = n; self.d = d; self.frozen = frozen; self.kmeansInitialized = kmeansInitialized
         x = .allocate(capacity: n * d)
         q = .allocate(capacity: n * d)
         codes = .allocate(capacity: n)
@@ -34,7 +37,7 @@ struct NearestJob {
     var norms: UnsafeMutablePointer<Float>      // (K) ||e_j||^2
     var maxNorm: Float                          // max_j ||e_j||^2
     var codes: UnsafeMutablePointer<Int32>      // (N) out
-    var quantized: UnsafeMutablePointer<Float>  // (N,d) out
+    var quantized: UnsafeMutablePointer<Float>? // (N,d) out (nil: codes and errors only)
     var sqError: UnsafeMutablePointer<Double>   // (N) out: ||x_t - e_c||^2
     var d: Int
     var k: Int
@@ -73,7 +76,7 @@ func nearestCodes(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64
         }
         job.codes[t] = Int32(best)
         job.sqError[t] = bestDist
-        (job.quantized + t * d).update(from: job.surrogate ? xt : job.codebook + best * d, count: d)
+        job.quantized.map { ($0 + t * d).update(from: job.surrogate ? xt : job.codebook + best * d, count: d) }
     }
 }
 
@@ -85,10 +88,39 @@ func nearestCodes(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64
 }
 
 extension VQVAEQuantizer {
+    /// codes_t = argmin_j ||x_t - e_j||^2 (ties -> lowest j) for a codebook C (K,d), with
+    /// sqError_t = ||x_t - e_c||^2 and, when `quantized` is given, quantized_t = e_c
+    /// (surrogate: x_t). Distances screened by one GEMM x (N,d) @ C^T (d,K), then re-ranked
+    /// exactly (see `nearestCodes`).
+    func assignNearest(x: UnsafeMutablePointer<Float>, n: Int, codebook C: UnsafeMutablePointer<Float>,
+                       codes: UnsafeMutablePointer<Int32>, quantized: UnsafeMutablePointer<Float>?,
+                       sqError: UnsafeMutablePointer<Double>, surrogate: Bool) throws(PluginFailure) {
+        let d = dModel, k = nCodes
+        guard n > 0 else { return }
+        // ||e_j||^2 (K) and x . e_j (N,K) = x (N,d) @ C^T (d,K)
+        let norms = try host.scratchFloats(k, "code norms")
+        var maxNorm: Float = 0
+        for j in 0..<k {
+            let ej = C + j * d
+            var s: Float = 0
+            for i in 0..<d { s += ej[i] * ej[i] }
+            norms[j] = s
+            maxNorm = max(maxNorm, s)
+        }
+        let dots = try host.scratchFloats(n * k, "code distances")
+        host.gemm(transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: x, lda: d, b: C, ldb: d,
+                  beta: 0, c: dots, ldc: k)
+        host.parallelFor(n, grain: max(1, 16384 / (k * d + 1)),
+                         NearestJob(x: x, codebook: C, dots: dots, norms: norms, maxNorm: maxNorm, codes: codes,
+                                    quantized: quantized, sqError: sqError, d: d, k: k, surrogate: surrogate), nearestCodes)
+    }
+
     /// codes_t = c(x_t); quantized_t = e_c (SURROGATE: x_t); code_counts_j = #{t : c_t = j};
     /// loss = mse(sg(x), q) + commitment * mse(x, sg(q))  (ema: commitment * mse(x, sg(q))),
     /// mse = sum ||x_t - q_t||^2 / (N d).
-    /// A training forward (TRAIN set, FROZEN not set) with ema then updates the codebook.
+    /// A training forward (TRAIN set, FROZEN not set) first runs the k-means initialisation
+    /// when kmeans_init is on and the state "initialized" is 0 (then quantizes with the new
+    /// codebook), and, with ema, ends with the EMA update and the dead-code restart.
     func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
                  _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
                  _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
@@ -111,28 +143,20 @@ extension VQVAEQuantizer {
         for i in 0..<(n * d) where !x[i].isFinite {
             throw .numeric("non-finite input x[\(i / d)][\(i % d)] = \(x[i])")
         }
+        // k-means initialisation: once (the state records it), on a non-empty training batch.
+        var kmeansHere = false
+        if config.kmeansInit && train && !frozen && n > 0, let initialized, initialized.pointee == 0 {
+            try kmeansInitialize(x: x, n: n, seed: stepPtr.pointee.seed)
+            initialized.pointee = 1
+            kmeansHere = true
+        }
         for i in 0..<(k * d) where !C[i].isFinite {
             throw .numeric("non-finite codebook entry [\(i / d)][\(i % d)] = \(C[i])")
         }
 
-        // ||e_j||^2 (K) and x . e_j (N,K) = x (N,d) @ C^T (d,K)
-        let norms = try host.scratchFloats(k, "code norms")
-        var maxNorm: Float = 0
-        for j in 0..<k {
-            let ej = C + j * d
-            var s: Float = 0
-            for i in 0..<d { s += ej[i] * ej[i] }
-            norms[j] = s
-            maxNorm = max(maxNorm, s)
-        }
-        let dots = try host.scratchFloats(n * k, "code distances")
-        host.gemm(transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: x, lda: d, b: C, ldb: d,
-                  beta: 0, c: dots, ldc: k)
         let sqError = try host.scratchDoubles(n, "squared errors")
-        host.parallelFor(n, grain: max(1, 16384 / (k * d + 1)),
-                         NearestJob(x: x, codebook: C, dots: dots, norms: norms, maxNorm: maxNorm, codes: codes,
-                                    quantized: quantized, sqError: sqError, d: d, k: k,
-                                    surrogate: flags & VQMOE_STEP_SURROGATE != 0), nearestCodes)
+        try assignNearest(x: x, n: n, codebook: C, codes: codes, quantized: quantized, sqError: sqError,
+                          surrogate: flags & VQMOE_STEP_SURROGATE != 0)
 
         counts.update(repeating: 0, count: k)
         var total: Double = 0
@@ -142,17 +166,22 @@ extension VQVAEQuantizer {
 
         var ctx: QuantizerContext? = nil
         if saveContext {
-            let c = QuantizerContext(n: n, d: d, frozen: frozen)
+            let c = QuantizerContext(n: n, d: d, frozen: frozen, kmeansInitialized: kmeansHere)
             c.x.update(from: x, count: n * d)
             c.codes.update(from: codes, count: n)
             for t in 0..<n { (c.q + t * d).update(from: C + Int(codes[t]) * d, count: d) }  // pre-update q
             ctx = c
         }
-        if config.ema && train && !frozen { try emaUpdate(x: x, codes: codes, counts: counts, n: n) }
+        var restarted: Int? = nil
+        if config.ema && train && !frozen {
+            try emaUpdate(x: x, codes: codes, counts: counts, n: n)
+            if config.deadCodeThreshold > 0 { restarted = try restartDeadCodes(x: x, n: n, seed: stepPtr.pointee.seed) }
+        }
         // Published last: a failed forward hands the host no context.
         if let ctx { ctxOut?.pointee = Unmanaged.passRetained(ctx).toOpaque() }
         if train || !(stats?.fromTraining ?? false) {
-            stats = UsageStats(counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n, fromTraining: train)
+            stats = UsageStats(counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n, fromTraining: train,
+                               restarted: restarted)
         }
     }
 }

@@ -5,7 +5,8 @@ import VQMoEABI
 
 extension VQVAEQuantizer {
     /// usage_perplexity = exp(-sum_j p_j log p_j), p_j = n_j / N (1 .. K; 0 for an empty
-    /// batch); dead_codes = #{j : n_j = 0}; code_counts = n (K). From the last training
+    /// batch); dead_codes = #{j : n_j = 0}; code_counts = n (K); with dead_code_threshold > 0
+    /// also restarted_codes (codes the dead-code restart replaced). From the last training
     /// forward (the last forward of any kind before the first training one); nothing is
     /// reported before the first forward.
     func metrics(_ sinkPtr: UnsafePointer<vqmoe_metric_sink>?) throws(PluginFailure) {
@@ -22,6 +23,7 @@ extension VQVAEQuantizer {
         if let scalar = sink.scalar {
             scalar(sink.user, "usage_perplexity", perplexity)
             scalar(sink.user, "dead_codes", Double(dead))
+            if let restarted = stats.restarted { scalar(sink.user, "restarted_codes", Double(restarted)) }
         }
         if let vector = sink.vector {
             stats.counts.withUnsafeBufferPointer { vector(sink.user, "code_counts", $0.baseAddress, Int64($0.count)) }

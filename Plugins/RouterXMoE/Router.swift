@@ -13,9 +13,9 @@ nonisolated(unsafe) let logTemperatureBufferName = staticCString("log_temperatur
 /// X-MoE (Chi et al. 2022, "On the Representation Collapse of Sparse Mixture of Experts"):
 /// route in a low-dimensional space by cosine similarity,
 ///   h = W_p x (d -> d_r, no bias),   s_e = (h . e_e) / (||h|| ||e_e|| tau),
-/// keep the top-k scores, weights = softmax over the kept scores (Eq. 4-5 of the paper,
-/// with its learnable temperature tau; the reference code's fixed tau = 0.3 is
-/// temperature_mode = fixed).
+/// keep the top-k scores, weights = softmax over the kept scores (the paper's dimension
+/// reduction + L2 normalisation + learnable temperature tau; the reference code's fixed
+/// tau = 0.3 is temperature_mode = fixed).
 final class XMoERouter {
     let host: Host
     let config: XMoEConfig
@@ -50,8 +50,10 @@ final class XMoERouter {
 
     var bufferCount: Int { config.learnableTemperature ? 3 : 2 }
 
-    /// Buffer 0: "proj.weight" (d_r,d); 1: "expert_embeddings" (E,d_r); 2 (learnable
-    /// temperature only): "log_temperature" (1), no weight decay. All PARAM.
+    /// Buffer 0: "proj.weight" (d_r,d); 1: "expert_embeddings" (E,d_r), no weight decay (the
+    /// scores only see their directions, so decay would only shrink them, i.e. raise the
+    /// effective step size); 2 (learnable temperature only): "log_temperature" (1), no
+    /// weight decay. All PARAM.
     func bufferSpec(_ i: Int, _ out: UnsafeMutablePointer<vqmoe_buffer_spec>?) throws(PluginFailure) {
         guard let out else { throw .invalid("buffer_spec: out is NULL") }
         guard i >= 0 && i < bufferCount else { throw .invalid("buffer index \(i) outside [0, \(bufferCount))") }
@@ -66,6 +68,7 @@ final class XMoERouter {
             s.shape = (Int64(routerDim), Int64(dModel), 0, 0, 0, 0)
         case 1:
             s.name = embeddingsBufferName
+            s.flags = VQMOE_BUF_NO_DECAY
             s.ndim = 2
             s.shape = (Int64(nExperts), Int64(routerDim), 0, 0, 0, 0)
         default:

@@ -1,5 +1,6 @@
 import Foundation
 import VQMoE
+import VQMoEABI
 import XCTest
 
 /// The `vqvae` quantizer plugin against a brute-force double-precision reference.
@@ -87,7 +88,8 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(lib.name, "vqvae")
         XCTAssertEqual(lib.version, "1.0.0")
         XCTAssertEqual(lib.kind, .quantizer)
-        XCTAssertEqual(lib.schema.map(\.name), ["codebook_size", "commitment", "init_scale", "ema", "ema_decay", "ema_epsilon"])
+        XCTAssertEqual(lib.schema.map(\.name), ["codebook_size", "commitment", "init_scale", "ema", "ema_decay", "ema_epsilon",
+                                                "kmeans_init", "kmeans_iters", "dead_code_threshold"])
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["codebook_size"]?.type, .int)
         XCTAssertEqual(s["codebook_size"]?.defaultNumber, 0)
@@ -102,6 +104,17 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(s["ema_decay"]?.min, 0)
         XCTAssertEqual(s["ema_decay"]?.max, 1)
         XCTAssertEqual(s["ema_epsilon"]?.defaultNumber, 1e-5)
+        XCTAssertEqual(s["kmeans_init"]?.type, .bool)
+        XCTAssertEqual(s["kmeans_init"]?.defaultNumber, 0)
+        XCTAssertEqual(s["kmeans_iters"]?.type, .int)
+        XCTAssertEqual(s["kmeans_iters"]?.defaultNumber, 10)
+        XCTAssertEqual(s["kmeans_iters"]?.min, 1)
+        XCTAssertEqual(s["kmeans_iters"]?.max, 100)
+        XCTAssertEqual(s["dead_code_threshold"]?.type, .float)
+        XCTAssertEqual(s["dead_code_threshold"]?.defaultNumber, 0)
+        XCTAssertEqual(s["dead_code_threshold"]?.min, 0)
+        XCTAssertTrue(s["dead_code_threshold"]!.description.contains("ema"))
+        XCTAssertTrue(lib.summary.contains("k-means") && lib.summary.contains("dead-code"), lib.summary)
         XCTAssertTrue(lib.schema.allSatisfy { !$0.description.isEmpty })
         XCTAssertNotNil(lib.feature("vqmoe.metrics/1"))
         XCTAssertNil(lib.feature("vqmoe.no-such-feature/1"))
@@ -366,6 +379,245 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(m2["dead_codes"], [0])
     }
 
+    // MARK: k-means initialisation
+
+    /// The plugin's host streams (KMeans.swift, EMA.swift).
+    static let kmeansStream: UInt64 = 0x6B6D_6561_6E73, deadCodeStream: UInt64 = 0x6465_6164_636F_6465
+
+    /// Brute-force Lloyd in double. Initial centres: `start` (K,d) with rows j < min(K, N)
+    /// replaced by the partial Fisher-Yates pick of the stream (seed, kmeansStream); then
+    /// `iters` times: assign to the nearest centre (ties -> lowest), move each non-empty
+    /// cluster's centre to its mean. Returns the centres and the initial rows.
+    func lloydReference(x: [Float], n: Int, d: Int, K: Int, start: [Float], seed: UInt64,
+                        iters: Int) -> (centres: [Double], rows: [Int]) {
+        var c = start.map(Double.init)
+        var r = HostRNG.make(seed: seed, stream: Self.kmeansStream)
+        var rows = Array(0..<n)
+        for j in 0..<min(K, n) {
+            let p = j + Int(HostRNG.next(&r) % UInt64(n - j))
+            rows.swapAt(j, p)
+            for i in 0..<d { c[j * d + i] = Double(x[rows[j] * d + i]) }
+        }
+        let initialRows = Array(rows.prefix(min(K, n)))
+        for _ in 0..<iters {
+            var sums = [Double](repeating: 0, count: K * d), counts = [Double](repeating: 0, count: K)
+            for t in 0..<n {
+                var best = 0, bestDist = Double.infinity
+                for j in 0..<K {
+                    var s = 0.0
+                    for i in 0..<d { let diff = Double(x[t * d + i]) - c[j * d + i]; s += diff * diff }
+                    if s < bestDist { bestDist = s; best = j }
+                }
+                counts[best] += 1
+                for i in 0..<d { sums[best * d + i] += Double(x[t * d + i]) }
+            }
+            for j in 0..<K where counts[j] > 0 { for i in 0..<d { c[j * d + i] = sums[j * d + i] / counts[j] } }
+        }
+        return (c, initialRows)
+    }
+
+    func testKMeansBuffersAndErrors() throws {
+        let lib = try openPlugin("QuantizerVQVAE")
+        let core = try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["kmeans_init": true])
+        XCTAssertEqual(core.buffers.map(\.name), ["codebook", "initialized"])
+        let flag = try XCTUnwrap(core.buffer("initialized"))
+        XCTAssertFalse(flag.isParameter)
+        XCTAssertEqual(flag.shape, [1])
+        XCTAssertEqual(flag.dtype.code, UInt8(VQMOE_DTYPE_INT))
+        XCTAssertEqual(flag.dtype.bits, 32)
+        XCTAssertEqual(flag.data.load(as: Int32.self), 0)
+        XCTAssertTrue(core.buffer("codebook")!.isParameter)
+        let ema = try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["kmeans_init": true, "ema": true])
+        XCTAssertEqual(ema.buffers.map(\.name), ["codebook", "ema_count", "ema_sum", "initialized"])
+        // Off by default: no extra buffer (checkpoints of existing configurations are unchanged).
+        XCTAssertEqual(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["ema": true,
+                       "dead_code_threshold": 0.5]).buffers.map(\.name), ["codebook", "ema_count", "ema_sum"])
+
+        // dead_code_threshold needs ema: refused by the plugin with the reason.
+        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["dead_code_threshold": 0.5])) { error in
+            let msg = "\(error)"
+            XCTAssertTrue(msg.contains("dead_code_threshold") && msg.contains("ema = true"), msg)
+        }
+        // Out-of-range values are refused by the schema, naming the key.
+        for hp: [String: Any] in [["kmeans_iters": 0], ["kmeans_iters": 101], ["dead_code_threshold": -0.1]] {
+            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: hp)) { error in
+                XCTAssertTrue("\(error)".contains(hp.keys.first!), "\(error)")
+            }
+        }
+    }
+
+    func testKMeansInitMatchesLloydReference() throws {
+        let n = 60, d = 2, K = 5
+        // Five loose blobs: Lloyd needs several iterations from random rows.
+        var x = randomNormal(n * d, seed: 31, scale: 0.9)
+        for t in 0..<n { x[t * d] += Float(t % 5) * 1.5; x[t * d + 1] += Float((t * 3) % 5) * 0.7 }
+        let once = lloydReference(x: x, n: n, d: d, K: K, start: [Float](repeating: 0, count: K * d), seed: 3, iters: 1).centres
+        let ten = lloydReference(x: x, n: n, d: d, K: K, start: [Float](repeating: 0, count: K * d), seed: 3, iters: 10).centres
+        XCTAssertGreaterThan(zip(once, ten).map { abs($0 - $1) }.max()!, 1e-3, "test data: 1 and 10 iterations should differ")
+        for (iters, ema) in [(1, false), (2, false), (10, false), (10, true)] {
+            let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["kmeans_init": true, "kmeans_iters": iters, "ema": ema,
+                                                              "ema_decay": 0.9, "commitment": 0.3], seed: 4)
+            let ref = lloydReference(x: x, n: n, d: d, K: K, start: cb0, seed: 3, iters: iters)
+            XCTAssertEqual(Set(ref.rows).count, K)  // K distinct rows
+            let out = try forward(q, x: x, n: n, step: train())
+            XCTAssertEqual(q.core.buffer("initialized")!.data.load(as: Int32.self), 1)
+            // The forward quantizes with the k-means codebook.
+            let centres = ref.centres.map(Float.init)
+            let want = reference(x: x, codebook: centres, n: n, K: K, d: d)
+            XCTAssertEqual(out.codes.map(Int.init), want.codes, "iters \(iters)")
+            for i in 0..<(n * d) { XCTAssertEqual(Double(out.quantized[i]), want.q[i], accuracy: 1e-5) }
+            XCTAssertEqual(Double(out.loss), (ema ? 0.3 : 1.3) * want.mse, accuracy: 1e-5)
+            let cb = q.core.buffer("codebook")!.floats
+            if !ema {
+                for i in 0..<(K * d) { XCTAssertEqual(Double(cb[i]), ref.centres[i], accuracy: 1e-5, "iters \(iters) codebook[\(i)]") }
+            } else {
+                // ema: ema_sum = centre, ema_count = 1, then this forward's EMA update.
+                let count = q.core.buffer("ema_count")!.floats, sum = q.core.buffer("ema_sum")!.floats
+                var newCount = [Double](repeating: 0, count: K)
+                for j in 0..<K {
+                    newCount[j] = 0.9 + 0.1 * want.counts[j]
+                    XCTAssertEqual(Double(count[j]), newCount[j], accuracy: 1e-5)
+                }
+                let total = newCount.reduce(0, +), eps = 1e-5
+                for j in 0..<K {
+                    for i in 0..<d {
+                        var s = 0.0
+                        for t in 0..<n where want.codes[t] == j { s += Double(x[t * d + i]) }
+                        let m = 0.9 * ref.centres[j * d + i] + 0.1 * s
+                        XCTAssertEqual(Double(sum[j * d + i]), m, accuracy: 1e-5)
+                        XCTAssertEqual(Double(cb[j * d + i]), m / ((newCount[j] + eps) / (total + Double(K) * eps) * total), accuracy: 1e-4)
+                    }
+                }
+            }
+        }
+    }
+
+    func testKMeansWithFewerRowsThanCodes() throws {
+        // N = 3 < K = 5: codes 0..2 start from the three rows (in the shuffled order), codes 3
+        // and 4 from their current values; all take part in Lloyd's iterations.
+        let n = 3, d = 2, K = 5
+        let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["kmeans_init": true], seed: 8)
+        let x = randomNormal(n * d, seed: 12, scale: 2)
+        _ = try forward(q, x: x, n: n, step: train())
+        let ref = lloydReference(x: x, n: n, d: d, K: K, start: cb0, seed: 3, iters: 10)
+        XCTAssertEqual(ref.rows.sorted(), [0, 1, 2])
+        let cb = q.core.buffer("codebook")!.floats
+        for i in 0..<(K * d) { XCTAssertEqual(Double(cb[i]), ref.centres[i], accuracy: 1e-5, "codebook[\(i)]") }
+    }
+
+    func testKMeansRunsOnceAndOnlyInTraining() throws {
+        let n = 24, d = 3, K = 4
+        let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["kmeans_init": true, "kmeans_iters": 5], seed: 2)
+        let cb = q.core.buffer("codebook")!.floats, flag = q.core.buffer("initialized")!.data
+        func codebook() -> [Float] { Array(UnsafeBufferPointer(start: cb, count: K * d)) }
+        let x = randomNormal(n * d, seed: 70)
+        // Eval and frozen training forwards do not initialise.
+        let evalOut = try forward(q, x: x, n: n, step: eval)
+        XCTAssertEqual(evalOut.codes.map(Int.init), reference(x: x, codebook: cb0, n: n, K: K, d: d).codes)
+        _ = try forward(q, x: x, n: n, step: train(frozen: true))
+        XCTAssertEqual(codebook(), cb0)
+        XCTAssertEqual(flag.load(as: Int32.self), 0)
+        // The first training forward does; its backward gives grad_x but no codebook gradient
+        // (the codebook came from the batch).
+        let first = try forward(q, x: x, n: n, step: train())
+        XCTAssertEqual(flag.load(as: Int32.self), 1)
+        let centres = codebook()
+        let ref = lloydReference(x: x, n: n, d: d, K: K, start: cb0, seed: 3, iters: 5).centres
+        for i in 0..<(K * d) { XCTAssertEqual(Double(centres[i]), ref[i], accuracy: 1e-5) }
+        var gx = [Float](repeating: 0, count: n * d)
+        let gq = randomNormal(n * d, seed: 71)
+        try backward(q, try XCTUnwrap(first.ctx), n: n, gq: gq, gradLoss: 1, gradX: &gx)
+        XCTAssertTrue((0..<(K * d)).allSatisfy { q.core.buffer("codebook")!.grad![$0] == 0 })
+        let wantQ = reference(x: x, codebook: centres, n: n, K: K, d: d)
+        for i in 0..<(n * d) {
+            XCTAssertEqual(Double(gx[i]), Double(gq[i]) + 0.25 * 2 / Double(n * d) * (Double(x[i]) - wantQ.q[i]), accuracy: 1e-5)
+        }
+        // Later training forwards (another batch, another seed) leave the codebook alone and
+        // give the usual codebook gradient.
+        let x2 = randomNormal(n * d, seed: 72)
+        let second = try forward(q, x: x2, n: n, step: StepInfo(step: 1, totalSteps: 10, train: true, seed: 99))
+        XCTAssertEqual(codebook(), centres)
+        gx = [Float](repeating: 0, count: n * d)
+        try backward(q, try XCTUnwrap(second.ctx), n: n, gq: nil, gradLoss: 1, gradX: &gx)
+        XCTAssertGreaterThan((0..<(K * d)).map { abs(q.core.buffer("codebook")!.grad![$0]) }.max()!, 0)
+        // Restoring a checkpoint taken before the initialisation (initialized = 0) runs it again,
+        // reproducing the same centres from the same batch and seed.
+        cb.update(from: cb0, count: K * d)
+        flag.storeBytes(of: 0, as: Int32.self)
+        _ = try forward(q, x: x, n: n, step: train(noGrad: true))  // a no-grad training forward is a training forward
+        XCTAssertEqual(codebook(), centres)
+        XCTAssertEqual(flag.load(as: Int32.self), 1)
+        // Re-initialising the instance clears the flag.
+        try q.core.initBuffers(seed: 1)
+        XCTAssertEqual(flag.load(as: Int32.self), 0)
+    }
+
+    // MARK: dead-code restart
+
+    func testDeadCodeRestart() throws {
+        let n = 16, d = 3, K = 6, decay = 0.9, threshold = 0.5
+        let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["ema": true, "ema_decay": decay, "dead_code_threshold": threshold], seed: 5)
+        let count = q.core.buffer("ema_count")!.floats, sum = q.core.buffer("ema_sum")!.floats
+        let cb = q.core.buffer("codebook")!.floats
+        // Known EMA counts: after the update N_j = 0.9 * c_j + 0.1 * n_j.
+        let start: [Float] = [1.0, 0.2, 3.0, 0.1, 0.5, 2.0]
+        count.update(from: start, count: K)
+        let x = randomNormal(n * d, seed: 80, scale: 1.3)
+        let ref = reference(x: x, codebook: cb0, n: n, K: K, d: d)
+        let out = try forward(q, x: x, n: n, step: train())
+        XCTAssertEqual(out.codes.map(Int.init), ref.codes)
+        // Reference EMA update (Laplace smoothing as in testEMAUpdate).
+        var emaCount = [Double](repeating: 0, count: K), emaSum = [Double](repeating: 0, count: K * d)
+        var codebook = [Double](repeating: 0, count: K * d)
+        for j in 0..<K {
+            emaCount[j] = decay * Double(start[j]) + (1 - decay) * ref.counts[j]
+            for i in 0..<d {
+                var s = 0.0
+                for t in 0..<n where ref.codes[t] == j { s += Double(x[t * d + i]) }
+                emaSum[j * d + i] = decay * Double(cb0[j * d + i]) + (1 - decay) * s
+            }
+        }
+        let total = emaCount.reduce(0, +)
+        for j in 0..<K {
+            let smoothed = (emaCount[j] + 1e-5) / (total + Double(K) * 1e-5) * total
+            for i in 0..<d { codebook[j * d + i] = emaSum[j * d + i] / smoothed }
+        }
+        // Then the codes below the threshold, in order, take rows drawn from the step seed's stream.
+        let dead = (0..<K).filter { emaCount[$0] < threshold }
+        XCTAssertFalse(dead.isEmpty)
+        XCTAssertLessThan(dead.count, K)
+        XCTAssertTrue((0..<K).allSatisfy { abs(emaCount[$0] - threshold) > 0.01 })  // no borderline code
+        var r = HostRNG.make(seed: 3, stream: Self.deadCodeStream)
+        for j in dead {
+            let t = Int(HostRNG.next(&r) % UInt64(n))
+            emaCount[j] = 1
+            for i in 0..<d { emaSum[j * d + i] = Double(x[t * d + i]); codebook[j * d + i] = Double(x[t * d + i]) }
+        }
+        for j in 0..<K {
+            XCTAssertEqual(Double(count[j]), emaCount[j], accuracy: 1e-6, "ema_count[\(j)]")
+            for i in 0..<d {
+                XCTAssertEqual(Double(sum[j * d + i]), emaSum[j * d + i], accuracy: 1e-5, "ema_sum[\(j)][\(i)]")
+                XCTAssertEqual(Double(cb[j * d + i]), codebook[j * d + i], accuracy: 1e-4, "codebook[\(j)][\(i)]")
+            }
+        }
+        // The replaced rows are exactly batch rows.
+        for j in dead { XCTAssertTrue((0..<n).contains { t in (0..<d).allSatisfy { cb[j * d + $0] == x[t * d + $0] } }) }
+        XCTAssertEqual(try q.core.metrics()["restarted_codes"], [Double(dead.count)])
+
+        // Eval and frozen forwards restart nothing, even with counts below the threshold.
+        count.update(repeating: 0.1, count: K)
+        let snapshot = Array(UnsafeBufferPointer(start: cb, count: K * d))
+        _ = try forward(q, x: x, n: n, step: eval)
+        _ = try forward(q, x: x, n: n, step: train(frozen: true))
+        XCTAssertEqual(Array(UnsafeBufferPointer(start: cb, count: K * d)), snapshot)
+        XCTAssertTrue((0..<K).allSatisfy { count[$0] == 0.1 })
+        // With every count far above the threshold nothing is replaced.
+        count.update(repeating: 50, count: K)
+        _ = try forward(q, x: x, n: n, step: train(1))
+        XCTAssertEqual(try q.core.metrics()["restarted_codes"], [0])
+        XCTAssertTrue((0..<K).allSatisfy { count[$0] > 40 })
+    }
+
     // MARK: the framework's gradcheck
 
     func testPluginChecker() throws {
@@ -384,5 +636,18 @@ final class QuantizerVQVAETests: XCTestCase {
         let codebook = results.first { $0.name.hasPrefix("gradcheck codebook (direction") }
         XCTAssertTrue(codebook?.detail.contains("|analytic|/|numeric| 0.8000") == true, codebook?.detail ?? "missing")
         XCTAssertTrue(results.contains { $0.name == "gradcheck x [straight-through]" && $0.passed })
+
+        // k-means init (the checker restores the state "initialized" = 0 before every evaluation,
+        // so each one re-runs k-means on its batch: the loss's slope in x is that of the converged
+        // k-means reconstruction, 2 (x - q) by the envelope theorem, and the codebook parameter
+        // has no effect -- and gets no gradient -- in the initialising forward).
+        for hp: [String: Any] in [["kmeans_init": true], ["kmeans_init": true, "kmeans_iters": 3, "commitment": 0.6],
+                                  ["kmeans_init": true, "ema": true],
+                                  ["ema": true, "dead_code_threshold": 0.5],
+                                  ["ema": true, "dead_code_threshold": 0.5, "kmeans_init": true]] {
+            let r = PluginChecker(library: lib, hyperparameters: hp).run()
+            XCTAssertTrue(r.allSatisfy(\.passed), "\(hp): " + r.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertGreaterThanOrEqual(r.count, 10)
+        }
     }
 }

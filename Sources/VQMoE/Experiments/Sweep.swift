@@ -95,7 +95,7 @@ public struct Sweep {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: executable)
                 p.arguments = (registry.map { ["--registry", $0] } ?? []) + ["train", cfgPath, "--out", run.dir]
-                FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)
+                _ = FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)
                 let logHandle = FileHandle(forWritingAtPath: "\(run.dir)/train.log")
                 p.standardOutput = logHandle
                 p.standardError = logHandle

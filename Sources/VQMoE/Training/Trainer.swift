@@ -204,7 +204,7 @@ public final class Trainer {
         } else {
             let cfgData = try JSONSerialization.data(withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
             try cfgData.write(to: URL(fileURLWithPath: "\(outDir)/config.json"))
-            FileManager.default.createFile(atPath: metricsPath, contents: nil)
+            _ = FileManager.default.createFile(atPath: metricsPath, contents: nil)
         }
         metrics = FileHandle(forWritingAtPath: metricsPath)
         metrics?.seekToEndOfFile()
