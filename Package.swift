@@ -9,8 +9,12 @@ import PackageDescription
 let pluginNames = [
     "QuantizerVQVAE", "QuantizerVQGANCos", "QuantizerLFQ", "QuantizerRVQ",
     "RouterSMoE", "RouterXMoE", "RouterStableMoE", "RouterSMoEDropout", "RouterSoftMoE", "RouterDense",
-    "DatasetChar", "HeadLM",
+    "DatasetChar", "DatasetWord", "DatasetSST", "DatasetCSV", "DatasetIDX", "DatasetCIFAR",
+    "HeadLM", "HeadClassifier", "HeadImageClassifier",
 ]
+
+/// Plugins that also link a system C library (never a host Swift module).
+let pluginSystemLibraries: [String: [Target.Dependency]] = ["DatasetIDX": ["CZlib"]]
 
 let swiftFlags: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
 
@@ -26,6 +30,7 @@ let package = Package(
         .target(name: "VQMoEABI", path: "Sources/VQMoEABI"),
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
         .systemLibrary(name: "CFFI", path: "Sources/CFFI"),
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
         .target(name: "VQMoE", dependencies: ["VQMoEABI", "CBLAS", "CFFI"], swiftSettings: swiftFlags),
         .executableTarget(name: "vqmoe", dependencies: ["VQMoE"], swiftSettings: swiftFlags),
         .target(name: "FFIHashRouter", path: "Plugins/FFIHashRouter"),
@@ -35,6 +40,7 @@ let package = Package(
         // Shared plumbing of the Swift plugins, linked statically into each (never into the host).
         .target(name: "PluginKit", dependencies: ["VQMoEABI"], path: "Plugins/PluginKit", swiftSettings: swiftFlags),
     ] + pluginNames.map {
-        .target(name: $0, dependencies: ["VQMoEABI", "PluginKit"], path: "Plugins/\($0)", swiftSettings: swiftFlags)
+        .target(name: $0, dependencies: ["VQMoEABI", "PluginKit"] + (pluginSystemLibraries[$0] ?? []), path: "Plugins/\($0)",
+                swiftSettings: swiftFlags)
     }
 )

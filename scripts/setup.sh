@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+[ -e /usr/include/zlib.h ] || need+=(zlib1g-dev)
 [ -e /usr/include/x86_64-linux-gnu/cblas.h ] || [ -e /usr/include/cblas.h ] || need+=(libopenblas-dev)
 [ -e /usr/include/x86_64-linux-gnu/ffi.h ] || [ -e /usr/include/ffi.h ] || need+=(libffi-dev)
 command -v cc >/dev/null || need+=(gcc)

@@ -173,7 +173,7 @@ public final class Transformer: @unchecked Sendable {
     /// tokens, targets (B,T) int32 → loss parts. In training mode the activations are kept for
     /// `backward()`; `step` seeds dropout and the plugins' per-step randomness.
     public func forward(tokens: UnsafePointer<Int32>, targets: UnsafePointer<Int32>?, batch: Int, step: Int,
-                        train: Bool, logits: UnsafeMutablePointer<Float>? = nil) throws -> LossParts {
+                        train: Bool, lengths: UnsafePointer<Int32>? = nil, logits: UnsafeMutablePointer<Float>? = nil) throws -> LossParts {
         let c = config.dModel, t = config.seqLen, n = batch * t, h = config.nHead
         b = batch
         self.t = t
@@ -219,7 +219,7 @@ public final class Transformer: @unchecked Sendable {
         let lnf = act("lnf", 0, n * c), mf = act("lnfm", 0, n), rf = act("lnfr", 0, n)
         LayerNorm.forward(out: lnf, mean: mf, rstd: rf, inp: x, weight: lnfw.data, bias: lnfb.data, n: n, c: c)
         let out = logits ?? ws.floats("logits", head.rows(batch: batch, seq: t) * head.nOut)
-        let r = try head.forward(stepInfo(9, layer: 0, train: train), h: lnf, batch: batch, seq: t, targets: targets, logits: out)
+        let r = try head.forward(stepInfo(9, layer: 0, train: train), h: lnf, batch: batch, seq: t, targets: targets, lengths: lengths, logits: out)
         headCtx = r.ctx
         parts.task = r.loss
         parts.lossSum = r.lossSum

@@ -28,6 +28,8 @@ public final class DatasetInstance: @unchecked Sendable {
         public var inputsInt: [Int32]
         public var inputsFloat: [Float]
         public var targets: [Int32]
+        /// Real tokens per sample (token classification); empty for other tasks.
+        public var lengths: [Int32]
         public var rows: Int
         public var inputShape: [Int]
         public var targetShape: [Int]
@@ -72,15 +74,19 @@ public final class DatasetInstance: @unchecked Sendable {
         var b = Batch(inputsInt: inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount),
                       inputsFloat: inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : [],
                       targets: [Int32](repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize),
+                      lengths: task == VQMOE_TASK_CLASSIFY_TOKENS ? [Int32](repeating: Int32(sampleShape[0]), count: batchSize) : [],
                       rows: 0, inputShape: [batchSize] + sampleShape, targetShape: isLM ? [batchSize, sampleShape[0]] : [batchSize])
         var status: Int32 = 0
         let a = TensorArena()
         var req = vqmoe_batch_request(struct_size: structSize(vqmoe_batch_request.self), split: split.rawValue,
                                       index: Int64(index), batch_size: Int64(batchSize))
+        let hasLengths = !b.lengths.isEmpty
         b.targets.withUnsafeMutableBufferPointer { t in
+          b.lengths.withUnsafeMutableBufferPointer { l in
             let targets = a.i32(t.baseAddress, b.targetShape)
+            let lengths = hasLengths ? a.i32(l.baseAddress, [batchSize]) : TensorArena.absent
             func run(_ inputs: vqmoe_tensor) {
-                var out = vqmoe_batch(struct_size: structSize(vqmoe_batch.self), inputs: inputs, targets: targets, rows: 0)
+                var out = vqmoe_batch(struct_size: structSize(vqmoe_batch.self), inputs: inputs, targets: targets, rows: 0, lengths: lengths)
                 _ = HostRuntime.takeError()
                 status = api.read_batch!(core.handle, &req, &out)
                 HostRuntime.releaseScratch()
@@ -91,12 +97,16 @@ public final class DatasetInstance: @unchecked Sendable {
             } else {
                 b.inputsInt.withUnsafeMutableBufferPointer { run(a.i32($0.baseAddress, b.inputShape)) }
             }
+          }
         }
         if status == VQMOE_ERR_END_OF_DATA { _ = HostRuntime.takeError(); return nil }
         if status != VQMOE_OK {
             let msg = HostRuntime.takeError() ?? "no message"
             throw VQMoEError(status == VQMOE_ERR_IO ? .data : .plugin,
                              "\(core.describe) failed in read_batch(\(split.name), \(index)): \(statusName(status)): \(msg)")
+        }
+        if hasLengths, let bad = b.lengths.first(where: { $0 < 1 || Int($0) > sampleShape[0] }) {
+            throw VQMoEError(.plugin, "\(core.describe): read_batch gave a sample length \(bad) outside [1, \(sampleShape[0])]")
         }
         guard b.rows >= 1 && b.rows <= batchSize else {
             throw VQMoEError(.plugin, "\(core.describe): read_batch gave rows = \(b.rows) for batch size \(batchSize)")

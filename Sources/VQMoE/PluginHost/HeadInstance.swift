@@ -45,13 +45,16 @@ public final class HeadInstance: @unchecked Sendable {
     }
     public func rows(batch: Int, seq: Int) -> Int { perToken ? batch * seq : batch }
 
-    /// h (B,T,d), targets (B,T) or (B) int32 (nil: logits only) → logits (rows, n_out).
+    /// h (B,T,d), targets (B,T) or (B) int32 (nil: logits only), lengths (B) real tokens per
+    /// sequence (nil: all real) → logits (rows, n_out).
     public func forward(_ step: StepInfo, h: UnsafePointer<Float>, batch: Int, seq: Int,
-                        targets: UnsafePointer<Int32>?, logits: UnsafeMutablePointer<Float>) throws -> Result {
+                        targets: UnsafePointer<Int32>?, lengths: UnsafePointer<Int32>? = nil,
+                        logits: UnsafeMutablePointer<Float>) throws -> Result {
         let a = TensorArena()
         let rows = self.rows(batch: batch, seq: seq)
         var input = vqmoe_head_input(struct_size: structSize(vqmoe_head_input.self), h: a.f32(h, [batch, seq, dModel]),
-                                     targets: targets.map { a.i32($0, perToken ? [batch, seq] : [batch]) } ?? TensorArena.absent)
+                                     targets: targets.map { a.i32($0, perToken ? [batch, seq] : [batch]) } ?? TensorArena.absent,
+                                     lengths: lengths.map { a.i32($0, [batch]) } ?? TensorArena.absent)
         var out = vqmoe_head_output(struct_size: structSize(vqmoe_head_output.self), logits: a.f32(logits, [rows, nOut]),
                                     loss: 0, loss_sum: 0, count: 0, correct: 0)
         var s = step.c

@@ -356,11 +356,14 @@ public struct PluginChecker {
         if rows > 2 { targets[1] = Int32(VQMOE_PAD_TARGET) }  // one ignored target
         var logits = [Float](repeating: 0, count: rows * h.nOut)
         let cLoss: Float = 1.3
+        // Pooled heads also get padded sequences: sample i has t − i real tokens.
+        let lengths: [Int32]? = h.perToken ? nil : (0..<b).map { Int32(max(1, t - $0)) }
         func forward(_ s: StepInfo) throws -> (Double, [Int32], HeadInstance.Result) {
             try hs.withUnsafeMutableBufferPointer { hp in
                 try targets.withUnsafeMutableBufferPointer { tp in
                     try logits.withUnsafeMutableBufferPointer { lp in
-                        let res = try h.forward(s, h: hp.baseAddress!, batch: b, seq: t, targets: tp.baseAddress, logits: lp.baseAddress!)
+                        let res = try h.forward(s, h: hp.baseAddress!, batch: b, seq: t, targets: tp.baseAddress, lengths: lengths,
+                                                logits: lp.baseAddress!)
                         return (Double(cLoss) * Double(res.loss), [], res)
                     }
                 }

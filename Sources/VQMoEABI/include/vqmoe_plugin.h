@@ -502,6 +502,9 @@ typedef struct vqmoe_batch {
     vqmoe_tensor inputs;
     vqmoe_tensor targets;
     int64_t rows;
+    /** (B) int32: real (unpadded) tokens of each sample for VQMOE_TASK_CLASSIFY_TOKENS (the
+     *  rest of the row is padding); absent (data NULL) for other tasks. */
+    vqmoe_tensor lengths;
 } vqmoe_batch;
 
 typedef struct vqmoe_dataset_api {
@@ -519,6 +522,9 @@ typedef struct vqmoe_head_input {
     uint32_t struct_size;
     vqmoe_tensor h;
     vqmoe_tensor targets; /* absent: logits only, no loss */
+    /** (B) int32: real tokens of each sequence (pooled heads ignore the padding after them);
+     *  absent when every position is real (LM batches, images). */
+    vqmoe_tensor lengths;
 } vqmoe_head_input;
 
 /**
