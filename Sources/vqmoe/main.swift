@@ -14,12 +14,18 @@ commands:
                                    reports test loss / bits per character with the best checkpoint;
                                    SIGINT/SIGTERM write DIR/last.* and stop
   train --resume DIR               continue an interrupted run exactly where it stopped
+  finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]
+                                   fine-tune pre-trained weights on a classification task (new head,
+                                   frozen parts from finetune.freeze); reports accuracy and the FFN
+                                   FLOPs per token of the pre-training vs fine-tuning path
   eval RUN_DIR [--split valid|test] [--checkpoint NAME]
                                    evaluate a run's checkpoint (default best) on a whole split
   sweep CONFIG [--set key.path=value ...]
                                    run a grid of trainings (config key "sweep": grid, seeds,
                                    parallel, out), skip finished runs, write results.md/.csv
                                    with mean ± std over seeds
+  report RUN_DIR... [--out DIR]    report.md and SVG plots: curves, consistency, expert load, code
+                                   usage, routing movement, PCA of expert inputs
   results RUN_DIR...               a markdown table of finished runs (test / valid BPC, params, speed)
   bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]
                                    time training steps: tokens/s, ms per step (forward / backward /
@@ -154,6 +160,20 @@ func run() throws -> Int32 {
         let r = try trainer.run(resume: resume != nil)
         print(trainSummary(cfg, r))
         return r.interrupted ? 130 : 0
+    case "finetune":
+        var overrides = try parseSettings(try args.take("--set"))
+        if let t = args.threads { overrides["train.threads"] = t }
+        let out = try args.take("--out").last, from = try args.take("--from").last
+        guard args.rest.count == 1 else { throw VQMoEError(.usage, "usage: vqmoe finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]") }
+        let cfg = try RunConfig(json: try ConfigReader.load(file: args.rest[0], overrides: overrides))
+        let ft = try Finetune(config: cfg, registry: try registry(), outDir: out ?? "runs/\(cfg.name)", from: from)
+        Trainer.installInterruptHandlers()
+        let r = try ft.run()
+        print("fine-tuned \(cfg.name) from \(ft.checkpoint): \(r.trainable) trainable parameters, \(r.frozen) frozen")
+        if let v = r.result.bestValid { print(String(format: "best valid  accuracy %.4f  loss %.4f  (step %d)", v.accuracy, v.loss, r.result.bestStep + 1)) }
+        if let t = r.result.test { print(String(format: "test        accuracy %.4f  loss %.4f", t.accuracy, t.loss)) }
+        print(r.flops.text)
+        return r.result.interrupted ? 130 : 0
     case "eval":
         let split = try args.take("--split").last ?? "test"
         let name = try args.take("--checkpoint").last ?? "best"
@@ -177,6 +197,12 @@ func run() throws -> Int32 {
         let exe = URL(fileURLWithPath: Registry.executableDirectory()).appendingPathComponent("vqmoe").path
         let table = try sweep.execute(executable: exe, registry: args.registryPath) { print($0); fflush(nil) }
         print(table)
+        return 0
+    case "report":
+        let out = try args.take("--out").last
+        guard !args.rest.isEmpty else { throw VQMoEError(.usage, "usage: vqmoe report RUN_DIR... [--out DIR]") }
+        let files = try Report(runs: args.rest, outDir: out ?? (args.rest.count == 1 ? args.rest[0] : "runs/report")).write()
+        print(files.joined(separator: "\n"))
         return 0
     case "results":
         guard !args.rest.isEmpty else { throw VQMoEError(.usage, "usage: vqmoe results RUN_DIR...") }
@@ -252,7 +278,7 @@ func run() throws -> Int32 {
             ?? FileManager.default.currentDirectoryPath
         return emit(try PluginCommands.scaffold(kind: args.rest[0], name: args.rest[1], language: lang, directory: dir, root: root))
     default:
-        let commands = ["train", "eval", "sweep", "results", "bench", "plugins", "plugin", "help"]
+        let commands = ["train", "finetune", "eval", "sweep", "report", "results", "bench", "plugins", "plugin", "help"]
         throw VQMoEError(.usage, "unknown command '\(command)'; commands: \(closestFirst(command, among: commands).joined(separator: ", ")) (see vqmoe --help)")
     }
 }

@@ -42,6 +42,19 @@ public struct FFNConfig: Sendable, Equatable {
     }
 
     public var usesRouter: Bool { mode == .smoe || mode == .vqmoe }
+
+    /// Analytic forward FLOPs per token of a layer (multiply-add = 2): experts 4·d·d_inner each
+    /// (k sparse + L discrete), router 2·d·E, quantizer distances 2·d·K, gate 4·d.
+    public func flopsPerToken(dModel: Int, k: Int, levels: Int, codebookSize: Int) -> Double {
+        let d = Double(dModel), f = Double(dInner), e = Double(nExperts), l = Double(max(levels, 1)), kk = Double(codebookSize)
+        let expert = 4 * d * f
+        switch mode {
+        case .dense: return expert
+        case .smoe: return Double(k) * expert + 2 * d * e
+        case .vqmoe: return (Double(k) + l) * expert + 2 * d * e + 2 * d * kk + 4 * d
+        case .vqmoeFinetune: return l * expert + 2 * d * kk
+        }
+    }
     public var usesQuantizer: Bool { mode == .vqmoe || mode == .vqmoeFinetune }
 }
 
@@ -145,14 +158,7 @@ public final class MoELayer: @unchecked Sendable {
 
     /// Analytic forward FLOPs per token of this layer (multiply-add = 2), for the current mode.
     public func flopsPerToken(k: Int) -> Double {
-        let d = Double(dModel), f = Double(config.dInner), e = Double(config.nExperts)
-        let expert = 4 * d * f
-        switch config.mode {
-        case .dense: return expert
-        case .smoe: return Double(k) * expert + 2 * d * e
-        case .vqmoe: return Double(k + max(levels, 1)) * expert + 2 * d * e + 2 * d * Double(quantizer?.codebookSize ?? 0) + 4 * d
-        case .vqmoeFinetune: return Double(max(levels, 1)) * expert + 2 * d * Double(quantizer?.codebookSize ?? 0)
-        }
+        config.flopsPerToken(dModel: dModel, k: k, levels: quantizer?.codesPerToken ?? 1, codebookSize: quantizer?.codebookSize ?? 0)
     }
 
     // MARK: forward

@@ -234,6 +234,12 @@ public final class Transformer: @unchecked Sendable {
         return parts
     }
 
+    /// The input of layer `l`'s feed-forward (LN2 output, (B,T,C)) from the last forward.
+    public func moeInput(layer l: Int) -> UnsafePointer<Float>? {
+        guard l < config.nLayer, b > 0 else { return nil }
+        return UnsafePointer(act("ln2", l, b * t * config.dModel))
+    }
+
     // MARK: backward
 
     /// Accumulate every parameter gradient of the last training forward (dL/d total = 1).

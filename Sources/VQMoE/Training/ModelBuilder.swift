@@ -56,8 +56,8 @@ public struct ModelBuilder {
         let c = config
         var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
         let dataset = try DatasetInstance(instance(.dataset, c.data, dims: dims, seed: HostRNG.derive(c.seed, 201), name: "data"))
-        guard dataset.isLM else {
-            throw VQMoEError(.config, "data.name: '\(c.data.name)' is a classification dataset; `train` pre-trains language models (use `finetune`)")
+        guard dataset.task != 3 else {  // VQMOE_TASK_CLASSIFY_IMAGE
+            throw VQMoEError(.config, "data.name: '\(c.data.name)' serves images; the Transformer takes tokens (the ViT backbone is issue 6)")
         }
         guard dataset.sampleShape == [c.model.seqLen] else {
             throw VQMoEError(.config, "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)")
@@ -65,9 +65,16 @@ public struct ModelBuilder {
         var mc = c.model
         mc.vocabSize = dataset.vocabSize
         dims.vocabSize = dataset.vocabSize
+        dims.nClasses = dataset.nClasses
         let head = try HeadInstance(instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
-        guard head.isLM, head.nOut == dataset.vocabSize else {
-            throw VQMoEError(.config, "head.name: '\(c.head.name)' predicts \(head.nOut) outputs; the dataset's vocabulary is \(dataset.vocabSize)")
+        if dataset.isLM {
+            guard head.isLM, head.perToken, head.nOut == dataset.vocabSize else {
+                throw VQMoEError(.config, "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? "" : " per sequence"); the language-model dataset needs a per-token head over its \(dataset.vocabSize)-token vocabulary (e.g. lm)")
+            }
+        } else {
+            guard !head.perToken, head.nOut == dataset.nClasses else {
+                throw VQMoEError(.config, "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? " per token" : ""); the classification dataset has \(dataset.nClasses) classes per sequence (use a pooled head, e.g. classifier)")
+            }
         }
         let model = try Transformer(config: mc, head: head, components: { layer in
             var comp = LayerComponents()

@@ -35,6 +35,16 @@ public struct TrainConfig: Sendable, Equatable {
     public init() {}
 }
 
+/// Fine-tuning settings (`finetune` in a config): where the pre-trained weights come from and
+/// what stays frozen.
+public struct FinetuneConfig: Sendable, Equatable {
+    /// A checkpoint file (.safetensors) or a run directory (its best.safetensors).
+    public var from: String
+    /// Parts kept frozen: any of router, quantizer, gate, experts, attention, embeddings, norms.
+    public var freeze: [String]
+    public static let parts = ["router", "quantizer", "gate", "experts", "attention", "embeddings", "norms"]
+}
+
 /// A whole run, read strictly from JSON (unknown keys, wrong types and out-of-range values are
 /// errors naming the key path).
 ///
@@ -52,6 +62,8 @@ public struct RunConfig: @unchecked Sendable {
     /// Codebook size requested from the quantizer (default: the number of experts, K = E).
     public var nCodes: Int
     public var train: TrainConfig
+    /// Present in fine-tuning configs.
+    public var finetune: FinetuneConfig?
     /// The config as read (with overrides), for the checkpoint sidecar.
     public var json: [String: Any]
 
@@ -123,6 +135,19 @@ public struct RunConfig: @unchecked Sendable {
         tc.threads = try t.int("threads", default: 1, min: 1, max: 256)
         try t.finish()
         train = tc
+        if r.has("finetune") {
+            let f = try r.child("finetune")
+            let freeze = f.object["freeze"] as? [Any] ?? ["router", "quantizer"]
+            f.accept(["freeze"])
+            let names = try freeze.map { v -> String in
+                guard let s = v as? String, FinetuneConfig.parts.contains(s) else {
+                    throw VQMoEError(.config, "finetune.freeze: \(describeJSON(v)) is not one of \(FinetuneConfig.parts.joined(separator: ", "))")
+                }
+                return s
+            }
+            finetune = FinetuneConfig(from: try f.string("from", default: ""), freeze: names)
+            try f.finish()
+        }
         try r.finish()
     }
 

@@ -41,13 +41,17 @@ public final class Trainer {
     private var metrics: FileHandle?
     private var previousProbe: (router: [[Int32]], discrete: [[Int32]])?
 
-    public init(config: RunConfig, registry: Registry, outDir: String, dataRoot: String? = nil, quiet: Bool = false) throws {
+    /// `prepare` runs on the built model before the optimizer is made (fine-tuning loads
+    /// pre-trained weights and freezes parameters there).
+    public init(config: RunConfig, registry: Registry, outDir: String, dataRoot: String? = nil, quiet: Bool = false,
+                prepare: ((Transformer) throws -> Void)? = nil) throws {
         self.config = config
         self.outDir = outDir
         HostRuntime.configure(threads: config.train.threads)
         let built = try ModelBuilder(config: config, registry: registry, dataRoot: dataRoot).build()
         dataset = built.dataset
         model = built.model
+        try prepare?(model)
         optimizer = AdamOptimizer(parameters: model.parameters.filter { !$0.frozen }, config: config.train)
         progress = ProgressReporter(total: config.train.steps, quiet: quiet)
     }
@@ -64,11 +68,7 @@ public final class Trainer {
         var sum = 0.0, count = 0, correct = 0, index = 0
         while maxBatches == 0 || index < maxBatches {
             guard let batch = try dataset.read(split, index: index, batchSize: bs) else { break }
-            let parts = try batch.inputsInt.withUnsafeBufferPointer { x in
-                try batch.targets.withUnsafeBufferPointer { y in
-                    try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: index, train: false)
-                }
-            }
+            let parts = try forward(batch, step: index, train: false)
             sum += parts.lossSum
             count += parts.count
             correct += parts.correct
@@ -76,6 +76,26 @@ public final class Trainer {
         }
         guard count > 0 else { throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate") }
         return EvalResult(loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count))
+    }
+
+    /// Extra fields for result.json (fine-tuning adds its FLOPs comparison).
+    public var extraSummary: [String: Any] = [:]
+
+    /// Language models keep the lowest validation loss; classifiers the highest accuracy.
+    func isBetter(_ a: EvalResult, than b: EvalResult) -> Bool {
+        dataset.isLM ? a.loss < b.loss : (a.accuracy > b.accuracy || (a.accuracy == b.accuracy && a.loss < b.loss))
+    }
+
+    /// One model forward on a dataset batch (with the sample lengths of text classification).
+    func forward(_ batch: DatasetInstance.Batch, step: Int, train: Bool) throws -> LossParts {
+        try batch.inputsInt.withUnsafeBufferPointer { x in
+            try batch.targets.withUnsafeBufferPointer { y in
+                try batch.lengths.withUnsafeBufferPointer { l in
+                    try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: config.train.batchSize, step: step, train: train,
+                                      lengths: batch.lengths.isEmpty ? nil : l.baseAddress)
+                }
+            }
+        }
     }
 
     /// Load OUT/NAME.safetensors into the model and evaluate `split` in full.
@@ -90,13 +110,44 @@ public final class Trainer {
     public func probeAssignments() throws -> (router: [[Int32]], discrete: [[Int32]]) {
         let bs = config.train.batchSize
         guard let batch = try dataset.read(.valid, index: 0, batchSize: bs) ?? dataset.read(.train, index: 0, batchSize: bs) else { return ([], []) }
-        _ = try batch.inputsInt.withUnsafeBufferPointer { x in
-            try batch.targets.withUnsafeBufferPointer { y in
-                try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: 0, train: false)
-            }
-        }
+        _ = try forward(batch, step: 0, train: false)
         let tops = model.layers.map { $0.lastTop1() }
         return (tops.compactMap(\.router), tops.compactMap(\.discrete))
+    }
+
+    /// Current routing parameters per layer: "router" (all router plugin parameters) and
+    /// "codebook" (all quantizer parameters), flattened.
+    func routingSnapshot() -> [String: [[Float]]] {
+        var out: [String: [[Float]]] = [:]
+        let routers = model.layers.compactMap { l in l.router.map { r in r.core.parameters.flatMap { Array(UnsafeBufferPointer(start: $0.floats, count: $0.count)) } } }
+        let codebooks = model.layers.compactMap { l in l.quantizer.map { q in q.core.buffers.filter { $0.dtype.code == 2 }.flatMap { Array(UnsafeBufferPointer(start: $0.floats, count: $0.count)) } } }
+        if !routers.isEmpty && routers.allSatisfy({ !$0.isEmpty }) { out["router"] = routers }
+        if !codebooks.isEmpty && codebooks.allSatisfy({ !$0.isEmpty }) { out["codebook"] = codebooks }
+        return out
+    }
+
+    /// ‖now − before‖ / ‖before‖.
+    static func relativeChange(_ before: [Float], _ now: [Float]) -> Double {
+        var d = 0.0, b = 0.0
+        for (x, y) in zip(before, now) { d += Double(y - x) * Double(y - x); b += Double(x) * Double(x) }
+        return b > 0 ? (d / b).squareRoot() : 0
+    }
+
+    /// The MoE-layer inputs of (up to 256) probe tokens per layer with their top-1 expert, for
+    /// the representation-collapse PCA: OUT/repr/step_<S>.json.
+    func dumpRepresentations(step: Int, probe: (router: [[Int32]], discrete: [[Int32]])) throws {
+        let keep = min(256, config.train.batchSize * config.model.seqLen), d = config.model.dModel
+        var layers: [[String: Any]] = []
+        for l in 0..<model.layers.count {
+            guard let x = model.moeInput(layer: l) else { continue }
+            let experts = l < probe.router.count ? probe.router[l] : (l < probe.discrete.count ? probe.discrete[l] : [])
+            layers.append(["x": (0..<keep).map { t in (0..<d).map { Double(x[t * d + $0]) } },
+                           "expert": experts.prefix(keep).map(Int.init),
+                           "code_expert": l < probe.discrete.count ? probe.discrete[l].prefix(keep).map(Int.init) : []])
+        }
+        try FileManager.default.createDirectory(atPath: "\(outDir)/repr", withIntermediateDirectories: true)
+        let data = try JSONSerialization.data(withJSONObject: ["step": step, "layers": layers])
+        try Checkpoint.atomicWrite(data, to: "\(outDir)/repr/step_\(step).json")
     }
 
     /// Fraction of positions whose value is unchanged, per layer (the consistency score).
@@ -111,11 +162,7 @@ public final class Trainer {
         guard let batch = try dataset.read(.train, index: step, batchSize: bs) else {
             throw VQMoEError(.data, "the train split of '\(config.data.name)' gave no batch \(step)")
         }
-        let parts = try batch.inputsInt.withUnsafeBufferPointer { x in
-            try batch.targets.withUnsafeBufferPointer { y in
-                try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: true)
-            }
-        }
+        let parts = try forward(batch, step: step, train: true)
         try model.backward()
         let norm = clipGradients(optimizer.parameters, maxNorm: config.train.gradClip)
         guard norm.isFinite else { throw VQMoEError(.numeric, "non-finite gradient norm at step \(step)") }
@@ -150,11 +197,14 @@ public final class Trainer {
         var best: EvalResult?
         var bestStep = -1
         var probe: (router: [[Int32]], discrete: [[Int32]])?
+        /// Routing parameters at the last evaluation ("router" / "codebook" → per layer).
+        var routing: [String: [[Float]]]?
 
         var json: [String: Any] {
             var o: [String: Any] = ["next_step": nextStep, "best_step": bestStep]
             if let best { o["best_valid"] = ["loss": best.loss, "count": best.count, "accuracy": best.accuracy] }
             if let probe { o["probe"] = ["router": probe.router.map { $0.map(Int.init) }, "discrete": probe.discrete.map { $0.map(Int.init) }] }
+            if let routing { o["routing"] = routing.mapValues { $0.map { $0.map(Double.init) } } }
             return o
         }
 
@@ -171,6 +221,7 @@ public final class Trainer {
             if let p = o["probe"] as? [String: Any], let r = p["router"] as? [[Int]], let d = p["discrete"] as? [[Int]] {
                 probe = (r.map { $0.map(Int32.init) }, d.map { $0.map(Int32.init) })
             }
+            if let r = o["routing"] as? [String: [[Double]]] { routing = r.mapValues { $0.map { $0.map(Float.init) } } }
         }
     }
 
@@ -240,8 +291,9 @@ public final class Trainer {
             }
             if (step + 1) % t.evalEvery == 0 || isLast {
                 let v = try evaluate(.valid, maxBatches: t.evalBatches)
-                log(["step": step, "split": "valid", "loss": v.loss, "bpc": v.bpc])
-                progress.note(String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc))
+                log(["step": step, "split": "valid", "loss": v.loss] + (dataset.isLM ? ["bpc": v.bpc] : ["accuracy": v.accuracy]))
+                progress.note(dataset.isLM ? String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc)
+                                           : String(format: "step %d  valid loss %.4f  accuracy %.4f", step + 1, v.loss, v.accuracy))
                 if config.model.ffn.mode != .dense {
                     let probe = try probeAssignments()
                     var line: [String: Any] = ["step": step, "split": "probe", "router_top1": probe.router.map { $0.map(Int.init) },
@@ -250,13 +302,23 @@ public final class Trainer {
                         line["consistency_router"] = Trainer.consistency(prev.router, probe.router)
                         line["consistency_discrete"] = Trainer.consistency(prev.discrete, probe.discrete)
                     }
+                    // Movement of the routing parameters since the previous evaluation: ‖Δ‖/‖before‖.
+                    let snapshot = routingSnapshot()
+                    if let prev = state.routing {
+                        for (key, now) in snapshot {
+                            guard let before = prev[key] else { continue }
+                            line["movement_\(key)"] = zip(before, now).map { b, n in Trainer.relativeChange(b, n) }
+                        }
+                    }
+                    state.routing = snapshot
                     previousProbe = probe
                     log(line)
+                    try dumpRepresentations(step: step, probe: probe)
                 }
-                if state.best == nil || v.loss < state.best!.loss {
+                if state.best == nil || isBetter(v, than: state.best!) {
                     state.best = v
                     state.bestStep = step
-                    try saveCheckpoint("best", step: step + 1, extra: ["valid_loss": v.loss, "valid_bpc": v.bpc])
+                    try saveCheckpoint("best", step: step + 1, extra: ["valid_loss": v.loss, "valid_bpc": v.bpc, "valid_accuracy": v.accuracy])
                 }
             }
             state.nextStep = step + 1
@@ -278,7 +340,7 @@ public final class Trainer {
             // Test with the best-validation checkpoint.
             try model.load(Checkpoint.read(path: "\(outDir)/best.safetensors"), path: "\(outDir)/best.safetensors")
             test = try evaluate(.test)
-            log(["step": state.bestStep, "split": "test", "loss": test!.loss, "bpc": test!.bpc])
+            log(["step": state.bestStep, "split": "test", "loss": test!.loss] + (dataset.isLM ? ["bpc": test!.bpc] : ["accuracy": test!.accuracy]))
         }
         let done = state.nextStep
         let result = TrainResult(steps: done, bestValid: state.best, bestStep: state.bestStep, test: test, wallSeconds: wall,
@@ -288,8 +350,15 @@ public final class Trainer {
                                           "params_total": model.parameters.reduce(0) { $0 + $1.count },
                                           "flops_per_token_forward": model.flopsPerToken(k: config.router.flatMap { $0.values["k"] as? Int } ?? 2),
                                           "wall_s": wall, "tokens_per_s": result.tokensPerSecond, "threads": t.threads]
-            if let best = state.best { summary["valid_loss"] = best.loss; summary["valid_bpc"] = best.bpc }
-            if let test { summary["test_loss"] = test.loss; summary["test_bpc"] = test.bpc }
+            if let best = state.best {
+                summary["valid_loss"] = best.loss
+                if dataset.isLM { summary["valid_bpc"] = best.bpc } else { summary["valid_accuracy"] = best.accuracy }
+            }
+            if let test {
+                summary["test_loss"] = test.loss
+                if dataset.isLM { summary["test_bpc"] = test.bpc } else { summary["test_accuracy"] = test.accuracy }
+            }
+            summary.merge(extraSummary) { _, new in new }
             try Checkpoint.atomicWrite(try JSONSerialization.data(withJSONObject: summary, options: [.prettyPrinted, .sortedKeys]),
                                        to: "\(outDir)/result.json")
         }
@@ -328,3 +397,6 @@ public struct ProgressReporter {
 
     public func finish() { if tty && !quiet { print("") } }
 }
+
+/// `+` for JSON-like dictionaries (right side wins).
+func + (a: [String: Any], b: [String: Any]) -> [String: Any] { a.merging(b) { _, new in new } }

@@ -1,0 +1,197 @@
+import Foundation
+
+/// `vqmoe report RUN_DIR... [--out DIR]`: `report.md` and SVG plots from runs' metrics —
+/// loss / BPC (or accuracy) curves, consistency of routing on the probe batch, expert load over
+/// time, code usage, routing-parameter movement, and a PCA of the expert inputs coloured by the
+/// expert each token went to (the paper's representation-collapse figure).
+///
+/// ```swift
+/// let files = try Report(runs: ["runs/main/smoe", "runs/main/vqmoe"], outDir: "runs/report").write()
+/// ```
+public struct Report {
+    public let runs: [String]
+    public let outDir: String
+
+    public init(runs: [String], outDir: String) {
+        self.runs = runs
+        self.outDir = outDir
+    }
+
+    /// One run's records.
+    struct Run {
+        var dir: String
+        var name: String
+        var lines: [[String: Any]]
+        var result: [String: Any]
+        var isLM: Bool
+        func split(_ s: String) -> [[String: Any]] { lines.filter { $0["split"] as? String == s } }
+    }
+
+    func load(_ dir: String) throws -> Run {
+        guard let text = try? String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8) else {
+            throw VQMoEError(.io, "\(dir)/metrics.jsonl: missing (is \(dir) a run directory of `vqmoe train`?)")
+        }
+        let lines = text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        let result = (FileManager.default.contents(atPath: "\(dir)/result.json")).flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] } ?? [:]
+        let name = result["name"] as? String ?? URL(fileURLWithPath: dir).lastPathComponent
+        let isLM = lines.contains { $0["split"] as? String == "valid" && $0["bpc"] != nil }
+        return Run(dir: dir, name: name, lines: lines, result: result, isLM: isLM)
+    }
+
+    static func num(_ v: Any?) -> Double? { (v as? NSNumber)?.doubleValue ?? (v as? Double) }
+    static func mean(_ v: Any?) -> Double? {
+        guard let a = v as? [Any], !a.isEmpty else { return nil }
+        let xs = a.compactMap(num)
+        return xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count)
+    }
+
+    /// Perplexity of a count vector.
+    static func perplexity(_ counts: [Double]) -> Double {
+        let total = counts.reduce(0, +)
+        guard total > 0 else { return 0 }
+        var h = 0.0
+        for c in counts where c > 0 { let p = c / total; h -= p * log(p) }
+        return exp(h)
+    }
+
+    /// Top-2 principal components of rows (M,d) by power iteration with deflation.
+    static func pca2(_ rows: [[Double]]) -> [[Double]] {
+        guard let d = rows.first?.count, rows.count > 2, d > 1 else { return rows.map { _ in [0, 0] } }
+        let m = Double(rows.count)
+        let mean = (0..<d).map { j in rows.reduce(0) { $0 + $1[j] } / m }
+        let x = rows.map { r in (0..<d).map { r[$0] - mean[$0] } }
+        var cov = [Double](repeating: 0, count: d * d)
+        for r in x { for i in 0..<d where r[i] != 0 { for j in 0..<d { cov[i * d + j] += r[i] * r[j] } } }
+        var comps: [[Double]] = []
+        for c in 0..<2 {
+            var v = (0..<d).map { Double(($0 * 7 + c * 3) % 11) - 5 }
+            for _ in 0..<200 {
+                var w = (0..<d).map { i in (0..<d).reduce(0) { $0 + cov[i * d + $1] * v[$1] } }
+                for p in comps { let dot = zip(w, p).reduce(0) { $0 + $1.0 * $1.1 }; w = zip(w, p).map { $0 - dot * $1 } }
+                let norm = w.reduce(0) { $0 + $1 * $1 }.squareRoot()
+                guard norm > 0 else { break }
+                v = w.map { $0 / norm }
+            }
+            comps.append(v)
+        }
+        return x.map { r in comps.map { p in zip(r, p).reduce(0) { $0 + $1.0 * $1.1 } } }
+    }
+
+    /// Write the SVGs and report.md; returns the files written.
+    @discardableResult
+    public func write() throws -> [String] {
+        try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+        let data = try runs.map(load)
+        var files: [String] = []
+        var md = ["# Report", "", "Runs: " + data.map { "`\($0.dir)`" }.joined(separator: ", "), ""]
+        func save(_ name: String, _ plot: SVGPlot, _ caption: String) throws {
+            try plot.render().write(toFile: "\(outDir)/\(name)", atomically: true, encoding: .utf8)
+            files.append("\(outDir)/\(name)")
+            md += ["![\(caption)](\(name))", "", caption, ""]
+        }
+        // Results table.
+        md += ["| run | ffn | params | valid | test | steps | wall s |", "|---|---|---|---|---|---|---|"]
+        for r in data {
+            let key = r.isLM ? "bpc" : "accuracy"
+            func f(_ k: String) -> String { Report.num(r.result[k]).map { String(format: "%.4f", $0) } ?? "-" }
+            md.append("| \(r.name) | \(r.result["ffn"] as? String ?? "-") | \((r.result["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-") | \(f("valid_\(key)")) \(key) | \(f("test_\(key)")) \(key) | \(r.result["steps"] as? Int ?? 0) | \(Report.num(r.result["wall_s"]).map { String(format: "%.0f", $0) } ?? "-") |")
+        }
+        md.append("")
+        // 1. Curves.
+        var train = SVGPlot(title: "training loss", xLabel: "step", yLabel: "task loss (nats)")
+        var valid = SVGPlot(title: data.allSatisfy(\.isLM) ? "validation bits per character" : "validation", xLabel: "step",
+                            yLabel: data.allSatisfy(\.isLM) ? "BPC" : "accuracy / BPC")
+        for r in data {
+            let t = r.split("train")
+            train.line(r.name, xs: t.compactMap { Report.num($0["step"]) }, ys: t.compactMap { Report.num($0["task_loss"]) })
+            let v = r.split("valid")
+            valid.line(r.name, xs: v.compactMap { Report.num($0["step"]) }, ys: v.compactMap { Report.num($0[r.isLM ? "bpc" : "accuracy"]) })
+        }
+        try save("curves_train.svg", train, "Training loss (task cross-entropy) per logged step.")
+        try save("curves_valid.svg", valid, "Validation metric at each evaluation (BPC for language models, accuracy for classifiers).")
+        // 2. Consistency.
+        var cons = SVGPlot(title: "routing consistency on the probe batch", xLabel: "step", yLabel: "fraction of tokens keeping their top-1 expert")
+        cons.yRange = (0, 1)
+        var anyCons = false
+        for r in data {
+            let p = r.split("probe").filter { $0["consistency_router"] != nil || $0["consistency_discrete"] != nil }
+            for (key, label) in [("consistency_router", "router"), ("consistency_discrete", "discrete")] {
+                let pts = p.compactMap { l -> (Double, Double)? in
+                    guard let s = Report.num(l["step"]), let m = Report.mean(l[key]) else { return nil }
+                    return (s, m)
+                }
+                if !pts.isEmpty { cons.line("\(r.name) \(label)", xs: pts.map(\.0), ys: pts.map(\.1)); anyCons = true }
+            }
+        }
+        if anyCons {
+            try save("consistency.svg", cons, "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation).")
+        }
+        // 3. Movement of routing parameters.
+        var move = SVGPlot(title: "routing parameter movement", xLabel: "step", yLabel: "‖Δ‖ / ‖before‖ since the previous evaluation")
+        var anyMove = false
+        for r in data {
+            for key in ["movement_router", "movement_codebook"] {
+                let pts = r.split("probe").compactMap { l -> (Double, Double)? in
+                    guard let s = Report.num(l["step"]), let m = Report.mean(l[key]) else { return nil }
+                    return (s, m)
+                }
+                if !pts.isEmpty { move.line("\(r.name) \(key.dropFirst(9))", xs: pts.map(\.0), ys: pts.map(\.1)); anyMove = true }
+            }
+        }
+        if anyMove { try save("movement.svg", move, "Relative change of the router and codebook parameters between evaluations (mean over layers).") }
+        // Per run: expert load, code usage, PCA.
+        for (i, r) in data.enumerated() {
+            let t = r.split("train")
+            if let loads = t.last?["expert_load"] as? [[Any]], let first = loads.first, first.count > 1 {
+                var load = SVGPlot(title: "\(r.name): expert load, layer 0", xLabel: "step", yLabel: "share of assignments")
+                for e in 0..<first.count {
+                    let pts = t.compactMap { l -> (Double, Double)? in
+                        guard let s = Report.num(l["step"]), let ls = l["expert_load"] as? [[Any]], let row = ls.first?.compactMap(Report.num), e < row.count else { return nil }
+                        let total = row.reduce(0, +)
+                        return (s, total > 0 ? row[e] / total : 0)
+                    }
+                    load.line("expert \(e)", xs: pts.map(\.0), ys: pts.map(\.1))
+                }
+                try save("expert_load_\(i).svg", load, "\(r.name): share of layer 0's assignments each expert received, over training.")
+            }
+            if let counts = t.last?["code_counts"] as? [[Any]], !counts.isEmpty {
+                var usage = SVGPlot(title: "\(r.name): code usage, last logged batch", xLabel: "code", yLabel: "uses")
+                let k = counts[0].count
+                for (l, row) in counts.enumerated() { usage.bars("layer \(l)", labels: (0..<k).map(String.init), values: row.compactMap(Report.num)) }
+                try save("code_usage_\(i).svg", usage, "\(r.name): how often each code was chosen per layer (dead codes have no bar).")
+                var ppl = SVGPlot(title: "\(r.name): code usage perplexity", xLabel: "step", yLabel: "exp(entropy of code use)")
+                for l in 0..<counts.count {
+                    let pts = t.compactMap { line -> (Double, Double)? in
+                        guard let s = Report.num(line["step"]), let c = line["code_counts"] as? [[Any]], l < c.count else { return nil }
+                        return (s, Report.perplexity(c[l].compactMap(Report.num)))
+                    }
+                    ppl.line("layer \(l)", xs: pts.map(\.0), ys: pts.map(\.1))
+                }
+                try save("code_perplexity_\(i).svg", ppl, "\(r.name): perplexity of code use per layer (K means every code equally used).")
+            }
+            // PCA of the last representation dump.
+            let reprDir = "\(r.dir)/repr"
+            if let files = try? FileManager.default.contentsOfDirectory(atPath: reprDir), !files.isEmpty {
+                let last = files.filter { $0.hasPrefix("step_") }.max { (Int($0.dropFirst(5).dropLast(5)) ?? 0) < (Int($1.dropFirst(5).dropLast(5)) ?? 0) }
+                if let last, let d = FileManager.default.contents(atPath: "\(reprDir)/\(last)"),
+                   let obj = try JSONSerialization.jsonObject(with: d) as? [String: Any], let layers = obj["layers"] as? [[String: Any]] {
+                    for l in Set([0, layers.count - 1]).sorted() where l < layers.count {
+                        guard let x = layers[l]["x"] as? [[Any]], let ex = layers[l]["expert"] as? [Any] else { continue }
+                        let rows = x.map { $0.compactMap(Report.num) }
+                        let pc = Report.pca2(rows)
+                        var scatter = SVGPlot(title: "\(r.name): expert inputs, layer \(l) (PCA)", xLabel: "PC 1", yLabel: "PC 2")
+                        let experts = ex.compactMap(Report.num).map(Int.init)
+                        for e in Set(experts).sorted() {
+                            let idx = experts.indices.filter { experts[$0] == e && $0 < pc.count }
+                            scatter.points("expert \(e)", xs: idx.map { pc[$0][0] }, ys: idx.map { pc[$0][1] }, colorIndex: e)
+                        }
+                        try save("pca_\(i)_layer\(l).svg", scatter, "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top two principal components, coloured by the top-1 expert. Overlapping clouds are the representation collapse the paper describes.")
+                    }
+                }
+            }
+        }
+        try md.joined(separator: "\n").write(toFile: "\(outDir)/report.md", atomically: true, encoding: .utf8)
+        files.append("\(outDir)/report.md")
+        return files
+    }
+}

@@ -1,0 +1,116 @@
+import Foundation
+
+/// `vqmoe finetune CONFIG --from CHECKPOINT`: start from pre-trained weights, replace the head,
+/// freeze what the config says (the paper: router and quantizer frozen, experts trained; VQMoE
+/// fine-tunes its discrete path only, `model.ffn.mode = vqmoe_finetune`), train on the task and
+/// report accuracy with the analytic FLOPs per token of the pre-training and fine-tuning paths.
+///
+/// ```swift
+/// let r = try Finetune(config: cfg, registry: reg, outDir: "runs/sst2").run()
+/// print(r.result.test!.accuracy, r.flops)
+/// ```
+public struct Finetune {
+    public let config: RunConfig
+    public let registry: Registry
+    public let outDir: String
+    public let checkpoint: String
+
+    /// FFN FLOPs per token, pre-training path vs fine-tuning path.
+    public struct Flops {
+        public var pretrainFFN: Double
+        public var finetuneFFN: Double
+        public var pretrainMode: String
+        public var finetuneMode: String
+        public var saving: Double { 1 - finetuneFFN / pretrainFFN }
+        public var text: String {
+            String(format: "FFN FLOPs per token per layer: pre-training (%@) %.0f, fine-tuning (%@) %.0f: %.1f%% less",
+                   pretrainMode, pretrainFFN, finetuneMode, finetuneFFN, 100 * saving)
+        }
+    }
+
+    public init(config: RunConfig, registry: Registry, outDir: String, from: String? = nil) throws {
+        guard let ft = config.finetune else {
+            throw VQMoEError(.config, "finetune: the config needs a \"finetune\" object ({\"from\": CHECKPOINT, \"freeze\": [\"router\", \"quantizer\"]})")
+        }
+        let source = from ?? ft.from
+        guard !source.isEmpty else { throw VQMoEError(.usage, "finetune: say where the pre-trained weights are (--from CHECKPOINT or finetune.from)") }
+        var isDir: ObjCBool = false
+        let path = FileManager.default.fileExists(atPath: source, isDirectory: &isDir) && isDir.boolValue ? "\(source)/best.safetensors" : source
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw VQMoEError(.checkpoint, "finetune: no checkpoint at \(path) (pre-train first: vqmoe train CONFIG --out DIR, then --from DIR)")
+        }
+        self.config = config
+        self.registry = registry
+        self.outDir = outDir
+        checkpoint = path
+    }
+
+    /// Which parameters a freeze part names.
+    static func matches(_ name: String, part: String) -> Bool {
+        switch part {
+        case "router": return name.contains(".ffn.router.")
+        case "quantizer": return name.contains(".ffn.quantizer.")
+        case "gate": return name.contains(".ffn.gate.")
+        case "experts": return name.contains(".ffn.experts.")
+        case "attention": return name.contains(".attn.")
+        case "embeddings": return name == "wte" || name == "wpe"
+        case "norms": return name.contains(".ln1.") || name.contains(".ln2.") || name.hasPrefix("lnf.")
+        default: return false
+        }
+    }
+
+    /// Copy every pre-trained tensor the new model has (all but the new head must be there,
+    /// with their shapes), and freeze the configured parts.
+    func load(into model: Transformer) throws {
+        let ck = try Checkpoint.read(path: checkpoint)
+        var missing: [String] = []
+        for p in model.parameters where !p.name.hasPrefix("head.") {
+            guard let t = ck.tensors[p.name] else { missing.append(p.name); continue }
+            guard t.shape == p.shape, t.data.count == p.count * 4 else {
+                throw VQMoEError(.checkpoint, "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs \(p.shape): the model section must match the pre-training config")
+            }
+            t.data.withUnsafeBytes { _ = memcpy(p.data, $0.baseAddress!, p.count * 4) }
+        }
+        guard missing.isEmpty else {
+            throw VQMoEError(.checkpoint, "\(checkpoint): no pre-trained value for \(missing.prefix(4).joined(separator: ", "))\(missing.count > 4 ? " (+\(missing.count - 4) more)" : ""): the model section must match the pre-training config")
+        }
+        for s in model.stateBuffers {
+            if let t = ck.tensors["state.\(s.name)"], t.data.count == s.buffer.byteCount {
+                t.data.withUnsafeBytes { _ = memcpy(s.buffer.data, $0.baseAddress!, s.buffer.byteCount) }
+            }
+        }
+        for p in model.parameters {
+            p.frozen = config.finetune!.freeze.contains { Finetune.matches(p.name, part: $0) }
+        }
+    }
+
+    /// Analytic FFN FLOPs of the pre-training config (read from the checkpoint's sidecar) and of
+    /// this one.
+    func flops() throws -> Flops {
+        let side = checkpoint.replacingOccurrences(of: ".safetensors", with: ".json")
+        guard let data = FileManager.default.contents(atPath: side),
+              let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any], let pre = obj["config"] as? [String: Any] else {
+            throw VQMoEError(.checkpoint, "\(side): missing sidecar with the pre-training config")
+        }
+        let p = try RunConfig(json: pre)
+        func count(_ c: RunConfig) -> Double {
+            let k = c.router.flatMap { $0.values["k"] as? Int } ?? 2
+            let levels = c.quantizer.flatMap { $0.values["levels"] as? Int } ?? 1
+            return c.model.ffn.flopsPerToken(dModel: c.model.dModel, k: c.model.ffn.usesRouter ? k : 0, levels: levels, codebookSize: c.nCodes)
+        }
+        return Flops(pretrainFFN: count(p), finetuneFFN: count(config), pretrainMode: p.model.ffn.mode.rawValue,
+                     finetuneMode: config.model.ffn.mode.rawValue)
+    }
+
+    public func run(quiet: Bool = false) throws -> (result: TrainResult, flops: Flops, frozen: Int, trainable: Int) {
+        let flops = try self.flops()
+        let trainer = try Trainer(config: config, registry: registry, outDir: outDir, quiet: quiet) { model in try self.load(into: model) }
+        let frozen = trainer.model.parameters.filter(\.frozen).reduce(0) { $0 + $1.count }
+        let trainable = trainer.model.parameters.filter { !$0.frozen }.reduce(0) { $0 + $1.count }
+        trainer.extraSummary = ["pretrained_from": checkpoint, "ffn_flops_per_token_pretrain": flops.pretrainFFN,
+                                "ffn_flops_per_token_finetune": flops.finetuneFFN, "ffn_flops_saving": flops.saving,
+                                "params_frozen": frozen, "params_trainable": trainable]
+        let result = try trainer.run()
+        return (result, flops, frozen, trainable)
+    }
+}
