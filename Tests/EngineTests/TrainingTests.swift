@@ -176,4 +176,34 @@ final class TrainingTests: XCTestCase {
         for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertEqual(x, y, "metrics line \(i)") }
         XCTAssertEqual(resumed.test?.loss, try XCTUnwrap(Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true)).evaluateCheckpoint("best", .test).loss)
     }
+
+    /// `vqmoe report`: curves, consistency, movement, expert load, code usage and PCA plots from
+    /// a real (short) VQMoE run, each a well-formed SVG with data in it, linked from report.md.
+    func testReportWritesEveryPlot() throws {
+        var json = try tinyConfig("vqmoe")
+        try setPath(&json, "train.eval_every", 20)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("report-\(UUID().uuidString)").path
+        _ = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true).run()
+        let probes = try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }.filter { $0["split"] as? String == "probe" }
+        XCTAssertEqual(probes.count, 3)
+        XCTAssertEqual((probes[1]["consistency_router"] as? [Double])?.count, 2)
+        XCTAssertEqual((probes[1]["movement_codebook"] as? [Double])?.count, 2)
+        XCTAssertGreaterThan((probes[1]["movement_router"] as? [Double])?.first ?? 0, 0)
+        let files = try Report(runs: [dir], outDir: "\(dir)/report").write()
+        let names = Set(files.map { URL(fileURLWithPath: $0).lastPathComponent })
+        for f in ["curves_train.svg", "curves_valid.svg", "consistency.svg", "movement.svg", "expert_load_0.svg", "code_usage_0.svg",
+                  "code_perplexity_0.svg", "pca_0_layer0.svg", "pca_0_layer1.svg", "report.md"] {
+            XCTAssertTrue(names.contains(f), "missing \(f) in \(names)")
+        }
+        for f in files where f.hasSuffix(".svg") {
+            let svg = try String(contentsOfFile: f, encoding: .utf8)
+            XCTAssertTrue(svg.hasPrefix("<svg") && svg.hasSuffix("</svg>\n"), f)
+            XCTAssertTrue(svg.contains("<polyline") || svg.contains("<circle") || svg.contains("<rect x="), f)
+            XCTAssertFalse(svg.contains("nan") || svg.contains("inf"), f)
+        }
+        let md = try String(contentsOfFile: "\(dir)/report/report.md", encoding: .utf8)
+        XCTAssertTrue(md.contains("![") && md.contains("(pca_0_layer1.svg)"), md)
+        XCTAssertEqual(Report.pca2([[1, 0], [2, 0], [3, 0.001]]).map { abs($0[0]).rounded() }, [1, 0, 1])
+    }
 }

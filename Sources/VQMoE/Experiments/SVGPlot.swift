@@ -12,7 +12,7 @@ public struct SVGPlot {
     public var title: String
     public var xLabel: String
     public var yLabel: String
-    public var width = 640.0, height = 400.0
+    public var width = 700.0, height = 400.0
     /// Fix the y range (otherwise from the data).
     public var yRange: (Double, Double)?
 
@@ -69,7 +69,7 @@ public struct SVGPlot {
     }
 
     public func render() -> String {
-        let left = 64.0, right = 150.0, top = 36.0, bottom = 48.0
+        let left = 64.0, right = 200.0, top = 36.0, bottom = 48.0
         let pw = width - left - right, ph = height - top - bottom
         let hasBars = series.contains { $0.mark == .bars }
         let allX = series.flatMap(\.xs).filter(\.isFinite), allY = series.flatMap(\.ys).filter(\.isFinite)
@@ -128,7 +128,7 @@ public struct SVGPlot {
         for s in series where !seen.contains(s.name) {
             seen.insert(s.name)
             o.append("<rect x=\"\(left + pw + 12)\" y=\"\(ly)\" width=\"12\" height=\"12\" fill=\"\(s.color)\"/>")
-            o.append("<text x=\"\(left + pw + 30)\" y=\"\(ly + 10)\">\(SVGPlot.esc(String(s.name.prefix(20))))</text>")
+            o.append("<text x=\"\(left + pw + 30)\" y=\"\(ly + 10)\">\(SVGPlot.esc(String(s.name.prefix(28))))</text>")
             ly += 17
             if ly > top + ph { break }
         }
