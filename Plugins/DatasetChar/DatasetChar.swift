@@ -2,8 +2,10 @@
 //
 // The whole file is read into memory at create() and split contiguously into train /
 // valid / test (enwik8: 90/5/5; nanoGPT's tiny Shakespeare: 90/10/0). The vocabulary is the
-// 256 raw byte values. Batches are a pure function of (instance seed, split, index,
-// batch_size):
+// 256 raw byte values. With clean = "text8" the file is first turned into text8-style text by
+// a port of Matt Mahoney's wikifil.pl (Text8.swift): only [a-z ] remains, and the splits apply
+// to that cleaned text. compact_vocab = true renumbers such text to 27 tokens (space -> 0,
+// a..z -> 1..26). Batches are a pure function of (instance seed, split, index, batch_size):
 //   train       batch i = batch_size random windows; the start of each is drawn from the
 //               host RNG seeded with (instance seed, stream = i), so any index can be read in
 //               any order (the host's cursor seeks by asking for another index).
@@ -22,7 +24,7 @@ import VQMoEABI
 // MARK: - small helpers
 
 /// Where to get the data, appended to "file missing" errors.
-private let dataHint = "enwik8-mini ships in the gensim 4.4.0 wheel as gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 (pip download --no-deps gensim==4.4.0, then bunzip2), or use ../shared/data; tiny Shakespeare: https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+private let dataHint = "enwik8-mini ships in the gensim 4.4.0 wheel as gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2 (pip download --no-deps gensim==4.4.0, then bunzip2), or use ../shared/data; enwik8 / enwik9: http://mattmahoney.net/dc/enwik8.zip, enwik9.zip (clean=text8 derives text8 / fil9 from them); text8 itself: http://mattmahoney.net/dc/text8.zip (clean=none, compact_vocab=true); tiny Shakespeare: https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 private let splitNames = ["train", "valid", "test"]
 
@@ -98,6 +100,8 @@ final class CharDataset {
     let count: Int
     /// Tokens per window (T).
     let seqLen: Int
+    /// Token range: 256 (bytes) or 27 (compact_vocab: space 0, a..z 1..26).
+    var vocabSize = 256
     /// Start offset and length of each split in `bytes` (train, valid, test).
     let splitStart: [Int]
     let splitLen: [Int]
@@ -209,6 +213,12 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
         return fail(host, VQMOE_ERR_INVALID_ARGUMENT,
                     "\(who): train_fraction + valid_fraction = \(trainFraction + validFraction) exceeds 1")
     }
+    let cleanC = vqmoe_hp_string(hp, "clean", "none")
+    let clean = cleanC.map { String(cString: $0) } ?? "none"
+    let compact = vqmoe_hp_bool(hp, "compact_vocab", 0) != 0
+    guard clean == "none" || clean == "text8" else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): clean '\(clean)' must be one of none, text8")
+    }
     guard seqLenHP >= 0 else {
         return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): seq_len \(seqLenHP) must be >= 0 (0 = the model's)")
     }
@@ -218,16 +228,43 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
                     "\(who): sequence length is \(T); set the dataset's seq_len or the model's seq_len to >= 1")
     }
 
-    let (buf, n, why, missing) = readWholeFile(path)
-    guard let bytes = buf else {
+    let (raw, rawCount, why, missing) = readWholeFile(path)
+    guard var bytes = raw else {
         let msg = missing
             ? "\(who): data file \(path) not found. \(dataHint)"
             : "\(who): cannot read \(path): \(why ?? "unknown error")"
         return fail(host, VQMOE_ERR_IO, msg)
     }
-    guard n > 0 else {
+    guard rawCount > 0 else {
         bytes.deallocate()
         return fail(host, VQMOE_ERR_IO, "\(who): data file \(path) is empty")
+    }
+    var n = rawCount
+    if clean == "text8" {
+        // wikifil.pl: the visible text of the dump's articles, in [a-z ].
+        let cleaned = wikifilText8(UnsafeBufferPointer(start: bytes, count: rawCount))
+        bytes.deallocate()
+        guard !cleaned.isEmpty else {
+            return fail(host, VQMOE_ERR_IO,
+                        "\(who): \(path): clean=text8 left no text (\(rawCount) bytes in; wikifil.pl keeps only the <text ...> ... </text> of non-#REDIRECT pages: is this a MediaWiki XML dump like enwik8?)")
+        }
+        n = cleaned.count
+        bytes = UnsafeMutablePointer<UInt8>.allocate(capacity: n)
+        cleaned.withUnsafeBufferPointer { bytes.initialize(from: $0.baseAddress!, count: n) }
+    }
+    if compact {
+        // text8's 27 symbols: space -> 0, a..z -> 1..26; anything else is an error.
+        for i in 0..<n {
+            let c = bytes[i]
+            if c == 0x20 { bytes[i] = 0; continue }
+            guard c >= 0x61 && c <= 0x7A else {
+                bytes.deallocate()
+                let source = clean == "text8" ? "the cleaned text of \(path)" : path
+                return fail(host, VQMOE_ERR_IO,
+                            "\(who): \(source): byte \(i) is 0x\(String(c, radix: 16)), not a-z or space; compact_vocab needs text8-style text (set clean=text8 for a Wikipedia XML dump)")
+            }
+            bytes[i] = c - 0x60
+        }
     }
 
     // Contiguous splits from cumulative fractions (so 0.9 + 0.1 leaves exactly 0 for test).
@@ -235,7 +272,7 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
     let validEnd = max(trainEnd, fractionOf(n, trainFraction + validFraction))
     let starts = [0, trainEnd, validEnd]
     let lens = [trainEnd, validEnd - trainEnd, n - validEnd]
-    let sizes = "train \(lens[0]), valid \(lens[1]), test \(lens[2]) of \(n) bytes"
+    let sizes = "train \(lens[0]), valid \(lens[1]), test \(lens[2]) of \(n) bytes\(clean == "text8" ? " after clean=text8" : "")"
     guard lens[0] >= T + 1 else {
         bytes.deallocate()
         return fail(host, VQMOE_ERR_IO,
@@ -249,6 +286,7 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
 
     let ds = CharDataset(host: host, seed: info.pointee.seed, path: path, bytes: bytes, count: n,
                          seqLen: T, splitStart: starts, splitLen: lens)
+    ds.vocabSize = compact ? 27 : 256
     out.pointee = OpaquePointer(Unmanaged.passRetained(ds).toOpaque())
     return VQMOE_OK
 }
@@ -257,11 +295,12 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
 
 /// Build one hyperparameter spec with C strings that live for the process.
 private func spec(_ name: String, _ type: Int32, _ flags: UInt32, _ description: String,
-                  number: Double = 0, string: String? = nil, min: Double = 0, max: Double = 0) -> vqmoe_hparam_spec {
+                  number: Double = 0, string: String? = nil, min: Double = 0, max: Double = 0,
+                  choices: String? = nil) -> vqmoe_hparam_spec {
     vqmoe_hparam_spec(name: UnsafePointer(strdup(name)), type: type, flags: flags,
                       description: UnsafePointer(strdup(description)), default_number: number,
                       default_string: string.map { UnsafePointer(strdup($0)) }, min_value: min, max_value: max,
-                      choices: nil)
+                      choices: choices.map { UnsafePointer(strdup($0)) })
 }
 
 /// The descriptor, built once on first use; never freed (the host never unloads plugins).
@@ -276,6 +315,12 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
              "next fraction used for validation, in [0, 1); the test split is the rest", number: 0.05, min: 0, max: 1),
         spec("seq_len", VQMOE_HP_INT, VQMOE_HP_HAS_MIN,
              "tokens per window; 0 = the model's seq_len", number: 0, min: 0),
+        spec("clean", VQMOE_HP_STRING, 0,
+             "none: the file's bytes as they are; text8: Matt Mahoney's wikifil.pl on a MediaWiki XML dump (enwik8/enwik9 -> text8-style [a-z ] text, splits taken on the cleaned text)",
+             string: "none", choices: "none,text8"),
+        spec("compact_vocab", VQMOE_HP_BOOL, 0,
+             "vocabulary of 27 (space -> 0, a..z -> 1..26) instead of 256 bytes; needs text of only a-z and space (text8, or clean=text8)",
+             number: 0),
     ]
     let hp = UnsafeMutablePointer<vqmoe_hparam_spec>.allocate(capacity: specs.count)
     hp.initialize(from: specs, count: specs.count)
@@ -289,7 +334,7 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
                 return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: dataset_info struct_size \(out.pointee.struct_size) is too small")
             }
             out.pointee.task = VQMOE_TASK_LM
-            out.pointee.vocab_size = 256
+            out.pointee.vocab_size = Int64(ds.vocabSize)
             out.pointee.n_classes = 0
             out.pointee.sample_ndim = 1
             out.pointee.sample_shape = (Int64(ds.seqLen), 0, 0, 0)
@@ -353,7 +398,7 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
         flags: 0,
         name: UnsafePointer(strdup("char")),
         version: UnsafePointer(strdup("1.0.0")),
-        description: UnsafePointer(strdup("byte-level LM corpus (enwik8 format or any raw text): vocabulary of 256 bytes, contiguous train/valid/test split")),
+        description: UnsafePointer(strdup("byte-level LM corpus (enwik8 format or any raw text): vocabulary of 256 bytes, contiguous train/valid/test split; clean=text8 derives text8 from a Wikipedia XML dump (wikifil.pl), compact_vocab=true gives text8's 27 symbols")),
         hparams: UnsafePointer(hp),
         n_hparams: Int32(specs.count),
         create: { info, hp, out in createDataset(info, hp, out) },

@@ -55,7 +55,7 @@ public struct Report {
     }
 
     /// Top-2 principal components of rows (M,d) by power iteration with deflation.
-    static func pca2(_ rows: [[Double]]) -> [[Double]] {
+    public static func pca2(_ rows: [[Double]]) -> [[Double]] {
         guard let d = rows.first?.count, rows.count > 2, d > 1 else { return rows.map { _ in [0, 0] } }
         let m = Double(rows.count)
         let mean = (0..<d).map { j in rows.reduce(0) { $0 + $1[j] } / m }
