@@ -54,6 +54,12 @@ final class TrainingTests: XCTestCase {
         XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, init_std, balance_weight")
         XCTAssertTrue(configError(try with("model.ffn.router.name", "smeo")).hasPrefix("model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))
         XCTAssertEqual(configError(try with("model.d_model", 33)), "model.d_model (33) must be divisible by model.n_head (2)")
+        // LFQ needs a power-of-two codebook: refused at create with the plugin and the reason.
+        var lfq = try with("model.ffn.quantizer", ["name": "lfq"])
+        try setPath(&lfq, "model.ffn.mode", "vqmoe")
+        try setPath(&lfq, "model.ffn.n_codes", 12)
+        let lfqMessage = configError(lfq)
+        XCTAssertTrue(lfqMessage.contains("'lfq'") && lfqMessage.contains("K = 12") && lfqMessage.contains("power of two"), lfqMessage)
         var noRouter = base
         var model = noRouter["model"] as! [String: Any]
         var ffn = model["ffn"] as! [String: Any]
@@ -205,5 +211,66 @@ final class TrainingTests: XCTestCase {
         let md = try String(contentsOfFile: "\(dir)/report/report.md", encoding: .utf8)
         XCTAssertTrue(md.contains("![") && md.contains("(pca_0_layer1.svg)"), md)
         XCTAssertEqual(Report.pca2([[1, 0], [2, 0], [3, 0.001]]).map { abs($0[0]).rounded() }, [1, 0, 1])
+    }
+
+    /// Pre-train a tiny VQMoE LM on enwik8-mini, fine-tune it on SST-2 with the discrete path
+    /// only: weights load, the quantizer stays frozen, the head is new, accuracy and both FLOPs
+    /// counts are reported; a model that does not match the checkpoint is refused.
+    func testFinetuneFromPretrainedCheckpoint() throws {
+        guard let data = DataLocator.defaultRoot(), FileManager.default.fileExists(atPath: "\(data)/sst/stsa.binary.train") else {
+            throw XCTSkip("no SST data")
+        }
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ft-\(UUID().uuidString)").path
+        let pre = try RunConfig(json: tinyConfig("vqmoe"))
+        _ = try Trainer(config: pre, registry: try registry(), outDir: "\(tmp)/pre", quiet: true).run()
+        var json = try tinyConfig("vqmoe")
+        try setPath(&json, "model.ffn.mode", "vqmoe_finetune")
+        json["data"] = ["name": "sst", "variant": "binary"]
+        json["head"] = ["name": "classifier"]
+        json["finetune"] = ["from": "\(tmp)/pre", "freeze": ["router", "quantizer"]]
+        try setPath(&json, "train.steps", 20)
+        try setPath(&json, "train.eval_every", 10)
+        let cfg = try RunConfig(json: json)
+        let ft = try Finetune(config: cfg, registry: try registry(), outDir: "\(tmp)/ft")
+        let before = try Checkpoint.read(path: "\(tmp)/pre/best.safetensors")
+        let r = try ft.run(quiet: true)
+        XCTAssertNotNil(r.result.test)
+        XCTAssertGreaterThan(r.result.test!.accuracy, 0.3)
+        XCTAssertEqual(r.result.test!.count, 1821)
+        XCTAssertLessThan(r.flops.finetuneFFN, r.flops.pretrainFFN)
+        XCTAssertEqual(r.flops.pretrainMode, "vqmoe")
+        let after = try Checkpoint.read(path: "\(tmp)/ft/best.safetensors")
+        XCTAssertEqual(after.tensors["layers.0.ffn.quantizer.codebook"]?.data, before.tensors["layers.0.ffn.quantizer.codebook"]?.data, "quantizer must stay frozen")
+        XCTAssertNotEqual(after.tensors["layers.0.ffn.experts.fc1.weight"]?.data, before.tensors["layers.0.ffn.experts.fc1.weight"]?.data)
+        XCTAssertNil(after.tensors["layers.0.ffn.router.weight"], "the fine-tuning path runs no router")
+        XCTAssertNotNil(after.tensors["head.fc1.weight"])
+        let result = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(tmp)/ft/result.json"))) as! [String: Any]
+        XCTAssertNotNil(result["test_accuracy"])
+        XCTAssertNotNil(result["ffn_flops_per_token_finetune"])
+        // A model section that does not match the checkpoint is refused with the tensor named.
+        try setPath(&json, "model.ffn.d_inner", 48)
+        let bad = try Finetune(config: try RunConfig(json: json), registry: try registry(), outDir: "\(tmp)/bad")
+        XCTAssertThrowsError(try bad.run(quiet: true)) {
+            XCTAssertTrue(($0 as! VQMoEError).message.contains("must match the pre-training config"), "\($0)")
+        }
+    }
+
+    /// A diverging run stops with a diagnostic naming the step, and the last good checkpoint
+    /// stays on disk.
+    func testNonFiniteLossStopsWithDiagnostic() throws {
+        var json = try tinyConfig("smoe")
+        try setPath(&json, "train.lr", 1e6)
+        try setPath(&json, "train.grad_clip", 0)
+        try setPath(&json, "train.checkpoint_every", 1)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("nan-\(UUID().uuidString)").path
+        let trainer = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true)
+        do {
+            _ = try trainer.run()
+            XCTFail("a run at lr 1e6 did not diverge")
+        } catch let e as VQMoEError {
+            XCTAssertEqual(e.category, .numeric)
+            XCTAssertTrue(e.message.contains("non-finite") && e.message.contains("step"), e.message)
+            XCTAssertNoThrow(try Checkpoint.read(path: "\(dir)/last.safetensors"))
+        }
     }
 }

@@ -162,8 +162,13 @@ public final class Trainer {
         guard let batch = try dataset.read(.train, index: step, batchSize: bs) else {
             throw VQMoEError(.data, "the train split of '\(config.data.name)' gave no batch \(step)")
         }
-        let parts = try forward(batch, step: step, train: true)
-        try model.backward()
+        let parts: LossParts
+        do {
+            parts = try forward(batch, step: step, train: true)
+            try model.backward()
+        } catch let e as VQMoEError where e.category == .numeric && !e.message.contains("at step") {
+            throw VQMoEError(.numeric, "training step \(step): \(e.message); the last good checkpoint is \(outDir)/last.safetensors (resume with a lower learning rate or stronger clipping)")
+        }
         let norm = clipGradients(optimizer.parameters, maxNorm: config.train.gradClip)
         guard norm.isFinite else { throw VQMoEError(.numeric, "non-finite gradient norm at step \(step)") }
         optimizer.step(lr: learningRate(step: step, config: config.train))
