@@ -1,5 +1,4 @@
 // Train-split sampling: an endless stream of epochs, each a seeded permutation.
-import PluginKit
 import VQMoEABI
 
 /// The order in which training examples are visited. Position p of the stream (p = i·B + r
@@ -11,19 +10,19 @@ import VQMoEABI
 /// so a batch is a pure function of (seed, index, batch size): any index can be read in any
 /// order and a resumed run reads the same batches. The last two permutations are cached
 /// (the cache never changes results).
-final class EpochSampler {
-    let host: Host
-    let seed: UInt64
+public final class EpochSampler {
+    public let host: Host
+    public let seed: UInt64
     /// N: training examples.
-    let count: Int
+    public let count: Int
     private var cache: [(epoch: Int64, perm: [Int32])] = []
 
-    init(host: Host, seed: UInt64, count: Int) {
+    public init(host: Host, seed: UInt64, count: Int) {
         self.host = host; self.seed = seed; self.count = count
     }
 
     /// perm_e: a permutation of 0..<N (N).
-    func permutation(_ epoch: Int64) -> [Int32] {
+    public func permutation(_ epoch: Int64) -> [Int32] {
         if let hit = cache.first(where: { $0.epoch == epoch }) { return hit.perm }
         var perm = (0..<count).map { Int32($0) }
         var rng = host.rng(seed: seed, stream: UInt64(epoch))
@@ -42,7 +41,7 @@ final class EpochSampler {
     }
 
     /// The training examples at stream positions [start, start + n) (n).
-    func examples(from start: Int64, count n: Int) -> [Int] {
+    public func examples(from start: Int64, count n: Int) -> [Int] {
         var out: [Int] = []
         out.reserveCapacity(n)
         var p = start

@@ -14,17 +14,16 @@
 //               partial (rows = real samples; the other rows have inputs 0, target
 //               VQMOE_PAD_TARGET and length 1); VQMOE_ERR_END_OF_DATA past the end.
 import Glibc
-import PluginKit
 import VQMoEABI
 
-let splitNames = ["train", "valid", "test"]
+public let splitNames = ["train", "valid", "test"]
 
 /// An IO failure (file missing, unreadable or malformed): VQMOE_ERR_IO.
-func ioFailure(_ message: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: message) }
+public func ioFailure(_ message: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: message) }
 
 /// The whole regular file at `path`. A missing file names the path and `hint` (where to get
 /// the data); other failures give the system's reason.
-func readWholeFile(_ path: String, who: String, hint: String) throws(PluginFailure) -> [UInt8] {
+public func readWholeFile(_ path: String, who: String, hint: String) throws(PluginFailure) -> [UInt8] {
     let fd = open(path, O_RDONLY)
     if fd < 0 {
         let e = errno
@@ -56,38 +55,39 @@ func readWholeFile(_ path: String, who: String, hint: String) throws(PluginFailu
 }
 
 /// ASCII whitespace: space, \t, \n, \v, \f, \r.
-@inline(__always) func isSpace(_ c: UInt8) -> Bool { c == 32 || (c >= 9 && c <= 13) }
+@inline(__always) public func isSpace(_ c: UInt8) -> Bool { c == 32 || (c >= 9 && c <= 13) }
 
 /// `floor(n * fraction)`, clamped to [0, n], with a guard against representation error
 /// (0.29 * 100 must give 29, not 28).
-func fractionOf(_ n: Int, _ fraction: Double) -> Int {
+public func fractionOf(_ n: Int, _ fraction: Double) -> Int {
     let x = (Double(n) * fraction + 1e-6).rounded(.down)
     return min(max(Int(x), 0), n)
 }
 
 /// The examples of one split: every text's UTF-8 bytes back to back, where each one starts,
 /// and its label.
-struct TextExamples {
+public struct TextExamples {
+    public init() {}
     /// All texts, concatenated.
-    private(set) var bytes: [UInt8] = []
+    public private(set) var bytes: [UInt8] = []
     /// Text i is bytes[starts[i] ..< starts[i + 1]] (count + 1 offsets).
-    private(set) var starts: [Int] = [0]
+    public private(set) var starts: [Int] = [0]
     /// Class of each example, in [0, n_classes).
-    private(set) var labels: [Int32] = []
+    public private(set) var labels: [Int32] = []
 
-    var count: Int { labels.count }
+    public var count: Int { labels.count }
 
-    mutating func append(_ text: some Collection<UInt8>, label: Int32) {
+    public mutating func append(_ text: some Collection<UInt8>, label: Int32) {
         bytes.append(contentsOf: text)
         starts.append(bytes.count)
         labels.append(label)
     }
 
     /// The bytes of text i.
-    func text(_ i: Int) -> ArraySlice<UInt8> { bytes[starts[i]..<starts[i + 1]] }
+    public func text(_ i: Int) -> ArraySlice<UInt8> { bytes[starts[i]..<starts[i + 1]] }
 
     /// The examples at `indices`, in that order, as their own split.
-    func subset(_ indices: some Sequence<Int>) -> TextExamples {
+    public func subset(_ indices: some Sequence<Int>) -> TextExamples {
         var out = TextExamples()
         for i in indices { out.append(text(i), label: labels[i]) }
         return out
@@ -96,24 +96,24 @@ struct TextExamples {
 
 /// One text-classification dataset: three splits of byte texts, seq_len and the epoch
 /// order of the train split.
-final class TextClassificationData {
-    let host: Host
+public final class TextClassificationData {
+    public let host: Host
     /// Registry name ("sst", "csv"), for messages.
-    let name: String
+    public let name: String
     /// Instance seed: epoch e's order is drawn from the host RNG seeded (seed, stream e).
-    let seed: UInt64
+    public let seed: UInt64
     /// Bytes per sample (T).
-    let seqLen: Int
-    let nClasses: Int
+    public let seqLen: Int
+    public let nClasses: Int
     /// train, valid, test.
-    let splits: [TextExamples]
+    public let splits: [TextExamples]
 
     /// The order of epoch `cachedEpoch` (train positions -> example indices). A memo of a pure
     /// function of (seed, epoch), not state: any batch reads the same with or without it.
     private var cachedEpoch: Int64 = -1
     private var cachedOrder: [Int32] = []
 
-    init(host: Host, name: String, seed: UInt64, seqLen: Int, nClasses: Int, splits: [TextExamples]) throws(PluginFailure) {
+    public init(host: Host, name: String, seed: UInt64, seqLen: Int, nClasses: Int, splits: [TextExamples]) throws(PluginFailure) {
         guard host.api.pointee.rng_next_u64 != nil else { throw .invalid("\(name): the host API table lacks rng_next_u64") }
         guard splits.count == 3, splits[0].count >= 1 else { throw .invalid("\(name): the train split is empty") }
         self.host = host; self.name = name; self.seed = seed; self.seqLen = seqLen
@@ -123,7 +123,7 @@ final class TextClassificationData {
     // MARK: the dataset API
 
     /// vqmoe_dataset_info: classify tokens, vocabulary 256, sample (T), examples per split.
-    func info(_ out: UnsafeMutablePointer<vqmoe_dataset_info>?) throws(PluginFailure) {
+    public func info(_ out: UnsafeMutablePointer<vqmoe_dataset_info>?) throws(PluginFailure) {
         guard let out else { throw .invalid("\(name): info: out is NULL") }
         try requireSize(out.pointee.struct_size, vqmoe_dataset_info.self, "\(name): dataset_info")
         out.pointee.task = VQMOE_TASK_CLASSIFY_TOKENS
@@ -135,20 +135,20 @@ final class TextClassificationData {
     }
 
     /// Batches of an ordered pass: ceil(size / B) for valid/test, INT64_MAX for train.
-    func numBatches(_ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?) throws(PluginFailure) {
+    public func numBatches(_ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?) throws(PluginFailure) {
         guard let out else { throw .invalid("\(name): num_batches: out is NULL") }
         guard (0...2).contains(split) else { throw .invalid("\(name): unknown split \(split)") }
         guard batchSize >= 1 else { throw .invalid("\(name): batch_size \(batchSize) must be >= 1") }
         out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : evalBatches(Int(split), batchSize)
     }
 
-    func evalBatches(_ split: Int, _ batchSize: Int64) -> Int64 {
+    public func evalBatches(_ split: Int, _ batchSize: Int64) -> Int64 {
         (Int64(splits[split].count) + batchSize - 1) / batchSize
     }
 
     /// Fill `out` with batch `req.index` of `req.split`: inputs (B,T), targets (B), lengths (B)
     /// int32, all host-allocated; `rows` = real samples.
-    func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
+    public func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
         guard let req, let out else { throw .invalid("\(name): read_batch: request or batch is NULL") }
         try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "\(name): batch request")
         try requireSize(out.pointee.struct_size, vqmoe_batch.self, "\(name): batch")
