@@ -3,41 +3,7 @@
 import PluginKit
 import VQMoEABI
 
-/// Pointers for the per-token dlogits loop.
-struct LogitGradJob {
-    var dlogits: UnsafeMutablePointer<Float>            // (N,E), zeroed
-    var gradWeights: UnsafeMutablePointer<Float>?       // (N,k), nil = zero
-    var gates: UnsafeMutablePointer<Float>              // (N,k)
-    var index: UnsafeMutablePointer<Int32>              // (N,k)
-    var probs: UnsafeMutablePointer<Float>              // (N,E)
-    var balanceCoef: UnsafeMutablePointer<Float>?       // (E) c_e, nil = no balance gradient
-    var e: Int
-    var k: Int
-}
 
-/// For tokens [begin, end):
-///   kept softmax:  dl_{t,i_s} += g_s (dg_s - sum_r g_r dg_r)
-///   balance loss:  with c_e = d aux / d p_te = grad_aux * balance_weight * E * f_e / N,
-///                  dl_{t,j} += p_tj (c_j - sum_e p_te c_e)
-func logitGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
-    let job = user!.assumingMemoryBound(to: LogitGradJob.self).pointee
-    let e = job.e, k = job.k
-    for t in Int(begin)..<Int(end) {
-        let dl = job.dlogits + t * e
-        if let gw = job.gradWeights {
-            let g = job.gates + t * k, dg = gw + t * k, idx = job.index + t * k
-            var dot: Float = 0
-            for s in 0..<k { dot += g[s] * dg[s] }
-            for s in 0..<k { dl[Int(idx[s])] += g[s] * (dg[s] - dot) }
-        }
-        if let c = job.balanceCoef {
-            let p = job.probs + t * e
-            var dot: Float = 0
-            for j in 0..<e { dot += p[j] * c[j] }
-            for j in 0..<e { dl[j] += p[j] * (c[j] - dot) }
-        }
-    }
-}
 
 extension SMoERouter {
     /// grad_x (N,d) += dlogits (N,E) @ W (E,d);  grad_W (E,d) += dlogits^T @ x;

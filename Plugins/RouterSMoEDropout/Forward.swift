@@ -33,59 +33,7 @@ final class RouterContext {
     }
 }
 
-/// Pointers for the per-token routing loop (run on the host's pool).
-struct RouteJob {
-    var logits: UnsafeMutablePointer<Float>   // (N,E)
-    var probs: UnsafeMutablePointer<Float>?   // (N,E), nil = not needed
-    var index: UnsafeMutablePointer<Int32>    // (N,k)
-    var gates: UnsafeMutablePointer<Float>    // (N,k)
-    var e: Int
-    var k: Int
-}
 
-/// For tokens [begin, end): the top-k of l_t (ties -> lower expert index, written in
-/// descending-logit order); g_t = softmax of the kept logits; p_t = softmax(l_t) over all
-/// E experts when a balance loss needs it.
-func routeTokens(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
-    let job = user!.assumingMemoryBound(to: RouteJob.self).pointee
-    let e = job.e, k = job.k
-    for t in Int(begin)..<Int(end) {
-        let row = job.logits + t * e
-        let idx = job.index + t * k, g = job.gates + t * k
-        // Top-k by insertion: a later expert only displaces a strictly smaller logit.
-        var count = 0
-        for j in 0..<e {
-            let v = row[j]
-            var pos: Int
-            if count < k {
-                pos = count
-                count += 1
-            } else {
-                guard v > row[Int(idx[k - 1])] else { continue }
-                pos = k - 1
-            }
-            while pos > 0 && row[Int(idx[pos - 1])] < v {
-                idx[pos] = idx[pos - 1]
-                pos -= 1
-            }
-            idx[pos] = Int32(j)
-        }
-        // g_s = exp(l_s - l_max) / sum over kept.
-        let top = row[Int(idx[0])]
-        var sum: Float = 0
-        for s in 0..<k { let v = expf(row[Int(idx[s])] - top); g[s] = v; sum += v }
-        let inv = 1 / sum
-        for s in 0..<k { g[s] *= inv }
-        // Full softmax p_tj (top is the row max).
-        if let probs = job.probs {
-            let p = probs + t * e
-            var total: Float = 0
-            for j in 0..<e { let v = expf(row[j] - top); p[j] = v; total += v }
-            let invTotal = 1 / total
-            for j in 0..<e { p[j] *= invTotal }
-        }
-    }
-}
 
 extension SMoEDropoutRouter {
     /// k for this step (see `SMoEDropoutConfig.k`).

@@ -4,41 +4,7 @@
 import PluginKit
 import VQMoEABI
 
-/// Pointers for the per-token dscores loop.
-struct ScoreGradJob {
-    var dscores: UnsafeMutablePointer<Float>            // (N,E), zeroed
-    var gradWeights: UnsafeMutablePointer<Float>?       // (N,k), nil = zero
-    var gates: UnsafeMutablePointer<Float>              // (N,k)
-    var index: UnsafeMutablePointer<Int32>              // (N,k)
-    var probs: UnsafeMutablePointer<Float>?             // (N,E), with balanceCoef
-    var balanceCoef: UnsafeMutablePointer<Float>?       // (E) c_e, nil = no balance gradient
-    var e: Int
-    var k: Int
-}
 
-/// For tokens [begin, end):
-///   kept softmax:  ds_{t,i_s} += g_s (dg_s - sum_r g_r dg_r)
-///   balance loss:  with c_e = d aux / d p_te = grad_aux * balance_weight * E * f_e / N,
-///                  ds_{t,j} += p_tj (c_j - sum_e p_te c_e)
-func scoreGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
-    let job = user!.assumingMemoryBound(to: ScoreGradJob.self).pointee
-    let e = job.e, k = job.k
-    for t in Int(begin)..<Int(end) {
-        let ds = job.dscores + t * e
-        if let gw = job.gradWeights {
-            let g = job.gates + t * k, dg = gw + t * k, idx = job.index + t * k
-            var dot: Float = 0
-            for s in 0..<k { dot += g[s] * dg[s] }
-            for s in 0..<k { ds[Int(idx[s])] += g[s] * (dg[s] - dot) }
-        }
-        if let c = job.balanceCoef, let probs = job.probs {
-            let p = probs + t * e
-            var dot: Float = 0
-            for j in 0..<e { dot += p[j] * c[j] }
-            for j in 0..<e { ds[j] += p[j] * (c[j] - dot) }
-        }
-    }
-}
 
 /// Pointers for the backward of a row normalisation, in place.
 struct NormalizeGradJob {
@@ -104,8 +70,8 @@ extension XMoERouter {
         let ds = try host.scratchFloats(n * e, "router score gradients")  // (N,E)
         ds.update(repeating: 0, count: n * e)
         host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         ScoreGradJob(dscores: ds, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
-                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), scoreGrads)
+                         LogitGradJob(dlogits: ds, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
+                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), logitGrads)
         let params = !ctx.frozen
         // d log tau = sum_te ds_te * ds_te/d log tau = -sum_te ds_te s_te.
         if params, config.learnableTemperature, let gT = logTemperatureGrad {

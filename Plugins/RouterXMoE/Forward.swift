@@ -80,58 +80,7 @@ func normalizeRows(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int6
     }
 }
 
-/// Pointers for the per-token routing loop (run on the host's pool).
-struct RouteJob {
-    var scores: UnsafeMutablePointer<Float>   // (N,E)
-    var probs: UnsafeMutablePointer<Float>?   // (N,E), nil = not needed
-    var index: UnsafeMutablePointer<Int32>    // (N,k)
-    var gates: UnsafeMutablePointer<Float>    // (N,k)
-    var e: Int
-    var k: Int
-}
 
-/// For tokens [begin, end): the top-k of s_t (ties -> lower expert index, written in
-/// descending-score order); g_t = softmax of the kept scores; p_t = softmax(s_t) over all
-/// E experts when the balance loss needs it.
-func routeTokens(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
-    let job = user!.assumingMemoryBound(to: RouteJob.self).pointee
-    let e = job.e, k = job.k
-    for t in Int(begin)..<Int(end) {
-        let row = job.scores + t * e
-        let idx = job.index + t * k, g = job.gates + t * k
-        // Top-k by insertion: a later expert only displaces a strictly smaller score.
-        var count = 0
-        for j in 0..<e {
-            let v = row[j]
-            var pos: Int
-            if count < k {
-                pos = count
-                count += 1
-            } else {
-                guard v > row[Int(idx[k - 1])] else { continue }
-                pos = k - 1
-            }
-            while pos > 0 && row[Int(idx[pos - 1])] < v {
-                idx[pos] = idx[pos - 1]
-                pos -= 1
-            }
-            idx[pos] = Int32(j)
-        }
-        // g_s = exp(s_s - s_max) / sum over kept.
-        let top = row[Int(idx[0])]
-        var sum: Float = 0
-        for s in 0..<k { let v = expf(row[Int(idx[s])] - top); g[s] = v; sum += v }
-        let inv = 1 / sum
-        for s in 0..<k { g[s] *= inv }
-        if let probs = job.probs {
-            let p = probs + t * e
-            var total: Float = 0
-            for j in 0..<e { let v = expf(row[j] - top); p[j] = v; total += v }
-            let invTotal = 1 / total
-            for j in 0..<e { p[j] *= invTotal }
-        }
-    }
-}
 
 extension XMoERouter {
     func shape(_ out: UnsafeMutablePointer<vqmoe_router_shape>?) throws(PluginFailure) {
@@ -202,7 +151,7 @@ extension XMoERouter {
         }
 
         host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         RouteJob(scores: scores, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
+                         RouteJob(logits: scores, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
 
         // expert_load_e = #assignments; f_e = load_e / (N k); P_e = mean_t p_te.
         load.update(repeating: 0, count: e)

@@ -1,0 +1,113 @@
+// Top-k routing kernels shared by the linear-score routers (smoe, xmoe, smoe_dropout): the
+// per-token top-k with a softmax over the kept scores (and the full softmax for the Switch
+// balance loss), and their backward. Run on the host's pool through Host.parallelFor.
+import Glibc
+import VQMoEABI
+
+/// Pointers for the per-token routing loop (run on the host's pool).
+public struct RouteJob {
+    public var logits: UnsafeMutablePointer<Float>   // (N,E)
+    public var probs: UnsafeMutablePointer<Float>?   // (N,E), nil = not needed
+    public var index: UnsafeMutablePointer<Int32>    // (N,k)
+    public var gates: UnsafeMutablePointer<Float>    // (N,k)
+    public var e: Int
+    public var k: Int
+    public init(logits: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>?, index: UnsafeMutablePointer<Int32>, gates: UnsafeMutablePointer<Float>, e: Int, k: Int) {
+        self.logits = logits
+        self.probs = probs
+        self.index = index
+        self.gates = gates
+        self.e = e
+        self.k = k
+    }
+}
+
+/// For tokens [begin, end): the top-k of l_t (ties -> lower expert index, written in
+/// descending-logit order); g_t = softmax of the kept logits; p_t = softmax(l_t) over all
+/// E experts when a balance loss needs it.
+public func routeTokens(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
+    let job = user!.assumingMemoryBound(to: RouteJob.self).pointee
+    let e = job.e, k = job.k
+    for t in Int(begin)..<Int(end) {
+        let row = job.logits + t * e
+        let idx = job.index + t * k, g = job.gates + t * k
+        // Top-k by insertion: a later expert only displaces a strictly smaller logit.
+        var count = 0
+        for j in 0..<e {
+            let v = row[j]
+            var pos: Int
+            if count < k {
+                pos = count
+                count += 1
+            } else {
+                guard v > row[Int(idx[k - 1])] else { continue }
+                pos = k - 1
+            }
+            while pos > 0 && row[Int(idx[pos - 1])] < v {
+                idx[pos] = idx[pos - 1]
+                pos -= 1
+            }
+            idx[pos] = Int32(j)
+        }
+        // g_s = exp(l_s - l_max) / sum over kept.
+        let top = row[Int(idx[0])]
+        var sum: Float = 0
+        for s in 0..<k { let v = expf(row[Int(idx[s])] - top); g[s] = v; sum += v }
+        let inv = 1 / sum
+        for s in 0..<k { g[s] *= inv }
+        // Full softmax p_tj (top is the row max).
+        if let probs = job.probs {
+            let p = probs + t * e
+            var total: Float = 0
+            for j in 0..<e { let v = expf(row[j] - top); p[j] = v; total += v }
+            let invTotal = 1 / total
+            for j in 0..<e { p[j] *= invTotal }
+        }
+    }
+}
+
+/// Pointers for the per-token dlogits loop.
+public struct LogitGradJob {
+    public var dlogits: UnsafeMutablePointer<Float>            // (N,E), zeroed
+    public var gradWeights: UnsafeMutablePointer<Float>?       // (N,k), nil = zero
+    public var gates: UnsafeMutablePointer<Float>              // (N,k)
+    public var index: UnsafeMutablePointer<Int32>              // (N,k)
+    public var probs: UnsafeMutablePointer<Float>?             // (N,E), with balanceCoef
+    public var balanceCoef: UnsafeMutablePointer<Float>?       // (E) c_e, nil = no balance gradient
+    public var e: Int
+    public var k: Int
+    public init(dlogits: UnsafeMutablePointer<Float>, gradWeights: UnsafeMutablePointer<Float>?, gates: UnsafeMutablePointer<Float>, index: UnsafeMutablePointer<Int32>, probs: UnsafeMutablePointer<Float>?, balanceCoef: UnsafeMutablePointer<Float>?, e: Int, k: Int) {
+        self.dlogits = dlogits
+        self.gradWeights = gradWeights
+        self.gates = gates
+        self.index = index
+        self.probs = probs
+        self.balanceCoef = balanceCoef
+        self.e = e
+        self.k = k
+    }
+}
+
+/// For tokens [begin, end):
+///   kept softmax:  dl_{t,i_s} += g_s (dg_s - sum_r g_r dg_r)
+///   balance loss:  with c_e = d aux / d p_te = grad_aux * balance_weight * E * f_e / N,
+///                  dl_{t,j} += p_tj (c_j - sum_e p_te c_e)
+public func logitGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
+    let job = user!.assumingMemoryBound(to: LogitGradJob.self).pointee
+    let e = job.e, k = job.k
+    for t in Int(begin)..<Int(end) {
+        let dl = job.dlogits + t * e
+        if let gw = job.gradWeights {
+            let g = job.gates + t * k, dg = gw + t * k, idx = job.index + t * k
+            var dot: Float = 0
+            for s in 0..<k { dot += g[s] * dg[s] }
+            for s in 0..<k { dl[Int(idx[s])] += g[s] * (dg[s] - dot) }
+        }
+        if let c = job.balanceCoef, let probs = job.probs {
+            let p = probs + t * e
+            var dot: Float = 0
+            for j in 0..<e { dot += p[j] * c[j] }
+            for j in 0..<e { dl[j] += p[j] * (c[j] - dot) }
+        }
+    }
+}
