@@ -94,6 +94,35 @@ final class OpsGradientTests: XCTestCase {
         }
     }
 
+    /// Full (non-causal) attention, as the ViT uses: every query sees every key.
+    func testBidirectionalAttention() {
+        let b = 2, t = 70, c = 8, h = 2, n = b * t
+        var qkv = normals(n * 3 * c, seed: 41)
+        let r = normals(n * c, seed: 42)
+        var y = [Float](repeating: 0, count: n * c), att = [Float](repeating: 0, count: b * h * t * t)
+        func f() -> Double {
+            Attention.forward(y: &y, att: &att, qkv: qkv, b: b, t: t, c: c, heads: h, causal: false)
+            return weightedSum(y, r)
+        }
+        _ = f()
+        let dh = c / h, i = 3  // an early query that a causal mask would restrict
+        var scores = [Double](repeating: 0, count: t)
+        for j in 0..<t {
+            var s = 0.0
+            for k in 0..<dh { s += Double(qkv[i * 3 * c + k]) * Double(qkv[j * 3 * c + c + k]) }
+            scores[j] = s / Double(dh).squareRoot()
+        }
+        let m = scores.max()!, e = scores.map { exp($0 - m) }, z = e.reduce(0, +)
+        for k in 0..<dh {
+            var out = 0.0
+            for j in 0..<t { out += e[j] / z * Double(qkv[j * 3 * c + 2 * c + k]) }
+            XCTAssertEqual(Double(y[i * c + k]), out, accuracy: 1e-5)
+        }
+        var dqkv = [Float](repeating: 0, count: n * 3 * c)
+        Attention.backward(dqkv: &dqkv, dy: r, qkv: qkv, att: att, b: b, t: t, c: c, heads: h, causal: false)
+        assertGradient("qkv", target: &qkv, count: n * 3 * c, analytic: dqkv, eps: 1e-3, sample: 96, objective: f)
+    }
+
     func testAttentionIsThreadCountIndependent() {
         let b = 3, t = 20, c = 16, h = 4, n = b * t
         let qkv = normals(n * 3 * c, seed: 13)

@@ -1,7 +1,8 @@
 import CBLAS
 import Foundation
 
-/// Causal multi-head self-attention core over a fused qkv buffer.
+/// Multi-head self-attention core over a fused qkv buffer, causal (language models) or full
+/// (`causal: false`, ViT).
 ///
 ///     qkv (B,T,3C) = [Q | K | V], head h uses columns h·Dh ..< (h+1)·Dh of each, Dh = C/H
 ///     S = Q Kᵀ / √Dh (causal: key j ≤ query i),  P = softmax_rows(S),  Y = P V   → y (B,T,C)
@@ -20,7 +21,7 @@ public enum Attention {
     static let block = 64
 
     public static func forward(y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
-                               b: Int, t: Int, c: Int, heads: Int) {
+                               b: Int, t: Int, c: Int, heads: Int, causal: Bool = true) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         nonisolated(unsafe) let (y, att) = (y, att)
         do {
@@ -33,18 +34,19 @@ public enum Attention {
                     var i0 = 0
                     while i0 < t {
                         let i1 = min(i0 + block, t), rows = i1 - i0
-                        // S[i0..<i1, 0..<i1] = Q Kᵀ·scale, written into P's rows
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(i1), Int32(dh), scale,
+                        let keys = causal ? i1 : t  // keys the block's queries may see
+                        // S[i0..<i1, 0..<keys] = Q Kᵀ·scale, written into P's rows
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), scale,
                                     q + i0 * ld, Int32(ld), k, Int32(ld), 0, p + i0 * t, Int32(t))
                         for i in i0..<i1 {
-                            let row = p + i * t
-                            let m = VecMath.max(row, count: i + 1)
-                            let s = VecMath.expInPlace(row, count: i + 1, subtracting: m)
-                            Vec.scale(row, 1 / s, i + 1)
-                            (row + i + 1).update(repeating: 0, count: t - i - 1)
+                            let row = p + i * t, seen = causal ? i + 1 : t
+                            let m = VecMath.max(row, count: seen)
+                            let s = VecMath.expInPlace(row, count: seen, subtracting: m)
+                            Vec.scale(row, 1 / s, seen)
+                            (row + seen).update(repeating: 0, count: t - seen)
                         }
-                        // Y[i0..<i1] = P[i0..<i1, 0..<i1] V[0..<i1]
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(i1), 1,
+                        // Y[i0..<i1] = P[i0..<i1, 0..<keys] V[0..<keys]
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
                                     p + i0 * t, Int32(t), v, Int32(ld), 0, out + i0 * c, Int32(c))
                         i0 = i1
                     }
@@ -68,7 +70,7 @@ public enum Attention {
 
     /// Accumulates into dqkv (B,T,3C).
     public static func backward(dqkv: UnsafeMutablePointer<Float>, dy: UnsafePointer<Float>, qkv: UnsafePointer<Float>,
-                                att: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int) {
+                                att: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int, causal: Bool = true) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         nonisolated(unsafe) let dqkv = dqkv
         do {
@@ -84,24 +86,25 @@ public enum Attention {
                     var i0 = 0
                     while i0 < t {
                         let i1 = min(i0 + block, t), rows = i1 - i0
-                        // dV[0..<i1] += P[i0..<i1]ᵀ dY[i0..<i1]
-                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(i1), Int32(dh), Int32(rows), 1,
+                        let keys = causal ? i1 : t
+                        // dV[0..<keys] += P[i0..<i1]ᵀ dY[i0..<i1]
+                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(rows), 1,
                                     p + i0 * t, Int32(t), g + i0 * c, Int32(c), 1, dv, Int32(ld))
-                        // dP = dY[i0..<i1] V[0..<i1]ᵀ  (rows, i1)
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(i1), Int32(dh), 1,
-                                    g + i0 * c, Int32(c), v, Int32(ld), 0, ds, Int32(i1))
+                        // dP = dY[i0..<i1] V[0..<keys]ᵀ  (rows, keys)
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), 1,
+                                    g + i0 * c, Int32(c), v, Int32(ld), 0, ds, Int32(keys))
                         for r in 0..<rows {
-                            let i = i0 + r
-                            let prow = p + i * t, drow = ds + r * i1
-                            let dot = Vec.dot(prow, drow, i + 1)
-                            Attention.softmaxBackwardRow(drow, prow, dot: dot, scale: scale, count: i + 1)
-                            (drow + i + 1).update(repeating: 0, count: i1 - i - 1)
+                            let i = i0 + r, seen = causal ? i + 1 : t
+                            let prow = p + i * t, drow = ds + r * keys
+                            let dot = Vec.dot(prow, drow, seen)
+                            Attention.softmaxBackwardRow(drow, prow, dot: dot, scale: scale, count: seen)
+                            (drow + seen).update(repeating: 0, count: keys - seen)
                         }
-                        // dQ[i0..<i1] += dS K[0..<i1];  dK[0..<i1] += dSᵀ Q[i0..<i1]
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(i1), 1,
-                                    ds, Int32(i1), k, Int32(ld), 1, dq + i0 * ld, Int32(ld))
-                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(i1), Int32(dh), Int32(rows), 1,
-                                    ds, Int32(i1), q + i0 * ld, Int32(ld), 1, dk, Int32(ld))
+                        // dQ[i0..<i1] += dS K[0..<keys];  dK[0..<keys] += dSᵀ Q[i0..<i1]
+                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
+                                    ds, Int32(keys), k, Int32(ld), 1, dq + i0 * ld, Int32(ld))
+                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(rows), 1,
+                                    ds, Int32(keys), q + i0 * ld, Int32(ld), 1, dk, Int32(ld))
                         i0 = i1
                     }
                 }
