@@ -117,8 +117,14 @@ func parseSettings(_ items: [String]) throws -> [String: Any] {
 func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {
     if r.interrupted { return "run \(cfg.name) stopped after \(r.steps) steps; resume with: vqmoe train --resume \(r.outDir)" }
     var lines = ["run \(cfg.name): \(r.steps) steps in \(String(format: "%.1f", r.wallSeconds)) s (\(String(format: "%.0f", r.tokensPerSecond)) tokens/s), output in \(r.outDir)"]
-    if let v = r.bestValid { lines.append(String(format: "best valid  loss %.4f  bpc %.4f  (step %d)", v.loss, v.bpc, r.bestStep + 1)) }
-    if let t = r.test { lines.append(String(format: "test        loss %.4f  bpc %.4f  (best-validation checkpoint)", t.loss, t.bpc)) }
+    if let v = r.bestValid {
+        lines.append(r.isLM ? String(format: "best valid  loss %.4f  bpc %.4f  (step %d)", v.loss, v.bpc, r.bestStep + 1)
+                            : String(format: "best valid  loss %.4f  accuracy %.4f  (step %d)", v.loss, v.accuracy, r.bestStep + 1))
+    }
+    if let t = r.test {
+        lines.append(r.isLM ? String(format: "test        loss %.4f  bpc %.4f  (best-validation checkpoint)", t.loss, t.bpc)
+                            : String(format: "test        loss %.4f  accuracy %.4f  (best-validation checkpoint)", t.loss, t.accuracy))
+    }
     return lines.joined(separator: "\n")
 }
 

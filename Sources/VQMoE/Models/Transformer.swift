@@ -11,6 +11,10 @@ public struct TransformerConfig: Sendable, Equatable {
     public var dropout: Float = 0
     public var initStd: Float = 0.02
     public var ffn = FFNConfig()
+    /// Causal self-attention (language models) or full (ViT).
+    public var causal = true
+    /// ViT input: images cut into patches (seqLen = 1 + patches); nil = token input.
+    public var image: ImageShape?
 
     public init(vocabSize: Int = 256, seqLen: Int = 128, nLayer: Int = 4, nHead: Int = 4, dModel: Int = 128,
                 dropout: Float = 0, initStd: Float = 0.02, ffn: FFNConfig = FFNConfig()) {
@@ -62,7 +66,10 @@ public final class Transformer: @unchecked Sendable {
     public let layers: [MoELayer]
     public let runSeed: UInt64
 
-    public let wte, wpe: Parameter
+    /// Token embedding (token models) or patch projection + class token (ViT); positions either way.
+    public let wte: Parameter?
+    public let wpe: Parameter
+    public let patchWeight, patchBias, cls: Parameter?
     let ln1w: [Parameter], ln1b: [Parameter], qkvw: [Parameter], qkvb: [Parameter]
     let projw: [Parameter], projb: [Parameter], ln2w: [Parameter], ln2b: [Parameter]
     public let lnfw, lnfb: Parameter
@@ -88,10 +95,22 @@ public final class Transformer: @unchecked Sendable {
         let c = config.dModel, std = config.initStd
         let scratch = Workspace()
         self.scratch = scratch
-        wte = Parameter(name: "wte", shape: [config.vocabSize, c])
         wpe = Parameter(name: "wpe", shape: [config.seqLen, c])
-        wte.fillNormal(std: std, seed: HostRNG.derive(seed, 101))
         wpe.fillNormal(std: std, seed: HostRNG.derive(seed, 102))
+        if let image = config.image {
+            guard image.height % image.patch == 0, image.width % image.patch == 0, config.seqLen == image.tokens else {
+                throw VQMoEError(.config, "model.patch_size (\(image.patch)) must divide the image (\(image.height)×\(image.width)); seq_len must be 1 + patches = \(image.tokens)")
+            }
+            let pw = Parameter(name: "patch.weight", shape: [c, image.patchSize])
+            pw.fillNormal(std: std, seed: HostRNG.derive(seed, 103))
+            let token = Parameter(name: "cls", shape: [c], noDecay: true)
+            token.fillNormal(std: std, seed: HostRNG.derive(seed, 104))
+            (wte, patchWeight, patchBias, cls) = (nil, pw, Parameter(name: "patch.bias", shape: [c], noDecay: true), token)
+        } else {
+            let w = Parameter(name: "wte", shape: [config.vocabSize, c])
+            w.fillNormal(std: std, seed: HostRNG.derive(seed, 101))
+            (wte, patchWeight, patchBias, cls) = (w, nil, nil, nil)
+        }
         func ln(_ n: String) -> (Parameter, Parameter) {
             let w = Parameter(name: "\(n).weight", shape: [c], noDecay: true)
             w.fill(1)
@@ -122,7 +141,7 @@ public final class Transformer: @unchecked Sendable {
 
     /// Every trainable tensor, in a fixed order (checkpoints, optimizer state).
     public var parameters: [Parameter] {
-        var ps = [wte, wpe]
+        var ps = [wte, patchWeight, patchBias, cls].compactMap { $0 } + [wpe]
         for i in 0..<config.nLayer {
             ps += [ln1w[i], ln1b[i], qkvw[i], qkvb[i], projw[i], projb[i], ln2w[i], ln2b[i]]
             ps += layers[i].parameters
@@ -172,21 +191,31 @@ public final class Transformer: @unchecked Sendable {
 
     /// tokens, targets (B,T) int32 → loss parts. In training mode the activations are kept for
     /// `backward()`; `step` seeds dropout and the plugins' per-step randomness.
-    public func forward(tokens: UnsafePointer<Int32>, targets: UnsafePointer<Int32>?, batch: Int, step: Int,
+    public func forward(tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>? = nil, targets: UnsafePointer<Int32>?, batch: Int, step: Int,
                         train: Bool, lengths: UnsafePointer<Int32>? = nil, logits: UnsafeMutablePointer<Float>? = nil) throws -> LossParts {
         let c = config.dModel, t = config.seqLen, n = batch * t, h = config.nHead
         b = batch
         self.t = t
         self.step = step
         trained = train
-        let tok = ws.ints("tokens", n)
-        tok.update(from: tokens, count: n)
-        self.tokens = tok
         var parts = LossParts()
         let p = config.dropout
         let drop = train && p > 0
         var x = act("x", 0, n * c)
-        Embedding.forward(out: x, tokens: tok, wte: wte.data, wpe: wpe.data, b: batch, t: t, c: c)
+        var tok: UnsafeMutablePointer<Int32>?
+        if let image = config.image, let pw = patchWeight, let pb = patchBias, let cls {
+            guard let images else { throw VQMoEError(.internalError, "a ViT forward needs images") }
+            PatchEmbedding.forward(out: x, patches: ws.floats("patches", batch * image.patches * image.patchSize), images: images, shape: image,
+                                   batch: batch, weight: pw.data, bias: pb.data, cls: cls.data, pos: wpe.data, d: c,
+                                   scratch: scratch.floats("patchemb", batch * image.patches * c))
+        } else {
+            guard let tokens, let wte else { throw VQMoEError(.internalError, "a token model's forward needs tokens") }
+            let ids = ws.ints("tokens", n)
+            ids.update(from: tokens, count: n)
+            tok = ids
+            Embedding.forward(out: x, tokens: ids, wte: wte.data, wpe: wpe.data, b: batch, t: t, c: c)
+        }
+        self.tokens = tok
         if drop { Dropout.forward(out: x, mask: act("embmask", 0, n * c), inp: x, count: n * c, p: p, seed: HostRNG.derive(runSeed, 11, UInt64(step))) }
         for l in 0..<config.nLayer {
             let ln1 = act("ln1", l, n * c), m1 = act("ln1m", l, n), r1 = act("ln1r", l, n)
@@ -194,7 +223,7 @@ public final class Transformer: @unchecked Sendable {
             let qkv = act("qkv", l, n * 3 * c)
             Linear.forward(out: qkv, inp: ln1, weight: qkvw[l].data, bias: qkvb[l].data, n: n, inFeatures: c, outFeatures: 3 * c)
             let atty = act("atty", l, n * c), att = act("att", l, batch * h * t * t)
-            Attention.forward(y: atty, att: att, qkv: qkv, b: batch, t: t, c: c, heads: h)
+            Attention.forward(y: atty, att: att, qkv: qkv, b: batch, t: t, c: c, heads: h, causal: config.causal)
             let proj = act("proj", l, n * c)
             Linear.forward(out: proj, inp: atty, weight: projw[l].data, bias: projb[l].data, n: n, inFeatures: c, outFeatures: c)
             if drop { Dropout.forward(out: proj, mask: act("projmask", l, n * c), inp: proj, count: n * c, p: p, seed: HostRNG.derive(runSeed, 12, UInt64(l), UInt64(step))) }
@@ -244,7 +273,7 @@ public final class Transformer: @unchecked Sendable {
 
     /// Accumulate every parameter gradient of the last training forward (dL/d total = 1).
     public func backward() throws {
-        guard trained, let ctx = headCtx, let tok = tokens else {
+        guard trained, let ctx = headCtx else {
             throw VQMoEError(.internalError, "backward needs a training forward first")
         }
         let c = config.dModel, t = self.t, n = b * t, h = config.nHead
@@ -280,7 +309,8 @@ public final class Transformer: @unchecked Sendable {
             Linear.backward(dinp: datty, dweight: projw[l].grad, dbias: projb[l].grad, dout: dproj, inp: act("atty", l, n * c),
                             weight: projw[l].data, n: n, inFeatures: c, outFeatures: c)
             dqkv.update(repeating: 0, count: n * 3 * c)
-            Attention.backward(dqkv: dqkv, dy: datty, qkv: act("qkv", l, n * 3 * c), att: act("att", l, b * h * t * t), b: b, t: t, c: c, heads: h)
+            Attention.backward(dqkv: dqkv, dy: datty, qkv: act("qkv", l, n * 3 * c), att: act("att", l, b * h * t * t), b: b, t: t, c: c, heads: h,
+                               causal: config.causal)
             dln.update(repeating: 0, count: n * c)
             Linear.backward(dinp: dln, dweight: qkvw[l].grad, dbias: qkvb[l].grad, dout: dqkv, inp: act("ln1", l, n * c),
                             weight: qkvw[l].data, n: n, inFeatures: c, outFeatures: 3 * c)
@@ -288,7 +318,13 @@ public final class Transformer: @unchecked Sendable {
                                mean: act("ln1m", l, n), rstd: act("ln1r", l, n), n: n, c: c)
         }
         if drop { Dropout.backward(dinp: dx, dout: dx, mask: act("embmask", 0, n * c), count: n * c) }
-        Embedding.backward(dwte: wte.grad, dwpe: wpe.grad, dout: dx, tokens: tok, b: b, t: t, c: c)
+        if let image = config.image {
+            PatchEmbedding.backward(dx: dx, patches: ws.floats("patches", b * image.patches * image.patchSize), shape: image, batch: b,
+                                    dweight: patchWeight?.grad, dbias: patchBias?.grad, dcls: cls?.grad, dpos: wpe.grad, d: c,
+                                    scratch: scratch.floats("patchemb", b * image.patches * c))
+        } else if let tok = tokens, let wte {
+            Embedding.backward(dwte: wte.grad, dwpe: wpe.grad, dout: dx, tokens: tok, b: b, t: t, c: c)
+        }
         trained = false
     }
 

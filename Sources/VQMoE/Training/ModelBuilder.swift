@@ -56,16 +56,31 @@ public struct ModelBuilder {
         let c = config
         var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
         let dataset = try DatasetInstance(instance(.dataset, c.data, dims: dims, seed: HostRNG.derive(c.seed, 201), name: "data"))
-        guard dataset.task != 3 else {  // VQMOE_TASK_CLASSIFY_IMAGE
-            throw VQMoEError(.config, "data.name: '\(c.data.name)' serves images; the Transformer takes tokens (the ViT backbone is issue 6)")
-        }
-        guard dataset.sampleShape == [c.model.seqLen] else {
-            throw VQMoEError(.config, "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)")
-        }
         var mc = c.model
+        if c.backbone == "vit" {
+            guard dataset.inputIsFloat, dataset.sampleShape.count == 3 else {
+                throw VQMoEError(.config, "model.backbone: 'vit' needs an image dataset (C,H,W), '\(c.data.name)' serves \(dataset.sampleShape)")
+            }
+            let image = ImageShape(channels: dataset.sampleShape[0], height: dataset.sampleShape[1], width: dataset.sampleShape[2], patch: c.patchSize)
+            guard image.height % image.patch == 0, image.width % image.patch == 0 else {
+                throw VQMoEError(.config, "model.patch_size: \(c.patchSize) does not divide the \(image.height)×\(image.width) images")
+            }
+            mc.image = image
+            mc.seqLen = image.tokens
+            mc.causal = false
+            mc.ffn.allowTokenMixing = true
+        } else {
+            guard !dataset.inputIsFloat else {
+                throw VQMoEError(.config, "data.name: '\(c.data.name)' serves images; set model.backbone = \"vit\"")
+            }
+            guard dataset.sampleShape == [c.model.seqLen] else {
+                throw VQMoEError(.config, "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)")
+            }
+        }
         mc.vocabSize = dataset.vocabSize
         dims.vocabSize = dataset.vocabSize
         dims.nClasses = dataset.nClasses
+        dims.seqLen = mc.seqLen
         let head = try HeadInstance(instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
         if dataset.isLM {
             guard head.isLM, head.perToken, head.nOut == dataset.vocabSize else {

@@ -57,6 +57,10 @@ public struct RunConfig: @unchecked Sendable {
     public var data: ComponentSpec
     public var head: ComponentSpec
     public var model: TransformerConfig
+    /// "transformer" (token model, causal) or "vit" (images as patches + class token, full attention).
+    public var backbone: String
+    /// ViT patch side P.
+    public var patchSize: Int
     public var router: ComponentSpec?
     public var quantizer: ComponentSpec?
     /// Codebook size requested from the quantizer (default: the number of experts, K = E).
@@ -77,7 +81,8 @@ public struct RunConfig: @unchecked Sendable {
         head = try RunConfig.component(r.child("head", required: true))
 
         let m = try r.child("model", required: true)
-        _ = try m.string("backbone", default: "transformer", choices: ["transformer"])
+        backbone = try m.string("backbone", default: "transformer", choices: ["transformer", "vit"])
+        patchSize = try m.int("patch_size", default: 4, min: 1)
         var mc = TransformerConfig()
         mc.nLayer = try m.int("n_layer", default: 4, min: 1, max: 64)
         mc.nHead = try m.int("n_head", default: 4, min: 1)

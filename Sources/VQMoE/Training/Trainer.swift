@@ -19,6 +19,8 @@ public struct TrainResult: Sendable {
     public var outDir: String
     /// Stopped early (interrupt or `stopAfter`); `last` holds the state to resume from.
     public var interrupted = false
+    /// Language model (loss/BPC) or classifier (accuracy).
+    public var isLM = true
 }
 
 /// The training loop: Adam(W) with warmup + cosine schedule and global-norm clipping,
@@ -88,7 +90,15 @@ public final class Trainer {
 
     /// One model forward on a dataset batch (with the sample lengths of text classification).
     func forward(_ batch: DatasetInstance.Batch, step: Int, train: Bool) throws -> LossParts {
-        try batch.inputsInt.withUnsafeBufferPointer { x in
+        if dataset.inputIsFloat {
+            return try batch.inputsFloat.withUnsafeBufferPointer { x in
+                try batch.targets.withUnsafeBufferPointer { y in
+                    try model.forward(tokens: nil, images: x.baseAddress!, targets: y.baseAddress!, batch: config.train.batchSize,
+                                      step: step, train: train)
+                }
+            }
+        }
+        return try batch.inputsInt.withUnsafeBufferPointer { x in
             try batch.targets.withUnsafeBufferPointer { y in
                 try batch.lengths.withUnsafeBufferPointer { l in
                     try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: config.train.batchSize, step: step, train: train,
@@ -349,7 +359,8 @@ public final class Trainer {
         }
         let done = state.nextStep
         let result = TrainResult(steps: done, bestValid: state.best, bestStep: state.bestStep, test: test, wallSeconds: wall,
-                                 tokensPerSecond: Double(max(done, 1) * tokensPerStep) / max(wall, 1e-9), outDir: outDir, interrupted: interrupted)
+                                 tokensPerSecond: Double(max(done, 1) * tokensPerStep) / max(wall, 1e-9), outDir: outDir, interrupted: interrupted,
+                                 isLM: dataset.isLM)
         if !interrupted {
             var summary: [String: Any] = ["name": config.name, "ffn": config.model.ffn.mode.rawValue, "steps": t.steps, "best_step": state.bestStep + 1,
                                           "params_total": model.parameters.reduce(0) { $0 + $1.count },
