@@ -181,6 +181,106 @@ def fixture(mode, seed):
     }
 
 
+# ----------------------------------------------------------------------------- ViT
+IMG_C, IMG_H, IMG_W, PATCH, CLASSES, S_SLOTS = 1, 8, 8, 4, 5, 2
+NP = (IMG_H // PATCH) * (IMG_W // PATCH)
+VT = NP + 1
+
+
+def vit_params(mode, gen):
+    """Token-model weights minus the token embedding, plus patch projection, class token, the
+    image head (LayerNorm + linear) and, for SoftMoE, phi (d, E·S) and scale."""
+    base = params("dense" if mode == "vit_dense" else ("smoe" if mode != "vit_vqmoe" else "vqmoe_mix"), gen)
+    def rnd(*shape, std=0.3):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).float()
+    p = {k: v.detach() for k, v in base.items() if k not in ("wte", "wpe", "head.weight", "head.bias")}
+    p["wpe"] = rnd(VT, D)
+    p["patch.weight"] = rnd(D, IMG_C * PATCH * PATCH)
+    p["patch.bias"] = rnd(D, std=0.1)
+    p["cls"] = rnd(D)
+    p["head.norm.weight"] = 1 + rnd(D, std=0.1)
+    p["head.norm.bias"] = rnd(D, std=0.1)
+    p["head.head.weight"] = rnd(CLASSES, D)
+    p["head.head.bias"] = rnd(CLASSES, std=0.1)
+    if mode == "vit_softmoe":
+        for i in range(L):
+            del p[f"layers.{i}.ffn.router.weight"]
+            p[f"layers.{i}.ffn.router.phi"] = rnd(D, E * S_SLOTS, std=1.0)
+            p[f"layers.{i}.ffn.router.scale"] = 1 + rnd(1, std=0.2)
+    return {k: v.clone().requires_grad_(True) for k, v in p.items()}
+
+
+def softmoe(p, pre, x, groups):
+    """Soft MoE (Puigcerver et al. 2024) as the `softmoe` plugin computes it: normalised x and
+    phi columns (norm sqrt(|v|^2 + 1e-12)), logits = scale * x^ phi^, dispatch softmax over a
+    group's tokens, combine softmax over the E*S slots."""
+    phi, scale = p[f"{pre}.ffn.router.phi"], p[f"{pre}.ffn.router.scale"]
+    xn = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-12)
+    pn = phi / torch.sqrt((phi * phi).sum(0, keepdim=True) + 1e-12)
+    logits = scale * (xn @ pn)                                       # (N, E*S)
+    t = x.shape[0] // groups
+    lg = logits.view(groups, t, E * S_SLOTS)
+    disp, comb = lg.softmax(dim=1), lg.softmax(dim=2)
+    xs = disp.transpose(1, 2) @ x.view(groups, t, D)                  # (G, E*S, d)
+    ys = torch.empty_like(xs)
+    for e in range(E):
+        sl = slice(e * S_SLOTS, (e + 1) * S_SLOTS)
+        ys[:, sl] = expert(p, pre, e, xs[:, sl].reshape(-1, D)).view(groups, S_SLOTS, D)
+    return (comb @ ys).reshape(-1, D)
+
+
+def vit_forward(p, img, tgt, mode):
+    b = img.shape[0]
+    pt = img.view(b, IMG_C, IMG_H // PATCH, PATCH, IMG_W // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, NP, -1)
+    emb = pt @ p["patch.weight"].t() + p["patch.bias"]
+    x = torch.cat([p["cls"].view(1, 1, D).expand(b, 1, D), emb], dim=1) + p["wpe"]
+    aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
+    ffn_mode = {"vit_dense": "dense", "vit_smoe": "smoe", "vit_vqmoe": "vqmoe_mix"}.get(mode)
+    for i in range(L):
+        pre = f"layers.{i}"
+        h = F.layer_norm(x, (D,), p[f"{pre}.ln1.weight"], p[f"{pre}.ln1.bias"], 1e-5)
+        qkv = h @ p[f"{pre}.attn.qkv.weight"].t() + p[f"{pre}.attn.qkv.bias"]
+        q, k, v = qkv.split(D, dim=2)
+        q, k, v = (t.view(b, VT, H, D // H).transpose(1, 2) for t in (q, k, v))
+        att = ((q @ k.transpose(-2, -1)) / math.sqrt(D // H)).softmax(-1)  # full attention
+        a = (att @ v).transpose(1, 2).reshape(b, VT, D)
+        x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
+        h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5).reshape(b * VT, D)
+        if mode == "vit_softmoe":
+            y, aux, vq = softmoe(p, pre, h, b), h.new_zeros(()), h.new_zeros(())
+        else:
+            y, aux, vq = ffn(p, pre, h, ffn_mode)
+        x = x + y.view(b, VT, D)
+        aux_t, vq_t = aux_t + aux, vq_t + vq
+    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)[:, 0]   # class token
+    h = F.layer_norm(h, (D,), p["head.norm.weight"], p["head.norm.bias"], 1e-5)
+    logits = h @ p["head.head.weight"].t() + p["head.head.bias"]
+    ce = F.cross_entropy(logits, tgt)
+    total = ce + aux_t + (BETA * vq_t if mode == "vit_vqmoe" else 0)
+    return logits, ce, aux_t, vq_t, total
+
+
+def vit_fixture(mode, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = vit_params(mode, gen)
+    img = torch.rand(B, IMG_C, IMG_H, IMG_W, generator=gen)
+    tgt = torch.randint(0, CLASSES, (B,), generator=gen)
+    init = {k: v.detach().clone() for k, v in p.items()}
+    logits, ce, aux, vq, total = vit_forward(p, img, tgt, mode)
+    total.backward()
+    grads = {k: v.grad.detach().clone() for k, v in p.items()}
+    flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
+    return {
+        "mode": mode, "batch": B, "d_model": D, "n_head": H, "n_layer": L, "d_inner": F_INNER, "n_experts": E, "k": K,
+        "image": [IMG_C, IMG_H, IMG_W], "patch": PATCH, "classes": CLASSES, "slots": S_SLOTS, "beta": BETA,
+        "images": flat(img), "targets": tgt.tolist(),
+        "params": {k: {"shape": list(v.shape), "data": flat(v)} for k, v in init.items()},
+        "grads": {k: flat(v) for k, v in grads.items()},
+        "logits": flat(logits.detach()),
+        "loss": {"task": ce.item(), "aux": aux.item(), "vq": vq.item(), "total": total.item()},
+    }
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "Tests", "EngineTests", "Fixtures")
     os.makedirs(out, exist_ok=True)
@@ -191,6 +291,12 @@ def main():
         with open(path, "w") as fh:
             json.dump(fx, fh)
         print(f"{path}: total loss {fx['loss']['total']:.6f}, 10 Adam steps {fx['adam_losses'][0]:.4f} -> {fx['adam_losses'][-1]:.4f}")
+    for i, mode in enumerate(["vit_dense", "vit_smoe", "vit_vqmoe", "vit_softmoe"]):
+        fx = vit_fixture(mode, 2000 + i)
+        path = os.path.join(out, f"parity_{mode}.json")
+        with open(path, "w") as fh:
+            json.dump(fx, fh)
+        print(f"{path}: total loss {fx['loss']['total']:.6f}")
 
 
 if __name__ == "__main__":

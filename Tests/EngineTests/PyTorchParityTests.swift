@@ -103,4 +103,56 @@ final class PyTorchParityTests: XCTestCase {
     func testVQMoEMix() throws { try check("vqmoe_mix") }
     func testVQMoESTE() throws { try check("vqmoe_ste") }
     func testVQMoEX() throws { try check("vqmoe_x") }
+
+    // MARK: ViT
+
+    func checkViT(_ mode: String) throws {
+        let fx = try load(mode)
+        let d = fx.int("d_model"), e = fx.int("n_experts"), img = fx.json["image"] as! [Int], classes = fx.int("classes")
+        let shape = ImageShape(channels: img[0], height: img[1], width: img[2], patch: fx.int("patch"))
+        var ffn = FFNConfig(mode: mode == "vit_dense" ? .dense : mode == "vit_vqmoe" ? .vqmoe : .smoe, dInner: fx.int("d_inner"), nExperts: e)
+        ffn.discreteInput = .mix
+        ffn.allowTokenMixing = true
+        var cfg = TransformerConfig(vocabSize: 0, seqLen: shape.tokens, nLayer: fx.int("n_layer"), nHead: fx.int("n_head"), dModel: d, ffn: ffn)
+        cfg.image = shape
+        cfg.causal = false
+        let dims = ModelDims(dModel: d, nExperts: e, nCodes: e, nClasses: classes, seqLen: shape.tokens, totalSteps: 10)
+        let head = try HeadInstance(instance("HeadImageClassifier", dims: dims))
+        let model = try Transformer(config: cfg, head: head, components: { _ in
+            switch mode {
+            case "vit_softmoe": return LayerComponents(router: try RouterInstance(self.instance("RouterSoftMoE", dims: dims, ["slots_per_expert": fx.int("slots")])))
+            case "vit_smoe": return LayerComponents(router: try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])))
+            case "vit_vqmoe": return LayerComponents(router: try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])),
+                                                     quantizer: try QuantizerInstance(self.instance("QuantizerVQVAE", dims: dims)))
+            default: return LayerComponents()
+            }
+        }, seed: 1)
+        let params = fx.json["params"] as! [String: Any]
+        XCTAssertEqual(Set(params.keys), Set(model.parameters.map(\.name)), "parameter names differ from the fixture's")
+        for p in model.parameters {
+            let entry = params[p.name] as! [String: Any]
+            XCTAssertEqual(entry["shape"] as! [Int], p.shape, p.name)
+            let values = fx.floats(entry["data"])
+            for i in 0..<p.count { p.data[i] = values[i] }
+        }
+        let b = fx.int("batch")
+        let images = fx.floats(fx.json["images"]), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
+        var logits = [Float](repeating: 0, count: b * classes)
+        let parts = try model.forward(tokens: nil, images: images, targets: targets, batch: b, step: 0, train: true, logits: &logits)
+        let loss = fx.json["loss"] as! [String: Double]
+        assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
+        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(mode) total loss")
+        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "\(mode) aux loss")
+        model.zeroGrads()
+        try model.backward()
+        let grads = fx.json["grads"] as! [String: Any]
+        for p in model.parameters {
+            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "\(mode) grad \(p.name)")
+        }
+    }
+
+    func testViTDense() throws { try checkViT("vit_dense") }
+    func testViTSMoE() throws { try checkViT("vit_smoe") }
+    func testViTVQMoE() throws { try checkViT("vit_vqmoe") }
+    func testViTSoftMoE() throws { try checkViT("vit_softmoe") }
 }
