@@ -273,4 +273,33 @@ final class TrainingTests: XCTestCase {
             XCTAssertNoThrow(try Checkpoint.read(path: "\(dir)/last.safetensors"))
         }
     }
+
+    /// A small ViT (patches + class token, full attention) with SoftMoE layers trains on real
+    /// Fashion-MNIST: accuracy well above chance after 120 steps.
+    func testViTWithSoftMoETrainsOnFashionMNIST() throws {
+        guard let data = DataLocator.defaultRoot(), FileManager.default.fileExists(atPath: "\(data)/fashion-mnist/train-images-idx3-ubyte.gz") else {
+            throw XCTSkip("no Fashion-MNIST")
+        }
+        let json: [String: Any] = [
+            "name": "vit_tiny", "seed": 2, "data": ["name": "idx"],
+            "model": ["backbone": "vit", "patch_size": 7, "n_layer": 2, "n_head": 2, "d_model": 32,
+                      "ffn": ["mode": "smoe", "d_inner": 32, "n_experts": 4, "router": ["name": "softmoe"]]],
+            "head": ["name": "image_classifier"],
+            "train": ["steps": 120, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "eval_every": 120, "eval_batches": 10, "grad_clip": 1.0],
+        ]
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vit-\(UUID().uuidString)").path
+        let trainer = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true)
+        XCTAssertEqual(trainer.model.config.seqLen, 17)  // 16 patches of 7×7 + the class token
+        XCTAssertFalse(trainer.model.config.causal)
+        let r = try trainer.run()
+        XCTAssertGreaterThan(r.bestValid!.accuracy, 0.45)  // chance is 0.1
+        XCTAssertEqual(r.test!.count, 10_000)
+        XCTAssertFalse(r.isLM)
+        // A token backbone on images is refused with the fix.
+        var bad = json
+        bad["model"] = ["n_layer": 1, "d_model": 32, "n_head": 2, "seq_len": 16]
+        XCTAssertThrowsError(try Trainer(config: try RunConfig(json: bad), registry: try registry(), outDir: dir, quiet: true)) {
+            XCTAssertTrue(($0 as! VQMoEError).message.contains("set model.backbone = \"vit\""), "\($0)")
+        }
+    }
 }
