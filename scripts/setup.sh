@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what vqmoe needs on Debian 12 (OpenBLAS, libffi, a C compiler) when missing, then
+# Install what vqmoe needs on Debian 12 (OpenBLAS, libffi, zlib, a C compiler, Python venv/pip)
+# when missing, fetch the data if it is not beside the checkout, then
 # build the host and every plugin in release mode. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,9 @@ need=()
 [ -e /usr/include/x86_64-linux-gnu/cblas.h ] || [ -e /usr/include/cblas.h ] || need+=(libopenblas-dev)
 [ -e /usr/include/x86_64-linux-gnu/ffi.h ] || [ -e /usr/include/ffi.h ] || need+=(libffi-dev)
 command -v cc >/dev/null || need+=(gcc)
+command -v python3 >/dev/null || need+=(python3)
+python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)   # venv for the tests' safetensors check
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)     # pip download for enwik8-mini
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]} ..." >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
