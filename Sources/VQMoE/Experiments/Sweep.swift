@@ -128,7 +128,10 @@ public struct Sweep {
                   let r = try JSONSerialization.jsonObject(with: data) as? [String: Any] else { continue }
             if let i = groups.firstIndex(where: { $0.0 == run.group }) { groups[i].1.append(r) } else { groups.append((run.group, [r])) }
         }
-        let metrics = ["test_bpc", "valid_bpc", "tokens_per_s"]
+        // BPC for language models, accuracy for classifiers: the columns some run has.
+        let metrics = ["test_bpc", "valid_bpc", "test_accuracy", "valid_accuracy", "tokens_per_s"].filter { k in
+            groups.contains { $0.1.contains { $0[k] != nil } }
+        }
         func stats(_ rs: [[String: Any]], _ k: String) -> (Double, Double)? {
             let xs = rs.compactMap { $0[k] as? Double }
             guard !xs.isEmpty else { return nil }
