@@ -102,37 +102,12 @@ final class CIFARDataset {
         try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "batch_request")
         try requireSize(out.pointee.struct_size, vqmoe_batch.self, "batch")
         let r = req.pointee
-        guard (0...2).contains(r.split) else { throw .invalid("\(who): unknown split \(r.split)") }
-        guard r.batch_size >= 1, r.index >= 0 else {
-            throw .invalid("\(who): batch_size \(r.batch_size) must be >= 1 and index \(r.index) >= 0")
-        }
+        let (split, examples) = try batchExamples(r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
+        let file: ImageSet = split == VQMOE_SPLIT_TEST ? testFile : trainFile
         let B = Int(r.batch_size), P = Self.pixelsPerImage, plane = Self.height * Self.width
         let inputs = try requireF32(out.pointee.inputs, [B, Self.channels, Self.height, Self.width],
                                     "\(who): read_batch inputs")                               // (B,3,32,32)
         let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")   // (B)
-
-        // (file, record) for each real row.
-        let file: ImageSet
-        let examples: [Int]
-        if r.split == VQMOE_SPLIT_TRAIN {
-            let (start, overflow) = r.index.multipliedReportingOverflow(by: r.batch_size)
-            guard !overflow, start <= Int64.max - r.batch_size else {
-                throw .invalid("\(who): train batch \(r.index) of \(B) is beyond the 2^63 stream positions")
-            }
-            file = trainFile
-            examples = sampler.examples(from: start, count: B)
-        } else {
-            let split = Int(r.split)
-            let nb = try numBatches(r.split, r.batch_size)
-            guard r.index < nb else {
-                throw PluginFailure(status: VQMOE_ERR_END_OF_DATA,
-                                    message: "\(who): \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
-            }
-            let first = Int(r.index) * B
-            let offset = split == VQMOE_SPLIT_VALID ? nTrain : 0
-            file = split == VQMOE_SPLIT_VALID ? trainFile : testFile
-            examples = (first..<min(first + B, splitSizes[split])).map { offset + $0 }
-        }
 
         let n = examples.count
         table.withUnsafeBufferPointer { lut in
