@@ -243,3 +243,11 @@ public final class TextClassificationData {
         return order
     }
 }
+
+extension TextClassificationData: DatasetPlugin {
+    public func batchCount(_ split: Int32, _ batchSize: Int64) throws(PluginFailure) -> Int64 {
+        var n: Int64 = 0
+        try numBatches(split, batchSize, &n)
+        return n
+    }
+}
