@@ -20,6 +20,9 @@ Each fixture stores the weights (under the Swift engine's parameter names), one 
 logits, the loss parts, every parameter gradient, and the total losses of 10 Adam steps
 (lr 1e-2, betas 0.9/0.999, eps 1e-8, global-norm clipping at 1.0) on that batch.
 
+Transformer-XL (parity_txl_*): the same layers with relative attention over a memory of the
+previous segment (see txl_forward).
+
 usage: python scripts/make_parity_fixtures.py [OUT_DIR]   (needs torch; default OUT_DIR is
 Tests/EngineTests/Fixtures)
 """
@@ -281,6 +284,115 @@ def vit_fixture(mode, seed):
     }
 
 
+# ----------------------------------------------------------------------------- Transformer-XL
+MEM, SEGS = 6, 3   # memory length (< T, so the memory keeps the last MEM of [mem; segment]) and segments per stream
+
+
+def txl_params(mode, gen):
+    """Token-model weights without the absolute positions, plus per layer W_r (D,D) and the
+    biases u, v (D = H*Dh) of relative attention."""
+    base = params(mode, gen)
+    def rnd(*shape, std=0.3):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * std).float()
+    p = {k: v.detach() for k, v in base.items() if k != "wpe"}
+    for i in range(L):
+        p[f"layers.{i}.attn.r.weight"] = rnd(D, D)
+        p[f"layers.{i}.attn.u"] = rnd(D)
+        p[f"layers.{i}.attn.v"] = rnd(D)
+    return {k: v.clone().requires_grad_(True) for k, v in p.items()}
+
+
+def rel_shift(x):
+    """Transformer-XL's _rel_shift on (qlen, klen, B, H): row i moves left by qlen-1-i."""
+    zero_pad = torch.zeros((x.size(0), 1, *x.size()[2:]), dtype=x.dtype)
+    x_padded = torch.cat([zero_pad, x], dim=1).view(x.size(1) + 1, x.size(0), *x.size()[2:])
+    return x_padded[1:].view_as(x)
+
+
+def txl_forward(p, tok, tgt, mode, mems):
+    """One segment (B,T) over the memories (one (B,m,D) per layer, m <= MEM), pre-LN layers as in
+    the Swift engine; attention as Transformer-XL's RelPartialLearnableMultiHeadAttn (pre_lnorm):
+    AC = (q + u) k^T, BD = rel_shift((q + v) r^T), r = W_r pos_emb(K-1 ... 0), mask j > m + i.
+    Returns the outputs and the next memories: the last MEM rows of [mem; layer input], detached."""
+    dh = D // H
+    m = mems[0].shape[1]
+    klen = m + T
+    pos = torch.arange(klen - 1, -1, -1.0, dtype=torch.float64)
+    inv_freq = 1 / (10000 ** (torch.arange(0.0, D, 2.0, dtype=torch.float64) / D))
+    sinus = torch.outer(pos, inv_freq)
+    pos_emb = torch.cat([sinus.sin(), sinus.cos()], dim=-1).float()          # (K, D)
+    mask = torch.triu(torch.ones(T, klen, dtype=torch.bool), diagonal=1 + m)  # (T, K)
+    x = p["wte"][tok]
+    aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
+    new_mems = []
+    for i in range(L):
+        pre = f"layers.{i}"
+        cat = torch.cat([mems[i], x], dim=1)                                  # (B, K, D)
+        new_mems.append(cat[:, -MEM:].detach())
+        h = F.layer_norm(cat, (D,), p[f"{pre}.ln1.weight"], p[f"{pre}.ln1.bias"], 1e-5)
+        w_heads = h @ p[f"{pre}.attn.qkv.weight"].t() + p[f"{pre}.attn.qkv.bias"]
+        q, k, v = w_heads.split(D, dim=2)
+        q = q[:, -T:]
+        q, k, v = (t.transpose(0, 1).reshape(t.shape[1], B, H, dh) for t in (q, k, v))   # (len, B, H, dh)
+        r = (pos_emb @ p[f"{pre}.attn.r.weight"].t()).view(klen, H, dh)
+        u, vb = p[f"{pre}.attn.u"].view(H, dh), p[f"{pre}.attn.v"].view(H, dh)
+        ac = torch.einsum("ibnd,jbnd->ijbn", q + u, k)
+        bd = rel_shift(torch.einsum("ibnd,jnd->ijbn", q + vb, r))
+        score = (ac + bd) / math.sqrt(dh)
+        score = score.masked_fill(mask[:, :, None, None], float("-inf"))
+        prob = score.softmax(dim=1)
+        a = torch.einsum("ijbn,jbnd->ibnd", prob, v).reshape(T, B, D).transpose(0, 1)
+        x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
+        h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5)
+        y, aux, vq = ffn(p, pre, h.reshape(B * T, D), mode)
+        x = x + y.view(B, T, D)
+        aux_t, vq_t = aux_t + aux, vq_t + vq
+    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)
+    logits = h @ p["head.weight"].t() + p["head.bias"]
+    ce = F.cross_entropy(logits.view(-1, V), tgt.reshape(-1))
+    total = ce + aux_t + (BETA * vq_t if mode.startswith("vqmoe") else 0)
+    return (logits, ce, aux_t, vq_t, total), new_mems
+
+
+def txl_fixture(mode, seed):
+    """A stream of SEGS segments per row: segment 0 fills the memory, the logits, losses and
+    gradients are those of segment 1 over it; then 10 Adam steps on segments 0, 1, 2, 0, ...
+    with the memory carried from step to step (empty at the first)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = txl_params(mode, gen)
+    tok = torch.randint(0, V, (B, SEGS * T), generator=gen)
+    tgt = torch.randint(0, V, (B, SEGS * T), generator=gen)
+    seg = lambda t, s: t[:, s * T:(s + 1) * T]
+    init = {k: v.detach().clone() for k, v in p.items()}
+    empty = [torch.zeros(B, 0, D) for _ in range(L)]
+    _, mems = txl_forward(p, seg(tok, 0), seg(tgt, 0), mode, empty)
+    (logits, ce, aux, vq, total), _ = txl_forward(p, seg(tok, 1), seg(tgt, 1), mode, mems)
+    total.backward()
+    grads = {k: v.grad.detach().clone() for k, v in p.items()}
+    for v in p.values():
+        v.grad = None
+    opt = torch.optim.Adam(list(p.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    losses, mems = [], empty
+    for s in range(10):
+        opt.zero_grad()
+        out, mems = txl_forward(p, seg(tok, s % SEGS), seg(tgt, s % SEGS), mode, mems)
+        losses.append(out[-1].item())
+        out[-1].backward()
+        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
+        opt.step()
+    flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
+    return {
+        "mode": mode, "vocab": V, "seq_len": T, "mem_len": MEM, "segments": SEGS, "batch": B, "d_model": D, "n_head": H,
+        "n_layer": L, "d_inner": F_INNER, "n_experts": E, "k": K, "beta": BETA, "mix_c": MIX_C,
+        "tokens": tok.reshape(-1).tolist(), "targets": tgt.reshape(-1).tolist(),
+        "params": {k: {"shape": list(v.shape), "data": flat(v)} for k, v in init.items()},
+        "grads": {k: flat(v) for k, v in grads.items()},
+        "logits": flat(logits.detach()),
+        "loss": {"task": ce.item(), "aux": aux.item(), "vq": vq.item(), "total": total.item()},
+        "adam_losses": losses,
+    }
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "Tests", "EngineTests", "Fixtures")
     os.makedirs(out, exist_ok=True)
@@ -297,6 +409,12 @@ def main():
         with open(path, "w") as fh:
             json.dump(fx, fh)
         print(f"{path}: total loss {fx['loss']['total']:.6f}")
+    for i, mode in enumerate(["dense", "smoe", "vqmoe_mix"]):
+        fx = txl_fixture(mode, 3000 + i)
+        path = os.path.join(out, f"parity_txl_{mode}.json")
+        with open(path, "w") as fh:
+            json.dump(fx, fh)
+        print(f"{path}: total loss {fx['loss']['total']:.6f}, 10 Adam steps {fx['adam_losses'][0]:.4f} -> {fx['adam_losses'][-1]:.4f}")
 
 
 if __name__ == "__main__":

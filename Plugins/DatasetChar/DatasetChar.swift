@@ -12,6 +12,11 @@
 //   valid/test  ordered, non-overlapping windows covering the split; the last window and
 //               the last batch may be partial (inputs padded with 0, targets with
 //               VQMOE_PAD_TARGET, `rows` = real windows).
+// With order = "streams" (Transformer-XL) every split is cut into batch_size parallel
+// streams of S = floor((len - 1) / B) tokens, as Transformer-XL's ordered iterator does (the
+// last (len - 1) mod B targets are left out): row b of batch i is segment i of stream b,
+// positions b*S + i*T ..., so row b of batch i+1 continues row b of batch i. Train batches
+// wrap around after floor(S / T) segments; eval passes end with a padded partial segment.
 //
 // Depends only on the C ABI (vqmoe_plugin.h) and Glibc.
 #if canImport(Glibc)
@@ -102,6 +107,8 @@ final class CharDataset {
     let seqLen: Int
     /// Token range: 256 (bytes) or 27 (compact_vocab: space 0, a..z 1..26).
     var vocabSize = 256
+    /// order = "streams": batch rows are parallel streams read in order (Transformer-XL).
+    var streams = false
     /// Start offset and length of each split in `bytes` (train, valid, test).
     let splitStart: [Int]
     let splitLen: [Int]
@@ -121,9 +128,35 @@ final class CharDataset {
         return Int64((len - 1 + seqLen - 1) / seqLen)
     }
 
-    /// Batches of an ordered pass (valid/test), ceil(windows / B).
+    /// Batches of an ordered pass (valid/test): ceil(windows / B); streams: ceil(S / T).
     func evalBatches(_ split: Int, _ batchSize: Int64) -> Int64 {
-        (windows(split) + batchSize - 1) / batchSize
+        if streams { return (Int64(streamLength(split, Int(batchSize))) + Int64(seqLen) - 1) / Int64(seqLen) }
+        return (windows(split) + batchSize - 1) / batchSize
+    }
+
+    /// Stream order: tokens (each with its target) per stream, S = floor((len - 1) / B).
+    func streamLength(_ split: Int, _ batchSize: Int) -> Int { max(splitLen[split] - 1, 0) / batchSize }
+
+    /// Batch `index` in stream order: row b holds positions b*S + s*T ..< b*S + min((s+1)*T, S)
+    /// of the split, s = index (train: index mod floor(S / T), whole segments only), padded after
+    /// the stream's end. inputs/targets: (B,T) int32. The train split must hold one segment per
+    /// stream (checked by the caller).
+    func readStreams(split: Int, index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
+                     targets: UnsafeMutablePointer<Int32>) {
+        let T = seqLen, S = streamLength(split, batchSize)
+        let base = bytes + splitStart[split]
+        let segment = split == 0 ? Int(index % Int64(S / T)) : Int(index)
+        let n = min(T, S - segment * T)
+        inputs.update(repeating: 0, count: batchSize * T)
+        targets.update(repeating: Int32(VQMOE_PAD_TARGET), count: batchSize * T)
+        for b in 0..<batchSize {
+            let src = base + b * S + segment * T
+            let inRow = inputs + b * T, tgRow = targets + b * T
+            for t in 0..<n {
+                inRow[t] = Int32(src[t])
+                tgRow[t] = Int32(src[t + 1])
+            }
+        }
     }
 
     /// Train batch `index`: `batchSize` random windows from stream `index`.
@@ -216,6 +249,10 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
     let cleanC = vqmoe_hp_string(hp, "clean", "none")
     let clean = cleanC.map { String(cString: $0) } ?? "none"
     let compact = vqmoe_hp_bool(hp, "compact_vocab", 0) != 0
+    let order = vqmoe_hp_string(hp, "order", "windows").map { String(cString: $0) } ?? "windows"
+    guard order == "windows" || order == "streams" else {
+        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): order '\(order)' must be one of windows, streams")
+    }
     guard clean == "none" || clean == "text8" else {
         return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(who): clean '\(clean)' must be one of none, text8")
     }
@@ -287,6 +324,7 @@ private func createDataset(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: Unsa
     let ds = CharDataset(host: host, seed: info.pointee.seed, path: path, bytes: bytes, count: n,
                          seqLen: T, splitStart: starts, splitLen: lens)
     ds.vocabSize = compact ? 27 : 256
+    ds.streams = order == "streams"
     out.pointee = OpaquePointer(Unmanaged.passRetained(ds).toOpaque())
     return VQMOE_OK
 }
@@ -321,6 +359,9 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
         spec("compact_vocab", VQMOE_HP_BOOL, 0,
              "vocabulary of 27 (space -> 0, a..z -> 1..26) instead of 256 bytes; needs text of only a-z and space (text8, or clean=text8)",
              number: 0),
+        spec("order", VQMOE_HP_STRING, 0,
+             "windows: random train windows, ordered eval windows (each from a fresh context); streams: batch_size parallel streams read in order, row b of batch i+1 continuing row b of batch i (Transformer-XL memory)",
+             string: "windows", choices: "windows,streams"),
     ]
     let hp = UnsafeMutablePointer<vqmoe_hparam_spec>.allocate(capacity: specs.count)
     hp.initialize(from: specs, count: specs.count)
@@ -330,7 +371,8 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
         struct_size: UInt32(MemoryLayout<vqmoe_dataset_api>.size),
         info: { inst, out in
             guard let ds = dataset(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
-            guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_dataset_info>.size) else {
+            let streamsEnd = MemoryLayout<vqmoe_dataset_info>.offset(of: \.streams)! + 4
+            guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_dataset_info>.offset(of: \.streams)!) else {
                 return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: dataset_info struct_size \(out.pointee.struct_size) is too small")
             }
             out.pointee.task = VQMOE_TASK_LM
@@ -339,6 +381,7 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             out.pointee.sample_ndim = 1
             out.pointee.sample_shape = (Int64(ds.seqLen), 0, 0, 0)
             out.pointee.split_size = (Int64(ds.splitLen[0]), Int64(ds.splitLen[1]), Int64(ds.splitLen[2]))
+            if out.pointee.struct_size >= UInt32(streamsEnd) { out.pointee.streams = ds.streams ? 1 : 0 }  // ABI 1.1
             return VQMOE_OK
         },
         num_batches: { inst, split, batchSize, out in
@@ -374,6 +417,16 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             }
             let inputs = out.pointee.inputs.data!.assumingMemoryBound(to: Int32.self)
             let targets = out.pointee.targets.data!.assumingMemoryBound(to: Int32.self)
+            if r.split == VQMOE_SPLIT_TRAIN && ds.streams {
+                let S = ds.streamLength(0, Int(B))
+                guard S >= ds.seqLen else {
+                    return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT,
+                                "char: order=streams: the train split (\(ds.splitLen[0]) bytes) cut into \(B) streams leaves \(S) tokens per stream, fewer than one segment of seq_len \(ds.seqLen); lower batch_size or seq_len")
+                }
+                ds.readStreams(split: 0, index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
+                out.pointee.rows = B
+                return VQMOE_OK
+            }
             if r.split == VQMOE_SPLIT_TRAIN {
                 ds.readTrain(index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
                 out.pointee.rows = B
@@ -384,6 +437,11 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             guard r.index < nb else {
                 return fail(ds.host, VQMOE_ERR_END_OF_DATA,
                             "char: \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
+            }
+            if ds.streams {
+                ds.readStreams(split: split, index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
+                out.pointee.rows = B
+                return VQMOE_OK
             }
             out.pointee.rows = Int64(ds.readEval(split: split, index: r.index, batchSize: Int(B),
                                                  inputs: inputs, targets: targets))
@@ -397,8 +455,8 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
         kind: VQMOE_KIND_DATASET,
         flags: 0,
         name: UnsafePointer(strdup("char")),
-        version: UnsafePointer(strdup("1.0.0")),
-        description: UnsafePointer(strdup("byte-level LM corpus (enwik8 format or any raw text): vocabulary of 256 bytes, contiguous train/valid/test split; clean=text8 derives text8 from a Wikipedia XML dump (wikifil.pl), compact_vocab=true gives text8's 27 symbols")),
+        version: UnsafePointer(strdup("1.1.0")),
+        description: UnsafePointer(strdup("byte-level LM corpus (enwik8 format or any raw text): vocabulary of 256 bytes, contiguous train/valid/test split; clean=text8 derives text8 from a Wikipedia XML dump (wikifil.pl), compact_vocab=true gives text8's 27 symbols; order=streams serves parallel streams in order (Transformer-XL)")),
         hparams: UnsafePointer(hp),
         n_hparams: Int32(specs.count),
         create: { info, hp, out in createDataset(info, hp, out) },

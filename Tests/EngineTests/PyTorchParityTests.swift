@@ -4,7 +4,8 @@ import XCTest
 
 /// The engine against PyTorch on the same weights (fixtures written by
 /// scripts/make_parity_fixtures.py): logits, loss parts, every parameter gradient, and the
-/// losses of 10 Adam steps, for dense, SMoE and VQMoE (three discrete-path inputs).
+/// losses of 10 Adam steps, for dense, SMoE and VQMoE (three discrete-path inputs), the same
+/// for Transformer-XL (relative attention over a memory), and the ViT.
 /// Tolerances: 1e-4 relative on values, 1e-3 relative to each tensor's largest gradient.
 final class PyTorchParityTests: XCTestCase {
     struct Fixture {
@@ -27,15 +28,19 @@ final class PyTorchParityTests: XCTestCase {
         return try PluginInstance(library: lib, instanceName: product, dims: dims, hyperparameters: hp, seed: 1)
     }
 
-    func build(_ fx: Fixture) throws -> Transformer {
+    func build(_ fx: Fixture, relative: Bool = false) throws -> Transformer {
         let mode = fx.json["mode"] as! String
         let d = fx.int("d_model"), e = fx.int("n_experts")
         var ffn = FFNConfig(mode: mode == "dense" ? .dense : mode == "smoe" ? .smoe : .vqmoe, dInner: fx.int("d_inner"), nExperts: e)
         if mode.hasPrefix("vqmoe") { ffn.discreteInput = FFNConfig.DiscreteInput(rawValue: String(mode.split(separator: "_")[1]))! }
         ffn.beta = 0.08
         ffn.mixC = 0.05
-        let cfg = TransformerConfig(vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), nLayer: fx.int("n_layer"),
+        var cfg = TransformerConfig(vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), nLayer: fx.int("n_layer"),
                                     nHead: fx.int("n_head"), dModel: d, ffn: ffn)
+        if relative {
+            cfg.relative = true
+            cfg.memLen = fx.int("mem_len")
+        }
         let dims = ModelDims(dModel: d, nExperts: e, nCodes: e, vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), totalSteps: 10)
         let head = try HeadInstance(instance("HeadLM", dims: dims))
         let model = try Transformer(config: cfg, head: head, components: { _ in
@@ -103,6 +108,62 @@ final class PyTorchParityTests: XCTestCase {
     func testVQMoEMix() throws { try check("vqmoe_mix") }
     func testVQMoESTE() throws { try check("vqmoe_ste") }
     func testVQMoEX() throws { try check("vqmoe_x") }
+
+    // MARK: Transformer-XL
+
+    /// Segment 1 of each stream over the memory segment 0 left (logits, losses, every gradient),
+    /// then 10 Adam steps on segments 0, 1, 2, 0, … with the memory carried between steps.
+    func checkTXL(_ mode: String) throws {
+        let fx = try load("txl_\(mode)")
+        let model = try build(fx, relative: true)
+        let b = fx.int("batch"), t = fx.int("seq_len"), v = fx.int("vocab"), segs = fx.int("segments")
+        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
+        func segment(_ all: [Int32], _ s: Int) -> [Int32] {
+            var out: [Int32] = []
+            for row in 0..<b {
+                let start = (row * segs + s) * t
+                out += all[start..<(start + t)]
+            }
+            return out
+        }
+        _ = try model.forward(tokens: segment(tokens, 0), targets: segment(targets, 0), batch: b, step: 0, train: true)
+        try model.backward()
+        model.zeroGrads()
+        XCTAssertEqual(model.trainMemory?.length, fx.int("mem_len"))
+        var logits = [Float](repeating: 0, count: b * t * v)
+        let parts = try model.forward(tokens: segment(tokens, 1), targets: segment(targets, 1), batch: b, step: 1, train: true, logits: &logits)
+        let loss = fx.json["loss"] as! [String: Double]
+        assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "txl \(mode) logits")
+        XCTAssertEqual(Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "txl \(mode) task loss")
+        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "txl \(mode) aux loss")
+        XCTAssertEqual(Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "txl \(mode) vq loss")
+        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "txl \(mode) total loss")
+        try model.backward()
+        let grads = fx.json["grads"] as! [String: Any]
+        for p in model.parameters {
+            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "txl \(mode) grad \(p.name)")
+        }
+        var tc = TrainConfig()
+        tc.lr = 1e-2
+        tc.gradClip = 1
+        let opt = AdamOptimizer(parameters: model.parameters, config: tc)
+        model.zeroGrads()
+        model.resetTrainMemory()
+        var ours: [Float] = []
+        for s in 0..<10 {
+            let p = try model.forward(tokens: segment(tokens, s % segs), targets: segment(targets, s % segs), batch: b, step: s, train: true)
+            ours.append(p.total)
+            try model.backward()
+            clipGradients(model.parameters, maxNorm: 1)
+            opt.step(lr: 1e-2)
+            model.zeroGrads()
+        }
+        assertClose(ours, fx.floats(fx.json["adam_losses"]), relTo: 1, tol: 2e-3, "txl \(mode) Adam losses")
+    }
+
+    func testTXLDense() throws { try checkTXL("dense") }
+    func testTXLSMoE() throws { try checkTXL("smoe") }
+    func testTXLVQMoE() throws { try checkTXL("vqmoe_mix") }
 
     // MARK: ViT
 

@@ -1,5 +1,6 @@
 import Foundation
 import VQMoE
+import VQMoEABI
 import XCTest
 
 /// The `vqmoe` executable end to end: listing, inspecting, checking, scaffolding, and the
@@ -16,10 +17,10 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(status, 0, out)
         let rows = try JSONSerialization.jsonObject(with: Data(out.utf8)) as! [[String: Any]]
         let byName = Dictionary(uniqueKeysWithValues: rows.map { ($0["name"] as! String, $0) })
-        for (name, kind) in [("vqvae", "quantizer"), ("smoe", "router"), ("char", "dataset"), ("lm", "head")] {
+        for (name, kind, version) in [("vqvae", "quantizer", "1.0.0"), ("smoe", "router", "1.0.0"), ("char", "dataset", "1.1.0"), ("lm", "head", "1.0.0")] {
             XCTAssertEqual(byName[name]?["kind"] as? String, kind, name)
-            XCTAssertEqual(byName[name]?["abi"] as? String, "1.0", name)
-            XCTAssertEqual(byName[name]?["version"] as? String, "1.0.0", name)
+            XCTAssertEqual(byName[name]?["abi"] as? String, "\(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR)", name)
+            XCTAssertEqual(byName[name]?["version"] as? String, version, name)
         }
         XCTAssertEqual(byName["hash"]?["abi"] as? String, "ffi")
         XCTAssertEqual(byName["hash"]?["kind"] as? String, "router")
@@ -166,5 +167,53 @@ final class CLITests: XCTestCase {
         let (s3, o3) = try run(["sweep", "\(dir)/bad.json"])
         XCTAssertEqual(s3, 65, o3)
         XCTAssertTrue(o3.contains("model.ffn.router.kk: unknown hyperparameter"), o3)
+    }
+
+    /// Variant axes (settings that change together) crossed with the grid, and a fine-tuning
+    /// sweep whose `{seed}` in finetune.from picks each seed's own pre-trained run.
+    func testSweepVariantsAndFinetuneFromEachSeed() throws {
+        guard let data = DataLocator.defaultRoot(), FileManager.default.fileExists(atPath: "\(data)/sst/stsa.binary.train") else {
+            throw XCTSkip("no data directory with SST-2")
+        }
+        let dir = try makeTempDir("sweep-variants")
+        let model = """
+        "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16,
+                  "ffn": {"mode": "smoe", "d_inner": 16, "n_experts": 4, "router": {"name": "smoe"}}}
+        """
+        let pre = """
+        {"name": "pre", "seed": 1, "data": {"name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"}, \(model),
+         "head": {"name": "lm"}, "train": {"steps": 4, "batch_size": 2, "eval_every": 2, "eval_batches": 2},
+         "sweep": {"variants": {"backbone": [{"name": "plain", "set": {}},
+                                             {"name": "xl", "set": {"model.backbone": "transformer_xl", "data.order": "streams"}}]},
+                   "grid": {"model.ffn.router.k": [1, 2]}, "seeds": [1, 2], "parallel": 2, "out": "\(dir)/pre"}}
+        """
+        try pre.write(toFile: "\(dir)/pre.json", atomically: true, encoding: .utf8)
+        let (s1, o1) = try run(["sweep", "\(dir)/pre.json"])
+        XCTAssertEqual(s1, 0, o1)
+        XCTAssertTrue(o1.contains("8 runs, 0 already finished, 8 to run"), o1)
+        let csv = try String(contentsOfFile: "\(dir)/pre/results.csv", encoding: .utf8).split(separator: "\n").map { String($0) }
+        XCTAssertEqual(csv.dropFirst().map { $0.split(separator: ",").prefix(2).joined(separator: ",") },
+                       ["\"backbone=plain,k=1\"", "\"backbone=plain,k=2\"", "\"backbone=xl,k=1\"", "\"backbone=xl,k=2\""])
+        let xl = try String(contentsOfFile: "\(dir)/pre/backbone=xl,k=2,seed=2/config.json", encoding: .utf8)
+        XCTAssertTrue(xl.contains("transformer_xl") && xl.contains("streams"), xl)
+        let ft = """
+        {"name": "ft", "seed": 1, "data": {"name": "sst", "variant": "binary"}, \(model), "head": {"name": "classifier"},
+         "finetune": {"from": "\(dir)/pre/backbone=plain,k=2,seed={seed}"},
+         "train": {"steps": 4, "batch_size": 4, "eval_every": 2, "eval_batches": 2},
+         "sweep": {"seeds": [1, 2], "out": "\(dir)/ft"}}
+        """
+        try ft.write(toFile: "\(dir)/ft.json", atomically: true, encoding: .utf8)
+        let (s2, o2) = try run(["sweep", "\(dir)/ft.json"])
+        XCTAssertEqual(s2, 0, o2)
+        for seed in [1, 2] {
+            let result = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/ft/seed=\(seed)/result.json"))) as! [String: Any]
+            XCTAssertEqual(result["pretrained_from"] as? String, "\(dir)/pre/backbone=plain,k=2,seed=\(seed)/best.safetensors")
+            XCTAssertNotNil(result["test_accuracy"])
+        }
+        // A variant without a name is refused with its path.
+        try pre.replacingOccurrences(of: "{\"name\": \"plain\", \"set\": {}}", with: "{\"set\": {}}").write(toFile: "\(dir)/bad.json", atomically: true, encoding: .utf8)
+        let (s3, o3) = try run(["sweep", "\(dir)/bad.json"])
+        XCTAssertNotEqual(s3, 0)
+        XCTAssertTrue(o3.contains("sweep.variants.backbone[0]"), o3)
     }
 }

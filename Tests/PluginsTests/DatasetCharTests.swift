@@ -244,6 +244,62 @@ final class DatasetCharTests: XCTestCase {
         XCTAssertNil(try ds.read(.valid, index: n, batchSize: B))
     }
 
+    // MARK: stream order (Transformer-XL)
+
+    /// order = streams: row b of batch i is segment i of stream b (b·S + i·T ...), S = ⌊(len−1)/B⌋;
+    /// consecutive batches continue each row; train wraps after ⌊S/T⌋ whole segments; an eval
+    /// pass covers the first B·S positions once, the last segment padded.
+    func testStreamOrderContinuesEveryRow() throws {
+        let bytes = fixtureBytes(1000)
+        let path = try writeFixture(bytes)
+        let T = 8, B = 3
+        let ds = try openDataset(path: path, seqLen: T, hp: ["order": "streams"])
+        XCTAssertTrue(ds.streams)
+        XCTAssertFalse(try openDataset(path: path, seqLen: T).streams)
+        // train: 900 bytes -> S = 299 per stream, 37 whole segments, then the stream starts again.
+        let S = 899 / B
+        for index in [0, 1, 36, 37, 38] {
+            let batch = try XCTUnwrap(ds.read(.train, index: index, batchSize: B))
+            XCTAssertEqual(batch.rows, B)
+            let seg = index % (S / T)
+            for b in 0..<B {
+                let x = Array(batch.inputsInt[(b * T)..<((b + 1) * T)]), y = Array(batch.targets[(b * T)..<((b + 1) * T)])
+                XCTAssertTrue(isWindow(bytes, start: b * S + seg * T, x, y), "train batch \(index) row \(b)")
+            }
+        }
+        // valid: 50 bytes -> S = 16 per stream -> 2 segments; no padding (16 = 2 T).
+        let (start, len) = (ds.splitSizes[0], ds.splitSizes[1])
+        let Sv = (len - 1) / B
+        XCTAssertEqual(try ds.numBatches(.valid, batchSize: B), (Sv + T - 1) / T)
+        var covered: [Int32] = []
+        for index in 0..<(try ds.numBatches(.valid, batchSize: B)) {
+            let batch = try XCTUnwrap(ds.read(.valid, index: index, batchSize: B))
+            for b in 0..<B {
+                for t in 0..<T {
+                    let p = b * Sv + index * T + t
+                    if index * T + t < Sv {
+                        XCTAssertEqual(batch.inputsInt[b * T + t], Int32(bytes[start + p]))
+                        XCTAssertEqual(batch.targets[b * T + t], Int32(bytes[start + p + 1]))
+                        covered.append(batch.targets[b * T + t])
+                    } else {
+                        XCTAssertEqual(batch.targets[b * T + t], -1)
+                    }
+                }
+            }
+        }
+        XCTAssertEqual(covered.count, B * Sv)
+        // A batch size leaving less than one segment per train stream is an error.
+        let msg = errorMessage { _ = try ds.read(.train, index: 0, batchSize: 200) }
+        XCTAssertTrue(msg.contains("order=streams") && msg.contains("batch_size"), msg)
+        // The last valid segment of a split that does not divide into T is padded.
+        let odd = try openDataset(path: path, seqLen: 6, hp: ["order": "streams"])
+        let lastIndex = try odd.numBatches(.valid, batchSize: B) - 1
+        let last = try XCTUnwrap(odd.read(.valid, index: lastIndex, batchSize: B))
+        let real = Sv - lastIndex * 6
+        XCTAssertEqual(Array(last.targets[0..<real]), (0..<real).map { Int32(bytes[start + lastIndex * 6 + $0 + 1]) })
+        XCTAssertTrue(last.targets[real..<6].allSatisfy { $0 == -1 })
+    }
+
     // MARK: errors
 
     func testMissingFileNamesThePathAndTheSource() throws {

@@ -7,10 +7,24 @@ import Foundation
 ///           "seeds": [1, 2, 3], "parallel": 1, "out": "runs/sweeps/quantizers"}
 /// ```
 ///
-/// Every combination (× seeds) becomes `vqmoe train` with those `--set` overrides in
-/// OUT/<name>, run sequentially or `parallel` at a time as separate processes; runs whose
-/// `result.json` exists are skipped. The results — one row per combination, mean ± std over
-/// seeds — go to OUT/results.md and OUT/results.csv.
+/// Settings that must change together go in named variants, one axis per name; every axis
+/// picks one variant (in list order), crossed with the grid:
+///
+/// ```json
+/// "variants": {"data": [{"name": "enwik8", "set": {"data.path": "$DATA/enwik8-mini/enwik8-mini"}},
+///                       {"name": "text8", "set": {"data.clean": "text8", "data.compact_vocab": true}}],
+///              "backbone": [{"name": "transformer", "set": {}},
+///                           {"name": "xl", "set": {"model.backbone": "transformer_xl", "data.order": "streams"}}]}
+/// ```
+///
+/// Every combination (× seeds) becomes `vqmoe train` with those `--set` overrides (variants
+/// first, then the grid) in OUT/<name>, run sequentially or `parallel` at a time as separate
+/// processes; runs whose `result.json` exists are skipped. The results — one row per
+/// combination, mean ± std over seeds — go to OUT/results.md and OUT/results.csv.
+///
+/// A config with a `finetune` object runs `vqmoe finetune` instead; `{seed}` in
+/// `finetune.from` becomes the run's seed, so each seed fine-tunes its own pre-trained run:
+/// `"from": "runs/pretrain/seed={seed}"`.
 public struct Sweep {
     public struct Run {
         public var name: String
@@ -19,7 +33,15 @@ public struct Sweep {
         public var dir: String
     }
 
+    /// A named set of overrides on one variant axis.
+    public struct Variant {
+        public var name: String
+        public var overrides: [(key: String, value: Any)]
+    }
+
     public let base: [String: Any]
+    /// Variant axes (sorted by name), each a list of variants in the config's order.
+    public let axes: [(name: String, variants: [Variant])]
     public let keys: [String]
     public let values: [[Any]]
     public let seeds: [Int]
@@ -29,10 +51,37 @@ public struct Sweep {
     public init(configFile: String, overrides: [String: Any] = [:], registry: Registry? = nil) throws {
         var json = try ConfigReader.load(file: configFile, overrides: overrides)
         guard let sweep = json.removeValue(forKey: "sweep") as? [String: Any] else {
-            throw VQMoEError(.config, "\(configFile): a sweep config needs a \"sweep\" object with a \"grid\"")
+            throw VQMoEError(.config, "\(configFile): a sweep config needs a \"sweep\" object with a \"grid\" and/or \"variants\"")
         }
         let r = ConfigReader(sweep, path: "sweep")
-        let grid = try r.child("grid", required: true)
+        var axes: [(name: String, variants: [Variant])] = []
+        if let v = sweep["variants"] {
+            guard let obj = v as? [String: Any] else { throw VQMoEError(.config, "sweep.variants: expected an object of axes") }
+            for axis in obj.keys.sorted() {
+                guard let list = obj[axis] as? [Any], !list.isEmpty else {
+                    throw VQMoEError(.config, "sweep.variants.\(axis): expected a non-empty list of {\"name\": ..., \"set\": {...}}")
+                }
+                let variants = try list.enumerated().map { i, item -> Variant in
+                    let path = "sweep.variants.\(axis)[\(i)]"
+                    guard let o = item as? [String: Any], let name = o["name"] as? String, !name.isEmpty,
+                          let set = o["set"] as? [String: Any] ?? (o["set"] == nil ? [:] : nil) else {
+                        throw VQMoEError(.config, "\(path): expected {\"name\": \"...\", \"set\": {\"key.path\": value, ...}}")
+                    }
+                    if let extra = o.keys.first(where: { $0 != "name" && $0 != "set" }) {
+                        throw VQMoEError(.config, "\(path).\(extra): unknown key; known: name, set")
+                    }
+                    return Variant(name: name, overrides: set.keys.sorted().map { (key: $0, value: set[$0]!) })
+                }
+                let names = variants.map(\.name)
+                if let dup = names.first(where: { n in names.filter { $0 == n }.count > 1 }) {
+                    throw VQMoEError(.config, "sweep.variants.\(axis): variant name '\(dup)' appears twice")
+                }
+                axes.append((axis, variants))
+            }
+            r.accept(["variants"])
+        }
+        self.axes = axes
+        let grid = try r.child("grid")
         keys = grid.object.keys.sorted()
         values = try keys.map { k in
             guard let list = grid.object[k] as? [Any], !list.isEmpty else { throw VQMoEError(.config, "sweep.grid.\(k): expected a non-empty list of values") }
@@ -56,15 +105,24 @@ public struct Sweep {
         }
     }
 
-    /// The cartesian product of the grid × seeds.
+    /// The cartesian product of the variant axes × the grid × seeds.
     public func runs() -> [Run] {
-        var combos: [[(String, Any)]] = [[]]
-        for (k, vs) in zip(keys, values) { combos = combos.flatMap { c in vs.map { c + [(k, $0)] } } }
-        return combos.flatMap { combo -> [Run] in
-            let group = combo.map { "\($0.0.split(separator: ".").last!)=\(describeJSON($0.1).replacingOccurrences(of: "\"", with: ""))" }.joined(separator: ",")
+        // (group label, overrides) per combination: variants first, then grid values.
+        var combos: [([String], [(key: String, value: Any)])] = [([], [])]
+        for axis in axes {
+            combos = combos.flatMap { c in axis.variants.map { v in (c.0 + ["\(axis.name)=\(v.name)"], c.1 + v.overrides) } }
+        }
+        for (k, vs) in zip(keys, values) {
+            let label = k.split(separator: ".").last!
+            combos = combos.flatMap { c in
+                vs.map { (c.0 + ["\(label)=\(describeJSON($0).replacingOccurrences(of: "\"", with: ""))"], c.1 + [(key: k, value: $0)]) }
+            }
+        }
+        return combos.flatMap { labels, overrides -> [Run] in
+            let group = labels.joined(separator: ",")
             return seeds.map { seed in
                 let name = (group.isEmpty ? "" : group + ",") + "seed=\(seed)"
-                return Run(name: name, overrides: combo.map { (key: $0.0, value: $0.1) } + [(key: "seed", value: seed)], group: group,
+                return Run(name: name, overrides: overrides + [(key: "seed", value: seed)], group: group,
                            dir: "\(outDir)/\(name.replacingOccurrences(of: "/", with: "_"))")
             }
         }
@@ -74,6 +132,11 @@ public struct Sweep {
         var json = base
         for (k, v) in run.overrides { try ConfigReader.set(&json, path: k.split(separator: ".").map(String.init), value: v, full: k) }
         json["name"] = "\(base["name"] as? String ?? "run")[\(run.name)]"
+        if var ft = json["finetune"] as? [String: Any], let from = ft["from"] as? String, from.contains("{seed}"),
+           let seed = run.overrides.last(where: { $0.key == "seed" })?.value {
+            ft["from"] = from.replacingOccurrences(of: "{seed}", with: describeJSON(seed))
+            json["finetune"] = ft
+        }
         return json
     }
 
@@ -94,7 +157,7 @@ public struct Sweep {
                 try JSONSerialization.data(withJSONObject: try apply(run), options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: cfgPath))
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: executable)
-                p.arguments = (registry.map { ["--registry", $0] } ?? []) + ["train", cfgPath, "--out", run.dir]
+                p.arguments = (registry.map { ["--registry", $0] } ?? []) + [base["finetune"] == nil ? "train" : "finetune", cfgPath, "--out", run.dir]
                 _ = FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)
                 let logHandle = FileHandle(forWritingAtPath: "\(run.dir)/train.log")
                 p.standardOutput = logHandle

@@ -15,6 +15,10 @@ public struct TransformerConfig: Sendable, Equatable {
     public var causal = true
     /// ViT input: images cut into patches (seqLen = 1 + patches); nil = token input.
     public var image: ImageShape?
+    /// Transformer-XL: relative positional attention (no absolute position embedding).
+    public var relative = false
+    /// Transformer-XL memory length M (previous positions each segment attends to; 0 = none).
+    public var memLen = 0
 
     public init(vocabSize: Int = 256, seqLen: Int = 128, nLayer: Int = 4, nHead: Int = 4, dModel: Int = 128,
                 dropout: Float = 0, initStd: Float = 0.02, ffn: FFNConfig = FFNConfig()) {
@@ -66,19 +70,26 @@ public final class Transformer: @unchecked Sendable {
     public let layers: [MoELayer]
     public let runSeed: UInt64
 
-    /// Token embedding (token models) or patch projection + class token (ViT); positions either way.
+    /// Token embedding (token models) or patch projection + class token (ViT); learned
+    /// positions, except in Transformer-XL (relative positions).
     public let wte: Parameter?
-    public let wpe: Parameter
+    public let wpe: Parameter?
     public let patchWeight, patchBias, cls: Parameter?
     let ln1w: [Parameter], ln1b: [Parameter], qkvw: [Parameter], qkvb: [Parameter]
     let projw: [Parameter], projb: [Parameter], ln2w: [Parameter], ln2b: [Parameter]
+    /// Transformer-XL, per layer: W_r (C,C) projecting the relative encodings, biases u, v (C = H·Dh).
+    let relw: [Parameter], relu: [Parameter], relv: [Parameter]
+    /// Transformer-XL memories (nil without memory).
+    public let trainMemory, evalMemory: SegmentMemory?
+    /// Memory rows used by the last forward.
+    var xlMemoryUsed = 0
     public let lnfw, lnfb: Parameter
     public let headParameters: [Parameter]
 
-    private let ws = Workspace()
+    let ws = Workspace()
     /// Temporaries shared by all layers (backward scratch).
     private let scratch: Workspace
-    private var b = 0, t = 0
+    var b = 0, t = 0
     private var tokens: UnsafeMutablePointer<Int32>?
     private var headCtx: PluginContext?
     private var trained = false
@@ -95,9 +106,16 @@ public final class Transformer: @unchecked Sendable {
         let c = config.dModel, std = config.initStd
         let scratch = Workspace()
         self.scratch = scratch
-        wpe = Parameter(name: "wpe", shape: [config.seqLen, c])
-        wpe.fillNormal(std: std, seed: HostRNG.derive(seed, 102))
+        if config.relative {
+            guard c % 2 == 0 else { throw VQMoEError(.config, "model.d_model (\(c)) must be even for Transformer-XL's sinusoid position encodings") }
+            wpe = nil
+        } else {
+            let p = Parameter(name: "wpe", shape: [config.seqLen, c])
+            p.fillNormal(std: std, seed: HostRNG.derive(seed, 102))
+            wpe = p
+        }
         if let image = config.image {
+            guard !config.relative else { throw VQMoEError(.config, "model.backbone: Transformer-XL takes tokens, not images") }
             guard image.height % image.patch == 0, image.width % image.patch == 0, config.seqLen == image.tokens else {
                 throw VQMoEError(.config, "model.patch_size (\(image.patch)) must divide the image (\(image.height)×\(image.width)); seq_len must be 1 + patches = \(image.tokens)")
             }
@@ -118,6 +136,7 @@ public final class Transformer: @unchecked Sendable {
         }
         var l1w: [Parameter] = [], l1b: [Parameter] = [], qw: [Parameter] = [], qb: [Parameter] = []
         var pw: [Parameter] = [], pb: [Parameter] = [], l2w: [Parameter] = [], l2b: [Parameter] = []
+        var rw: [Parameter] = [], ru: [Parameter] = [], rv: [Parameter] = []
         var ls: [MoELayer] = []
         for i in 0..<config.nLayer {
             let p = "layers.\(i)"
@@ -128,12 +147,27 @@ public final class Transformer: @unchecked Sendable {
             let w2 = Parameter(name: "\(p).attn.proj.weight", shape: [c, c])
             w2.fillNormal(std: std, seed: HostRNG.derive(seed, UInt64(i), 2))
             pw.append(w2); pb.append(Parameter(name: "\(p).attn.proj.bias", shape: [c], noDecay: true))
+            if config.relative {
+                let w = Parameter(name: "\(p).attn.r.weight", shape: [c, c])
+                w.fillNormal(std: std, seed: HostRNG.derive(seed, UInt64(i), 4))
+                let u = Parameter(name: "\(p).attn.u", shape: [c], noDecay: true), v = Parameter(name: "\(p).attn.v", shape: [c], noDecay: true)
+                u.fillNormal(std: std, seed: HostRNG.derive(seed, UInt64(i), 5))
+                v.fillNormal(std: std, seed: HostRNG.derive(seed, UInt64(i), 6))
+                rw.append(w); ru.append(u); rv.append(v)
+            }
             let (d2, e2) = ln("\(p).ln2"); l2w.append(d2); l2b.append(e2)
             let comp = try components(i)
             ls.append(try MoELayer(config: config.ffn, dModel: c, name: "\(p).ffn", router: comp.router, quantizer: comp.quantizer,
                                    seed: HostRNG.derive(seed, UInt64(i), 3), initStd: std, scratch: scratch))
         }
         ln1w = l1w; ln1b = l1b; qkvw = qw; qkvb = qb; projw = pw; projb = pb; ln2w = l2w; ln2b = l2b
+        relw = rw; relu = ru; relv = rv
+        if config.relative && config.memLen > 0 {
+            trainMemory = SegmentMemory(layers: config.nLayer, capacity: config.memLen, width: c)
+            evalMemory = SegmentMemory(layers: config.nLayer, capacity: config.memLen, width: c)
+        } else {
+            (trainMemory, evalMemory) = (nil, nil)
+        }
         layers = ls
         (lnfw, lnfb) = ln("lnf")
         headParameters = head.core.parameters.map { Parameter(view: $0, prefix: "head") }
@@ -141,9 +175,11 @@ public final class Transformer: @unchecked Sendable {
 
     /// Every trainable tensor, in a fixed order (checkpoints, optimizer state).
     public var parameters: [Parameter] {
-        var ps = [wte, patchWeight, patchBias, cls].compactMap { $0 } + [wpe]
+        var ps = [wte, patchWeight, patchBias, cls, wpe].compactMap { $0 }
         for i in 0..<config.nLayer {
-            ps += [ln1w[i], ln1b[i], qkvw[i], qkvb[i], projw[i], projb[i], ln2w[i], ln2b[i]]
+            ps += [ln1w[i], ln1b[i], qkvw[i], qkvb[i], projw[i], projb[i]]
+            if config.relative { ps += [relw[i], relu[i], relv[i]] }
+            ps += [ln2w[i], ln2b[i]]
             ps += layers[i].parameters
         }
         return ps + [lnfw, lnfb] + headParameters
@@ -156,12 +192,18 @@ public final class Transformer: @unchecked Sendable {
 
     public func zeroGrads() { parameters.forEach { $0.zeroGrad() } }
 
-    /// Analytic forward FLOPs per token (matmuls; attention at the average causal length).
-    public func flopsPerToken(k: Int) -> Double {
+    /// Analytic forward FLOPs per token (matmuls; attention at the average causal length;
+    /// Transformer-XL: over the memory too, for a batch of `batch` streams).
+    public func flopsPerToken(k: Int, batch: Int = 1) -> Double {
         let c = Double(config.dModel), t = Double(config.seqLen)
         var f = 0.0
-        for l in layers { f += 2 * 4 * c * c + 2 * t * c + l.flopsPerToken(k: k) }
+        for l in layers { f += (config.relative ? xlAttentionFlopsPerToken(batch: batch) : 2 * 4 * c * c + 2 * t * c) + l.flopsPerToken(k: k) }
         return f + 2 * c * Double(head.nOut)
+    }
+
+    /// Experts per token the routers pick in evaluation (0 without a router).
+    public func evalK() throws -> Int {
+        try layers.first?.router?.shape(StepInfo(step: totalSteps, totalSteps: totalSteps, train: false, noGrad: true, seed: 0)).k ?? 0
     }
 
     // MARK: per-step info for plugins
@@ -187,7 +229,7 @@ public final class Transformer: @unchecked Sendable {
 
     // MARK: forward
 
-    private func act(_ key: String, _ l: Int, _ count: Int) -> UnsafeMutablePointer<Float> { ws.floats("\(key).\(l)", count) }
+    func act(_ key: String, _ l: Int, _ count: Int) -> UnsafeMutablePointer<Float> { ws.floats("\(key).\(l)", count) }
 
     /// tokens, targets (B,T) int32 → loss parts. In training mode the activations are kept for
     /// `backward()`; `step` seeds dropout and the plugins' per-step randomness.
@@ -203,7 +245,7 @@ public final class Transformer: @unchecked Sendable {
         let drop = train && p > 0
         var x = act("x", 0, n * c)
         var tok: UnsafeMutablePointer<Int32>?
-        if let image = config.image, let pw = patchWeight, let pb = patchBias, let cls {
+        if let image = config.image, let pw = patchWeight, let pb = patchBias, let cls, let wpe {
             guard let images else { throw VQMoEError(.internalError, "a ViT forward needs images") }
             PatchEmbedding.forward(out: x, patches: ws.floats("patches", batch * image.patches * image.patchSize), images: images, shape: image,
                                    batch: batch, weight: pw.data, bias: pb.data, cls: cls.data, pos: wpe.data, d: c,
@@ -213,17 +255,22 @@ public final class Transformer: @unchecked Sendable {
             let ids = ws.ints("tokens", n)
             ids.update(from: tokens, count: n)
             tok = ids
-            Embedding.forward(out: x, tokens: ids, wte: wte.data, wpe: wpe.data, b: batch, t: t, c: c)
+            Embedding.forward(out: x, tokens: ids, wte: wte.data, wpe: wpe?.data, b: batch, t: t, c: c)
         }
+        if config.relative { xlBegin(batch: batch, train: train) }
         self.tokens = tok
         if drop { Dropout.forward(out: x, mask: act("embmask", 0, n * c), inp: x, count: n * c, p: p, seed: HostRNG.derive(runSeed, 11, UInt64(step))) }
         for l in 0..<config.nLayer {
-            let ln1 = act("ln1", l, n * c), m1 = act("ln1m", l, n), r1 = act("ln1r", l, n)
-            LayerNorm.forward(out: ln1, mean: m1, rstd: r1, inp: x, weight: ln1w[l].data, bias: ln1b[l].data, n: n, c: c)
-            let qkv = act("qkv", l, n * 3 * c)
-            Linear.forward(out: qkv, inp: ln1, weight: qkvw[l].data, bias: qkvb[l].data, n: n, inFeatures: c, outFeatures: 3 * c)
-            let atty = act("atty", l, n * c), att = act("att", l, batch * h * t * t)
-            Attention.forward(y: atty, att: att, qkv: qkv, b: batch, t: t, c: c, heads: h, causal: config.causal)
+            let atty = act("atty", l, n * c)
+            if config.relative {
+                xlAttentionForward(l, x: x, atty: atty, batch: batch, train: train)
+            } else {
+                let ln1 = act("ln1", l, n * c), m1 = act("ln1m", l, n), r1 = act("ln1r", l, n)
+                LayerNorm.forward(out: ln1, mean: m1, rstd: r1, inp: x, weight: ln1w[l].data, bias: ln1b[l].data, n: n, c: c)
+                let qkv = act("qkv", l, n * 3 * c)
+                Linear.forward(out: qkv, inp: ln1, weight: qkvw[l].data, bias: qkvb[l].data, n: n, inFeatures: c, outFeatures: 3 * c)
+                Attention.forward(y: atty, att: act("att", l, batch * h * t * t), qkv: qkv, b: batch, t: t, c: c, heads: h, causal: config.causal)
+            }
             let proj = act("proj", l, n * c)
             Linear.forward(out: proj, inp: atty, weight: projw[l].data, bias: projb[l].data, n: n, inFeatures: c, outFeatures: c)
             if drop { Dropout.forward(out: proj, mask: act("projmask", l, n * c), inp: proj, count: n * c, p: p, seed: HostRNG.derive(runSeed, 12, UInt64(l), UInt64(step))) }
@@ -245,6 +292,7 @@ public final class Transformer: @unchecked Sendable {
             Vec.sum(next, mid, ffn, n * c)
             x = next
         }
+        if config.relative { xlEnd(train: train) }
         let lnf = act("lnf", 0, n * c), mf = act("lnfm", 0, n), rf = act("lnfr", 0, n)
         LayerNorm.forward(out: lnf, mean: mf, rstd: rf, inp: x, weight: lnfw.data, bias: lnfb.data, n: n, c: c)
         let out = logits ?? ws.floats("logits", head.rows(batch: batch, seq: t) * head.nOut)
@@ -286,7 +334,7 @@ public final class Transformer: @unchecked Sendable {
         LayerNorm.backward(dinp: dx, dweight: lnfw.grad, dbias: lnfb.grad, dout: dlnf, inp: act("x", config.nLayer, n * c),
                            weight: lnfw.data, mean: act("lnfm", 0, n), rstd: act("lnfr", 0, n), n: n, c: c)
         let dtmp = ws.floats("dtmp", n * c), dln = ws.floats("dln", n * c)
-        let dqkv = ws.floats("dqkv", n * 3 * c), datty = ws.floats("datty", n * c)
+        let datty = ws.floats("datty", n * c)
         for l in stride(from: config.nLayer - 1, through: 0, by: -1) {
             // x_{l+1} = mid + drop(ffn(LN2(mid)))
             let dffn: UnsafePointer<Float>
@@ -308,7 +356,11 @@ public final class Transformer: @unchecked Sendable {
             datty.update(repeating: 0, count: n * c)
             Linear.backward(dinp: datty, dweight: projw[l].grad, dbias: projb[l].grad, dout: dproj, inp: act("atty", l, n * c),
                             weight: projw[l].data, n: n, inFeatures: c, outFeatures: c)
-            dqkv.update(repeating: 0, count: n * 3 * c)
+            if config.relative {
+                xlAttentionBackward(l, datty: datty, dx: dx)
+                continue
+            }
+            let dqkv = ws.zeros("dqkv", n * 3 * c)
             Attention.backward(dqkv: dqkv, dy: datty, qkv: act("qkv", l, n * 3 * c), att: act("att", l, b * h * t * t), b: b, t: t, c: c, heads: h,
                                causal: config.causal)
             dln.update(repeating: 0, count: n * c)
@@ -320,10 +372,10 @@ public final class Transformer: @unchecked Sendable {
         if drop { Dropout.backward(dinp: dx, dout: dx, mask: act("embmask", 0, n * c), count: n * c) }
         if let image = config.image {
             PatchEmbedding.backward(dx: dx, patches: ws.floats("patches", b * image.patches * image.patchSize), shape: image, batch: b,
-                                    dweight: patchWeight?.grad, dbias: patchBias?.grad, dcls: cls?.grad, dpos: wpe.grad, d: c,
+                                    dweight: patchWeight?.grad, dbias: patchBias?.grad, dcls: cls?.grad, dpos: wpe!.grad, d: c,
                                     scratch: scratch.floats("patchemb", b * image.patches * c))
         } else if let tok = tokens, let wte {
-            Embedding.backward(dwte: wte.grad, dwpe: wpe.grad, dout: dx, tokens: tok, b: b, t: t, c: c)
+            Embedding.backward(dwte: wte.grad, dwpe: wpe?.grad, dout: dx, tokens: tok, b: b, t: t, c: c)
         }
         trained = false
     }

@@ -22,6 +22,8 @@ public final class DatasetInstance: @unchecked Sendable {
     public let sampleShape: [Int]
     public let splitSizes: [Int]
     public let inputIsFloat: Bool
+    /// Row b of batch i+1 continues row b of batch i (ABI 1.1 `streams`; Transformer-XL memory).
+    public let streams: Bool
 
     /// One batch in host memory.
     public struct Batch {
@@ -55,6 +57,7 @@ public final class DatasetInstance: @unchecked Sendable {
         sampleShape = withUnsafeBytes(of: info.sample_shape) { raw in (0..<Int(info.sample_ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
         splitSizes = withUnsafeBytes(of: info.split_size) { raw in (0..<3).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
         inputIsFloat = task == VQMOE_TASK_CLASSIFY_IMAGE
+        streams = info.streams != 0
         guard sampleShape.allSatisfy({ $0 >= 1 }) else { throw VQMoEError(.plugin, "\(core.describe): sample shape \(sampleShape)") }
         if task != VQMOE_TASK_CLASSIFY_IMAGE && vocabSize < 1 { throw VQMoEError(.plugin, "\(core.describe): vocab_size \(vocabSize)") }
     }

@@ -117,7 +117,8 @@ public enum Checkpoint {
 }
 
 extension Transformer {
-    /// Every parameter and plugin state buffer, plus the optimizer moments when given.
+    /// Every parameter and plugin state buffer (and a Transformer-XL's training memory), plus
+    /// the optimizer moments when given.
     public func checkpointTensors(optimizer: AdamOptimizer? = nil) -> [Checkpoint.Tensor] {
         var out = parameters.map {
             Checkpoint.Tensor(name: $0.name, dtype: "F32", shape: $0.shape, bytes: UnsafeRawBufferPointer(start: $0.data, count: $0.count * 4))
@@ -126,6 +127,7 @@ extension Transformer {
             Checkpoint.Tensor(name: "state.\($0.name)", dtype: Checkpoint.dtypeName($0.buffer), shape: $0.buffer.shape,
                               bytes: UnsafeRawBufferPointer(start: $0.buffer.data, count: $0.buffer.byteCount))
         }
+        out += memoryTensors()
         if let optimizer {
             for (i, p) in optimizer.parameters.enumerated() {
                 out.append(Checkpoint.Tensor(name: "optimizer.m.\(p.name)", dtype: "F32", shape: p.shape,
@@ -137,8 +139,9 @@ extension Transformer {
         return out
     }
 
-    /// Load parameters and state buffers (and optimizer moments when given) from a checkpoint;
-    /// every tensor of the model must be present with its shape.
+    /// Load parameters and state buffers (and, resuming — optimizer given —, the optimizer
+    /// moments and a Transformer-XL's training memory) from a checkpoint; every tensor of the
+    /// model must be present with its shape.
     public func load(_ ck: Checkpoint.Loaded, optimizer: AdamOptimizer? = nil, path: String) throws {
         func copy(_ name: String, into dst: UnsafeMutableRawPointer, bytes: Int, shape: [Int]) throws {
             guard let t = ck.tensors[name] else { throw VQMoEError(.checkpoint, "\(path): missing tensor '\(name)'") }
@@ -149,6 +152,7 @@ extension Transformer {
         }
         for p in parameters { try copy(p.name, into: p.data, bytes: p.count * 4, shape: p.shape) }
         for s in stateBuffers { try copy("state.\(s.name)", into: s.buffer.data, bytes: s.buffer.byteCount, shape: s.buffer.shape) }
+        if optimizer != nil { try loadMemory(ck, path: path) }
         if let optimizer {
             for (i, p) in optimizer.parameters.enumerated() {
                 try copy("optimizer.m.\(p.name)", into: optimizer.m[i], bytes: p.count * 4, shape: p.shape)

@@ -93,12 +93,8 @@ public struct Finetune {
             throw VQMoEError(.checkpoint, "\(side): missing sidecar with the pre-training config")
         }
         let p = try RunConfig(json: pre)
-        func count(_ c: RunConfig) -> Double {
-            let k = c.router.flatMap { $0.values["k"] as? Int } ?? 2
-            let levels = c.quantizer.flatMap { $0.values["levels"] as? Int } ?? 1
-            return c.model.ffn.flopsPerToken(dModel: c.model.dModel, k: c.model.ffn.usesRouter ? k : 0, levels: levels, codebookSize: c.nCodes)
-        }
-        return Flops(pretrainFFN: count(p), finetuneFFN: count(config), pretrainMode: p.model.ffn.mode.rawValue,
+        func count(_ c: RunConfig) throws -> Double { try ModelBuilder(config: c, registry: registry).ffnFlopsPerToken() }
+        return Flops(pretrainFFN: try count(p), finetuneFFN: try count(config), pretrainMode: p.model.ffn.mode.rawValue,
                      finetuneMode: config.model.ffn.mode.rawValue)
     }
 

@@ -52,6 +52,26 @@ public struct ModelBuilder {
         }
     }
 
+    /// Analytic FFN FLOPs per token of one layer as configured, from the components' own
+    /// answers: the router's experts per token in evaluation (its `shape()`, e.g. 1 for
+    /// StableMoE, k_max for SMoE-Dropout), the quantizer's codes per token and codebook size.
+    public func ffnFlopsPerToken() throws -> Double {
+        let c = config
+        var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
+        dims.nExperts = c.model.ffn.nExperts
+        dims.nCodes = c.nCodes
+        var k = 0, levels = 1, codes = 0
+        if c.model.ffn.usesRouter, let r = c.router {
+            let router = try RouterInstance(instance(.router, r, dims: dims, seed: 1, name: "flops.router"))
+            k = try router.shape(StepInfo(step: c.train.steps, totalSteps: c.train.steps, train: false, noGrad: true, seed: 0)).k
+        }
+        if c.model.ffn.usesQuantizer, let q = c.quantizer {
+            let quantizer = try QuantizerInstance(instance(.quantizer, q, dims: dims, seed: 1, name: "flops.quantizer"))
+            (levels, codes) = (quantizer.codesPerToken, quantizer.codebookSize)
+        }
+        return c.model.ffn.flopsPerToken(dModel: c.model.dModel, k: k, levels: levels, codebookSize: codes)
+    }
+
     public func build() throws -> Built {
         let c = config
         var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
@@ -75,6 +95,11 @@ public struct ModelBuilder {
             }
             guard dataset.sampleShape == [c.model.seqLen] else {
                 throw VQMoEError(.config, "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)")
+            }
+            if mc.relative && mc.memLen > 0 {
+                guard dataset.isLM, dataset.streams else {
+                    throw VQMoEError(.config, "model.mem_len: Transformer-XL's memory needs a language-model dataset served as parallel streams in order (for char: data.order = \"streams\"); '\(c.data.name)' serves independent samples. Set model.mem_len = 0 for relative attention without memory")
+                }
             }
         }
         mc.vocabSize = dataset.vocabSize

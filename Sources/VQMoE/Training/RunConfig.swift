@@ -57,7 +57,8 @@ public struct RunConfig: @unchecked Sendable {
     public var data: ComponentSpec
     public var head: ComponentSpec
     public var model: TransformerConfig
-    /// "transformer" (token model, causal) or "vit" (images as patches + class token, full attention).
+    /// "transformer" (token model, causal), "transformer_xl" (segment memory, relative
+    /// positions) or "vit" (images as patches + class token, full attention).
     public var backbone: String
     /// ViT patch side P.
     public var patchSize: Int
@@ -81,7 +82,7 @@ public struct RunConfig: @unchecked Sendable {
         head = try RunConfig.component(r.child("head", required: true))
 
         let m = try r.child("model", required: true)
-        backbone = try m.string("backbone", default: "transformer", choices: ["transformer", "vit"])
+        backbone = try m.string("backbone", default: "transformer", choices: ["transformer", "transformer_xl", "vit"])
         patchSize = try m.int("patch_size", default: 4, min: 1)
         var mc = TransformerConfig()
         mc.nLayer = try m.int("n_layer", default: 4, min: 1, max: 64)
@@ -90,6 +91,12 @@ public struct RunConfig: @unchecked Sendable {
         mc.seqLen = try m.int("seq_len", default: 128, min: 1)
         mc.dropout = try m.float("dropout", default: 0, min: 0, max: 0.99)
         mc.initStd = try m.float("init_std", default: 0.02, min: 0)
+        mc.relative = backbone == "transformer_xl"
+        if mc.relative {
+            mc.memLen = try m.int("mem_len", default: mc.seqLen, min: 0, max: 1 << 20)
+        } else if m.has("mem_len") {
+            throw VQMoEError(.config, "model.mem_len: a memory needs model.backbone = \"transformer_xl\" (backbone is \"\(backbone)\")")
+        }
         guard mc.dModel % mc.nHead == 0 else {
             throw VQMoEError(.config, "model.d_model (\(mc.dModel)) must be divisible by model.n_head (\(mc.nHead))")
         }

@@ -68,6 +68,7 @@ public final class Trainer {
     public func evaluate(_ split: Split, maxBatches: Int = 0) throws -> EvalResult {
         let bs = config.train.batchSize
         var sum = 0.0, count = 0, correct = 0, index = 0
+        model.resetEvalMemory()   // Transformer-XL: the ordered pass starts with an empty memory
         while maxBatches == 0 || index < maxBatches {
             guard let batch = try dataset.read(split, index: index, batchSize: bs) else { break }
             let parts = try forward(batch, step: index, train: false)
@@ -120,6 +121,7 @@ public final class Trainer {
     public func probeAssignments() throws -> (router: [[Int32]], discrete: [[Int32]]) {
         let bs = config.train.batchSize
         guard let batch = try dataset.read(.valid, index: 0, batchSize: bs) ?? dataset.read(.train, index: 0, batchSize: bs) else { return ([], []) }
+        model.resetEvalMemory()
         _ = try forward(batch, step: 0, train: false)
         let tops = model.layers.map { $0.lastTop1() }
         return (tops.compactMap(\.router), tops.compactMap(\.discrete))
@@ -364,7 +366,7 @@ public final class Trainer {
         if !interrupted {
             var summary: [String: Any] = ["name": config.name, "ffn": config.model.ffn.mode.rawValue, "steps": t.steps, "best_step": state.bestStep + 1,
                                           "params_total": model.parameters.reduce(0) { $0 + $1.count },
-                                          "flops_per_token_forward": model.flopsPerToken(k: config.router.flatMap { $0.values["k"] as? Int } ?? 2),
+                                          "flops_per_token_forward": model.flopsPerToken(k: try model.evalK(), batch: t.batchSize),
                                           "wall_s": wall, "tokens_per_s": result.tokensPerSecond, "threads": t.threads]
             if let best = state.best {
                 summary["valid_loss"] = best.loss

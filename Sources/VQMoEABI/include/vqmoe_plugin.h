@@ -73,9 +73,10 @@ extern "C" {
 
 /* ------------------------------------------------------------------ version */
 #define VQMOE_ABI_VERSION_MAJOR 1
-#define VQMOE_ABI_VERSION_MINOR 0
-/* (major << 16) | minor, spelled out so that Swift imports it as a constant */
-#define VQMOE_ABI_VERSION 0x00010000u
+#define VQMOE_ABI_VERSION_MINOR 1
+/* (major << 16) | minor, spelled out so that Swift imports it as a constant.
+ * 1.1: vqmoe_dataset_info.streams (appended; 1.0 plugins leave it 0). */
+#define VQMOE_ABI_VERSION 0x00010001u
 #define VQMOE_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
 #define VQMOE_ABI_MINOR(v) ((uint32_t)(v) & 0xffffu)
 
@@ -476,6 +477,11 @@ typedef struct vqmoe_dataset_info {
     int32_t sample_ndim;   /* dims of one input sample: 1 (T) or 3 (C,H,W) */
     int64_t sample_shape[4];
     int64_t split_size[3]; /* tokens (LM) or examples, per split */
+    /** ABI 1.1. Nonzero: every split is served as `batch_size` parallel streams in order —
+     *  row b of batch i+1 continues row b of batch i (segment recurrence, Transformer-XL
+     *  memory). The host zero-fills the struct; write this only when struct_size covers it
+     *  (offsetof(vqmoe_dataset_info, streams) + 4 <= struct_size). */
+    int32_t streams;
 } vqmoe_dataset_info;
 
 /**
