@@ -126,6 +126,39 @@ def ffn(p, pre, x, mode):
     return y, aux, vq
 
 
+def ffn_residual(p, pre, x, mode):
+    """x + FFN(LN2(x)) over (B, T, D), with the layer's aux and vq losses."""
+    b, t, _ = x.shape
+    h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5)
+    y, aux, vq = ffn(p, pre, h.reshape(b * t, D), mode)
+    return x + y.view(b, t, D), aux, vq
+
+
+def lm_output(p, x, tgt, mode, aux_t, vq_t):
+    """LN_f, the LM head and the loss parts: logits, CE, aux, vq, total."""
+    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)
+    logits = h @ p["head.weight"].t() + p["head.bias"]
+    ce = F.cross_entropy(logits.view(-1, V), tgt.reshape(-1))
+    total = ce + aux_t + (BETA * vq_t if mode.startswith("vqmoe") else 0)
+    return logits, ce, aux_t, vq_t, total
+
+
+def adam_losses(p, loss_at):
+    """Total losses of 10 Adam steps (lr 1e-2, clipping at 1.0); loss_at(step) runs the forward."""
+    for v in p.values():
+        v.grad = None
+    opt = torch.optim.Adam(list(p.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    losses = []
+    for s in range(10):
+        opt.zero_grad()
+        tot = loss_at(s)
+        losses.append(tot.item())
+        tot.backward()
+        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
+        opt.step()
+    return losses
+
+
 def forward(p, tok, tgt, mode):
     x = p["wte"][tok] + p["wpe"][torch.arange(T)]
     aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
@@ -139,15 +172,9 @@ def forward(p, tok, tgt, mode):
         att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
         a = (att @ v).transpose(1, 2).reshape(B, T, D)
         x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
-        h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5)
-        y, aux, vq = ffn(p, pre, h.reshape(B * T, D), mode)
-        x = x + y.view(B, T, D)
+        x, aux, vq = ffn_residual(p, pre, x, mode)
         aux_t, vq_t = aux_t + aux, vq_t + vq
-    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)
-    logits = h @ p["head.weight"].t() + p["head.bias"]
-    ce = F.cross_entropy(logits.view(-1, V), tgt.view(-1))
-    total = ce + aux_t + (BETA * vq_t if mode.startswith("vqmoe") else 0)
-    return logits, ce, aux_t, vq_t, total
+    return lm_output(p, x, tgt, mode, aux_t, vq_t)
 
 
 def fixture(mode, seed):
@@ -159,18 +186,7 @@ def fixture(mode, seed):
     logits, ce, aux, vq, total = forward(p, tok, tgt, mode)
     total.backward()
     grads = {k: v.grad.detach().clone() for k, v in p.items()}
-    # 10 Adam steps on the same batch.
-    for v in p.values():
-        v.grad = None
-    opt = torch.optim.Adam(list(p.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        *_, tot = forward(p, tok, tgt, mode)
-        losses.append(tot.item())
-        tot.backward()
-        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
-        opt.step()
+    losses = adam_losses(p, lambda s: forward(p, tok, tgt, mode)[-1])   # 10 Adam steps on the same batch
     flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
     return {
         "mode": mode, "vocab": V, "seq_len": T, "batch": B, "d_model": D, "n_head": H, "n_layer": L,
@@ -343,15 +359,9 @@ def txl_forward(p, tok, tgt, mode, mems):
         prob = score.softmax(dim=1)
         a = torch.einsum("ijbn,jbnd->ibnd", prob, v).reshape(T, B, D).transpose(0, 1)
         x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
-        h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5)
-        y, aux, vq = ffn(p, pre, h.reshape(B * T, D), mode)
-        x = x + y.view(B, T, D)
+        x, aux, vq = ffn_residual(p, pre, x, mode)
         aux_t, vq_t = aux_t + aux, vq_t + vq
-    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)
-    logits = h @ p["head.weight"].t() + p["head.bias"]
-    ce = F.cross_entropy(logits.view(-1, V), tgt.reshape(-1))
-    total = ce + aux_t + (BETA * vq_t if mode.startswith("vqmoe") else 0)
-    return (logits, ce, aux_t, vq_t, total), new_mems
+    return lm_output(p, x, tgt, mode, aux_t, vq_t), new_mems
 
 
 def txl_fixture(mode, seed):
@@ -369,17 +379,12 @@ def txl_fixture(mode, seed):
     (logits, ce, aux, vq, total), _ = txl_forward(p, seg(tok, 1), seg(tgt, 1), mode, mems)
     total.backward()
     grads = {k: v.grad.detach().clone() for k, v in p.items()}
-    for v in p.values():
-        v.grad = None
-    opt = torch.optim.Adam(list(p.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
-    losses, mems = [], empty
-    for s in range(10):
-        opt.zero_grad()
+    mems = empty
+    def step(s):
+        nonlocal mems
         out, mems = txl_forward(p, seg(tok, s % SEGS), seg(tgt, s % SEGS), mode, mems)
-        losses.append(out[-1].item())
-        out[-1].backward()
-        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
-        opt.step()
+        return out[-1]
+    losses = adam_losses(p, step)
     flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
     return {
         "mode": mode, "vocab": V, "seq_len": T, "mem_len": MEM, "segments": SEGS, "batch": B, "d_model": D, "n_head": H,

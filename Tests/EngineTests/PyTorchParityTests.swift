@@ -66,26 +66,26 @@ final class PyTorchParityTests: XCTestCase {
         XCTAssertLessThanOrEqual(worst, tol * s, "\(what): worst |diff| \(worst) at \(at) (ours \(a[at]), torch \(b[at]), scale \(s))", file: file, line: line)
     }
 
-    func check(_ mode: String) throws {
-        let fx = try load(mode)
-        let model = try build(fx)
-        let b = fx.int("batch"), t = fx.int("seq_len"), v = fx.int("vocab")
-        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
-        var logits = [Float](repeating: 0, count: b * t * v)
-        let parts = try model.forward(tokens: tokens, targets: targets, batch: b, step: 0, train: true, logits: &logits)
+    /// The loss parts of a forward against the fixture's.
+    func assertLosses(_ parts: LossParts, _ fx: Fixture, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
         let loss = fx.json["loss"] as! [String: Double]
-        assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
-        XCTAssertEqual(Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "\(mode) task loss")
-        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "\(mode) aux loss")
-        XCTAssertEqual(Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "\(mode) vq loss")
-        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(mode) total loss")
-        model.zeroGrads()
-        try model.backward()
+        XCTAssertEqual(Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "\(what) task loss", file: file, line: line)
+        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "\(what) aux loss", file: file, line: line)
+        XCTAssertEqual(Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "\(what) vq loss", file: file, line: line)
+        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(what) total loss", file: file, line: line)
+    }
+
+    /// Every parameter gradient of the last backward against the fixture's.
+    func assertGradients(_ model: Transformer, _ fx: Fixture, _ what: String) {
         let grads = fx.json["grads"] as! [String: Any]
         for p in model.parameters {
-            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "\(mode) grad \(p.name)")
+            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "\(what) grad \(p.name)")
         }
-        // 10 Adam steps (lr 1e-2, clip 1.0) on the same batch.
+    }
+
+    /// The total losses of 10 Adam steps (lr 1e-2, clipping at 1.0), `forward(step)` running
+    /// the training forward, against the fixture's.
+    func assertAdamLosses(_ model: Transformer, _ fx: Fixture, _ what: String, forward: (Int) throws -> LossParts) throws {
         var tc = TrainConfig()
         tc.lr = 1e-2
         tc.gradClip = 1
@@ -93,14 +93,29 @@ final class PyTorchParityTests: XCTestCase {
         model.zeroGrads()
         var ours: [Float] = []
         for s in 0..<10 {
-            let p = try model.forward(tokens: tokens, targets: targets, batch: b, step: s, train: true)
-            ours.append(p.total)
+            ours.append(try forward(s).total)
             try model.backward()
             clipGradients(model.parameters, maxNorm: 1)
             opt.step(lr: 1e-2)
             model.zeroGrads()
         }
-        assertClose(ours, fx.floats(fx.json["adam_losses"]), relTo: 1, tol: 2e-3, "\(mode) Adam losses")
+        assertClose(ours, fx.floats(fx.json["adam_losses"]), relTo: 1, tol: 2e-3, "\(what) Adam losses")
+    }
+
+    func check(_ mode: String) throws {
+        let fx = try load(mode)
+        let model = try build(fx)
+        let b = fx.int("batch"), t = fx.int("seq_len"), v = fx.int("vocab")
+        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
+        var logits = [Float](repeating: 0, count: b * t * v)
+        let parts = try model.forward(tokens: tokens, targets: targets, batch: b, step: 0, train: true, logits: &logits)
+        assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
+        assertLosses(parts, fx, mode)
+        model.zeroGrads()
+        try model.backward()
+        assertGradients(model, fx, mode)
+        // 10 Adam steps on the same batch.
+        try assertAdamLosses(model, fx, mode) { s in try model.forward(tokens: tokens, targets: targets, batch: b, step: s, train: true) }
     }
 
     func testDense() throws { try check("dense") }
@@ -132,33 +147,14 @@ final class PyTorchParityTests: XCTestCase {
         XCTAssertEqual(model.trainMemory?.length, fx.int("mem_len"))
         var logits = [Float](repeating: 0, count: b * t * v)
         let parts = try model.forward(tokens: segment(tokens, 1), targets: segment(targets, 1), batch: b, step: 1, train: true, logits: &logits)
-        let loss = fx.json["loss"] as! [String: Double]
         assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "txl \(mode) logits")
-        XCTAssertEqual(Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "txl \(mode) task loss")
-        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "txl \(mode) aux loss")
-        XCTAssertEqual(Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "txl \(mode) vq loss")
-        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "txl \(mode) total loss")
+        assertLosses(parts, fx, "txl \(mode)")
         try model.backward()
-        let grads = fx.json["grads"] as! [String: Any]
-        for p in model.parameters {
-            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "txl \(mode) grad \(p.name)")
-        }
-        var tc = TrainConfig()
-        tc.lr = 1e-2
-        tc.gradClip = 1
-        let opt = AdamOptimizer(parameters: model.parameters, config: tc)
-        model.zeroGrads()
+        assertGradients(model, fx, "txl \(mode)")
         model.resetTrainMemory()
-        var ours: [Float] = []
-        for s in 0..<10 {
-            let p = try model.forward(tokens: segment(tokens, s % segs), targets: segment(targets, s % segs), batch: b, step: s, train: true)
-            ours.append(p.total)
-            try model.backward()
-            clipGradients(model.parameters, maxNorm: 1)
-            opt.step(lr: 1e-2)
-            model.zeroGrads()
+        try assertAdamLosses(model, fx, "txl \(mode)") { s in
+            try model.forward(tokens: segment(tokens, s % segs), targets: segment(targets, s % segs), batch: b, step: s, train: true)
         }
-        assertClose(ours, fx.floats(fx.json["adam_losses"]), relTo: 1, tol: 2e-3, "txl \(mode) Adam losses")
     }
 
     func testTXLDense() throws { try checkTXL("dense") }
@@ -200,16 +196,11 @@ final class PyTorchParityTests: XCTestCase {
         let images = fx.floats(fx.json["images"]), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
         var logits = [Float](repeating: 0, count: b * classes)
         let parts = try model.forward(tokens: nil, images: images, targets: targets, batch: b, step: 0, train: true, logits: &logits)
-        let loss = fx.json["loss"] as! [String: Double]
         assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
-        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(mode) total loss")
-        XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "\(mode) aux loss")
+        assertLosses(parts, fx, mode)
         model.zeroGrads()
         try model.backward()
-        let grads = fx.json["grads"] as! [String: Any]
-        for p in model.parameters {
-            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "\(mode) grad \(p.name)")
-        }
+        assertGradients(model, fx, mode)
     }
 
     func testViTDense() throws { try checkViT("vit_dense") }

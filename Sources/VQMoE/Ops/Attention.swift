@@ -38,13 +38,7 @@ public enum Attention {
                         // S[i0..<i1, 0..<keys] = Q Kᵀ·scale, written into P's rows
                         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), scale,
                                     q + i0 * ld, Int32(ld), k, Int32(ld), 0, p + i0 * t, Int32(t))
-                        for i in i0..<i1 {
-                            let row = p + i * t, seen = causal ? i + 1 : t
-                            let m = VecMath.max(row, count: seen)
-                            let s = VecMath.expInPlace(row, count: seen, subtracting: m)
-                            Vec.scale(row, 1 / s, seen)
-                            (row + seen).update(repeating: 0, count: t - seen)
-                        }
+                        for i in i0..<i1 { softmaxRow(p + i * t, seen: causal ? i + 1 : t, width: t) }
                         // Y[i0..<i1] = P[i0..<i1, 0..<keys] V[0..<keys]
                         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
                                     p + i0 * t, Int32(t), v, Int32(ld), 0, out + i0 * c, Int32(c))
@@ -53,6 +47,14 @@ public enum Attention {
                 }
             }
         }
+    }
+
+    /// row[0..<seen] = softmax(row[0..<seen]); row[seen..<width] = 0 (the masked keys).
+    @inline(__always) static func softmaxRow(_ row: UnsafeMutablePointer<Float>, seen: Int, width: Int) {
+        let m = VecMath.max(row, count: seen)
+        let s = VecMath.expInPlace(row, count: seen, subtracting: m)
+        Vec.scale(row, 1 / s, seen)
+        (row + seen).update(repeating: 0, count: width - seen)
     }
 
     /// d[j] = p[j]·(d[j] − dot)·scale

@@ -83,10 +83,7 @@ public enum RelativeAttention {
                         let row = p + i * keys, seen = mem + i + 1
                         Vec.add(row, g + (i - i0) * seenMax + (i1 - 1 - i), seen)   // BD_ij = G[i, T−1−i+j]
                         Vec.scale(row, scale, seen)
-                        let m = VecMath.max(row, count: seen)
-                        let s = VecMath.expInPlace(row, count: seen, subtracting: m)
-                        Vec.scale(row, 1 / s, seen)
-                        (row + seen).update(repeating: 0, count: keys - seen)
+                        Attention.softmaxRow(row, seen: seen, width: keys)
                     }
                     // Y[i0..<i1] = P[i0..<i1, 0..<seenMax] V[0..<seenMax]
                     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
