@@ -5,25 +5,17 @@
 // 256 raw byte values. With clean = "text8" the file is first turned into text8-style text by
 // a port of Matt Mahoney's wikifil.pl (Text8.swift): only [a-z ] remains, and the splits apply
 // to that cleaned text. compact_vocab = true renumbers such text to 27 tokens (space -> 0,
-// a..z -> 1..26). Batches are a pure function of (instance seed, split, index, batch_size):
-//   train       batch i = batch_size random windows; the start of each is drawn from the
-//               host RNG seeded with (instance seed, stream = i), so any index can be read in
-//               any order (the host's cursor seeks by asking for another index).
-//   valid/test  ordered, non-overlapping windows covering the split; the last window and
-//               the last batch may be partial (inputs padded with 0, targets with
-//               VQMOE_PAD_TARGET, `rows` = real windows).
-// With order = "streams" (Transformer-XL) every split is cut into batch_size parallel
-// streams of S = floor((len - 1) / B) tokens, as Transformer-XL's ordered iterator does (the
-// last (len - 1) mod B targets are left out): row b of batch i is segment i of stream b,
-// positions b*S + i*T ..., so row b of batch i+1 continues row b of batch i. Train batches
-// wrap around after floor(S / T) segments; eval passes end with a padded partial segment.
+// a..z -> 1..26). Batches are a pure function of (instance seed, split, index, batch_size),
+// cut by PluginKit's TokenBatches: random train windows and ordered eval windows, or with
+// order = "streams" (Transformer-XL) batch_size parallel streams read in order.
 //
-// Depends only on the C ABI (vqmoe_plugin.h) and Glibc.
+// Depends only on the C ABI (vqmoe_plugin.h), PluginKit and Glibc.
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import PluginKit
 import VQMoEABI
 
 // MARK: - small helpers
@@ -121,91 +113,8 @@ final class CharDataset {
 
     deinit { bytes.deallocate() }
 
-    /// Ordered windows of an eval split: ceil((len - 1) / T), 0 for a split under 2 bytes.
-    func windows(_ split: Int) -> Int64 {
-        let len = splitLen[split]
-        guard len >= 2 else { return 0 }
-        return Int64((len - 1 + seqLen - 1) / seqLen)
-    }
-
-    /// Batches of an ordered pass (valid/test): ceil(windows / B); streams: ceil(S / T).
-    func evalBatches(_ split: Int, _ batchSize: Int64) -> Int64 {
-        if streams { return (Int64(streamLength(split, Int(batchSize))) + Int64(seqLen) - 1) / Int64(seqLen) }
-        return (windows(split) + batchSize - 1) / batchSize
-    }
-
-    /// Stream order: tokens (each with its target) per stream, S = floor((len - 1) / B).
-    func streamLength(_ split: Int, _ batchSize: Int) -> Int { max(splitLen[split] - 1, 0) / batchSize }
-
-    /// Batch `index` in stream order: row b holds positions b*S + s*T ..< b*S + min((s+1)*T, S)
-    /// of the split, s = index (train: index mod floor(S / T), whole segments only), padded after
-    /// the stream's end. inputs/targets: (B,T) int32. The train split must hold one segment per
-    /// stream (checked by the caller).
-    func readStreams(split: Int, index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
-                     targets: UnsafeMutablePointer<Int32>) {
-        let T = seqLen, S = streamLength(split, batchSize)
-        let base = bytes + splitStart[split]
-        let segment = split == 0 ? Int(index % Int64(S / T)) : Int(index)
-        let n = min(T, S - segment * T)
-        inputs.update(repeating: 0, count: batchSize * T)
-        targets.update(repeating: Int32(VQMOE_PAD_TARGET), count: batchSize * T)
-        for b in 0..<batchSize {
-            let src = base + b * S + segment * T
-            let inRow = inputs + b * T, tgRow = targets + b * T
-            for t in 0..<n {
-                inRow[t] = Int32(src[t])
-                tgRow[t] = Int32(src[t + 1])
-            }
-        }
-    }
-
-    /// Train batch `index`: `batchSize` random windows from stream `index`.
-    /// inputs/targets: (B,T) int32.
-    func readTrain(index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
-                   targets: UnsafeMutablePointer<Int32>) {
-        let T = seqLen
-        let base = bytes + splitStart[0]
-        // Starts are uniform in [0, train_len - T - 1] so that targets (s+1 ... s+T) stay in train.
-        let range = UInt64(splitLen[0] - T)
-        var rng = vqmoe_rng(key: 0, counter: 0)
-        host.pointee.rng_init!(&rng, seed, UInt64(bitPattern: index))
-        for b in 0..<batchSize {
-            // Lemire's multiply-shift: the high word of x * range is uniform in [0, range).
-            let x = host.pointee.rng_next_u64!(&rng)
-            let s = Int(x.multipliedFullWidth(by: range).high)
-            let src = base + s
-            let inRow = inputs + b * T, tgRow = targets + b * T
-            for t in 0..<T {
-                inRow[t] = Int32(src[t])
-                tgRow[t] = Int32(src[t + 1])
-            }
-        }
-    }
-
-    /// Eval batch `index` of `split` (valid/test): windows index*B ..< index*B + rows, in
-    /// order; returns rows. inputs/targets: (B,T) int32; unused positions are padded.
-    func readEval(split: Int, index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
-                  targets: UnsafeMutablePointer<Int32>) -> Int {
-        let T = seqLen
-        let len = splitLen[split]
-        let base = bytes + splitStart[split]
-        let first = Int(index) * batchSize
-        let rows = min(batchSize, Int(windows(split)) - first)
-        // Padding first: every position no window fills.
-        inputs.update(repeating: 0, count: batchSize * T)
-        targets.update(repeating: Int32(VQMOE_PAD_TARGET), count: batchSize * T)
-        for r in 0..<rows {
-            let start = (first + r) * T
-            // Positions p of this window with a target inside the split: p + 1 < len.
-            let n = min(T, len - 1 - start)
-            let inRow = inputs + r * T, tgRow = targets + r * T
-            for t in 0..<n {
-                inRow[t] = Int32(base[start + t])
-                tgRow[t] = Int32(base[start + t + 1])
-            }
-        }
-        return rows
-    }
+    /// How batches are cut from the splits (windows or streams).
+    var batches: TokenBatches { TokenBatches(seqLen: seqLen, streams: streams, name: "char") }
 }
 
 /// Unwrap an instance handle (borrowed, not retained).
@@ -359,9 +268,7 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
         spec("compact_vocab", VQMOE_HP_BOOL, 0,
              "vocabulary of 27 (space -> 0, a..z -> 1..26) instead of 256 bytes; needs text of only a-z and space (text8, or clean=text8)",
              number: 0),
-        spec("order", VQMOE_HP_STRING, 0,
-             "windows: random train windows, ordered eval windows (each from a fresh context); streams: batch_size parallel streams read in order, row b of batch i+1 continuing row b of batch i (Transformer-XL memory)",
-             string: "windows", choices: "windows,streams"),
+        spec("order", VQMOE_HP_STRING, 0, TokenBatches.orderHelp, string: "windows", choices: "windows,streams"),
     ]
     let hp = UnsafeMutablePointer<vqmoe_hparam_spec>.allocate(capacity: specs.count)
     hp.initialize(from: specs, count: specs.count)
@@ -371,7 +278,6 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
         struct_size: UInt32(MemoryLayout<vqmoe_dataset_api>.size),
         info: { inst, out in
             guard let ds = dataset(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
-            let streamsEnd = MemoryLayout<vqmoe_dataset_info>.offset(of: \.streams)! + 4
             guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_dataset_info>.offset(of: \.streams)!) else {
                 return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: dataset_info struct_size \(out.pointee.struct_size) is too small")
             }
@@ -381,7 +287,7 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             out.pointee.sample_ndim = 1
             out.pointee.sample_shape = (Int64(ds.seqLen), 0, 0, 0)
             out.pointee.split_size = (Int64(ds.splitLen[0]), Int64(ds.splitLen[1]), Int64(ds.splitLen[2]))
-            if out.pointee.struct_size >= UInt32(streamsEnd) { out.pointee.streams = ds.streams ? 1 : 0 }  // ABI 1.1
+            ds.batches.writeInfo(out)   // ABI 1.1: streams
             return VQMOE_OK
         },
         num_batches: { inst, split, batchSize, out in
@@ -392,7 +298,7 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             guard batchSize >= 1 else {
                 return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT, "char: batch_size \(batchSize) must be >= 1")
             }
-            out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : ds.evalBatches(Int(split), batchSize)
+            out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : ds.batches.evalBatches(splitLength: ds.splitLen[Int(split)], batchSize: Int(batchSize))
             return VQMOE_OK
         },
         read_batch: { inst, req, out in
@@ -417,35 +323,15 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             }
             let inputs = out.pointee.inputs.data!.assumingMemoryBound(to: Int32.self)
             let targets = out.pointee.targets.data!.assumingMemoryBound(to: Int32.self)
-            if r.split == VQMOE_SPLIT_TRAIN && ds.streams {
-                let S = ds.streamLength(0, Int(B))
-                guard S >= ds.seqLen else {
-                    return fail(ds.host, VQMOE_ERR_INVALID_ARGUMENT,
-                                "char: order=streams: the train split (\(ds.splitLen[0]) bytes) cut into \(B) streams leaves \(S) tokens per stream, fewer than one segment of seq_len \(ds.seqLen); lower batch_size or seq_len")
-                }
-                ds.readStreams(split: 0, index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
-                out.pointee.rows = B
-                return VQMOE_OK
-            }
-            if r.split == VQMOE_SPLIT_TRAIN {
-                ds.readTrain(index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
-                out.pointee.rows = B
-                return VQMOE_OK
-            }
             let split = Int(r.split)
-            let nb = ds.evalBatches(split, B)
-            guard r.index < nb else {
-                return fail(ds.host, VQMOE_ERR_END_OF_DATA,
-                            "char: \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
-            }
-            if ds.streams {
-                ds.readStreams(split: split, index: r.index, batchSize: Int(B), inputs: inputs, targets: targets)
-                out.pointee.rows = B
+            do throws(PluginFailure) {
+                out.pointee.rows = Int64(try ds.batches.read(UnsafePointer(ds.bytes), splitStart: ds.splitStart[split], splitLength: ds.splitLen[split],
+                                                             split: split, index: r.index, batchSize: Int(B), host: ds.host, seed: ds.seed,
+                                                             inputs: inputs, targets: targets))
                 return VQMOE_OK
+            } catch {
+                return fail(ds.host, error.status, error.message)
             }
-            out.pointee.rows = Int64(ds.readEval(split: split, index: r.index, batchSize: Int(B),
-                                                 inputs: inputs, targets: targets))
-            return VQMOE_OK
         }))
 
     let d = UnsafeMutablePointer<vqmoe_plugin_desc>.allocate(capacity: 1)

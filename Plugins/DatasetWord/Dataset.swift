@@ -1,14 +1,9 @@
 // One `word` dataset instance: the token ids of the three splits, the vocabulary size, and
 // the batch readers.
 //
-// Batches are a pure function of (instance seed, split, index, batch_size), as in `char`:
-//   train       batch i = batch_size random windows over the train token stream; the start
-//               of each is drawn from the host RNG seeded with (instance seed, stream = i), so
-//               any index can be read in any order (the host's cursor seeks by asking for
-//               another index).
-//   valid/test  ordered, non-overlapping windows covering the split; the last window and the
-//               last batch may be partial (inputs padded with 0, targets with
-//               VQMOE_PAD_TARGET, `rows` = real windows).
+// Batches are a pure function of (instance seed, split, index, batch_size), cut as in `char`
+// by PluginKit's TokenBatches: random train windows and ordered eval windows, or with
+// order = "streams" (Transformer-XL) batch_size parallel streams read in order.
 import Glibc
 import PluginKit
 import VQMoEABI
@@ -133,17 +128,8 @@ final class WordDataset {
     /// "<unk>"; 0 for an empty split.
     func oovRate(_ split: Int) -> Double { splitLen[split] == 0 ? 0 : Double(oovCount[split]) / Double(splitLen[split]) }
 
-    /// Ordered windows of an eval split: ceil((len - 1) / T), 0 for a split under 2 tokens.
-    func windows(_ split: Int) -> Int64 {
-        let len = splitLen[split]
-        guard len >= 2 else { return 0 }
-        return Int64((len - 1 + seqLen - 1) / seqLen)
-    }
-
-    /// Batches of an ordered pass (valid/test), ceil(windows / B).
-    func evalBatches(_ split: Int, _ batchSize: Int64) -> Int64 {
-        (windows(split) + batchSize - 1) / batchSize
-    }
+    /// How batches are cut from the splits (windows or streams).
+    var batches: TokenBatches { TokenBatches(seqLen: seqLen, streams: config.streams, name: "word") }
 
     // MARK: dataset API
 
@@ -156,13 +142,14 @@ final class WordDataset {
         out.pointee.sample_ndim = 1
         out.pointee.sample_shape = (Int64(seqLen), 0, 0, 0)
         out.pointee.split_size = (Int64(splitLen[0]), Int64(splitLen[1]), Int64(splitLen[2]))
+        batches.writeInfo(out)   // ABI 1.1: streams
     }
 
     func numBatches(_ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?) throws(PluginFailure) {
         guard let out else { throw .invalid("word: num_batches: out is NULL") }
         guard (0...2).contains(split) else { throw .invalid("word: unknown split \(split)") }
         guard batchSize >= 1 else { throw .invalid("word: batch_size \(batchSize) must be >= 1") }
-        out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : evalBatches(Int(split), batchSize)
+        out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : batches.evalBatches(splitLength: splitLen[Int(split)], batchSize: Int(batchSize))
     }
 
     func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
@@ -178,61 +165,11 @@ final class WordDataset {
         // inputs (B,T) int32, targets (B,T) int32, host-allocated.
         let inputs = try requireI32(out.pointee.inputs, [B, T], "word: batch inputs")
         let targets = try requireI32(out.pointee.targets, [B, T], "word: batch targets")
-        if r.split == VQMOE_SPLIT_TRAIN {
-            readTrain(index: r.index, batchSize: B, inputs: inputs, targets: targets)
-            out.pointee.rows = Int64(B)
-            return
-        }
         let split = Int(r.split)
-        let nb = evalBatches(split, r.batch_size)
-        guard r.index < nb else {
-            throw PluginFailure(status: VQMOE_ERR_END_OF_DATA,
-                                message: "word: \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
-        }
-        out.pointee.rows = Int64(readEval(split: split, index: r.index, batchSize: B, inputs: inputs, targets: targets))
-    }
-
-    /// Train batch `index`: `batchSize` random windows from stream `index`.
-    /// inputs/targets: (B,T) int32.
-    func readTrain(index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>, targets: UnsafeMutablePointer<Int32>) {
-        let T = seqLen
-        // Starts are uniform in [0, train_len - T - 1] so that targets (s+1 ... s+T) stay in train.
-        let range = UInt64(splitLen[0] - T)
-        var rng = host.rng(seed: seed, stream: UInt64(bitPattern: index))
-        tokens.withUnsafeBufferPointer { all in
-            let base = all.baseAddress! + splitStart[0]
-            for b in 0..<batchSize {
-                // Lemire's multiply-shift: the high word of x * range is uniform in [0, range).
-                let x = host.api.pointee.rng_next_u64!(&rng)
-                let s = Int(x.multipliedFullWidth(by: range).high)
-                (inputs + b * T).update(from: base + s, count: T)
-                (targets + b * T).update(from: base + s + 1, count: T)
-            }
-        }
-    }
-
-    /// Eval batch `index` of `split` (valid/test): windows index*B ..< index*B + rows, in
-    /// order; returns rows. inputs/targets: (B,T) int32; unused positions are padded.
-    func readEval(split: Int, index: Int64, batchSize: Int, inputs: UnsafeMutablePointer<Int32>,
-                  targets: UnsafeMutablePointer<Int32>) -> Int {
-        let T = seqLen
-        let len = splitLen[split]
-        let first = Int(index) * batchSize
-        let rows = min(batchSize, Int(windows(split)) - first)
-        // Padding first: every position no window fills.
-        inputs.update(repeating: 0, count: batchSize * T)
-        targets.update(repeating: Int32(VQMOE_PAD_TARGET), count: batchSize * T)
-        tokens.withUnsafeBufferPointer { all in
-            let base = all.baseAddress! + splitStart[split]
-            for r in 0..<rows {
-                let start = (first + r) * T
-                // Positions p of this window with a target inside the split: p + 1 < len.
-                let n = min(T, len - 1 - start)
-                (inputs + r * T).update(from: base + start, count: n)
-                (targets + r * T).update(from: base + start + 1, count: n)
-            }
-        }
-        return rows
+        out.pointee.rows = Int64(try tokens.withUnsafeBufferPointer { all throws(PluginFailure) in
+            try batches.read(all.baseAddress!, splitStart: splitStart[split], splitLength: splitLen[split], split: split, index: r.index,
+                             batchSize: B, host: host.api, seed: seed, inputs: inputs, targets: targets)
+        })
     }
 
     // MARK: metrics

@@ -50,11 +50,12 @@ nonisolated(unsafe) let wordDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.kind = VQMOE_KIND_DATASET
     d.flags = 0
     d.name = staticCString("word")
-    d.version = staticCString("1.0.0")
+    d.version = staticCString("1.1.0")
     d.description = staticCString(
         "word-level LM corpus in the WikiText-103 format (dir/wiki.{train,valid,test}.tokens) or one text file split " +
         "by tokens (path): each line's whitespace-separated words + <eos>; vocabulary from the train split " +
-        "(<unk>, <eos>, then by descending count, ties in byte order; min_count, max_vocab), other words -> <unk>")
+        "(<unk>, <eos>, then by descending count, ties in byte order; min_count, max_vocab), other words -> <unk>; " +
+        "order=streams serves parallel streams in order (Transformer-XL)")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in

@@ -17,6 +17,8 @@ struct WordConfig {
     var minCount: Int
     /// Largest vocabulary, <unk> and <eos> included; 0 = unlimited.
     var maxVocab: Int
+    /// order = "streams": batch rows are parallel streams read in order (Transformer-XL).
+    var streams: Bool
 
     static let schema: [HyperparameterEntry] = [
         HyperparameterEntry(name: "dir", type: VQMOE_HP_STRING,
@@ -39,6 +41,8 @@ struct WordConfig {
         HyperparameterEntry(name: "max_vocab", type: VQMOE_HP_INT,
                             description: "largest vocabulary, <unk> and <eos> included (the most frequent words are kept); 0 = unlimited",
                             defaultValue: 0, min: 0),
+        HyperparameterEntry(name: "order", type: VQMOE_HP_STRING, description: TokenBatches.orderHelp,
+                            defaultString: "windows", choices: "windows,streams"),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.
@@ -53,6 +57,9 @@ struct WordConfig {
         seqLen = Int(vqmoe_hp_int(hp, "seq_len", 0))
         minCount = Int(vqmoe_hp_int(hp, "min_count", 1))
         maxVocab = Int(vqmoe_hp_int(hp, "max_vocab", 0))
+        let order = string("order", "windows")
+        guard order == "windows" || order == "streams" else { throw .invalid("order '\(order)' must be one of windows, streams") }
+        streams = order == "streams"
         guard trainFraction > 0 && trainFraction <= 1 else { throw .invalid("train_fraction \(trainFraction) must be in (0, 1]") }
         guard validFraction >= 0 && validFraction < 1 else { throw .invalid("valid_fraction \(validFraction) must be in [0, 1)") }
         guard trainFraction + validFraction <= 1 + 1e-9 else {

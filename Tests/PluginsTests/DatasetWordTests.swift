@@ -336,6 +336,34 @@ final class DatasetWordTests: XCTestCase {
         XCTAssertEqual(try ds.core.metrics()["oov_rate_test"], [0])
     }
 
+    /// order = streams (Transformer-XL): row b of batch i is segment i of stream b of the split's
+    /// token stream, S = ⌊(len − 1) / B⌋ per stream; the valid pass ends with a padded segment.
+    func testStreamOrder() throws {
+        let text = syntheticCorpus(lines: 200, seed: 4)
+        let path = try write(text, "s.txt")
+        let stream = try trainStream(["path": path])
+        let T = 5, B = 3
+        let ds = try openDataset(["path": path, "order": "streams"], seqLen: T)
+        XCTAssertTrue(ds.streams)
+        let S = (stream.count - 1) / B
+        for index in [0, 1, S / T, S / T + 1] {
+            let b = try XCTUnwrap(ds.read(.train, index: index, batchSize: B))
+            let seg = index % (S / T)
+            for r in 0..<B {
+                let start = r * S + seg * T
+                XCTAssertEqual(Array(b.inputsInt[(r * T)..<(r * T + T)]), Array(stream[start..<(start + T)]), "train batch \(index) row \(r)")
+                XCTAssertEqual(Array(b.targets[(r * T)..<(r * T + T)]), Array(stream[(start + 1)...(start + T)]))
+            }
+        }
+        let n = try ds.numBatches(.valid, batchSize: B), Sv = (ds.splitSizes[1] - 1) / B
+        XCTAssertEqual(n, (Sv + T - 1) / T)
+        var real = 0
+        for index in 0..<n { real += try XCTUnwrap(ds.read(.valid, index: index, batchSize: B)).targets.filter { $0 != -1 }.count }
+        XCTAssertEqual(real, B * Sv)
+        XCTAssertNil(try ds.read(.valid, index: n, batchSize: B))
+        XCTAssertFalse(try openDataset(["path": path], seqLen: T).streams)
+    }
+
     // MARK: errors
 
     func testErrorsNameTheFileAndTheSource() throws {
@@ -380,8 +408,8 @@ final class DatasetWordTests: XCTestCase {
     func testSchema() throws {
         let lib = try openPlugin("DatasetWord")
         XCTAssertEqual(lib.name, "word")
-        XCTAssertEqual(lib.version, "1.0.0")
-        XCTAssertEqual(lib.schema.map(\.name), ["dir", "path", "train_fraction", "valid_fraction", "seq_len", "min_count", "max_vocab"])
+        XCTAssertEqual(lib.version, "1.1.0")
+        XCTAssertEqual(lib.schema.map(\.name), ["dir", "path", "train_fraction", "valid_fraction", "seq_len", "min_count", "max_vocab", "order"])
         let dir = try XCTUnwrap(lib.schema.first { $0.name == "dir" })
         XCTAssertEqual(dir.defaultString, "$DATA/wikitext-103")
         XCTAssertTrue(dir.isPath && dir.optional)
