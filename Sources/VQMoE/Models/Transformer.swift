@@ -81,8 +81,8 @@ public final class Transformer: @unchecked Sendable {
     let relw: [Parameter], relu: [Parameter], relv: [Parameter]
     /// Transformer-XL memories (nil without memory).
     public let trainMemory, evalMemory: SegmentMemory?
-    /// Memory rows used by the last forward.
-    var xlMemoryUsed = 0
+    /// Memory rows used by the last forward, and the key count the sinusoid table holds.
+    var xlMemoryUsed = 0, xlTableKeys = 0
     public let lnfw, lnfb: Parameter
     public let headParameters: [Parameter]
 

@@ -98,7 +98,10 @@ extension Transformer {
         let memory = xlMemory(train: train)
         memory?.prepare(batch: batch)
         xlMemoryUsed = memory?.length ?? 0
-        RelativeAttention.positions(out: ws.floats("xl.table", xlKeys * config.dModel), keys: xlKeys, c: config.dModel)
+        if xlTableKeys != xlKeys {   // the table depends on K only: K = T at a stream's start, then M + T
+            RelativeAttention.positions(out: ws.floats("xl.table", xlKeys * config.dModel), keys: xlKeys, c: config.dModel)
+            xlTableKeys = xlKeys
+        }
     }
 
     /// After the layers: the memory moves on by one segment.
