@@ -3,12 +3,15 @@
 # (configs/paper/table3_*.json; finished runs are skipped). Prints one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for m in dense smoe xmoe softmoe vqmoe; do
-  .build/release/vqmoe sweep "configs/paper/table3_$m.json" > /dev/null
+bin=${VQMOE:-.build/release/vqmoe}   # VQMOE=path/to/vqmoe runs another build
+start=$(date +%s)
+for m in dense smoe xmoe stablemoe softmoe vqmoe; do
+  "$bin" sweep "configs/paper/table3_$m.json" > /dev/null
 done
+echo "wall time of the sweeps run now: $(( $(date +%s) - start )) s"
 echo "| method | test accuracy (mean ± std, 3 seeds) | valid accuracy | params | tokens/s |"
 echo "|---|---|---|---|---|"
-for m in dense smoe xmoe softmoe vqmoe; do
+for m in dense smoe xmoe stablemoe softmoe vqmoe; do
   python3 - "$m" "runs/paper/table3/$m/results.csv" <<'PY'
 import csv, sys
 row = next(csv.DictReader(open(sys.argv[2])))

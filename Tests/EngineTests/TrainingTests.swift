@@ -346,6 +346,16 @@ final class TrainingTests: XCTestCase {
         XCTAssertGreaterThan(r.bestValid!.accuracy, 0.45)  // chance is 0.1
         XCTAssertEqual(r.test!.count, 10_000)
         XCTAssertFalse(r.isLM)
+        // StableMoE in a ViT runs as the reference code does (distill = false); its distilled
+        // token-id router cannot, and says how to fix it.
+        var stable = json
+        try setPath(&stable, "model.ffn.router", ["name": "stablemoe", "distill": false])
+        try setPath(&stable, "train.steps", 3)
+        XCTAssertNoThrow(try Trainer(config: try RunConfig(json: stable), registry: try registry(), outDir: dir + "-stable", quiet: true).run())
+        try setPath(&stable, "model.ffn.router.distill", true)
+        XCTAssertThrowsError(try Trainer(config: try RunConfig(json: stable), registry: try registry(), outDir: dir + "-stable2", quiet: true).run()) {
+            XCTAssertTrue("\($0)".contains("set distill = false"), "\($0)")
+        }
         // A token backbone on images is refused with the fix.
         var bad = json
         bad["model"] = ["n_layer": 1, "d_model": 32, "n_head": 2, "seq_len": 16]

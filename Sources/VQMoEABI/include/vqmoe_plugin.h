@@ -594,7 +594,9 @@ typedef struct vqmoe_metrics_feature {
 } vqmoe_metrics_feature;
 
 /* ================================================================== descriptor */
-#define VQMOE_PLUGIN_NEEDS_TOKEN_IDS 0x1u /* router: reads vqmoe_router_input.token_ids */
+#define VQMOE_PLUGIN_NEEDS_TOKEN_IDS 0x1u /* router: may read vqmoe_router_input.token_ids (the host
+                                             passes them whenever the model has tokens; a plugin whose
+                                             configuration needs them refuses absent ones itself) */
 #define VQMOE_PLUGIN_NO_GRAD 0x2u         /* has no backward (non-trainable, no input grad) */
 #define VQMOE_PLUGIN_STOPGRAD_LOSS 0x4u   /* quantizer: the loss has stop-gradient terms (VQ-VAE's
                                              ||sg(x) - q||^2 + g*||x - sg(q)||^2), so its backward is
