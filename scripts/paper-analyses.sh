@@ -32,6 +32,21 @@ def consistency(m, b, d, key):
         if ps:
             over.append(np.mean(ps)); last.append(ps[-1])
     return (np.mean(over), np.mean(last)) if over else None
+print("Validation BPC (evaluation batches) at 50%, 80% and 100% of training, mean over the six methods and 3 seeds:"
+      " how far each curve has flattened.\n")
+print("| backbone, data | step 500 | step 800 | step 1000 | last 20% of training |")
+print("|---|---|---|---|---|")
+for b, d in cols:
+    at = {499: [], 799: [], 999: []}
+    for run in glob.glob(f"runs/paper/table1/*/backbone={b},data={d},seed=*"):
+        for l in open(f"{run}/metrics.jsonl"):
+            o = json.loads(l)
+            if o["split"] == "valid" and o["step"] in at:
+                at[o["step"]].append(o["bpc"])
+    if all(at.values()):
+        m = {k: np.mean(v) for k, v in at.items()}
+        print(f"| {label[b]} {label[d]} | {m[499]:.3f} | {m[799]:.3f} | {m[999]:.3f} | {m[999] - m[799]:+.3f} |")
+print()
 print("Consistency over training: mean over consecutive evaluations (and at the last one), 3 seeds, mean over layers.\n")
 print("| method (path) | " + " | ".join(f"{label[b]} {label[d]}" for b, d in cols) + " |")
 print("|---|" + "---|" * len(cols))

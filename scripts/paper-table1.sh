@@ -16,7 +16,7 @@ echo "wall time of the sweeps run now: $(( $(date +%s) - start )) s"
 python3 - $methods <<'PY'
 import csv, sys
 names = {"dense": "Dense", "smoe": "SMoE (top-2)", "xmoe": "XMoE (top-2)", "stablemoe": "StableMoE (top-1)",
-         "smoe_dropout": "SMoE-Dropout (1 → 2)", "vqmoe": "VQMoE (top-1 + discrete)"}
+         "smoe_dropout": "SMoE-Dropout (1 → 2)", "vqmoe": "VQMoE (top-1 StableMoE gate + discrete)"}
 cols = [(b, d) for b in ("transformer", "transformer_xl") for d in ("enwik8", "shakespeare", "text8")]
 label = {"transformer": "T", "transformer_xl": "TXL", "enwik8": "enwik8-mini", "shakespeare": "Shakespeare", "text8": "text8-mini"}
 print("| method | " + " | ".join(f"{label[b]} {label[d]}" for b, d in cols) + " | params |")
