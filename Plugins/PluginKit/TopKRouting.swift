@@ -76,7 +76,12 @@ public struct LogitGradJob {
     public var balanceCoef: UnsafeMutablePointer<Float>?       // (E) c_e, nil = no balance gradient
     public var e: Int
     public var k: Int
-    public init(dlogits: UnsafeMutablePointer<Float>, gradWeights: UnsafeMutablePointer<Float>?, gates: UnsafeMutablePointer<Float>, index: UnsafeMutablePointer<Int32>, probs: UnsafeMutablePointer<Float>?, balanceCoef: UnsafeMutablePointer<Float>?, e: Int, k: Int) {
+    /// The weights are the kept experts' full-softmax probabilities g_s = p_{i_s} (Switch /
+    /// GShard), not the softmax over the kept logits; needs probs.
+    public var fullSoftmaxGates: Bool
+    public init(dlogits: UnsafeMutablePointer<Float>, gradWeights: UnsafeMutablePointer<Float>?, gates: UnsafeMutablePointer<Float>, index: UnsafeMutablePointer<Int32>, probs: UnsafeMutablePointer<Float>?, balanceCoef: UnsafeMutablePointer<Float>?, e: Int, k: Int,
+                fullSoftmaxGates: Bool = false) {
+        self.fullSoftmaxGates = fullSoftmaxGates
         self.dlogits = dlogits
         self.gradWeights = gradWeights
         self.gates = gates
@@ -90,6 +95,7 @@ public struct LogitGradJob {
 
 /// For tokens [begin, end):
 ///   kept softmax:  dl_{t,i_s} += g_s (dg_s - sum_r g_r dg_r)
+///   full softmax (g_s = p_{t,i_s}):  dl_{t,j} += sum_s dg_s p_{t,i_s} (delta_{j,i_s} - p_tj)
 ///   balance loss:  with c_e = d aux / d p_te = grad_aux * balance_weight * E * f_e / N,
 ///                  dl_{t,j} += p_tj (c_j - sum_e p_te c_e)
 public func logitGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
@@ -97,7 +103,12 @@ public func logitGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: 
     let e = job.e, k = job.k
     for t in Int(begin)..<Int(end) {
         let dl = job.dlogits + t * e
-        if let gw = job.gradWeights {
+        if let gw = job.gradWeights, job.fullSoftmaxGates, let probs = job.probs {
+            let p = probs + t * e, dg = gw + t * k, idx = job.index + t * k
+            var dot: Float = 0
+            for s in 0..<k { let i = Int(idx[s]); dot += dg[s] * p[i]; dl[i] += dg[s] * p[i] }
+            for j in 0..<e { dl[j] -= p[j] * dot }
+        } else if let gw = job.gradWeights {
             let g = job.gates + t * k, dg = gw + t * k, idx = job.index + t * k
             var dot: Float = 0
             for s in 0..<k { dot += g[s] * dg[s] }

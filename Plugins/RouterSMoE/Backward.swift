@@ -35,7 +35,7 @@ extension SMoERouter {
         dlogits.update(repeating: 0, count: n * e)
         host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
                          LogitGradJob(dlogits: dlogits, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
-                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), logitGrads)
+                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k, fullSoftmaxGates: config.fullSoftmax), logitGrads)
 
         // grad_x (N,d) += dlogits (N,E) @ W (E,d)
         host.gemm(transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: dlogits, lda: e, b: ctx.w, ldb: d,

@@ -45,10 +45,11 @@ nonisolated(unsafe) let smoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.kind = VQMOE_KIND_ROUTER
     d.flags = 0
     d.name = staticCString("smoe")
-    d.version = staticCString("1.0.0")
+    d.version = staticCString("1.1.0")
     d.description = staticCString(
         "Mixtral-style top-k router: logits = x W^T (+ b), keep the k largest (ties -> lower expert), " +
-        "weights = softmax over the kept logits; Switch balance loss balance_weight * E * sum_e f_e P_e")
+        "weights = softmax over the kept logits (weights = full: their probabilities under the softmax over all E, as Switch); " +
+        "Switch balance loss balance_weight * E * sum_e f_e P_e")
     d.hparams = UnsafePointer(specs)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in

@@ -49,6 +49,7 @@ extension SMoERouter {
 
     /// logits = x W^T (+ b)                                   (N,E)
     /// expert_index = top-k of logits, weights = softmax over the kept logits   (N,k)
+    ///                (weights = full: p_{t,i_s}, the kept experts' full-softmax probabilities)
     /// aux_loss = balance_weight * E * sum_e f_e * P_e, f_e = assignments to e / (N*k),
     ///            P_e = mean_t softmax(logits_t)_e
     /// expert_load_e = assignments to e                        (E)
@@ -85,6 +86,9 @@ extension SMoERouter {
         if let ctx { probs = ctx.probs } else { probs = try host.scratchFloats(n * e, "router probabilities") }
         host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
                          RouteJob(logits: logits, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
+        if config.fullSoftmax {
+            for t in 0..<n { for s in 0..<k { gates[t * k + s] = probs[t * e + Int(index[t * k + s])] } }
+        }
 
         // expert_load_e = #assignments; f_e = load_e / (N k); P_e = mean_t p_te.
         load.update(repeating: 0, count: e)

@@ -13,6 +13,9 @@ struct SMoEConfig {
     var initStd: Float
     /// Whether logits get a learned bias b (E).
     var bias: Bool
+    /// weights = "full": the kept experts' probabilities under the softmax over all E logits
+    /// (Switch / GShard) instead of the softmax over the kept logits (Mixtral, "kept").
+    var fullSoftmax: Bool
 
     static let schema: [HyperparameterEntry] = [
         HyperparameterEntry(name: "k", type: VQMOE_HP_INT,
@@ -27,6 +30,9 @@ struct SMoEConfig {
         HyperparameterEntry(name: "bias", type: VQMOE_HP_BOOL,
                             description: "add a learned bias to the router logits (initialised to 0)",
                             defaultValue: 0),
+        HyperparameterEntry(name: "weights", type: VQMOE_HP_STRING,
+                            description: "kept: softmax over the k kept logits (Mixtral; with k = 1 every weight is 1 and the router learns from the balance loss only); full: the kept experts' probabilities under the softmax over all E logits (Switch, GShard)",
+                            defaultString: "kept", choices: "kept,full"),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them
@@ -36,6 +42,9 @@ struct SMoEConfig {
         balanceWeight = Float(vqmoe_hp_float(hp, "balance_weight", 0.01))
         initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))
         bias = vqmoe_hp_bool(hp, "bias", 0) != 0
+        let weights = vqmoe_hp_string(hp, "weights", nil).map { String(cString: $0) } ?? "kept"
+        guard weights == "kept" || weights == "full" else { throw .invalid("weights '\(weights)' must be one of kept, full") }
+        fullSoftmax = weights == "full"
         guard k >= 1 && k <= 64 else { throw .invalid("hyperparameter k = \(k) must be in [1, 64]") }
         guard k <= nExperts else {
             throw .invalid("hyperparameter k = \(k) is larger than n_experts = \(nExperts): top-k routing needs k <= n_experts")

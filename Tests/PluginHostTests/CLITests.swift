@@ -17,7 +17,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(status, 0, out)
         let rows = try JSONSerialization.jsonObject(with: Data(out.utf8)) as! [[String: Any]]
         let byName = Dictionary(uniqueKeysWithValues: rows.map { ($0["name"] as! String, $0) })
-        for (name, kind, version) in [("vqvae", "quantizer", "1.0.0"), ("smoe", "router", "1.0.0"), ("char", "dataset", "1.1.0"), ("lm", "head", "1.0.0")] {
+        for (name, kind, version) in [("vqvae", "quantizer", "1.0.0"), ("smoe", "router", "1.1.0"), ("char", "dataset", "1.1.0"), ("lm", "head", "1.0.0")] {
             XCTAssertEqual(byName[name]?["kind"] as? String, kind, name)
             XCTAssertEqual(byName[name]?["abi"] as? String, "\(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR)", name)
             XCTAssertEqual(byName[name]?["version"] as? String, version, name)
@@ -41,7 +41,7 @@ final class CLITests: XCTestCase {
     func testInspectShowsTheSchema() throws {
         let (status, out) = try run(["plugins", "inspect", "smoe"])
         XCTAssertEqual(status, 0, out)
-        XCTAssertTrue(out.contains("smoe (router) 1.0.0"), out)
+        XCTAssertTrue(out.contains("smoe (router) 1.1.0"), out)
         XCTAssertTrue(out.range(of: #"\n\s+k\s+int\s+2\s+\[1, 64\]"#, options: .regularExpression) != nil, out)
     }
 

@@ -52,7 +52,7 @@ final class RouterSMoETests: XCTestCase {
         var logits: [Double], probs: [Double], index: [Int], gates: [Double], load: [Double], f: [Double], aux: Double
     }
 
-    func reference(x: [Float], w: [Float], b: [Float]?, n: Int, E: Int, d: Int, k: Int, balance: Double) -> Reference {
+    func reference(x: [Float], w: [Float], b: [Float]?, n: Int, E: Int, d: Int, k: Int, balance: Double, full: Bool = false) -> Reference {
         var logits = [Double](repeating: 0, count: n * E), probs = logits
         var index = [Int](), gates = [Double](), load = [Double](repeating: 0, count: E)
         for t in 0..<n {
@@ -69,7 +69,7 @@ final class RouterSMoETests: XCTestCase {
             let order = (0..<E).sorted { row[$0] > row[$1] || (row[$0] == row[$1] && $0 < $1) }
             let kept = Array(order.prefix(k))
             let zk = kept.map { exp(row[$0] - m) }.reduce(0, +)
-            for e in kept { index.append(e); gates.append(exp(row[e] - m) / zk); load[e] += 1 }
+            for e in kept { index.append(e); gates.append(full ? probs[t * E + e] : exp(row[e] - m) / zk); load[e] += 1 }
         }
         let f = load.map { $0 / Double(n * k) }
         var aux = 0.0
@@ -90,12 +90,13 @@ final class RouterSMoETests: XCTestCase {
     func testDescriptorAndSchema() throws {
         let lib = try openPlugin("RouterSMoE")
         XCTAssertEqual(lib.name, "smoe")
-        XCTAssertEqual(lib.version, "1.0.0")
+        XCTAssertEqual(lib.version, "1.1.0")
         XCTAssertEqual(lib.kind, .router)
         XCTAssertFalse(lib.hasNoGrad)
         XCTAssertFalse(lib.needsTokenIDs)
         let byName = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
-        XCTAssertEqual(lib.schema.map(\.name), ["k", "balance_weight", "init_std", "bias"])
+        XCTAssertEqual(lib.schema.map(\.name), ["k", "balance_weight", "init_std", "bias", "weights"])
+        XCTAssertEqual(byName["weights"]?.defaultString, "kept")
         XCTAssertEqual(byName["k"]?.type, .int)
         XCTAssertEqual(byName["k"]?.defaultNumber, 2)
         XCTAssertEqual(byName["k"]?.min, 1)
@@ -268,10 +269,16 @@ final class RouterSMoETests: XCTestCase {
     /// Reference gradients by hand: dlogits from the kept softmax and the balance loss, then
     /// grad_x = dlogits W, grad_W = dlogits^T x, grad_b = column sums.
     func referenceGrads(_ ref: Reference, x: [Float], w: [Float], gw: [Float]?, gaux: Double, balance: Double,
-                        n: Int, E: Int, d: Int, k: Int) -> (gx: [Double], gW: [Double], gb: [Double]) {
+                        n: Int, E: Int, d: Int, k: Int, full: Bool = false) -> (gx: [Double], gW: [Double], gb: [Double]) {
         var dl = [Double](repeating: 0, count: n * E)
         for t in 0..<n {
-            if let gw {
+            if let gw, full {
+                // g_s = p_{i_s}: dg_s/dl_j = p_{i_s} (delta_{j,i_s} - p_j) over all E logits
+                for s in 0..<k {
+                    let i = ref.index[t * k + s], pi = ref.probs[t * E + i]
+                    for j in 0..<E { dl[t * E + j] += Double(gw[t * k + s]) * pi * ((j == i ? 1 : 0) - ref.probs[t * E + j]) }
+                }
+            } else if let gw {
                 // g_s = softmax_s(l_kept): dg_s/dl_r = g_s (delta_sr - g_r)
                 for s in 0..<k {
                     for r in 0..<k {
@@ -319,13 +326,14 @@ final class RouterSMoETests: XCTestCase {
         }
     }
 
-    func checkBackward(k: Int, bias: Bool, balance: Double, gradWeightsPresent: Bool, gaux: Float) throws {
+    func checkBackward(k: Int, bias: Bool, balance: Double, gradWeightsPresent: Bool, gaux: Float, full: Bool = false) throws {
         let n = 19
-        let (r, w, b) = try makeRouter(E: E, d: d, hp: ["k": k, "bias": bias, "balance_weight": balance], seed: 4)
+        let (r, w, b) = try makeRouter(E: E, d: d, hp: ["k": k, "bias": bias, "balance_weight": balance, "weights": full ? "full" : "kept"], seed: 4)
         let x = randomNormal(n * d, seed: 21)
         let out = try forward(r, x: x, n: n, k: k, step: train())
         let ctx = try XCTUnwrap(out.ctx)
-        let ref = reference(x: x, w: w, b: b, n: n, E: E, d: d, k: k, balance: balance)
+        let ref = reference(x: x, w: w, b: b, n: n, E: E, d: d, k: k, balance: balance, full: full)
+        for i in 0..<(n * k) { XCTAssertEqual(Double(out.weights[i]), ref.gates[i], accuracy: 1e-6, "weights[\(i)]") }
         let gw = gradWeightsPresent ? randomNormal(n * k, seed: 31) : nil
         // Gradients accumulate: start from a non-zero grad_x and non-zero parameter grads.
         let wGrad = r.core.buffer("weight")!.grad!
@@ -333,7 +341,7 @@ final class RouterSMoETests: XCTestCase {
         r.core.buffer("bias")?.grad!.update(repeating: -0.5, count: E)
         var gx = [Float](repeating: 1, count: n * d)
         try backward(r, ctx, n: n, k: k, gw: gw, gaux: gaux, gradX: &gx)
-        let want = referenceGrads(ref, x: x, w: w, gw: gw, gaux: Double(gaux), balance: balance, n: n, E: E, d: d, k: k)
+        let want = referenceGrads(ref, x: x, w: w, gw: gw, gaux: Double(gaux), balance: balance, n: n, E: E, d: d, k: k, full: full)
         for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), 1 + want.gx[i], accuracy: 1e-5, "grad_x[\(i)]") }
         for i in 0..<(E * d) { XCTAssertEqual(Double(wGrad[i]), 0.25 + want.gW[i], accuracy: 1e-5, "grad_W[\(i)]") }
         if bias {
@@ -348,6 +356,10 @@ final class RouterSMoETests: XCTestCase {
         try checkBackward(k: 1, bias: true, balance: 0.2, gradWeightsPresent: true, gaux: 1)   // k = 1: weights are constant 1
         try checkBackward(k: 2, bias: true, balance: 0.4, gradWeightsPresent: false, gaux: 2)  // balance loss alone
         try checkBackward(k: 2, bias: true, balance: 0.4, gradWeightsPresent: true, gaux: 0)   // routing weights alone
+        // weights = full (Switch): the kept experts' full-softmax probabilities; with k = 1 the
+        // routing weight now carries a task gradient.
+        try checkBackward(k: 1, bias: true, balance: 0.2, gradWeightsPresent: true, gaux: 0, full: true)
+        try checkBackward(k: 2, bias: false, balance: 0.3, gradWeightsPresent: true, gaux: 1, full: true)
     }
 
     func testBalanceGradientIsNonZero() throws {
@@ -394,7 +406,7 @@ final class RouterSMoETests: XCTestCase {
 
     func testPluginChecker() throws {
         let lib = try openPlugin("RouterSMoE")
-        for hp: [String: Any] in [[:], ["bias": true, "k": 3, "balance_weight": 0.5]] {
+        for hp: [String: Any] in [[:], ["bias": true, "k": 3, "balance_weight": 0.5], ["k": 1, "weights": "full"], ["k": 2, "weights": "full", "bias": true]] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
             XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.detail).joined(separator: "\n"))
         }
