@@ -211,6 +211,11 @@ final class TrainingTests: XCTestCase {
         let md = try String(contentsOfFile: "\(dir)/report/report.md", encoding: .utf8)
         XCTAssertTrue(md.contains("![") && md.contains("(pca_0_layer1.svg)"), md)
         XCTAssertEqual(Report.pca2([[1, 0], [2, 0], [3, 0.001]]).map { abs($0[0]).rounded() }, [1, 0, 1])
+        // Legend names drop what every run shares.
+        XCTAssertEqual(Report.shortNames(["table1_smoe[backbone=transformer,seed=1]", "table1_xmoe[backbone=transformer,seed=1]"]), ["smoe", "xmoe"])
+        XCTAssertEqual(Report.shortNames(["sweep[k=1,seed=1]", "sweep[k=2,seed=1]"]), ["k=1", "k=2"])
+        XCTAssertEqual(Report.shortNames(["a_x", "a_x"]), ["a_x", "a_x"])        // not distinct: kept
+        XCTAssertEqual(Report.shortNames(["only[seed=1]"]), ["only[seed=1]"])
     }
 
     /// Pre-train a tiny VQMoE LM on enwik8-mini, fine-tune it on SST-2 with the discrete path

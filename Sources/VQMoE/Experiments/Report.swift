@@ -79,9 +79,27 @@ public struct Report {
 
     /// Write the SVGs and report.md; returns the files written.
     @discardableResult
+    /// Legend names: the runs' names without what they all share at the start and at the end
+    /// (cut at '_', '[', ',' or ']'), e.g. table1_smoe[backbone=x,seed=1] and
+    /// table1_xmoe[backbone=x,seed=1] become smoe and xmoe. One run keeps its whole name.
+    public static func shortNames(_ names: [String]) -> [String] {
+        guard names.count > 1, Set(names).count == names.count else { return names }
+        let cuts: Set<Character> = ["_", "[", ",", "]"]
+        let chars = names.map(Array.init)
+        var prefix = 0
+        while chars.allSatisfy({ prefix < $0.count }) && Set(chars.map { $0[prefix] }).count == 1 { prefix += 1 }
+        while prefix > 0 && !cuts.contains(chars[0][prefix - 1]) { prefix -= 1 }
+        var suffix = 0
+        while chars.allSatisfy({ suffix < $0.count - prefix }) && Set(chars.map { $0[$0.count - 1 - suffix] }).count == 1 { suffix += 1 }
+        while suffix > 0 && !cuts.contains(chars[0][chars[0].count - suffix]) { suffix -= 1 }
+        let short = chars.map { String($0[prefix..<($0.count - suffix)]) }
+        return short.contains(where: \.isEmpty) || Set(short).count != short.count ? names : short
+    }
+
     public func write() throws -> [String] {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
-        let data = try runs.map(load)
+        var data = try runs.map(load)
+        for (i, name) in Report.shortNames(data.map(\.name)).enumerated() { data[i].name = name }
         var files: [String] = []
         var md = ["# Report", "", "Runs: " + data.map { "`\($0.dir)`" }.joined(separator: ", "), ""]
         func save(_ name: String, _ plot: SVGPlot, _ caption: String) throws {
