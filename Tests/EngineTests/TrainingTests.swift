@@ -51,7 +51,7 @@ final class TrainingTests: XCTestCase {
         XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
         XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, vqmoe_finetune")
         XCTAssertEqual(configError(try with("model.ffn.router.k", 0)), "model.ffn.router.k: 0 is below the minimum 1")
-        XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, init_std, balance_weight")
+        XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, weights, init_std, balance_weight")
         XCTAssertTrue(configError(try with("model.ffn.router.name", "smeo")).hasPrefix("model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))
         XCTAssertEqual(configError(try with("model.d_model", 33)), "model.d_model (33) must be divisible by model.n_head (2)")
         // LFQ needs a power-of-two codebook: refused at create with the plugin and the reason.
