@@ -218,6 +218,16 @@ final class TrainingTests: XCTestCase {
         XCTAssertEqual(Report.shortNames(["only[seed=1]"]), ["only[seed=1]"])
     }
 
+    /// The analytic FFN count asks the router how many experts a token visits in evaluation
+    /// (StableMoE: 1, and its distilled router needs the token-id range at create).
+    func testFFNFlopsPerTokenAskTheRouter() throws {
+        var json = try tinyConfig("smoe")                          // d 32, d_inner 64, 4 experts
+        let expert = 4.0 * 32 * 64, router = 2.0 * 32 * 4
+        XCTAssertEqual(try ModelBuilder(config: RunConfig(json: json), registry: try registry()).ffnFlopsPerToken(vocabSize: 256), 2 * expert + router)
+        try setPath(&json, "model.ffn.router", ["name": "stablemoe"])
+        XCTAssertEqual(try ModelBuilder(config: RunConfig(json: json), registry: try registry()).ffnFlopsPerToken(vocabSize: 256), expert + router)
+    }
+
     /// Pre-train a tiny VQMoE LM on enwik8-mini, fine-tune it on SST-2 with the discrete path
     /// only: weights load, the quantizer stays frozen, the head is new, accuracy and both FLOPs
     /// counts are reported; a model that does not match the checkpoint is refused.

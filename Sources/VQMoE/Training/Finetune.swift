@@ -85,22 +85,22 @@ public struct Finetune {
     }
 
     /// Analytic FFN FLOPs of the pre-training config (read from the checkpoint's sidecar) and of
-    /// this one.
-    func flops() throws -> Flops {
+    /// this one; `vocabSize` is the model's token-id range (both models share the embedding).
+    func flops(vocabSize: Int) throws -> Flops {
         let side = checkpoint.replacingOccurrences(of: ".safetensors", with: ".json")
         guard let data = FileManager.default.contents(atPath: side),
               let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any], let pre = obj["config"] as? [String: Any] else {
             throw VQMoEError(.checkpoint, "\(side): missing sidecar with the pre-training config")
         }
         let p = try RunConfig(json: pre)
-        func count(_ c: RunConfig) throws -> Double { try ModelBuilder(config: c, registry: registry).ffnFlopsPerToken() }
+        func count(_ c: RunConfig) throws -> Double { try ModelBuilder(config: c, registry: registry).ffnFlopsPerToken(vocabSize: vocabSize) }
         return Flops(pretrainFFN: try count(p), finetuneFFN: try count(config), pretrainMode: p.model.ffn.mode.rawValue,
                      finetuneMode: config.model.ffn.mode.rawValue)
     }
 
     public func run(quiet: Bool = false) throws -> (result: TrainResult, flops: Flops, frozen: Int, trainable: Int) {
-        let flops = try self.flops()
         let trainer = try Trainer(config: config, registry: registry, outDir: outDir, quiet: quiet) { model in try self.load(into: model) }
+        let flops = try self.flops(vocabSize: trainer.model.config.vocabSize)
         let frozen = trainer.model.parameters.filter(\.frozen).reduce(0) { $0 + $1.count }
         let trainable = trainer.model.parameters.filter { !$0.frozen }.reduce(0) { $0 + $1.count }
         trainer.extraSummary = ["pretrained_from": checkpoint, "ffn_flops_per_token_pretrain": flops.pretrainFFN,

@@ -55,9 +55,16 @@ public struct ModelBuilder {
     /// Analytic FFN FLOPs per token of one layer as configured, from the components' own
     /// answers: the router's experts per token in evaluation (its `shape()`, e.g. 1 for
     /// StableMoE, k_max for SMoE-Dropout), the quantizer's codes per token and codebook size.
-    public func ffnFlopsPerToken() throws -> Double {
+    /// `vocabSize` is the model's token-id range, which routers keyed by token id (StableMoE's
+    /// distilled router) need at create; it does not enter the count.
+    ///
+    /// ```swift
+    /// let flops = try ModelBuilder(config: config, registry: registry).ffnFlopsPerToken(vocabSize: 256)
+    /// ```
+    public func ffnFlopsPerToken(vocabSize: Int) throws -> Double {
         let c = config
         var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
+        dims.vocabSize = vocabSize
         dims.nExperts = c.model.ffn.nExperts
         dims.nCodes = c.nCodes
         var k = 0, levels = 1, codes = 0
