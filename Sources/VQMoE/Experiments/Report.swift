@@ -77,8 +77,6 @@ public struct Report {
         return x.map { r in comps.map { p in zip(r, p).reduce(0) { $0 + $1.0 * $1.1 } } }
     }
 
-    /// Write the SVGs and report.md; returns the files written.
-    @discardableResult
     /// Legend names: the runs' names without what they all share at the start and at the end
     /// (cut at '_', '[', ',' or ']'), e.g. table1_smoe[backbone=x,seed=1] and
     /// table1_xmoe[backbone=x,seed=1] become smoe and xmoe. One run keeps its whole name.
@@ -96,6 +94,8 @@ public struct Report {
         return short.contains(where: \.isEmpty) || Set(short).count != short.count ? names : short
     }
 
+    /// Write the SVGs and report.md; returns the files written.
+    @discardableResult
     public func write() throws -> [String] {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
         var data = try runs.map(load)
