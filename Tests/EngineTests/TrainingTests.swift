@@ -49,7 +49,7 @@ final class TrainingTests: XCTestCase {
         XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every")
         XCTAssertEqual(configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
         XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
-        XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, vqmoe_finetune")
+        XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, shared, vqmoe_finetune")
         XCTAssertEqual(configError(try with("model.ffn.router.k", 0)), "model.ffn.router.k: 0 is below the minimum 1")
         XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, weights, init_std, balance_weight")
         XCTAssertTrue(configError(try with("model.ffn.router.name", "smeo")).hasPrefix("model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))

@@ -39,6 +39,12 @@ public struct StepInfo: Sendable, Equatable {
                         step: Int64(step), total_steps: Int64(totalSteps), seed: seed)
     }
     var savesContext: Bool { flags & VQMOE_STEP_TRAIN != 0 && flags & VQMOE_STEP_NO_GRAD == 0 }
+
+    /// VQMOE_STEP_FROZEN: the component's parameters and state must not change (fine-tuning).
+    public var frozen: Bool {
+        get { flags & VQMOE_STEP_FROZEN != 0 }
+        set { flags = newValue ? flags | VQMOE_STEP_FROZEN : flags & ~VQMOE_STEP_FROZEN }
+    }
 }
 
 /// A buffer a plugin declared and the host owns: parameters (with a gradient) and state.

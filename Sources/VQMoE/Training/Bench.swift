@@ -1,12 +1,12 @@
 import Foundation
 
-/// `vqmoe bench`: time training steps of a config's model and report tokens/s, ms per step
-/// split into forward / backward / optimizer, training GFLOP/s and peak RSS. Statistics are
-/// medians over the steps after `warmup`.
+/// `vqmoe bench`: time the trainer's own training steps on a config's model and report tokens/s,
+/// ms per step split into forward / backward / optimizer, training GFLOP/s and peak RSS.
+/// Statistics are medians over the steps after `warmup`.
 ///
-/// FLOPs are analytic and counted exactly as the PyTorch reference (`../shared/bench/ref_moe.py`)
-/// counts them, so the two GFLOP/s figures compare: forward = 2·P_active·N + L·4·N·T·d,
-/// training = 3 × forward, with P_active per layer = 4d² + n_ffn·2·d·d_ff + routing.
+/// FLOPs are the model's analytic count (`Transformer.flopsPerToken`) with attention counted
+/// over all T² scores, as the PyTorch reference (`../shared/bench/ref_moe.py`) counts them, so
+/// the two GFLOP/s figures compare: training = 3 × forward.
 ///
 /// ```swift
 /// let report = try Bench(config: cfg, registry: reg, steps: 15).run()
@@ -46,64 +46,30 @@ public struct Bench {
         }
     }
 
-    /// Analytic training FLOPs of one step, as ref_moe.py's flops_per_step.
-    public static func trainFlops(_ m: TransformerConfig, batch: Int, k: Int) -> Double {
-        let d = Double(m.dModel), f = Double(m.ffn.dInner), l = Double(m.nLayer), v = Double(m.vocabSize)
-        let e = Double(m.ffn.nExperts), t = Double(m.seqLen), n = Double(batch) * t
-        let nFFN: Double, route: Double
-        switch m.ffn.mode {
-        case .dense: nFFN = 1; route = 0
-        case .smoe: nFFN = Double(k); route = d * e
-        case .vqmoe: nFFN = Double(k + 1); route = 2 * d * e + 2 * d
-        case .vqmoeFinetune: nFFN = 1; route = d * e
-        }
-        let pActive = l * (4 * d * d + nFFN * 2 * d * f + route) + d * v
-        return 3 * (2 * pActive * n + l * 4 * n * t * d)
-    }
-
     public func run() throws -> Report {
         guard steps > warmup else { throw VQMoEError(.usage, "--steps must exceed the \(warmup) warm-up steps") }
-        HostRuntime.configure(threads: config.train.threads)
-        let built = try ModelBuilder(config: config, registry: registry).build()
-        let model = built.model, ds = built.dataset
-        let opt = AdamOptimizer(parameters: model.parameters.filter { !$0.frozen }, config: config.train)
-        let bs = config.train.batchSize
-        var tData: [Double] = [], tFwd: [Double] = [], tBwd: [Double] = [], tOpt: [Double] = [], tStep: [Double] = []
-        var losses: [Double] = []
+        let trainer = try Trainer(config: config, registry: registry, outDir: "bench", quiet: true)
+        var timings: [StepTimings] = [], losses: [Double] = []
         var k = 0
-        func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e6 }
         for step in 0..<steps {
-            let t0 = now()
-            try model.beginStep(step)
-            guard let batch = try ds.read(.train, index: step, batchSize: bs) else { throw VQMoEError(.data, "no train batch") }
-            let t1 = now()
-            let parts = try batch.inputsInt.withUnsafeBufferPointer { x in
-                try batch.targets.withUnsafeBufferPointer { y in
-                    try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: true)
-                }
-            }
-            let t2 = now()
-            try model.backward()
-            let t3 = now()
-            clipGradients(opt.parameters, maxNorm: config.train.gradClip)
-            opt.step(lr: learningRate(step: step, config: config.train))
-            model.zeroGrads()
-            let t4 = now()
+            var t = StepTimings()
+            let (parts, _) = try trainer.trainStep(step, timings: &t)
             losses.append(Double(parts.total))
-            if let r = model.layers.first?.router { k = try r.shape(StepInfo(step: step, totalSteps: steps, train: true, seed: 0)).k }
-            if step >= warmup {
-                tData.append(t1 - t0); tFwd.append(t2 - t1); tBwd.append(t3 - t2); tOpt.append(t4 - t3); tStep.append(t4 - t0)
-            }
+            if let r = trainer.model.layers.first?.router { k = try r.shape(StepInfo(step: step, totalSteps: steps, train: true, seed: 0)).k }
+            if step >= warmup { timings.append(t) }
         }
-        func median(_ xs: [Double]) -> Double { let s = xs.sorted(); return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2 }
+        func median(_ xs: [Double]) -> Double {
+            let s = xs.sorted()
+            return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+        }
         var usage = rusage()
         getrusage(RUSAGE_SELF.rawValue, &usage)
-        var mc = config.model
-        mc.vocabSize = ds.vocabSize
-        let flops = Bench.trainFlops(mc, batch: bs, k: k)
-        let step = median(tStep)
-        return Report(tokensPerSecond: Double(bs * config.model.seqLen) / (step / 1000), msPerStep: step, msForward: median(tFwd),
-                      msBackward: median(tBwd), msOptimizer: median(tOpt), msData: median(tData), gflops: flops / (step / 1000) / 1e9,
+        let tokens = Double(config.train.batchSize * config.model.seqLen)
+        let flops = 3 * tokens * trainer.model.flopsPerToken(k: k, batch: config.train.batchSize, attention: .square)
+        let step = median(timings.map(\.total))
+        return Report(tokensPerSecond: tokens / (step / 1000), msPerStep: step, msForward: median(timings.map(\.forward)),
+                      msBackward: median(timings.map(\.backward)), msOptimizer: median(timings.map(\.optimizer)),
+                      msData: median(timings.map(\.data)), gflops: flops / (step / 1000) / 1e9,
                       peakRSSMB: Double(usage.ru_maxrss) / 1024, trainFlopsPerStep: flops, lossFirst: losses.first ?? 0,
                       lossLast: losses.last ?? 0, threads: config.train.threads)
     }
@@ -111,8 +77,7 @@ public struct Bench {
 
 /// `vqmoe bench CONFIG --ffn`: the dispatch cost of the config's MoE layer. Times forward +
 /// backward of one layer on N = batch·seq random tokens against a dense FFN with the same
-/// active FLOPs (d_inner = k·d_inner per expert, plus one more expert for VQMoE's discrete
-/// path), medians over the steps after warm-up.
+/// active FLOPs (d_inner = experts per token × d_inner), medians over the steps after warm-up.
 ///
 /// ```swift
 /// let r = try FFNBench(config: cfg, registry: reg, steps: 10).run()   // r.ratio: MoE / dense time
@@ -143,39 +108,38 @@ public struct FFNBench {
         HostRuntime.configure(threads: config.train.threads)
         let c = config.model, d = c.dModel, n = config.train.batchSize * c.seqLen
         let builder = ModelBuilder(config: config, registry: registry)
-        var dims = ModelDims(dModel: d, nExperts: c.ffn.nExperts, nCodes: config.nCodes, vocabSize: 256, seqLen: c.seqLen,
+        let dims = ModelDims(dModel: d, nExperts: c.ffn.nExperts, nCodes: config.nCodes, vocabSize: 256, seqLen: c.seqLen,
                              totalSteps: steps, dataRoot: builder.dataRoot)
-        dims.vocabSize = 256
-        let router = try config.router.map { try RouterInstance(builder.instance(.router, $0, dims: dims, seed: 1, name: "bench.router")) }
-        let quantizer = try config.quantizer.map { try QuantizerInstance(builder.instance(.quantizer, $0, dims: dims, seed: 2, name: "bench.quantizer")) }
-        let moe = try MoELayer(config: c.ffn, dModel: d, name: "bench.ffn", router: c.ffn.usesRouter ? router : nil,
-                               quantizer: c.ffn.usesQuantizer ? quantizer : nil, seed: 3)
-        let k = try router?.shape(StepInfo(step: 0, totalSteps: steps, train: true, seed: 0)).k ?? 1
-        let active = c.ffn.mode == .dense ? 1 : (c.ffn.usesRouter ? k : 0) + (c.ffn.usesQuantizer ? 1 : 0)
-        let denseInner = max(active, 1) * c.ffn.dInner
+        let comp = try builder.components(dims: dims, seed: 1, quantizerSeed: 2, name: "bench")
+        let moe = try MoELayer(config: c.ffn, dModel: d, name: "bench.ffn", router: comp.router, quantizer: comp.quantizer, seed: 3)
+        let k = try comp.router?.shape(StepInfo(step: 0, totalSteps: steps, train: true, seed: 0)).k ?? 1
+        let denseInner = max(c.ffn.composition.expertsPerToken(k: k, levels: comp.quantizer?.codesPerToken ?? 1), 1) * c.ffn.dInner
         let dense = try MoELayer(config: FFNConfig(mode: .dense, dInner: denseInner), dModel: d, name: "bench.dense",
                                  router: nil, quantizer: nil, seed: 4)
-        var r = HostRNG.make(seed: 5, stream: 0)
-        let x = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
-        var y = [Float](repeating: 0, count: n * d), dx = y
-        let dy = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
-        let ids = (0..<n).map { Int32($0 % 256) }
-        func time(_ layer: MoELayer) throws -> Double {
-            var ms: [Double] = []
-            for s in 0..<steps {
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                let step = StepInfo(step: s, totalSteps: steps, train: true, seed: UInt64(s))
-                _ = try y.withUnsafeMutableBufferPointer { yp in
-                    try layer.forward(x: x, y: yp.baseAddress!, groups: config.train.batchSize, groupSize: c.seqLen, tokenIDs: ids, step: step)
-                }
-                try dx.withUnsafeMutableBufferPointer { try layer.backward(dy: dy, dx: $0.baseAddress!) }
-                layer.parameters.forEach { $0.zeroGrad() }
-                if s >= min(3, steps / 3) { ms.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6) }
-            }
-            return ms.sorted()[ms.count / 2]
-        }
-        _ = try time(dense)  // warm both code paths once
-        let moeMs = try time(moe), denseMs = try time(dense)
+        _ = try time(dense, n: n)  // warm both code paths once
+        let moeMs = try time(moe, n: n), denseMs = try time(dense, n: n)
         return Report(moeMs: moeMs, denseMs: denseMs, denseInner: denseInner, tokens: n)
+    }
+
+    /// Median ms of forward + backward of `layer` on n seeded random tokens.
+    private func time(_ layer: MoELayer, n: Int) throws -> Double {
+        let d = layer.dModel
+        var r = HostRNG.make(seed: 5, stream: 0)
+        let x = (0..<(n * d)).map { _ in HostRNG.normal(&r) }, dy = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
+        var y = [Float](repeating: 0, count: n * d), dx = y
+        let ids = (0..<n).map { Int32($0 % 256) }
+        var ms: [Double] = []
+        for s in 0..<steps {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            let step = StepInfo(step: s, totalSteps: steps, train: true, seed: UInt64(s))
+            _ = try y.withUnsafeMutableBufferPointer { yp in
+                try layer.forward(x: x, y: yp.baseAddress!, groups: config.train.batchSize, groupSize: config.model.seqLen,
+                                  tokenIDs: ids, step: step)
+            }
+            try dx.withUnsafeMutableBufferPointer { try layer.backward(dy: dy, dx: $0.baseAddress!) }
+            layer.parameters.forEach { $0.zeroGrad() }
+            if s >= min(3, steps / 3) { ms.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e6) }
+        }
+        return ms.sorted()[ms.count / 2]
     }
 }

@@ -118,8 +118,8 @@ public enum Checkpoint {
 
 extension Transformer {
     /// Every parameter and plugin state buffer (and a Transformer-XL's training memory), plus
-    /// the optimizer moments when given.
-    public func checkpointTensors(optimizer: AdamOptimizer? = nil) -> [Checkpoint.Tensor] {
+    /// the optimizer's state slots (`optimizer.<slot>.<parameter>`) when given.
+    public func checkpointTensors(optimizer: Optimizer? = nil) -> [Checkpoint.Tensor] {
         var out = parameters.map {
             Checkpoint.Tensor(name: $0.name, dtype: "F32", shape: $0.shape, bytes: UnsafeRawBufferPointer(start: $0.data, count: $0.count * 4))
         }
@@ -127,22 +127,20 @@ extension Transformer {
             Checkpoint.Tensor(name: "state.\($0.name)", dtype: Checkpoint.dtypeName($0.buffer), shape: $0.buffer.shape,
                               bytes: UnsafeRawBufferPointer(start: $0.buffer.data, count: $0.buffer.byteCount))
         }
-        out += memoryTensors()
-        if let optimizer {
-            for (i, p) in optimizer.parameters.enumerated() {
-                out.append(Checkpoint.Tensor(name: "optimizer.m.\(p.name)", dtype: "F32", shape: p.shape,
-                                             bytes: UnsafeRawBufferPointer(start: optimizer.m[i], count: p.count * 4)))
-                out.append(Checkpoint.Tensor(name: "optimizer.v.\(p.name)", dtype: "F32", shape: p.shape,
-                                             bytes: UnsafeRawBufferPointer(start: optimizer.v[i], count: p.count * 4)))
+        out += trainMemory?.checkpointTensors() ?? []
+        for slot in optimizer?.slots ?? [] {
+            for (p, buffer) in zip(optimizer!.parameters, slot.buffers) {
+                out.append(Checkpoint.Tensor(name: "optimizer.\(slot.name).\(p.name)", dtype: "F32", shape: p.shape,
+                                             bytes: UnsafeRawBufferPointer(start: buffer, count: p.count * 4)))
             }
         }
         return out
     }
 
-    /// Load parameters and state buffers (and, resuming — optimizer given —, the optimizer
-    /// moments and a Transformer-XL's training memory) from a checkpoint; every tensor of the
+    /// Load parameters and state buffers (and, resuming — optimizer given —, the optimizer's
+    /// slots and a Transformer-XL's training memory) from a checkpoint; every tensor of the
     /// model must be present with its shape.
-    public func load(_ ck: Checkpoint.Loaded, optimizer: AdamOptimizer? = nil, path: String) throws {
+    public func load(_ ck: Checkpoint.Loaded, optimizer: Optimizer? = nil, path: String) throws {
         func copy(_ name: String, into dst: UnsafeMutableRawPointer, bytes: Int, shape: [Int]) throws {
             guard let t = ck.tensors[name] else { throw VQMoEError(.checkpoint, "\(path): missing tensor '\(name)'") }
             guard t.shape == shape, t.data.count == bytes else {
@@ -152,11 +150,11 @@ extension Transformer {
         }
         for p in parameters { try copy(p.name, into: p.data, bytes: p.count * 4, shape: p.shape) }
         for s in stateBuffers { try copy("state.\(s.name)", into: s.buffer.data, bytes: s.buffer.byteCount, shape: s.buffer.shape) }
-        if optimizer != nil { try loadMemory(ck, path: path) }
-        if let optimizer {
-            for (i, p) in optimizer.parameters.enumerated() {
-                try copy("optimizer.m.\(p.name)", into: optimizer.m[i], bytes: p.count * 4, shape: p.shape)
-                try copy("optimizer.v.\(p.name)", into: optimizer.v[i], bytes: p.count * 4, shape: p.shape)
+        guard let optimizer else { return }
+        try trainMemory?.load(ck, path: path)
+        for slot in optimizer.slots {
+            for (p, buffer) in zip(optimizer.parameters, slot.buffers) {
+                try copy("optimizer.\(slot.name).\(p.name)", into: buffer, bytes: p.count * 4, shape: p.shape)
             }
         }
     }

@@ -88,8 +88,7 @@ public struct Finetune {
     /// this one; `vocabSize` is the model's token-id range (both models share the embedding).
     func flops(vocabSize: Int) throws -> Flops {
         let side = checkpoint.replacingOccurrences(of: ".safetensors", with: ".json")
-        guard let data = FileManager.default.contents(atPath: side),
-              let obj = try JSONSerialization.jsonObject(with: data) as? [String: Any], let pre = obj["config"] as? [String: Any] else {
+        guard let pre = (try? CheckpointSidecar.read(side))?.config.any as? [String: Any] else {
             throw VQMoEError(.checkpoint, "\(side): missing sidecar with the pre-training config")
         }
         let p = try RunConfig(json: pre)
@@ -103,9 +102,12 @@ public struct Finetune {
         let flops = try self.flops(vocabSize: trainer.model.config.vocabSize)
         let frozen = trainer.model.parameters.filter(\.frozen).reduce(0) { $0 + $1.count }
         let trainable = trainer.model.parameters.filter { !$0.frozen }.reduce(0) { $0 + $1.count }
-        trainer.extraSummary = ["pretrained_from": checkpoint, "ffn_flops_per_token_pretrain": flops.pretrainFFN,
-                                "ffn_flops_per_token_finetune": flops.finetuneFFN, "ffn_flops_saving": flops.saving,
-                                "params_frozen": frozen, "params_trainable": trainable]
+        let from = checkpoint
+        trainer.finetuneSummary = { s in
+            s.pretrainedFrom = from
+            (s.ffnFlopsPretrain, s.ffnFlopsFinetune, s.ffnFlopsSaving) = (flops.pretrainFFN, flops.finetuneFFN, flops.saving)
+            (s.paramsFrozen, s.paramsTrainable) = (frozen, trainable)
+        }
         let result = try trainer.run()
         return (result, flops, frozen, trainable)
     }

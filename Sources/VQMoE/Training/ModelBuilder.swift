@@ -40,8 +40,8 @@ public struct ModelBuilder {
     public func validate() throws {
         let c = config
         var specs: [(PluginKind, ComponentSpec)] = [(.dataset, c.data), (.head, c.head)]
-        if c.model.ffn.usesRouter, let r = c.router { specs.append((.router, r)) }
-        if c.model.ffn.usesQuantizer, let q = c.quantizer { specs.append((.quantizer, q)) }
+        if c.model.ffn.composition.needsRouter, let r = c.router { specs.append((.router, r)) }
+        if c.model.ffn.composition.needsQuantizer, let q = c.quantizer { specs.append((.quantizer, q)) }
         for (kind, spec) in specs {
             let entry: Registry.Entry
             do { entry = try registry.entry(named: spec.name, kind: kind) } catch let e as VQMoEError {
@@ -65,18 +65,27 @@ public struct ModelBuilder {
         let c = config
         var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
         dims.vocabSize = vocabSize
-        dims.nExperts = c.model.ffn.nExperts
-        dims.nCodes = c.nCodes
-        var k = 0, levels = 1, codes = 0
-        if c.model.ffn.usesRouter, let r = c.router {
-            let router = try RouterInstance(instance(.router, r, dims: dims, seed: 1, name: "flops.router"))
-            k = try router.shape(StepInfo(step: c.train.steps, totalSteps: c.train.steps, train: false, noGrad: true, seed: 0)).k
+        let comp = try components(dims: dims, seed: 1, name: "flops")
+        let k = try comp.router?.shape(StepInfo(step: c.train.steps, totalSteps: c.train.steps, train: false, noGrad: true, seed: 0)).k ?? 0
+        return c.model.ffn.flopsPerToken(dModel: c.model.dModel, k: k, levels: comp.quantizer?.codesPerToken ?? 1,
+                                         codebookSize: comp.quantizer?.codebookSize ?? 0)
+    }
+
+    /// The router and quantizer one layer of this config's mode needs (`dims` gets the layer's
+    /// expert and code counts), named `<name>.router` and `<name>.quantizer`; seeds per component.
+    public func components(dims: ModelDims, seed: UInt64, quantizerSeed: UInt64? = nil, name: String) throws -> LayerComponents {
+        let c = config, composition = c.model.ffn.composition
+        var d = dims
+        d.nExperts = c.model.ffn.nExperts
+        d.nCodes = c.nCodes
+        var comp = LayerComponents()
+        if composition.needsRouter, let r = c.router {
+            comp.router = try RouterInstance(instance(.router, r, dims: d, seed: seed, name: "\(name).router"))
         }
-        if c.model.ffn.usesQuantizer, let q = c.quantizer {
-            let quantizer = try QuantizerInstance(instance(.quantizer, q, dims: dims, seed: 1, name: "flops.quantizer"))
-            (levels, codes) = (quantizer.codesPerToken, quantizer.codebookSize)
+        if composition.needsQuantizer, let q = c.quantizer {
+            comp.quantizer = try QuantizerInstance(instance(.quantizer, q, dims: d, seed: quantizerSeed ?? seed, name: "\(name).quantizer"))
         }
-        return c.model.ffn.flopsPerToken(dModel: c.model.dModel, k: k, levels: levels, codebookSize: codes)
+        return comp
     }
 
     public func build() throws -> Built {
@@ -124,19 +133,8 @@ public struct ModelBuilder {
             }
         }
         let model = try Transformer(config: mc, head: head, components: { layer in
-            var comp = LayerComponents()
-            var d = dims
-            d.nExperts = mc.ffn.nExperts
-            d.nCodes = c.nCodes
-            if mc.ffn.usesRouter, let r = c.router {
-                comp.router = try RouterInstance(instance(.router, r, dims: d, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
-                                                          name: "layers.\(layer).ffn.router"))
-            }
-            if mc.ffn.usesQuantizer, let q = c.quantizer {
-                comp.quantizer = try QuantizerInstance(instance(.quantizer, q, dims: d, seed: HostRNG.derive(c.seed, 400, UInt64(layer)),
-                                                                name: "layers.\(layer).ffn.quantizer"))
-            }
-            return comp
+            try self.components(dims: dims, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
+                                quantizerSeed: HostRNG.derive(c.seed, 400, UInt64(layer)), name: "layers.\(layer).ffn")
         }, seed: HostRNG.derive(c.seed, 100))
         model.totalSteps = c.train.steps
         return Built(dataset: dataset, model: model)

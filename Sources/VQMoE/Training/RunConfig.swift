@@ -10,8 +10,8 @@ public struct ComponentSpec: @unchecked Sendable {
 
 /// Optimizer, schedule and loop settings (`train` in a config).
 public struct TrainConfig: Sendable, Equatable {
-    public enum Optimizer: String, Sendable { case adam, adamw }
-    public enum Schedule: String, Sendable { case cosine, constant }
+    public enum Optimizer: String, Sendable, CaseIterable { case adam, adamw, lion }
+    public enum Schedule: String, Sendable, CaseIterable { case cosine, constant }
     public var steps = 1000
     public var batchSize = 16
     public var optimizer = Optimizer.adam
@@ -22,6 +22,8 @@ public struct TrainConfig: Sendable, Equatable {
     public var weightDecay: Float = 0
     public var beta1: Float = 0.9
     public var beta2: Float = 0.999
+    /// Lion's default β2 (Chen et al. 2023); Adam's is `beta2`'s default.
+    public static let lionBeta2: Float = 0.99
     public var eps: Float = 1e-8
     /// Clip the global gradient norm to this (0 = off). The paper's reference value is 0.25.
     public var gradClip: Float = 0.25
@@ -84,69 +86,21 @@ public struct RunConfig: @unchecked Sendable {
         let m = try r.child("model", required: true)
         backbone = try m.string("backbone", default: "transformer", choices: ["transformer", "transformer_xl", "vit"])
         patchSize = try m.int("patch_size", default: 4, min: 1)
-        var mc = TransformerConfig()
-        mc.nLayer = try m.int("n_layer", default: 4, min: 1, max: 64)
-        mc.nHead = try m.int("n_head", default: 4, min: 1)
-        mc.dModel = try m.int("d_model", default: 128, min: 1)
-        mc.seqLen = try m.int("seq_len", default: 128, min: 1)
-        mc.dropout = try m.float("dropout", default: 0, min: 0, max: 0.99)
-        mc.initStd = try m.float("init_std", default: 0.02, min: 0)
-        mc.relative = backbone == "transformer_xl"
-        if mc.relative {
-            mc.memLen = try m.int("mem_len", default: mc.seqLen, min: 0, max: 1 << 20)
-        } else if m.has("mem_len") {
-            throw VQMoEError(.config, "model.mem_len: a memory needs model.backbone = \"transformer_xl\" (backbone is \"\(backbone)\")")
-        }
-        guard mc.dModel % mc.nHead == 0 else {
-            throw VQMoEError(.config, "model.d_model (\(mc.dModel)) must be divisible by model.n_head (\(mc.nHead))")
-        }
-        let f = try m.child("ffn")
-        var fc = FFNConfig()
-        fc.mode = FFNConfig.Mode(rawValue: try f.string("mode", default: "dense", choices: FFNConfig.Mode.allCases.map(\.rawValue)))!
-        fc.dInner = try f.int("d_inner", default: 4 * mc.dModel, min: 1)
-        fc.nExperts = fc.mode == .dense ? 1 : try f.int("n_experts", default: 8, min: 1, max: 4096)
-        if fc.mode == .dense { _ = try f.int("n_experts", default: 1, min: 1) }
-        fc.activation = Activation(rawValue: try f.string("activation", default: "gelu", choices: Activation.allCases.map(\.rawValue)))!
-        fc.discreteInput = FFNConfig.DiscreteInput(rawValue: try f.string("discrete_input", default: "mix",
-                                                                           choices: FFNConfig.DiscreteInput.allCases.map(\.rawValue)))!
-        fc.mixC = try f.float("mix_c", default: 0.05, min: 0, max: 1)
-        fc.beta = try f.float("beta", default: 0.08, min: 0)
-        fc.allowTokenMixing = try f.bool("allow_token_mixing", default: false)
-        nCodes = try f.int("n_codes", default: fc.nExperts, min: 1)
+        let f: ConfigReader
+        (model, f) = try RunConfig.model(m, backbone: backbone)
+        nCodes = try f.int("n_codes", default: model.ffn.nExperts, min: 1)
         router = f.has("router") ? try RunConfig.component(f.child("router")) : nil
         quantizer = f.has("quantizer") ? try RunConfig.component(f.child("quantizer")) : nil
-        if fc.usesRouter && router == nil {
-            throw VQMoEError(.config, "model.ffn.router: mode '\(fc.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", \"k\": 2}")
+        let composition = model.ffn.composition
+        if composition.needsRouter && router == nil {
+            throw VQMoEError(.config, "model.ffn.router: mode '\(model.ffn.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", \"k\": 2}")
         }
-        if fc.usesQuantizer && quantizer == nil {
-            throw VQMoEError(.config, "model.ffn.quantizer: mode '\(fc.mode.rawValue)' needs a quantizer, e.g. {\"name\": \"vqvae\"}")
+        if composition.needsQuantizer && quantizer == nil {
+            throw VQMoEError(.config, "model.ffn.quantizer: mode '\(model.ffn.mode.rawValue)' needs a quantizer, e.g. {\"name\": \"vqvae\"}")
         }
         try f.finish()
-        mc.ffn = fc
         try m.finish()
-        model = mc
-
-        let t = try r.child("train")
-        var tc = TrainConfig()
-        tc.steps = try t.int("steps", default: 1000, min: 1)
-        tc.batchSize = try t.int("batch_size", default: 16, min: 1)
-        tc.optimizer = TrainConfig.Optimizer(rawValue: try t.string("optimizer", default: "adam", choices: ["adam", "adamw"]))!
-        tc.lr = try t.float("lr", default: 3.5e-4, min: 0)
-        tc.minLR = try t.float("min_lr", default: 0, min: 0)
-        tc.warmupSteps = try t.int("warmup_steps", default: 0, min: 0)
-        tc.schedule = TrainConfig.Schedule(rawValue: try t.string("schedule", default: "cosine", choices: ["cosine", "constant"]))!
-        tc.weightDecay = try t.float("weight_decay", default: 0, min: 0)
-        tc.beta1 = try t.float("beta1", default: 0.9, min: 0, max: 0.999999)
-        tc.beta2 = try t.float("beta2", default: 0.999, min: 0, max: 0.999999)
-        tc.eps = try t.float("eps", default: 1e-8, min: 0)
-        tc.gradClip = try t.float("grad_clip", default: 0.25, min: 0)
-        tc.evalEvery = try t.int("eval_every", default: 100, min: 1)
-        tc.evalBatches = try t.int("eval_batches", default: 0, min: 0)
-        tc.logEvery = try t.int("log_every", default: 10, min: 1)
-        tc.checkpointEvery = try t.int("checkpoint_every", default: tc.evalEvery, min: 1)
-        tc.threads = try t.int("threads", default: 1, min: 1, max: 256)
-        try t.finish()
-        train = tc
+        train = try RunConfig.train(r.child("train"))
         if r.has("finetune") {
             let f = try r.child("finetune")
             let freeze = f.object["freeze"] as? [Any] ?? ["router", "quantizer"]
@@ -161,6 +115,73 @@ public struct RunConfig: @unchecked Sendable {
             try f.finish()
         }
         try r.finish()
+    }
+
+    /// The model section (defaults: `TransformerConfig()`, `FFNConfig`'s), and the reader of its
+    /// ffn object (the caller reads the components from it).
+    static func model(_ m: ConfigReader, backbone: String) throws -> (TransformerConfig, ConfigReader) {
+        var mc = TransformerConfig()
+        mc.nLayer = try m.int("n_layer", default: mc.nLayer, min: 1, max: 64)
+        mc.nHead = try m.int("n_head", default: mc.nHead, min: 1)
+        mc.dModel = try m.int("d_model", default: mc.dModel, min: 1)
+        mc.seqLen = try m.int("seq_len", default: mc.seqLen, min: 1)
+        mc.dropout = try m.float("dropout", default: mc.dropout, min: 0, max: 0.99)
+        mc.initStd = try m.float("init_std", default: mc.initStd, min: 0)
+        mc.relative = backbone == "transformer_xl"
+        if mc.relative {
+            mc.memLen = try m.int("mem_len", default: mc.seqLen, min: 0, max: 1 << 20)
+        } else if m.has("mem_len") {
+            throw VQMoEError(.config, "model.mem_len: a memory needs model.backbone = \"transformer_xl\" (backbone is \"\(backbone)\")")
+        }
+        guard mc.dModel % mc.nHead == 0 else {
+            throw VQMoEError(.config, "model.d_model (\(mc.dModel)) must be divisible by model.n_head (\(mc.nHead))")
+        }
+        let f = try m.child("ffn")
+        mc.ffn = try ffn(f, dModel: mc.dModel)
+        return (mc, f)
+    }
+
+    /// The model.ffn section's own keys (the router and quantizer are read by the caller).
+    static func ffn(_ f: ConfigReader, dModel: Int) throws -> FFNConfig {
+        var fc = FFNConfig()
+        fc.mode = FFNConfig.Mode(rawValue: try f.string("mode", default: fc.mode.rawValue, choices: FFNConfig.Mode.allCases.map(\.rawValue)))!
+        fc.dInner = try f.int("d_inner", default: FFNConfig.defaultInner(dModel: dModel), min: 1)
+        fc.nExperts = fc.mode == .dense ? 1 : try f.int("n_experts", default: FFNConfig.defaultExperts, min: 1, max: 4096)
+        if fc.mode == .dense { _ = try f.int("n_experts", default: 1, min: 1) }
+        fc.activation = Activation(rawValue: try f.string("activation", default: fc.activation.rawValue,
+                                                          choices: Activation.allCases.map(\.rawValue)))!
+        fc.discreteInput = FFNConfig.DiscreteInput(rawValue: try f.string("discrete_input", default: fc.discreteInput.rawValue,
+                                                                           choices: FFNConfig.DiscreteInput.allCases.map(\.rawValue)))!
+        fc.mixC = try f.float("mix_c", default: fc.mixC, min: 0, max: 1)
+        fc.beta = try f.float("beta", default: fc.beta, min: 0)
+        fc.allowTokenMixing = try f.bool("allow_token_mixing", default: fc.allowTokenMixing)
+        return fc
+    }
+
+    /// The train section (defaults: `TrainConfig()`; Lion's β2 when optimizer = "lion").
+    static func train(_ t: ConfigReader) throws -> TrainConfig {
+        var tc = TrainConfig()
+        tc.steps = try t.int("steps", default: tc.steps, min: 1)
+        tc.batchSize = try t.int("batch_size", default: tc.batchSize, min: 1)
+        tc.optimizer = TrainConfig.Optimizer(rawValue: try t.string("optimizer", default: tc.optimizer.rawValue,
+                                                                    choices: TrainConfig.Optimizer.allCases.map(\.rawValue)))!
+        tc.lr = try t.float("lr", default: tc.lr, min: 0)
+        tc.minLR = try t.float("min_lr", default: tc.minLR, min: 0)
+        tc.warmupSteps = try t.int("warmup_steps", default: tc.warmupSteps, min: 0)
+        tc.schedule = TrainConfig.Schedule(rawValue: try t.string("schedule", default: tc.schedule.rawValue,
+                                                                  choices: TrainConfig.Schedule.allCases.map(\.rawValue)))!
+        tc.weightDecay = try t.float("weight_decay", default: tc.weightDecay, min: 0)
+        tc.beta1 = try t.float("beta1", default: tc.beta1, min: 0, max: 0.999999)
+        tc.beta2 = try t.float("beta2", default: tc.optimizer == .lion ? TrainConfig.lionBeta2 : tc.beta2, min: 0, max: 0.999999)
+        tc.eps = try t.float("eps", default: tc.eps, min: 0)
+        tc.gradClip = try t.float("grad_clip", default: tc.gradClip, min: 0)
+        tc.evalEvery = try t.int("eval_every", default: tc.evalEvery, min: 1)
+        tc.evalBatches = try t.int("eval_batches", default: tc.evalBatches, min: 0)
+        tc.logEvery = try t.int("log_every", default: tc.logEvery, min: 1)
+        tc.checkpointEvery = try t.int("checkpoint_every", default: tc.evalEvery, min: 1)
+        tc.threads = try t.int("threads", default: tc.threads, min: 1, max: 256)
+        try t.finish()
+        return tc
     }
 
     /// {"name": ..., hyperparameters...}

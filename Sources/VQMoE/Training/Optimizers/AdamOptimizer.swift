@@ -10,33 +10,29 @@ import Foundation
 /// let opt = AdamOptimizer(parameters: model.parameters, config: cfg.train)
 /// opt.step(lr: 1e-3)
 /// ```
-public final class AdamOptimizer: @unchecked Sendable {
+/// Checkpoint slots: `m`, `v`.
+public final class AdamOptimizer: Optimizer, @unchecked Sendable {
     public let parameters: [Parameter]
     public let beta1, beta2, eps, weightDecay: Float
     public let decoupled: Bool
-    /// Moments per parameter, same order as `parameters`.
-    public let m: [UnsafeMutablePointer<Float>]
-    public let v: [UnsafeMutablePointer<Float>]
+    /// First and second moments per parameter, same order as `parameters`.
+    public let slots: [OptimizerSlot]
+    public var m: [UnsafeMutablePointer<Float>] { slots[0].buffers }
+    public var v: [UnsafeMutablePointer<Float>] { slots[1].buffers }
     /// Steps taken (for bias correction).
     public var t = 0
 
     public init(parameters: [Parameter], config: TrainConfig) {
         self.parameters = parameters
-        beta1 = config.beta1; beta2 = config.beta2; eps = config.eps; weightDecay = config.weightDecay
+        beta1 = config.beta1
+        beta2 = config.beta2
+        eps = config.eps
+        weightDecay = config.weightDecay
         decoupled = config.optimizer == .adamw
-        m = parameters.map { p in
-            let b = HostRuntime.alignedAlloc(p.count * 4)!.bindMemory(to: Float.self, capacity: p.count)
-            b.initialize(repeating: 0, count: p.count)
-            return b
-        }
-        v = parameters.map { p in
-            let b = HostRuntime.alignedAlloc(p.count * 4)!.bindMemory(to: Float.self, capacity: p.count)
-            b.initialize(repeating: 0, count: p.count)
-            return b
-        }
+        slots = [OptimizerSlot.zeros("m", for: parameters), OptimizerSlot.zeros("v", for: parameters)]
     }
 
-    deinit { (m + v).forEach { free($0) } }
+    deinit { slots.forEach { $0.free() } }
 
     /// One update of every non-frozen parameter.
     public func step(lr: Float) {
@@ -45,7 +41,7 @@ public final class AdamOptimizer: @unchecked Sendable {
         let (b1, b2, e) = (beta1, beta2, eps)
         for (i, p) in parameters.enumerated() where !p.frozen {
             let wd = p.noDecay ? 0 : weightDecay
-            let (mm, vv, w, g) = (m[i], v[i], p.data, p.grad)
+            let (mm, vv, w, g) = (slots[0].buffers[i], slots[1].buffers[i], p.data, p.grad)
             nonisolated(unsafe) let ptrs = (mm, vv, w, g)
             let dec = decoupled
             HostRuntime.parallelFor(Int64(p.count), grain: 32768) { lo, hi in
@@ -81,34 +77,3 @@ public final class AdamOptimizer: @unchecked Sendable {
     }
 }
 
-/// Global-norm gradient clipping: if ‖g‖₂ > maxNorm, every gradient is scaled by maxNorm/‖g‖₂.
-/// Returns the norm before clipping.
-///
-/// ```swift
-/// let norm = clipGradients(model.parameters, maxNorm: 0.25)
-/// ```
-@discardableResult
-public func clipGradients(_ parameters: [Parameter], maxNorm: Float) -> Float {
-    var total = 0.0
-    for p in parameters where !p.frozen { total += Double(Vec.dot(p.grad, p.grad, p.count)) }
-    let norm = Float(total.squareRoot())
-    if maxNorm > 0 && norm > maxNorm {
-        let s = maxNorm / (norm + 1e-6)
-        for p in parameters where !p.frozen { Vec.scale(p.grad, s, p.count) }
-    }
-    return norm
-}
-
-/// Learning rate at `step` (0-based): linear warmup from 0 to lr over `warmupSteps`, then
-/// cosine annealing from lr to minLR over the remaining steps (or constant).
-///
-/// ```swift
-/// learningRate(step: 10, config: cfg.train)
-/// ```
-public func learningRate(step: Int, config c: TrainConfig) -> Float {
-    if step < c.warmupSteps { return c.lr * Float(step + 1) / Float(c.warmupSteps + 1) }
-    if c.schedule == .constant { return c.lr }
-    let span = max(c.steps - c.warmupSteps, 1)
-    let progress = min(Float(step - c.warmupSteps) / Float(span), 1)
-    return c.minLR + 0.5 * (c.lr - c.minLR) * (1 + cos(Float.pi * progress))
-}

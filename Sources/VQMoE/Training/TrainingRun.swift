@@ -1,0 +1,164 @@
+import Foundation
+
+/// `Trainer.run`: the loop around `trainStep`, split into its phases (start or resume, log,
+/// evaluate and observe, checkpoint, finish).
+extension Trainer {
+    /// Train from scratch, or continue a run from OUT/last.* (`resume`). The loss curve of an
+    /// interrupted and resumed run equals the uninterrupted one: batches, dropout masks, plugin
+    /// randomness and the learning rate follow from the step number, and the checkpoint holds
+    /// every parameter, plugin state buffer and optimizer slot. `stopAfter` ends the loop early
+    /// as an interrupt would (checkpoint `last`, no test evaluation).
+    public func run(resume: Bool = false, stopAfter: Int? = nil) throws -> TrainResult {
+        var state = try start(resume: resume)
+        let t = config.train
+        let tokensPerStep = t.batchSize * config.model.seqLen
+        let start = Date()
+        var window = (start: Date(), tokens: 0)
+        var interrupted = false
+        for step in state.nextStep..<t.steps {
+            let (parts, norm) = try trainStep(step)
+            window.tokens += tokensPerStep
+            let isLast = step == t.steps - 1
+            if step % t.logEvery == 0 || isLast {
+                let rate = Double(window.tokens) / max(Date().timeIntervalSince(window.start), 1e-9)
+                window = (Date(), 0)
+                try logTraining(step, parts: parts, norm: norm, tokensPerSecond: rate)
+            }
+            if (step + 1) % t.evalEvery == 0 || isLast { try evaluateAndObserve(step, state: &state) }
+            state.nextStep = step + 1
+            let stopNow = Trainer.interruptRequested != 0 || stopAfter == step + 1
+            if stopNow || (step + 1) % t.checkpointEvery == 0 {
+                observers.forEach { $0.save(into: &state) }
+                try saveCheckpoint("last", step: step + 1, run: state)
+            }
+            if stopNow && !isLast {
+                interrupted = true
+                progress.note("stopped after step \(step + 1): checkpoint \(outDir)/last.safetensors; continue with `vqmoe train --resume \(outDir)`")
+                break
+            }
+        }
+        return try finish(state, wall: Date().timeIntervalSince(start), interrupted: interrupted)
+    }
+
+    /// A fresh run writes config.json and an empty metrics log; a resumed one loads OUT/last.*
+    /// and keeps the metrics of the steps the checkpoint covers.
+    private func start(resume: Bool) throws -> RunState {
+        try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+        var state = RunState()
+        if resume {
+            let ckPath = "\(outDir)/last.safetensors"
+            try model.load(try Checkpoint.read(path: ckPath), optimizer: optimizer, path: ckPath)
+            let side = try CheckpointSidecar.read("\(outDir)/last.json")
+            guard let run = side.run else { throw VQMoEError(.checkpoint, "\(outDir)/last.json: no run state (not a resumable checkpoint)") }
+            state = run
+            optimizer.t = side.optimizerSteps
+            observers.forEach { $0.restore(from: state) }
+            progress.note("resuming \(config.name) at step \(state.nextStep) from \(ckPath)")
+        } else {
+            let cfgData = try JSONSerialization.data(withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
+            try Checkpoint.atomicWrite(cfgData, to: "\(outDir)/config.json")
+        }
+        metricsLog = try MetricsLog(path: "\(outDir)/metrics.jsonl", keepingStepsBelow: resume ? state.nextStep : nil)
+        return state
+    }
+
+    /// A train record, and the progress line.
+    private func logTraining(_ step: Int, parts: LossParts, norm: Float, tokensPerSecond: Double) throws {
+        let lr = learningRate(step: step, config: config.train)
+        var record = TrainRecord(step: step, loss: Double(parts.total), taskLoss: Double(parts.task),
+                                 bpc: Double(parts.task) / Foundation.log(2.0), auxLoss: Double(parts.aux), vqLoss: Double(parts.vq),
+                                 lr: Double(lr), gradNorm: Double(norm), tokensPerSecond: tokensPerSecond)
+        if !parts.layers.isEmpty, config.model.ffn.composition.routes {
+            record.expertLoad = parts.layers.map { $0.expertLoad.map(Double.init) }
+            if config.model.ffn.usesQuantizer { record.codeCounts = parts.layers.map { $0.codeCounts.map(Double.init) } }
+        }
+        try metricsLog?.append(record)
+        progress.update(step: step + 1, text: String(format: "loss %.4f  lr %.2e  %.0f tok/s", parts.total, lr, tokensPerSecond))
+    }
+
+    /// Validation, the observers (routed models), and the best checkpoint when it improved.
+    private func evaluateAndObserve(_ step: Int, state: inout RunState) throws {
+        let v = try evaluate(.valid, maxBatches: config.train.evalBatches)
+        try metricsLog?.append(EvalRecord(step: step, split: .valid, result: v, isLM: dataset.isLM))
+        progress.note(dataset.isLM ? String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc)
+                                   : String(format: "step %d  valid loss %.4f  accuracy %.4f", step + 1, v.loss, v.accuracy))
+        if config.model.ffn.composition.routes {
+            let probe = try probeAssignments()
+            var record = ProbeRecord(step: step, routerTop1: probe.router, discreteTop1: probe.discrete)
+            let event = EvaluationEvent(step: step, model: model, probe: probe, outDir: outDir, config: config)
+            for observer in observers { try observer.observe(event, record: &record) }
+            try metricsLog?.append(record)
+        }
+        if state.bestValid.map({ isBetter(v, than: $0) }) ?? true {
+            state.bestValid = v
+            state.bestStep = step
+            try saveCheckpoint("best", step: step + 1, valid: v)
+        }
+    }
+
+    /// The test split with the best checkpoint, and result.json (not for an interrupted run).
+    private func finish(_ state: RunState, wall: Double, interrupted: Bool) throws -> TrainResult {
+        progress.finish()
+        let t = config.train
+        var test: EvalResult?
+        if !interrupted && state.bestStep >= 0 && dataset.splitSizes[Int(Split.test.rawValue)] > 1 {
+            test = try evaluateCheckpoint("best", .test)
+            try metricsLog?.append(EvalRecord(step: state.bestStep, split: .test, result: test!, isLM: dataset.isLM))
+        }
+        let done = state.nextStep
+        let result = TrainResult(steps: done, bestValid: state.bestValid, bestStep: state.bestStep, test: test, wallSeconds: wall,
+                                 tokensPerSecond: Double(max(done, 1) * t.batchSize * config.model.seqLen) / max(wall, 1e-9),
+                                 outDir: outDir, interrupted: interrupted, isLM: dataset.isLM)
+        metricsLog = nil
+        guard !interrupted else { return result }
+        var summary = RunSummary(name: config.name, ffn: config.model.ffn.mode.rawValue, steps: t.steps, bestStep: state.bestStep + 1,
+                                 paramsTotal: model.parameters.reduce(0) { $0 + $1.count }, threads: t.threads,
+                                 flopsPerTokenForward: model.flopsPerToken(k: try model.evalK(), batch: t.batchSize),
+                                 wallSeconds: wall, tokensPerSecond: result.tokensPerSecond)
+        if let best = state.bestValid { summary.set(.valid, best, isLM: dataset.isLM) }
+        if let test { summary.set(.test, test, isLM: dataset.isLM) }
+        finetuneSummary?(&summary)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try Checkpoint.atomicWrite(try encoder.encode(summary), to: "\(outDir)/result.json")
+        return result
+    }
+}
+
+/// A progress bar on a terminal; plain lines when stdout is not a terminal.
+public struct ProgressReporter {
+    public let total: Int
+    public let quiet: Bool
+    let tty = isatty(1) != 0
+    var lastLine = ""
+
+    public init(total: Int, quiet: Bool) {
+        self.total = total
+        self.quiet = quiet
+    }
+
+    public mutating func update(step: Int, text: String) {
+        guard !quiet else { return }
+        if tty {
+            let width = 30, filled = width * step / max(total, 1)
+            lastLine = "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(step)/\(total)  \(text)"
+            print("\r\u{1B}[K" + lastLine, terminator: "")
+            fflush(nil)
+        } else {
+            print("step \(step)/\(total)  \(text)")
+        }
+    }
+
+    public func note(_ text: String) {
+        guard !quiet else { return }
+        if tty {
+            print("\r\u{1B}[K" + text)
+            print(lastLine, terminator: "")
+            fflush(nil)
+        } else {
+            print(text)
+        }
+    }
+
+    public func finish() { if tty && !quiet { print("") } }
+}
