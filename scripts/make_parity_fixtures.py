@@ -10,6 +10,7 @@ the Swift engine and its plugins (`smoe` router, `vqvae` quantizer, `lm` head):
   dense:  one expert
   smoe:   logits = x W_r^T (no bias); top-k (descending); weights = softmax over the kept logits;
           aux = 0.01 * E * sum_e f_e P_e  (f_e: share of the N*k assignments, P_e: mean full softmax)
+  shared: y = smoe(x) + S(x), S a shared expert of its own (DeepSeekMoE), weight 1
   vqmoe:  y = g_c * smoe(x) + g_d * E_{c(x)}(x_hat), [g_c, g_d] = softmax(W_g x + b_g);
           vqvae: c = argmin ||x - e_j||^2, q = e_c, vq = mse(q, sg(x)) + 0.25 mse(x, sg(q));
           x_hat: ste = x + sg(q - x); mix = (1-c) x + c sg(q - x) (c = 0.05); x = x
@@ -59,6 +60,11 @@ def params(mode, gen):
         p[f"{pre}.ffn.experts.fc1.bias"] = rnd(e, F_INNER, std=0.1)
         p[f"{pre}.ffn.experts.fc2.weight"] = rnd(e, D, F_INNER)
         p[f"{pre}.ffn.experts.fc2.bias"] = rnd(e, D, std=0.1)
+        if mode == "shared":
+            p[f"{pre}.ffn.shared_expert.fc1.weight"] = rnd(1, F_INNER, D)
+            p[f"{pre}.ffn.shared_expert.fc1.bias"] = rnd(1, F_INNER, std=0.1)
+            p[f"{pre}.ffn.shared_expert.fc2.weight"] = rnd(1, D, F_INNER)
+            p[f"{pre}.ffn.shared_expert.fc2.bias"] = rnd(1, D, std=0.1)
         if mode.startswith("vqmoe"):
             p[f"{pre}.ffn.gate.weight"] = rnd(2, D)
             p[f"{pre}.ffn.gate.bias"] = rnd(2, std=0.1)
@@ -73,9 +79,9 @@ def params(mode, gen):
     return {k: v.clone().requires_grad_(True) for k, v in p.items()}
 
 
-def expert(p, pre, e, x):
-    h = F.gelu(x @ p[f"{pre}.ffn.experts.fc1.weight"][e].t() + p[f"{pre}.ffn.experts.fc1.bias"][e])
-    return h @ p[f"{pre}.ffn.experts.fc2.weight"][e].t() + p[f"{pre}.ffn.experts.fc2.bias"][e]
+def expert(p, pre, e, x, bank="experts"):
+    h = F.gelu(x @ p[f"{pre}.ffn.{bank}.fc1.weight"][e].t() + p[f"{pre}.ffn.{bank}.fc1.bias"][e])
+    return h @ p[f"{pre}.ffn.{bank}.fc2.weight"][e].t() + p[f"{pre}.ffn.{bank}.fc2.bias"][e]
 
 
 def smoe(p, pre, x):
@@ -94,7 +100,7 @@ def ffn(p, pre, x, mode):
     if mode == "dense":
         return expert(p, pre, 0, x), zero, zero
     topi, w, aux = smoe(p, pre, x)
-    if mode == "smoe":
+    if mode in ("smoe", "shared"):
         gc = torch.ones(n, 1)
     else:
         g = (x @ p[f"{pre}.ffn.gate.weight"].t() + p[f"{pre}.ffn.gate.bias"]).softmax(-1)
@@ -107,6 +113,8 @@ def ffn(p, pre, x, mode):
                 y = y.index_add(0, sel, (gc[sel] * w[sel, j:j + 1]) * expert(p, pre, e, x[sel]))
     if mode == "smoe":
         return y, aux, zero
+    if mode == "shared":
+        return y + expert(p, pre, 0, x, bank="shared_expert"), aux, zero
     cb = p[f"{pre}.ffn.quantizer.codebook"]
     dist = (x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)
     code = dist.argmin(-1)
@@ -402,7 +410,7 @@ def main():
     out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "..", "Tests", "EngineTests", "Fixtures")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-    for i, mode in enumerate(["dense", "smoe", "vqmoe_mix", "vqmoe_ste", "vqmoe_x"]):
+    for i, mode in enumerate(["dense", "smoe", "vqmoe_mix", "vqmoe_ste", "vqmoe_x", "shared"]):
         fx = fixture(mode, 1000 + i)
         path = os.path.join(out, f"parity_{mode}.json")
         with open(path, "w") as fh:

@@ -63,6 +63,37 @@ final class MoELayerTests: XCTestCase {
     func testSMoEGradients() throws { try gradcheck(.smoe) }
     func testVQMoEGradients() throws { try gradcheck(.vqmoe) }
     func testVQMoEFinetuneGradients() throws { try gradcheck(.vqmoeFinetune) }
+    func testSharedExpertGradients() throws { try gradcheck(.shared) }
+
+    /// The shared-expert mode is the SMoE layer plus one expert of its own that every token visits
+    /// with weight 1: y_shared(x) − y_smoe(x) = S(x), computed by brute force; the shared expert is
+    /// expert E in the load statistics.
+    func testSharedExpertAddsItsOwnExpert() throws {
+        let shared = try layer(.shared), smoe = try layer(.smoe)
+        XCTAssertEqual(shared.parameters.map(\.name).filter { $0.contains("shared_expert") },
+                       ["ffn.shared_expert.fc1.weight", "ffn.shared_expert.fc1.bias", "ffn.shared_expert.fc2.weight", "ffn.shared_expert.fc2.bias"])
+        let bank = try XCTUnwrap(shared.expertSet.banks.last)
+        for p in bank.parameters { p.fillNormal(std: 0.4, seed: 91) }
+        let x = normals(n * d, seed: 41)
+        var ys = [Float](repeating: 0, count: n * d), yr = ys
+        let step = StepInfo(step: 0, totalSteps: 10, train: false, noGrad: true, seed: 3)
+        let stats = try ys.withUnsafeMutableBufferPointer { try shared.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step) }
+        _ = try yr.withUnsafeMutableBufferPointer { try smoe.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step) }
+        XCTAssertEqual(stats.expertLoad.count, e + 1)
+        XCTAssertEqual(stats.expertLoad[e], Float(n))
+        XCTAssertEqual(stats.expertLoad.reduce(0, +), Float(n * 3))   // k = 2 routed + the shared one
+        for t in 0..<n {
+            for o in 0..<d {
+                var acc = Double(bank.fc2Bias.data[o])
+                for h in 0..<f {
+                    var pre = Double(bank.fc1Bias.data[h])
+                    for j in 0..<d { pre += Double(bank.fc1Weight.data[h * d + j]) * Double(x[t * d + j]) }
+                    acc += Double(bank.fc2Weight.data[o * f + h]) * 0.5 * pre * (1 + erf(pre / 2.0.squareRoot()))
+                }
+                XCTAssertEqual(Double(ys[t * d + o] - yr[t * d + o]), acc, accuracy: 1e-4)
+            }
+        }
+    }
 
     /// Fine-tuning: y = E_{c(x)}(x̂) exactly, the router is never run, the quantizer is frozen.
     func testFinetuneIsTheDiscretePathOnly() throws {

@@ -4,7 +4,7 @@ import XCTest
 
 /// The engine against PyTorch on the same weights (fixtures written by
 /// scripts/make_parity_fixtures.py): logits, loss parts, every parameter gradient, and the
-/// losses of 10 Adam steps, for dense, SMoE and VQMoE (three discrete-path inputs), the same
+/// losses of 10 Adam steps, for dense, SMoE, a shared expert and VQMoE (three discrete-path inputs), the same
 /// for Transformer-XL (relative attention over a memory), and the ViT.
 /// Tolerances: 1e-4 relative on values, 1e-3 relative to each tensor's largest gradient.
 final class PyTorchParityTests: XCTestCase {
@@ -31,7 +31,7 @@ final class PyTorchParityTests: XCTestCase {
     func build(_ fx: Fixture, relative: Bool = false) throws -> Transformer {
         let mode = fx.json["mode"] as! String
         let d = fx.int("d_model"), e = fx.int("n_experts")
-        var ffn = FFNConfig(mode: mode == "dense" ? .dense : mode == "smoe" ? .smoe : .vqmoe, dInner: fx.int("d_inner"), nExperts: e)
+        var ffn = FFNConfig(mode: FFNConfig.Mode(rawValue: mode) ?? .vqmoe, dInner: fx.int("d_inner"), nExperts: e)
         if mode.hasPrefix("vqmoe") { ffn.discreteInput = FFNConfig.DiscreteInput(rawValue: String(mode.split(separator: "_")[1]))! }
         ffn.beta = 0.08
         ffn.mixC = 0.05
@@ -123,6 +123,8 @@ final class PyTorchParityTests: XCTestCase {
     func testVQMoEMix() throws { try check("vqmoe_mix") }
     func testVQMoESTE() throws { try check("vqmoe_ste") }
     func testVQMoEX() throws { try check("vqmoe_x") }
+    /// DeepSeekMoE's shared expert beside the routed ones (y = SMoE(x) + S(x)).
+    func testSharedExpert() throws { try check("shared") }
 
     // MARK: Transformer-XL
 

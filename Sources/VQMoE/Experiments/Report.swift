@@ -100,116 +100,158 @@ public struct Report {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
         var data = try runs.map(load)
         for (i, name) in Report.shortNames(data.map(\.name)).enumerated() { data[i].name = name }
+        var doc = Document(outDir: outDir)
+        doc.md += ["# Report", "", "Runs: " + data.map { "`\($0.dir)`" }.joined(separator: ", "), ""]
+        doc.md += Report.resultsTable(data) + [""]
+        try Report.curves(data, into: &doc)
+        try Report.consistency(data, into: &doc)
+        try Report.movement(data, into: &doc)
+        for (i, r) in data.enumerated() {
+            try Report.expertLoad(r, index: i, into: &doc)
+            try Report.codeUsage(r, index: i, into: &doc)
+            try Report.pca(r, index: i, into: &doc)
+        }
+        try doc.md.joined(separator: "\n").write(toFile: "\(outDir)/report.md", atomically: true, encoding: .utf8)
+        return doc.files + ["\(outDir)/report.md"]
+    }
+
+    /// report.md's lines and the plots written so far.
+    struct Document {
+        let outDir: String
+        var md: [String] = []
         var files: [String] = []
-        var md = ["# Report", "", "Runs: " + data.map { "`\($0.dir)`" }.joined(separator: ", "), ""]
-        func save(_ name: String, _ plot: SVGPlot, _ caption: String) throws {
+
+        /// Write a plot and link it from report.md with its caption.
+        mutating func save(_ name: String, _ plot: SVGPlot, _ caption: String) throws {
             try plot.render().write(toFile: "\(outDir)/\(name)", atomically: true, encoding: .utf8)
             files.append("\(outDir)/\(name)")
             md += ["![\(caption)](\(name))", "", caption, ""]
         }
-        // Results table.
-        md += ["| run | ffn | params | valid | test | steps | wall s |", "|---|---|---|---|---|---|---|"]
+    }
+
+    /// The runs' results: parameters, valid and test metric, steps, wall time.
+    static func resultsTable(_ data: [Run]) -> [String] {
+        var md = ["| run | ffn | params | valid | test | steps | wall s |", "|---|---|---|---|---|---|---|"]
         for r in data {
             let key = r.isLM ? "bpc" : "accuracy"
-            func f(_ k: String) -> String { Report.num(r.result[k]).map { String(format: "%.4f", $0) } ?? "-" }
-            md.append("| \(r.name) | \(r.result["ffn"] as? String ?? "-") | \((r.result["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-") | \(f("valid_\(key)")) \(key) | \(f("test_\(key)")) \(key) | \(r.result["steps"] as? Int ?? 0) | \(Report.num(r.result["wall_s"]).map { String(format: "%.0f", $0) } ?? "-") |")
+            func f(_ k: String) -> String { num(r.result[k]).map { String(format: "%.4f", $0) } ?? "-" }
+            let params = (r.result["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-"
+            let wall = num(r.result["wall_s"]).map { String(format: "%.0f", $0) } ?? "-"
+            md.append("| \(r.name) | \(r.result["ffn"] as? String ?? "-") | \(params) | \(f("valid_\(key)")) \(key) | "
+                + "\(f("test_\(key)")) \(key) | \(r.result["steps"] as? Int ?? 0) | \(wall) |")
         }
-        md.append("")
-        // 1. Curves.
+        return md
+    }
+
+    /// Training loss and validation metric per logged step.
+    static func curves(_ data: [Run], into doc: inout Document) throws {
+        let lm = data.allSatisfy(\.isLM)
         var train = SVGPlot(title: "training loss", xLabel: "step", yLabel: "task loss (nats)")
-        var valid = SVGPlot(title: data.allSatisfy(\.isLM) ? "validation bits per character" : "validation", xLabel: "step",
-                            yLabel: data.allSatisfy(\.isLM) ? "BPC" : "accuracy / BPC")
+        var valid = SVGPlot(title: lm ? "validation bits per character" : "validation", xLabel: "step",
+                            yLabel: lm ? "BPC" : "accuracy / BPC")
         for r in data {
-            let t = r.split("train")
-            train.line(r.name, xs: t.compactMap { Report.num($0["step"]) }, ys: t.compactMap { Report.num($0["task_loss"]) })
-            let v = r.split("valid")
-            valid.line(r.name, xs: v.compactMap { Report.num($0["step"]) }, ys: v.compactMap { Report.num($0[r.isLM ? "bpc" : "accuracy"]) })
+            let t = r.split("train"), v = r.split("valid")
+            train.line(r.name, xs: t.compactMap { num($0["step"]) }, ys: t.compactMap { num($0["task_loss"]) })
+            valid.line(r.name, xs: v.compactMap { num($0["step"]) }, ys: v.compactMap { num($0[r.isLM ? "bpc" : "accuracy"]) })
         }
-        try save("curves_train.svg", train, "Training loss (task cross-entropy) per logged step.")
-        try save("curves_valid.svg", valid, "Validation metric at each evaluation (BPC for language models, accuracy for classifiers).")
-        // 2. Consistency.
-        var cons = SVGPlot(title: "routing consistency on the probe batch", xLabel: "step", yLabel: "fraction of tokens keeping their top-1 expert")
-        cons.yRange = (0, 1)
-        var anyCons = false
+        try doc.save("curves_train.svg", train, "Training loss (task cross-entropy) per logged step.")
+        try doc.save("curves_valid.svg", valid, "Validation metric at each evaluation (BPC for language models, accuracy for classifiers).")
+    }
+
+    /// (step, mean over layers) of a per-layer probe field, where present.
+    static func probeSeries(_ r: Run, _ key: String) -> (xs: [Double], ys: [Double]) {
+        let pts = r.split("probe").compactMap { l -> (Double, Double)? in
+            guard let s = num(l["step"]), let m = mean(l[key]) else { return nil }
+            return (s, m)
+        }
+        return (pts.map(\.0), pts.map(\.1))
+    }
+
+    /// Consistency of the routing on the probe batch, per path.
+    static func consistency(_ data: [Run], into doc: inout Document) throws {
+        var plot = SVGPlot(title: "routing consistency on the probe batch", xLabel: "step",
+                           yLabel: "fraction of tokens keeping their top-1 expert")
+        plot.yRange = (0, 1)
+        var any = false
         for r in data {
-            let p = r.split("probe").filter { $0["consistency_router"] != nil || $0["consistency_discrete"] != nil }
             for (key, label) in [("consistency_router", "router"), ("consistency_discrete", "discrete")] {
-                let pts = p.compactMap { l -> (Double, Double)? in
-                    guard let s = Report.num(l["step"]), let m = Report.mean(l[key]) else { return nil }
-                    return (s, m)
-                }
-                if !pts.isEmpty { cons.line("\(r.name) \(label)", xs: pts.map(\.0), ys: pts.map(\.1)); anyCons = true }
+                let s = probeSeries(r, key)
+                if !s.xs.isEmpty { plot.line("\(r.name) \(label)", xs: s.xs, ys: s.ys); any = true }
             }
         }
-        if anyCons {
-            try save("consistency.svg", cons, "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation).")
-        }
-        // 3. Movement of routing parameters.
-        var move = SVGPlot(title: "routing parameter movement", xLabel: "step", yLabel: "‖Δ‖ / ‖before‖ since the previous evaluation")
-        var anyMove = false
+        guard any else { return }
+        try doc.save("consistency.svg", plot, "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation).")
+    }
+
+    /// Movement of the router and codebook parameters between evaluations.
+    static func movement(_ data: [Run], into doc: inout Document) throws {
+        var plot = SVGPlot(title: "routing parameter movement", xLabel: "step", yLabel: "‖Δ‖ / ‖before‖ since the previous evaluation")
+        var any = false
         for r in data {
             for key in ["movement_router", "movement_codebook"] {
-                let pts = r.split("probe").compactMap { l -> (Double, Double)? in
-                    guard let s = Report.num(l["step"]), let m = Report.mean(l[key]) else { return nil }
-                    return (s, m)
-                }
-                if !pts.isEmpty { move.line("\(r.name) \(key.dropFirst(9))", xs: pts.map(\.0), ys: pts.map(\.1)); anyMove = true }
+                let s = probeSeries(r, key)
+                if !s.xs.isEmpty { plot.line("\(r.name) \(key.dropFirst(9))", xs: s.xs, ys: s.ys); any = true }
             }
         }
-        if anyMove { try save("movement.svg", move, "Relative change of the router and codebook parameters between evaluations (mean over layers).") }
-        // Per run: expert load, code usage, PCA.
-        for (i, r) in data.enumerated() {
-            let t = r.split("train")
-            if let loads = t.last?["expert_load"] as? [[Any]], let first = loads.first, first.count > 1 {
-                var load = SVGPlot(title: "\(r.name): expert load, layer 0", xLabel: "step", yLabel: "share of assignments")
-                for e in 0..<first.count {
-                    let pts = t.compactMap { l -> (Double, Double)? in
-                        guard let s = Report.num(l["step"]), let ls = l["expert_load"] as? [[Any]], let row = ls.first?.compactMap(Report.num), e < row.count else { return nil }
-                        let total = row.reduce(0, +)
-                        return (s, total > 0 ? row[e] / total : 0)
-                    }
-                    load.line("expert \(e)", xs: pts.map(\.0), ys: pts.map(\.1))
-                }
-                try save("expert_load_\(i).svg", load, "\(r.name): share of layer 0's assignments each expert received, over training.")
+        guard any else { return }
+        try doc.save("movement.svg", plot, "Relative change of the router and codebook parameters between evaluations (mean over layers).")
+    }
+
+    /// Share of layer 0's assignments per expert over training.
+    static func expertLoad(_ r: Run, index i: Int, into doc: inout Document) throws {
+        let t = r.split("train")
+        guard let loads = t.last?["expert_load"] as? [[Any]], let first = loads.first, first.count > 1 else { return }
+        var plot = SVGPlot(title: "\(r.name): expert load, layer 0", xLabel: "step", yLabel: "share of assignments")
+        for e in 0..<first.count {
+            let pts = t.compactMap { l -> (Double, Double)? in
+                guard let s = num(l["step"]), let ls = l["expert_load"] as? [[Any]], let row = ls.first?.compactMap(num),
+                      e < row.count else { return nil }
+                let total = row.reduce(0, +)
+                return (s, total > 0 ? row[e] / total : 0)
             }
-            if let counts = t.last?["code_counts"] as? [[Any]], !counts.isEmpty {
-                var usage = SVGPlot(title: "\(r.name): code usage, last logged batch", xLabel: "code", yLabel: "uses")
-                let k = counts[0].count
-                for (l, row) in counts.enumerated() { usage.bars("layer \(l)", labels: (0..<k).map(String.init), values: row.compactMap(Report.num)) }
-                try save("code_usage_\(i).svg", usage, "\(r.name): how often each code was chosen per layer (dead codes have no bar).")
-                var ppl = SVGPlot(title: "\(r.name): code usage perplexity", xLabel: "step", yLabel: "exp(entropy of code use)")
-                for l in 0..<counts.count {
-                    let pts = t.compactMap { line -> (Double, Double)? in
-                        guard let s = Report.num(line["step"]), let c = line["code_counts"] as? [[Any]], l < c.count else { return nil }
-                        return (s, Report.perplexity(c[l].compactMap(Report.num)))
-                    }
-                    ppl.line("layer \(l)", xs: pts.map(\.0), ys: pts.map(\.1))
-                }
-                try save("code_perplexity_\(i).svg", ppl, "\(r.name): perplexity of code use per layer (K means every code equally used).")
-            }
-            // PCA of the last representation dump.
-            let reprDir = "\(r.dir)/repr"
-            if let files = try? FileManager.default.contentsOfDirectory(atPath: reprDir), !files.isEmpty {
-                let last = files.filter { $0.hasPrefix("step_") }.max { (Int($0.dropFirst(5).dropLast(5)) ?? 0) < (Int($1.dropFirst(5).dropLast(5)) ?? 0) }
-                if let last, let d = FileManager.default.contents(atPath: "\(reprDir)/\(last)"),
-                   let obj = try JSONSerialization.jsonObject(with: d) as? [String: Any], let layers = obj["layers"] as? [[String: Any]] {
-                    for l in Set([0, layers.count - 1]).sorted() where l < layers.count {
-                        guard let x = layers[l]["x"] as? [[Any]], let ex = layers[l]["expert"] as? [Any] else { continue }
-                        let rows = x.map { $0.compactMap(Report.num) }
-                        let pc = Report.pca2(rows)
-                        var scatter = SVGPlot(title: "\(r.name): expert inputs, layer \(l) (PCA)", xLabel: "PC 1", yLabel: "PC 2")
-                        let experts = ex.compactMap(Report.num).map(Int.init)
-                        for e in Set(experts).sorted() {
-                            let idx = experts.indices.filter { experts[$0] == e && $0 < pc.count }
-                            scatter.points("expert \(e)", xs: idx.map { pc[$0][0] }, ys: idx.map { pc[$0][1] }, colorIndex: e)
-                        }
-                        try save("pca_\(i)_layer\(l).svg", scatter, "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top two principal components, coloured by the top-1 expert. Overlapping clouds are the representation collapse the paper describes.")
-                    }
-                }
-            }
+            plot.line("expert \(e)", xs: pts.map(\.0), ys: pts.map(\.1))
         }
-        try md.joined(separator: "\n").write(toFile: "\(outDir)/report.md", atomically: true, encoding: .utf8)
-        files.append("\(outDir)/report.md")
-        return files
+        try doc.save("expert_load_\(i).svg", plot, "\(r.name): share of layer 0's assignments each expert received, over training.")
+    }
+
+    /// Code counts of the last logged batch, and the perplexity of code use over training.
+    static func codeUsage(_ r: Run, index i: Int, into doc: inout Document) throws {
+        let t = r.split("train")
+        guard let counts = t.last?["code_counts"] as? [[Any]], !counts.isEmpty else { return }
+        var usage = SVGPlot(title: "\(r.name): code usage, last logged batch", xLabel: "code", yLabel: "uses")
+        let k = counts[0].count
+        for (l, row) in counts.enumerated() { usage.bars("layer \(l)", labels: (0..<k).map(String.init), values: row.compactMap(num)) }
+        try doc.save("code_usage_\(i).svg", usage, "\(r.name): how often each code was chosen per layer (dead codes have no bar).")
+        var ppl = SVGPlot(title: "\(r.name): code usage perplexity", xLabel: "step", yLabel: "exp(entropy of code use)")
+        for l in 0..<counts.count {
+            let pts = t.compactMap { line -> (Double, Double)? in
+                guard let s = num(line["step"]), let c = line["code_counts"] as? [[Any]], l < c.count else { return nil }
+                return (s, perplexity(c[l].compactMap(num)))
+            }
+            ppl.line("layer \(l)", xs: pts.map(\.0), ys: pts.map(\.1))
+        }
+        try doc.save("code_perplexity_\(i).svg", ppl, "\(r.name): perplexity of code use per layer (K means every code equally used).")
+    }
+
+    /// PCA of the last representation dump, first and last layer, coloured by top-1 expert.
+    static func pca(_ r: Run, index i: Int, into doc: inout Document) throws {
+        let dir = "\(r.dir)/repr"
+        func step(_ f: String) -> Int { Int(f.dropFirst(5).dropLast(5)) ?? 0 }
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir),
+              let last = names.filter({ $0.hasPrefix("step_") }).max(by: { step($0) < step($1) }),
+              let d = FileManager.default.contents(atPath: "\(dir)/\(last)"),
+              let obj = try JSONSerialization.jsonObject(with: d) as? [String: Any], let layers = obj["layers"] as? [[String: Any]]
+        else { return }
+        for l in Set([0, layers.count - 1]).sorted() where l < layers.count {
+            guard let x = layers[l]["x"] as? [[Any]], let ex = layers[l]["expert"] as? [Any] else { continue }
+            let pc = pca2(x.map { $0.compactMap(num) })
+            var scatter = SVGPlot(title: "\(r.name): expert inputs, layer \(l) (PCA)", xLabel: "PC 1", yLabel: "PC 2")
+            let experts = ex.compactMap(num).map(Int.init)
+            for e in Set(experts).sorted() {
+                let idx = experts.indices.filter { experts[$0] == e && $0 < pc.count }
+                scatter.points("expert \(e)", xs: idx.map { pc[$0][0] }, ys: idx.map { pc[$0][1] }, colorIndex: e)
+            }
+            try doc.save("pca_\(i)_layer\(l).svg", scatter, "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top two principal components, coloured by the top-1 expert. Overlapping clouds are the representation collapse the paper describes.")
+        }
     }
 }

@@ -46,6 +46,20 @@ public final class Storage<Element>: @unchecked Sendable {
     public var bytes: Int { max(capacity * MemoryLayout<Element>.stride, 64) }
 }
 
+extension Storage {
+    /// Storage holding a copy of `values`.
+    public convenience init(_ values: [Element]) {
+        self.init()
+        let p = reserve(values.count)
+        values.withUnsafeBufferPointer { if let base = $0.baseAddress { p.update(from: base, count: values.count) } }
+    }
+}
+
+extension Storage where Element: Numeric {
+    /// Storage holding `count` zeros.
+    public convenience init(zeros count: Int) { self.init([Element](repeating: 0, count: count)) }
+}
+
 extension Storage where Element == Float {
     /// At least `count` floats, the first `count` set to 0.
     public func zeros(_ count: Int) -> UnsafeMutablePointer<Float> {

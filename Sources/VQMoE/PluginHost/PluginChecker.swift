@@ -202,148 +202,119 @@ public struct PluginChecker {
 
     // MARK: router
 
+    /// The router's inputs and outputs, as heap buffers the plugin writes into.
+    private struct RouterIO {
+        let x: Storage<Float>, ids: Storage<Int32>, index: Storage<Int32>, weights: Storage<Float>
+        let dispatch: Storage<Float>, combine: Storage<Float>, load: Storage<Float>
+        /// The objective's random coefficients for weights (or dispatch) and combine.
+        let rw: [Float], rc: [Float]
+
+        var outputs: RouterOutputs {
+            RouterOutputs(expertIndex: index.pointer, weights: weights.pointer, dispatch: dispatch.pointer, combine: combine.pointer,
+                          expertLoad: load.pointer)
+        }
+    }
+
     private func checkRouter(_ r: RouterInstance) throws -> [CheckResult] {
-        var results: [CheckResult] = []
         let e = dims.nExperts, d = dims.dModel
-        var x = randomNormal(n * d, stream: 2)
-        var ids = (0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }
         let shape = try r.shape(step())
-        results.append(CheckResult(name: "shape", passed: true, detail: shape.mode == .topK ? "top-k, k=\(shape.k)" : "dense, \(shape.slotsPerExpert) slots per expert"))
+        var results = [CheckResult(name: "shape", passed: true,
+                                   detail: shape.mode == .topK ? "top-k, k=\(shape.k)" : "dense, \(shape.slotsPerExpert) slots per expert")]
         // Buffers at the largest width any step may ask for; each forward asks shape() for its
         // own step (k may change per step, e.g. SMoE-Dropout's schedule or eval at k_max).
-        let maxWidth = shape.mode == .topK ? e : e * shape.slotsPerExpert
-        var idx = [Int32](repeating: 0, count: n * maxWidth)
-        var w = [Float](repeating: 0, count: n * maxWidth), disp = [Float](repeating: 0, count: n * maxWidth)
-        var comb = [Float](repeating: 0, count: n * maxWidth), load = [Float](repeating: 0, count: e)
-        let rw = randomNormal(n * maxWidth, stream: 3), rc = randomNormal(n * maxWidth, stream: 4)
+        let maxWidth = n * (shape.mode == .topK ? e : e * shape.slotsPerExpert)
+        let io = RouterIO(x: Storage(randomNormal(n * d, stream: 2)), ids: Storage((0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }),
+                          index: Storage(zeros: maxWidth), weights: Storage(zeros: maxWidth), dispatch: Storage(zeros: maxWidth),
+                          combine: Storage(zeros: maxWidth), load: Storage(zeros: e),
+                          rw: randomNormal(maxWidth, stream: 3), rc: randomNormal(maxWidth, stream: 4))
         let cAux: Float = 1.5
         func forward(_ s: StepInfo) throws -> (Double, [Int32], PluginContext?) {
             let shape = try r.shape(s)
-            let width = shape.mode == .topK ? shape.k : e * shape.slotsPerExpert
-            return try x.withUnsafeMutableBufferPointer { xp in
-                try ids.withUnsafeMutableBufferPointer { ip in
-                    try idx.withUnsafeMutableBufferPointer { ixp in
-                        try w.withUnsafeMutableBufferPointer { wp in
-                            try disp.withUnsafeMutableBufferPointer { dp in
-                                try comb.withUnsafeMutableBufferPointer { cp in
-                                    try load.withUnsafeMutableBufferPointer { lp in
-                                        let o = RouterOutputs(expertIndex: ixp.baseAddress, weights: wp.baseAddress, dispatch: dp.baseAddress,
-                                                              combine: cp.baseAddress, expertLoad: lp.baseAddress!)
-                                        let (aux, ctx) = try r.forward(s, x: xp.baseAddress!, tokenIDs: ip.baseAddress, nGroups: groups,
-                                                                       groupSize: groupSize, shape: shape, outputs: o)
-                                        var v = Double(cAux) * Double(aux)
-                                        if shape.mode == .topK {
-                                            for i in 0..<(n * width) { v += Double(rw[i]) * Double(wp[i]) }
-                                        } else {
-                                            for i in 0..<(n * width) { v += Double(rw[i]) * Double(dp[i]) + Double(rc[i]) * Double(cp[i]) }
-                                        }
-                                        return (v, shape.mode == .topK ? Array(ixp.prefix(n * width)) : [], ctx)
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+            let (aux, ctx) = try r.forward(s, x: io.x.pointer, tokenIDs: io.ids.pointer, nGroups: groups, groupSize: groupSize,
+                                           shape: shape, outputs: io.outputs)
+            var v = Double(cAux) * Double(aux)
+            if shape.mode == .topK {
+                for i in 0..<(n * shape.k) { v += Double(io.rw[i]) * Double(io.weights.pointer[i]) }
+                return (v, Array(UnsafeBufferPointer(start: io.index.pointer, count: n * shape.k)), ctx)
             }
+            for i in 0..<(n * e * shape.slotsPerExpert) {
+                v += Double(io.rw[i]) * Double(io.dispatch.pointer[i]) + Double(io.rc[i]) * Double(io.combine.pointer[i])
+            }
+            return (v, [], ctx)
         }
         let restore = stateRestorer(r.core)
         let (v1, d1, ctx) = try forward(step())
         restore()
         let (v2, d2, _) = try forward(step(noGrad: true))
         results.append(CheckResult(name: "forward deterministic", passed: v1 == v2 && d1 == d2, detail: "objective \(fmt(v1))"))
-        if shape.mode == .topK {
-            var distinct = true
-            for t in 0..<n { if Set(idx[(t * shape.k)..<((t + 1) * shape.k)]).count != shape.k { distinct = false } }
-            results.append(CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""))
-            let loadOK = abs(Double(load.reduce(0, +)) - Double(n * shape.k)) < 1e-3
-            results.append(CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(load)"))
-        }
+        if shape.mode == .topK { results += topKChecks(io, shape: shape) }
         restore()
-        let (_, _, evalCtx) = try forward(step(train: false))
-        results.append(evalModeLeavesNoContext(evalCtx))
+        results.append(evalModeLeavesNoContext(try forward(step(train: false)).2))
         if library.hasNoGrad || r.api.backward == nil {
-            results.append(CheckResult(name: "backward", passed: true, detail: "declared non-trainable (no backward)"))
-            return results
+            return results + [CheckResult(name: "backward", passed: true, detail: "declared non-trainable (no backward)")]
         }
         guard let ctx else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
         r.core.zeroGrads()
-        var gx = [Float](repeating: 0, count: n * d)
-        try rw.withUnsafeBufferPointer { rwp in
-            try rc.withUnsafeBufferPointer { rcp in
-                try gx.withUnsafeMutableBufferPointer { gp in
-                    if shape.mode == .topK {
-                        try r.backward(ctx, n: n, shape: shape, gradWeights: rwp.baseAddress, gradAux: cAux, gradX: gp.baseAddress!)
-                    } else {
-                        try r.backward(ctx, n: n, shape: shape, gradDispatch: rwp.baseAddress, gradCombine: rcp.baseAddress,
-                                       gradAux: cAux, gradX: gp.baseAddress!)
-                    }
-                }
-            }
+        let gx = Storage<Float>(zeros: n * d)
+        if shape.mode == .topK {
+            try r.backward(ctx, n: n, shape: shape, gradWeights: io.rw, gradAux: cAux, gradX: gx.pointer)
+        } else {
+            try r.backward(ctx, n: n, shape: shape, gradDispatch: io.rw, gradCombine: io.rc, gradAux: cAux, gradX: gx.pointer)
         }
         let eval: Eval = { let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc) }
-        results += try x.withUnsafeMutableBufferPointer { xp in
-            try gradchecks(r.core, inputName: "x", input: xp.baseAddress!, inputCount: n * d, inputGrad: gx, restore: restore, eval: eval)
-        }
-        return results
+        return results + (try gradchecks(r.core, inputName: "x", input: io.x.pointer, inputCount: n * d,
+                                         inputGrad: Array(UnsafeBufferPointer(start: gx.pointer, count: n * d)), restore: restore, eval: eval))
+    }
+
+    /// Top-k outputs of the last forward: distinct experts per token, load summing to N·k.
+    private func topKChecks(_ io: RouterIO, shape: RouterShape) -> [CheckResult] {
+        let k = shape.k, idx = io.index.pointer
+        let distinct = (0..<n).allSatisfy { t in Set(UnsafeBufferPointer(start: idx + t * k, count: k)).count == k }
+        let load = Array(UnsafeBufferPointer(start: io.load.pointer, count: dims.nExperts))
+        let loadOK = abs(Double(load.reduce(0, +)) - Double(n * k)) < 1e-3
+        return [CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""),
+                CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(load)")]
     }
 
     // MARK: quantizer
 
     private func checkQuantizer(_ q: QuantizerInstance) throws -> [CheckResult] {
         var results = [CheckResult(name: "shape", passed: true, detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)")]
-        let d = dims.dModel, k = q.codebookSize, l = q.codesPerToken
-        var x = randomNormal(n * d, stream: 5)
-        var qo = [Float](repeating: 0, count: n * d), codes = [Int32](repeating: 0, count: n * l)
-        var counts = [Float](repeating: 0, count: k)
-        let rq = randomNormal(n * d, stream: 6)
+        let d = dims.dModel, l = q.codesPerToken
+        let x = Storage(randomNormal(n * d, stream: 5)), qo = Storage<Float>(zeros: n * d), codes = Storage<Int32>(zeros: n * l)
+        let counts = Storage<Float>(zeros: q.codebookSize), rq = randomNormal(n * d, stream: 6)
         func forward(_ s: StepInfo, lossWeight: Double, outWeight: Bool) throws -> (Double, [Int32], PluginContext?) {
-            try x.withUnsafeMutableBufferPointer { xp in
-                try qo.withUnsafeMutableBufferPointer { qp in
-                    try codes.withUnsafeMutableBufferPointer { cp in
-                        try counts.withUnsafeMutableBufferPointer { kp in
-                            let (loss, ctx) = try q.forward(s, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!,
-                                                            codes: cp.baseAddress!, codeCounts: kp.baseAddress!)
-                            var v = lossWeight * Double(loss)
-                            if outWeight { for i in 0..<(n * d) { v += Double(rq[i]) * Double(qp[i]) } }
-                            return (v, Array(cp), ctx)
-                        }
-                    }
-                }
-            }
+            let (loss, ctx) = try q.forward(s, x: x.pointer, n: n, quantized: qo.pointer, codes: codes.pointer, codeCounts: counts.pointer)
+            var v = lossWeight * Double(loss)
+            if outWeight { for i in 0..<(n * d) { v += Double(rq[i]) * Double(qo.pointer[i]) } }
+            return (v, Array(UnsafeBufferPointer(start: codes.pointer, count: n * l)), ctx)
         }
         let restore = stateRestorer(q.core)
         let (v1, c1, ctx) = try forward(step(), lossWeight: 1, outWeight: true)
-        let countsOK = abs(Double(counts.reduce(0, +)) - Double(n * l)) < 1e-3
+        let used = Array(UnsafeBufferPointer(start: counts.pointer, count: q.codebookSize))
         restore()
         let (v2, c2, _) = try forward(step(noGrad: true), lossWeight: 1, outWeight: true)
         results.append(CheckResult(name: "forward deterministic", passed: v1 == v2 && c1 == c2, detail: "objective \(fmt(v1))"))
-        results.append(CheckResult(name: "code counts sum to N·L", passed: countsOK, detail: "counts \(counts.map { Int($0) })"))
+        results.append(CheckResult(name: "code counts sum to N·L", passed: abs(Double(used.reduce(0, +)) - Double(n * l)) < 1e-3,
+                                   detail: "counts \(used.map { Int($0) })"))
         restore()
-        let (_, _, evalCtx) = try forward(step(train: false), lossWeight: 1, outWeight: true)
-        results.append(evalModeLeavesNoContext(evalCtx))
+        results.append(evalModeLeavesNoContext(try forward(step(train: false), lossWeight: 1, outWeight: true).2))
         guard ctx != nil else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
-        // (1) the loss: exact gradient where the codes do not change.
-        let cLoss: Float = 1.7
-        for (label, lossWeight, surrogate) in [("loss", Double(cLoss), false), ("straight-through", 0.0, true)] {
+        // (1) the loss: exact gradient where the codes do not change; (2) the straight-through surrogate.
+        for (label, lossWeight, surrogate) in [("loss", Double(Float(1.7)), false), ("straight-through", 0.0, true)] {
             restore()
             q.core.zeroGrads()
-            let (_, _, c) = try forward(step(surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
-            guard let c else { continue }
-            var gx = [Float](repeating: 0, count: n * d)
-            try rq.withUnsafeBufferPointer { rp in
-                try gx.withUnsafeMutableBufferPointer { gp in
-                    try q.backward(c, n: n, gradQuantized: surrogate ? rp.baseAddress : nil, gradLoss: Float(lossWeight), gradX: gp.baseAddress!)
-                }
-            }
+            guard let c = try forward(step(surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate).2 else { continue }
+            let gx = Storage<Float>(zeros: n * d)
+            try q.backward(c, n: n, gradQuantized: surrogate ? rq : nil, gradLoss: Float(lossWeight), gradX: gx.pointer)
             let eval: Eval = {
                 let (v, dsc, _) = try forward(step(noGrad: true, surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
                 return (v, dsc)
             }
             let directionOnly = !surrogate && library.hasStopGradientLoss
-            let checks = try x.withUnsafeMutableBufferPointer { xp in
-                try gradchecks(q.core, inputName: "x", input: xp.baseAddress!, inputCount: n * d, inputGrad: gx, restore: restore, eval: eval,
-                               directionOnly: directionOnly)
-            }
+            let checks = try gradchecks(q.core, inputName: "x", input: x.pointer, inputCount: n * d,
+                                        inputGrad: Array(UnsafeBufferPointer(start: gx.pointer, count: n * d)), restore: restore, eval: eval,
+                                        directionOnly: directionOnly)
             results += checks.enumerated().map { i, r in
                 // With several codes per token (residual VQ), later levels' residuals detach the
                 // earlier levels' codes, so the value's slope in a codebook is not even parallel to

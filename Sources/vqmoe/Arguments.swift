@@ -1,0 +1,86 @@
+import Foundation
+import VQMoE
+
+/// The command line after the global options (`--registry FILE`, `--threads N`), consumed flag by flag.
+struct Args {
+    var rest: [String]
+    var registryPath: String?
+    var threads: Int?
+
+    init(_ argv: [String]) throws {
+        var out: [String] = []
+        var i = 0
+        while i < argv.count {
+            let a = argv[i]
+            guard a == "--registry" || a == "--threads" else {
+                out.append(a)
+                i += 1
+                continue
+            }
+            guard i + 1 < argv.count else { throw VQMoEError(.usage, "\(a) needs a value") }
+            if a == "--registry" {
+                registryPath = argv[i + 1]
+            } else {
+                guard let n = Int(argv[i + 1]), n >= 1 else {
+                    throw VQMoEError(.usage, "--threads: expected a positive integer, got '\(argv[i + 1])'")
+                }
+                threads = n
+            }
+            i += 2
+        }
+        rest = out
+    }
+
+    /// Remove `--flag VALUE` pairs (repeatable) and return the values.
+    mutating func take(_ flag: String) throws -> [String] {
+        var values: [String] = []
+        var i = 0
+        while i < rest.count {
+            if rest[i] == flag {
+                guard i + 1 < rest.count else { throw VQMoEError(.usage, "\(flag) needs a value") }
+                values.append(rest[i + 1])
+                rest.removeSubrange(i...(i + 1))
+            } else {
+                i += 1
+            }
+        }
+        return values
+    }
+
+    mutating func flag(_ name: String) -> Bool {
+        guard let i = rest.firstIndex(of: name) else { return false }
+        rest.remove(at: i)
+        return true
+    }
+
+    /// `--set key=value` settings, plus `train.threads` from `--threads`.
+    mutating func overrides(threads: Bool = true) throws -> [String: Any] {
+        var o = try parseSettings(try take("--set"))
+        if threads, let t = self.threads { o["train.threads"] = t }
+        return o
+    }
+
+    func registry() throws -> Registry { try Registry.load(registryPath: registryPath) }
+
+    /// Exactly `count` positional arguments, else the command's usage as an error.
+    func positional(_ count: Int, usage: String) throws -> [String] {
+        guard rest.count == count else { throw VQMoEError(.usage, "usage: vqmoe \(usage)") }
+        return rest
+    }
+}
+
+/// `key=value` settings; values parse as JSON when they can (numbers, true/false), else strings.
+func parseSettings(_ items: [String]) throws -> [String: Any] {
+    var out: [String: Any] = [:]
+    for item in items {
+        guard let eq = item.firstIndex(of: "=") else { throw VQMoEError(.usage, "--set \(item): expected key=value") }
+        let key = String(item[..<eq]), raw = String(item[item.index(after: eq)...])
+        if let data = raw.data(using: .utf8), let v = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]),
+           !(v is [Any]), !(v is [String: Any]) {
+            out[key] = v
+        } else {
+            out[key] = raw
+        }
+    }
+    return out
+}
