@@ -34,13 +34,19 @@ let package = Package(
         .target(name: "VQMoE", dependencies: ["VQMoEABI", "CBLAS", "CFFI"], swiftSettings: swiftFlags),
         .executableTarget(name: "vqmoe", dependencies: ["VQMoE"], swiftSettings: swiftFlags),
         .target(name: "FFIHashRouter", path: "Plugins/FFIHashRouter"),
-        .testTarget(name: "PluginHostTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginHostTests", exclude: ["Fixtures"]),
-        .testTarget(name: "EngineTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/EngineTests", exclude: ["Fixtures"]),
+        .testTarget(
+            name: "PluginHostTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginHostTests",
+            exclude: ["Fixtures"]),
+        .testTarget(
+            name: "EngineTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/EngineTests", exclude: ["Fixtures"]),
         .testTarget(name: "PluginsTests", dependencies: ["VQMoE", "VQMoEABI"], path: "Tests/PluginsTests"),
         // Shared plumbing of the Swift plugins, linked statically into each (never into the host).
         .target(name: "PluginKit", dependencies: ["VQMoEABI"], path: "Plugins/PluginKit", swiftSettings: swiftFlags),
-    ] + pluginNames.map {
-        .target(name: $0, dependencies: ["VQMoEABI", "PluginKit"] + (pluginSystemLibraries[$0] ?? []), path: "Plugins/\($0)",
+    ]
+        + pluginNames.map {
+            .target(
+                name: $0, dependencies: ["VQMoEABI", "PluginKit"] + (pluginSystemLibraries[$0] ?? []),
+                path: "Plugins/\($0)",
                 swiftSettings: swiftFlags)
-    }
+        }
 )

@@ -16,10 +16,12 @@ extension PluginFailure {
 
 /// Where to get the data, appended to "file missing" errors.
 func cifarDataHint(_ variant: CIFARVariant) -> String {
-    let archive = variant == .cifar10
+    let archive =
+        variant == .cifar10
         ? "cifar-10-binary.tar.gz, which unpacks to cifar-10-batches-bin/ (data_batch_1..5.bin, test_batch.bin): put it at $DATA/cifar-10-batches-bin (the default) or set dir to it"
         : "cifar-100-binary.tar.gz, which unpacks to cifar-100-binary/ (train.bin, test.bin): set dir to that folder"
-    return "Get the \(variant.displayName) binary version (\"for C programs\") from https://www.cs.toronto.edu/~kriz/cifar.html: \(archive)."
+    return
+        "Get the \(variant.displayName) binary version (\"for C programs\") from https://www.cs.toronto.edu/~kriz/cifar.html: \(archive)."
 }
 
 /// Images decoded from one or more record files: pixels (count, 3, 32, 32) bytes in CHW
@@ -39,7 +41,8 @@ private func readWholeFile(_ path: String, variant: CIFARVariant) throws(PluginF
         var msg = "data file \(path) not found."
         var st = stat()
         if path.hasSuffix(".bin"), stat(String(path.dropLast(4)), &st) == 0 {
-            msg += " \(String(path.dropLast(4))) exists: that is the Python (pickle) version, this plugin reads the binary version."
+            msg +=
+                " \(String(path.dropLast(4))) exists: that is the Python (pickle) version, this plugin reads the binary version."
         }
         throw .io("\(msg) \(cifarDataHint(variant))")
     }
@@ -74,19 +77,26 @@ func appendRecords(_ path: String, variant: CIFARVariant, coarse: Bool, to set: 
     let R = variant.recordSize, L = variant.labelBytes, P = 3 * 32 * 32
     guard !bytes.isEmpty else { throw .io("\(path) is empty (\(variant.displayName) records are \(R) bytes)") }
     guard bytes.count % R == 0 else {
-        let hint = variant == .cifar10 && bytes.count % (R + 1) == 0 ? " (it divides into 3074-byte records: a CIFAR-100 file? set variant = cifar100)"
-            : variant == .cifar100 && bytes.count % (R - 1) == 0 ? " (it divides into 3073-byte records: a CIFAR-10 file? set variant = cifar10)" : ""
-        throw .io("\(path): size \(bytes.count) bytes is not a multiple of the \(variant.displayName) record size \(R) (\(L) label byte\(L == 1 ? "" : "s") + 3072 pixels)\(hint)")
+        let hint =
+            variant == .cifar10 && bytes.count % (R + 1) == 0
+            ? " (it divides into 3074-byte records: a CIFAR-100 file? set variant = cifar100)"
+            : variant == .cifar100 && bytes.count % (R - 1) == 0
+                ? " (it divides into 3073-byte records: a CIFAR-10 file? set variant = cifar10)" : ""
+        throw .io(
+            "\(path): size \(bytes.count) bytes is not a multiple of the \(variant.displayName) record size \(R) (\(L) label byte\(L == 1 ? "" : "s") + 3072 pixels)\(hint)"
+        )
     }
     let n = bytes.count / R
     set.pixels.reserveCapacity(set.pixels.count + n * P)
     set.labels.reserveCapacity(set.labels.count + n)
     // (name, limit) of each label byte in a record.
-    let labelKinds: [(String, Int)] = variant == .cifar10 ? [("label", 10)] : [("coarse label", 20), ("fine label", 100)]
+    let labelKinds: [(String, Int)] =
+        variant == .cifar10 ? [("label", 10)] : [("coarse label", 20), ("fine label", 100)]
     for i in 0..<n {
         let base = i * R
         for (k, (name, limit)) in labelKinds.enumerated() where Int(bytes[base + k]) >= limit {
-            throw .io("\(path): record \(i) (byte offset \(base + k)): \(name) \(bytes[base + k]) is outside [0, \(limit))")
+            throw .io(
+                "\(path): record \(i) (byte offset \(base + k)): \(name) \(bytes[base + k]) is outside [0, \(limit))")
         }
         let label = variant == .cifar10 ? bytes[base] : (coarse ? bytes[base] : bytes[base + 1])
         set.labels.append(Int32(label))

@@ -60,7 +60,9 @@ final class CIFARDataset {
         nValid = min(max(Int((Double(train.count) * c.validFraction + 1e-6).rounded(.down)), 0), train.count)
         nTrain = train.count - nValid
         guard nTrain >= 1 else {
-            throw .io("\(who): \(c.dir) holds \(train.count) training records: none left for training after valid_fraction \(c.validFraction)")
+            throw .io(
+                "\(who): \(c.dir) holds \(train.count) training records: none left for training after valid_fraction \(c.validFraction)"
+            )
         }
         var t = [Float](repeating: 0, count: 3 * 256)
         for ch in 0..<3 {
@@ -97,17 +99,21 @@ final class CIFARDataset {
     }
 
     /// Fill `out` with batch `req.index` of `req.split`: inputs (B,3,32,32) float32, targets (B) int32.
-    func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
+    func readBatch(
+        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
+    ) throws(PluginFailure) {
         guard let req, let out else { throw .invalid("read_batch: request or batch is NULL") }
         try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "batch_request")
         try requireSize(out.pointee.struct_size, vqmoe_batch.self, "batch")
         let r = req.pointee
-        let (split, examples) = try batchExamples(r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
+        let (split, examples) = try batchExamples(
+            r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
         let file: ImageSet = split == VQMOE_SPLIT_TEST ? testFile : trainFile
         let B = Int(r.batch_size), P = Self.pixelsPerImage, plane = Self.height * Self.width
-        let inputs = try requireF32(out.pointee.inputs, [B, Self.channels, Self.height, Self.width],
-                                    "\(who): read_batch inputs")                               // (B,3,32,32)
-        let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")   // (B)
+        let inputs = try requireF32(
+            out.pointee.inputs, [B, Self.channels, Self.height, Self.width],
+            "\(who): read_batch inputs")  // (B,3,32,32)
+        let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")  // (B)
 
         let n = examples.count
         table.withUnsafeBufferPointer { lut in

@@ -31,21 +31,27 @@ struct CIFARConfig {
     var normalize: Bool
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "dir", type: VQMOE_HP_STRING,
-                            description: "folder of the binary version: data_batch_{1..5}.bin + test_batch.bin (CIFAR-10) or train.bin + test.bin (CIFAR-100); $DATA and $ROOT are expanded",
-                            defaultString: "$DATA/cifar-10-batches-bin", extraFlags: VQMOE_HP_PATH),
-        HyperparameterEntry(name: "variant", type: VQMOE_HP_STRING,
-                            description: "cifar10 (10 classes, 1 label byte per record) or cifar100 (2 label bytes: coarse, fine)",
-                            defaultString: "cifar10", choices: "cifar10,cifar100"),
-        HyperparameterEntry(name: "label", type: VQMOE_HP_STRING,
-                            description: "CIFAR-100 label: fine (100 classes) or coarse (20 superclasses); CIFAR-10 has only fine",
-                            defaultString: "fine", choices: "fine,coarse"),
-        HyperparameterEntry(name: "valid_fraction", type: VQMOE_HP_FLOAT,
-                            description: "the last fraction of the training records (file order) held out as the valid split",
-                            defaultValue: 0.1, min: 0, max: 0.5),
-        HyperparameterEntry(name: "normalize", type: VQMOE_HP_BOOL,
-                            description: "per-channel (x/255 - mean)/std with the variant's training-set statistics; false: x/255",
-                            defaultValue: 1),
+        HyperparameterEntry(
+            name: "dir", type: VQMOE_HP_STRING,
+            description:
+                "folder of the binary version: data_batch_{1..5}.bin + test_batch.bin (CIFAR-10) or train.bin + test.bin (CIFAR-100); $DATA and $ROOT are expanded",
+            defaultString: "$DATA/cifar-10-batches-bin", extraFlags: VQMOE_HP_PATH),
+        HyperparameterEntry(
+            name: "variant", type: VQMOE_HP_STRING,
+            description: "cifar10 (10 classes, 1 label byte per record) or cifar100 (2 label bytes: coarse, fine)",
+            defaultString: "cifar10", choices: "cifar10,cifar100"),
+        HyperparameterEntry(
+            name: "label", type: VQMOE_HP_STRING,
+            description: "CIFAR-100 label: fine (100 classes) or coarse (20 superclasses); CIFAR-10 has only fine",
+            defaultString: "fine", choices: "fine,coarse"),
+        HyperparameterEntry(
+            name: "valid_fraction", type: VQMOE_HP_FLOAT,
+            description: "the last fraction of the training records (file order) held out as the valid split",
+            defaultValue: 0.1, min: 0, max: 0.5),
+        HyperparameterEntry(
+            name: "normalize", type: VQMOE_HP_BOOL,
+            description: "per-channel (x/255 - mean)/std with the variant's training-set statistics; false: x/255",
+            defaultValue: 1),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.

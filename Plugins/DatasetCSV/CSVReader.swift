@@ -3,7 +3,8 @@ import PluginKit
 import VQMoEABI
 
 /// Where to get the default data, appended to "file missing" errors.
-let csvDataHint = "BANKING77 (PolyAI, CC BY 4.0): train.csv, test.csv and categories.json from https://github.com/PolyAI-LDN/task-specific-datasets/tree/master/banking_data; a copy lives in ../shared/data/banking77. For another data set set train_path, test_path and categories_path"
+let csvDataHint =
+    "BANKING77 (PolyAI, CC BY 4.0): train.csv, test.csv and categories.json from https://github.com/PolyAI-LDN/task-specific-datasets/tree/master/banking_data; a copy lives in ../shared/data/banking77. For another data set set train_path, test_path and categories_path"
 
 private let quote: UInt8 = 34, lf: UInt8 = 10, cr: UInt8 = 13
 
@@ -38,9 +39,13 @@ struct CSVReader {
         let n = bytes.count
         // Skip empty lines.
         while pos < n {
-            if bytes[pos] == lf { pos += 1; line += 1 }
-            else if bytes[pos] == cr && pos + 1 < n && bytes[pos + 1] == lf { pos += 2; line += 1 }
-            else { break }
+            if bytes[pos] == lf {
+                pos += 1; line += 1
+            } else if bytes[pos] == cr && pos + 1 < n && bytes[pos + 1] == lf {
+                pos += 2; line += 1
+            } else {
+                break
+            }
         }
         guard pos < n else { return nil }
         let startLine = line
@@ -52,7 +57,8 @@ struct CSVReader {
                 pos += 1
                 while true {
                     guard pos < n else {
-                        throw ioFailure("\(at):\(openLine): a quoted field opened on this line is never closed (missing '\"')")
+                        throw ioFailure(
+                            "\(at):\(openLine): a quoted field opened on this line is never closed (missing '\"')")
                     }
                     let c = bytes[pos]
                     if c == quote {
@@ -64,10 +70,15 @@ struct CSVReader {
                     field.append(c)
                     pos += 1
                 }
-                if pos < n && bytes[pos] != delimiter && bytes[pos] != lf && !(bytes[pos] == cr && (pos + 1 == n || bytes[pos + 1] == lf)) {
+                if pos < n && bytes[pos] != delimiter && bytes[pos] != lf
+                    && !(bytes[pos] == cr && (pos + 1 == n || bytes[pos + 1] == lf))
+                {
                     let c = bytes[pos]
-                    let shown = c >= 32 && c < 127 ? "'\(Character(Unicode.Scalar(c)))'" : "byte 0x\(String(c, radix: 16))"
-                    throw ioFailure("\(at):\(line): unexpected \(shown) after the closing quote of a quoted field (a '\"' inside a quoted field must be written \"\")")
+                    let shown =
+                        c >= 32 && c < 127 ? "'\(Character(Unicode.Scalar(c)))'" : "byte 0x\(String(c, radix: 16))"
+                    throw ioFailure(
+                        "\(at):\(line): unexpected \(shown) after the closing quote of a quoted field (a '\"' inside a quoted field must be written \"\")"
+                    )
                 }
             } else {
                 let s = pos
@@ -98,8 +109,10 @@ struct CSVRows {
 
 /// Read `path`: the header row names the columns; every later record must have as many
 /// fields. Errors name "path:LINE" (the line a record starts on).
-func readCSVRows(_ path: String, delimiter: UInt8, textColumn: String, labelColumn: String,
-                 who: String) throws(PluginFailure) -> CSVRows {
+func readCSVRows(
+    _ path: String, delimiter: UInt8, textColumn: String, labelColumn: String,
+    who: String
+) throws(PluginFailure) -> CSVRows {
     let bytes = try readWholeFile(path, who: who, hint: csvDataHint)
     guard !bytes.isEmpty else { throw ioFailure("\(who): data file \(path) is empty") }
     var reader = CSVReader(bytes: bytes, delimiter: delimiter, at: "\(who): \(path)")
@@ -108,15 +121,21 @@ func readCSVRows(_ path: String, delimiter: UInt8, textColumn: String, labelColu
     let listed = columns.map { "'\($0)'" }.joined(separator: ", ")
     let separator = delimiter == 9 ? "tab" : "comma"
     guard let textIndex = columns.firstIndex(of: textColumn) else {
-        throw ioFailure("\(who): \(path):\(header.line): the header has no column '\(textColumn)' (text_column); its \(columns.count) columns (\(separator)-separated) are \(listed)")
+        throw ioFailure(
+            "\(who): \(path):\(header.line): the header has no column '\(textColumn)' (text_column); its \(columns.count) columns (\(separator)-separated) are \(listed)"
+        )
     }
     guard let labelIndex = columns.firstIndex(of: labelColumn) else {
-        throw ioFailure("\(who): \(path):\(header.line): the header has no column '\(labelColumn)' (label_column); its \(columns.count) columns (\(separator)-separated) are \(listed)")
+        throw ioFailure(
+            "\(who): \(path):\(header.line): the header has no column '\(labelColumn)' (label_column); its \(columns.count) columns (\(separator)-separated) are \(listed)"
+        )
     }
     var rows = CSVRows(path: path)
     while let record = try reader.next() {
         guard record.fields.count == columns.count else {
-            throw ioFailure("\(who): \(path):\(record.line): \(record.fields.count) fields, but the header (line \(header.line)) has \(columns.count) columns (\(separator)-separated)")
+            throw ioFailure(
+                "\(who): \(path):\(record.line): \(record.fields.count) fields, but the header (line \(header.line)) has \(columns.count) columns (\(separator)-separated)"
+            )
         }
         rows.texts.append(record.fields[textIndex])
         rows.labels.append(trimmed(record.fields[labelIndex]))

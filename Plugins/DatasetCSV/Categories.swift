@@ -13,7 +13,9 @@ func readCategories(_ path: String, who: String) throws(PluginFailure) -> [Strin
     do {
         object = try JSONSerialization.jsonObject(with: Data(bytes))
     } catch {
-        throw ioFailure("\(who): \(path) is not valid JSON (\(error.localizedDescription)); expected an array of label strings such as [\"card_arrival\", \"card_linking\"]")
+        throw ioFailure(
+            "\(who): \(path) is not valid JSON (\(error.localizedDescription)); expected an array of label strings such as [\"card_arrival\", \"card_linking\"]"
+        )
     }
     guard let array = object as? [Any] else {
         throw ioFailure("\(who): \(path): expected a JSON array of label strings, got \(type(of: object))")
@@ -28,7 +30,9 @@ func readCategories(_ path: String, who: String) throws(PluginFailure) -> [Strin
     guard !names.isEmpty else { throw ioFailure("\(who): \(path): the array of categories is empty") }
     var seen: [String: Int] = [:]
     for (i, name) in names.enumerated() {
-        if let j = seen[name] { throw ioFailure("\(who): \(path): category '\(name)' appears twice (elements \(j) and \(i))") }
+        if let j = seen[name] {
+            throw ioFailure("\(who): \(path): category '\(name)' appears twice (elements \(j) and \(i))")
+        }
         seen[name] = i
     }
     return names
@@ -42,11 +46,15 @@ func distinctLabels(_ rows: CSVRows) -> [String] {
 
 /// `rows` as examples, each label replaced by its class index. A label that is no class is
 /// an error at its path:LINE; `source` says where the classes came from.
-func examples(_ rows: CSVRows, classes: [String: Int32], source: String, who: String) throws(PluginFailure) -> TextExamples {
+func examples(
+    _ rows: CSVRows, classes: [String: Int32], source: String, who: String
+) throws(PluginFailure) -> TextExamples {
     var out = TextExamples()
     for i in 0..<rows.count {
         guard let label = classes[rows.labels[i]] else {
-            throw ioFailure("\(who): \(rows.path):\(rows.lines[i]): label '\(rows.labels[i])' is not one of the \(classes.count) classes (\(source))")
+            throw ioFailure(
+                "\(who): \(rows.path):\(rows.lines[i]): label '\(rows.labels[i])' is not one of the \(classes.count) classes (\(source))"
+            )
         }
         out.append(rows.texts[i], label: label)
     }

@@ -21,32 +21,44 @@ struct CSVConfig {
     var seqLen: Int
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "train_path", type: VQMOE_HP_STRING,
-                            description: "CSV/TSV with a header row; the valid split is the last valid_fraction of its rows",
-                            defaultString: "$DATA/banking77/train.csv", extraFlags: VQMOE_HP_PATH),
-        HyperparameterEntry(name: "test_path", type: VQMOE_HP_STRING,
-                            description: "CSV/TSV of the test split, same columns as the train file",
-                            defaultString: "$DATA/banking77/test.csv", extraFlags: VQMOE_HP_PATH),
-        HyperparameterEntry(name: "categories_path", type: VQMOE_HP_STRING,
-                            description: "JSON array of the class names (class i = element i); empty = the sorted distinct labels of the train file",
-                            defaultString: "$DATA/banking77/categories.json", extraFlags: VQMOE_HP_PATH | VQMOE_HP_OPTIONAL),
-        HyperparameterEntry(name: "text_column", type: VQMOE_HP_STRING,
-                            description: "header name of the text column", defaultString: "text"),
-        HyperparameterEntry(name: "label_column", type: VQMOE_HP_STRING,
-                            description: "header name of the label column", defaultString: "category"),
-        HyperparameterEntry(name: "delimiter", type: VQMOE_HP_STRING,
-                            description: "field separator: auto = tab for a .tsv file, comma otherwise",
-                            defaultString: "auto", choices: "auto,comma,tab"),
-        HyperparameterEntry(name: "valid_fraction", type: VQMOE_HP_FLOAT,
-                            description: "floor(rows * fraction) rows of the train file form the valid split (BANKING77 has no dev set)",
-                            defaultValue: 0.1, min: 0, max: 0.5),
-        HyperparameterEntry(name: "valid_rows", type: VQMOE_HP_STRING,
-                            description: "which train-file rows are valid: spread = row i when floor((i+1)f) > floor(i f) (every 1/f-th row; " +
-                                "keeps every class of a class-sorted file such as BANKING77 in both splits), tail = the last rows",
-                            defaultString: "spread", choices: "spread,tail"),
-        HyperparameterEntry(name: "seq_len", type: VQMOE_HP_INT,
-                            description: "bytes per text (truncated / padded with 0); 0 = the model's seq_len",
-                            defaultValue: 0, min: 0),
+        HyperparameterEntry(
+            name: "train_path", type: VQMOE_HP_STRING,
+            description: "CSV/TSV with a header row; the valid split is the last valid_fraction of its rows",
+            defaultString: "$DATA/banking77/train.csv", extraFlags: VQMOE_HP_PATH),
+        HyperparameterEntry(
+            name: "test_path", type: VQMOE_HP_STRING,
+            description: "CSV/TSV of the test split, same columns as the train file",
+            defaultString: "$DATA/banking77/test.csv", extraFlags: VQMOE_HP_PATH),
+        HyperparameterEntry(
+            name: "categories_path", type: VQMOE_HP_STRING,
+            description:
+                "JSON array of the class names (class i = element i); empty = the sorted distinct labels of the train file",
+            defaultString: "$DATA/banking77/categories.json", extraFlags: VQMOE_HP_PATH | VQMOE_HP_OPTIONAL),
+        HyperparameterEntry(
+            name: "text_column", type: VQMOE_HP_STRING,
+            description: "header name of the text column", defaultString: "text"),
+        HyperparameterEntry(
+            name: "label_column", type: VQMOE_HP_STRING,
+            description: "header name of the label column", defaultString: "category"),
+        HyperparameterEntry(
+            name: "delimiter", type: VQMOE_HP_STRING,
+            description: "field separator: auto = tab for a .tsv file, comma otherwise",
+            defaultString: "auto", choices: "auto,comma,tab"),
+        HyperparameterEntry(
+            name: "valid_fraction", type: VQMOE_HP_FLOAT,
+            description:
+                "floor(rows * fraction) rows of the train file form the valid split (BANKING77 has no dev set)",
+            defaultValue: 0.1, min: 0, max: 0.5),
+        HyperparameterEntry(
+            name: "valid_rows", type: VQMOE_HP_STRING,
+            description:
+                "which train-file rows are valid: spread = row i when floor((i+1)f) > floor(i f) (every 1/f-th row; "
+                + "keeps every class of a class-sorted file such as BANKING77 in both splits), tail = the last rows",
+            defaultString: "spread", choices: "spread,tail"),
+        HyperparameterEntry(
+            name: "seq_len", type: VQMOE_HP_INT,
+            description: "bytes per text (truncated / padded with 0); 0 = the model's seq_len",
+            defaultValue: 0, min: 0),
     ]
 
     /// Read the values the host resolved and check them; `modelSeqLen` is create_info.seq_len.
@@ -63,8 +75,10 @@ struct CSVConfig {
         validFraction = vqmoe_hp_float(hp, "valid_fraction", 0.1)
         validRows = string("valid_rows", "spread")
         let seqLenHP = vqmoe_hp_int(hp, "seq_len", 0)
-        for (name, value) in [("train_path", trainPath), ("test_path", testPath), ("text_column", textColumn),
-                              ("label_column", labelColumn)] where value.isEmpty {
+        for (name, value) in [
+            ("train_path", trainPath), ("test_path", testPath), ("text_column", textColumn),
+            ("label_column", labelColumn),
+        ] where value.isEmpty {
             throw .invalid("\(who): hyperparameter '\(name)' is empty")
         }
         guard ["auto", "comma", "tab"].contains(delimiter) else {

@@ -15,9 +15,9 @@
 // The output is " w1 w2 ... wn": a leading space, words of [a-z] separated by single spaces,
 // no trailing space (the script's `chop`), like text8 itself.
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
 
 // MARK: - bytes the script names
@@ -79,8 +79,10 @@ private struct NextIndex {
 /// replacement. The scan is leftmost-first and resumes at the match end: matches never
 /// overlap and replacements are not rescanned.
 @inline(__always)
-private func substitute(_ s: UnsafeBufferPointer<UInt8>, _ out: inout [UInt8], first: UInt8, global: Bool = true,
-                        _ match: (Int) -> Int, _ replace: (Int, Int, inout [UInt8]) -> Void = { _, _, _ in }) {
+private func substitute(
+    _ s: UnsafeBufferPointer<UInt8>, _ out: inout [UInt8], first: UInt8, global: Bool = true,
+    _ match: (Int) -> Int, _ replace: (Int, Int, inout [UInt8]) -> Void = { _, _, _ in }
+) {
     let n = s.count
     var keep = 0, i = 0
     while i < n {
@@ -96,10 +98,13 @@ private func substitute(_ s: UnsafeBufferPointer<UInt8>, _ out: inout [UInt8], f
 }
 
 /// s/LITERAL/REPLACEMENT/g (with /i when `ci`; `lit` lowercase then).
-private func replaceLiteral(_ s: UnsafeBufferPointer<UInt8>, _ out: inout [UInt8], _ lit: [UInt8], _ rep: [UInt8],
-                            ci: Bool = false) {
-    substitute(s, &out, first: lit[0], { i in (ci ? hasPrefixCI(s, i, lit) : hasPrefix(s, i, lit)) ? i + lit.count : -1 },
-               { _, _, o in o.append(contentsOf: rep) })
+private func replaceLiteral(
+    _ s: UnsafeBufferPointer<UInt8>, _ out: inout [UInt8], _ lit: [UInt8], _ rep: [UInt8],
+    ci: Bool = false
+) {
+    substitute(
+        s, &out, first: lit[0], { i in (ci ? hasPrefixCI(s, i, lit) : hasPrefix(s, i, lit)) ? i + lit.count : -1 },
+        { _, _, o in o.append(contentsOf: rep) })
 }
 
 // MARK: - the substitutions, in the script's order
@@ -156,12 +161,14 @@ private func cleanRecord(_ a: inout [UInt8], _ b: inout [UInt8], into out: inout
     // s/\[http:[^] ]*/[/g;   remove normal url, preserve visible text: "[http:" and what
     // follows up to a "]" or " " become "[".
     pass { s, o in
-        substitute(s, &o, first: chLB, { i in
-            guard hasPrefix(s, i, litHttp) else { return -1 }
-            var j = i + 6
-            while j < s.count && s[j] != chRB && s[j] != chSpace { j += 1 }
-            return j
-        }, { _, _, o in o.append(chLB) })
+        substitute(
+            s, &o, first: chLB,
+            { i in
+                guard hasPrefix(s, i, litHttp) else { return -1 }
+                var j = i + 6
+                while j < s.count && s[j] != chRB && s[j] != chSpace { j += 1 }
+                return j
+            }, { _, _, o in o.append(chLB) })
     }
     // s/\|thumb//ig; s/\|left//ig; s/\|right//ig;   remove images links, preserve caption.
     pass { s, o in replaceLiteral(s, &o, litThumb, [], ci: true) }
@@ -172,7 +179,8 @@ private func cleanRecord(_ a: inout [UInt8], _ b: inout [UInt8], into out: inout
         substitute(s, &o, first: chBar) { i in
             var j = i + 1
             while j < s.count && isDigit(s[j]) { j += 1 }
-            guard j > i + 1, j + 2 <= s.count, foldASCII(s[j]) == UInt8(ascii: "p"), foldASCII(s[j + 1]) == UInt8(ascii: "x")
+            guard j > i + 1, j + 2 <= s.count, foldASCII(s[j]) == UInt8(ascii: "p"),
+                foldASCII(s[j + 1]) == UInt8(ascii: "x")
             else { return -1 }
             return j + 2
         }
@@ -193,20 +201,23 @@ private func cleanRecord(_ a: inout [UInt8], _ b: inout [UInt8], into out: inout
     pass { s, o in
         var nextRB = NextIndex(chRB)
         var capture = 0..<0
-        substitute(s, &o, first: chLB, { i in
-            guard hasPrefixCI(s, i, litCategory) else { return -1 }
-            let c0 = i + 11
-            var k = c0
-            while k < s.count && s[k] != chBar && s[k] != chRB { k += 1 }
-            let j = nextRB.find(s, from: k)
-            guard j + 1 < s.count, s[j + 1] == chRB else { return -1 }
-            capture = c0..<k
-            return j + 2
-        }, { _, _, o in
-            o.append(chLB); o.append(chLB)
-            o.append(contentsOf: UnsafeBufferPointer(rebasing: s[capture]))
-            o.append(chRB); o.append(chRB)
-        })
+        substitute(
+            s, &o, first: chLB,
+            { i in
+                guard hasPrefixCI(s, i, litCategory) else { return -1 }
+                let c0 = i + 11
+                var k = c0
+                while k < s.count && s[k] != chBar && s[k] != chRB { k += 1 }
+                let j = nextRB.find(s, from: k)
+                guard j + 1 < s.count, s[j + 1] == chRB else { return -1 }
+                capture = c0..<k
+                return j + 2
+            },
+            { _, _, o in
+                o.append(chLB); o.append(chLB)
+                o.append(contentsOf: UnsafeBufferPointer(rebasing: s[capture]))
+                o.append(chRB); o.append(chRB)
+            })
     }
     // s/\[\[[a-z\-]*:[^\]]*\]\]//g;   remove links to other languages (case-SENSITIVE: "[[de:..]]",
     // "[[:..]]"; "[[Image:..]]" stays): "[[", [a-z-]*, ":", up to the first "]", then "]]".
@@ -224,11 +235,16 @@ private func cleanRecord(_ a: inout [UInt8], _ b: inout [UInt8], into out: inout
     // s/\[\[[^\|\]]*\|/[[/g;   remove wiki url, preserve visible text: "[[target|" -> "[[".
     pass { s, o in
         var nextBarOrRB = NextIndex(chBar, chRB)
-        substitute(s, &o, first: chLB, { i in
-            guard i + 1 < s.count, s[i + 1] == chLB else { return -1 }
-            let j = nextBarOrRB.find(s, from: i + 2)
-            return j < s.count && s[j] == chBar ? j + 1 : -1
-        }, { _, _, o in o.append(chLB); o.append(chLB) })
+        substitute(
+            s, &o, first: chLB,
+            { i in
+                guard i + 1 < s.count, s[i + 1] == chLB else { return -1 }
+                let j = nextBarOrRB.find(s, from: i + 2)
+                return j < s.count && s[j] == chBar ? j + 1 : -1
+            },
+            { _, _, o in
+                o.append(chLB); o.append(chLB)
+            })
     }
     // s/{{[^}]*}}//g;   remove {{icons}}: "{{" up to the first "}", which must be "}}".
     pass { s, o in
@@ -255,10 +271,12 @@ private func cleanRecord(_ a: inout [UInt8], _ b: inout [UInt8], into out: inout
     // becomes a space.
     pass { s, o in
         var nextSemi = NextIndex(chSemi)
-        substitute(s, &o, first: chAmp, { i in
-            let j = nextSemi.find(s, from: i + 1)
-            return j < s.count ? j + 1 : -1
-        }, { _, _, o in o.append(chSpace) })
+        substitute(
+            s, &o, first: chAmp,
+            { i in
+                let j = nextSemi.find(s, from: i + 1)
+                return j < s.count ? j + 1 : -1
+            }, { _, _, o in o.append(chSpace) })
     }
     // $_=" $_ "; tr/A-Z/a-z/; s/0/ zero /g; ... s/9/ nine /g; tr/a-z/ /cs; chop; print $_;
     // Every byte outside a-z becomes a space and runs of them one space, and the spelled

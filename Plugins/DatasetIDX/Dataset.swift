@@ -16,8 +16,8 @@ private let splitNames = ["train", "valid", "test"]
 
 /// Images of one IDX source: `count` images of `pixelsPerImage` bytes and their labels.
 struct ImageSet {
-    var pixels: [UInt8]   // (count, H·W)
-    var labels: [Int32]   // (count)
+    var pixels: [UInt8]  // (count, H·W)
+    var labels: [Int32]  // (count)
     var count: Int { labels.count }
 }
 
@@ -53,17 +53,21 @@ final class IDXDataset {
         let c = config
         let loaded: (ImageSet, Int, Int, ImageSet, Int, Int)
         do {
-            let (train, trainRows, trainCols) = try IDXDataset.load(images: c.path(c.trainImages), labels: c.path(c.trainLabels),
-                                                                   what: "training", nClasses: c.nClasses)
-            let (test, testRows, testCols) = try IDXDataset.load(images: c.path(c.testImages), labels: c.path(c.testLabels),
-                                                                what: "test", nClasses: c.nClasses)
+            let (train, trainRows, trainCols) = try IDXDataset.load(
+                images: c.path(c.trainImages), labels: c.path(c.trainLabels),
+                what: "training", nClasses: c.nClasses)
+            let (test, testRows, testCols) = try IDXDataset.load(
+                images: c.path(c.testImages), labels: c.path(c.testLabels),
+                what: "test", nClasses: c.nClasses)
             loaded = (train, trainRows, trainCols, test, testRows, testCols)
         } catch {
             throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
         }
         let (train, trainRows, trainCols, test, testRows, testCols) = loaded
         guard testRows == trainRows && testCols == trainCols else {
-            throw .io("\(who): \(c.path(c.testImages)): test images are \(testRows)x\(testCols) but the training images (\(c.path(c.trainImages))) are \(trainRows)x\(trainCols)")
+            throw .io(
+                "\(who): \(c.path(c.testImages)): test images are \(testRows)x\(testCols) but the training images (\(c.path(c.trainImages))) are \(trainRows)x\(trainCols)"
+            )
         }
         rows = trainRows
         cols = trainCols
@@ -73,7 +77,9 @@ final class IDXDataset {
         nValid = min(max(Int((Double(train.count) * c.validFraction + 1e-6).rounded(.down)), 0), train.count)
         nTrain = train.count - nValid
         guard nTrain >= 1 else {
-            throw .io("\(who): \(c.path(c.trainImages)) holds \(train.count) images: none left for training after valid_fraction \(c.validFraction)")
+            throw .io(
+                "\(who): \(c.path(c.trainImages)) holds \(train.count) images: none left for training after valid_fraction \(c.validFraction)"
+            )
         }
         table = (0..<256).map { v in
             let x = Double(v) / 255
@@ -84,8 +90,10 @@ final class IDXDataset {
 
     /// Read an image file and its label file; check they agree and that labels < n_classes.
     /// Returns the images and their (rows, cols).
-    static func load(images: String, labels: String, what: String,
-                     nClasses: Int) throws(PluginFailure) -> (ImageSet, Int, Int) {
+    static func load(
+        images: String, labels: String, what: String,
+        nClasses: Int
+    ) throws(PluginFailure) -> (ImageSet, Int, Int) {
         let img = try readIDX(images, what: "\(what) images", magic: idxImageMagic)
         let lab = try readIDX(labels, what: "\(what) labels", magic: idxLabelMagic)
         let (n, h, w) = (img.dims[0], img.dims[1], img.dims[2])
@@ -127,16 +135,19 @@ final class IDXDataset {
     }
 
     /// Fill `out` with batch `req.index` of `req.split`: inputs (B,1,H,W) float32, targets (B) int32.
-    func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
+    func readBatch(
+        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
+    ) throws(PluginFailure) {
         guard let req, let out else { throw .invalid("read_batch: request or batch is NULL") }
         try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "batch_request")
         try requireSize(out.pointee.struct_size, vqmoe_batch.self, "batch")
         let r = req.pointee
-        let (split, examples) = try batchExamples(r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
+        let (split, examples) = try batchExamples(
+            r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
         let file: ImageSet = split == VQMOE_SPLIT_TEST ? testFile : trainFile
         let B = Int(r.batch_size), P = pixelsPerImage
-        let inputs = try requireF32(out.pointee.inputs, [B, 1, rows, cols], "\(who): read_batch inputs")   // (B,1,H,W)
-        let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")               // (B)
+        let inputs = try requireF32(out.pointee.inputs, [B, 1, rows, cols], "\(who): read_batch inputs")  // (B,1,H,W)
+        let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")  // (B)
 
         let n = examples.count
         table.withUnsafeBufferPointer { lut in

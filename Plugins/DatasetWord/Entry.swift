@@ -22,22 +22,25 @@ func withDataset(_ inst: OpaquePointer?, _ body: (WordDataset) throws(PluginFail
 /// vqmoe_dataset_api: info / num_batches / read_batch.
 nonisolated(unsafe) let datasetAPI: UnsafeMutablePointer<vqmoe_dataset_api> = {
     let p = UnsafeMutablePointer<vqmoe_dataset_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_dataset_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_dataset_api>.size),
-        info: { inst, out in withDataset(inst) { ds throws(PluginFailure) in try ds.info(out) } },
-        num_batches: { inst, split, batchSize, out in
-            withDataset(inst) { ds throws(PluginFailure) in try ds.numBatches(split, batchSize, out) }
-        },
-        read_batch: { inst, req, out in withDataset(inst) { ds throws(PluginFailure) in try ds.readBatch(req, out) } }))
+    p.initialize(
+        to: vqmoe_dataset_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_dataset_api>.size),
+            info: { inst, out in withDataset(inst) { ds throws(PluginFailure) in try ds.info(out) } },
+            num_batches: { inst, split, batchSize, out in
+                withDataset(inst) { ds throws(PluginFailure) in try ds.numBatches(split, batchSize, out) }
+            },
+            read_batch: { inst, req, out in withDataset(inst) { ds throws(PluginFailure) in try ds.readBatch(req, out) }
+            }))
     return p
 }()
 
 /// "vqmoe.metrics/1": oov_rate_train, oov_rate_valid, oov_rate_test, vocab_size.
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withDataset(inst) { ds throws(PluginFailure) in try ds.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withDataset(inst) { ds throws(PluginFailure) in try ds.metrics(sink) } }))
     return p
 }()
 
@@ -52,10 +55,10 @@ nonisolated(unsafe) let wordDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.name = staticCString("word")
     d.version = staticCString("1.1.0")
     d.description = staticCString(
-        "word-level LM corpus in the WikiText-103 format (dir/wiki.{train,valid,test}.tokens) or one text file split " +
-        "by tokens (path): each line's whitespace-separated words + <eos>; vocabulary from the train split " +
-        "(<unk>, <eos>, then by descending count, ties in byte order; min_count, max_vocab), other words -> <unk>; " +
-        "order=streams serves parallel streams in order (Transformer-XL)")
+        "word-level LM corpus in the WikiText-103 format (dir/wiki.{train,valid,test}.tokens) or one text file split "
+            + "by tokens (path): each line's whitespace-separated words + <eos>; vocabulary from the train split "
+            + "(<unk>, <eos>, then by descending count, ties in byte order; min_count, max_vocab), other words -> <unk>; "
+            + "order=streams serves parallel streams in order (Transformer-XL)")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -69,7 +72,9 @@ nonisolated(unsafe) let wordDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.destroy = { inst in Handle.release(inst, as: WordDataset.self) }
     d.num_buffers = { _ in 0 }
     d.buffer_spec = { inst, i, _ in
-        withDataset(inst) { _ throws(PluginFailure) in throw .invalid("word: declares no buffers (asked for buffer \(i))") }
+        withDataset(inst) { _ throws(PluginFailure) in
+            throw .invalid("word: declares no buffers (asked for buffer \(i))")
+        }
     }
     d.bind_buffers = { inst, _, n in
         withDataset(inst) { _ throws(PluginFailure) in
@@ -92,7 +97,8 @@ nonisolated(unsafe) let wordDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "word was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "word was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "word".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

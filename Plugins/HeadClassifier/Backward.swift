@@ -9,9 +9,13 @@ extension ClassifierHead {
     ///   du = da ⊙ mask ⊙ act'(u);  grad_W1 += du^T p;  grad_b1 += sum_b du_b       (B,H)
     ///   dp = du W1 (B,d), routed to h by the pooling (padding positions get 0)
     /// Parameter gradients are skipped when the forward was FROZEN.
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_head_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_head_grad_out>?) throws(PluginFailure) {
-        guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_head_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_head_grad_out>?
+    ) throws(PluginFailure) {
+        guard let ctxPtr else {
+            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
+        }
         guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
         try requireSize(ginPtr.pointee.struct_size, vqmoe_head_grad_in.self, "head grad_in")
         try requireSize(goutPtr.pointee.struct_size, vqmoe_head_grad_out.self, "head grad_out")
@@ -37,36 +41,44 @@ extension ClassifierHead {
 
         // grad_W2 (C,H) += dz^T (C,B) a (B,H);  grad_b2 += column sums of dz.
         if let gW2 = params?.w2 {
-            host.gemm(transA: true, transB: false, m: C, n: H, k: B, alpha: 1, a: dz, lda: C, b: ctx.act, ldb: H,
-                      beta: 1, c: gW2, ldc: H)
+            host.gemm(
+                transA: true, transB: false, m: C, n: H, k: B, alpha: 1, a: dz, lda: C, b: ctx.act, ldb: H,
+                beta: 1, c: gW2, ldc: H)
         }
         if let gb2 = params?.b2 { try addColumnSums(dz, rows: B, cols: C, into: gb2) }
 
         // du (B,H) = (dz (B,C) W2 (C,H)) ⊙ mask ⊙ act'(u).
         let du = try host.scratchFloats(B * H, "FC1 output gradients")
-        host.gemm(transA: false, transB: false, m: B, n: H, k: C, alpha: 1, a: dz, lda: C, b: ctx.w2, ldb: H,
-                  beta: 0, c: du, ldc: H)
+        host.gemm(
+            transA: false, transB: false, m: B, n: H, k: C, alpha: 1, a: dz, lda: C, b: ctx.w2, ldb: H,
+            beta: 0, c: du, ldc: H)
         if let mask = ctx.mask { for i in 0..<(B * H) { du[i] *= mask[i] } }
         config.activation.backward(ctx.pre, du, B * H)
 
         // grad_W1 (H,d) += du^T (H,B) p (B,d);  grad_b1 += column sums of du.
         if let gW1 = params?.w1 {
-            host.gemm(transA: true, transB: false, m: H, n: d, k: B, alpha: 1, a: du, lda: H, b: ctx.pooled, ldb: d,
-                      beta: 1, c: gW1, ldc: d)
+            host.gemm(
+                transA: true, transB: false, m: H, n: d, k: B, alpha: 1, a: du, lda: H, b: ctx.pooled, ldb: d,
+                beta: 1, c: gW1, ldc: d)
         }
         if let gb1 = params?.b1 { try addColumnSums(du, rows: B, cols: H, into: gb1) }
 
         // dp (B,d) = du (B,H) W1 (H,d), then back through the pooling into grad_h.
         let dp = try host.scratchFloats(B * d, "pooled-vector gradients")
-        host.gemm(transA: false, transB: false, m: B, n: d, k: H, alpha: 1, a: du, lda: H, b: ctx.w1, ldb: d,
-                  beta: 0, c: dp, ldc: d)
-        host.parallelFor(B, grain: poolGrain(t: T, d: d),
-                         PoolJob(h: gradH, gradH: gradH, pooled: dp, lengths: ctx.lengths, argmax: ctx.argmax,
-                                 pooling: config.pooling, t: T, d: d), unpoolRows)
+        host.gemm(
+            transA: false, transB: false, m: B, n: d, k: H, alpha: 1, a: du, lda: H, b: ctx.w1, ldb: d,
+            beta: 0, c: dp, ldc: d)
+        host.parallelFor(
+            B, grain: poolGrain(t: T, d: d),
+            PoolJob(
+                h: gradH, gradH: gradH, pooled: dp, lengths: ctx.lengths, argmax: ctx.argmax,
+                pooling: config.pooling, t: T, d: d), unpoolRows)
     }
 
     /// out[j] += sum_i m[i, j], summed in double in row order (the same for any thread count).
-    func addColumnSums(_ m: UnsafePointer<Float>, rows: Int, cols: Int, into out: UnsafeMutablePointer<Float>) throws(PluginFailure) {
+    func addColumnSums(
+        _ m: UnsafePointer<Float>, rows: Int, cols: Int, into out: UnsafeMutablePointer<Float>
+    ) throws(PluginFailure) {
         let acc = try host.scratchDoubles(cols, "column sums")
         acc.update(repeating: 0, count: cols)
         for i in 0..<rows { let row = m + i * cols; for j in 0..<cols { acc[j] += Double(row[j]) } }

@@ -17,20 +17,21 @@ func withHead(_ inst: OpaquePointer?, _ body: (ClassifierHead) throws(PluginFail
 /// vqmoe_head_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let headAPI: UnsafeMutablePointer<vqmoe_head_api> = {
     let p = UnsafeMutablePointer<vqmoe_head_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_head_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
-        shape: { inst, out in withHead(inst) { h throws(PluginFailure) in try h.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withHead(inst) { h throws(PluginFailure) in try h.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withHead(inst) { h throws(PluginFailure) in try h.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<ClassifierContext>.fromOpaque(ctx).release()
-        }))
+    p.initialize(
+        to: vqmoe_head_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
+            shape: { inst, out in withHead(inst) { h throws(PluginFailure) in try h.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withHead(inst) { h throws(PluginFailure) in try h.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withHead(inst) { h throws(PluginFailure) in try h.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<ClassifierContext>.fromOpaque(ctx).release()
+            }))
     return p
 }()
 
@@ -45,9 +46,9 @@ nonisolated(unsafe) let classifierDescriptor: UnsafeMutablePointer<vqmoe_plugin_
     d.name = staticCString("classifier")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "Sequence classifier, the VQMoE fine-tuning head (the last layer replaced by two fully connected layers): " +
-        "p = pool(h) over the real tokens (mean / first / last / max), logits = W2 dropout(act(W1 p + b1)) + b2 " +
-        "(act tanh by default, as BERT's pooler), mean softmax cross-entropy over non-pad targets")
+        "Sequence classifier, the VQMoE fine-tuning head (the last layer replaced by two fully connected layers): "
+            + "p = pool(h) over the real tokens (mean / first / last / max), logits = W2 dropout(act(W1 p + b1)) + b2 "
+            + "(act tanh by default, as BERT's pooler), mean softmax cross-entropy over non-pad targets")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -79,7 +80,8 @@ nonisolated(unsafe) let classifierDescriptor: UnsafeMutablePointer<vqmoe_plugin_
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "classifier was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "classifier was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "classifier".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

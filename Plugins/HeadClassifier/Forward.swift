@@ -10,16 +10,16 @@ final class ClassifierContext {
     let count: Int
     /// VQMOE_STEP_FROZEN: no parameter gradients.
     let frozen: Bool
-    let lengths: UnsafeMutablePointer<Int32>    // (B) real tokens per sequence
-    let argmax: UnsafeMutablePointer<Int32>?    // (B,d) max pooling's positions
-    let pooled: UnsafeMutablePointer<Float>     // (B,d) p
-    let pre: UnsafeMutablePointer<Float>        // (B,H) u = W1 p + b1
-    let act: UnsafeMutablePointer<Float>        // (B,H) a = act(u) ⊙ mask
-    let mask: UnsafeMutablePointer<Float>?      // (B,H) 0 or 1/(1-dropout); nil = no dropout
-    let probs: UnsafeMutablePointer<Float>      // (B,C) softmax(z)
-    let targets: UnsafeMutablePointer<Int32>    // (B)
-    let w1: UnsafeMutablePointer<Float>         // (H,d)
-    let w2: UnsafeMutablePointer<Float>         // (C,H)
+    let lengths: UnsafeMutablePointer<Int32>  // (B) real tokens per sequence
+    let argmax: UnsafeMutablePointer<Int32>?  // (B,d) max pooling's positions
+    let pooled: UnsafeMutablePointer<Float>  // (B,d) p
+    let pre: UnsafeMutablePointer<Float>  // (B,H) u = W1 p + b1
+    let act: UnsafeMutablePointer<Float>  // (B,H) a = act(u) ⊙ mask
+    let mask: UnsafeMutablePointer<Float>?  // (B,H) 0 or 1/(1-dropout); nil = no dropout
+    let probs: UnsafeMutablePointer<Float>  // (B,C) softmax(z)
+    let targets: UnsafeMutablePointer<Int32>  // (B)
+    let w1: UnsafeMutablePointer<Float>  // (H,d)
+    let w2: UnsafeMutablePointer<Float>  // (C,H)
 
     init(b: Int, t: Int, d: Int, hidden: Int, c: Int, count: Int, frozen: Bool, maxPooling: Bool, dropout: Bool) {
         self.b = b; self.t = t; self.d = d; self.hidden = hidden; self.c = c; self.count = count; self.frozen = frozen
@@ -73,7 +73,6 @@ extension Activation {
 
 // MARK: - cross-entropy
 
-
 // MARK: - forward
 
 extension ClassifierHead {
@@ -88,9 +87,11 @@ extension ClassifierHead {
     /// forwards (m ~ Bernoulli(1-dropout) from host stream (step seed, 0), row-major over
     /// (B,H)); logits z = a W2^T + b2 (B,C); with targets the mean cross-entropy over
     /// non-pad rows, loss_sum, count and correct.
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_head_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_head_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_head_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_head_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(stepPtr.pointee.struct_size, vqmoe_step_info.self, "step info")
@@ -105,8 +106,10 @@ extension ClassifierHead {
         let B = Int(hs[0]), T = Int(hs[1])
         let h = try requireF32(input.h, [B, T, d], "h")
         let logits = try requireF32(outPtr.pointee.logits, [B, C], "logits")
-        let targets: UnsafeMutablePointer<Int32>? = input.targets.data == nil ? nil : try requireI32(input.targets, [B], "targets")
-        let given: UnsafeMutablePointer<Int32>? = input.lengths.data == nil ? nil : try requireI32(input.lengths, [B], "lengths")
+        let targets: UnsafeMutablePointer<Int32>? =
+            input.targets.data == nil ? nil : try requireI32(input.targets, [B], "targets")
+        let given: UnsafeMutablePointer<Int32>? =
+            input.lengths.data == nil ? nil : try requireI32(input.lengths, [B], "lengths")
         if let given {
             for i in 0..<B where given[i] < 1 || Int(given[i]) > T {
                 throw .invalid("lengths[\(i)] = \(given[i]) is outside [1, \(T)] (T = the sequence length of h)")
@@ -119,9 +122,12 @@ extension ClassifierHead {
         let dropout = train && config.dropout > 0
         var count = 0
         if let targets { for i in 0..<B where targets[i] != Int32(VQMOE_PAD_TARGET) { count += 1 } }
-        let ctx = saves ? ClassifierContext(b: B, t: T, d: d, hidden: H, c: C, count: count,
-                                            frozen: flags & VQMOE_STEP_FROZEN != 0,
-                                            maxPooling: config.pooling == .max, dropout: dropout) : nil
+        let ctx =
+            saves
+            ? ClassifierContext(
+                b: B, t: T, d: d, hidden: H, c: C, count: count,
+                frozen: flags & VQMOE_STEP_FROZEN != 0,
+                maxPooling: config.pooling == .max, dropout: dropout) : nil
 
         // Resolved lengths: given, or T for every row.
         let lengths = try host.orScratch(ctx?.lengths, B, "lengths")
@@ -129,16 +135,20 @@ extension ClassifierHead {
 
         // p (B,d) = pool(h).
         let pooled = try host.orScratch(ctx?.pooled, B * d, "pooled vectors")
-        let argmax: UnsafeMutablePointer<Int32>? = config.pooling != .max ? nil : try host.orScratch(ctx?.argmax, B * d, "max positions")
-        host.parallelFor(B, grain: poolGrain(t: T, d: d),
-                         PoolJob(h: h, gradH: nil, pooled: pooled, lengths: lengths, argmax: argmax,
-                                 pooling: config.pooling, t: T, d: d), poolRows)
+        let argmax: UnsafeMutablePointer<Int32>? =
+            config.pooling != .max ? nil : try host.orScratch(ctx?.argmax, B * d, "max positions")
+        host.parallelFor(
+            B, grain: poolGrain(t: T, d: d),
+            PoolJob(
+                h: h, gradH: nil, pooled: pooled, lengths: lengths, argmax: argmax,
+                pooling: config.pooling, t: T, d: d), poolRows)
 
         // u (B,H) = b1 + p (B,d) W1^T (d,H).
         let pre = try host.orScratch(ctx?.pre, B * H, "FC1 outputs")
         for i in 0..<B { (pre + i * H).update(from: params.b1, count: H) }
-        host.gemm(transA: false, transB: true, m: B, n: H, k: d, alpha: 1, a: pooled, lda: d, b: params.w1, ldb: d,
-                  beta: 1, c: pre, ldc: H)
+        host.gemm(
+            transA: false, transB: true, m: B, n: H, k: d, alpha: 1, a: pooled, lda: d, b: params.w1, ldb: d,
+            beta: 1, c: pre, ldc: H)
 
         // a (B,H) = act(u), then inverted dropout.
         let act = try host.orScratch(ctx?.act, B * H, "activations")
@@ -151,8 +161,9 @@ extension ClassifierHead {
 
         // z (B,C) = b2 + a (B,H) W2^T (H,C).
         for i in 0..<B { (logits + i * C).update(from: params.b2, count: C) }
-        host.gemm(transA: false, transB: true, m: B, n: C, k: H, alpha: 1, a: act, lda: H, b: params.w2, ldb: H,
-                  beta: 1, c: logits, ldc: C)
+        host.gemm(
+            transA: false, transB: true, m: B, n: C, k: H, alpha: 1, a: act, lda: H, b: params.w2, ldb: H,
+            beta: 1, c: logits, ldc: C)
 
         var out = outPtr.pointee
         out.loss = 0; out.loss_sum = 0; out.count = 0; out.correct = 0
@@ -183,4 +194,3 @@ extension ClassifierHead {
         for i in 0..<n { mask[i] = uniform(&r) >= p ? keep : 0 }
     }
 }
-

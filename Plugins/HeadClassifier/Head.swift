@@ -30,10 +30,10 @@ final class ClassifierHead {
     let nClasses: Int
 
     /// Host buffers (bound by bind_buffers) and their gradients (nil when frozen by the host).
-    private(set) var fc1Weight: UnsafeMutablePointer<Float>?   // (H,d)
-    private(set) var fc1Bias: UnsafeMutablePointer<Float>?     // (H)
-    private(set) var fc2Weight: UnsafeMutablePointer<Float>?   // (C,H)
-    private(set) var fc2Bias: UnsafeMutablePointer<Float>?     // (C)
+    private(set) var fc1Weight: UnsafeMutablePointer<Float>?  // (H,d)
+    private(set) var fc1Bias: UnsafeMutablePointer<Float>?  // (H)
+    private(set) var fc2Weight: UnsafeMutablePointer<Float>?  // (C,H)
+    private(set) var fc2Bias: UnsafeMutablePointer<Float>?  // (C)
     private(set) var fc1WeightGrad: UnsafeMutablePointer<Float>?
     private(set) var fc1BiasGrad: UnsafeMutablePointer<Float>?
     private(set) var fc2WeightGrad: UnsafeMutablePointer<Float>?
@@ -62,7 +62,9 @@ final class ClassifierHead {
     /// Weights (2-D, weight decay) and biases (1-D, NO_DECAY), all PARAM float32.
     func bufferSpec(_ i: Int, _ out: UnsafeMutablePointer<vqmoe_buffer_spec>?) throws(PluginFailure) {
         guard let out else { throw .invalid("buffer_spec: out is NULL") }
-        guard let kind = BufferKind(rawValue: i) else { throw .invalid("buffer index \(i) outside [0, \(bufferCount))") }
+        guard let kind = BufferKind(rawValue: i) else {
+            throw .invalid("buffer index \(i) outside [0, \(bufferCount))")
+        }
         var s = vqmoe_buffer_spec()
         s.struct_size = UInt32(MemoryLayout<vqmoe_buffer_spec>.size)
         s.name = kind.cName
@@ -78,12 +80,16 @@ final class ClassifierHead {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the head declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the head declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         for kind in BufferKind.allCases where bindings[kind.rawValue].data == nil {
             throw .invalid("bind_buffers: '\(String(cString: kind.cName))' has no data")
         }
-        func f(_ k: BufferKind) -> UnsafeMutablePointer<Float> { bindings[k.rawValue].data!.assumingMemoryBound(to: Float.self) }
+        func f(_ k: BufferKind) -> UnsafeMutablePointer<Float> {
+            bindings[k.rawValue].data!.assumingMemoryBound(to: Float.self)
+        }
         fc1Weight = f(.fc1Weight); fc1Bias = f(.fc1Bias); fc2Weight = f(.fc2Weight); fc2Bias = f(.fc2Bias)
         fc1WeightGrad = bindings[BufferKind.fc1Weight.rawValue].grad
         fc1BiasGrad = bindings[BufferKind.fc1Bias.rawValue].grad
@@ -92,8 +98,10 @@ final class ClassifierHead {
     }
 
     /// The bound parameters (W1, b1, W2, b2), or a STATE error before bind_buffers.
-    func bound() throws(PluginFailure) -> (w1: UnsafeMutablePointer<Float>, b1: UnsafeMutablePointer<Float>,
-                                           w2: UnsafeMutablePointer<Float>, b2: UnsafeMutablePointer<Float>) {
+    func bound() throws(PluginFailure) -> (
+        w1: UnsafeMutablePointer<Float>, b1: UnsafeMutablePointer<Float>,
+        w2: UnsafeMutablePointer<Float>, b2: UnsafeMutablePointer<Float>
+    ) {
         guard let fc1Weight, let fc1Bias, let fc2Weight, let fc2Bias else { throw .state("called before bind_buffers") }
         return (fc1Weight, fc1Bias, fc2Weight, fc2Bias)
     }

@@ -37,40 +37,54 @@ struct ClassifierConfig {
     var initStd: Float
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "pooling", type: VQMOE_HP_STRING,
-                            description: "sequence -> vector: mean / max over the real tokens (t < lengths[b]), first token, or last real token",
-                            defaultString: "mean", choices: Pooling.allCases.map(\.rawValue).joined(separator: ",")),
-        HyperparameterEntry(name: "hidden", type: VQMOE_HP_INT,
-                            description: "width of the first fully connected layer; 0 = d_model",
-                            defaultValue: 0, min: 0, max: Double(1 << 20)),
-        HyperparameterEntry(name: "activation", type: VQMOE_HP_STRING,
-                            description: "activation after FC1 (tanh = BERT-style pooler; gelu is the exact erf form)",
-                            defaultString: "tanh", choices: Activation.allCases.map(\.rawValue).joined(separator: ",")),
-        HyperparameterEntry(name: "dropout", type: VQMOE_HP_FLOAT,
-                            description: "inverted dropout on the activated FC1 output in training forwards (mask from the step seed, kept units scaled by 1/(1-p))",
-                            defaultValue: 0.1, min: 0, max: 0.9),
-        HyperparameterEntry(name: "init_std", type: VQMOE_HP_FLOAT,
-                            description: "fc1.weight, fc2.weight ~ N(0, init_std^2); biases start at 0",
-                            defaultValue: 0.02, min: 0),
+        HyperparameterEntry(
+            name: "pooling", type: VQMOE_HP_STRING,
+            description:
+                "sequence -> vector: mean / max over the real tokens (t < lengths[b]), first token, or last real token",
+            defaultString: "mean", choices: Pooling.allCases.map(\.rawValue).joined(separator: ",")),
+        HyperparameterEntry(
+            name: "hidden", type: VQMOE_HP_INT,
+            description: "width of the first fully connected layer; 0 = d_model",
+            defaultValue: 0, min: 0, max: Double(1 << 20)),
+        HyperparameterEntry(
+            name: "activation", type: VQMOE_HP_STRING,
+            description: "activation after FC1 (tanh = BERT-style pooler; gelu is the exact erf form)",
+            defaultString: "tanh", choices: Activation.allCases.map(\.rawValue).joined(separator: ",")),
+        HyperparameterEntry(
+            name: "dropout", type: VQMOE_HP_FLOAT,
+            description:
+                "inverted dropout on the activated FC1 output in training forwards (mask from the step seed, kept units scaled by 1/(1-p))",
+            defaultValue: 0.1, min: 0, max: 0.9),
+        HyperparameterEntry(
+            name: "init_std", type: VQMOE_HP_FLOAT,
+            description: "fc1.weight, fc2.weight ~ N(0, init_std^2); biases start at 0",
+            defaultValue: 0.02, min: 0),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.
     init(_ hp: UnsafePointer<vqmoe_hparams>?, dModel: Int) throws(PluginFailure) {
         let poolingText = String(cString: vqmoe_hp_string(hp, "pooling", "mean"))
         guard let p = Pooling(rawValue: poolingText) else {
-            throw .invalid("pooling = '\(poolingText)' is not one of \(Pooling.allCases.map(\.rawValue).joined(separator: ", "))")
+            throw .invalid(
+                "pooling = '\(poolingText)' is not one of \(Pooling.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         pooling = p
         let activationText = String(cString: vqmoe_hp_string(hp, "activation", "tanh"))
         guard let a = Activation(rawValue: activationText) else {
-            throw .invalid("activation = '\(activationText)' is not one of \(Activation.allCases.map(\.rawValue).joined(separator: ", "))")
+            throw .invalid(
+                "activation = '\(activationText)' is not one of \(Activation.allCases.map(\.rawValue).joined(separator: ", "))"
+            )
         }
         activation = a
         let requested = Int(vqmoe_hp_int(hp, "hidden", 0))
-        guard requested >= 0 && requested <= 1 << 20 else { throw .invalid("hidden = \(requested) must be in [0, \(1 << 20)] (0 = d_model)") }
+        guard requested >= 0 && requested <= 1 << 20 else {
+            throw .invalid("hidden = \(requested) must be in [0, \(1 << 20)] (0 = d_model)")
+        }
         hidden = requested == 0 ? dModel : requested
         dropout = Float(vqmoe_hp_float(hp, "dropout", 0.1))
-        guard dropout.isFinite && dropout >= 0 && dropout <= 0.9 else { throw .invalid("dropout = \(dropout) must be in [0, 0.9]") }
+        guard dropout.isFinite && dropout >= 0 && dropout <= 0.9 else {
+            throw .invalid("dropout = \(dropout) must be in [0, 0.9]")
+        }
         initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))
         guard initStd.isFinite && initStd >= 0 else { throw .invalid("init_std = \(initStd) must be finite and >= 0") }
     }

@@ -5,11 +5,11 @@ import VQMoEABI
 
 /// Pointers for the per-sequence pooling loops (run on the host's pool, one sequence per item).
 struct PoolJob {
-    var h: UnsafePointer<Float>                 // (B,T,d) forward input
-    var gradH: UnsafeMutablePointer<Float>?     // (B,T,d) backward output, accumulated
-    var pooled: UnsafeMutablePointer<Float>     // (B,d) forward: p; backward: dL/dp
-    var lengths: UnsafePointer<Int32>           // (B) real tokens, in [1, T]
-    var argmax: UnsafeMutablePointer<Int32>?    // (B,d) max pooling: the winning position
+    var h: UnsafePointer<Float>  // (B,T,d) forward input
+    var gradH: UnsafeMutablePointer<Float>?  // (B,T,d) backward output, accumulated
+    var pooled: UnsafeMutablePointer<Float>  // (B,d) forward: p; backward: dL/dp
+    var lengths: UnsafePointer<Int32>  // (B) real tokens, in [1, T]
+    var argmax: UnsafeMutablePointer<Int32>?  // (B,d) max pooling: the winning position
     var pooling: Pooling
     var t: Int
     var d: Int

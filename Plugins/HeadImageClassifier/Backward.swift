@@ -35,9 +35,13 @@ extension ImageClassifierHead {
     ///   grad_gamma += sum_b dy_b ⊙ xhat_b;  grad_beta += sum_b dy_b
     ///   then through the LayerNorm and the pooling into grad_h (see normalizeAndPoolBackward).
     /// Parameter gradients are skipped when the forward was FROZEN.
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_head_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_head_grad_out>?) throws(PluginFailure) {
-        guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_head_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_head_grad_out>?
+    ) throws(PluginFailure) {
+        guard let ctxPtr else {
+            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
+        }
         guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
         try requireSize(ginPtr.pointee.struct_size, vqmoe_head_grad_in.self, "head grad_in")
         try requireSize(goutPtr.pointee.struct_size, vqmoe_head_grad_out.self, "head grad_out")
@@ -61,14 +65,16 @@ extension ImageClassifierHead {
         }
         // dy (B,d) = dz (B,C) W (C,d).
         let dy = try host.scratchFloats(B * d, "LayerNorm output gradients")
-        host.gemm(transA: false, transB: false, m: B, n: d, k: C, alpha: 1, a: dz, lda: C, b: ctx.w, ldb: d,
-                  beta: 0, c: dy, ldc: d)
+        host.gemm(
+            transA: false, transB: false, m: B, n: d, k: C, alpha: 1, a: dz, lda: C, b: ctx.w, ldb: d,
+            beta: 0, c: dy, ldc: d)
 
         if !ctx.frozen {
             // grad_W (C,d) += dz^T (C,B) y (B,d);  grad_c += column sums of dz.
             if let gW = headWeightGrad {
-                host.gemm(transA: true, transB: false, m: C, n: d, k: B, alpha: 1, a: dz, lda: C, b: ctx.normed, ldb: d,
-                          beta: 1, c: gW, ldc: d)
+                host.gemm(
+                    transA: true, transB: false, m: C, n: d, k: B, alpha: 1, a: dz, lda: C, b: ctx.normed, ldb: d,
+                    beta: 1, c: gW, ldc: d)
             }
             if let gc = headBiasGrad { try addColumnSums(dz, rows: B, cols: C, into: gc) }
             // grad_gamma += sum_b dy ⊙ xhat;  grad_beta += sum_b dy (double, rows in order).
@@ -84,14 +90,18 @@ extension ImageClassifierHead {
             }
         }
 
-        host.parallelFor(B, grain: max(1, 16_384 / (T * d)),
-                         NormJob(h: gradH, gradH: gradH, lengths: ctx.lengths, xhat: ctx.xhat, rstd: ctx.rstd, normed: dy,
-                                 gamma: ctx.gamma, beta: nil, pooling: config.pooling, t: T, d: d),
-                         normalizeAndPoolBackward)
+        host.parallelFor(
+            B, grain: max(1, 16_384 / (T * d)),
+            NormJob(
+                h: gradH, gradH: gradH, lengths: ctx.lengths, xhat: ctx.xhat, rstd: ctx.rstd, normed: dy,
+                gamma: ctx.gamma, beta: nil, pooling: config.pooling, t: T, d: d),
+            normalizeAndPoolBackward)
     }
 
     /// out[j] += sum_i m[i, j], summed in double in row order (the same for any thread count).
-    func addColumnSums(_ m: UnsafePointer<Float>, rows: Int, cols: Int, into out: UnsafeMutablePointer<Float>) throws(PluginFailure) {
+    func addColumnSums(
+        _ m: UnsafePointer<Float>, rows: Int, cols: Int, into out: UnsafeMutablePointer<Float>
+    ) throws(PluginFailure) {
         let acc = try host.scratchDoubles(cols, "column sums")
         acc.update(repeating: 0, count: cols)
         for i in 0..<rows { let row = m + i * cols; for j in 0..<cols { acc[j] += Double(row[j]) } }

@@ -17,20 +17,21 @@ func withHead(_ inst: OpaquePointer?, _ body: (ImageClassifierHead) throws(Plugi
 /// vqmoe_head_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let headAPI: UnsafeMutablePointer<vqmoe_head_api> = {
     let p = UnsafeMutablePointer<vqmoe_head_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_head_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
-        shape: { inst, out in withHead(inst) { h throws(PluginFailure) in try h.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withHead(inst) { h throws(PluginFailure) in try h.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withHead(inst) { h throws(PluginFailure) in try h.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<ImageClassifierContext>.fromOpaque(ctx).release()
-        }))
+    p.initialize(
+        to: vqmoe_head_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
+            shape: { inst, out in withHead(inst) { h throws(PluginFailure) in try h.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withHead(inst) { h throws(PluginFailure) in try h.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withHead(inst) { h throws(PluginFailure) in try h.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<ImageClassifierContext>.fromOpaque(ctx).release()
+            }))
     return p
 }()
 
@@ -45,9 +46,9 @@ nonisolated(unsafe) let imageClassifierDescriptor: UnsafeMutablePointer<vqmoe_pl
     d.name = staticCString("image_classifier")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "ViT image classifier head (Dosovitskiy et al. 2021): p = the class token (position 0) or the mean over " +
-        "positions, logits = W LayerNorm(p) + c (LayerNorm eps 1e-5, head.weight ~ N(0, init_std^2)), " +
-        "mean softmax cross-entropy over non-pad targets")
+        "ViT image classifier head (Dosovitskiy et al. 2021): p = the class token (position 0) or the mean over "
+            + "positions, logits = W LayerNorm(p) + c (LayerNorm eps 1e-5, head.weight ~ N(0, init_std^2)), "
+            + "mean softmax cross-entropy over non-pad targets")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -79,7 +80,8 @@ nonisolated(unsafe) let imageClassifierDescriptor: UnsafeMutablePointer<vqmoe_pl
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "image_classifier was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "image_classifier was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "image_classifier".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

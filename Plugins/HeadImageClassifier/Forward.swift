@@ -11,14 +11,14 @@ final class ImageClassifierContext {
     let count: Int
     /// VQMOE_STEP_FROZEN: no parameter gradients.
     let frozen: Bool
-    let lengths: UnsafeMutablePointer<Int32>    // (B) positions mean pooling averages
-    let xhat: UnsafeMutablePointer<Float>       // (B,d) (p - mu) * rstd
-    let rstd: UnsafeMutablePointer<Float>       // (B) 1 / sqrt(var + eps)
-    let normed: UnsafeMutablePointer<Float>     // (B,d) y = xhat ⊙ gamma + beta
-    let probs: UnsafeMutablePointer<Float>      // (B,C) softmax(z)
-    let targets: UnsafeMutablePointer<Int32>    // (B)
-    let gamma: UnsafeMutablePointer<Float>      // (d)
-    let w: UnsafeMutablePointer<Float>          // (C,d)
+    let lengths: UnsafeMutablePointer<Int32>  // (B) positions mean pooling averages
+    let xhat: UnsafeMutablePointer<Float>  // (B,d) (p - mu) * rstd
+    let rstd: UnsafeMutablePointer<Float>  // (B) 1 / sqrt(var + eps)
+    let normed: UnsafeMutablePointer<Float>  // (B,d) y = xhat ⊙ gamma + beta
+    let probs: UnsafeMutablePointer<Float>  // (B,C) softmax(z)
+    let targets: UnsafeMutablePointer<Int32>  // (B)
+    let gamma: UnsafeMutablePointer<Float>  // (d)
+    let w: UnsafeMutablePointer<Float>  // (C,d)
 
     init(b: Int, t: Int, d: Int, c: Int, count: Int, frozen: Bool) {
         self.b = b; self.t = t; self.d = d; self.c = c; self.count = count; self.frozen = frozen
@@ -40,14 +40,14 @@ final class ImageClassifierContext {
 
 /// Pointers for the per-image pool + LayerNorm loops (run on the host's pool).
 struct NormJob {
-    var h: UnsafePointer<Float>                 // (B,T,d) forward input
-    var gradH: UnsafeMutablePointer<Float>?     // (B,T,d) backward output, accumulated
-    var lengths: UnsafePointer<Int32>           // (B) in [1, T]
-    var xhat: UnsafeMutablePointer<Float>       // (B,d)
-    var rstd: UnsafeMutablePointer<Float>       // (B)
-    var normed: UnsafeMutablePointer<Float>     // (B,d) forward: y; backward: dL/dy
-    var gamma: UnsafePointer<Float>             // (d)
-    var beta: UnsafePointer<Float>?             // (d) forward only
+    var h: UnsafePointer<Float>  // (B,T,d) forward input
+    var gradH: UnsafeMutablePointer<Float>?  // (B,T,d) backward output, accumulated
+    var lengths: UnsafePointer<Int32>  // (B) in [1, T]
+    var xhat: UnsafeMutablePointer<Float>  // (B,d)
+    var rstd: UnsafeMutablePointer<Float>  // (B)
+    var normed: UnsafeMutablePointer<Float>  // (B,d) forward: y; backward: dL/dy
+    var gamma: UnsafePointer<Float>  // (d)
+    var beta: UnsafePointer<Float>?  // (d) forward only
     var pooling: Pooling
     var t: Int
     var d: Int
@@ -97,9 +97,11 @@ extension ImageClassifierHead {
 
     /// y = LayerNorm(pool(h)) (B,d); logits z = y W^T + c (B,C); with targets the mean
     /// cross-entropy over non-pad rows, loss_sum, count and correct.
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_head_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_head_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_head_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_head_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(stepPtr.pointee.struct_size, vqmoe_step_info.self, "step info")
@@ -114,8 +116,10 @@ extension ImageClassifierHead {
         let B = Int(hs[0]), T = Int(hs[1])
         let h = try requireF32(input.h, [B, T, d], "h")
         let logits = try requireF32(outPtr.pointee.logits, [B, C], "logits")
-        let targets: UnsafeMutablePointer<Int32>? = input.targets.data == nil ? nil : try requireI32(input.targets, [B], "targets")
-        let given: UnsafeMutablePointer<Int32>? = input.lengths.data == nil ? nil : try requireI32(input.lengths, [B], "lengths")
+        let targets: UnsafeMutablePointer<Int32>? =
+            input.targets.data == nil ? nil : try requireI32(input.targets, [B], "targets")
+        let given: UnsafeMutablePointer<Int32>? =
+            input.lengths.data == nil ? nil : try requireI32(input.lengths, [B], "lengths")
         if let given {
             for i in 0..<B where given[i] < 1 || Int(given[i]) > T {
                 throw .invalid("lengths[\(i)] = \(given[i]) is outside [1, \(T)] (T = the sequence length of h)")
@@ -126,22 +130,27 @@ extension ImageClassifierHead {
         let saves = flags & VQMOE_STEP_TRAIN != 0 && flags & VQMOE_STEP_NO_GRAD == 0
         var count = 0
         if let targets { for i in 0..<B where targets[i] != Int32(VQMOE_PAD_TARGET) { count += 1 } }
-        let ctx = saves ? ImageClassifierContext(b: B, t: T, d: d, c: C, count: count, frozen: flags & VQMOE_STEP_FROZEN != 0) : nil
+        let ctx =
+            saves
+            ? ImageClassifierContext(b: B, t: T, d: d, c: C, count: count, frozen: flags & VQMOE_STEP_FROZEN != 0) : nil
 
         let lengths = try host.orScratch(ctx?.lengths, B, "lengths")
         if let given { lengths.update(from: given, count: B) } else { lengths.update(repeating: Int32(T), count: B) }
         let xhat = try host.orScratch(ctx?.xhat, B * d, "normalised vectors")
         let rstd = try host.orScratch(ctx?.rstd, B, "inverse standard deviations")
         let normed = try host.orScratch(ctx?.normed, B * d, "LayerNorm outputs")
-        host.parallelFor(B, grain: max(1, 16_384 / (T * d)),
-                         NormJob(h: h, gradH: nil, lengths: lengths, xhat: xhat, rstd: rstd, normed: normed,
-                                 gamma: params.gamma, beta: params.beta, pooling: config.pooling, t: T, d: d),
-                         poolAndNormalize)
+        host.parallelFor(
+            B, grain: max(1, 16_384 / (T * d)),
+            NormJob(
+                h: h, gradH: nil, lengths: lengths, xhat: xhat, rstd: rstd, normed: normed,
+                gamma: params.gamma, beta: params.beta, pooling: config.pooling, t: T, d: d),
+            poolAndNormalize)
 
         // z (B,C) = c + y (B,d) W^T (d,C).
         for i in 0..<B { (logits + i * C).update(from: params.c, count: C) }
-        host.gemm(transA: false, transB: true, m: B, n: C, k: d, alpha: 1, a: normed, lda: d, b: params.w, ldb: d,
-                  beta: 1, c: logits, ldc: C)
+        host.gemm(
+            transA: false, transB: true, m: B, n: C, k: d, alpha: 1, a: normed, lda: d, b: params.w, ldb: d,
+            beta: 1, c: logits, ldc: C)
 
         outPtr.pointee.loss = 0
         outPtr.pointee.loss_sum = 0
@@ -165,5 +174,3 @@ extension ImageClassifierHead {
 }
 
 // MARK: - cross-entropy
-
-

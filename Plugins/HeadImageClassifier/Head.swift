@@ -35,10 +35,10 @@ final class ImageClassifierHead {
     let nClasses: Int
 
     /// Host buffers (bound by bind_buffers) and their gradients (nil when frozen by the host).
-    private(set) var normWeight: UnsafeMutablePointer<Float>?   // (d) gamma
-    private(set) var normBias: UnsafeMutablePointer<Float>?     // (d) beta
-    private(set) var headWeight: UnsafeMutablePointer<Float>?   // (C,d) W
-    private(set) var headBias: UnsafeMutablePointer<Float>?     // (C) c
+    private(set) var normWeight: UnsafeMutablePointer<Float>?  // (d) gamma
+    private(set) var normBias: UnsafeMutablePointer<Float>?  // (d) beta
+    private(set) var headWeight: UnsafeMutablePointer<Float>?  // (C,d) W
+    private(set) var headBias: UnsafeMutablePointer<Float>?  // (C) c
     private(set) var normWeightGrad: UnsafeMutablePointer<Float>?
     private(set) var normBiasGrad: UnsafeMutablePointer<Float>?
     private(set) var headWeightGrad: UnsafeMutablePointer<Float>?
@@ -63,7 +63,9 @@ final class ImageClassifierHead {
     /// All PARAM float32; the LayerNorm's gamma / beta and the head bias skip weight decay.
     func bufferSpec(_ i: Int, _ out: UnsafeMutablePointer<vqmoe_buffer_spec>?) throws(PluginFailure) {
         guard let out else { throw .invalid("buffer_spec: out is NULL") }
-        guard let kind = BufferKind(rawValue: i) else { throw .invalid("buffer index \(i) outside [0, \(bufferCount))") }
+        guard let kind = BufferKind(rawValue: i) else {
+            throw .invalid("buffer index \(i) outside [0, \(bufferCount))")
+        }
         var s = vqmoe_buffer_spec()
         s.struct_size = UInt32(MemoryLayout<vqmoe_buffer_spec>.size)
         s.name = kind.cName
@@ -78,12 +80,16 @@ final class ImageClassifierHead {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the head declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the head declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         for kind in BufferKind.allCases where bindings[kind.rawValue].data == nil {
             throw .invalid("bind_buffers: '\(String(cString: kind.cName))' has no data")
         }
-        func f(_ k: BufferKind) -> UnsafeMutablePointer<Float> { bindings[k.rawValue].data!.assumingMemoryBound(to: Float.self) }
+        func f(_ k: BufferKind) -> UnsafeMutablePointer<Float> {
+            bindings[k.rawValue].data!.assumingMemoryBound(to: Float.self)
+        }
         normWeight = f(.normWeight); normBias = f(.normBias); headWeight = f(.headWeight); headBias = f(.headBias)
         normWeightGrad = bindings[BufferKind.normWeight.rawValue].grad
         normBiasGrad = bindings[BufferKind.normBias.rawValue].grad
@@ -92,9 +98,13 @@ final class ImageClassifierHead {
     }
 
     /// The bound parameters (gamma, beta, W, c), or a STATE error before bind_buffers.
-    func bound() throws(PluginFailure) -> (gamma: UnsafeMutablePointer<Float>, beta: UnsafeMutablePointer<Float>,
-                                           w: UnsafeMutablePointer<Float>, c: UnsafeMutablePointer<Float>) {
-        guard let normWeight, let normBias, let headWeight, let headBias else { throw .state("called before bind_buffers") }
+    func bound() throws(PluginFailure) -> (
+        gamma: UnsafeMutablePointer<Float>, beta: UnsafeMutablePointer<Float>,
+        w: UnsafeMutablePointer<Float>, c: UnsafeMutablePointer<Float>
+    ) {
+        guard let normWeight, let normBias, let headWeight, let headBias else {
+            throw .state("called before bind_buffers")
+        }
         return (normWeight, normBias, headWeight, headBias)
     }
 

@@ -19,19 +19,23 @@ struct ImageClassifierConfig {
     var initStd: Float
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "pooling", type: VQMOE_HP_STRING,
-                            description: "image -> vector: cls = the class token (position 0), mean = mean over all positions",
-                            defaultString: "cls", choices: Pooling.allCases.map(\.rawValue).joined(separator: ",")),
-        HyperparameterEntry(name: "init_std", type: VQMOE_HP_FLOAT,
-                            description: "head.weight ~ N(0, init_std^2) (ViT zero-initialises it, which makes the first gradients to h vanish); head.bias = 0",
-                            defaultValue: 0.02, min: 0),
+        HyperparameterEntry(
+            name: "pooling", type: VQMOE_HP_STRING,
+            description: "image -> vector: cls = the class token (position 0), mean = mean over all positions",
+            defaultString: "cls", choices: Pooling.allCases.map(\.rawValue).joined(separator: ",")),
+        HyperparameterEntry(
+            name: "init_std", type: VQMOE_HP_FLOAT,
+            description:
+                "head.weight ~ N(0, init_std^2) (ViT zero-initialises it, which makes the first gradients to h vanish); head.bias = 0",
+            defaultValue: 0.02, min: 0),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.
     init(_ hp: UnsafePointer<vqmoe_hparams>?) throws(PluginFailure) {
         let poolingText = String(cString: vqmoe_hp_string(hp, "pooling", "cls"))
         guard let p = Pooling(rawValue: poolingText) else {
-            throw .invalid("pooling = '\(poolingText)' is not one of \(Pooling.allCases.map(\.rawValue).joined(separator: ", "))")
+            throw .invalid(
+                "pooling = '\(poolingText)' is not one of \(Pooling.allCases.map(\.rawValue).joined(separator: ", "))")
         }
         pooling = p
         initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))

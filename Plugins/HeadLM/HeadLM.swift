@@ -1,3 +1,5 @@
+import VQMoEABI
+
 // HeadLM: the `lm` head plugin -- a linear layer to the vocabulary with softmax
 // cross-entropy.
 //
@@ -13,11 +15,10 @@
 //
 // Depends only on the C ABI (vqmoe_plugin.h) and Glibc.
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #elseif canImport(Darwin)
-import Darwin
+    import Darwin
 #endif
-import VQMoEABI
 
 // MARK: - small helpers
 
@@ -85,8 +86,8 @@ final class LMContext {
     let count: Int
     /// VQMOE_STEP_FROZEN was set: no parameter gradients.
     let frozen: Bool
-    let h: UnsafeMutablePointer<Float>?        // (N,d)
-    let probs: UnsafeMutablePointer<Float>?    // (N,V)
+    let h: UnsafeMutablePointer<Float>?  // (N,d)
+    let probs: UnsafeMutablePointer<Float>?  // (N,V)
     let targets: UnsafeMutablePointer<Int32>?  // (N)
 
     /// Allocates the arrays (when rows > 0); check `ok` afterwards.
@@ -121,11 +122,11 @@ private func head(_ inst: OpaquePointer?) -> LMHead? {
 
 /// Work shared by the parallel_for chunks of the softmax / cross-entropy pass.
 struct RowJob {
-    var logits: UnsafePointer<Float>            // (N,V)
-    var targets: UnsafePointer<Int32>           // (N)
-    var rowLoss: UnsafeMutablePointer<Double>   // (N) out: -log p[target], 0 on pad rows
-    var rowCorrect: UnsafeMutablePointer<UInt8> // (N) out: argmax == target
-    var probs: UnsafeMutablePointer<Float>?     // (N,V) out when saving a context
+    var logits: UnsafePointer<Float>  // (N,V)
+    var targets: UnsafePointer<Int32>  // (N)
+    var rowLoss: UnsafeMutablePointer<Double>  // (N) out: -log p[target], 0 on pad rows
+    var rowCorrect: UnsafeMutablePointer<UInt8>  // (N) out: argmax == target
+    var probs: UnsafeMutablePointer<Float>?  // (N,V) out when saving a context
     var vocab: Int
 }
 
@@ -166,15 +167,18 @@ private func lossRows(_ job: RowJob, _ begin: Int, _ end: Int) {
 // MARK: - forward / backward
 
 /// Forward: logits, and with targets the loss, sums and (train) a saved context.
-private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_step_info>?,
-                         _ input: UnsafePointer<vqmoe_head_input>?, _ out: UnsafeMutablePointer<vqmoe_head_output>?,
-                         _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32 {
+private func headForward(
+    _ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_step_info>?,
+    _ input: UnsafePointer<vqmoe_head_input>?, _ out: UnsafeMutablePointer<vqmoe_head_output>?,
+    _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+) -> Int32 {
     ctxOut?.pointee = nil
     guard let hd = head(inst), let step, let input, let out, let ctxOut else { return VQMOE_ERR_INVALID_ARGUMENT }
     let host = hd.host
     guard step.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_step_info>.size),
-          input.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_input>.size),
-          out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_output>.size) else {
+        input.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_input>.size),
+        out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_output>.size)
+    else {
         return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): forward got a struct with a too small struct_size")
     }
     guard let W = hd.weight, !hd.useBias || hd.bias != nil else {
@@ -188,16 +192,19 @@ private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_ste
     }
     let N = Int(numel(hT)) / d
     guard isContiguous32(lT, code: VQMOE_DTYPE_FLOAT), numel(lT) == Int64(N * V) else {
-        return fail(host, VQMOE_ERR_SHAPE, "\(hd.who): logits must be contiguous float32 (\(N), \(V)), got \(shapeText(lT))")
+        return fail(
+            host, VQMOE_ERR_SHAPE, "\(hd.who): logits must be contiguous float32 (\(N), \(V)), got \(shapeText(lT))")
     }
     let hasTargets = yT.data != nil
     if hasTargets {
         guard isContiguous32(yT, code: VQMOE_DTYPE_INT), numel(yT) == Int64(N) else {
-            return fail(host, VQMOE_ERR_SHAPE, "\(hd.who): targets must be contiguous int32 with \(N) elements, got \(shapeText(yT))")
+            return fail(
+                host, VQMOE_ERR_SHAPE,
+                "\(hd.who): targets must be contiguous int32 with \(N) elements, got \(shapeText(yT))")
         }
     }
-    let h = hT.data!.assumingMemoryBound(to: Float.self)           // (N,d)
-    let logits = lT.data!.assumingMemoryBound(to: Float.self)      // (N,V)
+    let h = hT.data!.assumingMemoryBound(to: Float.self)  // (N,d)
+    let logits = lT.data!.assumingMemoryBound(to: Float.self)  // (N,V)
 
     // logits = b (broadcast over rows), then logits += h W^T.
     if hd.useBias, let b = hd.bias {
@@ -206,8 +213,9 @@ private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_ste
         logits.update(repeating: 0, count: N * V)
     }
     if N > 0 {
-        host.pointee.sgemm!(Int32(VQMOE_NO_TRANS), Int32(VQMOE_TRANS), Int64(N), Int64(V), Int64(d),
-                            1, h, Int64(d), W, Int64(d), 1, logits, Int64(V))
+        host.pointee.sgemm!(
+            Int32(VQMOE_NO_TRANS), Int32(VQMOE_TRANS), Int64(N), Int64(V), Int64(d),
+            1, h, Int64(d), W, Int64(d), 1, logits, Int64(V))
     }
 
     out.pointee.loss = 0
@@ -221,18 +229,20 @@ private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_ste
         // No loss: a training forward still saves an (empty) context so backward is a no-op.
         if saves {
             ctxOut.pointee = Unmanaged.passRetained(
-                LMContext(host: host, rows: N, vocab: V, dModel: d, count: 0, frozen: frozen)).toOpaque()
+                LMContext(host: host, rows: N, vocab: V, dModel: d, count: 0, frozen: frozen)
+            ).toOpaque()
         }
         return VQMOE_OK
     }
-    let y = yT.data!.assumingMemoryBound(to: Int32.self)           // (N)
+    let y = yT.data!.assumingMemoryBound(to: Int32.self)  // (N)
     var count = 0
     for i in 0..<N {
         let t = y[i]
         if t == Int32(VQMOE_PAD_TARGET) { continue }
         guard t >= 0 && Int(t) < V else {
-            return fail(host, VQMOE_ERR_INVALID_ARGUMENT,
-                        "\(hd.who): target \(t) at row \(i) is outside [0, \(V)) and not the pad target -1")
+            return fail(
+                host, VQMOE_ERR_INVALID_ARGUMENT,
+                "\(hd.who): target \(t) at row \(i) is outside [0, \(V)) and not the pad target -1")
         }
         count += 1
     }
@@ -257,10 +267,11 @@ private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_ste
     guard let lossRaw = host.pointee.scratch!(N * 8), let correctRaw = host.pointee.scratch!(N) else {
         return fail(host, VQMOE_ERR_OUT_OF_MEMORY, "\(hd.who): out of scratch memory for \(N) rows")
     }
-    var job = RowJob(logits: logits, targets: y,
-                     rowLoss: lossRaw.bindMemory(to: Double.self, capacity: N),
-                     rowCorrect: correctRaw.bindMemory(to: UInt8.self, capacity: N),
-                     probs: ctx?.probs, vocab: V)  // probs is nil unless a context saves them
+    var job = RowJob(
+        logits: logits, targets: y,
+        rowLoss: lossRaw.bindMemory(to: Double.self, capacity: N),
+        rowCorrect: correctRaw.bindMemory(to: UInt8.self, capacity: N),
+        probs: ctx?.probs, vocab: V)  // probs is nil unless a context saves them
     withUnsafeMutablePointer(to: &job) { jp in
         host.pointee.parallel_for!(Int64(N), 16, UnsafeMutableRawPointer(jp)) { user, begin, end in
             lossRows(user!.assumingMemoryBound(to: RowJob.self).pointee, Int(begin), Int(end))
@@ -273,7 +284,8 @@ private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_ste
         correct += Int(job.rowCorrect[i])
     }
     guard lossSum.isFinite else {
-        return fail(host, VQMOE_ERR_NUMERIC, "\(hd.who): non-finite cross-entropy (\(lossSum)); the logits or h hold NaN/Inf")
+        return fail(
+            host, VQMOE_ERR_NUMERIC, "\(hd.who): non-finite cross-entropy (\(lossSum)); the logits or h hold NaN/Inf")
     }
     out.pointee.loss_sum = lossSum
     out.pointee.count = Int64(count)
@@ -284,15 +296,19 @@ private func headForward(_ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_ste
 }
 
 /// Backward: accumulate grad_h and (unless frozen) grad_weight / grad_bias.
-private func headBackward(_ inst: OpaquePointer?, _ ctxRaw: UnsafeMutableRawPointer?,
-                          _ gin: UnsafePointer<vqmoe_head_grad_in>?, _ gout: UnsafeMutablePointer<vqmoe_head_grad_out>?) -> Int32 {
+private func headBackward(
+    _ inst: OpaquePointer?, _ ctxRaw: UnsafeMutableRawPointer?,
+    _ gin: UnsafePointer<vqmoe_head_grad_in>?, _ gout: UnsafeMutablePointer<vqmoe_head_grad_out>?
+) -> Int32 {
     guard let hd = head(inst), let gin, let gout else { return VQMOE_ERR_INVALID_ARGUMENT }
     let host = hd.host
     guard let ctxRaw else {
-        return fail(host, VQMOE_ERR_STATE, "\(hd.who): backward without a saved context (forward was not a training forward)")
+        return fail(
+            host, VQMOE_ERR_STATE, "\(hd.who): backward without a saved context (forward was not a training forward)")
     }
     guard gin.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_grad_in>.size),
-          gout.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_grad_out>.size) else {
+        gout.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_grad_out>.size)
+    else {
         return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): backward got a struct with a too small struct_size")
     }
     let ctx = Unmanaged<LMContext>.fromOpaque(UnsafeRawPointer(ctxRaw)).takeUnretainedValue()
@@ -300,11 +316,13 @@ private func headBackward(_ inst: OpaquePointer?, _ ctxRaw: UnsafeMutableRawPoin
     let V = hd.vocab, d = hd.dModel, N = ctx.rows
     let gT = gout.pointee.grad_h
     guard isContiguous32(gT, code: VQMOE_DTYPE_FLOAT), numel(gT) == Int64(N * d) else {
-        return fail(host, VQMOE_ERR_SHAPE, "\(hd.who): grad_h must be contiguous float32 with \(N)x\(d) elements, got \(shapeText(gT))")
+        return fail(
+            host, VQMOE_ERR_SHAPE,
+            "\(hd.who): grad_h must be contiguous float32 with \(N)x\(d) elements, got \(shapeText(gT))")
     }
     // No targets (or all padded): the loss is the constant 0, nothing to add.
     guard N > 0, ctx.count > 0, let probs = ctx.probs, let hSaved = ctx.h, let y = ctx.targets else { return VQMOE_OK }
-    let gradH = gT.data!.assumingMemoryBound(to: Float.self)       // (N,d)
+    let gradH = gT.data!.assumingMemoryBound(to: Float.self)  // (N,d)
 
     // dlogits (N,V) = grad_loss / count * (p - onehot(target)); 0 on pad rows.
     guard let dRaw = host.pointee.scratch!(N * V * 4) else {
@@ -325,13 +343,15 @@ private func headBackward(_ inst: OpaquePointer?, _ ctxRaw: UnsafeMutableRawPoin
     }
 
     // grad_h (N,d) += dlogits (N,V) W (V,d).
-    host.pointee.sgemm!(Int32(VQMOE_NO_TRANS), Int32(VQMOE_NO_TRANS), Int64(N), Int64(d), Int64(V),
-                        1, dl, Int64(V), W, Int64(d), 1, gradH, Int64(d))
+    host.pointee.sgemm!(
+        Int32(VQMOE_NO_TRANS), Int32(VQMOE_NO_TRANS), Int64(N), Int64(d), Int64(V),
+        1, dl, Int64(V), W, Int64(d), 1, gradH, Int64(d))
     if ctx.frozen { return VQMOE_OK }
     // grad_W (V,d) += dlogits^T (V,N) h (N,d).
     if let gW = hd.gradWeight {
-        host.pointee.sgemm!(Int32(VQMOE_TRANS), Int32(VQMOE_NO_TRANS), Int64(V), Int64(d), Int64(N),
-                            1, dl, Int64(V), hSaved, Int64(d), 1, gW, Int64(d))
+        host.pointee.sgemm!(
+            Int32(VQMOE_TRANS), Int32(VQMOE_NO_TRANS), Int64(V), Int64(d), Int64(N),
+            1, dl, Int64(V), hSaved, Int64(d), 1, gW, Int64(d))
     }
     // grad_b (V) += column sums of dlogits, summed in double, rows in order.
     if hd.useBias, let gb = hd.gradBias {
@@ -352,25 +372,31 @@ private func headBackward(_ inst: OpaquePointer?, _ ctxRaw: UnsafeMutableRawPoin
 // MARK: - create and buffers
 
 /// create(): check the sizes and read the hyperparameters.
-private func createHead(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: UnsafePointer<vqmoe_hparams>?,
-                        _ out: UnsafeMutablePointer<OpaquePointer?>?) -> Int32 {
+private func createHead(
+    _ info: UnsafePointer<vqmoe_create_info>?, _ hp: UnsafePointer<vqmoe_hparams>?,
+    _ out: UnsafeMutablePointer<OpaquePointer?>?
+) -> Int32 {
     guard let out else { return VQMOE_ERR_INVALID_ARGUMENT }
     out.pointee = nil
     guard let info, let host = info.pointee.host else { return VQMOE_ERR_INVALID_ARGUMENT }
     guard info.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_create_info>.size) else {
-        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "lm: create_info struct_size \(info.pointee.struct_size) is too small")
+        return fail(
+            host, VQMOE_ERR_INVALID_ARGUMENT, "lm: create_info struct_size \(info.pointee.struct_size) is too small")
     }
     let name = info.pointee.instance_name.map { String(cString: $0) } ?? "lm"
     let V = info.pointee.vocab_size, d = info.pointee.d_model
     guard V >= 1 else {
-        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "head 'lm' (\(name)): vocab_size is \(V); an LM head needs the dataset's vocabulary (>= 1)")
+        return fail(
+            host, VQMOE_ERR_INVALID_ARGUMENT,
+            "head 'lm' (\(name)): vocab_size is \(V); an LM head needs the dataset's vocabulary (>= 1)")
     }
     guard d >= 1 else {
         return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "head 'lm' (\(name)): d_model is \(d); it must be >= 1")
     }
     let initStd = vqmoe_hp_float(hp, "init_std", 0.02)
     guard initStd >= 0 && initStd.isFinite else {
-        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "head 'lm' (\(name)): init_std \(initStd) must be a finite number >= 0")
+        return fail(
+            host, VQMOE_ERR_INVALID_ARGUMENT, "head 'lm' (\(name)): init_std \(initStd) must be a finite number >= 0")
     }
     let useBias = vqmoe_hp_bool(hp, "bias", 1) != 0
     let hd = LMHead(host: host, name: name, vocab: Int(V), dModel: Int(d), useBias: useBias, initStd: Float(initStd))
@@ -379,7 +405,9 @@ private func createHead(_ info: UnsafePointer<vqmoe_create_info>?, _ hp: UnsafeP
 }
 
 /// buffer_spec(): 0 = "weight" (V,d), 1 = "bias" (V) when bias=true.
-private func headBufferSpec(_ inst: OpaquePointer?, _ i: Int32, _ out: UnsafeMutablePointer<vqmoe_buffer_spec>?) -> Int32 {
+private func headBufferSpec(
+    _ inst: OpaquePointer?, _ i: Int32, _ out: UnsafeMutablePointer<vqmoe_buffer_spec>?
+) -> Int32 {
     guard let hd = head(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
     guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_buffer_spec>.size) else {
         return fail(hd.host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): buffer_spec struct_size too small")
@@ -410,90 +438,101 @@ nonisolated(unsafe) let biasName: UnsafeMutablePointer<CChar> = strdup("bias")
 // MARK: - the descriptor
 
 /// Build one hyperparameter spec with C strings that live for the process.
-private func spec(_ name: String, _ type: Int32, _ flags: UInt32, _ description: String,
-                  number: Double = 0, min: Double = 0, max: Double = 0) -> vqmoe_hparam_spec {
-    vqmoe_hparam_spec(name: UnsafePointer(strdup(name)), type: type, flags: flags,
-                      description: UnsafePointer(strdup(description)), default_number: number,
-                      default_string: nil, min_value: min, max_value: max, choices: nil)
+private func spec(
+    _ name: String, _ type: Int32, _ flags: UInt32, _ description: String,
+    number: Double = 0, min: Double = 0, max: Double = 0
+) -> vqmoe_hparam_spec {
+    vqmoe_hparam_spec(
+        name: UnsafePointer(strdup(name)), type: type, flags: flags,
+        description: UnsafePointer(strdup(description)), default_number: number,
+        default_string: nil, min_value: min, max_value: max, choices: nil)
 }
 
 /// The descriptor, built once on first use; never freed (the host never unloads plugins).
 nonisolated(unsafe) let lmDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> = {
     let specs: [vqmoe_hparam_spec] = [
-        spec("init_std", VQMOE_HP_FLOAT, VQMOE_HP_HAS_MIN, "standard deviation of the N(0, std^2) weight init",
-             number: 0.02, min: 0),
+        spec(
+            "init_std", VQMOE_HP_FLOAT, VQMOE_HP_HAS_MIN, "standard deviation of the N(0, std^2) weight init",
+            number: 0.02, min: 0),
         spec("bias", VQMOE_HP_BOOL, 0, "learn an output bias (zero-initialised)", number: 1),
     ]
     let hp = UnsafeMutablePointer<vqmoe_hparam_spec>.allocate(capacity: specs.count)
     hp.initialize(from: specs, count: specs.count)
 
     let api = UnsafeMutablePointer<vqmoe_head_api>.allocate(capacity: 1)
-    api.initialize(to: vqmoe_head_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
-        shape: { inst, out in
-            guard let hd = head(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
-            guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_shape>.size) else {
-                return fail(hd.host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): head_shape struct_size too small")
-            }
-            out.pointee.per_token = 1
-            out.pointee.n_out = Int64(hd.vocab)
-            out.pointee.is_lm = 1
-            return VQMOE_OK
-        },
-        forward: { inst, step, input, out, ctx in headForward(inst, step, input, out, ctx) },
-        backward: { inst, ctx, gin, gout in headBackward(inst, ctx, gin, gout) },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<LMContext>.fromOpaque(UnsafeRawPointer(ctx)).release()
-        }))
+    api.initialize(
+        to: vqmoe_head_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
+            shape: { inst, out in
+                guard let hd = head(inst), let out else { return VQMOE_ERR_INVALID_ARGUMENT }
+                guard out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_shape>.size) else {
+                    return fail(hd.host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): head_shape struct_size too small")
+                }
+                out.pointee.per_token = 1
+                out.pointee.n_out = Int64(hd.vocab)
+                out.pointee.is_lm = 1
+                return VQMOE_OK
+            },
+            forward: { inst, step, input, out, ctx in headForward(inst, step, input, out, ctx) },
+            backward: { inst, ctx, gin, gout in headBackward(inst, ctx, gin, gout) },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<LMContext>.fromOpaque(UnsafeRawPointer(ctx)).release()
+            }))
 
     let d = UnsafeMutablePointer<vqmoe_plugin_desc>.allocate(capacity: 1)
-    d.initialize(to: vqmoe_plugin_desc(
-        abi_version: UInt32(VQMOE_ABI_VERSION),
-        struct_size: UInt32(MemoryLayout<vqmoe_plugin_desc>.size),
-        kind: VQMOE_KIND_HEAD,
-        flags: 0,
-        name: UnsafePointer(strdup("lm")),
-        version: UnsafePointer(strdup("1.0.0")),
-        description: UnsafePointer(strdup("language-model head: linear layer to the vocabulary, softmax cross-entropy in nats")),
-        hparams: UnsafePointer(hp),
-        n_hparams: Int32(specs.count),
-        create: { info, hp, out in createHead(info, hp, out) },
-        destroy: { inst in
-            guard let inst else { return }
-            Unmanaged<LMHead>.fromOpaque(UnsafeRawPointer(inst)).release()
-        },
-        num_buffers: { inst in head(inst)?.bufferCount ?? 0 },
-        buffer_spec: { inst, i, out in headBufferSpec(inst, i, out) },
-        bind_buffers: { inst, bindings, n in
-            guard let hd = head(inst) else { return VQMOE_ERR_INVALID_ARGUMENT }
-            guard n == hd.bufferCount, let bindings, let w = bindings[0].data else {
-                return fail(hd.host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): bind_buffers expects \(hd.bufferCount) bound buffers, got \(n)")
-            }
-            hd.weight = w.bindMemory(to: Float.self, capacity: hd.vocab * hd.dModel)
-            hd.gradWeight = bindings[0].grad
-            if hd.useBias {
-                guard let b = bindings[1].data else {
-                    return fail(hd.host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): bias buffer has no memory")
+    d.initialize(
+        to: vqmoe_plugin_desc(
+            abi_version: UInt32(VQMOE_ABI_VERSION),
+            struct_size: UInt32(MemoryLayout<vqmoe_plugin_desc>.size),
+            kind: VQMOE_KIND_HEAD,
+            flags: 0,
+            name: UnsafePointer(strdup("lm")),
+            version: UnsafePointer(strdup("1.0.0")),
+            description: UnsafePointer(
+                strdup("language-model head: linear layer to the vocabulary, softmax cross-entropy in nats")),
+            hparams: UnsafePointer(hp),
+            n_hparams: Int32(specs.count),
+            create: { info, hp, out in createHead(info, hp, out) },
+            destroy: { inst in
+                guard let inst else { return }
+                Unmanaged<LMHead>.fromOpaque(UnsafeRawPointer(inst)).release()
+            },
+            num_buffers: { inst in head(inst)?.bufferCount ?? 0 },
+            buffer_spec: { inst, i, out in headBufferSpec(inst, i, out) },
+            bind_buffers: { inst, bindings, n in
+                guard let hd = head(inst) else { return VQMOE_ERR_INVALID_ARGUMENT }
+                guard n == hd.bufferCount, let bindings, let w = bindings[0].data else {
+                    return fail(
+                        hd.host, VQMOE_ERR_INVALID_ARGUMENT,
+                        "\(hd.who): bind_buffers expects \(hd.bufferCount) bound buffers, got \(n)")
                 }
-                hd.bias = b.bindMemory(to: Float.self, capacity: hd.vocab)
-                hd.gradBias = bindings[1].grad
-            }
-            return VQMOE_OK
-        },
-        init_buffers: { inst, seed in
-            guard let hd = head(inst) else { return VQMOE_ERR_INVALID_ARGUMENT }
-            guard let w = hd.weight else { return fail(hd.host, VQMOE_ERR_STATE, "\(hd.who): init_buffers before bind_buffers") }
-            // weight ~ N(0, init_std^2) from stream 0 of the given seed; bias = 0.
-            var rng = vqmoe_rng(key: 0, counter: 0)
-            hd.host.pointee.rng_init!(&rng, seed, 0)
-            for i in 0..<(hd.vocab * hd.dModel) { w[i] = hd.host.pointee.rng_normal!(&rng) * hd.initStd }
-            hd.bias?.update(repeating: 0, count: hd.vocab)
-            return VQMOE_OK
-        },
-        begin_step: nil,
-        get_feature: nil,
-        kind_api: UnsafeRawPointer(api)))
+                hd.weight = w.bindMemory(to: Float.self, capacity: hd.vocab * hd.dModel)
+                hd.gradWeight = bindings[0].grad
+                if hd.useBias {
+                    guard let b = bindings[1].data else {
+                        return fail(hd.host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): bias buffer has no memory")
+                    }
+                    hd.bias = b.bindMemory(to: Float.self, capacity: hd.vocab)
+                    hd.gradBias = bindings[1].grad
+                }
+                return VQMOE_OK
+            },
+            init_buffers: { inst, seed in
+                guard let hd = head(inst) else { return VQMOE_ERR_INVALID_ARGUMENT }
+                guard let w = hd.weight else {
+                    return fail(hd.host, VQMOE_ERR_STATE, "\(hd.who): init_buffers before bind_buffers")
+                }
+                // weight ~ N(0, init_std^2) from stream 0 of the given seed; bias = 0.
+                var rng = vqmoe_rng(key: 0, counter: 0)
+                hd.host.pointee.rng_init!(&rng, seed, 0)
+                for i in 0..<(hd.vocab * hd.dModel) { w[i] = hd.host.pointee.rng_normal!(&rng) * hd.initStd }
+                hd.bias?.update(repeating: 0, count: hd.vocab)
+                return VQMOE_OK
+            },
+            begin_step: nil,
+            get_feature: nil,
+            kind_api: UnsafeRawPointer(api)))
     return d
 }()
 
@@ -502,7 +541,8 @@ nonisolated(unsafe) let lmDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> = 
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "lm: built for plugin ABI major \(VQMOE_ABI_VERSION_MAJOR), host has major \(host.pointee.abi_version >> 16)"
+        let msg =
+            "lm: built for plugin ABI major \(VQMOE_ABI_VERSION_MAJOR), host has major \(host.pointee.abi_version >> 16)"
         msg.withCString { m in "lm".withCString { n in host.pointee.log?(VQMOE_LOG_ERROR, n, m) } }
         return nil
     }

@@ -65,8 +65,10 @@ public final class EpochSampler {
 /// batches walk their split in order (valid examples start at `validOffset` in the training
 /// file), with VQMOE_ERR_END_OF_DATA past the end. Returns the split and the example indices
 /// (in the training file for train/valid, in the test file for test).
-public func batchExamples(_ r: vqmoe_batch_request, sampler: EpochSampler, splitSizes: [Int], validOffset: Int,
-                          who: String) throws(PluginFailure) -> (split: Int32, examples: [Int]) {
+public func batchExamples(
+    _ r: vqmoe_batch_request, sampler: EpochSampler, splitSizes: [Int], validOffset: Int,
+    who: String
+) throws(PluginFailure) -> (split: Int32, examples: [Int]) {
     guard (0...2).contains(r.split) else { throw .invalid("\(who): unknown split \(r.split)") }
     guard r.batch_size >= 1, r.index >= 0 else {
         throw .invalid("\(who): batch_size \(r.batch_size) must be >= 1 and index \(r.index) >= 0")
@@ -82,8 +84,11 @@ public func batchExamples(_ r: vqmoe_batch_request, sampler: EpochSampler, split
     let split = Int(r.split), size = splitSizes[split]
     let batches = (size + b - 1) / b
     guard r.index < Int64(batches) else {
-        throw PluginFailure(status: VQMOE_ERR_END_OF_DATA,
-                            message: "\(who): \(["train", "valid", "test"][split]) batch \(r.index) is past the end (\(batches) batches of \(b))")
+        throw PluginFailure(
+            status: VQMOE_ERR_END_OF_DATA,
+            message:
+                "\(who): \(["train", "valid", "test"][split]) batch \(r.index) is past the end (\(batches) batches of \(b))"
+        )
     }
     let first = Int(r.index) * b, offset = split == Int(VQMOE_SPLIT_VALID) ? validOffset : 0
     return (r.split, (first..<min(first + b, size)).map { offset + $0 })

@@ -12,11 +12,15 @@ public struct PluginFailure: Error {
     public let status: Int32
     public let message: String
 
-    public static func invalid(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_INVALID_ARGUMENT, message: m) }
+    public static func invalid(_ m: String) -> PluginFailure {
+        PluginFailure(status: VQMOE_ERR_INVALID_ARGUMENT, message: m)
+    }
     public static func shape(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_SHAPE, message: m) }
     public static func state(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_STATE, message: m) }
     public static func numeric(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_NUMERIC, message: m) }
-    public static func outOfMemory(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_OUT_OF_MEMORY, message: m) }
+    public static func outOfMemory(_ m: String) -> PluginFailure {
+        PluginFailure(status: VQMOE_ERR_OUT_OF_MEMORY, message: m)
+    }
 }
 
 /// Describe an error with `host->set_error` (the host copies the message).
@@ -43,15 +47,23 @@ public func shapeText(_ t: vqmoe_tensor) -> String {
 }
 
 /// The tensor's data when it is a contiguous view of `code`/`bits` with exactly `shape`.
-public func requireTensor(_ t: vqmoe_tensor, code: Int32, bits: UInt8, _ shape: [Int], _ what: String,
-                   _ dtypeName: String) throws(PluginFailure) -> UnsafeMutableRawPointer {
+public func requireTensor(
+    _ t: vqmoe_tensor, code: Int32, bits: UInt8, _ shape: [Int], _ what: String,
+    _ dtypeName: String
+) throws(PluginFailure) -> UnsafeMutableRawPointer {
     guard let data = t.data else { throw .shape("\(what) is absent (data NULL)") }
     guard t.dtype.code == UInt8(code), t.dtype.bits == bits, t.dtype.lanes == 1 else {
-        throw .shape("\(what) must be \(dtypeName), got dtype {code \(t.dtype.code), bits \(t.dtype.bits), lanes \(t.dtype.lanes)}")
+        throw .shape(
+            "\(what) must be \(dtypeName), got dtype {code \(t.dtype.code), bits \(t.dtype.bits), lanes \(t.dtype.lanes)}"
+        )
     }
-    guard t.strides == nil, t.byte_offset == 0 else { throw .shape("\(what) must be contiguous (strides NULL, byte_offset 0)") }
+    guard t.strides == nil, t.byte_offset == 0 else {
+        throw .shape("\(what) must be contiguous (strides NULL, byte_offset 0)")
+    }
     let want = "(" + shape.map(String.init).joined(separator: ", ") + ")"
-    guard Int(t.ndim) == shape.count, let s = t.shape else { throw .shape("\(what) must have shape \(want), got \(shapeText(t))") }
+    guard Int(t.ndim) == shape.count, let s = t.shape else {
+        throw .shape("\(what) must have shape \(want), got \(shapeText(t))")
+    }
     for i in 0..<shape.count where Int(s[i]) != shape[i] {
         throw .shape("\(what) must have shape \(want), got \(shapeText(t))")
     }
@@ -59,18 +71,24 @@ public func requireTensor(_ t: vqmoe_tensor, code: Int32, bits: UInt8, _ shape: 
 }
 
 /// A contiguous float32 view of exactly `shape`.
-public func requireF32(_ t: vqmoe_tensor, _ shape: [Int], _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
+public func requireF32(
+    _ t: vqmoe_tensor, _ shape: [Int], _ what: String
+) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
     try requireTensor(t, code: VQMOE_DTYPE_FLOAT, bits: 32, shape, what, "float32").assumingMemoryBound(to: Float.self)
 }
 
 /// A contiguous int32 view of exactly `shape`.
-public func requireI32(_ t: vqmoe_tensor, _ shape: [Int], _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Int32> {
+public func requireI32(
+    _ t: vqmoe_tensor, _ shape: [Int], _ what: String
+) throws(PluginFailure) -> UnsafeMutablePointer<Int32> {
     try requireTensor(t, code: VQMOE_DTYPE_INT, bits: 32, shape, what, "int32").assumingMemoryBound(to: Int32.self)
 }
 
 /// The rows (first dimension) of a 2-D tensor whose second dimension is `cols`.
 public func rowsOf(_ t: vqmoe_tensor, cols: Int, _ what: String) throws(PluginFailure) -> Int {
-    guard t.ndim == 2, let s = t.shape, s[0] >= 0 else { throw .shape("\(what) must be 2-D (N, \(cols)), got \(shapeText(t))") }
+    guard t.ndim == 2, let s = t.shape, s[0] >= 0 else {
+        throw .shape("\(what) must be 2-D (N, \(cols)), got \(shapeText(t))")
+    }
     return Int(s[0])
 }
 
@@ -92,30 +110,38 @@ public struct Host {
         guard let api else { throw .invalid("create_info.host is NULL") }
         let t = api.pointee
         guard t.abi_version >> 16 == UInt32(VQMOE_ABI_VERSION_MAJOR) else {
-            throw .invalid("host speaks plugin ABI major \(t.abi_version >> 16), this plugin was built for major \(VQMOE_ABI_VERSION_MAJOR)")
+            throw .invalid(
+                "host speaks plugin ABI major \(t.abi_version >> 16), this plugin was built for major \(VQMOE_ABI_VERSION_MAJOR)"
+            )
         }
         guard Int(t.struct_size) >= MemoryLayout<vqmoe_host_api>.size else {
-            throw .invalid("host API struct_size \(t.struct_size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_host_api>.size)")
+            throw .invalid(
+                "host API struct_size \(t.struct_size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_host_api>.size)")
         }
         guard t.set_error != nil, t.sgemm != nil, t.scratch != nil, t.rng_init != nil, t.rng_normal != nil,
-              t.parallel_for != nil else {
-            throw .invalid("host API table lacks one of set_error / sgemm / scratch / rng_init / rng_normal / parallel_for")
+            t.parallel_for != nil
+        else {
+            throw .invalid(
+                "host API table lacks one of set_error / sgemm / scratch / rng_init / rng_normal / parallel_for")
         }
         return Host(api: api)
     }
 
     /// Row-major C (m,n) = alpha * op(A) @ op(B) + beta * C through host->sgemm; handles the
     /// empty cases BLAS rejects (m, n or k = 0).
-    public func gemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
-              a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-              beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    public func gemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+        a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
         guard m > 0, n > 0 else { return }
         if k == 0 {
             for i in 0..<m { for j in 0..<n { c[i * ldc + j] = beta == 0 ? 0 : beta * c[i * ldc + j] } }
             return
         }
-        api.pointee.sgemm!(transA ? VQMOE_TRANS : VQMOE_NO_TRANS, transB ? VQMOE_TRANS : VQMOE_NO_TRANS,
-                          Int64(m), Int64(n), Int64(k), alpha, a, Int64(lda), b, Int64(ldb), beta, c, Int64(ldc))
+        api.pointee.sgemm!(
+            transA ? VQMOE_TRANS : VQMOE_NO_TRANS, transB ? VQMOE_TRANS : VQMOE_NO_TRANS,
+            Int64(m), Int64(n), Int64(k), alpha, a, Int64(lda), b, Int64(ldb), beta, c, Int64(ldc))
     }
 
     /// `count` floats of host scratch memory, valid until the current plugin call returns.
@@ -145,8 +171,10 @@ public struct Host {
 
     /// Run `body(job, begin, end)` over [0, n) on the host's pool. `job` is a plain struct of
     /// pointers; `body` must be a non-capturing function (it becomes a C function pointer).
-    public func parallelFor<Job>(_ n: Int, grain: Int, _ job: Job,
-                          _ body: @convention(c) (UnsafeMutableRawPointer?, Int64, Int64) -> Void) {
+    public func parallelFor<Job>(
+        _ n: Int, grain: Int, _ job: Job,
+        _ body: @convention(c) (UnsafeMutableRawPointer?, Int64, Int64) -> Void
+    ) {
         guard n > 0 else { return }
         var job = job
         withUnsafeMutablePointer(to: &job) { p in
@@ -171,20 +199,25 @@ public struct HyperparameterEntry: Sendable {
     public var choices: String?
     public var extraFlags: UInt32
 
-    public init(name: String, type: Int32, description: String, defaultValue: Double = 0, min: Double? = nil, max: Double? = nil,
-                defaultString: String = "", choices: String? = nil, extraFlags: UInt32 = 0) {
+    public init(
+        name: String, type: Int32, description: String, defaultValue: Double = 0, min: Double? = nil,
+        max: Double? = nil,
+        defaultString: String = "", choices: String? = nil, extraFlags: UInt32 = 0
+    ) {
         self.name = name; self.type = type; self.description = description; self.defaultValue = defaultValue
-        self.min = min; self.max = max; self.defaultString = defaultString; self.choices = choices; self.extraFlags = extraFlags
+        self.min = min; self.max = max; self.defaultString = defaultString; self.choices = choices;
+        self.extraFlags = extraFlags
     }
 
     public var cSpec: vqmoe_hparam_spec {
         var flags = extraFlags
         if min != nil { flags |= VQMOE_HP_HAS_MIN }
         if max != nil { flags |= VQMOE_HP_HAS_MAX }
-        return vqmoe_hparam_spec(name: staticCString(name), type: type, flags: flags,
-                                 description: staticCString(description), default_number: defaultValue,
-                                 default_string: staticCString(defaultString), min_value: min ?? 0, max_value: max ?? 0,
-                                 choices: choices.map(staticCString))
+        return vqmoe_hparam_spec(
+            name: staticCString(name), type: type, flags: flags,
+            description: staticCString(description), default_number: defaultValue,
+            default_string: staticCString(defaultString), min_value: min ?? 0, max_value: max ?? 0,
+            choices: choices.map(staticCString))
     }
 
     /// The schema as a C array (never freed), for `vqmoe_plugin_desc.hparams`.
@@ -223,7 +256,9 @@ public struct CodeUsage {
 
 /// The Swift object behind an opaque instance handle (retained by create, released by destroy).
 public enum Handle {
-    public static func make<T: AnyObject>(_ object: T) -> OpaquePointer { OpaquePointer(Unmanaged.passRetained(object).toOpaque()) }
+    public static func make<T: AnyObject>(_ object: T) -> OpaquePointer {
+        OpaquePointer(Unmanaged.passRetained(object).toOpaque())
+    }
     public static func get<T: AnyObject>(_ handle: OpaquePointer?, as _: T.Type) -> T? {
         handle.map { Unmanaged<T>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
     }
@@ -232,7 +267,9 @@ public enum Handle {
         Unmanaged<T>.fromOpaque(UnsafeRawPointer(handle)).release()
     }
     /// A saved context (a class instance) as the `void *` the host keeps, and back.
-    public static func context<T: AnyObject>(_ object: T) -> UnsafeMutableRawPointer { Unmanaged.passRetained(object).toOpaque() }
+    public static func context<T: AnyObject>(_ object: T) -> UnsafeMutableRawPointer {
+        Unmanaged.passRetained(object).toOpaque()
+    }
     public static func context<T: AnyObject>(_ ptr: UnsafeMutableRawPointer?, as _: T.Type) -> T? {
         ptr.map { Unmanaged<T>.fromOpaque($0).takeUnretainedValue() }
     }

@@ -32,7 +32,9 @@ public func readWholeFile(_ path: String, who: String, hint: String) throws(Plug
     }
     defer { close(fd) }
     var st = stat()
-    guard fstat(fd, &st) == 0 else { throw ioFailure("\(who): cannot stat \(path): \(String(cString: strerror(errno)))") }
+    guard fstat(fd, &st) == 0 else {
+        throw ioFailure("\(who): cannot stat \(path): \(String(cString: strerror(errno)))")
+    }
     guard (st.st_mode & S_IFMT) == S_IFREG else { throw ioFailure("\(who): \(path) is not a regular file") }
     let size = Int(st.st_size)
     var failure: String?
@@ -113,8 +115,12 @@ public final class TextClassificationData {
     private var cachedEpoch: Int64 = -1
     private var cachedOrder: [Int32] = []
 
-    public init(host: Host, name: String, seed: UInt64, seqLen: Int, nClasses: Int, splits: [TextExamples]) throws(PluginFailure) {
-        guard host.api.pointee.rng_next_u64 != nil else { throw .invalid("\(name): the host API table lacks rng_next_u64") }
+    public init(
+        host: Host, name: String, seed: UInt64, seqLen: Int, nClasses: Int, splits: [TextExamples]
+    ) throws(PluginFailure) {
+        guard host.api.pointee.rng_next_u64 != nil else {
+            throw .invalid("\(name): the host API table lacks rng_next_u64")
+        }
         guard splits.count == 3, splits[0].count >= 1 else { throw .invalid("\(name): the train split is empty") }
         self.host = host; self.name = name; self.seed = seed; self.seqLen = seqLen
         self.nClasses = nClasses; self.splits = splits
@@ -135,7 +141,9 @@ public final class TextClassificationData {
     }
 
     /// Batches of an ordered pass: ceil(size / B) for valid/test, INT64_MAX for train.
-    public func numBatches(_ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?) throws(PluginFailure) {
+    public func numBatches(
+        _ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?
+    ) throws(PluginFailure) {
         guard let out else { throw .invalid("\(name): num_batches: out is NULL") }
         guard (0...2).contains(split) else { throw .invalid("\(name): unknown split \(split)") }
         guard batchSize >= 1 else { throw .invalid("\(name): batch_size \(batchSize) must be >= 1") }
@@ -148,7 +156,9 @@ public final class TextClassificationData {
 
     /// Fill `out` with batch `req.index` of `req.split`: inputs (B,T), targets (B), lengths (B)
     /// int32, all host-allocated; `rows` = real samples.
-    public func readBatch(_ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?) throws(PluginFailure) {
+    public func readBatch(
+        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
+    ) throws(PluginFailure) {
         guard let req, let out else { throw .invalid("\(name): read_batch: request or batch is NULL") }
         try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "\(name): batch request")
         try requireSize(out.pointee.struct_size, vqmoe_batch.self, "\(name): batch")
@@ -158,11 +168,13 @@ public final class TextClassificationData {
             throw .invalid("\(name): batch_size \(r.batch_size) must be >= 1 and index \(r.index) >= 0")
         }
         let B = Int(r.batch_size), T = seqLen
-        let inputs = try requireI32(out.pointee.inputs, [B, T], "\(name): batch inputs")     // (B,T)
-        let targets = try requireI32(out.pointee.targets, [B], "\(name): batch targets")     // (B)
+        let inputs = try requireI32(out.pointee.inputs, [B, T], "\(name): batch inputs")  // (B,T)
+        let targets = try requireI32(out.pointee.targets, [B], "\(name): batch targets")  // (B)
         // (B); a host that does not want lengths may leave the view absent.
         var lengths: UnsafeMutablePointer<Int32>?
-        if out.pointee.lengths.data != nil { lengths = try requireI32(out.pointee.lengths, [B], "\(name): batch lengths") }
+        if out.pointee.lengths.data != nil {
+            lengths = try requireI32(out.pointee.lengths, [B], "\(name): batch lengths")
+        }
 
         if r.split == VQMOE_SPLIT_TRAIN {
             let (first, overflow) = r.index.multipliedReportingOverflow(by: r.batch_size)
@@ -183,8 +195,9 @@ public final class TextClassificationData {
         let split = Int(r.split)
         let nb = evalBatches(split, r.batch_size)
         guard r.index < nb else {
-            throw PluginFailure(status: VQMOE_ERR_END_OF_DATA,
-                                message: "\(name): \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
+            throw PluginFailure(
+                status: VQMOE_ERR_END_OF_DATA,
+                message: "\(name): \(splitNames[split]) batch \(r.index) is past the end (\(nb) batches of \(B))")
         }
         let first = Int(r.index) * B
         let rows = min(B, splits[split].count - first)
@@ -202,10 +215,12 @@ public final class TextClassificationData {
 
     /// Row `row` of a batch = example `example` of `examples`: its first min(len, T) bytes, then
     /// byte 0; its label; its length max(1, min(len, T)).
-    private func fillRow(_ row: Int, from examples: TextExamples, example: Int, _ inputs: UnsafeMutablePointer<Int32>,
-                         _ targets: UnsafeMutablePointer<Int32>, _ lengths: UnsafeMutablePointer<Int32>?) {
+    private func fillRow(
+        _ row: Int, from examples: TextExamples, example: Int, _ inputs: UnsafeMutablePointer<Int32>,
+        _ targets: UnsafeMutablePointer<Int32>, _ lengths: UnsafeMutablePointer<Int32>?
+    ) {
         let T = seqLen
-        let dst = inputs + row * T                                  // (T)
+        let dst = inputs + row * T  // (T)
         let start = examples.starts[example]
         let n = min(examples.starts[example + 1] - start, T)
         examples.bytes.withUnsafeBufferPointer { b in

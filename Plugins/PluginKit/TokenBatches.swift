@@ -26,7 +26,9 @@ public struct TokenBatches: Sendable {
     /// The plugin's name, for error messages.
     public let name: String
 
-    public init(seqLen: Int, streams: Bool, name: String) { self.seqLen = seqLen; self.streams = streams; self.name = name }
+    public init(seqLen: Int, streams: Bool, name: String) {
+        self.seqLen = seqLen; self.streams = streams; self.name = name
+    }
 
     /// Tokens (each with its target) per stream: ⌊(len − 1) / B⌋.
     public func streamLength(splitLength len: Int, batchSize: Int) -> Int { max(len - 1, 0) / batchSize }
@@ -41,21 +43,28 @@ public struct TokenBatches: Sendable {
     /// Fill inputs/targets (B,T) int32 with batch `index` of the split tokens[splitStart ..<
     /// splitStart + splitLength]; returns the real rows. Eval indices past the end throw
     /// VQMOE_ERR_END_OF_DATA.
-    public func read<Token: BinaryInteger>(_ tokens: UnsafePointer<Token>, splitStart: Int, splitLength len: Int, split: Int,
-                                           index: Int64, batchSize B: Int, host: UnsafePointer<vqmoe_host_api>, seed: UInt64,
-                                           inputs: UnsafeMutablePointer<Int32>, targets: UnsafeMutablePointer<Int32>) throws(PluginFailure) -> Int {
+    public func read<Token: BinaryInteger>(
+        _ tokens: UnsafePointer<Token>, splitStart: Int, splitLength len: Int, split: Int,
+        index: Int64, batchSize B: Int, host: UnsafePointer<vqmoe_host_api>, seed: UInt64,
+        inputs: UnsafeMutablePointer<Int32>, targets: UnsafeMutablePointer<Int32>
+    ) throws(PluginFailure) -> Int {
         let T = seqLen, base = tokens + splitStart
         if split != 0 {
             let nb = evalBatches(splitLength: len, batchSize: B)
             guard index < nb else {
-                throw PluginFailure(status: VQMOE_ERR_END_OF_DATA,
-                                    message: "\(name): \(["train", "valid", "test"][split]) batch \(index) is past the end (\(nb) batches of \(B))")
+                throw PluginFailure(
+                    status: VQMOE_ERR_END_OF_DATA,
+                    message:
+                        "\(name): \(["train", "valid", "test"][split]) batch \(index) is past the end (\(nb) batches of \(B))"
+                )
             }
         }
         if streams {
             let S = streamLength(splitLength: len, batchSize: B)
             guard split != 0 || S >= T else {
-                throw .invalid("\(name): order=streams: the train split (\(len) tokens) cut into \(B) streams leaves \(S) tokens per stream, fewer than one segment of seq_len \(T); lower batch_size or seq_len")
+                throw .invalid(
+                    "\(name): order=streams: the train split (\(len) tokens) cut into \(B) streams leaves \(S) tokens per stream, fewer than one segment of seq_len \(T); lower batch_size or seq_len"
+                )
             }
             let segment = split == 0 ? Int(index % Int64(S / T)) : Int(index)
             let n = min(T, S - segment * T)
@@ -81,14 +90,17 @@ public struct TokenBatches: Sendable {
         targets.update(repeating: Int32(VQMOE_PAD_TARGET), count: B * T)
         for r in 0..<rows {
             let start = (first + r) * T
-            copy(base + start, min(T, len - 1 - start), inputs + r * T, targets + r * T)   // targets stay inside the split
+            // targets stay inside the split
+            copy(base + start, min(T, len - 1 - start), inputs + r * T, targets + r * T)
         }
         return rows
     }
 
     /// inputs[t] = src[t], targets[t] = src[t + 1] for t < n.
-    @inline(__always) func copy<Token: BinaryInteger>(_ src: UnsafePointer<Token>, _ n: Int, _ inputs: UnsafeMutablePointer<Int32>,
-                                                      _ targets: UnsafeMutablePointer<Int32>) {
+    @inline(__always) func copy<Token: BinaryInteger>(
+        _ src: UnsafePointer<Token>, _ n: Int, _ inputs: UnsafeMutablePointer<Int32>,
+        _ targets: UnsafeMutablePointer<Int32>
+    ) {
         for t in 0..<n {
             inputs[t] = Int32(truncatingIfNeeded: src[t])
             targets[t] = Int32(truncatingIfNeeded: src[t + 1])
@@ -96,7 +108,8 @@ public struct TokenBatches: Sendable {
     }
 
     /// The `order` hyperparameter both datasets declare.
-    public static let orderHelp = "windows: random train windows, ordered eval windows (each from a fresh context); streams: batch_size parallel streams read in order, row b of batch i+1 continuing row b of batch i (Transformer-XL memory)"
+    public static let orderHelp =
+        "windows: random train windows, ordered eval windows (each from a fresh context); streams: batch_size parallel streams read in order, row b of batch i+1 continuing row b of batch i (Transformer-XL memory)"
 
     /// Write `streams` into dataset_info when the host's struct has the field (ABI 1.1).
     public func writeInfo(_ out: UnsafeMutablePointer<vqmoe_dataset_info>) {

@@ -6,13 +6,16 @@ import VQMoEABI
 
 /// Pointers for the per-token routing loop (run on the host's pool).
 public struct RouteJob {
-    public var logits: UnsafeMutablePointer<Float>   // (N,E)
-    public var probs: UnsafeMutablePointer<Float>?   // (N,E), nil = not needed
-    public var index: UnsafeMutablePointer<Int32>    // (N,k)
-    public var gates: UnsafeMutablePointer<Float>    // (N,k)
+    public var logits: UnsafeMutablePointer<Float>  // (N,E)
+    public var probs: UnsafeMutablePointer<Float>?  // (N,E), nil = not needed
+    public var index: UnsafeMutablePointer<Int32>  // (N,k)
+    public var gates: UnsafeMutablePointer<Float>  // (N,k)
     public var e: Int
     public var k: Int
-    public init(logits: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>?, index: UnsafeMutablePointer<Int32>, gates: UnsafeMutablePointer<Float>, e: Int, k: Int) {
+    public init(
+        logits: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>?, index: UnsafeMutablePointer<Int32>,
+        gates: UnsafeMutablePointer<Float>, e: Int, k: Int
+    ) {
         self.logits = logits
         self.probs = probs
         self.index = index
@@ -68,19 +71,23 @@ public func routeTokens(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end:
 
 /// Pointers for the per-token dlogits loop.
 public struct LogitGradJob {
-    public var dlogits: UnsafeMutablePointer<Float>            // (N,E), zeroed
-    public var gradWeights: UnsafeMutablePointer<Float>?       // (N,k), nil = zero
-    public var gates: UnsafeMutablePointer<Float>              // (N,k)
-    public var index: UnsafeMutablePointer<Int32>              // (N,k)
-    public var probs: UnsafeMutablePointer<Float>?             // (N,E), with balanceCoef
-    public var balanceCoef: UnsafeMutablePointer<Float>?       // (E) c_e, nil = no balance gradient
+    public var dlogits: UnsafeMutablePointer<Float>  // (N,E), zeroed
+    public var gradWeights: UnsafeMutablePointer<Float>?  // (N,k), nil = zero
+    public var gates: UnsafeMutablePointer<Float>  // (N,k)
+    public var index: UnsafeMutablePointer<Int32>  // (N,k)
+    public var probs: UnsafeMutablePointer<Float>?  // (N,E), with balanceCoef
+    public var balanceCoef: UnsafeMutablePointer<Float>?  // (E) c_e, nil = no balance gradient
     public var e: Int
     public var k: Int
     /// The weights are the kept experts' full-softmax probabilities g_s = p_{i_s} (Switch /
     /// GShard), not the softmax over the kept logits; needs probs.
     public var fullSoftmaxGates: Bool
-    public init(dlogits: UnsafeMutablePointer<Float>, gradWeights: UnsafeMutablePointer<Float>?, gates: UnsafeMutablePointer<Float>, index: UnsafeMutablePointer<Int32>, probs: UnsafeMutablePointer<Float>?, balanceCoef: UnsafeMutablePointer<Float>?, e: Int, k: Int,
-                fullSoftmaxGates: Bool = false) {
+    public init(
+        dlogits: UnsafeMutablePointer<Float>, gradWeights: UnsafeMutablePointer<Float>?,
+        gates: UnsafeMutablePointer<Float>, index: UnsafeMutablePointer<Int32>, probs: UnsafeMutablePointer<Float>?,
+        balanceCoef: UnsafeMutablePointer<Float>?, e: Int, k: Int,
+        fullSoftmaxGates: Bool = false
+    ) {
         self.fullSoftmaxGates = fullSoftmaxGates
         self.dlogits = dlogits
         self.gradWeights = gradWeights

@@ -13,8 +13,10 @@ extension LFQQuantizer {
     ///                      commitment mse(z, q): q is piecewise constant in z
     ///   proj_in:           grad_x += dL/dz W_in,  grad_W_in += dL/dzᵀ x,  grad_b_in += Σ_t dL/dz_t
     /// Parameter gradients are skipped for a FROZEN forward.
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?) throws(PluginFailure) {
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?
+    ) throws(PluginFailure) {
         guard let ctx = Handle.context(ctxPtr, as: QuantizerContext.self) else {
             throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
         }
@@ -34,13 +36,15 @@ extension LFQQuantizer {
         let gz = try host.scratchFloats(n * b, "grad of the projected inputs")
         if let gq = gradQ {
             // dL/dz_q (N,b) = G (N,d) @ W_out (d,b)
-            host.gemm(transA: false, transB: false, m: n, n: b, k: d, alpha: 1, a: gq, lda: d, b: ctx.wOut, ldb: b,
-                      beta: 0, c: gz, ldc: b)
+            host.gemm(
+                transA: false, transB: false, m: n, n: b, k: d, alpha: 1, a: gq, lda: d, b: ctx.wOut, ldb: b,
+                beta: 0, c: gz, ldc: b)
             if params {
                 // grad_W_out (d,b) += Gᵀ (d,N) @ z_q (N,b)
                 if let gW = wOutGrad {
-                    host.gemm(transA: true, transB: false, m: d, n: b, k: n, alpha: 1, a: gq, lda: d, b: ctx.zq, ldb: b,
-                              beta: 1, c: gW, ldc: b)
+                    host.gemm(
+                        transA: true, transB: false, m: d, n: b, k: n, alpha: 1, a: gq, lda: d, b: ctx.zq, ldb: b,
+                        beta: 1, c: gW, ldc: b)
                 }
                 if let gb = bOutGrad { for t in 0..<n { let row = gq + t * d; for i in 0..<d { gb[i] += row[i] } } }
             }
@@ -61,13 +65,15 @@ extension LFQQuantizer {
         }
 
         // grad_x (N,d) += dL/dz (N,b) @ W_in (b,d)
-        host.gemm(transA: false, transB: false, m: n, n: d, k: b, alpha: 1, a: gz, lda: b, b: ctx.wIn, ldb: d,
-                  beta: 1, c: gradX, ldc: d)
+        host.gemm(
+            transA: false, transB: false, m: n, n: d, k: b, alpha: 1, a: gz, lda: b, b: ctx.wIn, ldb: d,
+            beta: 1, c: gradX, ldc: d)
         guard params else { return }
         // grad_W_in (b,d) += dL/dzᵀ (b,N) @ x (N,d)
         if let gW = wInGrad {
-            host.gemm(transA: true, transB: false, m: b, n: d, k: n, alpha: 1, a: gz, lda: b, b: ctx.x, ldb: d,
-                      beta: 1, c: gW, ldc: d)
+            host.gemm(
+                transA: true, transB: false, m: b, n: d, k: n, alpha: 1, a: gz, lda: b, b: ctx.x, ldb: d,
+                beta: 1, c: gW, ldc: d)
         }
         if let gb = bInGrad { for t in 0..<n { let row = gz + t * b; for i in 0..<b { gb[i] += row[i] } } }
     }

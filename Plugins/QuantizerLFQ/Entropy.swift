@@ -29,9 +29,9 @@ import VQMoEABI
 
 /// Pointers for the batch-mean distribution loop (over codes, so each p̄_c is one ordered sum).
 struct MeanProbJob {
-    var a: UnsafeMutablePointer<Double>     // (N,b) bit logit gaps
-    var l0: UnsafeMutablePointer<Double>    // (N) log p(code 0|z_t)
-    var meanP: UnsafeMutablePointer<Double> // (K) out: p̄_c
+    var a: UnsafeMutablePointer<Double>  // (N,b) bit logit gaps
+    var l0: UnsafeMutablePointer<Double>  // (N) log p(code 0|z_t)
+    var meanP: UnsafeMutablePointer<Double>  // (K) out: p̄_c
     var n: Int
     var b: Int
 }
@@ -48,14 +48,14 @@ func meanProbs(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64) {
 
 /// Pointers for the per-token entropy-gradient loop.
 struct EntropyGradJob {
-    var a: UnsafeMutablePointer<Double>       // (N,b)
-    var l0: UnsafeMutablePointer<Double>      // (N)
-    var weights: UnsafeMutablePointer<Double> // (K) w_c = log p̄_c + H(p̄) (0 where p̄_c = 0)
-    var grad: UnsafeMutablePointer<Double>    // (N,b) out: d(entropy loss)/d a
+    var a: UnsafeMutablePointer<Double>  // (N,b)
+    var l0: UnsafeMutablePointer<Double>  // (N)
+    var weights: UnsafeMutablePointer<Double>  // (K) w_c = log p̄_c + H(p̄) (0 where p̄_c = 0)
+    var grad: UnsafeMutablePointer<Double>  // (N,b) out: d(entropy loss)/d a
     var b: Int
     var k: Int
-    var perSampleCoef: Double                 // entropy_weight / N
-    var diversityCoef: Double                 // entropy_weight · gamma_div / N
+    var perSampleCoef: Double  // entropy_weight / N
+    var diversityCoef: Double  // entropy_weight · gamma_div / N
 }
 
 /// For tokens [begin, end), with σ = σ(a_{t,i}):
@@ -88,8 +88,10 @@ func entropyGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64
 
 extension LFQQuantizer {
     /// a (N,b) = (4 scale / tau) z and l0 (N) = −Σ_i softplus(a_{t,i}); returns Σ_t H(p(.|z_t)).
-    func bitLogits(_ z: UnsafePointer<Float>, n: Int, a: UnsafeMutablePointer<Double>,
-                   l0: UnsafeMutablePointer<Double>) -> Double {
+    func bitLogits(
+        _ z: UnsafePointer<Float>, n: Int, a: UnsafeMutablePointer<Double>,
+        l0: UnsafeMutablePointer<Double>
+    ) -> Double {
         let b = nBits, gap = config.bitLogitScale
         var entropy: Double = 0
         for t in 0..<n {
@@ -108,8 +110,10 @@ extension LFQQuantizer {
 
     /// mean_t H(p(.|z_t)) and H(p̄), and the centred weights w (K) the backward needs:
     /// w_c = log p̄_c + H(p̄) where p̄_c > 0, else 0.
-    func entropyForward(_ z: UnsafePointer<Float>, n: Int,
-                        weights: UnsafeMutablePointer<Double>) throws(PluginFailure) -> (perSample: Double, codebook: Double) {
+    func entropyForward(
+        _ z: UnsafePointer<Float>, n: Int,
+        weights: UnsafeMutablePointer<Double>
+    ) throws(PluginFailure) -> (perSample: Double, codebook: Double) {
         let k = nCodes, b = nBits
         weights.update(repeating: 0, count: k)
         guard n > 0 else { return (0, 0) }
@@ -117,7 +121,8 @@ extension LFQQuantizer {
         let l0 = try host.scratchDoubles(n, "code-0 log-probabilities")
         let perSample = bitLogits(z, n: n, a: a, l0: l0) / Double(n)
         let meanP = try host.scratchDoubles(k, "batch-mean code distribution")
-        host.parallelFor(k, grain: max(1, 65536 / (n * b + 1)), MeanProbJob(a: a, l0: l0, meanP: meanP, n: n, b: b), meanProbs)
+        host.parallelFor(
+            k, grain: max(1, 65536 / (n * b + 1)), MeanProbJob(a: a, l0: l0, meanP: meanP, n: n, b: b), meanProbs)
         var codebook: Double = 0
         for c in 0..<k where meanP[c] > 0 { codebook -= meanP[c] * log(meanP[c]) }
         for c in 0..<k where meanP[c] > 0 { weights[c] = log(meanP[c]) + codebook }
@@ -126,16 +131,20 @@ extension LFQQuantizer {
 
     /// grad (N,b) = d/dz [entropy_weight (mean_t H_t − gamma_div H(p̄))], from the saved z
     /// and weights (see `entropyGrads`), times the chain factor 4 scale / tau.
-    func entropyBackward(_ z: UnsafePointer<Float>, n: Int, weights: UnsafeMutablePointer<Double>,
-                         grad: UnsafeMutablePointer<Double>) throws(PluginFailure) {
+    func entropyBackward(
+        _ z: UnsafePointer<Float>, n: Int, weights: UnsafeMutablePointer<Double>,
+        grad: UnsafeMutablePointer<Double>
+    ) throws(PluginFailure) {
         let k = nCodes, b = nBits
         let a = try host.scratchDoubles(n * b, "bit logits")
         let l0 = try host.scratchDoubles(n, "code-0 log-probabilities")
         _ = bitLogits(z, n: n, a: a, l0: l0)
         let w = config.entropyWeight / Double(n)
-        host.parallelFor(n, grain: max(1, 65536 / (k * b + 1)),
-                         EntropyGradJob(a: a, l0: l0, weights: weights, grad: grad, b: b, k: k,
-                                        perSampleCoef: w, diversityCoef: w * config.diversityGamma), entropyGrads)
+        host.parallelFor(
+            n, grain: max(1, 65536 / (k * b + 1)),
+            EntropyGradJob(
+                a: a, l0: l0, weights: weights, grad: grad, b: b, k: k,
+                perSampleCoef: w, diversityCoef: w * config.diversityGamma), entropyGrads)
         let gap = config.bitLogitScale
         for i in 0..<(n * b) { grad[i] *= gap }
     }

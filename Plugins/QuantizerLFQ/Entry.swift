@@ -12,26 +12,28 @@ func withQuantizer(_ inst: OpaquePointer?, _ body: (LFQQuantizer) throws(PluginF
 /// vqmoe_quantizer_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let quantizerAPI: UnsafeMutablePointer<vqmoe_quantizer_api> = {
     let p = UnsafeMutablePointer<vqmoe_quantizer_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_quantizer_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
-        shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in Handle.releaseContext(ctx, as: QuantizerContext.self) }))
+    p.initialize(
+        to: vqmoe_quantizer_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
+            shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in Handle.releaseContext(ctx, as: QuantizerContext.self) }))
     return p
 }()
 
 /// "vqmoe.metrics/1": usage_perplexity, dead_codes, code_counts, per_sample_entropy, codebook_entropy.
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
     return p
 }()
 
@@ -49,10 +51,10 @@ nonisolated(unsafe) let lfqDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> =
     d.name = staticCString("lfq")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "Lookup-free quantizer (MAGVIT-v2): z = W_in x + b_in (d -> b = log2 K), q_i = scale * sign(z_i), " +
-        "code = sum_i [z_i > 0] 2^i, quantized = W_out (z + sg(q - z)) + b_out; loss = entropy_weight * " +
-        "(mean per-sample entropy - diversity_gamma * codebook entropy) + commitment * mse(z, sg(q)), " +
-        "p(c|z) = softmax_c(2 z . code_c / temperature)")
+        "Lookup-free quantizer (MAGVIT-v2): z = W_in x + b_in (d -> b = log2 K), q_i = scale * sign(z_i), "
+            + "code = sum_i [z_i > 0] 2^i, quantized = W_out (z + sg(q - z)) + b_out; loss = entropy_weight * "
+            + "(mean per-sample entropy - diversity_gamma * codebook entropy) + commitment * mse(z, sg(q)), "
+            + "p(c|z) = softmax_c(2 z . code_c / temperature)")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -65,7 +67,9 @@ nonisolated(unsafe) let lfqDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> =
     d.destroy = { inst in Handle.release(inst, as: LFQQuantizer.self) }
     d.num_buffers = { inst in Int32(Handle.get(inst, as: LFQQuantizer.self)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withQuantizer(inst) { q throws(PluginFailure) in try q.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in
+        withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withQuantizer(inst) { q throws(PluginFailure) in try q.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = { id in
@@ -82,7 +86,8 @@ nonisolated(unsafe) let lfqDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> =
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "lfq was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "lfq was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "lfq".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

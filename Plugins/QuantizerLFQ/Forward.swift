@@ -42,9 +42,11 @@ extension LFQQuantizer {
     /// z_q = z + sg(q − z) (value q; SURROGATE: z); code_counts_j = #{t : c_t = j};
     /// loss = entropy_weight (mean_t H(p(.|z_t)) − gamma_div H(mean_t p(.|z_t)))
     ///        + commitment Σ‖z_t − q_t‖² / (N b).
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_quantizer_input.self, "quantizer input")
@@ -68,8 +70,9 @@ extension LFQQuantizer {
         let ctx = saveContext ? QuantizerContext(n: n, d: d, b: b, k: k, frozen: flags & VQMOE_STEP_FROZEN != 0) : nil
         // z (N,b) = x (N,d) @ W_inᵀ (d,b) + b_in
         let z = try ctxOrScratch(ctx?.z, n * b, "projected inputs")
-        host.gemm(transA: false, transB: true, m: n, n: b, k: d, alpha: 1, a: x, lda: d, b: p.wIn, ldb: d,
-                  beta: 0, c: z, ldc: b)
+        host.gemm(
+            transA: false, transB: true, m: n, n: b, k: d, alpha: 1, a: x, lda: d, b: p.wIn, ldb: d,
+            beta: 0, c: z, ldc: b)
         for t in 0..<n { let row = z + t * b; for i in 0..<b { row[i] += p.bIn[i] } }
         for i in 0..<(n * b) where !z[i].isFinite {
             throw .numeric("non-finite projection z[\(i / b)][\(i % b)] = \(z[i]) (non-finite proj_in?)")
@@ -96,16 +99,18 @@ extension LFQQuantizer {
         }
 
         // quantized (N,d) = z_q (N,b) @ W_outᵀ (b,d) + b_out
-        host.gemm(transA: false, transB: true, m: n, n: d, k: b, alpha: 1, a: zq, lda: b, b: p.wOut, ldb: b,
-                  beta: 0, c: quantized, ldc: d)
+        host.gemm(
+            transA: false, transB: true, m: n, n: d, k: b, alpha: 1, a: zq, lda: b, b: p.wOut, ldb: b,
+            beta: 0, c: quantized, ldc: d)
         for t in 0..<n { let row = quantized + t * d; for i in 0..<d { row[i] += p.bOut[i] } }
 
         let weights: UnsafeMutablePointer<Double>  // (K)
         if let ctx { weights = ctx.weights } else { weights = try host.scratchDoubles(k, "entropy weights") }
         let entropy = try entropyForward(z, n: n, weights: weights)
         let commit = n > 0 ? sse / Double(n * b) : 0
-        outPtr.pointee.loss = Float(config.entropyWeight * (entropy.perSample - config.diversityGamma * entropy.codebook)
-                                    + config.commitment * commit)
+        outPtr.pointee.loss = Float(
+            config.entropyWeight * (entropy.perSample - config.diversityGamma * entropy.codebook)
+                + config.commitment * commit)
 
         if let ctx {
             ctx.x.update(from: x, count: n * d)
@@ -114,13 +119,16 @@ extension LFQQuantizer {
             ctxOut?.pointee = Handle.context(ctx)
         }
         if train || !(report?.fromTraining ?? false) {
-            report = UsageReport(usage: CodeUsage(counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n),
-                                 perSampleEntropy: entropy.perSample, codebookEntropy: entropy.codebook, fromTraining: train)
+            report = UsageReport(
+                usage: CodeUsage(counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n),
+                perSampleEntropy: entropy.perSample, codebookEntropy: entropy.codebook, fromTraining: train)
         }
     }
 
     /// `saved` (memory of the context being filled) when there is one, else host scratch.
-    func ctxOrScratch(_ saved: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
+    func ctxOrScratch(
+        _ saved: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String
+    ) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
         if let saved { return saved }
         return try host.scratchFloats(count, what)
     }

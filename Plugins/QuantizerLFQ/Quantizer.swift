@@ -17,7 +17,8 @@ struct BufferDecl {
 /// The buffer names, made once.
 nonisolated(unsafe) let bufferNames = (
     projInWeight: staticCString("proj_in.weight"), projInBias: staticCString("proj_in.bias"),
-    projOutWeight: staticCString("proj_out.weight"), projOutBias: staticCString("proj_out.bias"))
+    projOutWeight: staticCString("proj_out.weight"), projOutBias: staticCString("proj_out.bias")
+)
 
 /// What the last reported forward measured, for "vqmoe.metrics/1" only (never changes results).
 struct UsageReport {
@@ -66,10 +67,12 @@ final class LFQQuantizer {
     /// The declared buffers, in order.
     var buffers: [BufferDecl] {
         let ft = VQMOE_BUF_FREEZE_FT, noDecay = VQMOE_BUF_NO_DECAY
-        return [BufferDecl(name: bufferNames.projInWeight, shape: [nBits, dModel], flags: ft),
-                BufferDecl(name: bufferNames.projInBias, shape: [nBits], flags: ft | noDecay),
-                BufferDecl(name: bufferNames.projOutWeight, shape: [dModel, nBits], flags: ft),
-                BufferDecl(name: bufferNames.projOutBias, shape: [dModel], flags: ft | noDecay)]
+        return [
+            BufferDecl(name: bufferNames.projInWeight, shape: [nBits, dModel], flags: ft),
+            BufferDecl(name: bufferNames.projInBias, shape: [nBits], flags: ft | noDecay),
+            BufferDecl(name: bufferNames.projOutWeight, shape: [dModel, nBits], flags: ft),
+            BufferDecl(name: bufferNames.projOutBias, shape: [dModel], flags: ft | noDecay),
+        ]
     }
 
     var bufferCount: Int { 4 }
@@ -92,7 +95,9 @@ final class LFQQuantizer {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         let decl = buffers
         for i in 0..<n where bindings[i].data == nil {
@@ -105,8 +110,10 @@ final class LFQQuantizer {
     }
 
     /// The bound parameters, or a STATE error before bind_buffers.
-    func bound() throws(PluginFailure) -> (wIn: UnsafeMutablePointer<Float>, bIn: UnsafeMutablePointer<Float>,
-                                           wOut: UnsafeMutablePointer<Float>, bOut: UnsafeMutablePointer<Float>) {
+    func bound() throws(PluginFailure) -> (
+        wIn: UnsafeMutablePointer<Float>, bIn: UnsafeMutablePointer<Float>,
+        wOut: UnsafeMutablePointer<Float>, bOut: UnsafeMutablePointer<Float>
+    ) {
         guard let wIn, let bIn, let wOut, let bOut else { throw .state("called before bind_buffers") }
         return (wIn, bIn, wOut, bOut)
     }

@@ -11,9 +11,13 @@ extension RVQQuantizer {
     ///   codebook_loss = cumulative: grad e^m_{c_m(t)} += -g * 2/M * sum_{l >= m} r_{l,t}
     ///     (level l's term mse(sg(x), q_1 + .. + q_l) = ||r_l||^2 / M reaches every q_m, m <= l)
     /// No codebook gradient when frozen or when the host bound no gradient buffer.
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?) throws(PluginFailure) {
-        guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?
+    ) throws(PluginFailure) {
+        guard let ctxPtr else {
+            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
+        }
         guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
         try requireSize(ginPtr.pointee.struct_size, vqmoe_quantizer_grad_in.self, "quantizer grad_in")
         try requireSize(goutPtr.pointee.struct_size, vqmoe_quantizer_grad_out.self, "quantizer grad_out")

@@ -15,26 +15,28 @@ func withQuantizer(_ inst: OpaquePointer?, _ body: (RVQQuantizer) throws(PluginF
 /// vqmoe_quantizer_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let quantizerAPI: UnsafeMutablePointer<vqmoe_quantizer_api> = {
     let p = UnsafeMutablePointer<vqmoe_quantizer_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_quantizer_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
-        shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in Handle.releaseContext(ctx, as: RVQContext.self) }))
+    p.initialize(
+        to: vqmoe_quantizer_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
+            shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in Handle.releaseContext(ctx, as: RVQContext.self) }))
     return p
 }()
 
 /// "vqmoe.metrics/1": per-level and total code usage.
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
     return p
 }()
 
@@ -49,10 +51,11 @@ nonisolated(unsafe) let rvqDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> =
     d.name = staticCString("rvq")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "Residual VQ (SoundStream; RQ-VAE): L levels, each a VQ-VAE codebook of K codes over the full width: r_0 = x, " +
-        "c_l = argmin_j ||r_{l-1} - e^l_j||^2 (ties -> lowest index), q_l = e^l_{c_l}, r_l = r_{l-1} - q_l, q = sum_l q_l " +
-        "with a straight-through gradient; codes (N,L): level l's code picks the l-th expert (top-L routing); " +
-        "loss = sum_l mse(sg(r_{l-1}), q_l) + commitment * mse(r_{l-1}, sg(q_l)), residuals built from detached q")
+        "Residual VQ (SoundStream; RQ-VAE): L levels, each a VQ-VAE codebook of K codes over the full width: r_0 = x, "
+            + "c_l = argmin_j ||r_{l-1} - e^l_j||^2 (ties -> lowest index), q_l = e^l_{c_l}, r_l = r_{l-1} - q_l, q = sum_l q_l "
+            + "with a straight-through gradient; codes (N,L): level l's code picks the l-th expert (top-L routing); "
+            + "loss = sum_l mse(sg(r_{l-1}), q_l) + commitment * mse(r_{l-1}, sg(q_l)), residuals built from detached q"
+    )
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -66,7 +69,9 @@ nonisolated(unsafe) let rvqDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> =
     d.destroy = { inst in Handle.release(inst, as: RVQQuantizer.self) }
     d.num_buffers = { inst in Int32(quantizer(inst)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withQuantizer(inst) { q throws(PluginFailure) in try q.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in
+        withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withQuantizer(inst) { q throws(PluginFailure) in try q.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = { id in
@@ -83,7 +88,8 @@ nonisolated(unsafe) let rvqDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> =
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "rvq was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "rvq was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "rvq".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

@@ -38,9 +38,11 @@ extension RVQQuantizer {
     /// loss = sum_l [mse(sg(r_{l-1}), q_l) + commitment * mse(r_{l-1}, sg(q_l))]
     ///      = (1 + commitment) * sum_l sum_t ||r_{l-1,t} - q_{l,t}||^2 / (N d).
     /// No state changes (the codebooks are parameters).
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_quantizer_input.self, "quantizer input")
@@ -52,10 +54,10 @@ extension RVQQuantizer {
         let C = try boundCodebook()  // (L,K,d)
         let d = dModel, k = nCodes, levels = nLevels
         let n = try rowsOf(inPtr.pointee.x, cols: d, "x")
-        let x = try requireF32(inPtr.pointee.x, [n, d], "x")                          // (N,d)
+        let x = try requireF32(inPtr.pointee.x, [n, d], "x")  // (N,d)
         let quantized = try requireF32(outPtr.pointee.quantized, [n, d], "quantized")  // (N,d)
-        let codes = try requireI32(outPtr.pointee.codes, [n, levels], "codes")         // (N,L)
-        let counts = try requireF32(outPtr.pointee.code_counts, [k], "code_counts")    // (K)
+        let codes = try requireI32(outPtr.pointee.codes, [n, levels], "codes")  // (N,L)
+        let counts = try requireF32(outPtr.pointee.code_counts, [k], "code_counts")  // (K)
         for i in 0..<(n * d) where !x[i].isFinite {
             throw .numeric("non-finite input x[\(i / d)][\(i % d)] = \(x[i])")
         }
@@ -66,7 +68,7 @@ extension RVQQuantizer {
         let r = try host.scratchFloats(n * d, "residuals")  // (N,d) r_{l-1}, then r_l
         r.update(from: x, count: n * d)
         quantized.update(repeating: 0, count: n * d)
-        let levelCodes = try scratchInts(n, "level codes")          // (N)
+        let levelCodes = try scratchInts(n, "level codes")  // (N)
         let sqError = try host.scratchDoubles(n, "squared errors")  // (N)
         let ctx = saveContext ? RVQContext(n: n, d: d, levels: levels, frozen: frozen) : nil
         var levelCounts: [[Float]] = []

@@ -26,28 +26,37 @@ struct RVQConfig {
     var codebookLoss: CodebookLoss
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "levels", type: VQMOE_HP_INT,
-                            description: "L, residual quantization levels; level l's code picks the token's l-th expert (top-L routing)",
-                            defaultValue: 2, min: 1, max: 16),
-        HyperparameterEntry(name: "codebook_size", type: VQMOE_HP_INT,
-                            description: "K, codes in each level's codebook; 0 = the model's n_codes",
-                            defaultValue: 0, min: 0),
-        HyperparameterEntry(name: "commitment", type: VQMOE_HP_FLOAT,
-                            description: "commitment weight gamma: loss = sum_l mse(sg(r_{l-1}), q_l) + gamma * mse(r_{l-1}, sg(q_l))",
-                            defaultValue: 0.25, min: 0),
-        HyperparameterEntry(name: "init_scale", type: VQMOE_HP_FLOAT,
-                            description: "codebook init: e^l_j ~ N(0, init_scale^2) at every level",
-                            defaultValue: 1.0, min: 0),
-        HyperparameterEntry(name: "codebook_loss", type: VQMOE_HP_STRING,
-                            description: "codebook gradient: residual = level l's term trains codebook l only (SoundStream/lucidrains, detached residuals); cumulative = level l's term is mse(sg(x), q_1+..+q_l) and also trains the earlier codebooks (RQ-VAE)",
-                            defaultString: "residual", choices: "residual,cumulative"),
+        HyperparameterEntry(
+            name: "levels", type: VQMOE_HP_INT,
+            description:
+                "L, residual quantization levels; level l's code picks the token's l-th expert (top-L routing)",
+            defaultValue: 2, min: 1, max: 16),
+        HyperparameterEntry(
+            name: "codebook_size", type: VQMOE_HP_INT,
+            description: "K, codes in each level's codebook; 0 = the model's n_codes",
+            defaultValue: 0, min: 0),
+        HyperparameterEntry(
+            name: "commitment", type: VQMOE_HP_FLOAT,
+            description: "commitment weight gamma: loss = sum_l mse(sg(r_{l-1}), q_l) + gamma * mse(r_{l-1}, sg(q_l))",
+            defaultValue: 0.25, min: 0),
+        HyperparameterEntry(
+            name: "init_scale", type: VQMOE_HP_FLOAT,
+            description: "codebook init: e^l_j ~ N(0, init_scale^2) at every level",
+            defaultValue: 1.0, min: 0),
+        HyperparameterEntry(
+            name: "codebook_loss", type: VQMOE_HP_STRING,
+            description:
+                "codebook gradient: residual = level l's term trains codebook l only (SoundStream/lucidrains, detached residuals); cumulative = level l's term is mse(sg(x), q_1+..+q_l) and also trains the earlier codebooks (RQ-VAE)",
+            defaultString: "residual", choices: "residual,cumulative"),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.
     init(_ hp: UnsafePointer<vqmoe_hparams>?, nCodes: Int) throws(PluginFailure) {
         levels = Int(vqmoe_hp_int(hp, "levels", 2))
         let requested = Int(vqmoe_hp_int(hp, "codebook_size", 0))
-        guard requested >= 0 else { throw .invalid("codebook_size = \(requested) must be >= 0 (0 = the model's n_codes)") }
+        guard requested >= 0 else {
+            throw .invalid("codebook_size = \(requested) must be >= 0 (0 = the model's n_codes)")
+        }
         codebookSize = requested > 0 ? requested : nCodes
         commitment = Float(vqmoe_hp_float(hp, "commitment", 0.25))
         initScale = Float(vqmoe_hp_float(hp, "init_scale", 1.0))
@@ -58,9 +67,15 @@ struct RVQConfig {
         codebookLoss = loss
         guard levels >= 1 && levels <= 16 else { throw .invalid("levels = \(levels) must be in [1, 16]") }
         guard codebookSize >= 1 else {
-            throw .invalid("codebook size K = \(codebookSize): set hyperparameter codebook_size >= 1 or give the model n_codes >= 1 (got codebook_size = \(requested), n_codes = \(nCodes))")
+            throw .invalid(
+                "codebook size K = \(codebookSize): set hyperparameter codebook_size >= 1 or give the model n_codes >= 1 (got codebook_size = \(requested), n_codes = \(nCodes))"
+            )
         }
-        guard commitment.isFinite && commitment >= 0 else { throw .invalid("commitment = \(commitment) must be finite and >= 0") }
-        guard initScale.isFinite && initScale >= 0 else { throw .invalid("init_scale = \(initScale) must be finite and >= 0") }
+        guard commitment.isFinite && commitment >= 0 else {
+            throw .invalid("commitment = \(commitment) must be finite and >= 0")
+        }
+        guard initScale.isFinite && initScale >= 0 else {
+            throw .invalid("init_scale = \(initScale) must be finite and >= 0")
+        }
     }
 }

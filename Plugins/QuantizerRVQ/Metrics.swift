@@ -16,7 +16,9 @@ extension RVQQuantizer {
             let usage = CodeUsage(counts: counts, tokens: stats.tokens)
             sink.scalar?(sink.user, "usage_perplexity_l\(l)", usage.perplexity)
             sink.scalar?(sink.user, "dead_codes_l\(l)", Double(usage.deadCodes))
-            counts.withUnsafeBufferPointer { sink.vector?(sink.user, "code_counts_l\(l)", $0.baseAddress, Int64($0.count)) }
+            counts.withUnsafeBufferPointer {
+                sink.vector?(sink.user, "code_counts_l\(l)", $0.baseAddress, Int64($0.count))
+            }
         }
         let total = (0..<nCodes).map { j in stats.levelCounts.reduce(Float(0)) { $0 + $1[j] } }
         try CodeUsage(counts: total, tokens: stats.tokens * nLevels).report(sinkPtr)

@@ -4,13 +4,13 @@ import VQMoEABI
 
 /// Pointers for the per-token nearest-code loop of one level (run on the host's pool).
 struct NearestJob {
-    var r: UnsafeMutablePointer<Float>          // (N,d) residuals r_{l-1}
-    var codebook: UnsafeMutablePointer<Float>   // (K,d) this level's codes
-    var dots: UnsafeMutablePointer<Float>       // (N,K) r . e_j
-    var norms: UnsafeMutablePointer<Float>      // (K) ||e_j||^2
-    var maxNorm: Float                          // max_j ||e_j||^2
-    var codes: UnsafeMutablePointer<Int32>      // (N) out: c_l
-    var sqError: UnsafeMutablePointer<Double>   // (N) out: ||r_{l-1} - e_c||^2
+    var r: UnsafeMutablePointer<Float>  // (N,d) residuals r_{l-1}
+    var codebook: UnsafeMutablePointer<Float>  // (K,d) this level's codes
+    var dots: UnsafeMutablePointer<Float>  // (N,K) r . e_j
+    var norms: UnsafeMutablePointer<Float>  // (K) ||e_j||^2
+    var maxNorm: Float  // max_j ||e_j||^2
+    var codes: UnsafeMutablePointer<Int32>  // (N) out: c_l
+    var sqError: UnsafeMutablePointer<Double>  // (N) out: ||r_{l-1} - e_c||^2
     var d: Int
     var k: Int
 }
@@ -59,8 +59,10 @@ func nearestCodes(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64
 extension RVQQuantizer {
     /// codes_t = argmin_j ||r_t - e_j||^2 over one level's codebook C (K,d), with
     /// sqError_t = ||r_t - e_c||^2: one GEMM r (N,d) @ C^T (d,K) screens, `nearestCodes` decides.
-    func assignNearest(r: UnsafeMutablePointer<Float>, n: Int, codebook C: UnsafeMutablePointer<Float>,
-                       codes: UnsafeMutablePointer<Int32>, sqError: UnsafeMutablePointer<Double>) throws(PluginFailure) {
+    func assignNearest(
+        r: UnsafeMutablePointer<Float>, n: Int, codebook C: UnsafeMutablePointer<Float>,
+        codes: UnsafeMutablePointer<Int32>, sqError: UnsafeMutablePointer<Double>
+    ) throws(PluginFailure) {
         let d = dModel, k = nCodes
         guard n > 0 else { return }
         let norms = try host.scratchFloats(k, "code norms")  // (K)
@@ -73,10 +75,13 @@ extension RVQQuantizer {
             maxNorm = max(maxNorm, s)
         }
         let dots = try host.scratchFloats(n * k, "code distances")  // (N,K)
-        host.gemm(transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: r, lda: d, b: C, ldb: d,
-                  beta: 0, c: dots, ldc: k)
-        host.parallelFor(n, grain: max(1, 16384 / (k * d + 1)),
-                         NearestJob(r: r, codebook: C, dots: dots, norms: norms, maxNorm: maxNorm, codes: codes,
-                                    sqError: sqError, d: d, k: k), nearestCodes)
+        host.gemm(
+            transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: r, lda: d, b: C, ldb: d,
+            beta: 0, c: dots, ldc: k)
+        host.parallelFor(
+            n, grain: max(1, 16384 / (k * d + 1)),
+            NearestJob(
+                r: r, codebook: C, dots: dots, norms: norms, maxNorm: maxNorm, codes: codes,
+                sqError: sqError, d: d, k: k), nearestCodes)
     }
 }

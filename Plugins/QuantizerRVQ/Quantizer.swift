@@ -62,7 +62,9 @@ final class RVQQuantizer {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         guard let c = bindings[0].data else { throw .invalid("bind_buffers: 'codebook' has no data") }
         codebook = c.assumingMemoryBound(to: Float.self)

@@ -6,8 +6,10 @@ import VQMoEABI
 /// d(v/max(‖v‖, eps))/dv applied to an upstream gradient g, for one row:
 ///   ‖v‖ >= eps: (g − v̂ (v̂·g)) / ‖v‖;   ‖v‖ < eps: g / eps.
 /// Accumulated (+=) into `out`.
-@inline(__always) func normalizeBackward(_ vHat: UnsafePointer<Float>, norm: Float, _ g: UnsafePointer<Float>,
-                                         _ cols: Int, into out: UnsafeMutablePointer<Float>) {
+@inline(__always) func normalizeBackward(
+    _ vHat: UnsafePointer<Float>, norm: Float, _ g: UnsafePointer<Float>,
+    _ cols: Int, into out: UnsafeMutablePointer<Float>
+) {
     if norm < normEpsilon {
         for i in 0..<cols { out[i] += g[i] / normEpsilon }
         return
@@ -27,8 +29,10 @@ extension VQGANCosQuantizer {
     ///   normalisation:     dL/dz = (I − ẑẑᵀ)/‖z‖ dL/dẑ
     ///   proj_in:           grad_x += dL/dz W_in,  grad_W_in += dL/dzᵀ x,  grad_b_in += Σ_t dL/dz_t
     /// Parameter gradients are skipped for a FROZEN forward.
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?) throws(PluginFailure) {
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?
+    ) throws(PluginFailure) {
         guard let ctx = Handle.context(ctxPtr, as: QuantizerContext.self) else {
             throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
         }
@@ -48,13 +52,15 @@ extension VQGANCosQuantizer {
         let gzHat = try host.scratchFloats(n * dc, "grad of the normalised inputs")
         if let gq = gradQ {
             // dL/dz_q (N,d_c) = G (N,d) @ W_out (d,d_c)
-            host.gemm(transA: false, transB: false, m: n, n: dc, k: d, alpha: 1, a: gq, lda: d, b: ctx.wOut, ldb: dc,
-                      beta: 0, c: gzHat, ldc: dc)
+            host.gemm(
+                transA: false, transB: false, m: n, n: dc, k: d, alpha: 1, a: gq, lda: d, b: ctx.wOut, ldb: dc,
+                beta: 0, c: gzHat, ldc: dc)
             if params {
                 // grad_W_out (d,d_c) += Gᵀ (d,N) @ z_q (N,d_c)
                 if let gW = wOutGrad {
-                    host.gemm(transA: true, transB: false, m: d, n: dc, k: n, alpha: 1, a: gq, lda: d, b: ctx.zq, ldb: dc,
-                              beta: 1, c: gW, ldc: dc)
+                    host.gemm(
+                        transA: true, transB: false, m: d, n: dc, k: n, alpha: 1, a: gq, lda: d, b: ctx.zq, ldb: dc,
+                        beta: 1, c: gW, ldc: dc)
                 }
                 if let gb = bOutGrad { for t in 0..<n { let row = gq + t * d; for i in 0..<d { gb[i] += row[i] } } }
             }
@@ -88,16 +94,20 @@ extension VQGANCosQuantizer {
         // dL/dz (N,d_c) through ẑ = z/‖z‖
         let gz = try host.scratchFloats(n * dc, "grad of the projected inputs")
         gz.update(repeating: 0, count: n * dc)
-        for t in 0..<n { normalizeBackward(ctx.zHat + t * dc, norm: ctx.zNorm[t], gzHat + t * dc, dc, into: gz + t * dc) }
+        for t in 0..<n {
+            normalizeBackward(ctx.zHat + t * dc, norm: ctx.zNorm[t], gzHat + t * dc, dc, into: gz + t * dc)
+        }
 
         // grad_x (N,d) += dL/dz (N,d_c) @ W_in (d_c,d)
-        host.gemm(transA: false, transB: false, m: n, n: d, k: dc, alpha: 1, a: gz, lda: dc, b: ctx.wIn, ldb: d,
-                  beta: 1, c: gradX, ldc: d)
+        host.gemm(
+            transA: false, transB: false, m: n, n: d, k: dc, alpha: 1, a: gz, lda: dc, b: ctx.wIn, ldb: d,
+            beta: 1, c: gradX, ldc: d)
         guard params else { return }
         // grad_W_in (d_c,d) += dL/dzᵀ (d_c,N) @ x (N,d)
         if let gW = wInGrad {
-            host.gemm(transA: true, transB: false, m: dc, n: d, k: n, alpha: 1, a: gz, lda: dc, b: ctx.x, ldb: d,
-                      beta: 1, c: gW, ldc: d)
+            host.gemm(
+                transA: true, transB: false, m: dc, n: d, k: n, alpha: 1, a: gz, lda: dc, b: ctx.x, ldb: d,
+                beta: 1, c: gW, ldc: d)
         }
         if let gb = bInGrad { for t in 0..<n { let row = gz + t * dc; for i in 0..<dc { gb[i] += row[i] } } }
     }

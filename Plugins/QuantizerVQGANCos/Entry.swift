@@ -12,26 +12,28 @@ func withQuantizer(_ inst: OpaquePointer?, _ body: (VQGANCosQuantizer) throws(Pl
 /// vqmoe_quantizer_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let quantizerAPI: UnsafeMutablePointer<vqmoe_quantizer_api> = {
     let p = UnsafeMutablePointer<vqmoe_quantizer_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_quantizer_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
-        shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in Handle.releaseContext(ctx, as: QuantizerContext.self) }))
+    p.initialize(
+        to: vqmoe_quantizer_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
+            shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in Handle.releaseContext(ctx, as: QuantizerContext.self) }))
     return p
 }()
 
 /// "vqmoe.metrics/1": usage_perplexity, dead_codes, code_counts.
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
     return p
 }()
 
@@ -46,9 +48,9 @@ nonisolated(unsafe) let vqganCosDescriptor: UnsafeMutablePointer<vqmoe_plugin_de
     d.name = staticCString("vqgan_cos")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "ViT-VQGAN quantizer (factorised, l2-normalised codes): z = W_in x + b_in (d -> code_dim), " +
-        "code = argmax_j cos(z, e_j) (ties -> lowest index), quantized = W_out (ẑ + sg(ê_c - ẑ)) + b_out; " +
-        "loss = mse(sg(ẑ), ê_c) + commitment * mse(ẑ, sg(ê_c))")
+        "ViT-VQGAN quantizer (factorised, l2-normalised codes): z = W_in x + b_in (d -> code_dim), "
+            + "code = argmax_j cos(z, e_j) (ties -> lowest index), quantized = W_out (ẑ + sg(ê_c - ẑ)) + b_out; "
+            + "loss = mse(sg(ẑ), ê_c) + commitment * mse(ẑ, sg(ê_c))")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -61,7 +63,9 @@ nonisolated(unsafe) let vqganCosDescriptor: UnsafeMutablePointer<vqmoe_plugin_de
     d.destroy = { inst in Handle.release(inst, as: VQGANCosQuantizer.self) }
     d.num_buffers = { inst in Int32(Handle.get(inst, as: VQGANCosQuantizer.self)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withQuantizer(inst) { q throws(PluginFailure) in try q.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in
+        withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withQuantizer(inst) { q throws(PluginFailure) in try q.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = { id in
@@ -78,7 +82,8 @@ nonisolated(unsafe) let vqganCosDescriptor: UnsafeMutablePointer<vqmoe_plugin_de
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "vqgan_cos was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "vqgan_cos was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "vqgan_cos".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

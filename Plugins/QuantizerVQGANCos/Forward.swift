@@ -48,8 +48,10 @@ final class QuantizerContext {
 }
 
 /// Row-wise l2 normalisation: out_r = v_r / max(‖v_r‖, eps), norms_r = ‖v_r‖ (in double).
-func normalizeRows(_ v: UnsafePointer<Float>, rows: Int, cols: Int, out: UnsafeMutablePointer<Float>,
-                   norms: UnsafeMutablePointer<Float>) {
+func normalizeRows(
+    _ v: UnsafePointer<Float>, rows: Int, cols: Int, out: UnsafeMutablePointer<Float>,
+    norms: UnsafeMutablePointer<Float>
+) {
     for r in 0..<rows {
         let src = v + r * cols, dst = out + r * cols
         var s: Double = 0
@@ -63,12 +65,12 @@ func normalizeRows(_ v: UnsafePointer<Float>, rows: Int, cols: Int, out: UnsafeM
 
 /// Pointers for the per-token nearest-code loop (run on the host's pool).
 struct CosineJob {
-    var zHat: UnsafeMutablePointer<Float>    // (N,d_c)
-    var eHat: UnsafeMutablePointer<Float>    // (K,d_c)
-    var sims: UnsafeMutablePointer<Float>    // (N,K) ẑ·ê_j
-    var codes: UnsafeMutablePointer<Int32>   // (N) out
-    var zq: UnsafeMutablePointer<Float>      // (N,d_c) out
-    var sqError: UnsafeMutablePointer<Double>// (N) out: ‖ẑ_t − ê_c‖²
+    var zHat: UnsafeMutablePointer<Float>  // (N,d_c)
+    var eHat: UnsafeMutablePointer<Float>  // (K,d_c)
+    var sims: UnsafeMutablePointer<Float>  // (N,K) ẑ·ê_j
+    var codes: UnsafeMutablePointer<Int32>  // (N) out
+    var zq: UnsafeMutablePointer<Float>  // (N,d_c) out
+    var sqError: UnsafeMutablePointer<Double>  // (N) out: ‖ẑ_t − ê_c‖²
     var dc: Int
     var k: Int
     var surrogate: Bool
@@ -105,7 +107,9 @@ func nearestCodes(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64
 
 extension VQGANCosQuantizer {
     /// `saved` (memory of the context being filled) when there is one, else host scratch.
-    func ctxOrScratch(_ saved: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
+    func ctxOrScratch(
+        _ saved: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String
+    ) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
         if let saved { return saved }
         return try host.scratchFloats(count, what)
     }
@@ -114,9 +118,11 @@ extension VQGANCosQuantizer {
     /// quantized = z_q W_outᵀ + b_out (N,d) with z_q = ẑ + sg(ê_c − ẑ) (value ê_c;
     /// SURROGATE: ẑ); code_counts_j = #{t : c_t = j};
     /// loss = mse(sg(ẑ), ê_c) + gamma * mse(ẑ, sg(ê_c)) = (1 + gamma) Σ‖ẑ_t − ê_c‖² / (N d_c).
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_quantizer_input.self, "quantizer input")
@@ -142,8 +148,9 @@ extension VQGANCosQuantizer {
         let ctx = saveContext ? QuantizerContext(n: n, d: d, dc: dc, k: k, frozen: flags & VQMOE_STEP_FROZEN != 0) : nil
         // z (N,d_c) = x (N,d) @ W_inᵀ (d,d_c) + b_in
         let z = try host.scratchFloats(n * dc, "projected inputs")
-        host.gemm(transA: false, transB: true, m: n, n: dc, k: d, alpha: 1, a: x, lda: d, b: p.wIn, ldb: d,
-                  beta: 0, c: z, ldc: dc)
+        host.gemm(
+            transA: false, transB: true, m: n, n: dc, k: d, alpha: 1, a: x, lda: d, b: p.wIn, ldb: d,
+            beta: 0, c: z, ldc: dc)
         for t in 0..<n { let row = z + t * dc; for i in 0..<dc { row[i] += p.bIn[i] } }
         for i in 0..<(n * dc) where !z[i].isFinite {
             throw .numeric("non-finite projection z[\(i / dc)][\(i % dc)] = \(z[i]) (non-finite proj_in?)")
@@ -158,17 +165,21 @@ extension VQGANCosQuantizer {
 
         // sims (N,K) = ẑ (N,d_c) @ êᵀ (d_c,K); codes, z_q, ‖ẑ − ê_c‖²
         let sims = try host.scratchFloats(n * k, "cosine similarities")
-        host.gemm(transA: false, transB: true, m: n, n: k, k: dc, alpha: 1, a: zHat, lda: dc, b: eHat, ldb: dc,
-                  beta: 0, c: sims, ldc: k)
+        host.gemm(
+            transA: false, transB: true, m: n, n: k, k: dc, alpha: 1, a: zHat, lda: dc, b: eHat, ldb: dc,
+            beta: 0, c: sims, ldc: k)
         let zq = try ctxOrScratch(ctx?.zq, n * dc, "quantized codes")
         let sqError = try host.scratchDoubles(n, "squared errors")
-        host.parallelFor(n, grain: max(1, 16384 / (k * dc + 1)),
-                         CosineJob(zHat: zHat, eHat: eHat, sims: sims, codes: codes, zq: zq, sqError: sqError,
-                                   dc: dc, k: k, surrogate: flags & VQMOE_STEP_SURROGATE != 0), nearestCodes)
+        host.parallelFor(
+            n, grain: max(1, 16384 / (k * dc + 1)),
+            CosineJob(
+                zHat: zHat, eHat: eHat, sims: sims, codes: codes, zq: zq, sqError: sqError,
+                dc: dc, k: k, surrogate: flags & VQMOE_STEP_SURROGATE != 0), nearestCodes)
 
         // quantized (N,d) = z_q (N,d_c) @ W_outᵀ (d_c,d) + b_out
-        host.gemm(transA: false, transB: true, m: n, n: d, k: dc, alpha: 1, a: zq, lda: dc, b: p.wOut, ldb: dc,
-                  beta: 0, c: quantized, ldc: d)
+        host.gemm(
+            transA: false, transB: true, m: n, n: d, k: dc, alpha: 1, a: zq, lda: dc, b: p.wOut, ldb: dc,
+            beta: 0, c: quantized, ldc: d)
         for t in 0..<n { let row = quantized + t * d; for i in 0..<d { row[i] += p.bOut[i] } }
 
         counts.update(repeating: 0, count: k)

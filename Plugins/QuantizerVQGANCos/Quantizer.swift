@@ -18,7 +18,8 @@ struct BufferDecl {
 nonisolated(unsafe) let bufferNames = (
     projInWeight: staticCString("proj_in.weight"), projInBias: staticCString("proj_in.bias"),
     projOutWeight: staticCString("proj_out.weight"), projOutBias: staticCString("proj_out.bias"),
-    codebook: staticCString("codebook"))
+    codebook: staticCString("codebook")
+)
 
 /// The ViT-VQGAN quantizer (Yu et al. 2022, "Vector-quantized Image Modeling with Improved
 /// VQGAN", §3.2 factorised and l2-normalised codes):
@@ -61,11 +62,13 @@ final class VQGANCosQuantizer {
     /// The declared buffers, in order.
     var buffers: [BufferDecl] {
         let ft = VQMOE_BUF_FREEZE_FT, noDecay = VQMOE_BUF_NO_DECAY
-        return [BufferDecl(name: bufferNames.projInWeight, shape: [codeDim, dModel], flags: ft),
-                BufferDecl(name: bufferNames.projInBias, shape: [codeDim], flags: ft | noDecay),
-                BufferDecl(name: bufferNames.projOutWeight, shape: [dModel, codeDim], flags: ft),
-                BufferDecl(name: bufferNames.projOutBias, shape: [dModel], flags: ft | noDecay),
-                BufferDecl(name: bufferNames.codebook, shape: [nCodes, codeDim], flags: ft | noDecay)]
+        return [
+            BufferDecl(name: bufferNames.projInWeight, shape: [codeDim, dModel], flags: ft),
+            BufferDecl(name: bufferNames.projInBias, shape: [codeDim], flags: ft | noDecay),
+            BufferDecl(name: bufferNames.projOutWeight, shape: [dModel, codeDim], flags: ft),
+            BufferDecl(name: bufferNames.projOutBias, shape: [dModel], flags: ft | noDecay),
+            BufferDecl(name: bufferNames.codebook, shape: [nCodes, codeDim], flags: ft | noDecay),
+        ]
     }
 
     var bufferCount: Int { 5 }
@@ -88,7 +91,9 @@ final class VQGANCosQuantizer {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         let decl = buffers
         for i in 0..<n where bindings[i].data == nil {
@@ -102,9 +107,11 @@ final class VQGANCosQuantizer {
     }
 
     /// The bound parameters, or a STATE error before bind_buffers.
-    func bound() throws(PluginFailure) -> (wIn: UnsafeMutablePointer<Float>, bIn: UnsafeMutablePointer<Float>,
-                                           wOut: UnsafeMutablePointer<Float>, bOut: UnsafeMutablePointer<Float>,
-                                           codebook: UnsafeMutablePointer<Float>) {
+    func bound() throws(PluginFailure) -> (
+        wIn: UnsafeMutablePointer<Float>, bIn: UnsafeMutablePointer<Float>,
+        wOut: UnsafeMutablePointer<Float>, bOut: UnsafeMutablePointer<Float>,
+        codebook: UnsafeMutablePointer<Float>
+    ) {
         guard let wIn, let bIn, let wOut, let bOut, let codebook else { throw .state("called before bind_buffers") }
         return (wIn, bIn, wOut, bOut, codebook)
     }

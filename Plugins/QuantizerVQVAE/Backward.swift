@@ -11,9 +11,13 @@ extension VQVAEQuantizer {
     /// the codebook with centres computed from the batch, so the loss does not depend on the
     /// codebook parameter as it was and its gradient is 0 (at a converged Lloyd fixed point
     /// the gradient at the centres, sum_{t in j} (e_j - x_t), is 0 as well).
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?) throws(PluginFailure) {
-        guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?
+    ) throws(PluginFailure) {
+        guard let ctxPtr else {
+            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
+        }
         guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
         try requireSize(ginPtr.pointee.struct_size, vqmoe_quantizer_grad_in.self, "quantizer grad_in")
         try requireSize(goutPtr.pointee.struct_size, vqmoe_quantizer_grad_out.self, "quantizer grad_out")

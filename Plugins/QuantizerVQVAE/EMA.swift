@@ -11,8 +11,10 @@ extension VQVAEQuantizer {
     ///   N'_j = (N_j + eps) / (sum_i N_i + K eps) * sum_i N_i     (Laplace smoothing)
     ///   e_j = m_j / N'_j
     /// An empty batch changes nothing.
-    func emaUpdate(x: UnsafePointer<Float>, codes: UnsafePointer<Int32>, counts: UnsafePointer<Float>,
-                   n: Int) throws(PluginFailure) {
+    func emaUpdate(
+        x: UnsafePointer<Float>, codes: UnsafePointer<Int32>, counts: UnsafePointer<Float>,
+        n: Int
+    ) throws(PluginFailure) {
         guard n > 0, let emaCount, let emaSum else { return }
         let C = try boundCodebook()
         let d = dModel, k = nCodes

@@ -17,29 +17,31 @@ func withQuantizer(_ inst: OpaquePointer?, _ body: (VQVAEQuantizer) throws(Plugi
 /// vqmoe_quantizer_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let quantizerAPI: UnsafeMutablePointer<vqmoe_quantizer_api> = {
     let p = UnsafeMutablePointer<vqmoe_quantizer_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_quantizer_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
-        shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<QuantizerContext>.fromOpaque(ctx).release()
-        }))
+    p.initialize(
+        to: vqmoe_quantizer_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
+            shape: { inst, out in withQuantizer(inst) { q throws(PluginFailure) in try q.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withQuantizer(inst) { q throws(PluginFailure) in try q.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withQuantizer(inst) { q throws(PluginFailure) in try q.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<QuantizerContext>.fromOpaque(ctx).release()
+            }))
     return p
 }()
 
 /// "vqmoe.metrics/1": usage_perplexity, dead_codes, code_counts (+ restarted_codes).
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withQuantizer(inst) { q throws(PluginFailure) in try q.metrics(sink) } }))
     return p
 }()
 
@@ -56,12 +58,12 @@ nonisolated(unsafe) let vqvaeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc>
     d.name = staticCString("vqvae")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "VQ-VAE quantizer: nearest code by L2 (ties -> lowest index), q = e_c with a straight-through " +
-        "gradient; loss = mse(sg(x), q) + commitment * mse(x, sg(q)); optional EMA codebook (ema); optional " +
-        "k-means init (kmeans_init: Lloyd's k-means on the first training batch, kmeans_iters iterations from K distinct " +
-        "batch rows chosen by the step seed; state 'initialized' records it); optional dead-code restart " +
-        "(dead_code_threshold, needs ema: after each training EMA update, codes with EMA count below the threshold " +
-        "become random batch rows)")
+        "VQ-VAE quantizer: nearest code by L2 (ties -> lowest index), q = e_c with a straight-through "
+            + "gradient; loss = mse(sg(x), q) + commitment * mse(x, sg(q)); optional EMA codebook (ema); optional "
+            + "k-means init (kmeans_init: Lloyd's k-means on the first training batch, kmeans_iters iterations from K distinct "
+            + "batch rows chosen by the step seed; state 'initialized' records it); optional dead-code restart "
+            + "(dead_code_threshold, needs ema: after each training EMA update, codes with EMA count below the threshold "
+            + "become random batch rows)")
     d.hparams = UnsafePointer(specs)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -79,7 +81,9 @@ nonisolated(unsafe) let vqvaeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc>
     }
     d.num_buffers = { inst in Int32(quantizer(inst)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withQuantizer(inst) { q throws(PluginFailure) in try q.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in
+        withQuantizer(inst) { q throws(PluginFailure) in try q.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withQuantizer(inst) { q throws(PluginFailure) in try q.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = { id in
@@ -96,7 +100,8 @@ nonisolated(unsafe) let vqvaeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc>
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "vqvae was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "vqvae was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "vqvae".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

@@ -31,14 +31,14 @@ final class QuantizerContext {
 
 /// Pointers for the per-token nearest-code loop (run on the host's pool).
 struct NearestJob {
-    var x: UnsafeMutablePointer<Float>          // (N,d)
-    var codebook: UnsafeMutablePointer<Float>   // (K,d)
-    var dots: UnsafeMutablePointer<Float>       // (N,K) x . e_j
-    var norms: UnsafeMutablePointer<Float>      // (K) ||e_j||^2
-    var maxNorm: Float                          // max_j ||e_j||^2
-    var codes: UnsafeMutablePointer<Int32>      // (N) out
-    var quantized: UnsafeMutablePointer<Float>? // (N,d) out (nil: codes and errors only)
-    var sqError: UnsafeMutablePointer<Double>   // (N) out: ||x_t - e_c||^2
+    var x: UnsafeMutablePointer<Float>  // (N,d)
+    var codebook: UnsafeMutablePointer<Float>  // (K,d)
+    var dots: UnsafeMutablePointer<Float>  // (N,K) x . e_j
+    var norms: UnsafeMutablePointer<Float>  // (K) ||e_j||^2
+    var maxNorm: Float  // max_j ||e_j||^2
+    var codes: UnsafeMutablePointer<Int32>  // (N) out
+    var quantized: UnsafeMutablePointer<Float>?  // (N,d) out (nil: codes and errors only)
+    var sqError: UnsafeMutablePointer<Double>  // (N) out: ||x_t - e_c||^2
     var d: Int
     var k: Int
     var surrogate: Bool
@@ -92,9 +92,11 @@ extension VQVAEQuantizer {
     /// sqError_t = ||x_t - e_c||^2 and, when `quantized` is given, quantized_t = e_c
     /// (surrogate: x_t). Distances screened by one GEMM x (N,d) @ C^T (d,K), then re-ranked
     /// exactly (see `nearestCodes`).
-    func assignNearest(x: UnsafeMutablePointer<Float>, n: Int, codebook C: UnsafeMutablePointer<Float>,
-                       codes: UnsafeMutablePointer<Int32>, quantized: UnsafeMutablePointer<Float>?,
-                       sqError: UnsafeMutablePointer<Double>, surrogate: Bool) throws(PluginFailure) {
+    func assignNearest(
+        x: UnsafeMutablePointer<Float>, n: Int, codebook C: UnsafeMutablePointer<Float>,
+        codes: UnsafeMutablePointer<Int32>, quantized: UnsafeMutablePointer<Float>?,
+        sqError: UnsafeMutablePointer<Double>, surrogate: Bool
+    ) throws(PluginFailure) {
         let d = dModel, k = nCodes
         guard n > 0 else { return }
         // ||e_j||^2 (K) and x . e_j (N,K) = x (N,d) @ C^T (d,K)
@@ -108,11 +110,14 @@ extension VQVAEQuantizer {
             maxNorm = max(maxNorm, s)
         }
         let dots = try host.scratchFloats(n * k, "code distances")
-        host.gemm(transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: x, lda: d, b: C, ldb: d,
-                  beta: 0, c: dots, ldc: k)
-        host.parallelFor(n, grain: max(1, 16384 / (k * d + 1)),
-                         NearestJob(x: x, codebook: C, dots: dots, norms: norms, maxNorm: maxNorm, codes: codes,
-                                    quantized: quantized, sqError: sqError, d: d, k: k, surrogate: surrogate), nearestCodes)
+        host.gemm(
+            transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: x, lda: d, b: C, ldb: d,
+            beta: 0, c: dots, ldc: k)
+        host.parallelFor(
+            n, grain: max(1, 16384 / (k * d + 1)),
+            NearestJob(
+                x: x, codebook: C, dots: dots, norms: norms, maxNorm: maxNorm, codes: codes,
+                quantized: quantized, sqError: sqError, d: d, k: k, surrogate: surrogate), nearestCodes)
     }
 
     /// codes_t = c(x_t); quantized_t = e_c (SURROGATE: x_t); code_counts_j = #{t : c_t = j};
@@ -121,9 +126,11 @@ extension VQVAEQuantizer {
     /// A training forward (TRAIN set, FROZEN not set) first runs the k-means initialisation
     /// when kmeans_init is on and the state "initialized" is 0 (then quantizes with the new
     /// codebook), and, with ema, ends with the EMA update and the dead-code restart.
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_quantizer_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_quantizer_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_quantizer_input.self, "quantizer input")
@@ -155,14 +162,16 @@ extension VQVAEQuantizer {
         }
 
         let sqError = try host.scratchDoubles(n, "squared errors")
-        try assignNearest(x: x, n: n, codebook: C, codes: codes, quantized: quantized, sqError: sqError,
-                          surrogate: flags & VQMOE_STEP_SURROGATE != 0)
+        try assignNearest(
+            x: x, n: n, codebook: C, codes: codes, quantized: quantized, sqError: sqError,
+            surrogate: flags & VQMOE_STEP_SURROGATE != 0)
 
         counts.update(repeating: 0, count: k)
         var total: Double = 0
         for t in 0..<n { counts[Int(codes[t])] += 1; total += sqError[t] }
         let mse = n > 0 ? total / Double(n * d) : 0
-        outPtr.pointee.loss = Float(config.ema ? Double(config.commitment) * mse : (1 + Double(config.commitment)) * mse)
+        outPtr.pointee.loss = Float(
+            config.ema ? Double(config.commitment) * mse : (1 + Double(config.commitment)) * mse)
 
         var ctx: QuantizerContext? = nil
         if saveContext {
@@ -180,8 +189,9 @@ extension VQVAEQuantizer {
         // Published last: a failed forward hands the host no context.
         if let ctx { ctxOut?.pointee = Unmanaged.passRetained(ctx).toOpaque() }
         if train || !(stats?.fromTraining ?? false) {
-            stats = UsageStats(counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n, fromTraining: train,
-                               restarted: restarted)
+            stats = UsageStats(
+                counts: Array(UnsafeBufferPointer(start: counts, count: k)), tokens: n, fromTraining: train,
+                restarted: restarted)
         }
     }
 }

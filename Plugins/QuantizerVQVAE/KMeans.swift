@@ -32,13 +32,14 @@ extension VQVAEQuantizer {
             (centres + j * d).update(from: x + rows[j] * d, count: d)
         }
 
-        let assign = try scratchInts(n, "k-means assignment")     // (N)
-        let previous = try scratchInts(n, "k-means assignment")   // (N)
+        let assign = try scratchInts(n, "k-means assignment")  // (N)
+        let previous = try scratchInts(n, "k-means assignment")  // (N)
         let sqError = try host.scratchDoubles(n, "k-means distances")
-        let sums = try host.scratchDoubles(k * d, "k-means sums") // (K,d)
-        let counts = try host.scratchDoubles(k, "k-means counts") // (K)
+        let sums = try host.scratchDoubles(k * d, "k-means sums")  // (K,d)
+        let counts = try host.scratchDoubles(k, "k-means counts")  // (K)
         for iter in 0..<config.kmeansIters {
-            try assignNearest(x: x, n: n, codebook: centres, codes: assign, quantized: nil, sqError: sqError, surrogate: false)
+            try assignNearest(
+                x: x, n: n, codebook: centres, codes: assign, quantized: nil, sqError: sqError, surrogate: false)
             if iter > 0 && (0..<n).allSatisfy({ assign[$0] == previous[$0] }) { break }
             previous.update(from: assign, count: n)
             sums.update(repeating: 0, count: k * d)

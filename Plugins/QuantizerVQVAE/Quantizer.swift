@@ -60,7 +60,8 @@ final class VQVAEQuantizer {
                 throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
             }
         }
-        bufferKinds = [.codebook] + (config.ema ? [.emaCount, .emaSum] : []) + (config.kmeansInit ? [.initialized] : [])
+        bufferKinds =
+            [.codebook] + (config.ema ? [.emaCount, .emaSum] : []) + (config.kmeansInit ? [.initialized] : [])
     }
 
     /// codebook; with ema ema_count, ema_sum; with kmeans_init initialized.
@@ -103,7 +104,9 @@ final class VQVAEQuantizer {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the quantizer declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         guard let c = bindings[0].data else { throw .invalid("bind_buffers: 'codebook' has no data") }
         codebook = c.assumingMemoryBound(to: Float.self)
@@ -116,7 +119,9 @@ final class VQVAEQuantizer {
             emaSum = sum.assumingMemoryBound(to: Float.self)
         }
         if config.kmeansInit {
-            guard let flag = bindings[bufferCount - 1].data else { throw .invalid("bind_buffers: 'initialized' has no data") }
+            guard let flag = bindings[bufferCount - 1].data else {
+                throw .invalid("bind_buffers: 'initialized' has no data")
+            }
             initialized = flag.assumingMemoryBound(to: Int32.self)
         }
     }

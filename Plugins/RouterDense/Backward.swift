@@ -4,8 +4,10 @@ import PluginKit
 import VQMoEABI
 
 extension DenseRouter {
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?) throws(PluginFailure) {
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?
+    ) throws(PluginFailure) {
         guard let ctx = Handle.context(ctxPtr, as: RouterContext.self) else {
             throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
         }

@@ -20,9 +20,11 @@ extension DenseRouter {
 
     /// expert_index_t = 0, weights_t = 1                        (N,1)
     /// aux_loss = 0; expert_load = (N, 0, ..., 0)                 (E)
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_router_input.self, "router input")

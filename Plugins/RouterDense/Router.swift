@@ -28,8 +28,9 @@ final class DenseRouter {
         config = DenseConfig(hp)
         if nExperts > 1, let log = host.api.pointee.log {
             let name = i.instance_name.map { String(cString: $0) } ?? "dense"
-            let msg = "\(name): n_experts = \(nExperts) but the dense router sends every token to expert 0; " +
-                "experts 1..\(nExperts - 1) are never used (set n_experts = 1 for the dense baseline)"
+            let msg =
+                "\(name): n_experts = \(nExperts) but the dense router sends every token to expert 0; "
+                + "experts 1..\(nExperts - 1) are never used (set n_experts = 1 for the dense baseline)"
             msg.withCString { m in "dense".withCString { log(VQMOE_LOG_WARN, $0, m) } }
         }
     }

@@ -3,14 +3,16 @@
 import PluginKit
 import VQMoEABI
 
-
-
 extension SMoERouter {
     /// grad_x (N,d) += dlogits (N,E) @ W (E,d);  grad_W (E,d) += dlogits^T @ x;
     /// grad_b (E) += column sums of dlogits (no parameter gradients when frozen).
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?) throws(PluginFailure) {
-        guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?
+    ) throws(PluginFailure) {
+        guard let ctxPtr else {
+            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
+        }
         guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
         try requireSize(ginPtr.pointee.struct_size, vqmoe_router_grad_in.self, "router grad_in")
         try requireSize(goutPtr.pointee.struct_size, vqmoe_router_grad_out.self, "router grad_out")
@@ -33,18 +35,23 @@ extension SMoERouter {
 
         let dlogits = try host.scratchFloats(n * e, "router logit gradients")  // (N,E)
         dlogits.update(repeating: 0, count: n * e)
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         LogitGradJob(dlogits: dlogits, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
-                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k, fullSoftmaxGates: config.fullSoftmax), logitGrads)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            LogitGradJob(
+                dlogits: dlogits, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
+                probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k, fullSoftmaxGates: config.fullSoftmax),
+            logitGrads)
 
         // grad_x (N,d) += dlogits (N,E) @ W (E,d)
-        host.gemm(transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: dlogits, lda: e, b: ctx.w, ldb: d,
-                  beta: 1, c: gradX, ldc: d)
+        host.gemm(
+            transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: dlogits, lda: e, b: ctx.w, ldb: d,
+            beta: 1, c: gradX, ldc: d)
         guard !ctx.frozen else { return }
         // grad_W (E,d) += dlogits^T (E,N) @ x (N,d)
         if let gW = weightGrad {
-            host.gemm(transA: true, transB: false, m: e, n: d, k: n, alpha: 1, a: dlogits, lda: e, b: ctx.x, ldb: d,
-                      beta: 1, c: gW, ldc: d)
+            host.gemm(
+                transA: true, transB: false, m: e, n: d, k: n, alpha: 1, a: dlogits, lda: e, b: ctx.x, ldb: d,
+                beta: 1, c: gW, ldc: d)
         }
         // grad_b (E) += sum_t dlogits_t
         if let gb = biasGrad {

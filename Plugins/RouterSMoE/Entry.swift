@@ -17,20 +17,21 @@ func withRouter(_ inst: OpaquePointer?, _ body: (SMoERouter) throws(PluginFailur
 /// vqmoe_router_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let routerAPI: UnsafeMutablePointer<vqmoe_router_api> = {
     let p = UnsafeMutablePointer<vqmoe_router_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_router_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
-        shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<RouterContext>.fromOpaque(ctx).release()
-        }))
+    p.initialize(
+        to: vqmoe_router_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
+            shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<RouterContext>.fromOpaque(ctx).release()
+            }))
     return p
 }()
 
@@ -47,9 +48,9 @@ nonisolated(unsafe) let smoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.name = staticCString("smoe")
     d.version = staticCString("1.1.0")
     d.description = staticCString(
-        "Mixtral-style top-k router: logits = x W^T (+ b), keep the k largest (ties -> lower expert), " +
-        "weights = softmax over the kept logits (weights = full: their probabilities under the softmax over all E, as Switch); " +
-        "Switch balance loss balance_weight * E * sum_e f_e P_e")
+        "Mixtral-style top-k router: logits = x W^T (+ b), keep the k largest (ties -> lower expert), "
+            + "weights = softmax over the kept logits (weights = full: their probabilities under the softmax over all E, as Switch); "
+            + "Switch balance loss balance_weight * E * sum_e f_e P_e")
     d.hparams = UnsafePointer(specs)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -67,7 +68,8 @@ nonisolated(unsafe) let smoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     }
     d.num_buffers = { inst in Int32(router(inst)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withRouter(inst) { r throws(PluginFailure) in try r.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withRouter(inst) { r throws(PluginFailure) in try r.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = nil
@@ -81,7 +83,8 @@ nonisolated(unsafe) let smoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "smoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "smoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "smoe".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

@@ -37,8 +37,6 @@ final class RouterContext {
     }
 }
 
-
-
 extension SMoERouter {
     func shape(_ out: UnsafeMutablePointer<vqmoe_router_shape>?) throws(PluginFailure) {
         guard let out else { throw .invalid("shape: out is NULL") }
@@ -53,9 +51,11 @@ extension SMoERouter {
     /// aux_loss = balance_weight * E * sum_e f_e * P_e, f_e = assignments to e / (N*k),
     ///            P_e = mean_t softmax(logits_t)_e
     /// expert_load_e = assignments to e                        (E)
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_router_input.self, "router input")
@@ -72,20 +72,23 @@ extension SMoERouter {
 
         // logits (N,E) = x (N,d) @ W^T (d,E) [+ b]
         let logits = try host.scratchFloats(n * e, "router logits")
-        host.gemm(transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: x, lda: d, b: W, ldb: d,
-                  beta: 0, c: logits, ldc: e)
+        host.gemm(
+            transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: x, lda: d, b: W, ldb: d,
+            beta: 0, c: logits, ldc: e)
         if let b = bias {
             for t in 0..<n { let row = logits + t * e; for j in 0..<e { row[j] += b[j] } }
         }
         for i in 0..<(n * e) where !logits[i].isFinite {
-            throw .numeric("non-finite router logit \(logits[i]) for token \(i / e), expert \(i % e) (non-finite x or weight?)")
+            throw .numeric(
+                "non-finite router logit \(logits[i]) for token \(i / e), expert \(i % e) (non-finite x or weight?)")
         }
 
         let ctx = saveContext ? RouterContext(n: n, d: d, e: e, k: k, frozen: flags & VQMOE_STEP_FROZEN != 0) : nil
         let probs: UnsafeMutablePointer<Float>  // (N,E)
         if let ctx { probs = ctx.probs } else { probs = try host.scratchFloats(n * e, "router probabilities") }
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         RouteJob(logits: logits, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            RouteJob(logits: logits, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
         if config.fullSoftmax {
             for t in 0..<n { for s in 0..<k { gates[t * k + s] = probs[t * e + Int(index[t * k + s])] } }
         }

@@ -59,7 +59,9 @@ final class SMoERouter {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         guard let w = bindings[0].data else { throw .invalid("bind_buffers: 'weight' has no data") }
         weight = w.assumingMemoryBound(to: Float.self)

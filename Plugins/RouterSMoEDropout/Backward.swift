@@ -3,13 +3,13 @@
 import PluginKit
 import VQMoEABI
 
-
-
 extension SMoEDropoutRouter {
     /// grad_x (N,d) += dlogits (N,E) @ W (E,d). W is frozen state, so this is the only
     /// gradient (also without VQMOE_STEP_FROZEN).
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?) throws(PluginFailure) {
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?
+    ) throws(PluginFailure) {
         guard let ctx = Handle.context(ctxPtr, as: RouterContext.self) else {
             throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
         }
@@ -35,11 +35,14 @@ extension SMoEDropoutRouter {
 
         let dlogits = try host.scratchFloats(n * e, "router logit gradients")  // (N,E)
         dlogits.update(repeating: 0, count: n * e)
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         LogitGradJob(dlogits: dlogits, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
-                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), logitGrads)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            LogitGradJob(
+                dlogits: dlogits, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
+                probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), logitGrads)
         // grad_x (N,d) += dlogits (N,E) @ W (E,d)
-        host.gemm(transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: dlogits, lda: e, b: ctx.w, ldb: d,
-                  beta: 1, c: gradX, ldc: d)
+        host.gemm(
+            transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: dlogits, lda: e, b: ctx.w, ldb: d,
+            beta: 1, c: gradX, ldc: d)
     }
 }

@@ -4,7 +4,9 @@ import PluginKit
 import VQMoEABI
 
 /// The instance behind an opaque handle (retained by create, released by destroy).
-@inline(__always) func router(_ inst: OpaquePointer?) -> SMoEDropoutRouter? { Handle.get(inst, as: SMoEDropoutRouter.self) }
+@inline(__always) func router(_ inst: OpaquePointer?) -> SMoEDropoutRouter? {
+    Handle.get(inst, as: SMoEDropoutRouter.self)
+}
 
 /// Run a call on the instance behind `inst`, turning failures into status codes.
 func withRouter(_ inst: OpaquePointer?, _ body: (SMoEDropoutRouter) throws(PluginFailure) -> Void) -> Int32 {
@@ -15,17 +17,18 @@ func withRouter(_ inst: OpaquePointer?, _ body: (SMoEDropoutRouter) throws(Plugi
 /// vqmoe_router_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let routerAPI: UnsafeMutablePointer<vqmoe_router_api> = {
     let p = UnsafeMutablePointer<vqmoe_router_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_router_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
-        shape: { inst, step, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(step, out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in Handle.releaseContext(ctx, as: RouterContext.self) }))
+    p.initialize(
+        to: vqmoe_router_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
+            shape: { inst, step, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(step, out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in Handle.releaseContext(ctx, as: RouterContext.self) }))
     return p
 }()
 
@@ -40,9 +43,9 @@ nonisolated(unsafe) let smoeDropoutDescriptor: UnsafeMutablePointer<vqmoe_plugin
     d.name = staticCString("smoe_dropout")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "SMoE-Dropout (Chen et al. 2023): a randomly initialised, frozen linear router (state, never trained); " +
-        "k grows linearly from k_min to k_max over training, k = round((k_max - k_min) step / total_steps) + k_min; " +
-        "evaluation uses k_max; weights = softmax over the kept logits")
+        "SMoE-Dropout (Chen et al. 2023): a randomly initialised, frozen linear router (state, never trained); "
+            + "k grows linearly from k_min to k_max over training, k = round((k_max - k_min) step / total_steps) + k_min; "
+            + "evaluation uses k_max; weights = softmax over the kept logits")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -56,7 +59,8 @@ nonisolated(unsafe) let smoeDropoutDescriptor: UnsafeMutablePointer<vqmoe_plugin
     d.destroy = { inst in Handle.release(inst, as: SMoEDropoutRouter.self) }
     d.num_buffers = { inst in router(inst) == nil ? 0 : 1 }
     d.buffer_spec = { inst, i, out in withRouter(inst) { r throws(PluginFailure) in try r.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withRouter(inst) { r throws(PluginFailure) in try r.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = nil
@@ -70,7 +74,8 @@ nonisolated(unsafe) let smoeDropoutDescriptor: UnsafeMutablePointer<vqmoe_plugin
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "smoe_dropout was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "smoe_dropout was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "smoe_dropout".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

@@ -33,15 +33,15 @@ final class RouterContext {
     }
 }
 
-
-
 extension SMoEDropoutRouter {
     /// k for this step (see `SMoEDropoutConfig.k`).
     func k(_ step: vqmoe_step_info) -> Int {
         config.k(step: step.step, totalSteps: step.total_steps, train: step.flags & VQMOE_STEP_TRAIN != 0)
     }
 
-    func shape(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ out: UnsafeMutablePointer<vqmoe_router_shape>?) throws(PluginFailure) {
+    func shape(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ out: UnsafeMutablePointer<vqmoe_router_shape>?
+    ) throws(PluginFailure) {
         guard let stepPtr else { throw .invalid("shape: step is NULL") }
         guard let out else { throw .invalid("shape: out is NULL") }
         out.pointee.mode = VQMOE_ROUTE_TOPK
@@ -60,9 +60,11 @@ extension SMoEDropoutRouter {
     /// outputs from another call of shape() in the same run (the framework's checker sizes
     /// them once from a training step and reuses them for an eval forward); anything else
     /// is a SHAPE error.
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_router_input.self, "router input")
@@ -80,20 +82,27 @@ extension SMoEDropoutRouter {
 
         // logits (N,E) = x (N,d) @ W^T (d,E)
         let logits = try host.scratchFloats(n * e, "router logits")
-        host.gemm(transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: x, lda: d, b: W, ldb: d,
-                  beta: 0, c: logits, ldc: e)
+        host.gemm(
+            transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: x, lda: d, b: W, ldb: d,
+            beta: 0, c: logits, ldc: e)
         for i in 0..<(n * e) where !logits[i].isFinite {
-            throw .numeric("non-finite router logit \(logits[i]) for token \(i / e), expert \(i % e) (non-finite x or weight?)")
+            throw .numeric(
+                "non-finite router logit \(logits[i]) for token \(i / e), expert \(i % e) (non-finite x or weight?)")
         }
 
         let balance = config.balanceWeight != 0
         let ctx = saveContext ? RouterContext(n: n, d: d, e: e, k: k, balance: balance) : nil
         var probs: UnsafeMutablePointer<Float>? = nil  // (N,E)
         if balance {
-            if let ctxProbs = ctx?.probs { probs = ctxProbs } else { probs = try host.scratchFloats(n * e, "router probabilities") }
+            if let ctxProbs = ctx?.probs {
+                probs = ctxProbs
+            } else {
+                probs = try host.scratchFloats(n * e, "router probabilities")
+            }
         }
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         RouteJob(logits: logits, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            RouteJob(logits: logits, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
 
         // expert_load_e = #assignments; f_e = load_e / (N k); P_e = mean_t p_te.
         load.update(repeating: 0, count: e)
@@ -125,8 +134,9 @@ extension SMoEDropoutRouter {
         }
         let k = Int(s[1])
         guard k == expected || (k >= config.kMin && k <= config.kMax) else {
-            throw .shape("expert_index has k = \(k); this step routes to k = \(expected) experts "
-                + "(schedule k_min = \(config.kMin) .. k_max = \(config.kMax))")
+            throw .shape(
+                "expert_index has k = \(k); this step routes to k = \(expected) experts "
+                    + "(schedule k_min = \(config.kMin) .. k_max = \(config.kMax))")
         }
         return k
     }

@@ -14,19 +14,23 @@ struct SMoEDropoutConfig {
     var initStd: Float
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "k_min", type: VQMOE_HP_INT,
-                            description: "experts per token at the start of training (the schedule's first value)",
-                            defaultValue: 1, min: 1, max: 64),
-        HyperparameterEntry(name: "k_max", type: VQMOE_HP_INT,
-                            description: "experts per token at the end of training and in evaluation (0 = n_experts)",
-                            defaultValue: 2, min: 0, max: 64),
-        HyperparameterEntry(name: "balance_weight", type: VQMOE_HP_FLOAT,
-                            description: "weight of the Switch balance loss E * sum_e f_e * P_e in aux_loss (0: off; "
-                                + "its gradient reaches x only, the router is frozen)",
-                            defaultValue: 0, min: 0),
-        HyperparameterEntry(name: "init_std", type: VQMOE_HP_FLOAT,
-                            description: "frozen random router weight: W ~ N(0, init_std^2)",
-                            defaultValue: 0.02, min: 0),
+        HyperparameterEntry(
+            name: "k_min", type: VQMOE_HP_INT,
+            description: "experts per token at the start of training (the schedule's first value)",
+            defaultValue: 1, min: 1, max: 64),
+        HyperparameterEntry(
+            name: "k_max", type: VQMOE_HP_INT,
+            description: "experts per token at the end of training and in evaluation (0 = n_experts)",
+            defaultValue: 2, min: 0, max: 64),
+        HyperparameterEntry(
+            name: "balance_weight", type: VQMOE_HP_FLOAT,
+            description: "weight of the Switch balance loss E * sum_e f_e * P_e in aux_loss (0: off; "
+                + "its gradient reaches x only, the router is frozen)",
+            defaultValue: 0, min: 0),
+        HyperparameterEntry(
+            name: "init_std", type: VQMOE_HP_FLOAT,
+            description: "frozen random router weight: W ~ N(0, init_std^2)",
+            defaultValue: 0.02, min: 0),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them
@@ -37,15 +41,23 @@ struct SMoEDropoutConfig {
         balanceWeight = Float(vqmoe_hp_float(hp, "balance_weight", 0))
         initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))
         guard kMin >= 1 && kMin <= 64 else { throw .invalid("hyperparameter k_min = \(kMin) must be in [1, 64]") }
-        guard rawMax >= 0 && rawMax <= 64 else { throw .invalid("hyperparameter k_max = \(rawMax) must be in [0, 64] (0 = n_experts)") }
+        guard rawMax >= 0 && rawMax <= 64 else {
+            throw .invalid("hyperparameter k_max = \(rawMax) must be in [0, 64] (0 = n_experts)")
+        }
         kMax = rawMax == 0 ? nExperts : rawMax
         guard kMax <= nExperts else {
-            throw .invalid("hyperparameter k_max = \(kMax) is larger than n_experts = \(nExperts): top-k routing needs k <= n_experts")
+            throw .invalid(
+                "hyperparameter k_max = \(kMax) is larger than n_experts = \(nExperts): top-k routing needs k <= n_experts"
+            )
         }
         guard kMin <= kMax else {
-            throw .invalid("hyperparameter k_min = \(kMin) is larger than k_max = \(kMax)\(rawMax == 0 ? " (k_max = 0 means n_experts)" : "")")
+            throw .invalid(
+                "hyperparameter k_min = \(kMin) is larger than k_max = \(kMax)\(rawMax == 0 ? " (k_max = 0 means n_experts)" : "")"
+            )
         }
-        guard balanceWeight.isFinite && balanceWeight >= 0 else { throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0") }
+        guard balanceWeight.isFinite && balanceWeight >= 0 else {
+            throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0")
+        }
         guard initStd.isFinite && initStd >= 0 else { throw .invalid("init_std = \(initStd) must be finite and >= 0") }
     }
 

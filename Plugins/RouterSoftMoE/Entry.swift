@@ -17,20 +17,21 @@ func withRouter(_ inst: OpaquePointer?, _ body: (SoftMoERouter) throws(PluginFai
 /// vqmoe_router_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let routerAPI: UnsafeMutablePointer<vqmoe_router_api> = {
     let p = UnsafeMutablePointer<vqmoe_router_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_router_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
-        shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<RouterContext>.fromOpaque(ctx).release()
-        }))
+    p.initialize(
+        to: vqmoe_router_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
+            shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<RouterContext>.fromOpaque(ctx).release()
+            }))
     return p
 }()
 
@@ -45,8 +46,8 @@ nonisolated(unsafe) let softMoEDescriptor: UnsafeMutablePointer<vqmoe_plugin_des
     d.name = staticCString("softmoe")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "Soft MoE (Puigcerver et al. 2024): dense routing over E*S slots; logits = scale * (x/||x||) (Phi/||Phi||), " +
-        "dispatch = softmax over a group's tokens per slot, combine = softmax over the slots per token")
+        "Soft MoE (Puigcerver et al. 2024): dense routing over E*S slots; logits = scale * (x/||x||) (Phi/||Phi||), "
+            + "dispatch = softmax over a group's tokens per slot, combine = softmax over the slots per token")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -64,7 +65,8 @@ nonisolated(unsafe) let softMoEDescriptor: UnsafeMutablePointer<vqmoe_plugin_des
     }
     d.num_buffers = { inst in Int32(router(inst)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withRouter(inst) { r throws(PluginFailure) in try r.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withRouter(inst) { r throws(PluginFailure) in try r.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = nil
@@ -78,7 +80,8 @@ nonisolated(unsafe) let softMoEDescriptor: UnsafeMutablePointer<vqmoe_plugin_des
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "softmoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "softmoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "softmoe".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

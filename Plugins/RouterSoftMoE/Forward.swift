@@ -44,10 +44,10 @@ final class RouterContext {
 
 /// Pointers for the per-group dispatch softmax (run on the host's pool).
 struct DispatchJob {
-    var logits: UnsafeMutablePointer<Float>    // (N,ES)
+    var logits: UnsafeMutablePointer<Float>  // (N,ES)
     var dispatch: UnsafeMutablePointer<Float>  // (N,ES)
-    var colMax: UnsafeMutablePointer<Float>    // (G,ES) work
-    var colSum: UnsafeMutablePointer<Float>    // (G,ES) work
+    var colMax: UnsafeMutablePointer<Float>  // (G,ES) work
+    var colSum: UnsafeMutablePointer<Float>  // (G,ES) work
     var groupSize: Int
     var es: Int
 }
@@ -79,8 +79,8 @@ func dispatchSoftmax(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: In
 
 /// Pointers for the per-token combine softmax.
 struct CombineJob {
-    var logits: UnsafeMutablePointer<Float>    // (N,ES)
-    var combine: UnsafeMutablePointer<Float>   // (N,ES)
+    var logits: UnsafeMutablePointer<Float>  // (N,ES)
+    var combine: UnsafeMutablePointer<Float>  // (N,ES)
     var es: Int
 }
 
@@ -100,8 +100,10 @@ func combineSoftmax(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int
 }
 
 /// v̂_i = v_i / r_i, r_i = sqrt(||v_i||^2 + 1e-12), for `count` rows of `width`.
-func normalizeRows(_ v: UnsafePointer<Float>, count: Int, width: Int,
-                   _ out: UnsafeMutablePointer<Float>, _ norms: UnsafeMutablePointer<Float>) {
+func normalizeRows(
+    _ v: UnsafePointer<Float>, count: Int, width: Int,
+    _ out: UnsafeMutablePointer<Float>, _ norms: UnsafeMutablePointer<Float>
+) {
     for i in 0..<count {
         let row = v + i * width, o = out + i * width
         var ss: Double = 0
@@ -113,8 +115,10 @@ func normalizeRows(_ v: UnsafePointer<Float>, count: Int, width: Int,
 }
 
 /// Φ̂[:,j] = Φ[:,j] / ρ_j, ρ_j = sqrt(||Φ[:,j]||^2 + 1e-12), for the columns of a (rows, cols) matrix.
-func normalizeColumns(_ v: UnsafePointer<Float>, rows: Int, cols: Int,
-                      _ out: UnsafeMutablePointer<Float>, _ norms: UnsafeMutablePointer<Float>) {
+func normalizeColumns(
+    _ v: UnsafePointer<Float>, rows: Int, cols: Int,
+    _ out: UnsafeMutablePointer<Float>, _ norms: UnsafeMutablePointer<Float>
+) {
     var ss = [Double](repeating: 0, count: cols)
     for i in 0..<rows { let row = v + i * cols; for j in 0..<cols { ss[j] += Double(row[j]) * Double(row[j]) } }
     for j in 0..<cols { norms[j] = Float((ss[j] + 1e-12).squareRoot()) }
@@ -126,7 +130,9 @@ func normalizeColumns(_ v: UnsafePointer<Float>, rows: Int, cols: Int,
 
 extension SoftMoERouter {
     /// The context's array when a context is saved, else host scratch of `count` floats.
-    func saved(_ p: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
+    func saved(
+        _ p: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String
+    ) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
         if let p { return p }
         return try host.scratchFloats(count, what)
     }
@@ -137,9 +143,11 @@ extension SoftMoERouter {
     /// expert_load_e = sum_t sum_s C[t, e*S+s]: the combine mass each expert contributes to
     /// the tokens' outputs (sums to N, like top-k token counts; the dispatch mass would be the
     /// same n_groups for every expert), aux_loss = 0.
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(stepPtr.pointee.struct_size, vqmoe_step_info.self, "step info")
@@ -153,7 +161,9 @@ extension SoftMoERouter {
         let x = try requireF32(inPtr.pointee.x, [n, d], "x")
         let groups = Int(inPtr.pointee.n_groups), groupSize = Int(inPtr.pointee.group_size)
         guard groups >= 0, groupSize >= 0, groups * groupSize == n, n == 0 || groups >= 1 else {
-            throw .shape("n_groups = \(groups) times group_size = \(groupSize) must equal the \(n) tokens of x (dispatch normalises within a group)")
+            throw .shape(
+                "n_groups = \(groups) times group_size = \(groupSize) must equal the \(n) tokens of x (dispatch normalises within a group)"
+            )
         }
         let dispatch = try requireF32(outPtr.pointee.dispatch, [n, es], "dispatch")
         let combine = try requireF32(outPtr.pointee.combine, [n, es], "combine")
@@ -161,9 +171,11 @@ extension SoftMoERouter {
         let s: Float = config.normalize ? (scale?.pointee ?? 1) : 1
         guard s.isFinite else { throw .numeric("the logit scale is \(s)") }
 
-        let ctx = saveContext
-            ? RouterContext(n: n, d: d, es: es, groups: groups, groupSize: groupSize, normalize: config.normalize,
-                            frozen: flags & VQMOE_STEP_FROZEN != 0, scale: s) : nil
+        let ctx =
+            saveContext
+            ? RouterContext(
+                n: n, d: d, es: es, groups: groups, groupSize: groupSize, normalize: config.normalize,
+                frozen: flags & VQMOE_STEP_FROZEN != 0, scale: s) : nil
         let logits = try host.scratchFloats(n * es, "slot logits")  // (N,ES)
         if config.normalize {
             let xHat = try saved(ctx?.xHat, n * d, "normalised x")
@@ -174,13 +186,15 @@ extension SoftMoERouter {
             normalizeColumns(phi0, rows: d, cols: es, phiHat, phiNorm)
             // P (N,ES) = x̂ (N,d) @ Φ̂ (d,ES);  L = scale * P
             let cosine = try saved(ctx?.cosine, n * es, "cosine logits")
-            host.gemm(transA: false, transB: false, m: n, n: es, k: d, alpha: 1, a: xHat, lda: d, b: phiHat, ldb: es,
-                      beta: 0, c: cosine, ldc: es)
+            host.gemm(
+                transA: false, transB: false, m: n, n: es, k: d, alpha: 1, a: xHat, lda: d, b: phiHat, ldb: es,
+                beta: 0, c: cosine, ldc: es)
             for i in 0..<(n * es) { logits[i] = s * cosine[i] }
         } else {
             // L (N,ES) = x (N,d) @ Φ (d,ES)
-            host.gemm(transA: false, transB: false, m: n, n: es, k: d, alpha: 1, a: x, lda: d, b: phi0, ldb: es,
-                      beta: 0, c: logits, ldc: es)
+            host.gemm(
+                transA: false, transB: false, m: n, n: es, k: d, alpha: 1, a: x, lda: d, b: phi0, ldb: es,
+                beta: 0, c: logits, ldc: es)
             if let ctx {
                 ctx.xHat.update(from: x, count: n * d)
                 ctx.phiHat.update(from: phi0, count: d * es)
@@ -188,14 +202,18 @@ extension SoftMoERouter {
             }
         }
         for i in 0..<(n * es) where !logits[i].isFinite {
-            throw .numeric("non-finite slot logit \(logits[i]) for token \(i / es), slot \(i % es) (non-finite x or phi?)")
+            throw .numeric(
+                "non-finite slot logit \(logits[i]) for token \(i / es), slot \(i % es) (non-finite x or phi?)")
         }
 
         let work = try host.scratchFloats(2 * groups * es, "dispatch column statistics")
-        host.parallelFor(groups, grain: max(1, 4096 / max(1, groupSize * es)),
-                         DispatchJob(logits: logits, dispatch: dispatch, colMax: work, colSum: work + groups * es,
-                                     groupSize: groupSize, es: es), dispatchSoftmax)
-        host.parallelFor(n, grain: max(1, 4096 / (es + 1)), CombineJob(logits: logits, combine: combine, es: es), combineSoftmax)
+        host.parallelFor(
+            groups, grain: max(1, 4096 / max(1, groupSize * es)),
+            DispatchJob(
+                logits: logits, dispatch: dispatch, colMax: work, colSum: work + groups * es,
+                groupSize: groupSize, es: es), dispatchSoftmax)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (es + 1)), CombineJob(logits: logits, combine: combine, es: es), combineSoftmax)
 
         // expert_load_e = combine mass of e's slots over the tokens.
         load.update(repeating: 0, count: e)

@@ -10,12 +10,14 @@ struct SoftMoEConfig {
     var normalize: Bool
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "slots_per_expert", type: VQMOE_HP_INT,
-                            description: "S, slots per expert: E*S dispatch/combine columns, slot (e, s) is column e*S + s",
-                            defaultValue: 1, min: 1, max: 64),
-        HyperparameterEntry(name: "normalize", type: VQMOE_HP_BOOL,
-                            description: "l2-normalise x per token and Phi per slot, times a learnable scale (false = plain x Phi)",
-                            defaultValue: 1),
+        HyperparameterEntry(
+            name: "slots_per_expert", type: VQMOE_HP_INT,
+            description: "S, slots per expert: E*S dispatch/combine columns, slot (e, s) is column e*S + s",
+            defaultValue: 1, min: 1, max: 64),
+        HyperparameterEntry(
+            name: "normalize", type: VQMOE_HP_BOOL,
+            description: "l2-normalise x per token and Phi per slot, times a learnable scale (false = plain x Phi)",
+            defaultValue: 1),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.

@@ -62,7 +62,9 @@ final class SoftMoERouter {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         guard let p = bindings[0].data else { throw .invalid("bind_buffers: 'phi' has no data") }
         phi = p.assumingMemoryBound(to: Float.self)

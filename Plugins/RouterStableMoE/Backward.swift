@@ -6,12 +6,12 @@ import VQMoEABI
 
 /// Pointers for the per-token dscores loop.
 struct ScoreGradJob {
-    var dscores: UnsafeMutablePointer<Float>            // (N,E), zeroed
-    var gradWeights: UnsafeMutablePointer<Float>?       // (N,1), nil = zero
-    var gate: UnsafeMutablePointer<Float>               // (N)
-    var index: UnsafeMutablePointer<Int32>              // (N)
-    var probs: UnsafeMutablePointer<Float>?             // (N,E), stage 1
-    var balanceCoef: UnsafeMutablePointer<Float>?       // (E) c_e, nil = no balance gradient
+    var dscores: UnsafeMutablePointer<Float>  // (N,E), zeroed
+    var gradWeights: UnsafeMutablePointer<Float>?  // (N,1), nil = zero
+    var gate: UnsafeMutablePointer<Float>  // (N)
+    var index: UnsafeMutablePointer<Int32>  // (N)
+    var probs: UnsafeMutablePointer<Float>?  // (N,E), stage 1
+    var balanceCoef: UnsafeMutablePointer<Float>?  // (E) c_e, nil = no balance gradient
     var e: Int
 }
 
@@ -43,9 +43,13 @@ extension StableMoERouter {
     /// stage 1 with distill: dz_t = grad_aux * distill_weight / N * (q_t - onehot(a_t)),
     /// grad_C += dz^T emb[id] (E,D), grad_emb[id_t] += dz_t C (scatter-add).
     /// No parameter gradients when frozen; none ever for the distilled router in stage 2.
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?) throws(PluginFailure) {
-        guard let ctxPtr else { throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)") }
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?
+    ) throws(PluginFailure) {
+        guard let ctxPtr else {
+            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
+        }
         guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
         try requireSize(ginPtr.pointee.struct_size, vqmoe_router_grad_in.self, "router grad_in")
         try requireSize(goutPtr.pointee.struct_size, vqmoe_router_grad_out.self, "router grad_out")
@@ -68,17 +72,21 @@ extension StableMoERouter {
         if gradWeights != nil || balanceCoef != nil {
             let ds = try host.scratchFloats(n * e, "routing score gradients")  // (N,E)
             ds.update(repeating: 0, count: n * e)
-            host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                             ScoreGradJob(dscores: ds, gradWeights: gradWeights, gate: ctx.gate, index: ctx.index,
-                                          probs: ctx.probs, balanceCoef: balanceCoef, e: e), scoreGrads)
+            host.parallelFor(
+                n, grain: max(1, 4096 / (e + 1)),
+                ScoreGradJob(
+                    dscores: ds, gradWeights: gradWeights, gate: ctx.gate, index: ctx.index,
+                    probs: ctx.probs, balanceCoef: balanceCoef, e: e), scoreGrads)
             // grad_x (N,d) += ds (N,E) @ ê (E,d)
-            host.gemm(transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: ds, lda: e, b: ctx.eHat, ldb: d,
-                      beta: 1, c: gradX, ldc: d)
+            host.gemm(
+                transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: ds, lda: e, b: ctx.eHat, ldb: d,
+                beta: 1, c: gradX, ldc: d)
             if !ctx.frozen, let gE = expertEmbeddingsGrad {
                 // dê (E,d) = ds^T (E,N) @ x (N,d), then back through ê = e / r.
                 let dHat = try host.scratchFloats(e * d, "normalised embedding gradients")
-                host.gemm(transA: true, transB: false, m: e, n: d, k: n, alpha: 1, a: ds, lda: e, b: ctx.x, ldb: d,
-                          beta: 0, c: dHat, ldc: d)
+                host.gemm(
+                    transA: true, transB: false, m: e, n: d, k: n, alpha: 1, a: ds, lda: e, b: ctx.x, ldb: d,
+                    beta: 0, c: dHat, ldc: d)
                 for j in 0..<e {
                     let h = ctx.eHat + j * d, g = dHat + j * d, out = gE + j * d
                     var dot: Float = 0
@@ -91,7 +99,8 @@ extension StableMoERouter {
 
         // Distillation: only stage 1 saved the distilled rows (stage 2: the router is frozen).
         guard !ctx.frozen, gin.grad_aux_loss != 0, config.distillWeight != 0,
-              let q = ctx.q, let rows = ctx.rows, let cen = ctx.centroids, let ids = ctx.ids else { return }
+            let q = ctx.q, let rows = ctx.rows, let cen = ctx.centroids, let ids = ctx.ids
+        else { return }
         let dz = try host.scratchFloats(n * e, "distilled logit gradients")  // (N,E)
         let scale = gin.grad_aux_loss * config.distillWeight / Float(n)
         for t in 0..<n {
@@ -101,14 +110,16 @@ extension StableMoERouter {
         }
         // grad_C (E,D) += dz^T (E,N) @ rows (N,D)
         if let gC = distilledCentroidsGrad {
-            host.gemm(transA: true, transB: false, m: e, n: dd, k: n, alpha: 1, a: dz, lda: e, b: rows, ldb: dd,
-                      beta: 1, c: gC, ldc: dd)
+            host.gemm(
+                transA: true, transB: false, m: e, n: dd, k: n, alpha: 1, a: dz, lda: e, b: rows, ldb: dd,
+                beta: 1, c: gC, ldc: dd)
         }
         // grad_emb[id_t] += (dz (N,E) @ C (E,D))_t
         if let gEmb = distilledEmbeddingGrad {
             let gRows = try host.scratchFloats(n * dd, "distilled embedding row gradients")
-            host.gemm(transA: false, transB: false, m: n, n: dd, k: e, alpha: 1, a: dz, lda: e, b: cen, ldb: dd,
-                      beta: 0, c: gRows, ldc: dd)
+            host.gemm(
+                transA: false, transB: false, m: n, n: dd, k: e, alpha: 1, a: dz, lda: e, b: cen, ldb: dd,
+                beta: 0, c: gRows, ldc: dd)
             for t in 0..<n {
                 let src = gRows + t * dd, dst = gEmb + Int(ids[t]) * dd
                 for i in 0..<dd { dst[i] += src[i] }

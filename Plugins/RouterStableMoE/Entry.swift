@@ -17,29 +17,31 @@ func withRouter(_ inst: OpaquePointer?, _ body: (StableMoERouter) throws(PluginF
 /// vqmoe_router_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let routerAPI: UnsafeMutablePointer<vqmoe_router_api> = {
     let p = UnsafeMutablePointer<vqmoe_router_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_router_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
-        shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in
-            guard let ctx else { return }
-            Unmanaged<RouterContext>.fromOpaque(ctx).release()
-        }))
+    p.initialize(
+        to: vqmoe_router_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
+            shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in
+                guard let ctx else { return }
+                Unmanaged<RouterContext>.fromOpaque(ctx).release()
+            }))
     return p
 }()
 
 /// "vqmoe.metrics/1": stage, distill_accuracy.
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withRouter(inst) { r throws(PluginFailure) in try r.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withRouter(inst) { r throws(PluginFailure) in try r.metrics(sink) } }))
     return p
 }()
 
@@ -54,8 +56,9 @@ nonisolated(unsafe) let stableMoEDescriptor: UnsafeMutablePointer<vqmoe_plugin_d
     d.name = staticCString("stablemoe")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "StableMoE (Dai et al. 2022): top-1 routing on l2-normalised expert centroids with a sigmoid gate; " +
-        "stage 1 adds a balance loss and distils the assignment into a token-id router, which decides, frozen, from stage2_step on")
+        "StableMoE (Dai et al. 2022): top-1 routing on l2-normalised expert centroids with a sigmoid gate; "
+            + "stage 1 adds a balance loss and distils the assignment into a token-id router, which decides, frozen, from stage2_step on"
+    )
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -73,7 +76,8 @@ nonisolated(unsafe) let stableMoEDescriptor: UnsafeMutablePointer<vqmoe_plugin_d
     }
     d.num_buffers = { inst in Int32(router(inst)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withRouter(inst) { r throws(PluginFailure) in try r.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withRouter(inst) { r throws(PluginFailure) in try r.initBuffers(seed: seed) } }
     d.begin_step = nil
     d.get_feature = { id in
@@ -90,7 +94,8 @@ nonisolated(unsafe) let stableMoEDescriptor: UnsafeMutablePointer<vqmoe_plugin_d
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "stablemoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "stablemoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "stablemoe".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

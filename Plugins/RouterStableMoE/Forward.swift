@@ -53,8 +53,10 @@ final class RouterContext {
 }
 
 /// ê_i = v_i / r_i, r_i = sqrt(||v_i||^2 + 1e-12), for the `count` rows of `width` of v.
-func normalizeRows(_ v: UnsafePointer<Float>, count: Int, width: Int,
-                   _ out: UnsafeMutablePointer<Float>, _ norms: UnsafeMutablePointer<Float>) {
+func normalizeRows(
+    _ v: UnsafePointer<Float>, count: Int, width: Int,
+    _ out: UnsafeMutablePointer<Float>, _ norms: UnsafeMutablePointer<Float>
+) {
     for i in 0..<count {
         let row = v + i * width, o = out + i * width
         var ss: Double = 0
@@ -74,17 +76,17 @@ func normalizeRows(_ v: UnsafePointer<Float>, count: Int, width: Int,
 
 /// Pointers for the per-token routing loop (run on the host's pool).
 struct RouteJob {
-    var scores: UnsafeMutablePointer<Float>          // (N,E) s
-    var distilled: UnsafeMutablePointer<Float>?      // (N,E) z, when computed
-    var table: UnsafeMutablePointer<Int32>?          // (V) frozen stage-2 experts, when used
-    var ids: UnsafeMutablePointer<Int32>?            // (N)
+    var scores: UnsafeMutablePointer<Float>  // (N,E) s
+    var distilled: UnsafeMutablePointer<Float>?  // (N,E) z, when computed
+    var table: UnsafeMutablePointer<Int32>?  // (V) frozen stage-2 experts, when used
+    var ids: UnsafeMutablePointer<Int32>?  // (N)
     var stage: Int
-    var index: UnsafeMutablePointer<Int32>           // (N)
-    var gate: UnsafeMutablePointer<Float>            // (N)
-    var probs: UnsafeMutablePointer<Float>?          // (N,E) softmax(s), stage 1
-    var q: UnsafeMutablePointer<Float>?              // (N,E) softmax(z), stage 1 with distill
-    var ce: UnsafeMutablePointer<Float>?             // (N) -log q_{t,a_t}, stage 1 with distill
-    var agree: UnsafeMutablePointer<Float>?          // (N) 1 when the distilled choice = argmax s
+    var index: UnsafeMutablePointer<Int32>  // (N)
+    var gate: UnsafeMutablePointer<Float>  // (N)
+    var probs: UnsafeMutablePointer<Float>?  // (N,E) softmax(s), stage 1
+    var q: UnsafeMutablePointer<Float>?  // (N,E) softmax(z), stage 1 with distill
+    var ce: UnsafeMutablePointer<Float>?  // (N) -log q_{t,a_t}, stage 1 with distill
+    var agree: UnsafeMutablePointer<Float>?  // (N) 1 when the distilled choice = argmax s
     var e: Int
 }
 
@@ -129,7 +131,9 @@ func routeTokens(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int64)
 
 extension StableMoERouter {
     /// The context's array when a context is saved, else host scratch of `count` floats.
-    func saved(_ p: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
+    func saved(
+        _ p: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String
+    ) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
         if let p { return p }
         return try host.scratchFloats(count, what)
     }
@@ -147,10 +151,13 @@ extension StableMoERouter {
         guard let emb = distilledEmbedding, let cen = distilledCentroids, let table = stage2Assignment else { return }
         let v = vocabSize, e = nExperts, dd = distillDim
         let z = try host.scratchFloats(v * e, "distilled logits of the whole vocabulary")  // (V,E)
-        host.gemm(transA: false, transB: true, m: v, n: e, k: dd, alpha: 1, a: emb, lda: dd, b: cen, ldb: dd,
-                  beta: 0, c: z, ldc: e)
+        host.gemm(
+            transA: false, transB: true, m: v, n: e, k: dd, alpha: 1, a: emb, lda: dd, b: cen, ldb: dd,
+            beta: 0, c: z, ldc: e)
         for i in 0..<(v * e) where !z[i].isFinite {
-            throw .numeric("non-finite distilled logit \(z[i]) for token id \(i / e), expert \(i % e) while freezing the stage-2 router")
+            throw .numeric(
+                "non-finite distilled logit \(z[i]) for token id \(i / e), expert \(i % e) while freezing the stage-2 router"
+            )
         }
         for t in 0..<v { table[t] = Int32(argmax(z + t * e, e)) }
     }
@@ -162,9 +169,11 @@ extension StableMoERouter {
     /// stage 2: a = argmax z (frozen as stage2_assignment at the first stage-2 training forward);
     ///          aux = 0
     /// weights = sigmoid(s_{t,a_t}) (N,1); expert_load_e = #{a_t = e}  (E)
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(stepPtr.pointee.struct_size, vqmoe_step_info.self, "step info")
@@ -185,28 +194,36 @@ extension StableMoERouter {
         var ids: UnsafeMutablePointer<Int32>? = nil  // (N)
         if config.distill {
             guard inPtr.pointee.token_ids.data != nil else {
-                throw .invalid("stablemoe's distilled router routes by token id, but token_ids is absent (data NULL): " +
-                               "this layer has no token ids (use it in a token model, or set distill = false)")
+                throw .invalid(
+                    "stablemoe's distilled router routes by token id, but token_ids is absent (data NULL): "
+                        + "this layer has no token ids (use it in a token model, or set distill = false)")
             }
             let p = try requireI32(inPtr.pointee.token_ids, [n], "token_ids")
             for t in 0..<n where p[t] < 0 || Int(p[t]) >= vocabSize {
-                throw .invalid("token id \(p[t]) of token \(t) is outside the distilled router's range [0, vocab_size = \(vocabSize))")
+                throw .invalid(
+                    "token id \(p[t]) of token \(t) is outside the distilled router's range [0, vocab_size = \(vocabSize))"
+                )
             }
             ids = p
         }
 
-        let ctx = saveContext
-            ? RouterContext(n: n, d: d, e: e, distillDim: dd, stage: stage, distill: config.distill, frozen: frozen) : nil
+        let ctx =
+            saveContext
+            ? RouterContext(n: n, d: d, e: e, distillDim: dd, stage: stage, distill: config.distill, frozen: frozen)
+            : nil
         // ê (E,d) and r (E)
         let eHat = try saved(ctx?.eHat, e * d, "normalised expert embeddings")
         let eNorm = try saved(ctx?.eNorm, e, "expert embedding norms")
         normalizeRows(emb0, count: e, width: d, eHat, eNorm)
         // s (N,E) = x (N,d) @ ê^T (d,E)
         let scores = try host.scratchFloats(n * e, "routing scores")
-        host.gemm(transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: x, lda: d, b: eHat, ldb: d,
-                  beta: 0, c: scores, ldc: e)
+        host.gemm(
+            transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: x, lda: d, b: eHat, ldb: d,
+            beta: 0, c: scores, ldc: e)
         for i in 0..<(n * e) where !scores[i].isFinite {
-            throw .numeric("non-finite routing score \(scores[i]) for token \(i / e), expert \(i % e) (non-finite x or expert embedding?)")
+            throw .numeric(
+                "non-finite routing score \(scores[i]) for token \(i / e), expert \(i % e) (non-finite x or expert embedding?)"
+            )
         }
 
         // Stage 2 freezes the distilled router's decisions once, at its first training forward
@@ -219,8 +236,9 @@ extension StableMoERouter {
             let rows = try saved(ctx?.rows, n * dd, "distilled embedding rows")
             for t in 0..<n { (rows + t * dd).update(from: embD + Int(ids[t]) * dd, count: dd) }
             let zz = try host.scratchFloats(n * e, "distilled logits")
-            host.gemm(transA: false, transB: true, m: n, n: e, k: dd, alpha: 1, a: rows, lda: dd, b: cen, ldb: dd,
-                      beta: 0, c: zz, ldc: e)
+            host.gemm(
+                transA: false, transB: true, m: n, n: e, k: dd, alpha: 1, a: rows, lda: dd, b: cen, ldb: dd,
+                beta: 0, c: zz, ldc: e)
             for i in 0..<(n * e) where !zz[i].isFinite {
                 throw .numeric("non-finite distilled logit \(zz[i]) for token \(i / e), expert \(i % e)")
             }
@@ -237,9 +255,11 @@ extension StableMoERouter {
             ce = try host.scratchFloats(n, "distillation cross-entropy")
         }
         if config.distill { agree = try host.scratchFloats(n, "distillation agreement") }
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         RouteJob(scores: scores, distilled: z, table: useTable ? stage2Assignment : nil, ids: ids, stage: stage,
-                                  index: index, gate: gate, probs: probs, q: q, ce: ce, agree: agree, e: e), routeTokens)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            RouteJob(
+                scores: scores, distilled: z, table: useTable ? stage2Assignment : nil, ids: ids, stage: stage,
+                index: index, gate: gate, probs: probs, q: q, ce: ce, agree: agree, e: e), routeTokens)
         for t in 0..<n { weights[t] = gate[t] }
 
         // expert_load_e = #{a_t = e}; f_e = load_e / N; P_e = mean_t p_te.

@@ -19,24 +19,32 @@ struct StableMoEConfig {
     var distill: Bool
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "stage2_step", type: VQMOE_HP_INT,
-                            description: "first training step of stage 2 (frozen distilled router); 0 = round(0.1 * total_steps)",
-                            defaultValue: 0, min: 0),
-        HyperparameterEntry(name: "distill_dim", type: VQMOE_HP_INT,
-                            description: "D_dist, width of the distilled router's token embeddings and centroids",
-                            defaultValue: 16, min: 1, max: 4096),
-        HyperparameterEntry(name: "balance_weight", type: VQMOE_HP_FLOAT,
-                            description: "weight of the stage-1 balance loss E * sum_e f_e * P_e (P from softmax of the scores)",
-                            defaultValue: 0.01, min: 0),
-        HyperparameterEntry(name: "distill_weight", type: VQMOE_HP_FLOAT,
-                            description: "weight of the stage-1 distillation cross-entropy towards the stage-1 assignment",
-                            defaultValue: 1.0, min: 0),
-        HyperparameterEntry(name: "init_std", type: VQMOE_HP_FLOAT,
-                            description: "init of the distilled router's token embeddings and centroids: N(0, init_std^2) (expert centroids: N(0, 1/d))",
-                            defaultValue: 0.02, min: 0),
-        HyperparameterEntry(name: "distill", type: VQMOE_HP_BOOL,
-                            description: "two stages with a distilled token-id router (false = reference code: stage 1 forever, no distillation)",
-                            defaultValue: 1),
+        HyperparameterEntry(
+            name: "stage2_step", type: VQMOE_HP_INT,
+            description: "first training step of stage 2 (frozen distilled router); 0 = round(0.1 * total_steps)",
+            defaultValue: 0, min: 0),
+        HyperparameterEntry(
+            name: "distill_dim", type: VQMOE_HP_INT,
+            description: "D_dist, width of the distilled router's token embeddings and centroids",
+            defaultValue: 16, min: 1, max: 4096),
+        HyperparameterEntry(
+            name: "balance_weight", type: VQMOE_HP_FLOAT,
+            description: "weight of the stage-1 balance loss E * sum_e f_e * P_e (P from softmax of the scores)",
+            defaultValue: 0.01, min: 0),
+        HyperparameterEntry(
+            name: "distill_weight", type: VQMOE_HP_FLOAT,
+            description: "weight of the stage-1 distillation cross-entropy towards the stage-1 assignment",
+            defaultValue: 1.0, min: 0),
+        HyperparameterEntry(
+            name: "init_std", type: VQMOE_HP_FLOAT,
+            description:
+                "init of the distilled router's token embeddings and centroids: N(0, init_std^2) (expert centroids: N(0, 1/d))",
+            defaultValue: 0.02, min: 0),
+        HyperparameterEntry(
+            name: "distill", type: VQMOE_HP_BOOL,
+            description:
+                "two stages with a distilled token-id router (false = reference code: stage 1 forever, no distillation)",
+            defaultValue: 1),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them.
@@ -47,10 +55,18 @@ struct StableMoEConfig {
         distillWeight = Float(vqmoe_hp_float(hp, "distill_weight", 1.0))
         initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))
         distill = vqmoe_hp_bool(hp, "distill", 1) != 0
-        guard stage2Step >= 0 else { throw .invalid("stage2_step = \(stage2Step) must be >= 0 (0 = at 10% of total_steps)") }
-        guard distillDim >= 1 && distillDim <= 4096 else { throw .invalid("distill_dim = \(distillDim) must be in [1, 4096]") }
-        guard balanceWeight.isFinite && balanceWeight >= 0 else { throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0") }
-        guard distillWeight.isFinite && distillWeight >= 0 else { throw .invalid("distill_weight = \(distillWeight) must be finite and >= 0") }
+        guard stage2Step >= 0 else {
+            throw .invalid("stage2_step = \(stage2Step) must be >= 0 (0 = at 10% of total_steps)")
+        }
+        guard distillDim >= 1 && distillDim <= 4096 else {
+            throw .invalid("distill_dim = \(distillDim) must be in [1, 4096]")
+        }
+        guard balanceWeight.isFinite && balanceWeight >= 0 else {
+            throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0")
+        }
+        guard distillWeight.isFinite && distillWeight >= 0 else {
+            throw .invalid("distill_weight = \(distillWeight) must be finite and >= 0")
+        }
         guard initStd.isFinite && initStd >= 0 else { throw .invalid("init_std = \(initStd) must be finite and >= 0") }
     }
 

@@ -63,9 +63,10 @@ final class StableMoERouter {
         config = try StableMoEConfig(hp)
         if config.distill {
             guard i.vocab_size >= 1 else {
-                throw .invalid("stablemoe's distilled router maps token ids to experts and needs create_info.vocab_size >= 1 " +
-                               "(the token-id range), got \(i.vocab_size); give the model a vocabulary or set distill = false " +
-                               "(the reference behaviour: stage 1 forever, no distilled router)")
+                throw .invalid(
+                    "stablemoe's distilled router maps token ids to experts and needs create_info.vocab_size >= 1 "
+                        + "(the token-id range), got \(i.vocab_size); give the model a vocabulary or set distill = false "
+                        + "(the reference behaviour: stage 1 forever, no distilled router)")
             }
             vocabSize = Int(i.vocab_size)
         } else {
@@ -109,14 +110,17 @@ final class StableMoERouter {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         guard let e = bindings[0].data else { throw .invalid("bind_buffers: 'expert_embeddings' has no data") }
         expertEmbeddings = e.assumingMemoryBound(to: Float.self)
         expertEmbeddingsGrad = bindings[0].grad
         if config.distill {
             guard let emb = bindings[1].data, let cen = bindings[2].data, let table = bindings[3].data else {
-                throw .invalid("bind_buffers: 'distilled_embedding', 'distilled_centroids' or 'stage2_assignment' has no data")
+                throw .invalid(
+                    "bind_buffers: 'distilled_embedding', 'distilled_centroids' or 'stage2_assignment' has no data")
             }
             distilledEmbedding = emb.assumingMemoryBound(to: Float.self)
             distilledEmbeddingGrad = bindings[1].grad

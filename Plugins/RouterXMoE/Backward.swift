@@ -4,12 +4,10 @@
 import PluginKit
 import VQMoEABI
 
-
-
 /// Pointers for the backward of a row normalisation, in place.
 struct NormalizeGradJob {
-    var grad: UnsafeMutablePointer<Float>   // (rows,cols): d/d unit in, d/d src out
-    var unit: UnsafeMutablePointer<Float>   // (rows,cols) unit_r
+    var grad: UnsafeMutablePointer<Float>  // (rows,cols): d/d unit in, d/d src out
+    var unit: UnsafeMutablePointer<Float>  // (rows,cols) unit_r
     var norms: UnsafeMutablePointer<Float>  // (rows) ||src_r||
     var cols: Int
 }
@@ -42,8 +40,10 @@ extension XMoERouter {
     ///   dh, de      = backward of the L2 normalisations
     ///   grad_x (N,d) += dh @ W_p,   grad_W_p (d_r,d) += dh^T @ x,   grad_e += de
     /// (no parameter gradients with VQMOE_STEP_FROZEN; log tau only when learnable).
-    func backward(_ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
-                  _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?) throws(PluginFailure) {
+    func backward(
+        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_router_grad_in>?,
+        _ goutPtr: UnsafePointer<vqmoe_router_grad_out>?
+    ) throws(PluginFailure) {
         guard let ctx = Handle.context(ctxPtr, as: RouterContext.self) else {
             throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
         }
@@ -69,9 +69,11 @@ extension XMoERouter {
 
         let ds = try host.scratchFloats(n * e, "router score gradients")  // (N,E)
         ds.update(repeating: 0, count: n * e)
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         LogitGradJob(dlogits: ds, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
-                                      probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), logitGrads)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            LogitGradJob(
+                dlogits: ds, gradWeights: gradWeights, gates: ctx.gates, index: ctx.index,
+                probs: ctx.probs, balanceCoef: balanceCoef, e: e, k: k), logitGrads)
         let params = !ctx.frozen
         // d log tau = sum_te ds_te * ds_te/d log tau = -sum_te ds_te s_te.
         if params, config.learnableTemperature, let gT = logTemperatureGrad {
@@ -81,25 +83,31 @@ extension XMoERouter {
         }
         // du (N,d_r) = ds (N,E) @ e^ (E,d_r) / tau
         let du = try host.scratchFloats(n * dr, "unit projection gradients")
-        host.gemm(transA: false, transB: false, m: n, n: dr, k: e, alpha: 1 / ctx.tau, a: ds, lda: e, b: ctx.unitE, ldb: dr,
-                  beta: 0, c: du, ldc: dr)
+        host.gemm(
+            transA: false, transB: false, m: n, n: dr, k: e, alpha: 1 / ctx.tau, a: ds, lda: e, b: ctx.unitE, ldb: dr,
+            beta: 0, c: du, ldc: dr)
         // dh = backward of u = h / ||h|| (in place in du).
-        host.parallelFor(n, grain: max(1, 4096 / (dr + 1)),
-                         NormalizeGradJob(grad: du, unit: ctx.unitH, norms: ctx.normH, cols: dr), normalizeGrads)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (dr + 1)),
+            NormalizeGradJob(grad: du, unit: ctx.unitH, norms: ctx.normH, cols: dr), normalizeGrads)
         // grad_x (N,d) += dh (N,d_r) @ W_p (d_r,d)
-        host.gemm(transA: false, transB: false, m: n, n: d, k: dr, alpha: 1, a: du, lda: dr, b: ctx.proj, ldb: d,
-                  beta: 1, c: gradX, ldc: d)
+        host.gemm(
+            transA: false, transB: false, m: n, n: d, k: dr, alpha: 1, a: du, lda: dr, b: ctx.proj, ldb: d,
+            beta: 1, c: gradX, ldc: d)
         guard params else { return }
         // grad_W_p (d_r,d) += dh^T (d_r,N) @ x (N,d)
         if let gP = projGrad {
-            host.gemm(transA: true, transB: false, m: dr, n: d, k: n, alpha: 1, a: du, lda: dr, b: ctx.x, ldb: d,
-                      beta: 1, c: gP, ldc: d)
+            host.gemm(
+                transA: true, transB: false, m: dr, n: d, k: n, alpha: 1, a: du, lda: dr, b: ctx.x, ldb: d,
+                beta: 1, c: gP, ldc: d)
         }
         // de^ (E,d_r) = ds^T (E,N) @ u (N,d_r) / tau; de = backward of e^ = e / ||e||.
         if let gE = embeddingsGrad {
             let de = try host.scratchFloats(e * dr, "unit embedding gradients")
-            host.gemm(transA: true, transB: false, m: e, n: dr, k: n, alpha: 1 / ctx.tau, a: ds, lda: e, b: ctx.unitH, ldb: dr,
-                      beta: 0, c: de, ldc: dr)
+            host.gemm(
+                transA: true, transB: false, m: e, n: dr, k: n, alpha: 1 / ctx.tau, a: ds, lda: e, b: ctx.unitH,
+                ldb: dr,
+                beta: 0, c: de, ldc: dr)
             var job = NormalizeGradJob(grad: de, unit: ctx.unitE, norms: ctx.normE, cols: dr)
             withUnsafeMutablePointer(to: &job) { normalizeGrads(UnsafeMutableRawPointer($0), 0, Int64(e)) }
             for i in 0..<(e * dr) { gE[i] += de[i] }

@@ -15,26 +15,28 @@ func withRouter(_ inst: OpaquePointer?, _ body: (XMoERouter) throws(PluginFailur
 /// vqmoe_router_api: shape / forward / backward / free_ctx.
 nonisolated(unsafe) let routerAPI: UnsafeMutablePointer<vqmoe_router_api> = {
     let p = UnsafeMutablePointer<vqmoe_router_api>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_router_api(
-        struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
-        shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
-        forward: { inst, step, input, output, ctx in
-            ctx?.pointee = nil
-            return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
-        },
-        backward: { inst, ctx, gin, gout in
-            withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
-        },
-        free_ctx: { _, ctx in Handle.releaseContext(ctx, as: RouterContext.self) }))
+    p.initialize(
+        to: vqmoe_router_api(
+            struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
+            shape: { inst, _, out in withRouter(inst) { r throws(PluginFailure) in try r.shape(out) } },
+            forward: { inst, step, input, output, ctx in
+                ctx?.pointee = nil
+                return withRouter(inst) { r throws(PluginFailure) in try r.forward(step, input, output, ctx) }
+            },
+            backward: { inst, ctx, gin, gout in
+                withRouter(inst) { r throws(PluginFailure) in try r.backward(ctx, gin, gout) }
+            },
+            free_ctx: { _, ctx in Handle.releaseContext(ctx, as: RouterContext.self) }))
     return p
 }()
 
 /// "vqmoe.metrics/1": temperature, expert_embedding_norm.
 nonisolated(unsafe) let metricsFeature: UnsafeMutablePointer<vqmoe_metrics_feature> = {
     let p = UnsafeMutablePointer<vqmoe_metrics_feature>.allocate(capacity: 1)
-    p.initialize(to: vqmoe_metrics_feature(
-        struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
-        metrics: { inst, sink in withRouter(inst) { r throws(PluginFailure) in try r.metrics(sink) } }))
+    p.initialize(
+        to: vqmoe_metrics_feature(
+            struct_size: UInt32(MemoryLayout<vqmoe_metrics_feature>.size),
+            metrics: { inst, sink in withRouter(inst) { r throws(PluginFailure) in try r.metrics(sink) } }))
     return p
 }()
 
@@ -49,9 +51,9 @@ nonisolated(unsafe) let xmoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.name = staticCString("xmoe")
     d.version = staticCString("1.0.0")
     d.description = staticCString(
-        "X-MoE router (Chi et al. 2022): h = W_p x (d -> d_r, no bias), scores s_e = cos(h, e_e) / tau with " +
-        "L2-normalised expert embeddings and a learnable (or fixed) temperature; keep the k largest (ties -> lower " +
-        "expert), weights = softmax over the kept scores; Switch balance loss balance_weight * E * sum_e f_e P_e")
+        "X-MoE router (Chi et al. 2022): h = W_p x (d -> d_r, no bias), scores s_e = cos(h, e_e) / tau with "
+            + "L2-normalised expert embeddings and a learnable (or fixed) temperature; keep the k largest (ties -> lower "
+            + "expert), weights = softmax over the kept scores; Switch balance loss balance_weight * E * sum_e f_e P_e")
     d.hparams = HyperparameterEntry.cArray(schema)
     d.n_hparams = Int32(schema.count)
     d.create = { info, hp, out in
@@ -65,7 +67,8 @@ nonisolated(unsafe) let xmoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
     d.destroy = { inst in Handle.release(inst, as: XMoERouter.self) }
     d.num_buffers = { inst in Int32(router(inst)?.bufferCount ?? 0) }
     d.buffer_spec = { inst, i, out in withRouter(inst) { r throws(PluginFailure) in try r.bufferSpec(Int(i), out) } }
-    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) } }
+    d.bind_buffers = { inst, bindings, n in withRouter(inst) { r throws(PluginFailure) in try r.bind(bindings, Int(n)) }
+    }
     d.init_buffers = { inst, seed in withRouter(inst) { r throws(PluginFailure) in try r.initBuffers(seed: seed) } }
     d.begin_step = { inst, step in withRouter(inst) { r throws(PluginFailure) in try r.beginStep(step) } }
     d.get_feature = { id in
@@ -82,7 +85,8 @@ nonisolated(unsafe) let xmoeDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
 @_cdecl("vqmoe_plugin_entry")
 public func vqmoeEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
     if let host, host.pointee.abi_version >> 16 != UInt32(VQMOE_ABI_VERSION_MAJOR) {
-        let msg = "xmoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
+        let msg =
+            "xmoe was built for plugin ABI \(VQMOE_ABI_VERSION_MAJOR).\(VQMOE_ABI_VERSION_MINOR), the host speaks \(host.pointee.abi_version >> 16).\(host.pointee.abi_version & 0xffff)"
         msg.withCString { m in "xmoe".withCString { name in host.pointee.log?(VQMOE_LOG_ERROR, name, m) } }
         return nil
     }

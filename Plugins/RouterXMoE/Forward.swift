@@ -59,8 +59,8 @@ final class RouterContext {
 
 /// Pointers for the row-normalisation loop.
 struct NormalizeJob {
-    var src: UnsafeMutablePointer<Float>    // (rows,cols)
-    var unit: UnsafeMutablePointer<Float>   // (rows,cols) out
+    var src: UnsafeMutablePointer<Float>  // (rows,cols)
+    var unit: UnsafeMutablePointer<Float>  // (rows,cols) out
     var norms: UnsafeMutablePointer<Float>  // (rows) out: ||src_r||
     var cols: Int
 }
@@ -80,8 +80,6 @@ func normalizeRows(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: Int6
     }
 }
 
-
-
 extension XMoERouter {
     func shape(_ out: UnsafeMutablePointer<vqmoe_router_shape>?) throws(PluginFailure) {
         guard let out else { throw .invalid("shape: out is NULL") }
@@ -96,9 +94,11 @@ extension XMoERouter {
     /// aux_loss = balance_weight * E * sum_e f_e * P_e, f_e = assignments to e / (N*k),
     ///            P_e = mean_t softmax(s_t)_e
     /// expert_load_e = assignments to e                         (E)
-    func forward(_ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
-                 _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
-                 _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?) throws(PluginFailure) {
+    func forward(
+        _ stepPtr: UnsafePointer<vqmoe_step_info>?, _ inPtr: UnsafePointer<vqmoe_router_input>?,
+        _ outPtr: UnsafeMutablePointer<vqmoe_router_output>?,
+        _ ctxOut: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws(PluginFailure) {
         ctxOut?.pointee = nil
         guard let stepPtr, let inPtr, let outPtr else { throw .invalid("forward: step, input or output is NULL") }
         try requireSize(inPtr.pointee.struct_size, vqmoe_router_input.self, "router input")
@@ -115,8 +115,10 @@ extension XMoERouter {
         let load = try requireF32(outPtr.pointee.expert_load, [e], "expert_load")
 
         let balance = config.balanceWeight != 0
-        let ctx = saveContext
-            ? RouterContext(n: n, d: d, e: e, k: k, dr: dr, balance: balance, tau: tau, frozen: flags & VQMOE_STEP_FROZEN != 0)
+        let ctx =
+            saveContext
+            ? RouterContext(
+                n: n, d: d, e: e, k: k, dr: dr, balance: balance, tau: tau, frozen: flags & VQMOE_STEP_FROZEN != 0)
             : nil
         // Unit vectors, norms, scores and probabilities live in the context when one is saved.
         let unitH: UnsafeMutablePointer<Float>, normH: UnsafeMutablePointer<Float>
@@ -137,21 +139,27 @@ extension XMoERouter {
 
         // h (N,d_r) = x (N,d) @ W_p^T (d,d_r); u = h / max(||h||, eps).
         let h = try host.scratchFloats(n * dr, "token projections")
-        host.gemm(transA: false, transB: true, m: n, n: dr, k: d, alpha: 1, a: x, lda: d, b: P, ldb: d,
-                  beta: 0, c: h, ldc: dr)
-        host.parallelFor(n, grain: max(1, 4096 / (dr + 1)), NormalizeJob(src: h, unit: unitH, norms: normH, cols: dr), normalizeRows)
+        host.gemm(
+            transA: false, transB: true, m: n, n: dr, k: d, alpha: 1, a: x, lda: d, b: P, ldb: d,
+            beta: 0, c: h, ldc: dr)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (dr + 1)), NormalizeJob(src: h, unit: unitH, norms: normH, cols: dr), normalizeRows)
         // e^ = e / max(||e||, eps) (E rows; serial: E is small).
         var ej = NormalizeJob(src: emb, unit: unitE, norms: normE, cols: dr)
         withUnsafeMutablePointer(to: &ej) { normalizeRows(UnsafeMutableRawPointer($0), 0, Int64(e)) }
         // s (N,E) = u (N,d_r) @ e^T (d_r,E) / tau.
-        host.gemm(transA: false, transB: true, m: n, n: e, k: dr, alpha: 1 / tau, a: unitH, lda: dr, b: unitE, ldb: dr,
-                  beta: 0, c: scores, ldc: e)
+        host.gemm(
+            transA: false, transB: true, m: n, n: e, k: dr, alpha: 1 / tau, a: unitH, lda: dr, b: unitE, ldb: dr,
+            beta: 0, c: scores, ldc: e)
         for i in 0..<(n * e) where !scores[i].isFinite {
-            throw .numeric("non-finite router score \(scores[i]) for token \(i / e), expert \(i % e) (non-finite x, weights or temperature?)")
+            throw .numeric(
+                "non-finite router score \(scores[i]) for token \(i / e), expert \(i % e) (non-finite x, weights or temperature?)"
+            )
         }
 
-        host.parallelFor(n, grain: max(1, 4096 / (e + 1)),
-                         RouteJob(logits: scores, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            RouteJob(logits: scores, probs: probs, index: index, gates: gates, e: e, k: k), routeTokens)
 
         // expert_load_e = #assignments; f_e = load_e / (N k); P_e = mean_t p_te.
         load.update(repeating: 0, count: e)

@@ -22,28 +22,36 @@ struct XMoEConfig {
     var initStd: Float
 
     static let schema: [HyperparameterEntry] = [
-        HyperparameterEntry(name: "k", type: VQMOE_HP_INT,
-                            description: "experts kept per token (top-k; must be <= n_experts)",
-                            defaultValue: 2, min: 1, max: 64),
-        HyperparameterEntry(name: "router_dim", type: VQMOE_HP_INT,
-                            description: "d_r: routing-space width; h = W_p x projects d -> d_r (no bias)",
-                            defaultValue: 16, min: 1, max: 4096),
-        HyperparameterEntry(name: "temperature", type: VQMOE_HP_FLOAT,
-                            description: "tau in s_e = cos(h, e_e) / tau: the fixed value, or the learnable one's initial value (> 0)",
-                            defaultValue: 0.3, min: 0),
-        HyperparameterEntry(name: "temperature_mode", type: VQMOE_HP_STRING,
-                            description: "learnable: tau = exp(log_temperature), a trained parameter; fixed: tau = temperature",
-                            defaultString: "learnable", choices: "learnable,fixed"),
-        HyperparameterEntry(name: "embedding_norm", type: VQMOE_HP_FLOAT,
-                            description: "> 0: rescale each expert embedding to this L2 norm at the start of every training "
-                                + "step (reference code: 1.5); 0: off",
-                            defaultValue: 0, min: 0),
-        HyperparameterEntry(name: "balance_weight", type: VQMOE_HP_FLOAT,
-                            description: "weight of the Switch balance loss E * sum_e f_e * P_e (P from the softmax over all scores) in aux_loss",
-                            defaultValue: 0.01, min: 0),
-        HyperparameterEntry(name: "init_std", type: VQMOE_HP_FLOAT,
-                            description: "projection init: W_p ~ N(0, init_std^2)",
-                            defaultValue: 0.02, min: 0),
+        HyperparameterEntry(
+            name: "k", type: VQMOE_HP_INT,
+            description: "experts kept per token (top-k; must be <= n_experts)",
+            defaultValue: 2, min: 1, max: 64),
+        HyperparameterEntry(
+            name: "router_dim", type: VQMOE_HP_INT,
+            description: "d_r: routing-space width; h = W_p x projects d -> d_r (no bias)",
+            defaultValue: 16, min: 1, max: 4096),
+        HyperparameterEntry(
+            name: "temperature", type: VQMOE_HP_FLOAT,
+            description: "tau in s_e = cos(h, e_e) / tau: the fixed value, or the learnable one's initial value (> 0)",
+            defaultValue: 0.3, min: 0),
+        HyperparameterEntry(
+            name: "temperature_mode", type: VQMOE_HP_STRING,
+            description: "learnable: tau = exp(log_temperature), a trained parameter; fixed: tau = temperature",
+            defaultString: "learnable", choices: "learnable,fixed"),
+        HyperparameterEntry(
+            name: "embedding_norm", type: VQMOE_HP_FLOAT,
+            description: "> 0: rescale each expert embedding to this L2 norm at the start of every training "
+                + "step (reference code: 1.5); 0: off",
+            defaultValue: 0, min: 0),
+        HyperparameterEntry(
+            name: "balance_weight", type: VQMOE_HP_FLOAT,
+            description:
+                "weight of the Switch balance loss E * sum_e f_e * P_e (P from the softmax over all scores) in aux_loss",
+            defaultValue: 0.01, min: 0),
+        HyperparameterEntry(
+            name: "init_std", type: VQMOE_HP_FLOAT,
+            description: "projection init: W_p ~ N(0, init_std^2)",
+            defaultValue: 0.02, min: 0),
     ]
 
     /// Read the values the host resolved (defaults for anything missing) and check them
@@ -58,9 +66,12 @@ struct XMoEConfig {
         initStd = Float(vqmoe_hp_float(hp, "init_std", 0.02))
         guard k >= 1 && k <= 64 else { throw .invalid("hyperparameter k = \(k) must be in [1, 64]") }
         guard k <= nExperts else {
-            throw .invalid("hyperparameter k = \(k) is larger than n_experts = \(nExperts): top-k routing needs k <= n_experts")
+            throw .invalid(
+                "hyperparameter k = \(k) is larger than n_experts = \(nExperts): top-k routing needs k <= n_experts")
         }
-        guard routerDim >= 1 && routerDim <= 4096 else { throw .invalid("hyperparameter router_dim = \(routerDim) must be in [1, 4096]") }
+        guard routerDim >= 1 && routerDim <= 4096 else {
+            throw .invalid("hyperparameter router_dim = \(routerDim) must be in [1, 4096]")
+        }
         guard temperature.isFinite && temperature > 0 else {
             throw .invalid("temperature = \(temperature) must be finite and > 0 (scores are divided by it)")
         }
@@ -69,8 +80,12 @@ struct XMoEConfig {
         case "fixed": learnableTemperature = false
         default: throw .invalid("temperature_mode = '\(mode)' must be 'learnable' or 'fixed'")
         }
-        guard embeddingNorm.isFinite && embeddingNorm >= 0 else { throw .invalid("embedding_norm = \(embeddingNorm) must be finite and >= 0") }
-        guard balanceWeight.isFinite && balanceWeight >= 0 else { throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0") }
+        guard embeddingNorm.isFinite && embeddingNorm >= 0 else {
+            throw .invalid("embedding_norm = \(embeddingNorm) must be finite and >= 0")
+        }
+        guard balanceWeight.isFinite && balanceWeight >= 0 else {
+            throw .invalid("balance_weight = \(balanceWeight) must be finite and >= 0")
+        }
         guard initStd.isFinite && initStd >= 0 else { throw .invalid("init_std = \(initStd) must be finite and >= 0") }
     }
 }

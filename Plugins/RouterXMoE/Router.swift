@@ -81,7 +81,9 @@ final class XMoERouter {
     }
 
     func bind(_ bindings: UnsafePointer<vqmoe_buffer_binding>?, _ n: Int) throws(PluginFailure) {
-        guard n == bufferCount else { throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)") }
+        guard n == bufferCount else {
+            throw .invalid("bind_buffers got \(n) bindings, the router declared \(bufferCount)")
+        }
         guard let bindings else { throw .invalid("bind_buffers: bindings is NULL") }
         guard let p = bindings[0].data else { throw .invalid("bind_buffers: 'proj.weight' has no data") }
         guard let e = bindings[1].data else { throw .invalid("bind_buffers: 'expert_embeddings' has no data") }
@@ -108,7 +110,8 @@ final class XMoERouter {
         guard let logTemperature else { throw .state("called before bind_buffers") }
         let tau = expf(logTemperature[0])
         guard tau.isFinite && tau > 0 else {
-            throw .numeric("temperature exp(log_temperature = \(logTemperature[0])) = \(tau) is not a finite positive number")
+            throw .numeric(
+                "temperature exp(log_temperature = \(logTemperature[0])) = \(tau) is not a finite positive number")
         }
         return tau
     }

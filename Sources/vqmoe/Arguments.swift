@@ -75,8 +75,10 @@ func parseSettings(_ items: [String]) throws -> [String: Any] {
     for item in items {
         guard let eq = item.firstIndex(of: "=") else { throw VQMoEError(.usage, "--set \(item): expected key=value") }
         let key = String(item[..<eq]), raw = String(item[item.index(after: eq)...])
-        if let data = raw.data(using: .utf8), let v = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]),
-           !(v is [Any]), !(v is [String: Any]) {
+        if let data = raw.data(using: .utf8),
+            let v = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]),
+            !(v is [Any]), !(v is [String: Any])
+        {
             out[key] = v
         } else {
             out[key] = raw

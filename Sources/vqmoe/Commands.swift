@@ -17,44 +17,62 @@ struct Command: Sendable {
 
 /// Every command, in the order `--help` lists them.
 let commands: [Command] = [
-    Command(name: "train", usage: ["train CONFIG [--set key.path=value ...] [--out DIR]", "train --resume DIR [--set key.path=value ...]"],
-            summary: """
+    Command(
+        name: "train",
+        usage: [
+            "train CONFIG [--set key.path=value ...] [--out DIR]", "train --resume DIR [--set key.path=value ...]",
+        ],
+        summary: """
             train a model from a JSON config (see configs/); writes DIR/metrics.jsonl, DIR/best.safetensors (+ .json
             sidecar) and reports test loss / bits per character with the best checkpoint; SIGINT/SIGTERM write
             DIR/last.* and stop (exit 130); --resume continues an interrupted run exactly where it stopped
             """, run: trainCommand),
-    Command(name: "finetune", usage: ["finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]"],
-            summary: """
+    Command(
+        name: "finetune", usage: ["finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]"],
+        summary: """
             fine-tune pre-trained weights on a classification task (new head, frozen parts from finetune.freeze);
             reports accuracy and the FFN FLOPs per token of the pre-training vs fine-tuning path
             """, run: finetuneCommand),
-    Command(name: "eval", usage: ["eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]"],
-            summary: "evaluate a run's checkpoint (default best) on a whole split", run: evalCommand),
-    Command(name: "sweep", usage: ["sweep CONFIG [--set key.path=value ...]"],
-            summary: """
+    Command(
+        name: "eval", usage: ["eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]"],
+        summary: "evaluate a run's checkpoint (default best) on a whole split", run: evalCommand),
+    Command(
+        name: "sweep", usage: ["sweep CONFIG [--set key.path=value ...]"],
+        summary: """
             run a grid of trainings (config key "sweep": grid, seeds, parallel, out), skip finished runs, write
             results.md/.csv with mean ± std over seeds
             """, run: sweepCommand),
-    Command(name: "report", usage: ["report RUN_DIR... [--out DIR]"],
-            summary: "report.md and SVG plots: curves, consistency, expert load, code usage, routing movement, PCA of expert inputs",
-            run: reportCommand),
-    Command(name: "results", usage: ["results RUN_DIR..."],
-            summary: "a markdown table of finished runs (test / valid BPC, params, speed)", run: resultsCommand),
-    Command(name: "bench", usage: ["bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]"],
-            summary: """
+    Command(
+        name: "report", usage: ["report RUN_DIR... [--out DIR]"],
+        summary:
+            "report.md and SVG plots: curves, consistency, expert load, code usage, routing movement, PCA of expert inputs",
+        run: reportCommand),
+    Command(
+        name: "results", usage: ["results RUN_DIR..."],
+        summary: "a markdown table of finished runs (test / valid BPC, params, speed)", run: resultsCommand),
+    Command(
+        name: "bench", usage: ["bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]"],
+        summary: """
             time the trainer's training steps: tokens/s, ms per step (forward / backward / optimizer), training
             GFLOP/s, peak RSS; --ffn: one MoE layer against a dense FFN with the same active FLOPs
             """, run: benchCommand),
-    Command(name: "plugins", usage: ["plugins list [--json]", "plugins inspect NAME", "plugins docs", "plugins check NAME|PATH [--set key=value ...]"],
-            summary: """
+    Command(
+        name: "plugins",
+        usage: [
+            "plugins list [--json]", "plugins inspect NAME", "plugins docs",
+            "plugins check NAME|PATH [--set key=value ...]",
+        ],
+        summary: """
             list: every registered component (kind, name, version, abi, library); inspect: a component's description
             and hyperparameter schema; docs: markdown reference of every component (the README's plugin list);
             check: load it, validate the descriptor, run forward and backward on seeded random inputs and compare every
             gradient with finite differences (exit 1 on any failure)
             """, run: pluginsCommand),
-    Command(name: "plugin", usage: ["plugin new KIND NAME [--lang c|swift] [--dir DIR]"],
-            summary: "write a plugin folder (KIND: router, quantizer, dataset, head) that builds with its build.sh and passes `plugins check`",
-            run: pluginNewCommand),
+    Command(
+        name: "plugin", usage: ["plugin new KIND NAME [--lang c|swift] [--dir DIR]"],
+        summary:
+            "write a plugin folder (KIND: router, quantizer, dataset, head) that builds with its build.sh and passes `plugins check`",
+        run: pluginNewCommand),
 ]
 
 /// `vqmoe --help`.
@@ -66,21 +84,21 @@ func globalHelp() -> String {
         codes[codes.count - 1] += (codes[codes.count - 1].isEmpty ? "" : ", ") + item
     }
     return """
-    vqmoe: sparse mixture-of-experts with discrete (vector-quantized) routing, on the CPU.
+        vqmoe: sparse mixture-of-experts with discrete (vector-quantized) routing, on the CPU.
 
-    usage: vqmoe [--registry FILE] [--threads N] COMMAND ...
+        usage: vqmoe [--registry FILE] [--threads N] COMMAND ...
 
-    commands:
-    \(commands.map(\.help).joined(separator: "\n"))
+        commands:
+        \(commands.map(\.help).joined(separator: "\n"))
 
-    options:
-      --registry FILE   plugin registry (default: registry.json found from the current directory or the
-                        executable's; env VQMOE_REGISTRY). VQMOE_PLUGIN_PATH adds directories of plugin
-                        libraries, registered by their descriptor names.
-      --threads N       threads for BLAS and parallel loops (default 1)
-      -h, --help        this text; `vqmoe COMMAND --help` for one command
+        options:
+          --registry FILE   plugin registry (default: registry.json found from the current directory or the
+                            executable's; env VQMOE_REGISTRY). VQMOE_PLUGIN_PATH adds directories of plugin
+                            libraries, registered by their descriptor names.
+          --threads N       threads for BLAS and parallel loops (default 1)
+          -h, --help        this text; `vqmoe COMMAND --help` for one command
 
-    exit codes:
-    \(codes.map { "  " + $0 }.joined(separator: "\n"))
-    """
+        exit codes:
+        \(codes.map { "  " + $0 }.joined(separator: "\n"))
+        """
 }

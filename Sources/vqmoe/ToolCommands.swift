@@ -5,7 +5,8 @@ import VQMoE
 func reportCommand(_ args: inout Args) throws -> Int32 {
     let out = try args.take("--out").last
     guard !args.rest.isEmpty else { throw VQMoEError(.usage, "usage: vqmoe report RUN_DIR... [--out DIR]") }
-    let files = try Report(runs: args.rest, outDir: out ?? (args.rest.count == 1 ? args.rest[0] : "runs/report")).write()
+    let files = try Report(runs: args.rest, outDir: out ?? (args.rest.count == 1 ? args.rest[0] : "runs/report"))
+        .write()
     print(files.joined(separator: "\n"))
     return 0
 }
@@ -37,12 +38,16 @@ func pluginsCommand(_ args: inout Args) throws -> Int32 {
     case "docs":
         return emit(try PluginCommands.docs(try args.registry()))
     case "inspect":
-        return emit(try PluginCommands.inspect(try args.registry(), name: try args.positional(1, usage: "plugins inspect NAME")[0]))
+        return emit(
+            try PluginCommands.inspect(
+                try args.registry(), name: try args.positional(1, usage: "plugins inspect NAME")[0]))
     case "check":
         let settings = try parseSettings(try args.take("--set"))
         let target = try args.positional(1, usage: "plugins check NAME|PATH [--set key=value ...]")[0]
         let isPath = target.contains("/") || target.hasSuffix(".so")
-        return emit(try PluginCommands.check(isPath ? (try? args.registry()) : try args.registry(), target: target, settings: settings))
+        return emit(
+            try PluginCommands.check(
+                isPath ? (try? args.registry()) : try args.registry(), target: target, settings: settings))
     default:
         let known = closestFirst(sub, among: ["list", "inspect", "check", "docs"]).joined(separator: ", ")
         throw VQMoEError(.usage, "unknown command 'plugins \(sub)'; commands: \(known)")
@@ -56,8 +61,11 @@ func pluginNewCommand(_ args: inout Args) throws -> Int32 {
     args.rest.removeFirst()
     let lang = try args.take("--lang").last ?? "c", dir = try args.take("--dir").last
     let kindAndName = try args.positional(2, usage: usage)
-    let root = ProcessInfo.processInfo.environment["VQMOE_ROOT"]
+    let root =
+        ProcessInfo.processInfo.environment["VQMOE_ROOT"]
         ?? (try? args.registry())?.registryPath.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
         ?? FileManager.default.currentDirectoryPath
-    return emit(try PluginCommands.scaffold(kind: kindAndName[0], name: kindAndName[1], language: lang, directory: dir, root: root))
+    return emit(
+        try PluginCommands.scaffold(
+            kind: kindAndName[0], name: kindAndName[1], language: lang, directory: dir, root: root))
 }

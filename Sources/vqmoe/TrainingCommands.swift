@@ -24,12 +24,18 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
 }
 
 func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {
-    if r.interrupted { return "run \(cfg.name) stopped after \(r.steps) steps; resume with: vqmoe train --resume \(r.outDir)" }
-    var lines = [String(format: "run %@: %d steps in %.1f s (%.0f tokens/s), output in %@", cfg.name, r.steps, r.wallSeconds,
-                        r.tokensPerSecond, r.outDir)]
+    if r.interrupted {
+        return "run \(cfg.name) stopped after \(r.steps) steps; resume with: vqmoe train --resume \(r.outDir)"
+    }
+    var lines = [
+        String(
+            format: "run %@: %d steps in %.1f s (%.0f tokens/s), output in %@", cfg.name, r.steps, r.wallSeconds,
+            r.tokensPerSecond, r.outDir)
+    ]
     func line(_ label: String, _ e: EvalResult, _ tail: String) -> String {
-        r.isLM ? String(format: "%@  loss %.4f  bpc %.4f  %@", label, e.loss, e.bpc, tail)
-               : String(format: "%@  loss %.4f  accuracy %.4f  %@", label, e.loss, e.accuracy, tail)
+        r.isLM
+            ? String(format: "%@  loss %.4f  bpc %.4f  %@", label, e.loss, e.bpc, tail)
+            : String(format: "%@  loss %.4f  accuracy %.4f  %@", label, e.loss, e.accuracy, tail)
     }
     if let v = r.bestValid { lines.append(line("best valid", v, "(step \(r.bestStep + 1))")) }
     if let t = r.test { lines.append(line("test      ", t, "(best-validation checkpoint)")) }
@@ -40,14 +46,17 @@ func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {
 func finetuneCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides()
     let out = try args.take("--out").last, from = try args.take("--from").last
-    let file = try args.positional(1, usage: "finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]")[0]
+    let file = try args.positional(
+        1, usage: "finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]")[0]
     let cfg = try RunConfig(json: try ConfigReader.load(file: file, overrides: overrides))
     let ft = try Finetune(config: cfg, registry: try args.registry(), outDir: out ?? "runs/\(cfg.name)", from: from)
     Trainer.installInterruptHandlers()
     let r = try ft.run()
     print("fine-tuned \(cfg.name) from \(ft.checkpoint): \(r.trainable) trainable parameters, \(r.frozen) frozen")
     if let v = r.result.bestValid {
-        print(String(format: "best valid  accuracy %.4f  loss %.4f  (step %d)", v.accuracy, v.loss, r.result.bestStep + 1))
+        print(
+            String(format: "best valid  accuracy %.4f  loss %.4f  (step %d)", v.accuracy, v.loss, r.result.bestStep + 1)
+        )
     }
     if let t = r.result.test { print(String(format: "test        accuracy %.4f  loss %.4f", t.accuracy, t.loss)) }
     print(r.flops.text)
@@ -59,12 +68,17 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
     let split = try args.take("--split").last ?? "test", name = try args.take("--checkpoint").last ?? "best"
     let usage = "eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]"
     let dir = try args.positional(1, usage: usage)[0]
-    guard let sp = Split.allCases.first(where: { $0.name == split }) else { throw VQMoEError(.usage, "usage: vqmoe \(usage)") }
+    guard let sp = Split.allCases.first(where: { $0.name == split }) else {
+        throw VQMoEError(.usage, "usage: vqmoe \(usage)")
+    }
     let cfg = try RunConfig(json: try ConfigReader.load(file: "\(dir)/config.json", overrides: try args.overrides()))
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir, quiet: true)
     let r = try trainer.evaluateCheckpoint(name, sp)
-    print(String(format: "%@ %@: loss %.4f  bpc %.4f  accuracy %.4f  (%d targets, checkpoint %@)", cfg.name, split, r.loss, r.bpc,
-                 r.accuracy, r.count, "\(dir)/\(name).safetensors"))
+    print(
+        String(
+            format: "%@ %@: loss %.4f  bpc %.4f  accuracy %.4f  (%d targets, checkpoint %@)", cfg.name, split, r.loss,
+            r.bpc,
+            r.accuracy, r.count, "\(dir)/\(name).safetensors"))
     return 0
 }
 
@@ -74,7 +88,9 @@ func sweepCommand(_ args: inout Args) throws -> Int32 {
     let file = try args.positional(1, usage: "sweep CONFIG [--set key.path=value ...]")[0]
     let sweep = try Sweep(configFile: file, overrides: overrides, registry: try args.registry())
     let exe = URL(fileURLWithPath: Registry.executableDirectory()).appendingPathComponent("vqmoe").path
-    let table = try sweep.execute(executable: exe, registry: args.registryPath) { print($0); fflush(nil) }
+    let table = try sweep.execute(executable: exe, registry: args.registryPath) {
+        print($0); fflush(nil)
+    }
     print(table)
     return 0
 }
@@ -82,25 +98,36 @@ func sweepCommand(_ args: inout Args) throws -> Int32 {
 /// `vqmoe bench CONFIG [--ffn]`.
 func benchCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides()
-    let steps = try args.take("--steps").last.map { s -> Int in
-        guard let n = Int(s), n >= 2 else { throw VQMoEError(.usage, "--steps: expected an integer >= 2, got '\(s)'") }
-        return n
-    } ?? 15
+    let steps =
+        try args.take("--steps").last.map { s -> Int in
+            guard let n = Int(s), n >= 2 else {
+                throw VQMoEError(.usage, "--steps: expected an integer >= 2, got '\(s)'")
+            }
+            return n
+        } ?? 15
     let json = args.flag("--json"), ffnOnly = args.flag("--ffn")
     let file = try args.positional(1, usage: "bench CONFIG [--steps N] [--threads T] [--json] [--ffn]")[0]
     let cfg = try RunConfig(json: try ConfigReader.load(file: file, overrides: overrides))
     if ffnOnly {
         let r = try FFNBench(config: cfg, registry: try args.registry(), steps: steps).run()
-        print(json ? try jsonLine(r.json)
-                   : String(format: "%@ FFN layer (%@), %d tokens: %.2f ms forward+backward; dense FFN with the same active FLOPs (d_inner %d): %.2f ms; ratio %.3f",
-                            cfg.name, cfg.model.ffn.mode.rawValue, r.tokens, r.moeMs, r.denseInner, r.denseMs, r.ratio))
+        print(
+            json
+                ? try jsonLine(r.json)
+                : String(
+                    format:
+                        "%@ FFN layer (%@), %d tokens: %.2f ms forward+backward; dense FFN with the same active FLOPs (d_inner %d): %.2f ms; ratio %.3f",
+                    cfg.name, cfg.model.ffn.mode.rawValue, r.tokens, r.moeMs, r.denseInner, r.denseMs, r.ratio))
         return 0
     }
     let r = try Bench(config: cfg, registry: try args.registry(), steps: steps).run()
-    print(json ? try jsonLine(r.json)
-               : String(format: "%@: %.0f tokens/s, %.1f ms/step (forward %.1f, backward %.1f, optimizer %.1f, data %.1f), %.1f GFLOP/s, peak RSS %.0f MB, %d threads",
-                        cfg.name, r.tokensPerSecond, r.msPerStep, r.msForward, r.msBackward, r.msOptimizer, r.msData, r.gflops,
-                        r.peakRSSMB, r.threads))
+    print(
+        json
+            ? try jsonLine(r.json)
+            : String(
+                format:
+                    "%@: %.0f tokens/s, %.1f ms/step (forward %.1f, backward %.1f, optimizer %.1f, data %.1f), %.1f GFLOP/s, peak RSS %.0f MB, %d threads",
+                cfg.name, r.tokensPerSecond, r.msPerStep, r.msForward, r.msBackward, r.msOptimizer, r.msData, r.gflops,
+                r.peakRSSMB, r.threads))
     return 0
 }
 

@@ -10,7 +10,8 @@ final class AllPairsTests: XCTestCase {
 
     func testEveryQuantizerWithEveryRouterTrains() throws {
         guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory (run scripts/get-data.sh)") }
-        let registry = try Registry.load(registryPath: "\(engineRepoRoot)/registry.json", binDir: Registry.executableDirectory(), searchPath: [])
+        let registry = try Registry.load(
+            registryPath: "\(engineRepoRoot)/registry.json", binDir: Registry.executableDirectory(), searchPath: [])
         var table: [String] = []
         for q in Self.quantizers {
             for r in Self.routers {
@@ -19,9 +20,13 @@ final class AllPairsTests: XCTestCase {
                 let json: [String: Any] = [
                     "name": "pair_\(q)_\(r)", "seed": 11,
                     "data": ["name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"],
-                    "model": ["n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32,
-                              "ffn": ["mode": "vqmoe", "d_inner": 32, "n_experts": 4, "router": router, "quantizer": ["name": q],
-                                      "allow_token_mixing": r == "softmoe"]],
+                    "model": [
+                        "n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 32,
+                        "ffn": [
+                            "mode": "vqmoe", "d_inner": 32, "n_experts": 4, "router": router, "quantizer": ["name": q],
+                            "allow_token_mixing": r == "softmoe",
+                        ],
+                    ],
                     "head": ["name": "lm"],
                     "train": ["steps": 25, "batch_size": 4, "lr": 1e-2, "grad_clip": 1.0],
                 ]
@@ -30,7 +35,8 @@ final class AllPairsTests: XCTestCase {
                 var losses: [Float] = []
                 for step in 0..<cfg.train.steps {
                     let (parts, _) = try trainer.trainStep(step)
-                    XCTAssertTrue(parts.total.isFinite && parts.vq.isFinite && parts.aux.isFinite, "\(q) × \(r) step \(step)")
+                    XCTAssertTrue(
+                        parts.total.isFinite && parts.vq.isFinite && parts.aux.isFinite, "\(q) × \(r) step \(step)")
                     losses.append(parts.task)
                 }
                 let first = losses.prefix(3).reduce(0, +) / 3, last = losses.suffix(3).reduce(0, +) / 3

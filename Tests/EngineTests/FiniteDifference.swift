@@ -10,9 +10,11 @@ func normals(_ count: Int, seed: UInt64, scale: Float = 1) -> [Float] {
 
 /// Compare an analytic gradient with central finite differences of `objective` over `target`
 /// (every coordinate, or `sample` of them): |a − f| ≤ rtol·max(|a|,|f|) + atol·max(1, max|a|).
-func assertGradient(_ label: String, target: UnsafeMutablePointer<Float>, count: Int, analytic: UnsafePointer<Float>,
-                    eps: Float = 1e-2, rtol: Double = 2e-2, atol: Double = 2e-3, sample: Int = 64,
-                    objective: () throws -> Double, file: StaticString = #filePath, line: UInt = #line) rethrows {
+func assertGradient(
+    _ label: String, target: UnsafeMutablePointer<Float>, count: Int, analytic: UnsafePointer<Float>,
+    eps: Float = 1e-2, rtol: Double = 2e-2, atol: Double = 2e-3, sample: Int = 64,
+    objective: () throws -> Double, file: StaticString = #filePath, line: UInt = #line
+) rethrows {
     var coords = Array(0..<count)
     if count > sample {
         var r = HostRNG.make(seed: UInt64(count), stream: 3)

@@ -10,15 +10,18 @@ final class MoELayerTests: XCTestCase {
     func plugin(_ product: String, _ values: [String: Any] = [:]) throws -> PluginInstance {
         let lib = try PluginLibrary.open("\(Registry.executableDirectory())/lib\(product).so")
         let hp = try ResolvedHyperparameters(schema: lib.schema, values: values, keyPath: product)
-        return try PluginInstance(library: lib, instanceName: product, dims: ModelDims(dModel: d, nExperts: e, nCodes: e), hyperparameters: hp, seed: 5)
+        return try PluginInstance(
+            library: lib, instanceName: product, dims: ModelDims(dModel: d, nExperts: e, nCodes: e),
+            hyperparameters: hp, seed: 5)
     }
 
     func layer(_ mode: FFNConfig.Mode, input: FFNConfig.DiscreteInput = .x, beta: Float = 0) throws -> MoELayer {
         let cfg = FFNConfig(mode: mode, dInner: f, nExperts: e, discreteInput: input, beta: beta)
-        let l = try MoELayer(config: cfg, dModel: d, name: "ffn",
-                             router: cfg.usesRouter ? RouterInstance(plugin("RouterSMoE", ["k": 2])) : nil,
-                             quantizer: cfg.usesQuantizer ? QuantizerInstance(plugin("QuantizerVQVAE")) : nil,
-                             seed: 9, initStd: 0.5)
+        let l = try MoELayer(
+            config: cfg, dModel: d, name: "ffn",
+            router: cfg.usesRouter ? RouterInstance(plugin("RouterSMoE", ["k": 2])) : nil,
+            quantizer: cfg.usesQuantizer ? QuantizerInstance(plugin("QuantizerVQVAE")) : nil,
+            seed: 9, initStd: 0.5)
         for p in [l.fc1Bias, l.fc2Bias] + [l.gateBias].compactMap({ $0 }) { p.fillNormal(std: 0.3, seed: 77) }
         return l
     }
@@ -34,7 +37,10 @@ final class MoELayerTests: XCTestCase {
         let step = StepInfo(step: 0, totalSteps: 10, train: true, seed: 3)
         func objective() throws -> Double {
             let s = try x.withUnsafeBufferPointer { xp in
-                try y.withUnsafeMutableBufferPointer { try l.forward(x: xp.baseAddress!, y: $0.baseAddress!, groups: 2, groupSize: n / 2, tokenIDs: nil, step: step) }
+                try y.withUnsafeMutableBufferPointer {
+                    try l.forward(
+                        x: xp.baseAddress!, y: $0.baseAddress!, groups: 2, groupSize: n / 2, tokenIDs: nil, step: step)
+                }
             }
             return weightedSum(y, r) + Double(s.aux)
         }
@@ -43,7 +49,10 @@ final class MoELayerTests: XCTestCase {
         l.parameters.forEach { $0.zeroGrad() }
         try x.withUnsafeBufferPointer { xp in
             // forward again so x stays valid for the backward
-            _ = try y.withUnsafeMutableBufferPointer { try l.forward(x: xp.baseAddress!, y: $0.baseAddress!, groups: 2, groupSize: n / 2, tokenIDs: nil, step: step) }
+            _ = try y.withUnsafeMutableBufferPointer {
+                try l.forward(
+                    x: xp.baseAddress!, y: $0.baseAddress!, groups: 2, groupSize: n / 2, tokenIDs: nil, step: step)
+            }
             try l.backward(dy: r, dx: &dx)
         }
         try assertGradient("\(mode) x", target: &x, count: n * d, analytic: dx, eps: 1e-3, objective: objective)
@@ -55,7 +64,8 @@ final class MoELayerTests: XCTestCase {
                 XCTAssertTrue(g.allSatisfy { $0 == 0 }, p.name)
                 continue
             }
-            try assertGradient("\(mode) \(p.name)", target: p.data, count: p.count, analytic: g, eps: 1e-3, objective: objective)
+            try assertGradient(
+                "\(mode) \(p.name)", target: p.data, count: p.count, analytic: g, eps: 1e-3, objective: objective)
         }
     }
 
@@ -70,18 +80,26 @@ final class MoELayerTests: XCTestCase {
     /// expert E in the load statistics.
     func testSharedExpertAddsItsOwnExpert() throws {
         let shared = try layer(.shared), smoe = try layer(.smoe)
-        XCTAssertEqual(shared.parameters.map(\.name).filter { $0.contains("shared_expert") },
-                       ["ffn.shared_expert.fc1.weight", "ffn.shared_expert.fc1.bias", "ffn.shared_expert.fc2.weight", "ffn.shared_expert.fc2.bias"])
+        XCTAssertEqual(
+            shared.parameters.map(\.name).filter { $0.contains("shared_expert") },
+            [
+                "ffn.shared_expert.fc1.weight", "ffn.shared_expert.fc1.bias", "ffn.shared_expert.fc2.weight",
+                "ffn.shared_expert.fc2.bias",
+            ])
         let bank = try XCTUnwrap(shared.expertSet.banks.last)
         for p in bank.parameters { p.fillNormal(std: 0.4, seed: 91) }
         let x = normals(n * d, seed: 41)
         var ys = [Float](repeating: 0, count: n * d), yr = ys
         let step = StepInfo(step: 0, totalSteps: 10, train: false, noGrad: true, seed: 3)
-        let stats = try ys.withUnsafeMutableBufferPointer { try shared.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step) }
-        _ = try yr.withUnsafeMutableBufferPointer { try smoe.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step) }
+        let stats = try ys.withUnsafeMutableBufferPointer {
+            try shared.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step)
+        }
+        _ = try yr.withUnsafeMutableBufferPointer {
+            try smoe.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step)
+        }
         XCTAssertEqual(stats.expertLoad.count, e + 1)
         XCTAssertEqual(stats.expertLoad[e], Float(n))
-        XCTAssertEqual(stats.expertLoad.reduce(0, +), Float(n * 3))   // k = 2 routed + the shared one
+        XCTAssertEqual(stats.expertLoad.reduce(0, +), Float(n * 3))  // k = 2 routed + the shared one
         for t in 0..<n {
             for o in 0..<d {
                 var acc = Double(bank.fc2Bias.data[o])
@@ -104,7 +122,9 @@ final class MoELayerTests: XCTestCase {
         var y = [Float](repeating: 0, count: n * d)
         var step = StepInfo(step: 0, totalSteps: 10, train: true, seed: 3)
         step.flags |= 0x4  // VQMOE_STEP_FROZEN
-        let stats = try y.withUnsafeMutableBufferPointer { try l.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step) }
+        let stats = try y.withUnsafeMutableBufferPointer {
+            try l.forward(x: x, y: $0.baseAddress!, groups: 1, groupSize: n, tokenIDs: nil, step: step)
+        }
         XCTAssertEqual(stats.aux, 0)
         XCTAssertEqual(stats.expertLoad.reduce(0, +), Float(n))  // one expert per token
         let cb = l.quantizer!.core.buffer("codebook")!.floats
@@ -131,7 +151,9 @@ final class MoELayerTests: XCTestCase {
         var dx = [Float](repeating: 0, count: n * d)
         l.parameters.forEach { $0.zeroGrad() }
         try l.backward(dy: normals(n * d, seed: 32), dx: &dx)
-        XCTAssertTrue(l.parameters.first { $0.name.hasSuffix("codebook") }.map { p in (0..<p.count).allSatisfy { p.grad[$0] == 0 } } ?? false)
+        XCTAssertTrue(
+            l.parameters.first { $0.name.hasSuffix("codebook") }.map { p in (0..<p.count).allSatisfy { p.grad[$0] == 0 }
+            } ?? false)
         XCTAssertGreaterThan(dx.map { abs($0) }.max()!, 0)
     }
 }

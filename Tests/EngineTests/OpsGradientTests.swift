@@ -13,8 +13,10 @@ final class OpsGradientTests: XCTestCase {
             Linear.forward(out: &y, inp: x, weight: w, bias: b, n: n, inFeatures: i, outFeatures: o)
             return weightedSum(y, r)
         }
-        var dx = [Float](repeating: 0.5, count: n * i), dw = [Float](repeating: 0, count: o * i), db = [Float](repeating: 0, count: o)
-        Linear.backward(dinp: &dx, dweight: &dw, dbias: &db, dout: r, inp: x, weight: w, n: n, inFeatures: i, outFeatures: o)
+        var dx = [Float](repeating: 0.5, count: n * i), dw = [Float](repeating: 0, count: o * i),
+            db = [Float](repeating: 0, count: o)
+        Linear.backward(
+            dinp: &dx, dweight: &dw, dbias: &db, dout: r, inp: x, weight: w, n: n, inFeatures: i, outFeatures: o)
         for k in 0..<(n * i) { dx[k] -= 0.5 }  // backward accumulates (+=)
         assertGradient("x", target: &x, count: n * i, analytic: dx, objective: f)
         assertGradient("w", target: &w, count: o * i, analytic: dw, objective: f)
@@ -25,20 +27,24 @@ final class OpsGradientTests: XCTestCase {
         let n = 4, c = 10
         var x = normals(n * c, seed: 5, scale: 2), g = normals(c, seed: 6), b = normals(c, seed: 7)
         let r = normals(n * c, seed: 8)
-        var y = [Float](repeating: 0, count: n * c), mean = [Float](repeating: 0, count: n), rstd = [Float](repeating: 0, count: n)
+        var y = [Float](repeating: 0, count: n * c), mean = [Float](repeating: 0, count: n),
+            rstd = [Float](repeating: 0, count: n)
         func f() -> Double {
             LayerNorm.forward(out: &y, mean: &mean, rstd: &rstd, inp: x, weight: g, bias: b, n: n, c: c)
             return weightedSum(y, r)
         }
         _ = f()
-        var dx = [Float](repeating: 0, count: n * c), dg = [Float](repeating: 0, count: c), db = [Float](repeating: 0, count: c)
-        LayerNorm.backward(dinp: &dx, dweight: &dg, dbias: &db, dout: r, inp: x, weight: g, mean: mean, rstd: rstd, n: n, c: c)
+        var dx = [Float](repeating: 0, count: n * c), dg = [Float](repeating: 0, count: c),
+            db = [Float](repeating: 0, count: c)
+        LayerNorm.backward(
+            dinp: &dx, dweight: &dg, dbias: &db, dout: r, inp: x, weight: g, mean: mean, rstd: rstd, n: n, c: c)
         assertGradient("x", target: &x, count: n * c, analytic: dx, eps: 1e-3, objective: f)
         assertGradient("gamma", target: &g, count: c, analytic: dg, objective: f)
         assertGradient("beta", target: &b, count: c, analytic: db, objective: f)
         // Normalised rows: mean 0, variance 1 before the affine part.
-        LayerNorm.forward(out: &y, mean: &mean, rstd: &rstd, inp: x, weight: [Float](repeating: 1, count: c),
-                          bias: [Float](repeating: 0, count: c), n: n, c: c)
+        LayerNorm.forward(
+            out: &y, mean: &mean, rstd: &rstd, inp: x, weight: [Float](repeating: 1, count: c),
+            bias: [Float](repeating: 0, count: c), n: n, c: c)
         XCTAssertEqual(Double(y[0..<c].reduce(0, +)), 0, accuracy: 1e-5)
         XCTAssertEqual(Double(y[0..<c].map { $0 * $0 }.reduce(0, +)) / Double(c), 1, accuracy: 1e-3)
     }
@@ -79,7 +85,11 @@ final class OpsGradientTests: XCTestCase {
             var scores = [Double](repeating: 0, count: i + 1)
             for j in 0...i {
                 var s = 0.0
-                for k in 0..<dh { s += Double(qkv[(bi * t + i) * 3 * c + hh * dh + k]) * Double(qkv[(bi * t + j) * 3 * c + c + hh * dh + k]) }
+                for k in 0..<dh {
+                    s +=
+                        Double(qkv[(bi * t + i) * 3 * c + hh * dh + k])
+                        * Double(qkv[(bi * t + j) * 3 * c + c + hh * dh + k])
+                }
                 scores[j] = s / Double(dh).squareRoot()
             }
             let m = scores.max()!, e = scores.map { exp($0 - m) }, z = e.reduce(0, +)
@@ -141,7 +151,9 @@ final class OpsGradientTests: XCTestCase {
         let tokens: [Int32] = [1, 4, 1, 0, 2, 3]
         let r = normals(b * t * c, seed: 16)
         var y = [Float](repeating: 0, count: b * t * c)
-        func f() -> Double { Embedding.forward(out: &y, tokens: tokens, wte: wte, wpe: wpe, b: b, t: t, c: c); return weightedSum(y, r) }
+        func f() -> Double {
+            Embedding.forward(out: &y, tokens: tokens, wte: wte, wpe: wpe, b: b, t: t, c: c); return weightedSum(y, r)
+        }
         var dwte = [Float](repeating: 0, count: v * c), dwpe = [Float](repeating: 0, count: t * c)
         Embedding.backward(dwte: &dwte, dwpe: &dwpe, dout: r, tokens: tokens, b: b, t: t, c: c)
         assertGradient("wte", target: &wte, count: v * c, analytic: dwte, objective: f)

@@ -14,11 +14,14 @@ final class PyTorchParityTests: XCTestCase {
         func floats(_ v: Any?) -> [Float] { (v as! [Any]).map { Float(($0 as! NSNumber).doubleValue) } }
     }
 
-    static let fixtureDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures").path
+    static let fixtureDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+        "Fixtures"
+    ).path
 
     func load(_ mode: String) throws -> Fixture {
         let path = "\(Self.fixtureDir)/parity_\(mode).json"
-        let data = try XCTUnwrap(FileManager.default.contents(atPath: path), "missing \(path): run scripts/make_parity_fixtures.py")
+        let data = try XCTUnwrap(
+            FileManager.default.contents(atPath: path), "missing \(path): run scripts/make_parity_fixtures.py")
         return Fixture(json: try JSONSerialization.jsonObject(with: data) as! [String: Any])
     }
 
@@ -32,21 +35,30 @@ final class PyTorchParityTests: XCTestCase {
         let mode = fx.json["mode"] as! String
         let d = fx.int("d_model"), e = fx.int("n_experts")
         var ffn = FFNConfig(mode: FFNConfig.Mode(rawValue: mode) ?? .vqmoe, dInner: fx.int("d_inner"), nExperts: e)
-        if mode.hasPrefix("vqmoe") { ffn.discreteInput = FFNConfig.DiscreteInput(rawValue: String(mode.split(separator: "_")[1]))! }
+        if mode.hasPrefix("vqmoe") {
+            ffn.discreteInput = FFNConfig.DiscreteInput(rawValue: String(mode.split(separator: "_")[1]))!
+        }
         ffn.beta = 0.08
         ffn.mixC = 0.05
-        var cfg = TransformerConfig(vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), nLayer: fx.int("n_layer"),
-                                    nHead: fx.int("n_head"), dModel: d, ffn: ffn)
+        var cfg = TransformerConfig(
+            vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), nLayer: fx.int("n_layer"),
+            nHead: fx.int("n_head"), dModel: d, ffn: ffn)
         if relative {
             cfg.relative = true
             cfg.memLen = fx.int("mem_len")
         }
-        let dims = ModelDims(dModel: d, nExperts: e, nCodes: e, vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), totalSteps: 10)
+        let dims = ModelDims(
+            dModel: d, nExperts: e, nCodes: e, vocabSize: fx.int("vocab"), seqLen: fx.int("seq_len"), totalSteps: 10)
         let head = try HeadInstance(instance("HeadLM", dims: dims))
-        let model = try Transformer(config: cfg, head: head, components: { _ in
-            LayerComponents(router: ffn.usesRouter ? try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])) : nil,
-                            quantizer: ffn.usesQuantizer ? try QuantizerInstance(self.instance("QuantizerVQVAE", dims: dims)) : nil)
-        }, seed: 1)
+        let model = try Transformer(
+            config: cfg, head: head,
+            components: { _ in
+                LayerComponents(
+                    router: ffn.usesRouter
+                        ? try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])) : nil,
+                    quantizer: ffn.usesQuantizer
+                        ? try QuantizerInstance(self.instance("QuantizerVQVAE", dims: dims)) : nil)
+            }, seed: 1)
         let params = fx.json["params"] as! [String: Any]
         XCTAssertEqual(Set(params.keys), Set(model.parameters.map(\.name)), "parameter names differ from the fixture's")
         for p in model.parameters {
@@ -58,34 +70,51 @@ final class PyTorchParityTests: XCTestCase {
         return model
     }
 
-    func assertClose(_ a: [Float], _ b: [Float], relTo scale: Float? = nil, tol: Float, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    func assertClose(
+        _ a: [Float], _ b: [Float], relTo scale: Float? = nil, tol: Float, _ what: String,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
         XCTAssertEqual(a.count, b.count, what, file: file, line: line)
         let s = scale ?? max(b.map { abs($0) }.max() ?? 1, 1e-6)
         var worst: Float = 0, at = 0
         for i in 0..<min(a.count, b.count) where abs(a[i] - b[i]) > worst { worst = abs(a[i] - b[i]); at = i }
-        XCTAssertLessThanOrEqual(worst, tol * s, "\(what): worst |diff| \(worst) at \(at) (ours \(a[at]), torch \(b[at]), scale \(s))", file: file, line: line)
+        XCTAssertLessThanOrEqual(
+            worst, tol * s, "\(what): worst |diff| \(worst) at \(at) (ours \(a[at]), torch \(b[at]), scale \(s))",
+            file: file, line: line)
     }
 
     /// The loss parts of a forward against the fixture's.
-    func assertLosses(_ parts: LossParts, _ fx: Fixture, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    func assertLosses(
+        _ parts: LossParts, _ fx: Fixture, _ what: String, file: StaticString = #filePath, line: UInt = #line
+    ) {
         let loss = fx.json["loss"] as! [String: Double]
-        XCTAssertEqual(Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "\(what) task loss", file: file, line: line)
+        XCTAssertEqual(
+            Double(parts.task), loss["task"]!, accuracy: 1e-4 * max(1, loss["task"]!), "\(what) task loss", file: file,
+            line: line)
         XCTAssertEqual(Double(parts.aux), loss["aux"]!, accuracy: 1e-5, "\(what) aux loss", file: file, line: line)
-        XCTAssertEqual(Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "\(what) vq loss", file: file, line: line)
-        XCTAssertEqual(Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(what) total loss", file: file, line: line)
+        XCTAssertEqual(
+            Double(parts.vq), loss["vq"]!, accuracy: 1e-4 * max(1, loss["vq"]!), "\(what) vq loss", file: file,
+            line: line)
+        XCTAssertEqual(
+            Double(parts.total), loss["total"]!, accuracy: 1e-4 * max(1, loss["total"]!), "\(what) total loss",
+            file: file, line: line)
     }
 
     /// Every parameter gradient of the last backward against the fixture's.
     func assertGradients(_ model: Transformer, _ fx: Fixture, _ what: String) {
         let grads = fx.json["grads"] as! [String: Any]
         for p in model.parameters {
-            assertClose(Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3, "\(what) grad \(p.name)")
+            assertClose(
+                Array(UnsafeBufferPointer(start: p.grad, count: p.count)), fx.floats(grads[p.name]), tol: 1e-3,
+                "\(what) grad \(p.name)")
         }
     }
 
     /// The total losses of 10 Adam steps (lr 1e-2, clipping at 1.0), `forward(step)` running
     /// the training forward, against the fixture's.
-    func assertAdamLosses(_ model: Transformer, _ fx: Fixture, _ what: String, forward: (Int) throws -> LossParts) throws {
+    func assertAdamLosses(
+        _ model: Transformer, _ fx: Fixture, _ what: String, forward: (Int) throws -> LossParts
+    ) throws {
         var tc = TrainConfig()
         tc.lr = 1e-2
         tc.gradClip = 1
@@ -106,7 +135,8 @@ final class PyTorchParityTests: XCTestCase {
         let fx = try load(mode)
         let model = try build(fx)
         let b = fx.int("batch"), t = fx.int("seq_len"), v = fx.int("vocab")
-        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
+        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init),
+            targets = (fx.json["targets"] as! [Int]).map(Int32.init)
         var logits = [Float](repeating: 0, count: b * t * v)
         let parts = try model.forward(tokens: tokens, targets: targets, batch: b, step: 0, train: true, logits: &logits)
         assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
@@ -115,7 +145,9 @@ final class PyTorchParityTests: XCTestCase {
         try model.backward()
         assertGradients(model, fx, mode)
         // 10 Adam steps on the same batch.
-        try assertAdamLosses(model, fx, mode) { s in try model.forward(tokens: tokens, targets: targets, batch: b, step: s, train: true) }
+        try assertAdamLosses(model, fx, mode) { s in
+            try model.forward(tokens: tokens, targets: targets, batch: b, step: s, train: true)
+        }
     }
 
     func testDense() throws { try check("dense") }
@@ -134,7 +166,8 @@ final class PyTorchParityTests: XCTestCase {
         let fx = try load("txl_\(mode)")
         let model = try build(fx, relative: true)
         let b = fx.int("batch"), t = fx.int("seq_len"), v = fx.int("vocab"), segs = fx.int("segments")
-        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
+        let tokens = (fx.json["tokens"] as! [Int]).map(Int32.init),
+            targets = (fx.json["targets"] as! [Int]).map(Int32.init)
         func segment(_ all: [Int32], _ s: Int) -> [Int32] {
             var out: [Int32] = []
             for row in 0..<b {
@@ -148,14 +181,16 @@ final class PyTorchParityTests: XCTestCase {
         model.zeroGrads()
         XCTAssertEqual(model.trainMemory?.length, fx.int("mem_len"))
         var logits = [Float](repeating: 0, count: b * t * v)
-        let parts = try model.forward(tokens: segment(tokens, 1), targets: segment(targets, 1), batch: b, step: 1, train: true, logits: &logits)
+        let parts = try model.forward(
+            tokens: segment(tokens, 1), targets: segment(targets, 1), batch: b, step: 1, train: true, logits: &logits)
         assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "txl \(mode) logits")
         assertLosses(parts, fx, "txl \(mode)")
         try model.backward()
         assertGradients(model, fx, "txl \(mode)")
         model.resetTrainMemory()
         try assertAdamLosses(model, fx, "txl \(mode)") { s in
-            try model.forward(tokens: segment(tokens, s % segs), targets: segment(targets, s % segs), batch: b, step: s, train: true)
+            try model.forward(
+                tokens: segment(tokens, s % segs), targets: segment(targets, s % segs), batch: b, step: s, train: true)
         }
     }
 
@@ -167,25 +202,38 @@ final class PyTorchParityTests: XCTestCase {
 
     func checkViT(_ mode: String) throws {
         let fx = try load(mode)
-        let d = fx.int("d_model"), e = fx.int("n_experts"), img = fx.json["image"] as! [Int], classes = fx.int("classes")
+        let d = fx.int("d_model"), e = fx.int("n_experts"), img = fx.json["image"] as! [Int],
+            classes = fx.int("classes")
         let shape = ImageShape(channels: img[0], height: img[1], width: img[2], patch: fx.int("patch"))
-        var ffn = FFNConfig(mode: mode == "vit_dense" ? .dense : mode == "vit_vqmoe" ? .vqmoe : .smoe, dInner: fx.int("d_inner"), nExperts: e)
+        var ffn = FFNConfig(
+            mode: mode == "vit_dense" ? .dense : mode == "vit_vqmoe" ? .vqmoe : .smoe, dInner: fx.int("d_inner"),
+            nExperts: e)
         ffn.discreteInput = .mix
         ffn.allowTokenMixing = true
-        var cfg = TransformerConfig(vocabSize: 0, seqLen: shape.tokens, nLayer: fx.int("n_layer"), nHead: fx.int("n_head"), dModel: d, ffn: ffn)
+        var cfg = TransformerConfig(
+            vocabSize: 0, seqLen: shape.tokens, nLayer: fx.int("n_layer"), nHead: fx.int("n_head"), dModel: d, ffn: ffn)
         cfg.image = shape
         cfg.causal = false
         let dims = ModelDims(dModel: d, nExperts: e, nCodes: e, nClasses: classes, seqLen: shape.tokens, totalSteps: 10)
         let head = try HeadInstance(instance("HeadImageClassifier", dims: dims))
-        let model = try Transformer(config: cfg, head: head, components: { _ in
-            switch mode {
-            case "vit_softmoe": return LayerComponents(router: try RouterInstance(self.instance("RouterSoftMoE", dims: dims, ["slots_per_expert": fx.int("slots")])))
-            case "vit_smoe": return LayerComponents(router: try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])))
-            case "vit_vqmoe": return LayerComponents(router: try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])),
-                                                     quantizer: try QuantizerInstance(self.instance("QuantizerVQVAE", dims: dims)))
-            default: return LayerComponents()
-            }
-        }, seed: 1)
+        let model = try Transformer(
+            config: cfg, head: head,
+            components: { _ in
+                switch mode {
+                case "vit_softmoe":
+                    return LayerComponents(
+                        router: try RouterInstance(
+                            self.instance("RouterSoftMoE", dims: dims, ["slots_per_expert": fx.int("slots")])))
+                case "vit_smoe":
+                    return LayerComponents(
+                        router: try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])))
+                case "vit_vqmoe":
+                    return LayerComponents(
+                        router: try RouterInstance(self.instance("RouterSMoE", dims: dims, ["k": fx.int("k")])),
+                        quantizer: try QuantizerInstance(self.instance("QuantizerVQVAE", dims: dims)))
+                default: return LayerComponents()
+                }
+            }, seed: 1)
         let params = fx.json["params"] as! [String: Any]
         XCTAssertEqual(Set(params.keys), Set(model.parameters.map(\.name)), "parameter names differ from the fixture's")
         for p in model.parameters {
@@ -197,7 +245,8 @@ final class PyTorchParityTests: XCTestCase {
         let b = fx.int("batch")
         let images = fx.floats(fx.json["images"]), targets = (fx.json["targets"] as! [Int]).map(Int32.init)
         var logits = [Float](repeating: 0, count: b * classes)
-        let parts = try model.forward(tokens: nil, images: images, targets: targets, batch: b, step: 0, train: true, logits: &logits)
+        let parts = try model.forward(
+            tokens: nil, images: images, targets: targets, batch: b, step: 0, train: true, logits: &logits)
         assertClose(logits, fx.floats(fx.json["logits"]), tol: 1e-4, "\(mode) logits")
         assertLosses(parts, fx, mode)
         model.zeroGrads()

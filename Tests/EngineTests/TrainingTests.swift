@@ -8,7 +8,8 @@ let engineRepoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
 /// Configs, schedule, clipping, checkpoints and a short real training run.
 final class TrainingTests: XCTestCase {
     func registry() throws -> Registry {
-        try Registry.load(registryPath: "\(engineRepoRoot)/registry.json", binDir: Registry.executableDirectory(), searchPath: [])
+        try Registry.load(
+            registryPath: "\(engineRepoRoot)/registry.json", binDir: Registry.executableDirectory(), searchPath: [])
     }
 
     /// A tiny enwik8-mini config (the real data; skipped where it cannot be found).
@@ -22,7 +23,10 @@ final class TrainingTests: XCTestCase {
             "data": ["name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"],
             "model": ["n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "ffn": ffn],
             "head": ["name": "lm"],
-            "train": ["steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4, "log_every": 10],
+            "train": [
+                "steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "eval_batches": 4,
+                "log_every": 10,
+            ],
         ]
         for (k, v) in extra { try setPath(&cfg, k, v) }
         return cfg
@@ -46,20 +50,33 @@ final class TrainingTests: XCTestCase {
     func testConfigErrorsNameTheKeyPath() throws {
         let base = try tinyConfig("smoe")
         func with(_ k: String, _ v: Any) throws -> [String: Any] { var c = base; try setPath(&c, k, v); return c }
-        XCTAssertEqual(configError(try with("train.stpes", 5)), "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every")
-        XCTAssertEqual(configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
+        XCTAssertEqual(
+            configError(try with("train.stpes", 5)),
+            "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every"
+        )
+        XCTAssertEqual(
+            configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
         XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
-        XCTAssertEqual(configError(try with("model.ffn.mode", "moe")), "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, shared, vqmoe_finetune")
+        XCTAssertEqual(
+            configError(try with("model.ffn.mode", "moe")),
+            "model.ffn.mode: 'moe' is not one of smoe, vqmoe, dense, shared, vqmoe_finetune")
         XCTAssertEqual(configError(try with("model.ffn.router.k", 0)), "model.ffn.router.k: 0 is below the minimum 1")
-        XCTAssertEqual(configError(try with("model.ffn.router.kk", 2)), "model.ffn.router.kk: unknown hyperparameter; known: k, bias, weights, init_std, balance_weight")
-        XCTAssertTrue(configError(try with("model.ffn.router.name", "smeo")).hasPrefix("model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))
-        XCTAssertEqual(configError(try with("model.d_model", 33)), "model.d_model (33) must be divisible by model.n_head (2)")
+        XCTAssertEqual(
+            configError(try with("model.ffn.router.kk", 2)),
+            "model.ffn.router.kk: unknown hyperparameter; known: k, bias, weights, init_std, balance_weight")
+        XCTAssertTrue(
+            configError(try with("model.ffn.router.name", "smeo")).hasPrefix(
+                "model.ffn.router.name: unknown router 'smeo'; known routers: smoe"))
+        XCTAssertEqual(
+            configError(try with("model.d_model", 33)), "model.d_model (33) must be divisible by model.n_head (2)")
         // LFQ needs a power-of-two codebook: refused at create with the plugin and the reason.
         var lfq = try with("model.ffn.quantizer", ["name": "lfq"])
         try setPath(&lfq, "model.ffn.mode", "vqmoe")
         try setPath(&lfq, "model.ffn.n_codes", 12)
         let lfqMessage = configError(lfq)
-        XCTAssertTrue(lfqMessage.contains("'lfq'") && lfqMessage.contains("K = 12") && lfqMessage.contains("power of two"), lfqMessage)
+        XCTAssertTrue(
+            lfqMessage.contains("'lfq'") && lfqMessage.contains("K = 12") && lfqMessage.contains("power of two"),
+            lfqMessage)
         var noRouter = base
         var model = noRouter["model"] as! [String: Any]
         var ffn = model["ffn"] as! [String: Any]
@@ -72,10 +89,12 @@ final class TrainingTests: XCTestCase {
     func testLearningRateSchedule() {
         var c = TrainConfig()
         c.steps = 100; c.lr = 1e-3; c.minLR = 1e-4; c.warmupSteps = 9
-        XCTAssertEqual(learningRate(step: 0, config: c), 1e-4, accuracy: 1e-9)      // (0+1)/(9+1)·lr
+        XCTAssertEqual(learningRate(step: 0, config: c), 1e-4, accuracy: 1e-9)  // (0+1)/(9+1)·lr
         XCTAssertEqual(learningRate(step: 8, config: c), 9e-4, accuracy: 1e-9)
-        XCTAssertEqual(learningRate(step: 9, config: c), 1e-3, accuracy: 1e-9)      // cosine starts at lr
-        XCTAssertEqual(learningRate(step: 9 + 91 / 2, config: c), 1e-4 + 0.5 * 9e-4 * (1 + cos(Float.pi * 45 / 91)), accuracy: 1e-8)
+        XCTAssertEqual(learningRate(step: 9, config: c), 1e-3, accuracy: 1e-9)  // cosine starts at lr
+        XCTAssertEqual(
+            learningRate(step: 9 + 91 / 2, config: c), 1e-4 + 0.5 * 9e-4 * (1 + cos(Float.pi * 45 / 91)), accuracy: 1e-8
+        )
         XCTAssertEqual(learningRate(step: 100, config: c), 1e-4, accuracy: 1e-9)
         c.schedule = .constant
         XCTAssertEqual(learningRate(step: 50, config: c), 1e-3)
@@ -100,14 +119,19 @@ final class TrainingTests: XCTestCase {
         try trainer.saveCheckpoint("ck", step: 3)
         let path = "\(dir)/ck.safetensors"
         let loaded = try Checkpoint.read(path: path)
-        XCTAssertNotNil(loaded.tensors["layers.0.ffn.quantizer.codebook"] == nil ? loaded.tensors["state.layers.0.ffn.quantizer.codebook"] : loaded.tensors["layers.0.ffn.quantizer.codebook"])
+        XCTAssertNotNil(
+            loaded.tensors["layers.0.ffn.quantizer.codebook"] == nil
+                ? loaded.tensors["state.layers.0.ffn.quantizer.codebook"]
+                : loaded.tensors["layers.0.ffn.quantizer.codebook"])
         XCTAssertNotNil(loaded.tensors["state.layers.1.ffn.quantizer.ema_count"])
         XCTAssertNotNil(loaded.tensors["optimizer.m.wte"])
         // A second model gets the same weights and state back.
         let other = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true)
         try other.model.load(loaded, optimizer: other.optimizer, path: path)
         for (p, q) in zip(trainer.model.parameters, other.model.parameters) {
-            XCTAssertEqual(Array(UnsafeBufferPointer(start: p.data, count: p.count)), Array(UnsafeBufferPointer(start: q.data, count: q.count)), p.name)
+            XCTAssertEqual(
+                Array(UnsafeBufferPointer(start: p.data, count: p.count)),
+                Array(UnsafeBufferPointer(start: q.data, count: q.count)), p.name)
         }
         // Truncated and altered files are refused.
         var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
@@ -131,7 +155,8 @@ final class TrainingTests: XCTestCase {
     /// written, and the test split is evaluated with the best checkpoint.
     func testShortTrainingOnEnwik8Mini() throws {
         for mode in ["dense", "smoe", "vqmoe"] {
-            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("run-\(mode)-\(UUID().uuidString)").path
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("run-\(mode)-\(UUID().uuidString)")
+                .path
             let cfg = try RunConfig(json: tinyConfig(mode))
             let trainer = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true)
             let r = try trainer.run()
@@ -139,7 +164,7 @@ final class TrainingTests: XCTestCase {
                 .map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any] }
             let train = lines.filter { $0["split"] as? String == "train" }
             let first = train.first!["task_loss"] as! Double, last = train.last!["task_loss"] as! Double
-            XCTAssertEqual(first, log(256), accuracy: 0.1, mode)       // uniform over bytes at init
+            XCTAssertEqual(first, log(256), accuracy: 0.1, mode)  // uniform over bytes at init
             XCTAssertLessThan(last, first - 1.0, "\(mode): \(first) -> \(last)")
             XCTAssertEqual(lines.filter { $0["split"] as? String == "valid" }.count, 2, mode)
             XCTAssertNotNil(r.test, mode)
@@ -164,23 +189,29 @@ final class TrainingTests: XCTestCase {
         let cfg = try RunConfig(json: cfgJSON)
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("resume-\(UUID().uuidString)").path
         _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true).run()
-        let first = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(stopAfter: 7)
+        let first = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(
+            stopAfter: 7)
         XCTAssertTrue(first.interrupted)
         XCTAssertTrue(FileManager.default.fileExists(atPath: "\(tmp)/b/last.safetensors"))
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(tmp)/b/result.json"))
-        let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(resume: true)
+        let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(
+            resume: true)
         XCTAssertFalse(resumed.interrupted)
         func curve(_ dir: String) throws -> [String] {
             try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map { line in
                 var o = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
                 o.removeValue(forKey: "tokens_per_s")
-                return String(decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
+                return String(
+                    decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
             }
         }
         let a = try curve("\(tmp)/a"), b = try curve("\(tmp)/b")
         XCTAssertEqual(a.count, b.count)
         for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertEqual(x, y, "metrics line \(i)") }
-        XCTAssertEqual(resumed.test?.loss, try XCTUnwrap(Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true)).evaluateCheckpoint("best", .test).loss)
+        XCTAssertEqual(
+            resumed.test?.loss,
+            try XCTUnwrap(Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true))
+                .evaluateCheckpoint("best", .test).loss)
     }
 
     /// `vqmoe report`: curves, consistency, movement, expert load, code usage and PCA plots from
@@ -191,15 +222,20 @@ final class TrainingTests: XCTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("report-\(UUID().uuidString)").path
         _ = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true).run()
         let probes = try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
-            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }.filter { $0["split"] as? String == "probe" }
+            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }.filter {
+                $0["split"] as? String == "probe"
+            }
         XCTAssertEqual(probes.count, 3)
         XCTAssertEqual((probes[1]["consistency_router"] as? [Double])?.count, 2)
         XCTAssertEqual((probes[1]["movement_codebook"] as? [Double])?.count, 2)
         XCTAssertGreaterThan((probes[1]["movement_router"] as? [Double])?.first ?? 0, 0)
         let files = try Report(runs: [dir], outDir: "\(dir)/report").write()
         let names = Set(files.map { URL(fileURLWithPath: $0).lastPathComponent })
-        for f in ["curves_train.svg", "curves_valid.svg", "consistency.svg", "movement.svg", "expert_load_0.svg", "code_usage_0.svg",
-                  "code_perplexity_0.svg", "pca_0_layer0.svg", "pca_0_layer1.svg", "report.md"] {
+        for f in [
+            "curves_train.svg", "curves_valid.svg", "consistency.svg", "movement.svg", "expert_load_0.svg",
+            "code_usage_0.svg",
+            "code_perplexity_0.svg", "pca_0_layer0.svg", "pca_0_layer1.svg", "report.md",
+        ] {
             XCTAssertTrue(names.contains(f), "missing \(f) in \(names)")
         }
         for f in files where f.hasSuffix(".svg") {
@@ -212,27 +248,35 @@ final class TrainingTests: XCTestCase {
         XCTAssertTrue(md.contains("![") && md.contains("(pca_0_layer1.svg)"), md)
         XCTAssertEqual(Report.pca2([[1, 0], [2, 0], [3, 0.001]]).map { abs($0[0]).rounded() }, [1, 0, 1])
         // Legend names drop what every run shares.
-        XCTAssertEqual(Report.shortNames(["table1_smoe[backbone=transformer,seed=1]", "table1_xmoe[backbone=transformer,seed=1]"]), ["smoe", "xmoe"])
+        XCTAssertEqual(
+            Report.shortNames(["table1_smoe[backbone=transformer,seed=1]", "table1_xmoe[backbone=transformer,seed=1]"]),
+            ["smoe", "xmoe"])
         XCTAssertEqual(Report.shortNames(["sweep[k=1,seed=1]", "sweep[k=2,seed=1]"]), ["k=1", "k=2"])
-        XCTAssertEqual(Report.shortNames(["a_x", "a_x"]), ["a_x", "a_x"])        // not distinct: kept
+        XCTAssertEqual(Report.shortNames(["a_x", "a_x"]), ["a_x", "a_x"])  // not distinct: kept
         XCTAssertEqual(Report.shortNames(["only[seed=1]"]), ["only[seed=1]"])
     }
 
     /// The analytic FFN count asks the router how many experts a token visits in evaluation
     /// (StableMoE: 1, and its distilled router needs the token-id range at create).
     func testFFNFlopsPerTokenAskTheRouter() throws {
-        var json = try tinyConfig("smoe")                          // d 32, d_inner 64, 4 experts
+        var json = try tinyConfig("smoe")  // d 32, d_inner 64, 4 experts
         let expert = 4.0 * 32 * 64, router = 2.0 * 32 * 4
-        XCTAssertEqual(try ModelBuilder(config: RunConfig(json: json), registry: try registry()).ffnFlopsPerToken(vocabSize: 256), 2 * expert + router)
+        XCTAssertEqual(
+            try ModelBuilder(config: RunConfig(json: json), registry: try registry()).ffnFlopsPerToken(vocabSize: 256),
+            2 * expert + router)
         try setPath(&json, "model.ffn.router", ["name": "stablemoe"])
-        XCTAssertEqual(try ModelBuilder(config: RunConfig(json: json), registry: try registry()).ffnFlopsPerToken(vocabSize: 256), expert + router)
+        XCTAssertEqual(
+            try ModelBuilder(config: RunConfig(json: json), registry: try registry()).ffnFlopsPerToken(vocabSize: 256),
+            expert + router)
     }
 
     /// Pre-train a tiny VQMoE LM on enwik8-mini, fine-tune it on SST-2 with the discrete path
     /// only: weights load, the quantizer stays frozen, the head is new, accuracy and both FLOPs
     /// counts are reported; a model that does not match the checkpoint is refused.
     func testFinetuneFromPretrainedCheckpoint() throws {
-        guard let data = DataLocator.defaultRoot(), FileManager.default.fileExists(atPath: "\(data)/sst/stsa.binary.train") else {
+        guard let data = DataLocator.defaultRoot(),
+            FileManager.default.fileExists(atPath: "\(data)/sst/stsa.binary.train")
+        else {
             throw XCTSkip("no SST data")
         }
         let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("ft-\(UUID().uuidString)").path
@@ -255,11 +299,17 @@ final class TrainingTests: XCTestCase {
         XCTAssertLessThan(r.flops.finetuneFFN, r.flops.pretrainFFN)
         XCTAssertEqual(r.flops.pretrainMode, "vqmoe")
         let after = try Checkpoint.read(path: "\(tmp)/ft/best.safetensors")
-        XCTAssertEqual(after.tensors["layers.0.ffn.quantizer.codebook"]?.data, before.tensors["layers.0.ffn.quantizer.codebook"]?.data, "quantizer must stay frozen")
-        XCTAssertNotEqual(after.tensors["layers.0.ffn.experts.fc1.weight"]?.data, before.tensors["layers.0.ffn.experts.fc1.weight"]?.data)
+        XCTAssertEqual(
+            after.tensors["layers.0.ffn.quantizer.codebook"]?.data,
+            before.tensors["layers.0.ffn.quantizer.codebook"]?.data, "quantizer must stay frozen")
+        XCTAssertNotEqual(
+            after.tensors["layers.0.ffn.experts.fc1.weight"]?.data,
+            before.tensors["layers.0.ffn.experts.fc1.weight"]?.data)
         XCTAssertNil(after.tensors["layers.0.ffn.router.weight"], "the fine-tuning path runs no router")
         XCTAssertNotNil(after.tensors["head.fc1.weight"])
-        let result = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(tmp)/ft/result.json"))) as! [String: Any]
+        let result =
+            try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(tmp)/ft/result.json")))
+            as! [String: Any]
         XCTAssertNotNil(result["test_accuracy"])
         XCTAssertNotNil(result["ffn_flops_per_token_finetune"])
         // A model section that does not match the checkpoint is refused with the tensor named.
@@ -295,7 +345,8 @@ final class TrainingTests: XCTestCase {
     /// interruption (resume is bit-identical, evaluations included), the eval pass uses its own
     /// memory, and the config errors name the fix.
     func testTransformerXLTrainsAndResumes() throws {
-        var json = try tinyConfig("vqmoe", ["model.backbone": "transformer_xl", "model.mem_len": 24, "data.order": "streams"])
+        var json = try tinyConfig(
+            "vqmoe", ["model.backbone": "transformer_xl", "model.mem_len": 24, "data.order": "streams"])
         try setPath(&json, "train.steps", 16)
         try setPath(&json, "train.eval_every", 5)
         try setPath(&json, "train.log_every", 1)
@@ -307,12 +358,14 @@ final class TrainingTests: XCTestCase {
         let ra = try full.run()
         XCTAssertEqual(full.model.trainMemory?.length, 24)
         _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(stopAfter: 7)
-        let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(resume: true)
+        let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(
+            resume: true)
         func curve(_ dir: String) throws -> [String] {
             try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map { line in
                 var o = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
                 o.removeValue(forKey: "tokens_per_s")
-                return String(decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
+                return String(
+                    decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
             }
         }
         XCTAssertEqual(try curve("\(tmp)/a"), try curve("\(tmp)/b"))
@@ -325,7 +378,8 @@ final class TrainingTests: XCTestCase {
         var longer = json
         try setPath(&longer, "train.steps", 80)
         try setPath(&longer, "train.eval_every", 80)
-        let t = try Trainer(config: try RunConfig(json: longer), registry: try registry(), outDir: "\(tmp)/c", quiet: true)
+        let t = try Trainer(
+            config: try RunConfig(json: longer), registry: try registry(), outDir: "\(tmp)/c", quiet: true)
         let r = try t.run()
         XCTAssertLessThan(r.test!.loss, log(256) - 2, "\(r.test!.loss)")
         XCTAssertEqual(try t.evaluate(.valid, maxBatches: 6).loss, try t.evaluate(.valid, maxBatches: 6).loss)
@@ -335,7 +389,9 @@ final class TrainingTests: XCTestCase {
         XCTAssertTrue(configError(windows).contains("data.order = \"streams\""), configError(windows))
         var plain = try tinyConfig("smoe")
         try setPath(&plain, "model.mem_len", 16)
-        XCTAssertTrue(configError(plain).hasPrefix("model.mem_len: a memory needs model.backbone = \"transformer_xl\""), configError(plain))
+        XCTAssertTrue(
+            configError(plain).hasPrefix("model.mem_len: a memory needs model.backbone = \"transformer_xl\""),
+            configError(plain))
         // Relative attention without memory takes any token dataset.
         var noMem = windows
         try setPath(&noMem, "model.mem_len", 0)
@@ -343,15 +399,22 @@ final class TrainingTests: XCTestCase {
     }
 
     func testViTWithSoftMoETrainsOnFashionMNIST() throws {
-        guard let data = DataLocator.defaultRoot(), FileManager.default.fileExists(atPath: "\(data)/fashion-mnist/train-images-idx3-ubyte.gz") else {
+        guard let data = DataLocator.defaultRoot(),
+            FileManager.default.fileExists(atPath: "\(data)/fashion-mnist/train-images-idx3-ubyte.gz")
+        else {
             throw XCTSkip("no Fashion-MNIST")
         }
         let json: [String: Any] = [
             "name": "vit_tiny", "seed": 2, "data": ["name": "idx"],
-            "model": ["backbone": "vit", "patch_size": 7, "n_layer": 2, "n_head": 2, "d_model": 32,
-                      "ffn": ["mode": "smoe", "d_inner": 32, "n_experts": 4, "router": ["name": "softmoe"]]],
+            "model": [
+                "backbone": "vit", "patch_size": 7, "n_layer": 2, "n_head": 2, "d_model": 32,
+                "ffn": ["mode": "smoe", "d_inner": 32, "n_experts": 4, "router": ["name": "softmoe"]],
+            ],
             "head": ["name": "image_classifier"],
-            "train": ["steps": 120, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "eval_every": 120, "eval_batches": 10, "grad_clip": 1.0],
+            "train": [
+                "steps": 120, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "eval_every": 120, "eval_batches": 10,
+                "grad_clip": 1.0,
+            ],
         ]
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vit-\(UUID().uuidString)").path
         let trainer = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true)
@@ -366,15 +429,24 @@ final class TrainingTests: XCTestCase {
         var stable = json
         try setPath(&stable, "model.ffn.router", ["name": "stablemoe", "distill": false])
         try setPath(&stable, "train.steps", 3)
-        XCTAssertNoThrow(try Trainer(config: try RunConfig(json: stable), registry: try registry(), outDir: dir + "-stable", quiet: true).run())
+        XCTAssertNoThrow(
+            try Trainer(
+                config: try RunConfig(json: stable), registry: try registry(), outDir: dir + "-stable", quiet: true
+            ).run())
         try setPath(&stable, "model.ffn.router.distill", true)
-        XCTAssertThrowsError(try Trainer(config: try RunConfig(json: stable), registry: try registry(), outDir: dir + "-stable2", quiet: true).run()) {
+        XCTAssertThrowsError(
+            try Trainer(
+                config: try RunConfig(json: stable), registry: try registry(), outDir: dir + "-stable2", quiet: true
+            ).run()
+        ) {
             XCTAssertTrue("\($0)".contains("set distill = false"), "\($0)")
         }
         // A token backbone on images is refused with the fix.
         var bad = json
         bad["model"] = ["n_layer": 1, "d_model": 32, "n_head": 2, "seq_len": 16]
-        XCTAssertThrowsError(try Trainer(config: try RunConfig(json: bad), registry: try registry(), outDir: dir, quiet: true)) {
+        XCTAssertThrowsError(
+            try Trainer(config: try RunConfig(json: bad), registry: try registry(), outDir: dir, quiet: true)
+        ) {
             XCTAssertTrue(($0 as! VQMoEError).message.contains("set model.backbone = \"vit\""), "\($0)")
         }
     }

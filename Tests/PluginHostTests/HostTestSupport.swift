@@ -18,7 +18,9 @@ func makeTempDir(_ tag: String) throws -> String {
 
 /// Run a program; returns (exit status, stdout+stderr).
 @discardableResult
-func runProcess(_ exe: String, _ args: [String], cwd: String? = nil, env: [String: String] = [:]) throws -> (Int32, String) {
+func runProcess(
+    _ exe: String, _ args: [String], cwd: String? = nil, env: [String: String] = [:]
+) throws -> (Int32, String) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: exe)
     p.arguments = args
@@ -35,8 +37,12 @@ func runProcess(_ exe: String, _ args: [String], cwd: String? = nil, env: [Strin
 
 /// Compile a C plugin source against the ABI header into a shared library.
 func compilePlugin(_ source: String, to output: String, defines: [String] = []) throws {
-    let (status, out) = try runProcess("/usr/bin/env", ["cc", "-O1", "-std=c11", "-shared", "-fPIC",
-        "-I\(repoRoot)/Sources/VQMoEABI/include"] + defines.map { "-D\($0)" } + [source, "-o", output, "-lm"])
+    let (status, out) = try runProcess(
+        "/usr/bin/env",
+        [
+            "cc", "-O1", "-std=c11", "-shared", "-fPIC",
+            "-I\(repoRoot)/Sources/VQMoEABI/include",
+        ] + defines.map { "-D\($0)" } + [source, "-o", output, "-lm"])
     if status != 0 { throw VQMoEError(.internalError, "cc failed for \(source):\n\(out)") }
 }
 

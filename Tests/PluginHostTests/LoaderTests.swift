@@ -48,12 +48,15 @@ final class LoaderTests: XCTestCase {
         let dir = try makeTempDir("fail")
         let lib = try PluginLibrary.open(try fixture(dir, "libfixture_\(fail).so"))
         let hp = try ResolvedHyperparameters(schema: lib.schema, values: ["fail": fail], keyPath: "model.router")
-        return try RouterInstance(PluginInstance(library: lib, instanceName: "layers.1.router", dims: ModelDims(dModel: 4, nExperts: 2),
-                                                 hyperparameters: hp, seed: 1))
+        return try RouterInstance(
+            PluginInstance(
+                library: lib, instanceName: "layers.1.router", dims: ModelDims(dModel: 4, nExperts: 2),
+                hyperparameters: hp, seed: 1))
     }
 
     private func forward(_ r: RouterInstance) throws {
-        var x = [Float](repeating: 1, count: 8), w = [Float](repeating: 0, count: 2), load = [Float](repeating: 0, count: 2)
+        var x = [Float](repeating: 1, count: 8), w = [Float](repeating: 0, count: 2),
+            load = [Float](repeating: 0, count: 2)
         var idx = [Int32](repeating: 0, count: 2)
         let step = StepInfo(step: 0, totalSteps: 1, train: true, seed: 0)
         let shape = try r.shape(step)
@@ -61,8 +64,10 @@ final class LoaderTests: XCTestCase {
             try idx.withUnsafeMutableBufferPointer { ip in
                 try w.withUnsafeMutableBufferPointer { wp in
                     try load.withUnsafeMutableBufferPointer { lp in
-                        try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: 2, shape: shape,
-                                      outputs: RouterOutputs(expertIndex: ip.baseAddress, weights: wp.baseAddress, expertLoad: lp.baseAddress!))
+                        try r.forward(
+                            step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: 2, shape: shape,
+                            outputs: RouterOutputs(
+                                expertIndex: ip.baseAddress, weights: wp.baseAddress, expertLoad: lp.baseAddress!))
                     }
                 }
             }
@@ -72,8 +77,9 @@ final class LoaderTests: XCTestCase {
     func testPluginErrorNamesPluginInstanceAndCall() throws {
         let r = try router("forward_error")
         let msg = errorMessage { try forward(r) }
-        XCTAssertTrue(msg.contains("'fixture_router'") && msg.contains("layers.1.router") && msg.contains("forward")
-                      && msg.contains("fixture asked to fail in forward"), msg)
+        XCTAssertTrue(
+            msg.contains("'fixture_router'") && msg.contains("layers.1.router") && msg.contains("forward")
+                && msg.contains("fixture asked to fail in forward"), msg)
     }
 
     func testNonFiniteOutputIsAnError() throws {
@@ -83,7 +89,8 @@ final class LoaderTests: XCTestCase {
             XCTFail("NaN weights were accepted")
         } catch let e as VQMoEError {
             XCTAssertEqual(e.category, .numeric)
-            XCTAssertTrue(e.message.contains("non-finite routing weight") && e.message.contains("fixture_router"), e.message)
+            XCTAssertTrue(
+                e.message.contains("non-finite routing weight") && e.message.contains("fixture_router"), e.message)
         }
     }
 

@@ -25,13 +25,17 @@ final class RegistryTests: XCTestCase {
     func testDuplicateNameIsRefused() throws {
         let dir = try makeTempDir("dup")
         let msg = errorMessage {
-            _ = try registry(dir, """
-            {"version": 1, "plugins": [
-              {"name": "smoe", "kind": "router", "library": "$BIN/libRouterSMoE.so"},
-              {"name": "smoe", "kind": "router", "library": "$BIN/libHeadLM.so"}]}
-            """)
+            _ = try registry(
+                dir,
+                """
+                {"version": 1, "plugins": [
+                  {"name": "smoe", "kind": "router", "library": "$BIN/libRouterSMoE.so"},
+                  {"name": "smoe", "kind": "router", "library": "$BIN/libHeadLM.so"}]}
+                """)
         }
-        XCTAssertTrue(msg.contains("duplicate plugin name 'smoe'") && msg.contains("plugins[0]") && msg.contains("plugins[1]"), msg)
+        XCTAssertTrue(
+            msg.contains("duplicate plugin name 'smoe'") && msg.contains("plugins[0]") && msg.contains("plugins[1]"),
+            msg)
     }
 
     func testDuplicateBetweenRegistryAndSearchPath() throws {
@@ -43,9 +47,11 @@ final class RegistryTests: XCTestCase {
         let ok = try registry(dir, #"{"version": 1, "plugins": []}"#, searchPath: [libs])
         XCTAssertEqual(try ok.library(named: "fixture_router").name, "fixture_router")
         let msg = errorMessage {
-            _ = try registry(dir, """
-            {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "\(libs)/libfixture.so"}]}
-            """, searchPath: [libs])
+            _ = try registry(
+                dir,
+                """
+                {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "\(libs)/libfixture.so"}]}
+                """, searchPath: [libs])
         }
         XCTAssertTrue(msg.contains("duplicate plugin name 'fixture_router'"), msg)
     }
@@ -54,23 +60,31 @@ final class RegistryTests: XCTestCase {
         let dir = try makeTempDir("sha")
         let lib = try fixture(dir, "libpinned.so")
         let actual = try SHA256.hex(ofFile: lib)
-        let good = try registry(dir, """
-        {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "$ROOT/libpinned.so", "sha256": "\(actual)"}]}
-        """)
+        let good = try registry(
+            dir,
+            """
+            {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "$ROOT/libpinned.so", "sha256": "\(actual)"}]}
+            """)
         XCTAssertEqual(try good.library(named: "fixture_router").name, "fixture_router")
         let wrong = String(repeating: "0", count: 64)
-        let bad = try registry(dir, """
-        {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "$ROOT/libpinned.so", "sha256": "\(wrong)"}]}
-        """)
+        let bad = try registry(
+            dir,
+            """
+            {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "$ROOT/libpinned.so", "sha256": "\(wrong)"}]}
+            """)
         let msg = errorMessage { _ = try bad.library(named: "fixture_router") }
         XCTAssertTrue(msg.contains("sha256 mismatch") && msg.contains(wrong) && msg.contains(actual), msg)
     }
 
     func testRegistryFileMistakes() throws {
         let dir = try makeTempDir("regbad")
-        let unknownKey = errorMessage { _ = try registry(dir, #"{"plugins": [{"name": "a", "kind": "router", "libary": "x.so"}]}"#) }
+        let unknownKey = errorMessage {
+            _ = try registry(dir, #"{"plugins": [{"name": "a", "kind": "router", "libary": "x.so"}]}"#)
+        }
         XCTAssertTrue(unknownKey.contains("plugins[0].libary: unknown key; known: library"), unknownKey)
-        let badKind = errorMessage { _ = try registry(dir, #"{"plugins": [{"name": "a", "kind": "routr", "library": "x.so"}]}"#) }
+        let badKind = errorMessage {
+            _ = try registry(dir, #"{"plugins": [{"name": "a", "kind": "routr", "library": "x.so"}]}"#)
+        }
         XCTAssertTrue(badKind.contains("'routr' is not one of router, quantizer, dataset, head"), badKind)
         let noSource = errorMessage { _ = try registry(dir, #"{"plugins": [{"name": "a", "kind": "router"}]}"#) }
         XCTAssertTrue(noSource.contains("needs \"library\""), noSource)

@@ -4,11 +4,14 @@ import XCTest
 final class SupportTests: XCTestCase {
     func testSHA256KnownVectors() {
         XCTAssertEqual(SHA256.hex(of: []), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        XCTAssertEqual(SHA256.hex(of: Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-        XCTAssertEqual(SHA256.hex(of: Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
-                       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
-        XCTAssertEqual(SHA256.hex(of: [UInt8](repeating: 0x61, count: 1000)),
-                       "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3")
+        XCTAssertEqual(
+            SHA256.hex(of: Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        XCTAssertEqual(
+            SHA256.hex(of: Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        XCTAssertEqual(
+            SHA256.hex(of: [UInt8](repeating: 0x61, count: 1000)),
+            "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3")
     }
 
     func testClosestFirst() {
@@ -17,7 +20,8 @@ final class SupportTests: XCTestCase {
     }
 
     func testRNGIsReproducibleAndRoughlyNormal() {
-        var a = HostRNG.make(seed: 9, stream: 1), b = HostRNG.make(seed: 9, stream: 1), c = HostRNG.make(seed: 9, stream: 2)
+        var a = HostRNG.make(seed: 9, stream: 1), b = HostRNG.make(seed: 9, stream: 1),
+            c = HostRNG.make(seed: 9, stream: 2)
         XCTAssertEqual(HostRNG.next(&a), HostRNG.next(&b))
         XCTAssertNotEqual(HostRNG.next(&a), HostRNG.next(&c))
         var r = HostRNG.make(seed: 1, stream: 0)

@@ -38,7 +38,9 @@ final class DatasetCIFARTests: XCTestCase {
         return (0..<count).map { _ in
             let fine = UInt8(next() % (cifar100 ? 100 : 10))
             let coarse = UInt8(next() % 20)
-            return Record(coarse: cifar100 ? coarse : 0, fine: fine, pixels: (0..<3072).map { _ in UInt8(truncatingIfNeeded: next()) })
+            return Record(
+                coarse: cifar100 ? coarse : 0, fine: fine,
+                pixels: (0..<3072).map { _ in UInt8(truncatingIfNeeded: next()) })
         }
     }
 
@@ -55,7 +57,8 @@ final class DatasetCIFARTests: XCTestCase {
         var train: [Record] = []
         for (i, n) in Self.cifar10Sizes.enumerated() {
             let recs = Self.makeRecords(n, cifar100: false, seed: seed &+ UInt64(i) &* 101)
-            try Data(Self.fileBytes(recs, cifar100: false)).write(to: d.appendingPathComponent("data_batch_\(i + 1).bin"))
+            try Data(Self.fileBytes(recs, cifar100: false)).write(
+                to: d.appendingPathComponent("data_batch_\(i + 1).bin"))
             train += recs
         }
         let test = Self.makeRecords(5, cifar100: false, seed: seed &+ 999)
@@ -77,7 +80,8 @@ final class DatasetCIFARTests: XCTestCase {
     func openDataset(_ hp: [String: Any] = [:], seed: UInt64 = 1) throws -> DatasetInstance {
         var values = hp
         if values["dir"] == nil { values["dir"] = tempDir.path }
-        let core = try makeInstance(try openPlugin("DatasetCIFAR"), dims: ModelDims(), hyperparameters: values, seed: seed)
+        let core = try makeInstance(
+            try openPlugin("DatasetCIFAR"), dims: ModelDims(), hyperparameters: values, seed: seed)
         return try DatasetInstance(core)
     }
 
@@ -106,8 +110,10 @@ final class DatasetCIFARTests: XCTestCase {
     }
 
     /// Every eval batch equals the brute-force decode, in order, padded at the end.
-    func checkEvalSplits(_ ds: DatasetInstance, train: [Record], test: [Record], B: Int, normalize: Bool,
-                         cifar100: Bool, coarse: Bool = false) throws {
+    func checkEvalSplits(
+        _ ds: DatasetInstance, train: [Record], test: [Record], B: Int, normalize: Bool,
+        cifar100: Bool, coarse: Bool = false
+    ) throws {
         let (mean, std) = cifar100 ? (Self.mean100, Self.std100) : (Self.mean10, Self.std10)
         let nTrain = ds.splitSizes[0]
         for (split, records) in [(Split.valid, Array(train[nTrain...])), (Split.test, test)] {
@@ -122,7 +128,9 @@ final class DatasetCIFARTests: XCTestCase {
                 var targets = [Int32](repeating: -1, count: B)
                 for r in 0..<rows {
                     let rec = records[index * B + r]
-                    expected.replaceSubrange((r * 3072)..<((r + 1) * 3072), with: Self.decode(rec, normalize: normalize, mean: mean, std: std))
+                    expected.replaceSubrange(
+                        (r * 3072)..<((r + 1) * 3072),
+                        with: Self.decode(rec, normalize: normalize, mean: mean, std: std))
                     targets[r] = Int32(coarse ? rec.coarse : rec.fine)
                 }
                 XCTAssertEqual(batch.targets, targets, "\(split.name) batch \(index) targets")
@@ -140,16 +148,21 @@ final class DatasetCIFARTests: XCTestCase {
     func testPlaneOrderAndLabelByte() throws {
         // One record whose pixel (c, h, w) = 50c + 2h + w % 7, label 7 (CIFAR-10).
         var pixels = [UInt8](repeating: 0, count: 3072)
-        for c in 0..<3 { for h in 0..<32 { for w in 0..<32 { pixels[c * 1024 + h * 32 + w] = UInt8(50 * c + 2 * h + w % 7) } } }
+        for c in 0..<3 {
+            for h in 0..<32 { for w in 0..<32 { pixels[c * 1024 + h * 32 + w] = UInt8(50 * c + 2 * h + w % 7) } }
+        }
         let rec = Record(coarse: 0, fine: 7, pixels: pixels)
-        for i in 1...5 { try Data(rec.bytes(cifar100: false)).write(to: tempDir.appendingPathComponent("data_batch_\(i).bin")) }
+        for i in 1...5 {
+            try Data(rec.bytes(cifar100: false)).write(to: tempDir.appendingPathComponent("data_batch_\(i).bin"))
+        }
         try Data(rec.bytes(cifar100: false)).write(to: tempDir.appendingPathComponent("test_batch.bin"))
         let ds = try openDataset(["normalize": false])
         let b = try XCTUnwrap(ds.read(.test, index: 0, batchSize: 2))
         XCTAssertEqual(b.rows, 1)
         XCTAssertEqual(b.targets, [7, -1])
         for (c, h, w) in [(0, 0, 0), (0, 3, 5), (1, 0, 0), (1, 31, 31), (2, 10, 20)] {
-            XCTAssertEqual(b.inputsFloat[(c * 32 + h) * 32 + w], Float(Double(50 * c + 2 * h + w % 7) / 255), "(\(c),\(h),\(w))")
+            XCTAssertEqual(
+                b.inputsFloat[(c * 32 + h) * 32 + w], Float(Double(50 * c + 2 * h + w % 7) / 255), "(\(c),\(h),\(w))")
         }
         XCTAssertTrue(b.inputsFloat[3072...].allSatisfy { $0 == 0 }, "padding row")
         // Normalised: channel c uses CIFAR-10's mean_c / std_c.
@@ -161,8 +174,10 @@ final class DatasetCIFARTests: XCTestCase {
 
     func testCIFAR100LabelBytesCoarseThenFine() throws {
         // Records with (coarse, fine) = (3, 57) and (19, 99).
-        let recs = [Record(coarse: 3, fine: 57, pixels: [UInt8](repeating: 9, count: 3072)),
-                    Record(coarse: 19, fine: 99, pixels: [UInt8](repeating: 200, count: 3072))]
+        let recs = [
+            Record(coarse: 3, fine: 57, pixels: [UInt8](repeating: 9, count: 3072)),
+            Record(coarse: 19, fine: 99, pixels: [UInt8](repeating: 200, count: 3072)),
+        ]
         try Data(Self.fileBytes(recs, cifar100: true)).write(to: tempDir.appendingPathComponent("train.bin"))
         try Data(Self.fileBytes(recs, cifar100: true)).write(to: tempDir.appendingPathComponent("test.bin"))
         let fine = try openDataset(["variant": "cifar100", "normalize": false])
@@ -203,20 +218,25 @@ final class DatasetCIFARTests: XCTestCase {
         let (train, test) = try writeCIFAR10()
         // The valid split = the last 5 records of data_batch_1..5 in order (batch 4's last
         // 3, then batch 5's 2).
-        try checkEvalSplits(try openDataset(["valid_fraction": 0.4]), train: train, test: test, B: 2, normalize: true, cifar100: false)
-        try checkEvalSplits(try openDataset(["valid_fraction": 0.4, "normalize": false]), train: train, test: test, B: 3,
-                            normalize: false, cifar100: false)
+        try checkEvalSplits(
+            try openDataset(["valid_fraction": 0.4]), train: train, test: test, B: 2, normalize: true, cifar100: false)
+        try checkEvalSplits(
+            try openDataset(["valid_fraction": 0.4, "normalize": false]), train: train, test: test, B: 3,
+            normalize: false, cifar100: false)
         try checkEvalSplits(try openDataset(), train: train, test: test, B: 4, normalize: true, cifar100: false)
     }
 
     func testCIFAR100EvalBatchesMatchABruteForceDecode() throws {
         let (train, test) = try writeCIFAR100()
-        try checkEvalSplits(try openDataset(["variant": "cifar100", "valid_fraction": 0.3]), train: train, test: test, B: 2,
-                            normalize: true, cifar100: true)
-        try checkEvalSplits(try openDataset(["variant": "cifar100", "label": "coarse", "valid_fraction": 0.3]), train: train,
-                            test: test, B: 4, normalize: true, cifar100: true, coarse: true)
-        try checkEvalSplits(try openDataset(["variant": "cifar100", "normalize": false]), train: train, test: test, B: 5,
-                            normalize: false, cifar100: true)
+        try checkEvalSplits(
+            try openDataset(["variant": "cifar100", "valid_fraction": 0.3]), train: train, test: test, B: 2,
+            normalize: true, cifar100: true)
+        try checkEvalSplits(
+            try openDataset(["variant": "cifar100", "label": "coarse", "valid_fraction": 0.3]), train: train,
+            test: test, B: 4, normalize: true, cifar100: true, coarse: true)
+        try checkEvalSplits(
+            try openDataset(["variant": "cifar100", "normalize": false]), train: train, test: test, B: 5,
+            normalize: false, cifar100: true)
     }
 
     // MARK: train batches
@@ -237,13 +257,13 @@ final class DatasetCIFARTests: XCTestCase {
         let (train, _) = try writeCIFAR10()
         let seed: UInt64 = 9
         let ds = try openDataset(["normalize": false, "valid_fraction": 0.25], seed: seed)
-        let nTrain = ds.splitSizes[0]   // 11
+        let nTrain = ds.splitSizes[0]  // 11
         var lookup: [[UInt8]: Int] = [:]
         for (i, r) in train.enumerated() { lookup[r.pixels] = i }
         XCTAssertEqual(lookup.count, train.count)
         let B = 4
         var stream: [Int] = []
-        for index in 0..<9 {   // 36 positions: 3 epochs of 11 and 3 more
+        for index in 0..<9 {  // 36 positions: 3 epochs of 11 and 3 more
             let batch = try XCTUnwrap(ds.read(.train, index: index, batchSize: B))
             XCTAssertEqual(batch.rows, B)
             for r in 0..<B {
@@ -255,7 +275,9 @@ final class DatasetCIFARTests: XCTestCase {
             }
         }
         for e in 0..<3 {
-            XCTAssertEqual(Array(stream[(e * nTrain)..<((e + 1) * nTrain)]), Self.permutation(seed: seed, epoch: e, count: nTrain), "epoch \(e)")
+            XCTAssertEqual(
+                Array(stream[(e * nTrain)..<((e + 1) * nTrain)]), Self.permutation(seed: seed, epoch: e, count: nTrain),
+                "epoch \(e)")
         }
         XCTAssertEqual(Array(stream[33..<36]), Array(Self.permutation(seed: seed, epoch: 3, count: nTrain)[0..<3]))
     }
@@ -268,8 +290,10 @@ final class DatasetCIFARTests: XCTestCase {
         XCTAssertEqual(try XCTUnwrap(ds.read(.train, index: 5, batchSize: 3)).inputsFloat, b5.inputsFloat)
         XCTAssertNotEqual(b5.inputsFloat, b2.inputsFloat)
         XCTAssertEqual(try XCTUnwrap(try openDataset(seed: 5).read(.train, index: 5, batchSize: 3)).targets, b5.targets)
-        XCTAssertEqual(try XCTUnwrap(try openDataset(seed: 5).read(.train, index: 5, batchSize: 3)).inputsFloat, b5.inputsFloat)
-        XCTAssertNotEqual(try XCTUnwrap(try openDataset(seed: 6).read(.train, index: 5, batchSize: 3)).inputsFloat, b5.inputsFloat)
+        XCTAssertEqual(
+            try XCTUnwrap(try openDataset(seed: 5).read(.train, index: 5, batchSize: 3)).inputsFloat, b5.inputsFloat)
+        XCTAssertNotEqual(
+            try XCTUnwrap(try openDataset(seed: 6).read(.train, index: 5, batchSize: 3)).inputsFloat, b5.inputsFloat)
         // Batch 2 of 6 = batches 4 and 5 of 3 (positions 12..<18, across the epoch boundary at 13).
         let b2of6 = try XCTUnwrap(ds.read(.train, index: 2, batchSize: 6))
         let b4 = try XCTUnwrap(ds.read(.train, index: 4, batchSize: 3))
@@ -309,10 +333,14 @@ final class DatasetCIFARTests: XCTestCase {
         bytes.removeLast(100)
         try Data(bytes).write(to: url)
         var msg = errorMessage { _ = try openDataset() }
-        XCTAssertTrue(msg.contains("data_batch_2.bin: size \(2 * 3073 - 100) bytes is not a multiple of the CIFAR-10 record size 3073"), msg)
+        XCTAssertTrue(
+            msg.contains(
+                "data_batch_2.bin: size \(2 * 3073 - 100) bytes is not a multiple of the CIFAR-10 record size 3073"),
+            msg)
         // A CIFAR-100 file read as CIFAR-10: the hint names the variant.
         try writeCIFAR10()
-        try Data(Self.fileBytes(Self.makeRecords(3, cifar100: true, seed: 4), cifar100: true)).write(to: tempDir.appendingPathComponent("test_batch.bin"))
+        try Data(Self.fileBytes(Self.makeRecords(3, cifar100: true, seed: 4), cifar100: true)).write(
+            to: tempDir.appendingPathComponent("test_batch.bin"))
         msg = errorMessage { _ = try openDataset() }
         XCTAssertTrue(msg.contains("test_batch.bin: size 9222 bytes") && msg.contains("variant = cifar100"), msg)
         // Empty file.
@@ -324,7 +352,9 @@ final class DatasetCIFARTests: XCTestCase {
         let t = tempDir.appendingPathComponent("train.bin")
         try Data([UInt8](try Data(contentsOf: t)).dropLast(1)).write(to: t)
         msg = errorMessage { _ = try openDataset(["variant": "cifar100"]) }
-        XCTAssertTrue(msg.contains("train.bin: size \(12 * 3074 - 1) bytes is not a multiple of the CIFAR-100 record size 3074"), msg)
+        XCTAssertTrue(
+            msg.contains("train.bin: size \(12 * 3074 - 1) bytes is not a multiple of the CIFAR-100 record size 3074"),
+            msg)
     }
 
     func testLabelsOutOfRange() throws {
@@ -332,17 +362,20 @@ final class DatasetCIFARTests: XCTestCase {
         test[3].fine = 10
         try Data(Self.fileBytes(test, cifar100: false)).write(to: tempDir.appendingPathComponent("test_batch.bin"))
         var msg = errorMessage { _ = try openDataset() }
-        XCTAssertTrue(msg.contains("test_batch.bin: record 3 (byte offset \(3 * 3073)): label 10 is outside [0, 10)"), msg)
+        XCTAssertTrue(
+            msg.contains("test_batch.bin: record 3 (byte offset \(3 * 3073)): label 10 is outside [0, 10)"), msg)
         (train, test) = try writeCIFAR100()
         train[5].coarse = 20
         try Data(Self.fileBytes(train, cifar100: true)).write(to: tempDir.appendingPathComponent("train.bin"))
         msg = errorMessage { _ = try openDataset(["variant": "cifar100"]) }
-        XCTAssertTrue(msg.contains("train.bin: record 5 (byte offset \(5 * 3074)): coarse label 20 is outside [0, 20)"), msg)
+        XCTAssertTrue(
+            msg.contains("train.bin: record 5 (byte offset \(5 * 3074)): coarse label 20 is outside [0, 20)"), msg)
         train[5].coarse = 1
         train[7].fine = 100
         try Data(Self.fileBytes(train, cifar100: true)).write(to: tempDir.appendingPathComponent("train.bin"))
         msg = errorMessage { _ = try openDataset(["variant": "cifar100", "label": "coarse"]) }
-        XCTAssertTrue(msg.contains("train.bin: record 7 (byte offset \(7 * 3074 + 1)): fine label 100 is outside [0, 100)"), msg)
+        XCTAssertTrue(
+            msg.contains("train.bin: record 7 (byte offset \(7 * 3074 + 1)): fine label 100 is outside [0, 100)"), msg)
     }
 
     func testBadHyperparameters() throws {
@@ -359,26 +392,37 @@ final class DatasetCIFARTests: XCTestCase {
 /// The framework's generic plugin check on synthetic batch files, every mode.
 final class DatasetCIFARCheckerTests: XCTestCase {
     func testPluginCheckerPasses() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vqmoe-cifar-check-\(UUID().uuidString)")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "vqmoe-cifar-check-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         for (i, n) in DatasetCIFARTests.cifar10Sizes.enumerated() {
             let recs = DatasetCIFARTests.makeRecords(n, cifar100: false, seed: UInt64(i + 1))
-            try Data(DatasetCIFARTests.fileBytes(recs, cifar100: false)).write(to: dir.appendingPathComponent("data_batch_\(i + 1).bin"))
+            try Data(DatasetCIFARTests.fileBytes(recs, cifar100: false)).write(
+                to: dir.appendingPathComponent("data_batch_\(i + 1).bin"))
         }
-        try Data(DatasetCIFARTests.fileBytes(DatasetCIFARTests.makeRecords(5, cifar100: false, seed: 50), cifar100: false))
-            .write(to: dir.appendingPathComponent("test_batch.bin"))
-        try Data(DatasetCIFARTests.fileBytes(DatasetCIFARTests.makeRecords(12, cifar100: true, seed: 60), cifar100: true))
-            .write(to: dir.appendingPathComponent("train.bin"))
-        try Data(DatasetCIFARTests.fileBytes(DatasetCIFARTests.makeRecords(6, cifar100: true, seed: 70), cifar100: true))
-            .write(to: dir.appendingPathComponent("test.bin"))
-        let modes: [[String: Any]] = [[:], ["normalize": false], ["valid_fraction": 0.0], ["variant": "cifar100"],
-                                      ["variant": "cifar100", "label": "coarse", "valid_fraction": 0.5]]
+        try Data(
+            DatasetCIFARTests.fileBytes(DatasetCIFARTests.makeRecords(5, cifar100: false, seed: 50), cifar100: false)
+        )
+        .write(to: dir.appendingPathComponent("test_batch.bin"))
+        try Data(
+            DatasetCIFARTests.fileBytes(DatasetCIFARTests.makeRecords(12, cifar100: true, seed: 60), cifar100: true)
+        )
+        .write(to: dir.appendingPathComponent("train.bin"))
+        try Data(
+            DatasetCIFARTests.fileBytes(DatasetCIFARTests.makeRecords(6, cifar100: true, seed: 70), cifar100: true)
+        )
+        .write(to: dir.appendingPathComponent("test.bin"))
+        let modes: [[String: Any]] = [
+            [:], ["normalize": false], ["valid_fraction": 0.0], ["variant": "cifar100"],
+            ["variant": "cifar100", "label": "coarse", "valid_fraction": 0.5],
+        ]
         for extra in modes {
             var hp = extra
             hp["dir"] = dir.path
             let results = PluginChecker(library: try openPlugin("DatasetCIFAR"), hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(extra): " + results.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed), "\(extra): " + results.map(\.description).joined(separator: "\n"))
             XCTAssertGreaterThanOrEqual(results.count, 10)
         }
     }

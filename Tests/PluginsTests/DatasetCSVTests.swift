@@ -47,13 +47,16 @@ final class DatasetCSVTests: XCTestCase {
     }
 
     /// A dataset over files in the temp dir; hyperparameters override the defaults below.
-    func openDataset(train: String, test: String, categoriesPath: String? = nil, hp: [String: Any] = [:],
-                     seqLen: Int = 48, modelSeqLen: Int = 0, seed: UInt64 = 1) throws -> DatasetInstance {
+    func openDataset(
+        train: String, test: String, categoriesPath: String? = nil, hp: [String: Any] = [:],
+        seqLen: Int = 48, modelSeqLen: Int = 0, seed: UInt64 = 1
+    ) throws -> DatasetInstance {
         var values: [String: Any] = ["train_path": train, "test_path": test, "categories_path": categoriesPath ?? ""]
         if seqLen > 0 { values["seq_len"] = seqLen }
         for (k, v) in hp { values[k] = v }
-        let core = try makeInstance(try openPlugin("DatasetCSV"), dims: ModelDims(seqLen: modelSeqLen),
-                                    hyperparameters: values, seed: seed)
+        let core = try makeInstance(
+            try openPlugin("DatasetCSV"), dims: ModelDims(seqLen: modelSeqLen),
+            hyperparameters: values, seed: seed)
         return try DatasetInstance(core)
     }
 
@@ -115,17 +118,11 @@ final class DatasetCSVTests: XCTestCase {
     func testQuotedFieldsCommasEscapesAndEmbeddedNewlines() throws {
         // Raw RFC 4180 with CRLF records, an LF inside quotes, a CRLF inside quotes, a blank line,
         // an empty field, a quote inside an unquoted field, a last record without line break.
-        let raw = "id,text,category\r\n" +
-            "1,\"Hello, world\",greeting\r\n" +
-            "2,\"She said \"\"hi\"\", twice\",greeting\r\n" +
-            "3,\"line one\nline two\",farewell\r\n" +
-            "\r\n" +
-            "4,plain text,farewell\r\n" +
-            "5,,greeting\r\n" +
-            "6,\"\"\"quoted\"\"\",\"farewell\"\r\n" +
-            "7,\"crlf\r\ninside\",greeting\r\n" +
-            "8,5\" screen, farewell\n" +
-            "9,naïve café,  greeting  "
+        let raw =
+            "id,text,category\r\n" + "1,\"Hello, world\",greeting\r\n" + "2,\"She said \"\"hi\"\", twice\",greeting\r\n"
+            + "3,\"line one\nline two\",farewell\r\n" + "\r\n" + "4,plain text,farewell\r\n" + "5,,greeting\r\n"
+            + "6,\"\"\"quoted\"\"\",\"farewell\"\r\n" + "7,\"crlf\r\ninside\",greeting\r\n" + "8,5\" screen, farewell\n"
+            + "9,naïve café,  greeting  "
         let test = try write("test.csv", raw)
         let train = try write("train.csv", csv([("hi", "greeting"), ("bye", "farewell")]))
         let cats = try write("cats.json", categories(["greeting", "farewell"]))
@@ -133,8 +130,12 @@ final class DatasetCSVTests: XCTestCase {
         XCTAssertEqual(ds.splitSizes, [2, 0, 9])
         XCTAssertEqual(ds.nClasses, 2)
         let got = try evalPass(ds, .test)
-        XCTAssertEqual(got.map(\.0), ["Hello, world", "She said \"hi\", twice", "line one\nline two", "plain text", "",
-                                      "\"quoted\"", "crlf\r\ninside", "5\" screen", "naïve café"])
+        XCTAssertEqual(
+            got.map(\.0),
+            [
+                "Hello, world", "She said \"hi\", twice", "line one\nline two", "plain text", "",
+                "\"quoted\"", "crlf\r\ninside", "5\" screen", "naïve café",
+            ])
         XCTAssertEqual(got.map(\.1), [0, 0, 1, 1, 0, 1, 0, 1, 0])
         XCTAssertEqual(try ds.numBatches(.valid, batchSize: 4), 0)
         XCTAssertNil(try ds.read(.valid, index: 0, batchSize: 4))
@@ -149,10 +150,13 @@ final class DatasetCSVTests: XCTestCase {
         XCTAssertEqual(try evalPass(ds, .test).map(\.1), [1, 0])
         // The same bytes in a .txt file: delimiter = tab says so.
         let txt = try write("data.txt", raw)
-        let ds2 = try openDataset(train: txt, test: txt, categoriesPath: cats, hp: ["valid_fraction": 0.0, "delimiter": "tab"])
+        let ds2 = try openDataset(
+            train: txt, test: txt, categoriesPath: cats, hp: ["valid_fraction": 0.0, "delimiter": "tab"])
         XCTAssertEqual(try evalPass(ds2, .test).map(\.0), ["tab\tinside", "plain, with comma"])
         // Forcing comma on the .tsv: one column "category\ttext", listed in the error.
-        let msg = errorMessage { _ = try self.openDataset(train: tsv, test: tsv, categoriesPath: cats, hp: ["delimiter": "comma"]) }
+        let msg = errorMessage {
+            _ = try self.openDataset(train: tsv, test: tsv, categoriesPath: cats, hp: ["delimiter": "comma"])
+        }
         XCTAssertTrue(msg.contains("\(tsv):1: the header has no column 'text' (text_column)"), msg)
         XCTAssertTrue(msg.contains("'category\ttext'") && msg.contains("comma-separated"), msg)
     }
@@ -161,8 +165,8 @@ final class DatasetCSVTests: XCTestCase {
         let train = try write("train.csv", csv([("a1", "a"), ("b1", "b"), ("a2", " a ")]))
         let cats = try write("cats.json", "[\"b\", \"c\", \"a\"]")
         let ds = try openDataset(train: train, test: train, categoriesPath: cats, hp: ["valid_fraction": 0.0])
-        XCTAssertEqual(ds.nClasses, 3)                    // "c" is a class even though unused
-        XCTAssertEqual(try evalPass(ds, .test).map(\.1), [2, 0, 2])   // labels are trimmed
+        XCTAssertEqual(ds.nClasses, 3)  // "c" is a class even though unused
+        XCTAssertEqual(try evalPass(ds, .test).map(\.1), [2, 0, 2])  // labels are trimmed
     }
 
     func testClassesAreTheSortedTrainLabelsWithoutACategoriesFile() throws {
@@ -175,7 +179,8 @@ final class DatasetCSVTests: XCTestCase {
         // A test label the train file never uses is an error at its line.
         let bad = try write("bad.csv", csv([("5", "Beta"), ("6", "omega")]))
         let msg = errorMessage { _ = try self.openDataset(train: train, test: bad, hp: ["valid_fraction": 0.0]) }
-        XCTAssertTrue(msg.contains("\(bad):3: label 'omega' is not one of the 3 classes (the distinct labels of \(train)"), msg)
+        XCTAssertTrue(
+            msg.contains("\(bad):3: label 'omega' is not one of the 3 classes (the distinct labels of \(train)"), msg)
     }
 
     // MARK: valid split
@@ -188,7 +193,8 @@ final class DatasetCSVTests: XCTestCase {
         // floor((i+1)/10) > floor(i/10): rows 9 and 19, in file order.
         XCTAssertEqual(try evalPass(ds, .valid).map(\.0), [all[9].0, all[19].0])
         let validSet: Set<Int> = [9, 19]
-        XCTAssertEqual(Set(try firstEpoch(ds).map(\.0)), Set(all.indices.filter { !validSet.contains($0) }.map { all[$0].0 }))
+        XCTAssertEqual(
+            Set(try firstEpoch(ds).map(\.0)), Set(all.indices.filter { !validSet.contains($0) }.map { all[$0].0 }))
         // f = 0.25 of 10 rows: floor(2.5) = 2 rows, 3 and 7.
         let ten = try write("ten.csv", csv(Array(all[0..<10])))
         let ds2 = try openDataset(train: ten, test: ten, hp: ["valid_fraction": 0.25])
@@ -196,7 +202,9 @@ final class DatasetCSVTests: XCTestCase {
         XCTAssertEqual(try evalPass(ds2, .valid).map(\.0), [all[3].0, all[7].0])
         // f = 0.5 of 3 rows: floor(1.5) = 1 row (row 1); one row alone: no valid row.
         let three = try write("three.csv", csv(Array(all[0..<3])))
-        XCTAssertEqual(try evalPass(try openDataset(train: three, test: three, hp: ["valid_fraction": 0.5]), .valid).map(\.0), [all[1].0])
+        XCTAssertEqual(
+            try evalPass(try openDataset(train: three, test: three, hp: ["valid_fraction": 0.5]), .valid).map(\.0),
+            [all[1].0])
         let one = try write("one.csv", csv(Array(all[0..<1])))
         XCTAssertEqual(try openDataset(train: one, test: one, hp: ["valid_fraction": 0.5]).splitSizes, [1, 0, 1])
     }
@@ -205,7 +213,7 @@ final class DatasetCSVTests: XCTestCase {
         let all = rows(23)
         let train = try write("train.csv", csv(all))
         let ds = try openDataset(train: train, test: train, hp: ["valid_fraction": 0.1, "valid_rows": "tail"])
-        XCTAssertEqual(ds.splitSizes, [21, 2, 23])       // floor(2.3) = 2
+        XCTAssertEqual(ds.splitSizes, [21, 2, 23])  // floor(2.3) = 2
         XCTAssertEqual(try evalPass(ds, .valid).map(\.0), [all[21].0, all[22].0])
         XCTAssertEqual(Set(try firstEpoch(ds).map(\.0)), Set(all[0..<21].map(\.0)))
         let ds2 = try openDataset(train: train, test: train, hp: ["valid_fraction": 0.3, "valid_rows": "tail"])
@@ -215,7 +223,9 @@ final class DatasetCSVTests: XCTestCase {
     // MARK: samples
 
     func testBatchesAreBytesPaddedTruncatedWithLengths() throws {
-        let test: [(String, String)] = [("short", "a"), ("exactly8", "b"), ("longer than eight", "a"), ("", "b"), ("über", "a")]
+        let test: [(String, String)] = [
+            ("short", "a"), ("exactly8", "b"), ("longer than eight", "a"), ("", "b"), ("über", "a"),
+        ]
         let train = try write("train.csv", csv([("x", "a"), ("y", "b")]))
         let testPath = try write("test.csv", csv(test))
         let T = 8, B = 2
@@ -233,7 +243,8 @@ final class DatasetCSVTests: XCTestCase {
                 if i < test.count {
                     let bytes = Array(test[i].0.utf8)
                     let n = min(bytes.count, T)
-                    XCTAssertEqual(x, bytes[0..<n].map { Int32($0) } + [Int32](repeating: 0, count: T - n), "example \(i)")
+                    XCTAssertEqual(
+                        x, bytes[0..<n].map { Int32($0) } + [Int32](repeating: 0, count: T - n), "example \(i)")
                     XCTAssertEqual(b.lengths[r], Int32(max(n, 1)))
                     XCTAssertEqual(b.targets[r], test[i].1 == "a" ? 0 : 1)
                 } else {
@@ -265,7 +276,7 @@ final class DatasetCSVTests: XCTestCase {
             for r in 0..<B {
                 let text = rowText(b, row: r, T: T)
                 let i = try XCTUnwrap(all.firstIndex { $0.0 == text })
-                XCTAssertEqual(b.targets[r], Int32(i % 3))       // alpha, beta, gamma = 0, 1, 2
+                XCTAssertEqual(b.targets[r], Int32(i % 3))  // alpha, beta, gamma = 0, 1, 2
                 stream.append(i)
             }
         }
@@ -278,8 +289,9 @@ final class DatasetCSVTests: XCTestCase {
         let b9 = try XCTUnwrap(ds.read(.train, index: 9, batchSize: B))
         let cold = try openDataset(train: train, test: train, hp: ["valid_fraction": 0.0], seed: seed)
         XCTAssertEqual(try XCTUnwrap(cold.read(.train, index: 9, batchSize: B)).inputsInt, b9.inputsInt)
-        XCTAssertEqual(try XCTUnwrap(cold.read(.train, index: 2, batchSize: B)).targets,
-                       try XCTUnwrap(ds.read(.train, index: 2, batchSize: B)).targets)
+        XCTAssertEqual(
+            try XCTUnwrap(cold.read(.train, index: 2, batchSize: B)).targets,
+            try XCTUnwrap(ds.read(.train, index: 2, batchSize: B)).targets)
         let other = try openDataset(train: train, test: train, hp: ["valid_fraction": 0.0], seed: seed + 1)
         XCTAssertNotEqual(try XCTUnwrap(other.read(.train, index: 9, batchSize: B)).inputsInt, b9.inputsInt)
     }
@@ -290,11 +302,18 @@ final class DatasetCSVTests: XCTestCase {
         let train = try write("train.csv", "id,utterance,intent\n1,hello,greet\n")
         let cats = try write("cats.json", categories(["greet"]))
         var msg = errorMessage { _ = try self.openDataset(train: train, test: train, categoriesPath: cats) }
-        XCTAssertTrue(msg.contains("\(train):1: the header has no column 'text' (text_column); its 3 columns (comma-separated) are 'id', 'utterance', 'intent'"), msg)
-        msg = errorMessage { _ = try self.openDataset(train: train, test: train, categoriesPath: cats, hp: ["text_column": "utterance"]) }
-        XCTAssertTrue(msg.contains("no column 'category' (label_column)") && msg.contains("'id', 'utterance', 'intent'"), msg)
-        let ds = try openDataset(train: train, test: train, categoriesPath: cats,
-                                 hp: ["text_column": "utterance", "label_column": "intent", "valid_fraction": 0.0])
+        XCTAssertTrue(
+            msg.contains(
+                "\(train):1: the header has no column 'text' (text_column); its 3 columns (comma-separated) are 'id', 'utterance', 'intent'"
+            ), msg)
+        msg = errorMessage {
+            _ = try self.openDataset(train: train, test: train, categoriesPath: cats, hp: ["text_column": "utterance"])
+        }
+        XCTAssertTrue(
+            msg.contains("no column 'category' (label_column)") && msg.contains("'id', 'utterance', 'intent'"), msg)
+        let ds = try openDataset(
+            train: train, test: train, categoriesPath: cats,
+            hp: ["text_column": "utterance", "label_column": "intent", "valid_fraction": 0.0])
         XCTAssertEqual(try evalPass(ds, .test).map(\.0), ["hello"])
     }
 
@@ -313,7 +332,8 @@ final class DatasetCSVTests: XCTestCase {
         let train = try write("train.csv", csv([("a", "greeting"), ("multi\nline", "greeting"), ("c", "greting")]))
         let cats = try write("cats.json", categories(["greeting", "farewell"]))
         let msg = errorMessage { _ = try self.openDataset(train: train, test: train, categoriesPath: cats) }
-        XCTAssertTrue(msg.contains("\(train):5: label 'greting' is not one of the 2 classes (categories_path \(cats))"), msg)
+        XCTAssertTrue(
+            msg.contains("\(train):5: label 'greting' is not one of the 2 classes (categories_path \(cats))"), msg)
         XCTAssertTrue(msg.contains("IO"), msg)
     }
 
@@ -402,7 +422,8 @@ final class DatasetCSVTests: XCTestCase {
         XCTAssertEqual(testPass.count, 3_080)
         XCTAssertEqual(Set(testPass.map(\.1)), Set(0..<77))
         // valid_rows = tail: the last 1,000 rows hold only classes 69..76.
-        let tail = try openDataset(train: train, test: test, categoriesPath: cats, hp: ["valid_rows": "tail"], seqLen: 8)
+        let tail = try openDataset(
+            train: train, test: test, categoriesPath: cats, hp: ["valid_rows": "tail"], seqLen: 8)
         XCTAssertEqual(tail.splitSizes, [9_003, 1_000, 3_080])
         XCTAssertEqual(Set(try evalPass(tail, .valid, batchSize: 64).map(\.1)), Set(69..<77))
         XCTAssertEqual(Set(try firstEpoch(tail).map(\.1)), Set(0..<70))
@@ -414,20 +435,25 @@ final class DatasetCSVTests: XCTestCase {
     func testRealBanking77Rows() throws {
         let dir = try banking77()
         // test_path = train.csv gives every train row in file order.
-        let ds = try openDataset(train: dir + "/train.csv", test: dir + "/train.csv", categoriesPath: dir + "/categories.json",
-                                 seqLen: 512)
+        let ds = try openDataset(
+            train: dir + "/train.csv", test: dir + "/train.csv", categoriesPath: dir + "/categories.json",
+            seqLen: 512)
         let rows = try evalPass(ds, .test, batchSize: 500)
         XCTAssertEqual(rows.count, 10_003)
         XCTAssertEqual(rows[0].0, "I am still waiting on my card?")
-        XCTAssertEqual(rows[0].1, 0)                        // card_arrival
-        XCTAssertEqual(rows[694].0, "I'm pretty frustrated about a pound charge that keeps  showing up in my account statement. It's listed in the app as \"pending\", it never changes, and now I'm thinking someone's hacked my account!")
-        XCTAssertEqual(rows[694].1, 4)                      // extra_charge_on_statement
+        XCTAssertEqual(rows[0].1, 0)  // card_arrival
+        XCTAssertEqual(
+            rows[694].0,
+            "I'm pretty frustrated about a pound charge that keeps  showing up in my account statement. It's listed in the app as \"pending\", it never changes, and now I'm thinking someone's hacked my account!"
+        )
+        XCTAssertEqual(rows[694].1, 4)  // extra_charge_on_statement
         XCTAssertEqual(rows[1290].0, "\nI can't seem to be able to use my card\n\n\n")
-        XCTAssertEqual(rows[1290].1, 9)                     // card_not_working
+        XCTAssertEqual(rows[1290].1, 9)  // card_not_working
         XCTAssertEqual(rows[10_002].0, "Which countries are represented?")
         XCTAssertEqual(rows[10_002].1, 76)
-        let test = try openDataset(train: dir + "/train.csv", test: dir + "/test.csv", categoriesPath: dir + "/categories.json",
-                                   seqLen: 512)
+        let test = try openDataset(
+            train: dir + "/train.csv", test: dir + "/test.csv", categoriesPath: dir + "/categories.json",
+            seqLen: 512)
         let first = try XCTUnwrap(test.read(.test, index: 0, batchSize: 1))
         XCTAssertEqual(rowText(first, row: 0, T: 512), "How do I locate my card?")
         XCTAssertEqual(first.targets, [0])
@@ -456,7 +482,8 @@ final class DatasetCSVCheckerTests: XCTestCase {
             (0..<n).map { ("\($0) \(tag) \"row\", with a comma", labels[$0 % 3]) }
         }
         func csvText(_ rows: [(String, String)], sep: String) -> String {
-            "text\(sep)category\n" + rows.map { "\"\($0.0.replacingOccurrences(of: "\"", with: "\"\""))\"\(sep)\($0.1)\n" }.joined()
+            "text\(sep)category\n"
+                + rows.map { "\"\($0.0.replacingOccurrences(of: "\"", with: "\"\""))\"\(sep)\($0.1)\n" }.joined()
         }
         let train = dir.appendingPathComponent("train.csv"), test = dir.appendingPathComponent("test.csv")
         let trainTSV = dir.appendingPathComponent("train.tsv"), testTSV = dir.appendingPathComponent("test.tsv")

@@ -31,8 +31,10 @@ final class DatasetCharTests: XCTestCase {
         return url.path
     }
 
-    func openDataset(path: String, seqLen: Int, hp: [String: Any] = [:], modelSeqLen: Int = 0,
-                     seed: UInt64 = 1) throws -> DatasetInstance {
+    func openDataset(
+        path: String, seqLen: Int, hp: [String: Any] = [:], modelSeqLen: Int = 0,
+        seed: UInt64 = 1
+    ) throws -> DatasetInstance {
         let lib = try openPlugin("DatasetChar")
         var values = hp
         values["path"] = path
@@ -87,8 +89,9 @@ final class DatasetCharTests: XCTestCase {
         XCTAssertEqual(ds.splitSizes, [900, 50, 50])
         XCTAssertEqual(try ds.numBatches(.train, batchSize: 4), Int.max)
         // Uneven sizes: floor of the cumulative fractions, the test split takes the rest.
-        let ds2 = try openDataset(path: path, seqLen: 8,
-                                  hp: ["train_fraction": 0.8, "valid_fraction": 0.1])
+        let ds2 = try openDataset(
+            path: path, seqLen: 8,
+            hp: ["train_fraction": 0.8, "valid_fraction": 0.1])
         XCTAssertEqual(ds2.splitSizes, [800, 100, 100])
         let odd = try writeFixture(fixtureBytes(1003), name: "odd.bin")
         let ds3 = try openDataset(path: odd, seqLen: 8, hp: ["train_fraction": 0.8, "valid_fraction": 0.1])
@@ -263,7 +266,8 @@ final class DatasetCharTests: XCTestCase {
             XCTAssertEqual(batch.rows, B)
             let seg = index % (S / T)
             for b in 0..<B {
-                let x = Array(batch.inputsInt[(b * T)..<((b + 1) * T)]), y = Array(batch.targets[(b * T)..<((b + 1) * T)])
+                let x = Array(batch.inputsInt[(b * T)..<((b + 1) * T)]),
+                    y = Array(batch.targets[(b * T)..<((b + 1) * T)])
                 XCTAssertTrue(isWindow(bytes, start: b * S + seg * T, x, y), "train batch \(index) row \(b)")
             }
         }
@@ -323,13 +327,17 @@ final class DatasetCharTests: XCTestCase {
         XCTAssertTrue(msg.contains(path) && msg.contains("train") && msg.contains("18"), msg)
         // 100 bytes at 0.9 / 0.01: a 1-byte valid split has no (input, target) pair.
         let p2 = try writeFixture(fixtureBytes(100), name: "short2.txt")
-        msg = errorMessage { _ = try openDataset(path: p2, seqLen: 8, hp: ["train_fraction": 0.9, "valid_fraction": 0.01]) }
+        msg = errorMessage {
+            _ = try openDataset(path: p2, seqLen: 8, hp: ["train_fraction": 0.9, "valid_fraction": 0.01])
+        }
         XCTAssertTrue(msg.contains(p2) && msg.contains("valid"), msg)
     }
 
     func testFractionsOverOneAreRejected() throws {
         let path = try writeFixture(fixtureBytes(100))
-        let msg = errorMessage { _ = try openDataset(path: path, seqLen: 8, hp: ["train_fraction": 0.9, "valid_fraction": 0.5]) }
+        let msg = errorMessage {
+            _ = try openDataset(path: path, seqLen: 8, hp: ["train_fraction": 0.9, "valid_fraction": 0.5])
+        }
         XCTAssertTrue(msg.contains("exceeds 1"), msg)
     }
 
@@ -342,7 +350,8 @@ final class DatasetCharTests: XCTestCase {
         let ds = try openDataset(path: path, seqLen: 128)
         let n = 6_089_746
         XCTAssertEqual(ds.splitSizes.reduce(0, +), n)
-        XCTAssertEqual(ds.splitSizes, [5_480_771, 304_487, 304_488])   // floor(0.9 n), floor(0.95 n) - floor(0.9 n), rest
+        // floor(0.9 n), floor(0.95 n) - floor(0.9 n), rest
+        XCTAssertEqual(ds.splitSizes, [5_480_771, 304_487, 304_488])
         XCTAssertEqual(ds.vocabSize, 256)
         // The first valid window is the file right after the train split.
         let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: path)))
@@ -353,7 +362,9 @@ final class DatasetCharTests: XCTestCase {
 
     func testDefaultPathResolvesUnderTheDataRoot() throws {
         guard let dir = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
-        guard FileManager.default.fileExists(atPath: dir + "/enwik8-mini/enwik8-mini") else { throw XCTSkip("enwik8-mini not present") }
+        guard FileManager.default.fileExists(atPath: dir + "/enwik8-mini/enwik8-mini") else {
+            throw XCTSkip("enwik8-mini not present")
+        }
         // No hyperparameters: path = "$DATA/enwik8-mini/enwik8-mini", seq_len = the model's.
         let core = try makeInstance(try openPlugin("DatasetChar"), dims: ModelDims(seqLen: 64, dataRoot: dir))
         let ds = try DatasetInstance(core)

@@ -14,7 +14,8 @@ extension DatasetCharTests {
     }
 
     func dump(_ pages: String...) -> String {
-        "<mediawiki xml:lang=\"en\">\n  <siteinfo>\n    <sitename>Wikipedia</sitename>\n  </siteinfo>\n" + pages.joined() + "</mediawiki>\n"
+        "<mediawiki xml:lang=\"en\">\n  <siteinfo>\n    <sitename>Wikipedia</sitename>\n  </siteinfo>\n"
+            + pages.joined() + "</mediawiki>\n"
     }
 
     /// The whole token stream of the (cleaned) file: its length from a first instance with all
@@ -46,49 +47,58 @@ extension DatasetCharTests {
     }
 
     func testText8SkipsRedirectPages() throws {
-        let xml = dump(page("#REDIRECT [[Anarchism]] {{R from CamelCase}}"), page("Kept text"),
-                       page("#redirect [[x]]"), page("Also kept"))
+        let xml = dump(
+            page("#REDIRECT [[Anarchism]] {{R from CamelCase}}"), page("Kept text"),
+            page("#redirect [[x]]"), page("Also kept"))
         XCTAssertEqual(try cleaned(xml), " kept text also kept")
     }
 
     func testText8RemovesReferencesAndTags() throws {
         // <ref>...</ref> with its content; a self-closing <ref .../> as a plain tag.
-        XCTAssertEqual(try cleaned(dump(page("Fact&lt;ref&gt;Smith 2001, p. 5&lt;/ref&gt; more&lt;ref name=&quot;a&quot; /&gt; end"))),
-                       " fact more end")
+        XCTAssertEqual(
+            try cleaned(
+                dump(page("Fact&lt;ref&gt;Smith 2001, p. 5&lt;/ref&gt; more&lt;ref name=&quot;a&quot; /&gt; end"))),
+            " fact more end")
         // XHTML tags vanish without a space ("a<br />b" -> "ab"); "< y >" is a tag too.
-        XCTAssertEqual(try cleaned(dump(page("a&lt;br /&gt;b &lt;small&gt;c&lt;/small&gt; x &lt; y &gt; z"))), " ab c x z")
+        XCTAssertEqual(
+            try cleaned(dump(page("a&lt;br /&gt;b &lt;small&gt;c&lt;/small&gt; x &lt; y &gt; z"))), " ab c x z")
     }
 
     func testText8DecodesThenDropsEntities() throws {
         // &amp; -> & once ("&amp;amp;" -> "&amp;"), then "&...;" -> " " up to the next ";":
         // "&T is;" goes too, as in the script.
-        XCTAssertEqual(try cleaned(dump(page("Tom &amp;amp; Jerry. AT&amp;T is; here &quot;Quoted&quot; &amp;nbsp;done"))),
-                       " tom jerry at here quoted done")
+        XCTAssertEqual(
+            try cleaned(dump(page("Tom &amp;amp; Jerry. AT&amp;T is; here &quot;Quoted&quot; &amp;nbsp;done"))),
+            " tom jerry at here quoted done")
     }
 
     func testText8RemovesTemplatesAndTables() throws {
         // {{...}} up to the first "}}" (so a nested template leaves its tail), {| tables |}.
-        let body = "A {{cite web|url=x}} B {{outer {{inner}} tail}} C\n{| class=&quot;wikitable&quot;\n|-\n| cell one || cell two\n|} D"
+        let body =
+            "A {{cite web|url=x}} B {{outer {{inner}} tail}} C\n{| class=&quot;wikitable&quot;\n|-\n| cell one || cell two\n|} D"
         XCTAssertEqual(try cleaned(dump(page(body))), " a b tail c d")
     }
 
     func testText8KeepsLinkText() throws {
         // [[target|text]] -> text, [[link]] -> link; only the first "target|" of [[a|b|c]] goes.
-        XCTAssertEqual(try cleaned(dump(page("[[Link target|shown text]] and [[Plain link]] [[a|b|c]]"))),
-                       " shown text and plain link b c")
+        XCTAssertEqual(
+            try cleaned(dump(page("[[Link target|shown text]] and [[Plain link]] [[a|b|c]]"))),
+            " shown text and plain link b c")
     }
 
     func testText8ImageLinksKeepTheirCaption() throws {
         // |thumb |left |right |NNNpx (any case) go, then "[[Image:...|" up to the last "|";
         // "|Thumbnail" loses its "|Thumb" as in the script.
-        let body = "[[Image:Foo.jpg|thumb|left|250px|A caption here]] [[image:bar.png|RIGHT|Other [[caption link|words]]]] |Thumbnail |12PX"
+        let body =
+            "[[Image:Foo.jpg|thumb|left|250px|A caption here]] [[image:bar.png|RIGHT|Other [[caption link|words]]]] |Thumbnail |12PX"
         XCTAssertEqual(try cleaned(dump(page(body))), " a caption here other words nail")
     }
 
     func testText8CategoriesShowTheirName() throws {
         // The script keeps a category's name (drops the sort key): [[Category:A|k]] -> A.
-        XCTAssertEqual(try cleaned(dump(page("End.\n[[Category:Political philosophy|Sort key]]\n[[category:Lower case]]"))),
-                       " end political philosophy lower case")
+        XCTAssertEqual(
+            try cleaned(dump(page("End.\n[[Category:Political philosophy|Sort key]]\n[[category:Lower case]]"))),
+            " end political philosophy lower case")
     }
 
     func testText8RemovesInterlanguageLinks() throws {
@@ -105,8 +115,9 @@ extension DatasetCharTests {
     }
 
     func testText8LowercasesSpellsDigitsAndSqueezes() throws {
-        XCTAssertEqual(try cleaned(dump(page("In 1984, ABC's 2nd   edition\n\ncost $3.50"))),
-                       " in one nine eight four abc s two nd edition cost three five zero")
+        XCTAssertEqual(
+            try cleaned(dump(page("In 1984, ABC's 2nd   edition\n\ncost $3.50"))),
+            " in one nine eight four abc s two nd edition cost three five zero")
         // Non-ASCII bytes are "other characters" (the script works on bytes).
         XCTAssertEqual(try cleaned(dump(page("Café—naïve… x_y"))), " caf na ve x y")
     }
@@ -140,7 +151,8 @@ extension DatasetCharTests {
         let path = try writeFixture(Array(text.utf8), name: "text8")
         let ds = try openDataset(path: path, seqLen: 8, hp: ["compact_vocab": true])
         XCTAssertEqual(ds.vocabSize, 27)
-        XCTAssertEqual(try cleanedTokens(path, hp: ["compact_vocab": true]), text.utf8.map { $0 == 32 ? 0 : Int32($0) - 96 })
+        XCTAssertEqual(
+            try cleanedTokens(path, hp: ["compact_vocab": true]), text.utf8.map { $0 == 32 ? 0 : Int32($0) - 96 })
     }
 
     // MARK: errors
@@ -149,7 +161,8 @@ extension DatasetCharTests {
         // compact_vocab on text with other bytes: names the file and the byte.
         let raw = try writeFixture(Array("abc Def ghi jkl mno pqr stu".utf8), name: "raw.txt")
         var msg = errorMessage { _ = try openDataset(path: raw, seqLen: 4, hp: ["compact_vocab": true]) }
-        XCTAssertTrue(msg.contains(raw) && msg.contains("byte 4") && msg.contains("0x44") && msg.contains("clean=text8"), msg)
+        XCTAssertTrue(
+            msg.contains(raw) && msg.contains("byte 4") && msg.contains("0x44") && msg.contains("clean=text8"), msg)
         // clean=text8 on something that is not a dump: nothing is left.
         msg = errorMessage { _ = try openDataset(path: raw, seqLen: 4, hp: ["clean": "text8"]) }
         XCTAssertTrue(msg.contains(raw) && msg.contains("left no text") && msg.contains("<text"), msg)
@@ -193,28 +206,36 @@ extension DatasetCharTests {
         XCTAssertEqual(ids.last.map { $0 != 32 }, true)
         let text = String(decoding: ids.map { UInt8($0) }, as: UTF8.self)
         // The first article of enwik8 is "Anarchism" (the redirect before it is skipped).
-        XCTAssertTrue(text.hasPrefix(" anarchism is a political philosophy that advocates self gove"), String(text.prefix(80)))
+        XCTAssertTrue(
+            text.hasPrefix(" anarchism is a political philosophy that advocates self gove"), String(text.prefix(80)))
         XCTAssertEqual(text.split(separator: " ").count, 512_934)
         // compact_vocab: the same text in 27 symbols.
         let compact = try openDataset(path: path, seqLen: 128, hp: ["clean": "text8", "compact_vocab": true])
         XCTAssertEqual(compact.vocabSize, 27)
         let v = try XCTUnwrap(compact.read(.valid, index: 0, batchSize: 1))
         XCTAssertEqual(Array(v.inputsInt[0..<40]), ids[2_777_246..<(2_777_246 + 40)].map { $0 == 32 ? 0 : $0 - 96 })
-        XCTAssertEqual(String(decoding: ids[2_777_246..<(2_777_246 + 40)].map { UInt8($0) }, as: UTF8.self),
-                       "rganization and centralization of japane")
+        XCTAssertEqual(
+            String(decoding: ids[2_777_246..<(2_777_246 + 40)].map { UInt8($0) }, as: UTF8.self),
+            "rganization and centralization of japane")
     }
 }
 
 /// The generic plugin check with clean=text8, and with compact_vocab.
 final class DatasetCharText8CheckerTests: XCTestCase {
     func testPluginCheckerPassesWithText8AndCompactVocab() throws {
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vqmoe-char8-check-\(UUID().uuidString)")
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(
+            "vqmoe-char8-check-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
         let url = dir.appendingPathComponent("dump.xml")
         let body = String(repeating: "To be, or not to be: [[Hamlet|that]] is the {{question}} 1603. ", count: 30)
-        try Data(("<mediawiki><page><revision><text xml:space=\"preserve\">" + body + "</text></revision></page></mediawiki>").utf8).write(to: url)
-        for hp: [String: Any] in [["path": url.path, "clean": "text8"], ["path": url.path, "clean": "text8", "compact_vocab": true]] {
+        try Data(
+            ("<mediawiki><page><revision><text xml:space=\"preserve\">" + body + "</text></revision></page></mediawiki>")
+                .utf8
+        ).write(to: url)
+        for hp: [String: Any] in [
+            ["path": url.path, "clean": "text8"], ["path": url.path, "clean": "text8", "compact_vocab": true],
+        ] {
             let results = PluginChecker(library: try openPlugin("DatasetChar"), hyperparameters: hp).run()
             XCTAssertTrue(results.allSatisfy(\.passed), results.map(\.description).joined(separator: "\n"))
             XCTAssertGreaterThanOrEqual(results.count, 10)

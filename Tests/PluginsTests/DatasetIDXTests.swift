@@ -24,8 +24,8 @@ final class DatasetIDXTests: XCTestCase {
     /// distinct) and labels in [0, nClasses).
     struct Fixture {
         var rows: Int, cols: Int
-        var pixels: [UInt8]   // (count, rows*cols)
-        var labels: [UInt8]   // (count)
+        var pixels: [UInt8]  // (count, rows*cols)
+        var labels: [UInt8]  // (count)
         var count: Int { labels.count }
         func image(_ i: Int) -> [UInt8] { Array(pixels[(i * rows * cols)..<((i + 1) * rows * cols)]) }
     }
@@ -41,7 +41,9 @@ final class DatasetIDXTests: XCTestCase {
         return Fixture(rows: rows, cols: cols, pixels: pixels, labels: labels)
     }
 
-    static func be32(_ v: UInt32) -> [UInt8] { [UInt8(v >> 24), UInt8((v >> 16) & 0xff), UInt8((v >> 8) & 0xff), UInt8(v & 0xff)] }
+    static func be32(_ v: UInt32) -> [UInt8] {
+        [UInt8(v >> 24), UInt8((v >> 16) & 0xff), UInt8((v >> 8) & 0xff), UInt8(v & 0xff)]
+    }
 
     /// IDX image file bytes: magic 0x00000803, count, rows, cols, pixels.
     static func imageFile(_ f: Fixture, magic: UInt32 = 0x0000_0803) -> [UInt8] {
@@ -77,7 +79,9 @@ final class DatasetIDXTests: XCTestCase {
             pos += n
         } while pos < data.count
         let crc = crc32(data), size = UInt32(truncatingIfNeeded: data.count)
-        for v in [crc, size] { out += [UInt8(v & 0xff), UInt8((v >> 8) & 0xff), UInt8((v >> 16) & 0xff), UInt8(v >> 24)] }
+        for v in [crc, size] {
+            out += [UInt8(v & 0xff), UInt8((v >> 8) & 0xff), UInt8((v >> 16) & 0xff), UInt8(v >> 24)]
+        }
         return out
     }
 
@@ -104,7 +108,8 @@ final class DatasetIDXTests: XCTestCase {
     func openDataset(_ hp: [String: Any] = [:], seed: UInt64 = 1) throws -> DatasetInstance {
         var values = hp
         if values["dir"] == nil { values["dir"] = tempDir.path }
-        let core = try makeInstance(try openPlugin("DatasetIDX"), dims: ModelDims(), hyperparameters: values, seed: seed)
+        let core = try makeInstance(
+            try openPlugin("DatasetIDX"), dims: ModelDims(), hyperparameters: values, seed: seed)
         return try DatasetInstance(core)
     }
 
@@ -186,7 +191,9 @@ final class DatasetIDXTests: XCTestCase {
                 for r in 0..<rows {
                     let ex = offset + index * B + r
                     let img = fixture.image(ex)
-                    for k in 0..<P { expected[r * P + k] = Self.pixel(img[k], normalize: normalize, mean: mean, std: std) }
+                    for k in 0..<P {
+                        expected[r * P + k] = Self.pixel(img[k], normalize: normalize, mean: mean, std: std)
+                    }
                     targets[r] = Int32(fixture.labels[ex])
                 }
                 XCTAssertEqual(batch.targets, targets, "\(split.name) batch \(index) targets")
@@ -215,7 +222,8 @@ final class DatasetIDXTests: XCTestCase {
         try writeDataSet(train: train, test: test)
         try checkEvalSplits(try openDataset(["normalize": false]), B: 5, normalize: false, mean: 0, std: 1)
         // MNIST's statistics.
-        try checkEvalSplits(try openDataset(["mean": 0.1307, "std": 0.3081]), B: 2, normalize: true, mean: 0.1307, std: 0.3081)
+        try checkEvalSplits(
+            try openDataset(["mean": 0.1307, "std": 0.3081]), B: 2, normalize: true, mean: 0.1307, std: 0.3081)
         // Unnormalised values are exactly v/255 in [0, 1].
         let batch = try XCTUnwrap(try openDataset(["normalize": false]).read(.test, index: 0, batchSize: 7))
         XCTAssertEqual(batch.inputsFloat[0], Float(Double(test.pixels[0]) / 255))
@@ -233,15 +241,19 @@ final class DatasetIDXTests: XCTestCase {
         try write(Self.gzip(Self.labelFile(train)), "train-labels-idx1-ubyte.gz", in: gzDir)
         try write(Self.gzip(Self.imageFile(test)), "t10k-images-idx3-ubyte.gz", in: gzDir)
         try write(Self.gzip(Self.labelFile(test)), "t10k-labels-idx1-ubyte.gz", in: gzDir)
-        let ds = try openDataset(["dir": gzDir.path, "train_images": "train-images-idx3-ubyte",
-                                  "train_labels": "train-labels-idx1-ubyte", "test_images": "t10k-images-idx3-ubyte",
-                                  "test_labels": "t10k-labels-idx1-ubyte"])
+        let ds = try openDataset([
+            "dir": gzDir.path, "train_images": "train-images-idx3-ubyte",
+            "train_labels": "train-labels-idx1-ubyte", "test_images": "t10k-images-idx3-ubyte",
+            "test_labels": "t10k-labels-idx1-ubyte",
+        ])
         try checkEvalSplits(ds, B: 4, normalize: true, mean: 0.2860, std: 0.3530)
         // Absolute file names are used as they are.
-        let abs = try openDataset(["dir": "/nonexistent", "train_images": gzDir.path + "/train-images-idx3-ubyte.gz",
-                                   "train_labels": gzDir.path + "/train-labels-idx1-ubyte.gz",
-                                   "test_images": gzDir.path + "/t10k-images-idx3-ubyte.gz",
-                                   "test_labels": gzDir.path + "/t10k-labels-idx1-ubyte.gz"])
+        let abs = try openDataset([
+            "dir": "/nonexistent", "train_images": gzDir.path + "/train-images-idx3-ubyte.gz",
+            "train_labels": gzDir.path + "/train-labels-idx1-ubyte.gz",
+            "test_images": gzDir.path + "/t10k-images-idx3-ubyte.gz",
+            "test_labels": gzDir.path + "/t10k-labels-idx1-ubyte.gz",
+        ])
         XCTAssertEqual(abs.splitSizes, [21, 2, 7])
     }
 
@@ -275,7 +287,7 @@ final class DatasetIDXTests: XCTestCase {
         try writeDataSet(train: train, test: test)
         let seed: UInt64 = 42
         let ds = try openDataset(["normalize": false], seed: seed)
-        let nTrain = ds.splitSizes[0]   // 21
+        let nTrain = ds.splitSizes[0]  // 21
         var lookup: [[UInt8]: Int] = [:]
         for i in 0..<train.count { lookup[train.image(i)] = i }
         XCTAssertEqual(lookup.count, train.count, "fixture images must be distinct")
@@ -312,14 +324,16 @@ final class DatasetIDXTests: XCTestCase {
         XCTAssertEqual(b7.targets, b7again.targets)
         XCTAssertNotEqual(b7.inputsFloat, b3.inputsFloat)
         // A resumed run (fresh instance, same seed) reads the same batch; another seed differs.
-        XCTAssertEqual(try XCTUnwrap(try openDataset(seed: 7).read(.train, index: 7, batchSize: 4)).inputsFloat, b7.inputsFloat)
-        XCTAssertNotEqual(try XCTUnwrap(try openDataset(seed: 8).read(.train, index: 7, batchSize: 4)).inputsFloat, b7.inputsFloat)
+        XCTAssertEqual(
+            try XCTUnwrap(try openDataset(seed: 7).read(.train, index: 7, batchSize: 4)).inputsFloat, b7.inputsFloat)
+        XCTAssertNotEqual(
+            try XCTUnwrap(try openDataset(seed: 8).read(.train, index: 7, batchSize: 4)).inputsFloat, b7.inputsFloat)
         // Batch 1 of 8 = batches 2 and 3 of 4 (positions 8..<16), across an epoch boundary too.
         let b8 = try XCTUnwrap(ds.read(.train, index: 1, batchSize: 8))
         let b2 = try XCTUnwrap(ds.read(.train, index: 2, batchSize: 4))
         XCTAssertEqual(b8.inputsFloat, b2.inputsFloat + b3.inputsFloat)
         XCTAssertEqual(b8.targets, b2.targets + b3.targets)
-        let b4of5 = try XCTUnwrap(ds.read(.train, index: 4, batchSize: 5))   // positions 20..<25
+        let b4of5 = try XCTUnwrap(ds.read(.train, index: 4, batchSize: 5))  // positions 20..<25
         let p20 = try XCTUnwrap(ds.read(.train, index: 20, batchSize: 1))
         let p24 = try XCTUnwrap(ds.read(.train, index: 24, batchSize: 1))
         XCTAssertEqual(Array(b4of5.inputsFloat[0..<20]), p20.inputsFloat)
@@ -353,10 +367,14 @@ final class DatasetIDXTests: XCTestCase {
         try writeDataSet(train: train, test: test)
         // The label file named as the image file.
         var msg = errorMessage { _ = try openDataset(["train_images": "train-labels-idx1-ubyte.gz"]) }
-        XCTAssertTrue(msg.contains("train-labels-idx1-ubyte.gz: bad magic 0x00000801 (expected 0x00000803: an IDX image file)"), msg)
+        XCTAssertTrue(
+            msg.contains("train-labels-idx1-ubyte.gz: bad magic 0x00000801 (expected 0x00000803: an IDX image file)"),
+            msg)
         XCTAssertTrue(msg.contains("swapped"), msg)
         msg = errorMessage { _ = try openDataset(["test_labels": "t10k-images-idx3-ubyte.gz"]) }
-        XCTAssertTrue(msg.contains("t10k-images-idx3-ubyte.gz: bad magic 0x00000803 (expected 0x00000801: an IDX label file)"), msg)
+        XCTAssertTrue(
+            msg.contains("t10k-images-idx3-ubyte.gz: bad magic 0x00000803 (expected 0x00000801: an IDX label file)"),
+            msg)
         // Not IDX at all.
         try write(Self.gzip(Array("hello, world, not idx".utf8)), "train-images-idx3-ubyte.gz")
         msg = errorMessage { _ = try openDataset() }
@@ -456,7 +474,9 @@ final class DatasetIDXTests: XCTestCase {
     func testRealFashionMNIST() throws {
         guard let root = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
         let dir = root + "/fashion-mnist"
-        guard FileManager.default.fileExists(atPath: dir + "/train-images-idx3-ubyte.gz") else { throw XCTSkip("\(dir) not present") }
+        guard FileManager.default.fileExists(atPath: dir + "/train-images-idx3-ubyte.gz") else {
+            throw XCTSkip("\(dir) not present")
+        }
         let seed: UInt64 = 3
         let ds = try openDataset(["dir": dir, "normalize": false], seed: seed)
         XCTAssertEqual(ds.sampleShape, [1, 28, 28])
@@ -525,7 +545,8 @@ final class DatasetIDXCheckerTests: XCTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vqmoe-idx-check-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        let train = DatasetIDXTests.makeFixture(count: 30, seed: 1), test = DatasetIDXTests.makeFixture(count: 9, seed: 2)
+        let train = DatasetIDXTests.makeFixture(count: 30, seed: 1),
+            test = DatasetIDXTests.makeFixture(count: 9, seed: 2)
         let files: [(String, [UInt8])] = [
             ("train-images-idx3-ubyte.gz", DatasetIDXTests.gzip(DatasetIDXTests.imageFile(train))),
             ("train-labels-idx1-ubyte.gz", DatasetIDXTests.gzip(DatasetIDXTests.labelFile(train))),
@@ -533,11 +554,14 @@ final class DatasetIDXCheckerTests: XCTestCase {
             ("t10k-labels-idx1-ubyte.gz", DatasetIDXTests.gzip(DatasetIDXTests.labelFile(test))),
         ]
         for (name, bytes) in files { try Data(bytes).write(to: dir.appendingPathComponent(name)) }
-        for extra: [String: Any] in [[:], ["normalize": false], ["valid_fraction": 0.0], ["valid_fraction": 0.5, "mean": 0.1307, "std": 0.3081]] {
+        for extra: [String: Any] in [
+            [:], ["normalize": false], ["valid_fraction": 0.0], ["valid_fraction": 0.5, "mean": 0.1307, "std": 0.3081],
+        ] {
             var hp = extra
             hp["dir"] = dir.path
             let results = PluginChecker(library: try openPlugin("DatasetIDX"), hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(extra): " + results.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed), "\(extra): " + results.map(\.description).joined(separator: "\n"))
             XCTAssertGreaterThanOrEqual(results.count, 10)
         }
     }

@@ -21,7 +21,9 @@ final class DatasetSSTTests: XCTestCase {
 
     /// Write stsa.<variant>.{train,dev,test} with the given raw contents; returns the folder.
     @discardableResult
-    func writeSST(variant: String = "binary", train: String, dev: String, test: String, in folder: String = "sst") throws -> String {
+    func writeSST(
+        variant: String = "binary", train: String, dev: String, test: String, in folder: String = "sst"
+    ) throws -> String {
         let dir = tempDir.appendingPathComponent(folder)
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         for (suffix, text) in [("train", train), ("dev", dev), ("test", test)] {
@@ -30,12 +32,15 @@ final class DatasetSSTTests: XCTestCase {
         return dir.path
     }
 
-    func openDataset(dir: String, variant: String = "binary", seqLen: Int = 0, modelSeqLen: Int = 0,
-                     seed: UInt64 = 1) throws -> DatasetInstance {
+    func openDataset(
+        dir: String, variant: String = "binary", seqLen: Int = 0, modelSeqLen: Int = 0,
+        seed: UInt64 = 1
+    ) throws -> DatasetInstance {
         var values: [String: Any] = ["dir": dir, "variant": variant]
         if seqLen > 0 { values["seq_len"] = seqLen }
-        let core = try makeInstance(try openPlugin("DatasetSST"), dims: ModelDims(seqLen: modelSeqLen),
-                                    hyperparameters: values, seed: seed)
+        let core = try makeInstance(
+            try openPlugin("DatasetSST"), dims: ModelDims(seqLen: modelSeqLen),
+            hyperparameters: values, seed: seed)
         return try DatasetInstance(core)
     }
 
@@ -112,7 +117,8 @@ final class DatasetSSTTests: XCTestCase {
         let b = try XCTUnwrap(ds.read(.valid, index: 0, batchSize: 1))
         XCTAssertEqual(b.targets, [3])
         // The binary files are not read for variant fine (and vice versa).
-        XCTAssertTrue(errorMessage { _ = try openDataset(dir: dir, variant: "binary", seqLen: 8) }.contains("stsa.binary.train"))
+        XCTAssertTrue(
+            errorMessage { _ = try openDataset(dir: dir, variant: "binary", seqLen: 8) }.contains("stsa.binary.train"))
     }
 
     func testSeqLenFromModelAndHyperparameter() throws {
@@ -128,8 +134,10 @@ final class DatasetSSTTests: XCTestCase {
     func testEvalBatchesAreBytesPaddedTruncatedWithLengths() throws {
         // Sentences: short, exactly T, longer than T (truncated), empty, multi-byte UTF-8.
         let T = 10
-        let dev: [(String, Int)] = [("good", 1), ("0123456789", 0), ("a much longer sentence", 1), ("", 0),
-                                    ("naïve café", 1)]
+        let dev: [(String, Int)] = [
+            ("good", 1), ("0123456789", 0), ("a much longer sentence", 1), ("", 0),
+            ("naïve café", 1),
+        ]
         let dir = try writeSST(train: "1 x\n", dev: lines(dev), test: "0 y\n")
         let ds = try openDataset(dir: dir, seqLen: T)
         let B = 3
@@ -173,9 +181,10 @@ final class DatasetSSTTests: XCTestCase {
         let ds = try openDataset(dir: dir, seqLen: T)
         XCTAssertEqual(ds.splitSizes[1], 5)
         let b = try XCTUnwrap(ds.read(.valid, index: 0, batchSize: 5))
-        XCTAssertEqual((0..<5).map { rowText(b, row: $0, T: T) }, ["first  sentence", "second", "third", "", "last one"])
+        XCTAssertEqual(
+            (0..<5).map { rowText(b, row: $0, T: T) }, ["first  sentence", "second", "third", "", "last one"])
         XCTAssertEqual(b.targets, [1, 0, 1, 1, 0])
-        XCTAssertEqual(b.lengths[3], 1)   // the empty sentence: one 0 byte
+        XCTAssertEqual(b.lengths[3], 1)  // the empty sentence: one 0 byte
     }
 
     func testEvalPassCoversTheSplitInFileOrder() throws {
@@ -211,7 +220,8 @@ final class DatasetSSTTests: XCTestCase {
             XCTAssertEqual(b.rows, B)
             for r in 0..<B {
                 let text = rowText(b, row: r, T: T)
-                let example = try XCTUnwrap(train.firstIndex { $0.0 == text }, "train row '\(text)' is no train example")
+                let example = try XCTUnwrap(
+                    train.firstIndex { $0.0 == text }, "train row '\(text)' is no train example")
                 XCTAssertEqual(b.targets[r], Int32(train[example].1), "label of '\(text)'")
                 stream.append(example)
             }
@@ -320,7 +330,8 @@ final class DatasetSSTTests: XCTestCase {
         var msg = errorMessage { _ = try openDataset(dir: dir, variant: "ternary", seqLen: 8) }
         XCTAssertTrue(msg.contains("ternary") && msg.contains("binary"), msg)
         msg = errorMessage {
-            _ = try makeInstance(try openPlugin("DatasetSST"), dims: ModelDims(seqLen: 8), hyperparameters: ["dir": dir, "seq_len": -1])
+            _ = try makeInstance(
+                try openPlugin("DatasetSST"), dims: ModelDims(seqLen: 8), hyperparameters: ["dir": dir, "seq_len": -1])
         }
         XCTAssertTrue(msg.contains("seq_len"), msg)
     }
@@ -330,7 +341,9 @@ final class DatasetSSTTests: XCTestCase {
     func testRealSSTCounts() throws {
         guard let data = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
         let dir = data + "/sst"
-        guard FileManager.default.fileExists(atPath: dir + "/stsa.binary.train") else { throw XCTSkip("\(dir) not present") }
+        guard FileManager.default.fileExists(atPath: dir + "/stsa.binary.train") else {
+            throw XCTSkip("\(dir) not present")
+        }
         let binary = try openDataset(dir: dir, seqLen: 128)
         XCTAssertEqual(binary.splitSizes, [6_920, 872, 1_821])
         XCTAssertEqual(binary.nClasses, 2)
@@ -363,7 +376,9 @@ final class DatasetSSTTests: XCTestCase {
 
     func testDefaultDirResolvesUnderTheDataRoot() throws {
         guard let data = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
-        guard FileManager.default.fileExists(atPath: data + "/sst/stsa.binary.train") else { throw XCTSkip("sst not present") }
+        guard FileManager.default.fileExists(atPath: data + "/sst/stsa.binary.train") else {
+            throw XCTSkip("sst not present")
+        }
         // No hyperparameters: dir = "$DATA/sst", variant binary, seq_len = the model's.
         let core = try makeInstance(try openPlugin("DatasetSST"), dims: ModelDims(seqLen: 64, dataRoot: data))
         let ds = try DatasetInstance(core)
@@ -382,13 +397,16 @@ final class DatasetSSTCheckerTests: XCTestCase {
         for variant in ["binary", "fine"] {
             let classes = variant == "binary" ? 2 : 5
             for (suffix, n) in [("train", 30), ("dev", 9), ("test", 6)] {
-                let text = (0..<n).map { "\(($0 * 3) % classes) a \(suffix) sentence number \($0) for the checker\n" }.joined()
+                let text = (0..<n).map { "\(($0 * 3) % classes) a \(suffix) sentence number \($0) for the checker\n" }
+                    .joined()
                 try Data(text.utf8).write(to: dir.appendingPathComponent("stsa.\(variant).\(suffix)"))
             }
         }
         let lib = try openPlugin("DatasetSST")
-        for hp: [String: Any] in [["dir": dir.path], ["dir": dir.path, "variant": "fine"],
-                                  ["dir": dir.path, "variant": "fine", "seq_len": 64]] {
+        for hp: [String: Any] in [
+            ["dir": dir.path], ["dir": dir.path, "variant": "fine"],
+            ["dir": dir.path, "variant": "fine", "seq_len": 64],
+        ] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
             XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.map(\.description).joined(separator: "\n"))
             XCTAssertGreaterThanOrEqual(results.count, 10)

@@ -39,11 +39,13 @@ final class DatasetWordTests: XCTestCase {
         return tempDir.appendingPathComponent(name).path
     }
 
-    func openDataset(_ hp: [String: Any], seqLen: Int, modelSeqLen: Int = 0, seed: UInt64 = 1) throws -> DatasetInstance {
+    func openDataset(_ hp: [String: Any], seqLen: Int, modelSeqLen: Int = 0, seed: UInt64 = 1) throws -> DatasetInstance
+    {
         var values = hp
         if values["dir"] == nil { values["dir"] = "" }
         if seqLen > 0 { values["seq_len"] = seqLen }
-        let core = try makeInstance(try openPlugin("DatasetWord"), dims: ModelDims(seqLen: modelSeqLen), hyperparameters: values, seed: seed)
+        let core = try makeInstance(
+            try openPlugin("DatasetWord"), dims: ModelDims(seqLen: modelSeqLen), hyperparameters: values, seed: seed)
         return try DatasetInstance(core)
     }
 
@@ -129,8 +131,10 @@ final class DatasetWordTests: XCTestCase {
 
     /// A deterministic corpus: `lines` lines of 0-11 Zipf-ish words (some lines empty).
     func syntheticCorpus(lines: Int, seed: UInt64 = 7) -> String {
-        let words = ["the", "of", "and", "to", "a", "in", "was", "The", "@-@", ",", ".", "<unk>", "river", "song",
-                     "album", "café", "Ōtsuki", "1999", "season", "game", "war", "city", "band", "new", "first"]
+        let words = [
+            "the", "of", "and", "to", "a", "in", "was", "The", "@-@", ",", ".", "<unk>", "river", "song",
+            "album", "café", "Ōtsuki", "1999", "season", "game", "war", "city", "band", "new", "first",
+        ]
         var x = seed
         func next() -> Int { x = x &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407; return Int(x >> 33) }
         var out = ""
@@ -196,12 +200,16 @@ final class DatasetWordTests: XCTestCase {
         XCTAssertEqual(ds.splitSizes, [15, 0, 0])
         // Every word once: byte order. "Zeta" (0x5A) before "a"; "eps" before "e\u{301}" (0x70 < 0xCC).
         // (Compared as bytes: Swift's String == would equate the two spellings of é.)
-        let order = ["Zeta", "a", "ab", "alpha", "beta", "delta", "eps", "e\u{0301}", "gamma", "x", "y\u{200B}z", "\u{00E9}"]
-            .map { Array($0.utf8) }
+        let order = [
+            "Zeta", "a", "ab", "alpha", "beta", "delta", "eps", "e\u{0301}", "gamma", "x", "y\u{200B}z", "\u{00E9}",
+        ]
+        .map { Array($0.utf8) }
         XCTAssertEqual(ds.vocabSize, 2 + order.count)
         let id = { (w: String) in Int32(2 + order.firstIndex(of: Array(w.utf8))!) }
-        XCTAssertEqual(try trainStream(hp), ["Zeta", "alpha", "beta", "gamma", "delta", "eps"].map(id) + [1, id("x"), 1]
-                        + ["y\u{200B}z", "\u{00E9}", "e\u{0301}", "ab", "a"].map(id) + [1])
+        XCTAssertEqual(
+            try trainStream(hp),
+            ["Zeta", "alpha", "beta", "gamma", "delta", "eps"].map(id) + [1, id("x"), 1]
+                + ["y\u{200B}z", "\u{00E9}", "e\u{0301}", "ab", "a"].map(id) + [1])
         // The reference tokeniser agrees.
         let ref = referenceTokens(text)
         XCTAssertEqual(ref.count, 15)
@@ -213,8 +221,10 @@ final class DatasetWordTests: XCTestCase {
         let path = try write(text, "corpus.txt")
         let tokens = referenceTokens(text)
         let n = tokens.count
-        let trainEnd = Int((Double(n) * 0.9 + 1e-6).rounded(.down)), validEnd = Int((Double(n) * 0.95 + 1e-6).rounded(.down))
-        let train = Array(tokens[..<trainEnd]), valid = Array(tokens[trainEnd..<validEnd]), test = Array(tokens[validEnd...])
+        let trainEnd = Int((Double(n) * 0.9 + 1e-6).rounded(.down)),
+            validEnd = Int((Double(n) * 0.95 + 1e-6).rounded(.down))
+        let train = Array(tokens[..<trainEnd]), valid = Array(tokens[trainEnd..<validEnd]),
+            test = Array(tokens[validEnd...])
         for (minCount, maxVocab) in [(1, 0), (3, 0), (1, 50), (2, 20)] {
             let hp: [String: Any] = ["path": path, "min_count": minCount, "max_vocab": maxVocab]
             let vocab = referenceVocab(train, minCount: minCount, maxVocab: maxVocab)
@@ -250,7 +260,9 @@ final class DatasetWordTests: XCTestCase {
         XCTAssertEqual(try openDataset(["dir": partial, "path": single], seqLen: 2).splitSizes, [144, 8, 8])
         // Errors say which source was read and why.
         let msg = errorMessage { _ = try openDataset(["dir": partial, "path": single], seqLen: 500) }
-        XCTAssertTrue(msg.contains("path \(single)") && msg.contains("lacks wiki.valid.tokens, wiki.test.tokens") && msg.contains("train split has 144 tokens"), msg)
+        XCTAssertTrue(
+            msg.contains("path \(single)") && msg.contains("lacks wiki.valid.tokens, wiki.test.tokens")
+                && msg.contains("train split has 144 tokens"), msg)
         let msg2 = errorMessage { _ = try openDataset(["dir": dir], seqLen: 50) }
         XCTAssertTrue(msg2.contains("dir \(dir)") && msg2.contains("train split has 7 tokens"), msg2)
     }
@@ -281,7 +293,9 @@ final class DatasetWordTests: XCTestCase {
             XCTAssertEqual(b.rows, B)
             for r in 0..<B {
                 let x = Array(b.inputsInt[(r * T)..<(r * T + T)]), y = Array(b.targets[(r * T)..<(r * T + T)])
-                let s = (0...(stream.count - T - 1)).first { s in Array(stream[s..<(s + T)]) == x && Array(stream[(s + 1)...(s + T)]) == y }
+                let s = (0...(stream.count - T - 1)).first { s in
+                    Array(stream[s..<(s + T)]) == x && Array(stream[(s + 1)...(s + T)]) == y
+                }
                 XCTAssertNotNil(s, "batch \(index) row \(r) is not a train window")
                 if let s { starts.insert(s) }
             }
@@ -290,9 +304,13 @@ final class DatasetWordTests: XCTestCase {
         // Same index, same batch (also from a fresh instance: a resumed run); other index or seed differs.
         let b2 = try XCTUnwrap(ds.read(.train, index: 2, batchSize: 4))
         XCTAssertEqual(try XCTUnwrap(ds.read(.train, index: 2, batchSize: 4)).inputsInt, b2.inputsInt)
-        XCTAssertEqual(try XCTUnwrap(openDataset(hp, seqLen: T, seed: 5).read(.train, index: 2, batchSize: 4)).inputsInt, b2.inputsInt)
+        XCTAssertEqual(
+            try XCTUnwrap(openDataset(hp, seqLen: T, seed: 5).read(.train, index: 2, batchSize: 4)).inputsInt,
+            b2.inputsInt)
         XCTAssertNotEqual(try XCTUnwrap(ds.read(.train, index: 3, batchSize: 4)).inputsInt, b2.inputsInt)
-        XCTAssertNotEqual(try XCTUnwrap(openDataset(hp, seqLen: T, seed: 6).read(.train, index: 2, batchSize: 4)).inputsInt, b2.inputsInt)
+        XCTAssertNotEqual(
+            try XCTUnwrap(openDataset(hp, seqLen: T, seed: 6).read(.train, index: 2, batchSize: 4)).inputsInt,
+            b2.inputsInt)
         XCTAssertNotNil(try ds.read(.train, index: 1_000_000_000, batchSize: 2))
         XCTAssertEqual(try ds.numBatches(.train, batchSize: 4), Int.max)
     }
@@ -351,14 +369,18 @@ final class DatasetWordTests: XCTestCase {
             let seg = index % (S / T)
             for r in 0..<B {
                 let start = r * S + seg * T
-                XCTAssertEqual(Array(b.inputsInt[(r * T)..<(r * T + T)]), Array(stream[start..<(start + T)]), "train batch \(index) row \(r)")
+                XCTAssertEqual(
+                    Array(b.inputsInt[(r * T)..<(r * T + T)]), Array(stream[start..<(start + T)]),
+                    "train batch \(index) row \(r)")
                 XCTAssertEqual(Array(b.targets[(r * T)..<(r * T + T)]), Array(stream[(start + 1)...(start + T)]))
             }
         }
         let n = try ds.numBatches(.valid, batchSize: B), Sv = (ds.splitSizes[1] - 1) / B
         XCTAssertEqual(n, (Sv + T - 1) / T)
         var real = 0
-        for index in 0..<n { real += try XCTUnwrap(ds.read(.valid, index: index, batchSize: B)).targets.filter { $0 != -1 }.count }
+        for index in 0..<n {
+            real += try XCTUnwrap(ds.read(.valid, index: index, batchSize: B)).targets.filter { $0 != -1 }.count
+        }
         XCTAssertEqual(real, B * Sv)
         XCTAssertNil(try ds.read(.valid, index: n, batchSize: B))
         XCTAssertFalse(try openDataset(["path": path], seqLen: T).streams)
@@ -370,16 +392,20 @@ final class DatasetWordTests: XCTestCase {
         // No data at all: the missing files, the empty path, and where WikiText comes from.
         let none = tempDir.appendingPathComponent("wikitext-103").path
         var msg = errorMessage { _ = try openDataset(["dir": none], seqLen: 4) }
-        XCTAssertTrue(msg.contains("\(none)/wiki.train.tokens") && msg.contains("'path' is empty") && msg.contains("wikitext-103-v1.zip"), msg)
+        XCTAssertTrue(
+            msg.contains("\(none)/wiki.train.tokens") && msg.contains("'path' is empty")
+                && msg.contains("wikitext-103-v1.zip"), msg)
         msg = errorMessage { _ = try openDataset([:], seqLen: 4) }
         XCTAssertTrue(msg.contains("dir is empty") && msg.contains("'path' is empty"), msg)
         // A missing path.
         let gone = tempDir.appendingPathComponent("gone.txt").path
         msg = errorMessage { _ = try openDataset(["dir": none, "path": gone], seqLen: 4) }
-        XCTAssertTrue(msg.contains("\(gone) not found") && msg.contains("lacks wiki.train.tokens") && msg.contains("IO"), msg)
+        XCTAssertTrue(
+            msg.contains("\(gone) not found") && msg.contains("lacks wiki.train.tokens") && msg.contains("IO"), msg)
         // Malformed UTF-8: file and line.
         let bad = try writeWikiText("bad", train: "good line\nstill good\n", valid: "a\n", test: "a\n")
-        try write(Array("good line\n\nbad ".utf8) + [0xC3, 0x41, 0x0A], "bad/wiki.train.tokens")  // 0xC3 0x41: malformed
+        // 0xC3 0x41: malformed
+        try write(Array("good line\n\nbad ".utf8) + [0xC3, 0x41, 0x0A], "bad/wiki.train.tokens")
         msg = errorMessage { _ = try openDataset(["dir": bad], seqLen: 1) }
         XCTAssertTrue(msg.contains("\(bad)/wiki.train.tokens:3: malformed UTF-8") && msg.contains("column 5"), msg)
         // Empty files.
@@ -401,7 +427,9 @@ final class DatasetWordTests: XCTestCase {
         XCTAssertTrue(msg.contains("min_count") && msg.contains("minimum"), msg)
         msg = errorMessage { _ = try openDataset(["dir": ok], seqLen: 0, modelSeqLen: 0) }
         XCTAssertTrue(msg.contains("seq_len"), msg)
-        msg = errorMessage { _ = try openDataset(["path": emptyPath, "train_fraction": 0.9, "valid_fraction": 0.5], seqLen: 2) }
+        msg = errorMessage {
+            _ = try openDataset(["path": emptyPath, "train_fraction": 0.9, "valid_fraction": 0.5], seqLen: 2)
+        }
         XCTAssertTrue(msg.contains("exceeds 1"), msg)
     }
 
@@ -409,7 +437,9 @@ final class DatasetWordTests: XCTestCase {
         let lib = try openPlugin("DatasetWord")
         XCTAssertEqual(lib.name, "word")
         XCTAssertEqual(lib.version, "1.1.0")
-        XCTAssertEqual(lib.schema.map(\.name), ["dir", "path", "train_fraction", "valid_fraction", "seq_len", "min_count", "max_vocab", "order"])
+        XCTAssertEqual(
+            lib.schema.map(\.name),
+            ["dir", "path", "train_fraction", "valid_fraction", "seq_len", "min_count", "max_vocab", "order"])
         let dir = try XCTUnwrap(lib.schema.first { $0.name == "dir" })
         XCTAssertEqual(dir.defaultString, "$DATA/wikitext-103")
         XCTAssertTrue(dir.isPath && dir.optional)
@@ -462,12 +492,15 @@ final class DatasetWordCheckerTests: XCTestCase {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("vqmoe-word-check-\(UUID().uuidString)")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: dir) }
-        let text = String(repeating: "To be , or not to be , that is the question :\nWhether 'tis nobler in the mind\n\n", count: 20)
+        let text = String(
+            repeating: "To be , or not to be , that is the question :\nWhether 'tis nobler in the mind\n\n", count: 20)
         let file = dir.appendingPathComponent("text.txt")
         try Data(text.utf8).write(to: file)
         let wt = dir.appendingPathComponent("wt")
         try FileManager.default.createDirectory(at: wt, withIntermediateDirectories: true)
-        for (name, body) in [("train", text), ("valid", "To be or not\nthe unknown question\n"), ("test", "nobler mind\n")] {
+        for (name, body) in [
+            ("train", text), ("valid", "To be or not\nthe unknown question\n"), ("test", "nobler mind\n"),
+        ] {
             try Data(body.utf8).write(to: wt.appendingPathComponent("wiki.\(name).tokens"))
         }
         let modes: [[String: Any]] = [

@@ -25,16 +25,22 @@ final class HeadClassifierTests: XCTestCase {
     struct Params { var w1: [Double], b1: [Double], w2: [Double], b2: [Double], hidden: Int }
 
     /// A head with its parameters overwritten by seeded N(0, scale^2) values.
-    func makeHead(_ hp: [String: Any] = [:], d: Int? = nil, C: Int? = nil, seed: UInt64 = 1,
-                  scale: Float = 0.6) throws -> (HeadInstance, Params) {
+    func makeHead(
+        _ hp: [String: Any] = [:], d: Int? = nil, C: Int? = nil, seed: UInt64 = 1,
+        scale: Float = 0.6
+    ) throws -> (HeadInstance, Params) {
         let d = d ?? self.d, C = C ?? self.C
         let lib = try openPlugin("HeadClassifier")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nClasses: C, seqLen: T), hyperparameters: hp, seed: seed)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nClasses: C, seqLen: T), hyperparameters: hp, seed: seed)
         let head = try HeadInstance(core)
         var out: [[Double]] = []
         for (i, name) in ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"].enumerated() {
             let buf = try XCTUnwrap(core.buffer(name), name)
-            if scale > 0 { buf.floats.update(from: randomNormal(buf.count, seed: seed &+ 100 &+ UInt64(i), scale: scale), count: buf.count) }
+            if scale > 0 {
+                buf.floats.update(
+                    from: randomNormal(buf.count, seed: seed &+ 100 &+ UInt64(i), scale: scale), count: buf.count)
+            }
             out.append(UnsafeBufferPointer(start: buf.floats, count: buf.count).map(Double.init))
         }
         return (head, Params(w1: out[0], b1: out[1], w2: out[2], b2: out[3], hidden: out[1].count))
@@ -69,8 +75,10 @@ final class HeadClassifierTests: XCTestCase {
         return (0..<count).map { _ in HostRNG.uniform(&r) >= Float(p) ? 1 / (1 - p) : 0 }
     }
 
-    func reference(h: [Float], B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String, activation act: String,
-                   params q: Params, C: Int, mask: [Double]?, y: [Int32]?) -> Reference {
+    func reference(
+        h: [Float], B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String, activation act: String,
+        params q: Params, C: Int, mask: [Double]?, y: [Int32]?
+    ) -> Reference {
         let H = q.hidden
         var pooled = [Double](repeating: 0, count: B * d), argmax = [Int](repeating: 0, count: B * d)
         for b in 0..<B {
@@ -113,17 +121,22 @@ final class HeadClassifierTests: XCTestCase {
             count += 1
             if row.firstIndex(of: m)! == Int(y[b]) { correct += 1 }
         }
-        return Reference(pooled: pooled, argmax: argmax, pre: pre, act: a, logits: logits, probs: probs,
-                         lossSum: lossSum, count: count, correct: correct)
+        return Reference(
+            pooled: pooled, argmax: argmax, pre: pre, act: a, logits: logits, probs: probs,
+            lossSum: lossSum, count: count, correct: correct)
     }
 
     /// Gradients of grad_loss * loss: (h, W1, b1, W2, b2).
-    func referenceGrads(_ r: Reference, h: [Float], B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String,
-                        activation act: String, params q: Params, C: Int, mask: [Double]?, y: [Int32], gradLoss: Double)
-        -> (h: [Double], w1: [Double], b1: [Double], w2: [Double], b2: [Double]) {
+    func referenceGrads(
+        _ r: Reference, h: [Float], B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String,
+        activation act: String, params q: Params, C: Int, mask: [Double]?, y: [Int32], gradLoss: Double
+    )
+        -> (h: [Double], w1: [Double], b1: [Double], w2: [Double], b2: [Double])
+    {
         let H = q.hidden
         var gh = [Double](repeating: 0, count: B * T * d), gw1 = [Double](repeating: 0, count: H * d)
-        var gb1 = [Double](repeating: 0, count: H), gw2 = [Double](repeating: 0, count: C * H), gb2 = [Double](repeating: 0, count: C)
+        var gb1 = [Double](repeating: 0, count: H), gw2 = [Double](repeating: 0, count: C * H),
+            gb2 = [Double](repeating: 0, count: C)
         guard r.count > 0 else { return (gh, gw1, gb1, gw2, gb2) }
         for b in 0..<B where y[b] >= 0 {
             var dz = [Double](repeating: 0, count: C)
@@ -154,14 +167,18 @@ final class HeadClassifierTests: XCTestCase {
 
     // MARK: calls
 
-    func forward(_ head: HeadInstance, _ step: StepInfo, h: [Float], B: Int, T: Int, y: [Int32]?,
-                 lengths: [Int32]?) throws -> (HeadInstance.Result, [Float]) {
+    func forward(
+        _ head: HeadInstance, _ step: StepInfo, h: [Float], B: Int, T: Int, y: [Int32]?,
+        lengths: [Int32]?
+    ) throws -> (HeadInstance.Result, [Float]) {
         var logits = [Float](repeating: .nan, count: B * head.nOut)
         let r = try h.withUnsafeBufferPointer { hp in
             try logits.withUnsafeMutableBufferPointer { lp in
                 try withOptional(y) { yp in
                     try withOptional(lengths) { lenp in
-                        try head.forward(step, h: hp.baseAddress!, batch: B, seq: T, targets: yp, lengths: lenp, logits: lp.baseAddress!)
+                        try head.forward(
+                            step, h: hp.baseAddress!, batch: B, seq: T, targets: yp, lengths: lenp,
+                            logits: lp.baseAddress!)
                     }
                 }
             }
@@ -174,10 +191,15 @@ final class HeadClassifierTests: XCTestCase {
         return try a.withUnsafeBufferPointer { try body($0.baseAddress!) }
     }
 
-    func assertClose(_ a: [Float], _ b: [Double], tol: Double = 1e-4, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    func assertClose(
+        _ a: [Float], _ b: [Double], tol: Double = 1e-4, _ what: String, file: StaticString = #filePath,
+        line: UInt = #line
+    ) {
         XCTAssertEqual(a.count, b.count, what, file: file, line: line)
         var worst = 0.0, at = 0
-        for i in 0..<min(a.count, b.count) where !(abs(Double(a[i]) - b[i]) <= worst) { worst = abs(Double(a[i]) - b[i]); at = i }
+        for i in 0..<min(a.count, b.count) where !(abs(Double(a[i]) - b[i]) <= worst) {
+            worst = abs(Double(a[i]) - b[i]); at = i
+        }
         XCTAssertLessThanOrEqual(worst, tol, "\(what): worst |diff| \(worst) at \(at)", file: file, line: line)
     }
 
@@ -209,9 +231,14 @@ final class HeadClassifierTests: XCTestCase {
     }
 
     func testInitNormalWeightsZeroBiasesDeterministic() throws {
-        func initial(_ seed: UInt64, _ hp: [String: Any] = ["init_std": 0.05, "hidden": 64]) throws -> [String: [Float]] {
+        func initial(
+            _ seed: UInt64, _ hp: [String: Any] = ["init_std": 0.05, "hidden": 64]
+        ) throws -> [String: [Float]] {
             let (head, _) = try makeHead(hp, d: 40, C: 30, seed: seed, scale: 0)
-            return Dictionary(uniqueKeysWithValues: head.core.buffers.map { ($0.name, Array(UnsafeBufferPointer(start: $0.floats, count: $0.count))) })
+            return Dictionary(
+                uniqueKeysWithValues: head.core.buffers.map {
+                    ($0.name, Array(UnsafeBufferPointer(start: $0.floats, count: $0.count)))
+                })
         }
         let a = try initial(9), b = try initial(9), c = try initial(10)
         XCTAssertEqual(a, b)
@@ -239,8 +266,9 @@ final class HeadClassifierTests: XCTestCase {
                 let (head, q) = try makeHead(hp)
                 let h = randomNormal(B * T * d, seed: 11)
                 for lens in [lengths, nil] as [[Int32]?] {
-                    let ref = reference(h: h, B: B, T: T, d: d, lengths: lens, pooling: pooling, activation: act, params: q,
-                                        C: C, mask: nil, y: targets)
+                    let ref = reference(
+                        h: h, B: B, T: T, d: d, lengths: lens, pooling: pooling, activation: act, params: q,
+                        C: C, mask: nil, y: targets)
                     XCTAssertEqual(ref.count, 3)
                     let (r, logits) = try forward(head, step(train: false), h: h, B: B, T: T, y: targets, lengths: lens)
                     let label = "\(pooling)/\(act)/\(lens == nil ? "no lengths" : "lengths")"
@@ -267,7 +295,8 @@ final class HeadClassifierTests: XCTestCase {
             let (_, moved) = try forward(head, step(train: false), h: padded, B: B, T: T, y: nil, lengths: lengths)
             XCTAssertEqual(base, moved, pooling)
             let (_, absent) = try forward(head, step(train: false), h: h, B: B, T: T, y: nil, lengths: nil)
-            let (_, full) = try forward(head, step(train: false), h: h, B: B, T: T, y: nil, lengths: [Int32](repeating: Int32(T), count: B))
+            let (_, full) = try forward(
+                head, step(train: false), h: h, B: B, T: T, y: nil, lengths: [Int32](repeating: Int32(T), count: B))
             XCTAssertEqual(absent, full, pooling)
             if pooling != "first" { XCTAssertNotEqual(absent, base, "\(pooling): lengths matter") }
         }
@@ -284,7 +313,9 @@ final class HeadClassifierTests: XCTestCase {
     func testCorrectCountsArgmaxHitsAndLogitsOnly() throws {
         let (head, q) = try makeHead()
         let h = randomNormal(B * T * d, seed: 13)
-        let ref = reference(h: h, B: B, T: T, d: d, lengths: lengths, pooling: "mean", activation: "tanh", params: q, C: C, mask: nil, y: nil)
+        let ref = reference(
+            h: h, B: B, T: T, d: d, lengths: lengths, pooling: "mean", activation: "tanh", params: q, C: C, mask: nil,
+            y: nil)
         var y = [Int32](repeating: 0, count: B)
         for b in 0..<B {
             let row = Array(ref.logits[(b * C)..<(b * C + C)])
@@ -300,7 +331,9 @@ final class HeadClassifierTests: XCTestCase {
         XCTAssertEqual(none.lossSum, 0)
         XCTAssertNotNil(none.ctx, "a training forward without targets still saves a (no-op) context")
         var gh = [Float](repeating: 0, count: B * T * d)
-        try gh.withUnsafeMutableBufferPointer { try head.backward(none.ctx!, batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(none.ctx!, batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         XCTAssertTrue(gh.allSatisfy { $0 == 0 })
         // Logits-only forward in train mode includes dropout; in eval mode it equals the reference.
         XCTAssertEqual(logits.count, B * C)
@@ -315,10 +348,13 @@ final class HeadClassifierTests: XCTestCase {
         let hp: [String: Any] = ["dropout": p, "hidden": 9, "activation": "gelu", "pooling": "max"]
         let (head, q) = try makeHead(hp)
         let h = randomNormal(B * T * d, seed: 14)
-        let noMask = reference(h: h, B: B, T: T, d: d, lengths: lengths, pooling: "max", activation: "gelu", params: q, C: C, mask: nil, y: targets)
+        let noMask = reference(
+            h: h, B: B, T: T, d: d, lengths: lengths, pooling: "max", activation: "gelu", params: q, C: C, mask: nil,
+            y: targets)
         // Eval: no dropout, whatever the seed.
         for seed in [UInt64(3), 4] {
-            let (r, logits) = try forward(head, step(train: false, seed: seed), h: h, B: B, T: T, y: targets, lengths: lengths)
+            let (r, logits) = try forward(
+                head, step(train: false, seed: seed), h: h, B: B, T: T, y: targets, lengths: lengths)
             assertClose(logits, noMask.logits, "eval logits")
             XCTAssertEqual(Double(r.loss), noMask.loss, accuracy: 1e-4)
         }
@@ -327,9 +363,13 @@ final class HeadClassifierTests: XCTestCase {
         for seed in [UInt64(3), 4] {
             let mask = dropoutMask(seed: seed, count: B * 9, p: p)
             XCTAssertTrue(mask.contains(0) && mask.contains { $0 > 1 })
-            let ref = reference(h: h, B: B, T: T, d: d, lengths: lengths, pooling: "max", activation: "gelu", params: q, C: C, mask: mask, y: targets)
-            let (r1, l1) = try forward(head, step(train: true, seed: seed), h: h, B: B, T: T, y: targets, lengths: lengths)
-            let (r2, l2) = try forward(head, step(train: true, noGrad: true, seed: seed), h: h, B: B, T: T, y: targets, lengths: lengths)
+            let ref = reference(
+                h: h, B: B, T: T, d: d, lengths: lengths, pooling: "max", activation: "gelu", params: q, C: C,
+                mask: mask, y: targets)
+            let (r1, l1) = try forward(
+                head, step(train: true, seed: seed), h: h, B: B, T: T, y: targets, lengths: lengths)
+            let (r2, l2) = try forward(
+                head, step(train: true, noGrad: true, seed: seed), h: h, B: B, T: T, y: targets, lengths: lengths)
             assertClose(l1, ref.logits, "train logits, seed \(seed)")
             XCTAssertEqual(Double(r1.loss), ref.loss, accuracy: 1e-4)
             XCTAssertEqual(l1, l2, "same seed, same mask (with or without a context)")
@@ -352,7 +392,9 @@ final class HeadClassifierTests: XCTestCase {
         q2.w2 = (0..<(H * H)).map { $0 / H == $0 % H ? 1 : 0 }
         q2.b2 = [Double](repeating: 0, count: H)
         let h = randomNormal(Bs * T * d, seed: 15)
-        let plain = reference(h: h, B: Bs, T: T, d: d, lengths: nil, pooling: "mean", activation: "tanh", params: q2, C: H, mask: nil, y: nil)
+        let plain = reference(
+            h: h, B: Bs, T: T, d: d, lengths: nil, pooling: "mean", activation: "tanh", params: q2, C: H, mask: nil,
+            y: nil)
         let (_, logits) = try forward(head, step(train: true, seed: 77), h: h, B: Bs, T: T, y: nil, lengths: nil)
         var dropped = 0
         for i in 0..<(Bs * H) {
@@ -375,9 +417,12 @@ final class HeadClassifierTests: XCTestCase {
                 let h = randomNormal(B * T * d, seed: 16)
                 let label = "\(pooling)/\(act)"
                 let mask = dropoutMask(seed: 5, count: B * H, p: p)
-                let ref = reference(h: h, B: B, T: T, d: d, lengths: lengths, pooling: pooling, activation: act, params: q, C: C, mask: mask, y: targets)
-                let g = referenceGrads(ref, h: h, B: B, T: T, d: d, lengths: lengths, pooling: pooling, activation: act, params: q,
-                                       C: C, mask: mask, y: targets, gradLoss: gradLoss)
+                let ref = reference(
+                    h: h, B: B, T: T, d: d, lengths: lengths, pooling: pooling, activation: act, params: q, C: C,
+                    mask: mask, y: targets)
+                let g = referenceGrads(
+                    ref, h: h, B: B, T: T, d: d, lengths: lengths, pooling: pooling, activation: act, params: q,
+                    C: C, mask: mask, y: targets, gradLoss: gradLoss)
                 // Gradients accumulate: start from non-zero values.
                 let names = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
                 var start: [String: [Float]] = [:]
@@ -387,11 +432,13 @@ final class HeadClassifierTests: XCTestCase {
                     b.grad!.update(from: start[name]!, count: b.count)
                 }
                 let gh0 = randomNormal(B * T * d, seed: 39, scale: 0.1)
-                let (r, logits) = try forward(head, step(train: true, seed: 5), h: h, B: B, T: T, y: targets, lengths: lengths)
+                let (r, logits) = try forward(
+                    head, step(train: true, seed: 5), h: h, B: B, T: T, y: targets, lengths: lengths)
                 assertClose(logits, ref.logits, "train logits \(label)")
                 var gh = gh0
                 try gh.withUnsafeMutableBufferPointer {
-                    try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: Float(gradLoss), gradH: $0.baseAddress!)
+                    try head.backward(
+                        try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: Float(gradLoss), gradH: $0.baseAddress!)
                 }
                 func plus(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double($0) + $1 } }
                 assertClose(gh, plus(gh0, g.h), "grad_h \(label)")
@@ -414,24 +461,34 @@ final class HeadClassifierTests: XCTestCase {
     func testFrozenBackwardGivesInputGradientOnly() throws {
         let (head, q) = try makeHead(["dropout": 0])
         let h = randomNormal(B * T * d, seed: 17)
-        let ref = reference(h: h, B: B, T: T, d: d, lengths: lengths, pooling: "mean", activation: "tanh", params: q, C: C, mask: nil, y: targets)
-        let g = referenceGrads(ref, h: h, B: B, T: T, d: d, lengths: lengths, pooling: "mean", activation: "tanh", params: q,
-                               C: C, mask: nil, y: targets, gradLoss: 1)
+        let ref = reference(
+            h: h, B: B, T: T, d: d, lengths: lengths, pooling: "mean", activation: "tanh", params: q, C: C, mask: nil,
+            y: targets)
+        let g = referenceGrads(
+            ref, h: h, B: B, T: T, d: d, lengths: lengths, pooling: "mean", activation: "tanh", params: q,
+            C: C, mask: nil, y: targets, gradLoss: 1)
         let (r, _) = try forward(head, step(train: true, frozen: true), h: h, B: B, T: T, y: targets, lengths: lengths)
         var gh = [Float](repeating: 0, count: B * T * d)
-        try gh.withUnsafeMutableBufferPointer { try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         assertClose(gh, g.h, "grad_h")
-        for b in head.core.buffers { XCTAssertTrue(UnsafeBufferPointer(start: b.grad!, count: b.count).allSatisfy { $0 == 0 }, b.name) }
+        for b in head.core.buffers {
+            XCTAssertTrue(UnsafeBufferPointer(start: b.grad!, count: b.count).allSatisfy { $0 == 0 }, b.name)
+        }
     }
 
     func testAllTargetsPaddedGivesZeroLossAndNoGradient() throws {
         let (head, _) = try makeHead()
         let h = randomNormal(B * T * d, seed: 18)
-        let (r, _) = try forward(head, step(train: true), h: h, B: B, T: T, y: [Int32](repeating: -1, count: B), lengths: lengths)
+        let (r, _) = try forward(
+            head, step(train: true), h: h, B: B, T: T, y: [Int32](repeating: -1, count: B), lengths: lengths)
         XCTAssertEqual(r.count, 0)
         XCTAssertEqual(r.loss, 0)
         var gh = [Float](repeating: 0, count: B * T * d)
-        try gh.withUnsafeMutableBufferPointer { try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         XCTAssertTrue(gh.allSatisfy { $0 == 0 })
         XCTAssertTrue(grad(head, "fc1.weight").allSatisfy { $0 == 0 })
     }
@@ -441,7 +498,8 @@ final class HeadClassifierTests: XCTestCase {
         let h = randomNormal(B * T * d, seed: 19)
         XCTAssertNotNil(try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: lengths).0.ctx)
         XCTAssertNil(try forward(head, step(train: false), h: h, B: B, T: T, y: targets, lengths: lengths).0.ctx)
-        XCTAssertNil(try forward(head, step(train: true, noGrad: true), h: h, B: B, T: T, y: targets, lengths: lengths).0.ctx)
+        XCTAssertNil(
+            try forward(head, step(train: true, noGrad: true), h: h, B: B, T: T, y: targets, lengths: lengths).0.ctx)
     }
 
     // MARK: errors
@@ -454,23 +512,32 @@ final class HeadClassifierTests: XCTestCase {
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 0, nClasses: 3))) { e in
             XCTAssertTrue("\(e)".contains("d_model"), "\(e)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 3), hyperparameters: ["pooling": "cls"])) { e in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 3), hyperparameters: ["pooling": "cls"])
+        ) { e in
             XCTAssertTrue("\(e)".contains("pooling") && "\(e)".contains("mean, first, last, max"), "\(e)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 3), hyperparameters: ["activation": "swish"])) { e in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 3), hyperparameters: ["activation": "swish"])
+        ) { e in
             XCTAssertTrue("\(e)".contains("activation"), "\(e)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 3), hyperparameters: ["dropout": 0.95])) { e in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 3), hyperparameters: ["dropout": 0.95])
+        ) { e in
             XCTAssertTrue("\(e)".contains("dropout"), "\(e)")
         }
         let (head, _) = try makeHead()
         let h = randomNormal(B * T * d, seed: 20)
         for bad in [[Int32](arrayLiteral: 1, 0, 3, 5), [1, 7, 3, 5]] {
-            XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: bad)) { e in
+            XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: bad)) {
+                e in
                 XCTAssertTrue("\(e)".contains("lengths[1] = \(bad[1]) is outside [1, \(T)]"), "\(e)")
             }
         }
-        XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: [0, 1, Int32(C), 2], lengths: lengths)) { e in
+        XCTAssertThrowsError(
+            try forward(head, step(train: true), h: h, B: B, T: T, y: [0, 1, Int32(C), 2], lengths: lengths)
+        ) { e in
             XCTAssertTrue("\(e)".contains("target \(C) at row 2"), "\(e)")
         }
     }
@@ -497,7 +564,9 @@ final class HeadClassifierTests: XCTestCase {
             var checker = PluginChecker(library: lib, hyperparameters: ["pooling": pooling, "activation": "relu"])
             checker.eps = 1e-3
             let results = checker.run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "relu/\(pooling), eps 1e-3:\n" + results.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "relu/\(pooling), eps 1e-3:\n" + results.map(\.description).joined(separator: "\n"))
         }
     }
 }

@@ -23,11 +23,14 @@ final class HeadImageClassifierTests: XCTestCase {
     let names = ["norm.weight", "norm.bias", "head.weight", "head.bias"]
 
     /// A head with its parameters overwritten by seeded values (gamma around 1).
-    func makeHead(_ hp: [String: Any] = [:], d: Int? = nil, C: Int? = nil, seed: UInt64 = 1,
-                  randomize: Bool = true) throws -> (HeadInstance, Params) {
+    func makeHead(
+        _ hp: [String: Any] = [:], d: Int? = nil, C: Int? = nil, seed: UInt64 = 1,
+        randomize: Bool = true
+    ) throws -> (HeadInstance, Params) {
         let d = d ?? self.d, C = C ?? self.C
         let lib = try openPlugin("HeadImageClassifier")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nClasses: C, seqLen: T), hyperparameters: hp, seed: seed)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nClasses: C, seqLen: T), hyperparameters: hp, seed: seed)
         let head = try HeadInstance(core)
         var out: [[Double]] = []
         for (i, name) in names.enumerated() {
@@ -47,8 +50,10 @@ final class HeadImageClassifierTests: XCTestCase {
         var loss: Double { count > 0 ? lossSum / Double(count) : 0 }
     }
 
-    func reference(h: [Float], B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String, params q: Params, C: Int,
-                   y: [Int32]?) -> Reference {
+    func reference(
+        h: [Float], B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String, params q: Params, C: Int,
+        y: [Int32]?
+    ) -> Reference {
         var pooled = [Double](repeating: 0, count: B * d), xhat = pooled, normed = pooled
         var rstd = [Double](repeating: 0, count: B)
         for b in 0..<B {
@@ -81,15 +86,18 @@ final class HeadImageClassifierTests: XCTestCase {
             count += 1
             if row.firstIndex(of: m)! == Int(y[b]) { correct += 1 }
         }
-        return Reference(pooled: pooled, xhat: xhat, rstd: rstd, normed: normed, logits: logits, probs: probs,
-                         lossSum: lossSum, count: count, correct: correct)
+        return Reference(
+            pooled: pooled, xhat: xhat, rstd: rstd, normed: normed, logits: logits, probs: probs,
+            lossSum: lossSum, count: count, correct: correct)
     }
 
     /// Gradients of grad_loss * loss: (h, gamma, beta, W, c). The LayerNorm backward is
     /// written out per element: dp_k = sum_m dxhat_m dxhat_m/dp_k with
     /// dxhat_m/dp_k = rstd (δ_mk - 1/d - xhat_m xhat_k / d).
-    func referenceGrads(_ r: Reference, B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String, params q: Params, C: Int,
-                        y: [Int32], gradLoss: Double) -> (h: [Double], gamma: [Double], beta: [Double], w: [Double], c: [Double]) {
+    func referenceGrads(
+        _ r: Reference, B: Int, T: Int, d: Int, lengths: [Int32]?, pooling: String, params q: Params, C: Int,
+        y: [Int32], gradLoss: Double
+    ) -> (h: [Double], gamma: [Double], beta: [Double], w: [Double], c: [Double]) {
         var gh = [Double](repeating: 0, count: B * T * d), gg = [Double](repeating: 0, count: d), gbeta = gg
         var gw = [Double](repeating: 0, count: C * d), gc = [Double](repeating: 0, count: C)
         guard r.count > 0 else { return (gh, gg, gbeta, gw, gc) }
@@ -106,7 +114,9 @@ final class HeadImageClassifierTests: XCTestCase {
                 gbeta[m] += dy[m]
                 let dxh = dy[m] * q.gamma[m]
                 for k in 0..<d {
-                    dp[k] += dxh * r.rstd[b] * ((m == k ? 1 : 0) - 1 / Double(d) - r.xhat[b * d + m] * r.xhat[b * d + k] / Double(d))
+                    dp[k] +=
+                        dxh * r.rstd[b]
+                        * ((m == k ? 1 : 0) - 1 / Double(d) - r.xhat[b * d + m] * r.xhat[b * d + k] / Double(d))
                 }
             }
             let len = pooling == "cls" ? 1 : (lengths.map { Int($0[b]) } ?? T)
@@ -117,14 +127,18 @@ final class HeadImageClassifierTests: XCTestCase {
 
     // MARK: calls
 
-    func forward(_ head: HeadInstance, _ step: StepInfo, h: [Float], B: Int, T: Int, y: [Int32]?,
-                 lengths: [Int32]?) throws -> (HeadInstance.Result, [Float]) {
+    func forward(
+        _ head: HeadInstance, _ step: StepInfo, h: [Float], B: Int, T: Int, y: [Int32]?,
+        lengths: [Int32]?
+    ) throws -> (HeadInstance.Result, [Float]) {
         var logits = [Float](repeating: .nan, count: B * head.nOut)
         let r = try h.withUnsafeBufferPointer { hp in
             try logits.withUnsafeMutableBufferPointer { lp in
                 try withOptional(y) { yp in
                     try withOptional(lengths) { lenp in
-                        try head.forward(step, h: hp.baseAddress!, batch: B, seq: T, targets: yp, lengths: lenp, logits: lp.baseAddress!)
+                        try head.forward(
+                            step, h: hp.baseAddress!, batch: B, seq: T, targets: yp, lengths: lenp,
+                            logits: lp.baseAddress!)
                     }
                 }
             }
@@ -137,10 +151,15 @@ final class HeadImageClassifierTests: XCTestCase {
         return try a.withUnsafeBufferPointer { try body($0.baseAddress!) }
     }
 
-    func assertClose(_ a: [Float], _ b: [Double], tol: Double = 1e-4, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    func assertClose(
+        _ a: [Float], _ b: [Double], tol: Double = 1e-4, _ what: String, file: StaticString = #filePath,
+        line: UInt = #line
+    ) {
         XCTAssertEqual(a.count, b.count, what, file: file, line: line)
         var worst = 0.0, at = 0
-        for i in 0..<min(a.count, b.count) where !(abs(Double(a[i]) - b[i]) <= worst) { worst = abs(Double(a[i]) - b[i]); at = i }
+        for i in 0..<min(a.count, b.count) where !(abs(Double(a[i]) - b[i]) <= worst) {
+            worst = abs(Double(a[i]) - b[i]); at = i
+        }
         XCTAssertLessThanOrEqual(worst, tol, "\(what): worst |diff| \(worst) at \(at)", file: file, line: line)
     }
 
@@ -170,7 +189,10 @@ final class HeadImageClassifierTests: XCTestCase {
     func testInitUnitGammaZeroBetaNormalWeightZeroBias() throws {
         func initial(_ seed: UInt64, _ hp: [String: Any] = ["init_std": 0.05]) throws -> [String: [Float]] {
             let (head, _) = try makeHead(hp, d: 48, C: 40, seed: seed, randomize: false)
-            return Dictionary(uniqueKeysWithValues: head.core.buffers.map { ($0.name, Array(UnsafeBufferPointer(start: $0.floats, count: $0.count))) })
+            return Dictionary(
+                uniqueKeysWithValues: head.core.buffers.map {
+                    ($0.name, Array(UnsafeBufferPointer(start: $0.floats, count: $0.count)))
+                })
         }
         let a = try initial(9), b = try initial(9), c = try initial(10)
         XCTAssertEqual(a, b)
@@ -181,9 +203,11 @@ final class HeadImageClassifierTests: XCTestCase {
         let w = a["head.weight"]!.map(Double.init)
         let mean = w.reduce(0, +) / Double(w.count)
         XCTAssertEqual(mean, 0, accuracy: 0.006)
-        XCTAssertEqual((w.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(w.count)).squareRoot(), 0.05, accuracy: 0.005)
+        XCTAssertEqual(
+            (w.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(w.count)).squareRoot(), 0.05, accuracy: 0.005)
         let w2 = try initial(9, [:])["head.weight"]!
-        XCTAssertEqual((w2.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(w2.count)).squareRoot(), 0.02, accuracy: 0.002)
+        XCTAssertEqual(
+            (w2.reduce(0.0) { $0 + Double($1) * Double($1) } / Double(w2.count)).squareRoot(), 0.02, accuracy: 0.002)
     }
 
     // MARK: forward
@@ -193,7 +217,8 @@ final class HeadImageClassifierTests: XCTestCase {
             let (head, q) = try makeHead(["pooling": pooling])
             let h = randomNormal(B * T * d, seed: 11)
             for lens in [lengths, nil] as [[Int32]?] {
-                let ref = reference(h: h, B: B, T: T, d: d, lengths: lens, pooling: pooling, params: q, C: C, y: targets)
+                let ref = reference(
+                    h: h, B: B, T: T, d: d, lengths: lens, pooling: pooling, params: q, C: C, y: targets)
                 let label = "\(pooling)/\(lens == nil ? "no lengths" : "lengths")"
                 for st in [step(train: false), step(train: true)] {
                     let (r, logits) = try forward(head, st, h: h, B: B, T: T, y: targets, lengths: lens)
@@ -222,7 +247,11 @@ final class HeadImageClassifierTests: XCTestCase {
         let m = try forward(mean, step(train: false), h: h, B: B, T: T, y: nil, lengths: lengths).1
         XCTAssertEqual(m, try forward(mean, step(train: false), h: padding, B: B, T: T, y: nil, lengths: lengths).1)
         let all = try forward(mean, step(train: false), h: h, B: B, T: T, y: nil, lengths: nil).1
-        XCTAssertEqual(all, try forward(mean, step(train: false), h: h, B: B, T: T, y: nil, lengths: [Int32](repeating: Int32(T), count: B)).1)
+        XCTAssertEqual(
+            all,
+            try forward(
+                mean, step(train: false), h: h, B: B, T: T, y: nil, lengths: [Int32](repeating: Int32(T), count: B)
+            ).1)
         XCTAssertNotEqual(all, m)
         // Length 1: mean pooling is the class token.
         XCTAssertEqual(try forward(mean, step(train: false), h: h, B: B, T: T, y: nil, lengths: [1, 1, 1, 1]).1, base)
@@ -255,8 +284,11 @@ final class HeadImageClassifierTests: XCTestCase {
                 let (head, q) = try makeHead(["pooling": pooling])
                 let h = randomNormal(B * T * d, seed: 16)
                 let label = "\(pooling)/\(lens == nil ? "no lengths" : "lengths")"
-                let ref = reference(h: h, B: B, T: T, d: d, lengths: lens, pooling: pooling, params: q, C: C, y: targets)
-                let g = referenceGrads(ref, B: B, T: T, d: d, lengths: lens, pooling: pooling, params: q, C: C, y: targets, gradLoss: gradLoss)
+                let ref = reference(
+                    h: h, B: B, T: T, d: d, lengths: lens, pooling: pooling, params: q, C: C, y: targets)
+                let g = referenceGrads(
+                    ref, B: B, T: T, d: d, lengths: lens, pooling: pooling, params: q, C: C, y: targets,
+                    gradLoss: gradLoss)
                 var start: [String: [Float]] = [:]
                 for (i, name) in names.enumerated() {
                     let b = head.core.buffer(name)!
@@ -267,11 +299,13 @@ final class HeadImageClassifierTests: XCTestCase {
                 let (r, _) = try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: lens)
                 var gh = gh0
                 try gh.withUnsafeMutableBufferPointer {
-                    try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: Float(gradLoss), gradH: $0.baseAddress!)
+                    try head.backward(
+                        try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: Float(gradLoss), gradH: $0.baseAddress!)
                 }
                 func plus(_ a: [Float], _ b: [Double]) -> [Double] { zip(a, b).map { Double($0) + $1 } }
                 assertClose(gh, plus(gh0, g.h), "grad_h \(label)")
-                assertClose(grad(head, "norm.weight"), plus(start["norm.weight"]!, g.gamma), "grad norm.weight \(label)")
+                assertClose(
+                    grad(head, "norm.weight"), plus(start["norm.weight"]!, g.gamma), "grad norm.weight \(label)")
                 assertClose(grad(head, "norm.bias"), plus(start["norm.bias"]!, g.beta), "grad norm.bias \(label)")
                 assertClose(grad(head, "head.weight"), plus(start["head.weight"]!, g.w), "grad head.weight \(label)")
                 assertClose(grad(head, "head.bias"), plus(start["head.bias"]!, g.c), "grad head.bias \(label)")
@@ -296,12 +330,16 @@ final class HeadImageClassifierTests: XCTestCase {
         let (r, _) = try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: nil)
         XCTAssertEqual(Double(r.loss), log(Double(C)), accuracy: 1e-6)
         var gh = [Float](repeating: 0, count: B * T * d)
-        try gh.withUnsafeMutableBufferPointer { try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         XCTAssertTrue(gh.allSatisfy { $0 == 0 })
         let (seeded, _) = try makeHead([:], randomize: false)
         let (r2, _) = try forward(seeded, step(train: true), h: h, B: B, T: T, y: targets, lengths: nil)
         var gh2 = [Float](repeating: 0, count: B * T * d)
-        try gh2.withUnsafeMutableBufferPointer { try seeded.backward(try XCTUnwrap(r2.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh2.withUnsafeMutableBufferPointer {
+            try seeded.backward(try XCTUnwrap(r2.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         XCTAssertGreaterThan(gh2.map(abs).max()!, 1e-4)
     }
 
@@ -309,20 +347,28 @@ final class HeadImageClassifierTests: XCTestCase {
         let (head, q) = try makeHead()
         let h = randomNormal(B * T * d, seed: 17)
         XCTAssertNil(try forward(head, step(train: false), h: h, B: B, T: T, y: targets, lengths: nil).0.ctx)
-        XCTAssertNil(try forward(head, step(train: true, noGrad: true), h: h, B: B, T: T, y: targets, lengths: nil).0.ctx)
+        XCTAssertNil(
+            try forward(head, step(train: true, noGrad: true), h: h, B: B, T: T, y: targets, lengths: nil).0.ctx)
         let ref = reference(h: h, B: B, T: T, d: d, lengths: nil, pooling: "cls", params: q, C: C, y: targets)
-        let g = referenceGrads(ref, B: B, T: T, d: d, lengths: nil, pooling: "cls", params: q, C: C, y: targets, gradLoss: 1)
+        let g = referenceGrads(
+            ref, B: B, T: T, d: d, lengths: nil, pooling: "cls", params: q, C: C, y: targets, gradLoss: 1)
         let (r, _) = try forward(head, step(train: true, frozen: true), h: h, B: B, T: T, y: targets, lengths: nil)
         var gh = [Float](repeating: 0, count: B * T * d)
-        try gh.withUnsafeMutableBufferPointer { try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         assertClose(gh, g.h, "grad_h")
-        for b in head.core.buffers { XCTAssertTrue(UnsafeBufferPointer(start: b.grad!, count: b.count).allSatisfy { $0 == 0 }, b.name) }
+        for b in head.core.buffers {
+            XCTAssertTrue(UnsafeBufferPointer(start: b.grad!, count: b.count).allSatisfy { $0 == 0 }, b.name)
+        }
         // All targets padded: loss 0, nothing flows back.
         let (pad, _) = try forward(head, step(train: true), h: h, B: B, T: T, y: [-1, -1, -1, -1], lengths: nil)
         XCTAssertEqual(pad.count, 0)
         XCTAssertEqual(pad.loss, 0)
         var gh2 = [Float](repeating: 0, count: B * T * d)
-        try gh2.withUnsafeMutableBufferPointer { try head.backward(try XCTUnwrap(pad.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh2.withUnsafeMutableBufferPointer {
+            try head.backward(try XCTUnwrap(pad.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         XCTAssertTrue(gh2.allSatisfy { $0 == 0 })
     }
 
@@ -333,15 +379,19 @@ final class HeadImageClassifierTests: XCTestCase {
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 0))) { e in
             XCTAssertTrue("\(e)".contains("n_classes = 0"), "\(e)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 10), hyperparameters: ["pooling": "max"])) { e in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 8, nClasses: 10), hyperparameters: ["pooling": "max"])
+        ) { e in
             XCTAssertTrue("\(e)".contains("pooling") && "\(e)".contains("cls, mean"), "\(e)")
         }
         let (head, _) = try makeHead()
         let h = randomNormal(B * T * d, seed: 20)
-        XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: [1, 2, 0, 4])) { e in
+        XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: targets, lengths: [1, 2, 0, 4]))
+        { e in
             XCTAssertTrue("\(e)".contains("lengths[2] = 0 is outside [1, \(T)]"), "\(e)")
         }
-        XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: [0, 1, -2, 2], lengths: nil)) { e in
+        XCTAssertThrowsError(try forward(head, step(train: true), h: h, B: B, T: T, y: [0, 1, -2, 2], lengths: nil)) {
+            e in
             XCTAssertTrue("\(e)".contains("target -2 at row 2"), "\(e)")
         }
     }
@@ -350,7 +400,8 @@ final class HeadImageClassifierTests: XCTestCase {
 
     func testGradientCheckerPassesForBothPoolings() throws {
         let lib = try openPlugin("HeadImageClassifier")
-        for hp in [[:], ["pooling": "mean"], ["init_std": 0.5], ["pooling": "mean", "init_std": 0.5]] as [[String: Any]] {
+        for hp in [[:], ["pooling": "mean"], ["init_std": 0.5], ["pooling": "mean", "init_std": 0.5]] as [[String: Any]]
+        {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
             XCTAssertTrue(results.allSatisfy(\.passed), "\(hp):\n" + results.map(\.description).joined(separator: "\n"))
             XCTAssertEqual(results.filter { $0.name.hasPrefix("gradcheck") }.count, 5, "\(hp)")

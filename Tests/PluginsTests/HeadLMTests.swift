@@ -8,10 +8,13 @@ final class HeadLMTests: XCTestCase {
     var N: Int { B * T }
 
     /// A head whose weight (V,d) and bias (V) are overwritten with known random values.
-    func makeHead(V: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
-                  randomize: Bool = true) throws -> (HeadInstance, [Float], [Float]?) {
+    func makeHead(
+        V: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
+        randomize: Bool = true
+    ) throws -> (HeadInstance, [Float], [Float]?) {
         let lib = try openPlugin("HeadLM")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, vocabSize: V, seqLen: T), hyperparameters: hp, seed: seed)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, vocabSize: V, seqLen: T), hyperparameters: hp, seed: seed)
         let head = try HeadInstance(core)
         let wBuf = try XCTUnwrap(core.buffer("weight"))
         XCTAssertEqual(wBuf.shape, [V, d])
@@ -69,26 +72,37 @@ final class HeadLMTests: XCTestCase {
         return Reference(logits: logits, probs: probs, lossSum: lossSum, count: count, correct: correct)
     }
 
-    func forward(_ head: HeadInstance, _ step: StepInfo, h: [Float], targets: [Int32]?, batch: Int, seq: Int)
-        throws -> (HeadInstance.Result, [Float]) {
+    func forward(
+        _ head: HeadInstance, _ step: StepInfo, h: [Float], targets: [Int32]?, batch: Int, seq: Int
+    )
+        throws -> (HeadInstance.Result, [Float])
+    {
         var logits = [Float](repeating: .nan, count: batch * seq * head.nOut)
         let r = try h.withUnsafeBufferPointer { hp in
             try logits.withUnsafeMutableBufferPointer { lp in
                 if let targets {
                     return try targets.withUnsafeBufferPointer { tp in
-                        try head.forward(step, h: hp.baseAddress!, batch: batch, seq: seq, targets: tp.baseAddress, logits: lp.baseAddress!)
+                        try head.forward(
+                            step, h: hp.baseAddress!, batch: batch, seq: seq, targets: tp.baseAddress,
+                            logits: lp.baseAddress!)
                     }
                 }
-                return try head.forward(step, h: hp.baseAddress!, batch: batch, seq: seq, targets: nil, logits: lp.baseAddress!)
+                return try head.forward(
+                    step, h: hp.baseAddress!, batch: batch, seq: seq, targets: nil, logits: lp.baseAddress!)
             }
         }
         return (r, logits)
     }
 
-    func assertClose(_ a: [Float], _ b: [Double], tol: Double = 1e-4, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    func assertClose(
+        _ a: [Float], _ b: [Double], tol: Double = 1e-4, _ what: String, file: StaticString = #filePath,
+        line: UInt = #line
+    ) {
         XCTAssertEqual(a.count, b.count, what, file: file, line: line)
         var worst = 0.0, at = 0
-        for i in 0..<min(a.count, b.count) where abs(Double(a[i]) - b[i]) > worst { worst = abs(Double(a[i]) - b[i]); at = i }
+        for i in 0..<min(a.count, b.count) where abs(Double(a[i]) - b[i]) > worst {
+            worst = abs(Double(a[i]) - b[i]); at = i
+        }
         XCTAssertLessThanOrEqual(worst, tol, "\(what): worst |diff| \(worst) at \(at)", file: file, line: line)
     }
 
@@ -248,7 +262,9 @@ final class HeadLMTests: XCTestCase {
         let (r, _) = try forward(head, train, h: h, targets: y, batch: B, seq: T)
         let ctx = try XCTUnwrap(r.ctx)
         var gh = gh0
-        try gh.withUnsafeMutableBufferPointer { try head.backward(ctx, batch: B, seq: T, gradLoss: gradLoss, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(ctx, batch: B, seq: T, gradLoss: gradLoss, gradH: $0.baseAddress!)
+        }
 
         // dlogits = grad_loss / count * (p - onehot), zero on pad rows.
         var dl = [Double](repeating: 0, count: N * V)
@@ -288,7 +304,9 @@ final class HeadLMTests: XCTestCase {
         XCTAssertEqual(r.count, 0)
         XCTAssertEqual(r.loss, 0)
         var gh = [Float](repeating: 0, count: N * d)
-        try gh.withUnsafeMutableBufferPointer { try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!) }
+        try gh.withUnsafeMutableBufferPointer {
+            try head.backward(try XCTUnwrap(r.ctx), batch: B, seq: T, gradLoss: 1, gradH: $0.baseAddress!)
+        }
         XCTAssertTrue(gh.allSatisfy { $0 == 0 })
         XCTAssertTrue(UnsafeBufferPointer(start: head.core.buffer("weight")!.grad, count: V * d).allSatisfy { $0 == 0 })
     }

@@ -12,15 +12,20 @@ final class QuantizerLFQTests: XCTestCase {
     struct HP {
         var entropyWeight = 0.1, diversityGamma = 1.0, temperature = 1.0, commitment = 0.25, scale = 1.0
         var dictionary: [String: Any] {
-            ["entropy_weight": entropyWeight, "diversity_gamma": diversityGamma, "temperature": temperature,
-             "commitment": commitment, "scale": scale]
+            [
+                "entropy_weight": entropyWeight, "diversity_gamma": diversityGamma, "temperature": temperature,
+                "commitment": commitment, "scale": scale,
+            ]
         }
     }
 
     /// A quantizer with K codes whose parameters are overwritten with known random values.
-    func makeQuantizer(d: Int, K: Int, hp: HP = HP(), seed: UInt64 = 1, randomize: Bool = true) throws -> QuantizerInstance {
+    func makeQuantizer(
+        d: Int, K: Int, hp: HP = HP(), seed: UInt64 = 1, randomize: Bool = true
+    ) throws -> QuantizerInstance {
         let lib = try openPlugin("QuantizerLFQ")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: hp.dictionary, seed: seed)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: hp.dictionary, seed: seed)
         if randomize {
             for (i, name) in Self.bufferNames.enumerated() {
                 let b = try XCTUnwrap(core.buffer(name))
@@ -43,7 +48,9 @@ final class QuantizerLFQTests: XCTestCase {
 
     func parameters(_ q: QuantizerInstance) -> [String: [Double]] {
         var out: [String: [Double]] = [:]
-        for b in q.core.parameters { out[b.name] = Array(UnsafeBufferPointer(start: b.floats, count: b.count)).map(Double.init) }
+        for b in q.core.parameters {
+            out[b.name] = Array(UnsafeBufferPointer(start: b.floats, count: b.count)).map(Double.init)
+        }
         return out
     }
 
@@ -58,8 +65,9 @@ final class QuantizerLFQTests: XCTestCase {
             try qo.withUnsafeMutableBufferPointer { qp in
                 try codes.withUnsafeMutableBufferPointer { cp in
                     try counts.withUnsafeMutableBufferPointer { kp in
-                        try q.forward(step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
-                                      codeCounts: kp.baseAddress!)
+                        try q.forward(
+                            step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
+                            codeCounts: kp.baseAddress!)
                     }
                 }
             }
@@ -67,8 +75,10 @@ final class QuantizerLFQTests: XCTestCase {
         return Outputs(quantized: qo, codes: codes, counts: counts, loss: loss, ctx: ctx)
     }
 
-    func backward(_ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
+        gradX: inout [Float]
+    ) throws {
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gq {
                 try gq.withUnsafeBufferPointer {
@@ -94,7 +104,9 @@ final class QuantizerLFQTests: XCTestCase {
     /// p(.|z_t) (K) = softmax_c(2 z_t·code_c / tau), the full K-way softmax.
     func probs(_ z: ArraySlice<Double>, K: Int, hp: HP) -> [Double] {
         let b = z.count
-        let logits = (0..<K).map { c in 2 * zip(z, code(c, b: b, scale: hp.scale)).map { $0 * $1 }.reduce(0, +) / hp.temperature }
+        let logits = (0..<K).map { c in
+            2 * zip(z, code(c, b: b, scale: hp.scale)).map { $0 * $1 }.reduce(0, +) / hp.temperature
+        }
         let m = logits.max()!
         let e = logits.map { exp($0 - m) }
         let s = e.reduce(0, +)
@@ -146,17 +158,19 @@ final class QuantizerLFQTests: XCTestCase {
     }
 
     struct Reference {
-        var z: [Double], q: [Double]                    // (N,b)
+        var z: [Double], q: [Double]  // (N,b)
         var codes: [Int], counts: [Double]
-        var quantized: [Double], surrogate: [Double]    // (N,d)
+        var quantized: [Double], surrogate: [Double]  // (N,d)
         var perSample: Double, codebook: Double, loss: Double
     }
 
     func reference(x: [Float], p: [String: [Double]], n: Int, d: Int, K: Int, hp: HP) -> Reference {
         let b = K.trailingZeroBitCount
-        let wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!, wOut = p["proj_out.weight"]!, bOut = p["proj_out.bias"]!
-        var r = Reference(z: [], q: [], codes: [], counts: [Double](repeating: 0, count: K), quantized: [], surrogate: [],
-                          perSample: 0, codebook: 0, loss: 0)
+        let wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!, wOut = p["proj_out.weight"]!,
+            bOut = p["proj_out.bias"]!
+        var r = Reference(
+            z: [], q: [], codes: [], counts: [Double](repeating: 0, count: K), quantized: [], surrogate: [],
+            perSample: 0, codebook: 0, loss: 0)
         var sse = 0.0
         for t in 0..<n {
             var index = 0
@@ -164,7 +178,7 @@ final class QuantizerLFQTests: XCTestCase {
                 var z = bIn[i]
                 for k in 0..<d { z += wIn[i * d + k] * Double(x[t * d + k]) }
                 let q = z > 0 ? hp.scale : -hp.scale
-                if z > 0 { index += 1 << i }       // index = Σ_i bit_i 2^i
+                if z > 0 { index += 1 << i }  // index = Σ_i bit_i 2^i
                 r.z.append(z); r.q.append(q)
                 sse += (z - q) * (z - q)
             }
@@ -184,15 +198,19 @@ final class QuantizerLFQTests: XCTestCase {
 
     /// Reference gradients: straight-through (G = grad_quantized) plus g · d(loss)/dz, chained
     /// through proj_in; by buffer name plus "x".
-    func referenceGradients(x: [Float], p: [String: [Double]], ref: Reference, gq: [Float]?, g: Double, n: Int, d: Int,
-                            K: Int, hp: HP) -> [String: [Double]] {
+    func referenceGradients(
+        x: [Float], p: [String: [Double]], ref: Reference, gq: [Float]?, g: Double, n: Int, d: Int,
+        K: Int, hp: HP
+    ) -> [String: [Double]] {
         let b = K.trailingZeroBitCount
         let wIn = p["proj_in.weight"]!, wOut = p["proj_out.weight"]!
-        var out: [String: [Double]] = ["x": [Double](repeating: 0, count: n * d),
-                                       "proj_in.weight": [Double](repeating: 0, count: b * d),
-                                       "proj_in.bias": [Double](repeating: 0, count: b),
-                                       "proj_out.weight": [Double](repeating: 0, count: d * b),
-                                       "proj_out.bias": [Double](repeating: 0, count: d)]
+        var out: [String: [Double]] = [
+            "x": [Double](repeating: 0, count: n * d),
+            "proj_in.weight": [Double](repeating: 0, count: b * d),
+            "proj_in.bias": [Double](repeating: 0, count: b),
+            "proj_out.weight": [Double](repeating: 0, count: d * b),
+            "proj_out.bias": [Double](repeating: 0, count: d),
+        ]
         let ent = entropyLossGradient(ref.z, n: n, K: K, hp: hp)
         for t in 0..<n {
             var gz = [Double](repeating: 0, count: b)
@@ -231,13 +249,18 @@ final class QuantizerLFQTests: XCTestCase {
         // The backward is the exact derivative of the loss: no stop-gradient flag.
         XCTAssertFalse(lib.hasStopGradientLoss)
         XCTAssertFalse(lib.hasNoGrad)
-        XCTAssertEqual(lib.schema.map(\.name), ["codebook_size", "entropy_weight", "diversity_gamma", "temperature", "commitment", "scale"])
+        XCTAssertEqual(
+            lib.schema.map(\.name),
+            ["codebook_size", "entropy_weight", "diversity_gamma", "temperature", "commitment", "scale"])
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["codebook_size"]?.type, .int)
         XCTAssertEqual(s["codebook_size"]?.defaultNumber, 0)
         XCTAssertEqual(s["codebook_size"]?.min, 0)
         XCTAssertEqual(s["codebook_size"]?.max, 65536)
-        for (name, value) in [("entropy_weight", 0.1), ("diversity_gamma", 1.0), ("temperature", 1.0), ("commitment", 0.25), ("scale", 1.0)] {
+        for (name, value) in [
+            ("entropy_weight", 0.1), ("diversity_gamma", 1.0), ("temperature", 1.0), ("commitment", 0.25),
+            ("scale", 1.0),
+        ] {
             XCTAssertEqual(s[name]?.type, .float, name)
             XCTAssertEqual(s[name]?.defaultNumber, value, name)
             XCTAssertNotNil(s[name]?.min, name)
@@ -252,7 +275,8 @@ final class QuantizerLFQTests: XCTestCase {
         let core = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), seed: 5)
         XCTAssertEqual(core.buffers.map(\.name), Self.bufferNames)
         XCTAssertEqual(core.buffers.map(\.shape), [[b, d], [b], [d, b], [d]])
-        XCTAssertTrue(core.buffers.allSatisfy { $0.isParameter && $0.grad != nil && $0.flags & VQMOE_BUF_FREEZE_FT != 0 })
+        XCTAssertTrue(
+            core.buffers.allSatisfy { $0.isParameter && $0.grad != nil && $0.flags & VQMOE_BUF_FREEZE_FT != 0 })
         XCTAssertEqual(core.buffers.map { $0.flags & VQMOE_BUF_NO_DECAY != 0 }, [false, true, false, true])
         let q = try QuantizerInstance(core)
         XCTAssertEqual(q.codebookSize, K)
@@ -263,14 +287,17 @@ final class QuantizerLFQTests: XCTestCase {
             let mean = v.reduce(0, +) / Double(v.count)
             return (v.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(v.count)).squareRoot()
         }
-        XCTAssertEqual(std("proj_in.weight"), 1 / 8, accuracy: 0.1 / 8)                        // N(0, 1/d)
-        XCTAssertEqual(std("proj_out.weight"), 1 / Double(b).squareRoot(), accuracy: 0.1 / Double(b).squareRoot())  // N(0, 1/b)
+        XCTAssertEqual(std("proj_in.weight"), 1 / 8, accuracy: 0.1 / 8)  // N(0, 1/d)
+        // N(0, 1/b)
+        XCTAssertEqual(std("proj_out.weight"), 1 / Double(b).squareRoot(), accuracy: 0.1 / Double(b).squareRoot())
         for name in ["proj_in.bias", "proj_out.bias"] {
             let bf = core.buffer(name)!
             XCTAssertTrue((0..<bf.count).allSatisfy { bf.floats[$0] == 0 }, name)
         }
         let again = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), seed: 5)
-        for (x, y) in zip(core.buffers, again.buffers) { XCTAssertEqual(memcmp(x.data, y.data, x.byteCount), 0, x.name) }
+        for (x, y) in zip(core.buffers, again.buffers) {
+            XCTAssertEqual(memcmp(x.data, y.data, x.byteCount), 0, x.name)
+        }
         // codebook_size overrides n_codes: K = 2 is one bit.
         let two = try makeInstance(lib, dims: ModelDims(dModel: 5, nCodes: 16), hyperparameters: ["codebook_size": 2])
         XCTAssertEqual(two.buffers.map(\.shape), [[1, 5], [1], [5, 1], [5]])
@@ -281,7 +308,8 @@ final class QuantizerLFQTests: XCTestCase {
         let lib = try openPlugin("QuantizerLFQ")
         // K = 12 from the model's n_codes, and from the hyperparameter.
         for (nCodes, hp, source) in [(12, [String: Any](), "n_codes"), (16, ["codebook_size": 12], "codebook_size")] {
-            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: nCodes), hyperparameters: hp)) { error in
+            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: nCodes), hyperparameters: hp))
+            { error in
                 let msg = "\(error)"
                 XCTAssertTrue(msg.contains("INVALID_ARGUMENT"), msg)
                 XCTAssertTrue(msg.contains("K = 12"), msg)
@@ -290,24 +318,31 @@ final class QuantizerLFQTests: XCTestCase {
             }
         }
         for bad in [0, 1, 3, 24] {
-            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: bad)), "K = \(bad)") { error in
+            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: bad)), "K = \(bad)") {
+                error in
                 XCTAssertTrue("\(error)".contains("K = \(bad)") && "\(error)".contains("power of two"), "\(error)")
             }
         }
         // Past 2^16: the schema refuses the hyperparameter, the plugin refuses n_codes.
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["codebook_size": 1 << 17])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["codebook_size": 1 << 17])
+        ) { error in
             XCTAssertTrue("\(error)".contains("codebook_size"), "\(error)")
         }
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 1 << 17))) { error in
             XCTAssertTrue("\(error)".contains("maximum 65536"), "\(error)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["temperature": 0.0])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["temperature": 0.0])
+        ) { error in
             XCTAssertTrue("\(error)".contains("temperature"), "\(error)")
         }
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 0, nCodes: 4))) { error in
             XCTAssertTrue("\(error)".contains("d_model"), "\(error)")
         }
-        for k in [2, 4, 8, 1024, 65536] { XCTAssertNoThrow(try makeInstance(lib, dims: ModelDims(dModel: 2, nCodes: k)), "K = \(k)") }
+        for k in [2, 4, 8, 1024, 65536] {
+            XCTAssertNoThrow(try makeInstance(lib, dims: ModelDims(dModel: 2, nCodes: k)), "K = \(k)")
+        }
     }
 
     // MARK: forward
@@ -321,25 +356,33 @@ final class QuantizerLFQTests: XCTestCase {
         wOut.update(repeating: 0, count: 9)
         for i in 0..<3 { wOut[i * 3 + i] = 1 }
         q.core.buffer("proj_out.bias")!.floats.update(repeating: 0, count: 3)
-        let x: [Float] = [1, -1, 1,  -1, -1, -1,  0.1, 0.2, 0.3,  -2, 3, 0,  0, 0, 1e-3,  5, 0, -5]
+        let x: [Float] = [1, -1, 1, -1, -1, -1, 0.1, 0.2, 0.3, -2, 3, 0, 0, 0, 1e-3, 5, 0, -5]
         let out = try forward(q, x: x, n: 6, step: train())
         // bits (z_i > 0) little-endian: 101 -> 5, 000 -> 0, 111 -> 7, 010 -> 2 (z = 0 is bit 0), 001 -> 4, 100 -> 1
         XCTAssertEqual(out.codes, [5, 0, 7, 2, 4, 1])
         XCTAssertEqual(out.counts, [1, 1, 1, 0, 1, 1, 0, 1])
-        XCTAssertEqual(out.quantized, [0.5, -0.5, 0.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, -0.5, 0.5, -0.5, -0.5, -0.5, 0.5, 0.5, -0.5, -0.5])
+        XCTAssertEqual(
+            out.quantized,
+            [0.5, -0.5, 0.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, -0.5, 0.5, -0.5, -0.5, -0.5, 0.5, 0.5, -0.5, -0.5])
     }
 
     func testForwardMatchesBruteForceReference() throws {
-        var sharp = HP(); sharp.temperature = 0.5; sharp.scale = 2; sharp.diversityGamma = 0.5; sharp.entropyWeight = 1; sharp.commitment = 0.7
+        var sharp = HP(); sharp.temperature = 0.5; sharp.scale = 2; sharp.diversityGamma = 0.5; sharp.entropyWeight = 1;
+        sharp.commitment = 0.7
         var noEntropy = HP(); noEntropy.entropyWeight = 0
-        for (hp, n, d, K) in [(HP(), 37, 12, 16), (sharp, 9, 5, 8), (HP(), 20, 6, 2), (noEntropy, 7, 4, 4), (HP(), 30, 10, 256)] {
+        for (hp, n, d, K) in [
+            (HP(), 37, 12, 16), (sharp, 9, 5, 8), (HP(), 20, 6, 2), (noEntropy, 7, 4, 4), (HP(), 30, 10, 256),
+        ] {
             let q = try makeQuantizer(d: d, K: K, hp: hp, seed: UInt64(n))
             let x = randomNormal(n * d, seed: 17, scale: 1.2)
             let out = try forward(q, x: x, n: n, step: train())
             let ref = reference(x: x, p: parameters(q), n: n, d: d, K: K, hp: hp)
             XCTAssertEqual(out.codes.map(Int.init), ref.codes, "K \(K)")
             XCTAssertEqual(out.counts.map(Double.init), ref.counts)
-            for i in 0..<(n * d) { XCTAssertEqual(Double(out.quantized[i]), ref.quantized[i], accuracy: 1e-5 * max(1, abs(ref.quantized[i]))) }
+            for i in 0..<(n * d) {
+                XCTAssertEqual(
+                    Double(out.quantized[i]), ref.quantized[i], accuracy: 1e-5 * max(1, abs(ref.quantized[i])))
+            }
             XCTAssertEqual(Double(out.loss), ref.loss, accuracy: 1e-5 * max(1, abs(ref.loss)), "K \(K)")
             // The entropy terms themselves, reported through the metrics.
             let m = try q.core.metrics()
@@ -355,7 +398,9 @@ final class QuantizerLFQTests: XCTestCase {
         var hp = HP(); hp.diversityGamma = 0.3; hp.scale = 1.5
         let K = 32, n = 5, d = 3
         let q = try makeQuantizer(d: d, K: K, hp: hp)
-        for name in ["proj_in.weight", "proj_in.bias"] { let b = q.core.buffer(name)!; b.floats.update(repeating: 0, count: b.count) }
+        for name in ["proj_in.weight", "proj_in.bias"] {
+            let b = q.core.buffer(name)!; b.floats.update(repeating: 0, count: b.count)
+        }
         let out = try forward(q, x: randomNormal(n * d, seed: 4), n: n, step: train())
         let logK = log(Double(K))
         XCTAssertEqual(Double(out.loss), 0.1 * (1 - 0.3) * logK + 0.25 * 1.5 * 1.5, accuracy: 1e-6)
@@ -378,7 +423,9 @@ final class QuantizerLFQTests: XCTestCase {
         let normal = try forward(q, x: x, n: n, step: train())
         let sur = try forward(q, x: x, n: n, step: train(surrogate: true))
         let ref = reference(x: x, p: parameters(q), n: n, d: d, K: K, hp: HP())
-        for i in 0..<(n * d) { XCTAssertEqual(Double(sur.quantized[i]), ref.surrogate[i], accuracy: 1e-5 * max(1, abs(ref.surrogate[i]))) }
+        for i in 0..<(n * d) {
+            XCTAssertEqual(Double(sur.quantized[i]), ref.surrogate[i], accuracy: 1e-5 * max(1, abs(ref.surrogate[i])))
+        }
         XCTAssertEqual(sur.codes, normal.codes)
         XCTAssertEqual(sur.counts, normal.counts)
         XCTAssertEqual(sur.loss, normal.loss)
@@ -425,7 +472,9 @@ final class QuantizerLFQTests: XCTestCase {
         // be the exact derivative (no stop-gradient) -- checked against the K-way reference and
         // against central differences of the brute-force loss.
         var hp = HP(); hp.commitment = 0; hp.entropyWeight = 1
-        for (K, temperature, gamma, scale) in [(8, 1.0, 1.0, 1.0), (16, 0.5, 0.3, 2.0), (2, 2.0, 1.0, 0.7), (64, 1.0, 2.0, 1.0)] {
+        for (K, temperature, gamma, scale) in [
+            (8, 1.0, 1.0, 1.0), (16, 0.5, 0.3, 2.0), (2, 2.0, 1.0, 0.7), (64, 1.0, 2.0, 1.0),
+        ] {
             hp.temperature = temperature; hp.diversityGamma = gamma; hp.scale = scale
             let b = K.trailingZeroBitCount, n = 9
             let q = try makeIdentityQuantizer(K: K, hp: hp)
@@ -450,8 +499,11 @@ final class QuantizerLFQTests: XCTestCase {
     }
 
     func testBackwardMatchesReference() throws {
-        var sharp = HP(); sharp.temperature = 0.5; sharp.scale = 2; sharp.diversityGamma = 0.5; sharp.entropyWeight = 1; sharp.commitment = 0.7
-        for (hp, beta, withGradQ, K) in [(HP(), 0.08, true, 16), (sharp, 1.0, false, 8), (sharp, 0.5, true, 4), (HP(), 0.0, true, 32)] {
+        var sharp = HP(); sharp.temperature = 0.5; sharp.scale = 2; sharp.diversityGamma = 0.5; sharp.entropyWeight = 1;
+        sharp.commitment = 0.7
+        for (hp, beta, withGradQ, K) in [
+            (HP(), 0.08, true, 16), (sharp, 1.0, false, 8), (sharp, 0.5, true, 4), (HP(), 0.0, true, 32),
+        ] {
             let n = 13, d = 6
             let q = try makeQuantizer(d: d, K: K, hp: hp, seed: 6)
             let x = randomNormal(n * d, seed: 7)
@@ -461,16 +513,20 @@ final class QuantizerLFQTests: XCTestCase {
             XCTAssertEqual(out.codes.map(Int.init), ref.codes)
             let gq = withGradQ ? randomNormal(n * d, seed: 8) : nil
             for b in q.core.parameters { b.grad!.update(repeating: 0.5, count: b.count) }  // accumulation: += onto 0.5
-            var gx = [Float](repeating: -1, count: n * d)                                   // += onto -1
+            var gx = [Float](repeating: -1, count: n * d)  // += onto -1
             try backward(q, try XCTUnwrap(out.ctx), n: n, gq: gq, gradLoss: Float(beta), gradX: &gx)
             let want = referenceGradients(x: x, p: p, ref: ref, gq: gq, g: beta, n: n, d: d, K: K, hp: hp)
             for i in 0..<(n * d) {
-                XCTAssertEqual(Double(gx[i]), -1 + want["x"]![i], accuracy: 1e-5 * max(1, abs(want["x"]![i])), "grad_x[\(i)] K \(K)")
+                XCTAssertEqual(
+                    Double(gx[i]), -1 + want["x"]![i], accuracy: 1e-5 * max(1, abs(want["x"]![i])),
+                    "grad_x[\(i)] K \(K)")
             }
             for b in q.core.parameters {
                 let w = want[b.name]!
                 for i in 0..<b.count {
-                    XCTAssertEqual(Double(b.grad![i]), 0.5 + w[i], accuracy: 1e-5 * max(1, abs(w[i])), "grad \(b.name)[\(i)] K \(K)")
+                    XCTAssertEqual(
+                        Double(b.grad![i]), 0.5 + w[i], accuracy: 1e-5 * max(1, abs(w[i])),
+                        "grad \(b.name)[\(i)] K \(K)")
                 }
             }
         }
@@ -500,7 +556,8 @@ final class QuantizerLFQTests: XCTestCase {
         XCTAssertEqual(m["code_counts"], [1, 2, 0, 3])
         XCTAssertEqual(m["dead_codes"], [1])
         let pr = [1.0, 2.0, 3.0].map { $0 / 6 }
-        XCTAssertEqual(try XCTUnwrap(m["usage_perplexity"]?.first), exp(-pr.map { $0 * log($0) }.reduce(0, +)), accuracy: 1e-9)
+        XCTAssertEqual(
+            try XCTUnwrap(m["usage_perplexity"]?.first), exp(-pr.map { $0 * log($0) }.reduce(0, +)), accuracy: 1e-9)
         let h = entropies(x.map(Double.init), n: 6, K: 4, hp: HP())
         XCTAssertEqual(try XCTUnwrap(m["per_sample_entropy"]?.first), h.perSample, accuracy: 1e-6)
         XCTAssertEqual(try XCTUnwrap(m["codebook_entropy"]?.first), h.codebook, accuracy: 1e-6)
@@ -518,17 +575,23 @@ final class QuantizerLFQTests: XCTestCase {
     func testPluginChecker() throws {
         let lib = try openPlugin("QuantizerLFQ")
         // No stop-gradient flag: every loss gradient is compared by value with finite differences.
-        let settings: [[String: Any]] = [[:], ["codebook_size": 16, "temperature": 0.5, "scale": 2.0],
-                                         ["diversity_gamma": 0.0, "entropy_weight": 1.0], ["commitment": 0.0, "entropy_weight": 2.0],
-                                         ["codebook_size": 2], ["codebook_size": 64, "diversity_gamma": 0.5]]
+        let settings: [[String: Any]] = [
+            [:], ["codebook_size": 16, "temperature": 0.5, "scale": 2.0],
+            ["diversity_gamma": 0.0, "entropy_weight": 1.0], ["commitment": 0.0, "entropy_weight": 2.0],
+            ["codebook_size": 2], ["codebook_size": 64, "diversity_gamma": 0.5],
+        ]
         for hp in settings {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             XCTAssertEqual(results.count, 18, "\(hp)")
             XCTAssertFalse(results.contains { $0.name.contains("direction") })
             for name in Self.bufferNames + ["x"] {
                 XCTAssertTrue(results.contains { $0.name == "gradcheck \(name) [loss]" && $0.passed }, "\(hp) \(name)")
-                XCTAssertTrue(results.contains { $0.name == "gradcheck \(name) [straight-through]" && $0.passed }, "\(hp) \(name)")
+                XCTAssertTrue(
+                    results.contains { $0.name == "gradcheck \(name) [straight-through]" && $0.passed }, "\(hp) \(name)"
+                )
             }
         }
     }

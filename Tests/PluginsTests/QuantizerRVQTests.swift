@@ -8,8 +8,10 @@ final class QuantizerRVQTests: XCTestCase {
     let d = 5, K = 7
 
     /// A quantizer whose codebooks (L,K,d) are overwritten with known random values.
-    func makeQuantizer(L: Int, K: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
-                       randomize: Bool = true) throws -> (QuantizerInstance, [Float]) {
+    func makeQuantizer(
+        L: Int, K: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
+        randomize: Bool = true
+    ) throws -> (QuantizerInstance, [Float]) {
         let lib = try openPlugin("QuantizerRVQ")
         var all = hp
         all["levels"] = L
@@ -31,8 +33,9 @@ final class QuantizerRVQTests: XCTestCase {
             try qo.withUnsafeMutableBufferPointer { qp in
                 try codes.withUnsafeMutableBufferPointer { cp in
                     try counts.withUnsafeMutableBufferPointer { kp in
-                        try q.forward(step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
-                                      codeCounts: kp.baseAddress!)
+                        try q.forward(
+                            step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
+                            codeCounts: kp.baseAddress!)
                     }
                 }
             }
@@ -40,8 +43,10 @@ final class QuantizerRVQTests: XCTestCase {
         return Outputs(quantized: qo, codes: codes, counts: counts, loss: loss, ctx: ctx)
     }
 
-    func backward(_ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
+        gradX: inout [Float]
+    ) throws {
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gq {
                 try gq.withUnsafeBufferPointer {
@@ -105,7 +110,8 @@ final class QuantizerRVQTests: XCTestCase {
         XCTAssertEqual(lib.kind, .quantizer)
         XCTAssertTrue(lib.hasStopGradientLoss)
         XCTAssertFalse(lib.hasNoGrad)
-        XCTAssertEqual(lib.schema.map(\.name), ["levels", "codebook_size", "commitment", "init_scale", "codebook_loss"])
+        XCTAssertEqual(
+            lib.schema.map(\.name), ["levels", "codebook_size", "commitment", "init_scale", "codebook_loss"])
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["levels"]?.type, .int)
         XCTAssertEqual(s["levels"]?.defaultNumber, 2)
@@ -148,12 +154,17 @@ final class QuantizerRVQTests: XCTestCase {
             XCTAssertEqual(std, 1, accuracy: 0.15, "level \(l)")
             XCTAssertEqual(mean, 0, accuracy: 0.25, "level \(l)")
         }
-        let again = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["levels": 3], seed: 5)
+        let again = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["levels": 3], seed: 5)
         XCTAssertEqual(memcmp(cb.data, again.buffer("codebook")!.data, cb.byteCount), 0)
-        let other = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["levels": 3], seed: 6)
+        let other = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["levels": 3], seed: 6)
         XCTAssertNotEqual(memcmp(cb.data, other.buffer("codebook")!.data, cb.byteCount), 0)
-        let scaled = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["levels": 3, "init_scale": 0.5], seed: 5)
-        for i in 0..<(3 * K * d) { XCTAssertEqual(scaled.buffer("codebook")!.floats[i], 0.5 * cb.floats[i], accuracy: 1e-6) }
+        let scaled = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["levels": 3, "init_scale": 0.5], seed: 5)
+        for i in 0..<(3 * K * d) {
+            XCTAssertEqual(scaled.buffer("codebook")!.floats[i], 0.5 * cb.floats[i], accuracy: 1e-6)
+        }
 
         // Defaults: 2 levels, K = n_codes; codebook_size overrides n_codes.
         let def = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K))
@@ -170,12 +181,14 @@ final class QuantizerRVQTests: XCTestCase {
             let msg = "\(error)"
             XCTAssertTrue(msg.contains("codebook") && msg.contains("n_codes"), msg)
         }
-        XCTAssertNoThrow(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 0), hyperparameters: ["codebook_size": 3]))
+        XCTAssertNoThrow(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 0), hyperparameters: ["codebook_size": 3]))
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 0, nCodes: 4))) { error in
             XCTAssertTrue("\(error)".contains("d_model"), "\(error)")
         }
         for hp: [String: Any] in [["levels": 0], ["levels": 17], ["commitment": -1.0], ["codebook_loss": "sum"]] {
-            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: hp)) { error in
+            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: hp)) {
+                error in
                 XCTAssertTrue("\(error)".contains(hp.keys.first!), "\(error)")
             }
         }
@@ -262,7 +275,8 @@ final class QuantizerRVQTests: XCTestCase {
         XCTAssertEqual(sur.codes, normal.codes)
         XCTAssertEqual(sur.counts, normal.counts)
         XCTAssertEqual(sur.loss, normal.loss)
-        XCTAssertEqual(normal.codes.map(Int.init), reference(x: x, codebook: cb, n: n, L: L, K: K, d: d).codes.flatMap { $0 })
+        XCTAssertEqual(
+            normal.codes.map(Int.init), reference(x: x, codebook: cb, n: n, L: L, K: K, d: d).codes.flatMap { $0 })
     }
 
     func testEvalAndNoGradSaveNoContextAndChangeNothing() throws {
@@ -296,14 +310,15 @@ final class QuantizerRVQTests: XCTestCase {
         ]
         for (mode, L, commitment, beta, withGradQ) in cases {
             let n = 13
-            let (q, cb) = try makeQuantizer(L: L, K: K, d: d, hp: ["commitment": commitment, "codebook_loss": mode], seed: 6)
+            let (q, cb) = try makeQuantizer(
+                L: L, K: K, d: d, hp: ["commitment": commitment, "codebook_loss": mode], seed: 6)
             let x = randomNormal(n * d, seed: 7, scale: 1.4)
             let out = try forward(q, x: x, n: n, step: train())
             let ref = reference(x: x, codebook: cb, n: n, L: L, K: K, d: d)
             let gq = withGradQ ? randomNormal(n * d, seed: 8) : nil
             let cbGrad = q.core.buffer("codebook")!.grad!
-            cbGrad.update(repeating: 0.5, count: L * K * d)   // accumulation: += onto 0.5
-            var gx = [Float](repeating: -1, count: n * d)     // += onto -1
+            cbGrad.update(repeating: 0.5, count: L * K * d)  // accumulation: += onto 0.5
+            var gx = [Float](repeating: -1, count: n * d)  // += onto -1
             try backward(q, try XCTUnwrap(out.ctx), n: n, gq: gq, gradLoss: beta, gradX: &gx)
             let M = Double(n * d), g = Double(beta)
             var wantCB = [Double](repeating: 0.5, count: L * K * d)
@@ -315,7 +330,9 @@ final class QuantizerRVQTests: XCTestCase {
                     XCTAssertEqual(Double(gx[t * d + i]), want, accuracy: 1e-5, "\(mode) L\(L) grad_x[\(t),\(i)]")
                     for l in 0..<L {
                         // residual: 2/M (q_l - r_{l-1}) = -2/M r_l; cumulative: -2/M sum_{m >= l} r_m
-                        let r = mode == "residual" ? ref.residuals[l][t * d + i]
+                        let r =
+                            mode == "residual"
+                            ? ref.residuals[l][t * d + i]
                             : (l..<L).map { ref.residuals[$0][t * d + i] }.reduce(0, +)
                         wantCB[(l * K + ref.codes[t][l]) * d + i] -= g * 2 / M * r
                     }
@@ -331,7 +348,8 @@ final class QuantizerRVQTests: XCTestCase {
         // codebook_loss = cumulative: the codebook gradient is 1/(1+gamma) of the finite-difference
         // slope of the loss value (the stop-gradients only split the value between the terms).
         let n = 9, L = 3, commitment = 0.3
-        let (q, cb) = try makeQuantizer(L: L, K: K, d: d, hp: ["commitment": commitment, "codebook_loss": "cumulative"], seed: 11)
+        let (q, cb) = try makeQuantizer(
+            L: L, K: K, d: d, hp: ["commitment": commitment, "codebook_loss": "cumulative"], seed: 11)
         let x = randomNormal(n * d, seed: 12)
         let out = try forward(q, x: x, n: n, step: train())
         var gx = [Float](repeating: 0, count: n * d)
@@ -354,7 +372,8 @@ final class QuantizerRVQTests: XCTestCase {
                     total += 1
                     guard let up = loss(plus), let down = loss(minus) else { continue }
                     let slope = (up - down) / Double(2 * h)
-                    XCTAssertEqual(Double(grad[idx]) * (1 + commitment), slope, accuracy: 1e-3, "codebook[\(l)][\(j)][\(i)]")
+                    XCTAssertEqual(
+                        Double(grad[idx]) * (1 + commitment), slope, accuracy: 1e-3, "codebook[\(l)][\(j)][\(i)]")
                     checked += 1
                 }
             }
@@ -418,10 +437,14 @@ final class QuantizerRVQTests: XCTestCase {
         let lib = try openPlugin("QuantizerRVQ")
         // Fully verified: one level (plain VQ-VAE), and the cumulative codebook loss at any depth,
         // whose backward is gamma/(1+gamma) of the value's slope in x and 1/(1+gamma) in the codebook.
-        for hp: [String: Any] in [["levels": 1], ["codebook_loss": "cumulative"], ["codebook_loss": "cumulative", "levels": 4],
-                                  ["levels": 1, "commitment": 0.7, "codebook_size": 5]] {
+        for hp: [String: Any] in [
+            ["levels": 1], ["codebook_loss": "cumulative"], ["codebook_loss": "cumulative", "levels": 4],
+            ["levels": 1, "commitment": 0.7, "codebook_size": 5],
+        ] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             let x = results.first { $0.name.hasPrefix("gradcheck x (direction") }
             XCTAssertTrue(x?.detail.contains("|analytic|/|numeric| 0.") == true, x?.detail ?? "missing")
             XCTAssertTrue(results.contains { $0.name == "gradcheck x [straight-through]" && $0.passed })
@@ -433,10 +456,16 @@ final class QuantizerRVQTests: XCTestCase {
         // gradient by hand). The x direction and the straight-through checks are judged.
         for hp: [String: Any] in [[:], ["levels": 3]] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             let codebook = results.first { $0.name == "gradcheck codebook (direction: stop-gradient loss) [loss]" }
             XCTAssertTrue(codebook?.detail.contains("reported only") == true, codebook?.detail ?? "missing")
-            XCTAssertTrue(results.contains { $0.name == "gradcheck x (direction: stop-gradient loss) [loss]" && $0.passed && !$0.detail.contains("reported only") })
+            XCTAssertTrue(
+                results.contains {
+                    $0.name == "gradcheck x (direction: stop-gradient loss) [loss]" && $0.passed
+                        && !$0.detail.contains("reported only")
+                })
             XCTAssertGreaterThanOrEqual(results.count, 12)
         }
     }

@@ -8,8 +8,10 @@ final class QuantizerVQGANCosTests: XCTestCase {
     static let bufferNames = ["proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias", "codebook"]
 
     /// A quantizer whose parameters are overwritten with known random values (biases too).
-    func makeQuantizer(d: Int, K: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
-                       randomize: Bool = true) throws -> QuantizerInstance {
+    func makeQuantizer(
+        d: Int, K: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
+        randomize: Bool = true
+    ) throws -> QuantizerInstance {
         let lib = try openPlugin("QuantizerVQGANCos")
         let core = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: hp, seed: seed)
         if randomize {
@@ -24,7 +26,9 @@ final class QuantizerVQGANCosTests: XCTestCase {
     /// The parameters as doubles, by buffer name.
     func parameters(_ q: QuantizerInstance) -> [String: [Double]] {
         var out: [String: [Double]] = [:]
-        for b in q.core.parameters { out[b.name] = Array(UnsafeBufferPointer(start: b.floats, count: b.count)).map(Double.init) }
+        for b in q.core.parameters {
+            out[b.name] = Array(UnsafeBufferPointer(start: b.floats, count: b.count)).map(Double.init)
+        }
         return out
     }
 
@@ -39,8 +43,9 @@ final class QuantizerVQGANCosTests: XCTestCase {
             try qo.withUnsafeMutableBufferPointer { qp in
                 try codes.withUnsafeMutableBufferPointer { cp in
                     try counts.withUnsafeMutableBufferPointer { kp in
-                        try q.forward(step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
-                                      codeCounts: kp.baseAddress!)
+                        try q.forward(
+                            step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
+                            codeCounts: kp.baseAddress!)
                     }
                 }
             }
@@ -48,8 +53,10 @@ final class QuantizerVQGANCosTests: XCTestCase {
         return Outputs(quantized: qo, codes: codes, counts: counts, loss: loss, ctx: ctx)
     }
 
-    func backward(_ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
+        gradX: inout [Float]
+    ) throws {
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gq {
                 try gq.withUnsafeBufferPointer {
@@ -72,8 +79,8 @@ final class QuantizerVQGANCosTests: XCTestCase {
     /// Everything the reference computes, in double.
     struct Reference {
         var codes: [Int]
-        var zHat: [Double], zNorm: [Double]      // (N,d_c), (N)
-        var eHat: [Double], eNorm: [Double]      // (K,d_c), (K)
+        var zHat: [Double], zNorm: [Double]  // (N,d_c), (N)
+        var eHat: [Double], eNorm: [Double]  // (K,d_c), (K)
         var quantized: [Double], surrogate: [Double]  // (N,d) W_out ê_c + b_out, W_out ẑ + b_out
         var counts: [Double]
         var loss: Double
@@ -84,11 +91,14 @@ final class QuantizerVQGANCosTests: XCTestCase {
         return (v.map { $0 / max(norm, 1e-12) }, norm)
     }
 
-    func reference(x: [Float], p: [String: [Double]], n: Int, d: Int, dc: Int, K: Int, commitment: Double) -> Reference {
-        let wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!, wOut = p["proj_out.weight"]!, bOut = p["proj_out.bias"]!
+    func reference(x: [Float], p: [String: [Double]], n: Int, d: Int, dc: Int, K: Int, commitment: Double) -> Reference
+    {
+        let wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!, wOut = p["proj_out.weight"]!,
+            bOut = p["proj_out.bias"]!
         let e = p["codebook"]!
-        var r = Reference(codes: [], zHat: [], zNorm: [], eHat: [], eNorm: [], quantized: [], surrogate: [],
-                          counts: [Double](repeating: 0, count: K), loss: 0)
+        var r = Reference(
+            codes: [], zHat: [], zNorm: [], eHat: [], eNorm: [], quantized: [], surrogate: [],
+            counts: [Double](repeating: 0, count: K), loss: 0)
         for j in 0..<K { let (h, nrm) = normalize(e[(j * dc)..<((j + 1) * dc)]); r.eHat += h; r.eNorm.append(nrm) }
         var sse = 0.0
         for t in 0..<n {
@@ -126,15 +136,19 @@ final class QuantizerVQGANCosTests: XCTestCase {
 
     /// Reference gradients of the straight-through estimator (G = grad_quantized) and of the
     /// stop-gradient loss (weight g), by buffer name plus "x".
-    func referenceGradients(x: [Float], p: [String: [Double]], ref: Reference, gq: [Float]?, g: Double, n: Int, d: Int,
-                            dc: Int, K: Int, commitment: Double) -> [String: [Double]] {
+    func referenceGradients(
+        x: [Float], p: [String: [Double]], ref: Reference, gq: [Float]?, g: Double, n: Int, d: Int,
+        dc: Int, K: Int, commitment: Double
+    ) -> [String: [Double]] {
         let wIn = p["proj_in.weight"]!, wOut = p["proj_out.weight"]!
-        var out: [String: [Double]] = ["x": [Double](repeating: 0, count: n * d),
-                                       "proj_in.weight": [Double](repeating: 0, count: dc * d),
-                                       "proj_in.bias": [Double](repeating: 0, count: dc),
-                                       "proj_out.weight": [Double](repeating: 0, count: d * dc),
-                                       "proj_out.bias": [Double](repeating: 0, count: d),
-                                       "codebook": [Double](repeating: 0, count: K * dc)]
+        var out: [String: [Double]] = [
+            "x": [Double](repeating: 0, count: n * d),
+            "proj_in.weight": [Double](repeating: 0, count: dc * d),
+            "proj_in.bias": [Double](repeating: 0, count: dc),
+            "proj_out.weight": [Double](repeating: 0, count: d * dc),
+            "proj_out.bias": [Double](repeating: 0, count: d),
+            "codebook": [Double](repeating: 0, count: K * dc),
+        ]
         let M = Double(n * dc)
         var geHat = [Double](repeating: 0, count: K * dc)
         for t in 0..<n {
@@ -146,7 +160,7 @@ final class QuantizerVQGANCosTests: XCTestCase {
                     let G = Double(gq[t * d + o])
                     out["proj_out.bias"]![o] += G
                     for i in 0..<dc {
-                        gzh[i] += wOut[o * dc + i] * G                            // identity through the STE
+                        gzh[i] += wOut[o * dc + i] * G  // identity through the STE
                         out["proj_out.weight"]![o * dc + i] += G * ec[ec.startIndex + i]  // value of z_q = ê_c
                     }
                 }
@@ -165,7 +179,8 @@ final class QuantizerVQGANCosTests: XCTestCase {
             }
         }
         for j in 0..<K {
-            let ge = normalizeBackward(ref.eHat[(j * dc)..<((j + 1) * dc)], ref.eNorm[j], Array(geHat[(j * dc)..<((j + 1) * dc)]))
+            let ge = normalizeBackward(
+                ref.eHat[(j * dc)..<((j + 1) * dc)], ref.eNorm[j], Array(geHat[(j * dc)..<((j + 1) * dc)]))
             for i in 0..<dc { out["codebook"]![j * dc + i] = ge[i] }
         }
         return out
@@ -227,15 +242,21 @@ final class QuantizerVQGANCosTests: XCTestCase {
         // Same seed, same buffers; another seed, other buffers.
         let again = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), seed: 5)
         let other = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), seed: 6)
-        for (a, b) in zip(core.buffers, again.buffers) { XCTAssertEqual(memcmp(a.data, b.data, a.byteCount), 0, a.name) }
-        XCTAssertNotEqual(memcmp(core.buffer("codebook")!.data, other.buffer("codebook")!.data, core.buffer("codebook")!.byteCount), 0)
+        for (a, b) in zip(core.buffers, again.buffers) {
+            XCTAssertEqual(memcmp(a.data, b.data, a.byteCount), 0, a.name)
+        }
+        XCTAssertNotEqual(
+            memcmp(core.buffer("codebook")!.data, other.buffer("codebook")!.data, core.buffer("codebook")!.byteCount), 0
+        )
 
         // codebook_size overrides n_codes; code_dim sets the code space.
-        let own = try makeInstance(lib, dims: ModelDims(dModel: 10, nCodes: K), hyperparameters: ["codebook_size": 5, "code_dim": 3])
+        let own = try makeInstance(
+            lib, dims: ModelDims(dModel: 10, nCodes: K), hyperparameters: ["codebook_size": 5, "code_dim": 3])
         XCTAssertEqual(own.buffers.map(\.shape), [[3, 10], [3], [10, 3], [10], [5, 3]])
         XCTAssertEqual(try QuantizerInstance(own).codebookSize, 5)
         // code_dim may exceed d_model.
-        XCTAssertNoThrow(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["code_dim": 32]))
+        XCTAssertNoThrow(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["code_dim": 32]))
     }
 
     func testBadHyperparametersAndDims() throws {
@@ -245,16 +266,21 @@ final class QuantizerVQGANCosTests: XCTestCase {
             XCTAssertTrue(msg.contains("codebook size K = 0"), msg)
             XCTAssertTrue(msg.contains("INVALID_ARGUMENT"), msg)
         }
-        XCTAssertNoThrow(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 0), hyperparameters: ["codebook_size": 3]))
+        XCTAssertNoThrow(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 0), hyperparameters: ["codebook_size": 3]))
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 0, nCodes: 4))) { error in
             XCTAssertTrue("\(error)".contains("d_model"), "\(error)")
         }
         for bad in [0, 1025] {
-            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["code_dim": bad])) { error in
+            XCTAssertThrowsError(
+                try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["code_dim": bad])
+            ) { error in
                 XCTAssertTrue("\(error)".contains("code_dim"), "\(error)")
             }
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["commitment": -0.5])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["commitment": -0.5])
+        ) { error in
             XCTAssertTrue("\(error)".contains("commitment"), "\(error)")
         }
     }
@@ -262,13 +288,18 @@ final class QuantizerVQGANCosTests: XCTestCase {
     // MARK: forward
 
     func testForwardMatchesReference() throws {
-        for (commitment, n, d, dc, K) in [(0.25, 37, 12, 16, 9), (1.3, 5, 6, 3, 4), (0.0, 64, 8, 8, 16), (0.25, 1, 5, 1, 3)] {
+        for (commitment, n, d, dc, K) in [
+            (0.25, 37, 12, 16, 9), (1.3, 5, 6, 3, 4), (0.0, 64, 8, 8, 16), (0.25, 1, 5, 1, 3),
+        ] {
             let q = try makeQuantizer(d: d, K: K, hp: ["commitment": commitment, "code_dim": dc], seed: UInt64(n))
             let x = randomNormal(n * d, seed: 17, scale: 1.2)
             let out = try forward(q, x: x, n: n, step: train())
             let ref = reference(x: x, p: parameters(q), n: n, d: d, dc: dc, K: K, commitment: commitment)
             XCTAssertEqual(out.codes.map(Int.init), ref.codes, "d_c \(dc)")
-            for i in 0..<(n * d) { XCTAssertEqual(Double(out.quantized[i]), ref.quantized[i], accuracy: 1e-5 * max(1, abs(ref.quantized[i]))) }
+            for i in 0..<(n * d) {
+                XCTAssertEqual(
+                    Double(out.quantized[i]), ref.quantized[i], accuracy: 1e-5 * max(1, abs(ref.quantized[i])))
+            }
             XCTAssertEqual(out.counts.map(Double.init), ref.counts)
             XCTAssertEqual(Double(out.loss), ref.loss, accuracy: 1e-5 * max(1, ref.loss))
             XCTAssertNotNil(out.ctx)
@@ -315,7 +346,9 @@ final class QuantizerVQGANCosTests: XCTestCase {
         let normal = try forward(q, x: x, n: n, step: train())
         let sur = try forward(q, x: x, n: n, step: train(surrogate: true))
         let ref = reference(x: x, p: parameters(q), n: n, d: d, dc: dc, K: K, commitment: 0.25)
-        for i in 0..<(n * d) { XCTAssertEqual(Double(sur.quantized[i]), ref.surrogate[i], accuracy: 1e-5 * max(1, abs(ref.surrogate[i]))) }
+        for i in 0..<(n * d) {
+            XCTAssertEqual(Double(sur.quantized[i]), ref.surrogate[i], accuracy: 1e-5 * max(1, abs(ref.surrogate[i])))
+        }
         XCTAssertEqual(sur.codes, normal.codes)
         XCTAssertEqual(sur.counts, normal.counts)
         XCTAssertEqual(sur.loss, normal.loss)
@@ -345,7 +378,9 @@ final class QuantizerVQGANCosTests: XCTestCase {
     // MARK: backward
 
     func testBackwardMatchesReference() throws {
-        for (commitment, beta, withGradQ, dc) in [(0.25, 0.08, true, 4), (0.6, 1.0, false, 6), (0.0, 0.5, true, 2), (1.0, 0.0, true, 5)] {
+        for (commitment, beta, withGradQ, dc) in [
+            (0.25, 0.08, true, 4), (0.6, 1.0, false, 6), (0.0, 0.5, true, 2), (1.0, 0.0, true, 5),
+        ] {
             let n = 13, d = 6, K = 5
             let q = try makeQuantizer(d: d, K: K, hp: ["commitment": commitment, "code_dim": dc], seed: 6)
             let x = randomNormal(n * d, seed: 7)
@@ -355,16 +390,20 @@ final class QuantizerVQGANCosTests: XCTestCase {
             XCTAssertEqual(out.codes.map(Int.init), ref.codes)
             let gq = withGradQ ? randomNormal(n * d, seed: 8) : nil
             for b in q.core.parameters { b.grad!.update(repeating: 0.5, count: b.count) }  // accumulation: += onto 0.5
-            var gx = [Float](repeating: -1, count: n * d)                                   // += onto -1
+            var gx = [Float](repeating: -1, count: n * d)  // += onto -1
             try backward(q, try XCTUnwrap(out.ctx), n: n, gq: gq, gradLoss: Float(beta), gradX: &gx)
-            let want = referenceGradients(x: x, p: p, ref: ref, gq: gq, g: beta, n: n, d: d, dc: dc, K: K, commitment: commitment)
+            let want = referenceGradients(
+                x: x, p: p, ref: ref, gq: gq, g: beta, n: n, d: d, dc: dc, K: K, commitment: commitment)
             for i in 0..<(n * d) {
-                XCTAssertEqual(Double(gx[i]), -1 + want["x"]![i], accuracy: 1e-4 * max(1, abs(want["x"]![i])), "grad_x[\(i)]")
+                XCTAssertEqual(
+                    Double(gx[i]), -1 + want["x"]![i], accuracy: 1e-4 * max(1, abs(want["x"]![i])), "grad_x[\(i)]")
             }
             for b in q.core.parameters {
                 let w = want[b.name]!
                 for i in 0..<b.count {
-                    XCTAssertEqual(Double(b.grad![i]), 0.5 + w[i], accuracy: 1e-4 * max(1, abs(w[i])), "grad \(b.name)[\(i)] case dc=\(dc)")
+                    XCTAssertEqual(
+                        Double(b.grad![i]), 0.5 + w[i], accuracy: 1e-4 * max(1, abs(w[i])),
+                        "grad \(b.name)[\(i)] case dc=\(dc)")
                 }
             }
         }
@@ -398,7 +437,8 @@ final class QuantizerVQGANCosTests: XCTestCase {
         XCTAssertEqual(m["code_counts"], [3, 2, 0, 1])
         XCTAssertEqual(m["dead_codes"], [1])
         let pr = [3.0, 2.0, 1.0].map { $0 / 6 }
-        XCTAssertEqual(try XCTUnwrap(m["usage_perplexity"]?.first), exp(-pr.map { $0 * log($0) }.reduce(0, +)), accuracy: 1e-9)
+        XCTAssertEqual(
+            try XCTUnwrap(m["usage_perplexity"]?.first), exp(-pr.map { $0 * log($0) }.reduce(0, +)), accuracy: 1e-9)
         // An eval forward after a training forward does not replace the training stats.
         _ = try forward(q, x: [0, 1], n: 1, step: eval)
         XCTAssertEqual(try q.core.metrics()["code_counts"], [3, 2, 0, 1])
@@ -416,17 +456,24 @@ final class QuantizerVQGANCosTests: XCTestCase {
         // The loss has stop-gradients (declared), so the checker compares directions: the
         // backward is gamma/(1+gamma) of the value's slope for x and proj_in, 1/(1+gamma) for
         // the codebook, and proj_out gets no loss gradient.
-        for (hp, ratioIn, ratioCodebook) in [([String: Any](), "0.2000", "0.8000"), (["commitment": 1.5], "0.6000", "0.4000"),
-                                             (["code_dim": 3, "codebook_size": 20], "0.2000", "0.8000")] {
+        for (hp, ratioIn, ratioCodebook) in [
+            ([String: Any](), "0.2000", "0.8000"), (["commitment": 1.5], "0.6000", "0.4000"),
+            (["code_dim": 3, "codebook_size": 20], "0.2000", "0.8000"),
+        ] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             XCTAssertEqual(results.count, 20, "\(hp)")
             for name in ["x", "proj_in.weight", "proj_in.bias"] {
                 let r = results.first { $0.name.hasPrefix("gradcheck \(name) (direction") }
-                XCTAssertTrue(r?.detail.contains("|analytic|/|numeric| \(ratioIn)") == true, r?.detail ?? "missing \(name)")
+                XCTAssertTrue(
+                    r?.detail.contains("|analytic|/|numeric| \(ratioIn)") == true, r?.detail ?? "missing \(name)")
             }
             let codebook = results.first { $0.name.hasPrefix("gradcheck codebook (direction") }
-            XCTAssertTrue(codebook?.detail.contains("|analytic|/|numeric| \(ratioCodebook)") == true, codebook?.detail ?? "missing")
+            XCTAssertTrue(
+                codebook?.detail.contains("|analytic|/|numeric| \(ratioCodebook)") == true,
+                codebook?.detail ?? "missing")
             for name in Self.bufferNames + ["x"] {
                 XCTAssertTrue(results.contains { $0.name == "gradcheck \(name) [straight-through]" && $0.passed }, name)
             }

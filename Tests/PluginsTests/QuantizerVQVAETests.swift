@@ -8,8 +8,10 @@ final class QuantizerVQVAETests: XCTestCase {
     let d = 6, K = 9
 
     /// A quantizer whose codebook (K,d) is overwritten with known random values.
-    func makeQuantizer(K: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
-                       randomize: Bool = true) throws -> (QuantizerInstance, [Float]) {
+    func makeQuantizer(
+        K: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
+        randomize: Bool = true
+    ) throws -> (QuantizerInstance, [Float]) {
         let lib = try openPlugin("QuantizerVQVAE")
         let core = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: hp, seed: seed)
         let q = try QuantizerInstance(core)
@@ -32,8 +34,9 @@ final class QuantizerVQVAETests: XCTestCase {
             try qo.withUnsafeMutableBufferPointer { qp in
                 try codes.withUnsafeMutableBufferPointer { cp in
                     try counts.withUnsafeMutableBufferPointer { kp in
-                        try q.forward(step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
-                                      codeCounts: kp.baseAddress!)
+                        try q.forward(
+                            step, x: xp.baseAddress!, n: n, quantized: qp.baseAddress!, codes: cp.baseAddress!,
+                            codeCounts: kp.baseAddress!)
                     }
                 }
             }
@@ -41,8 +44,10 @@ final class QuantizerVQVAETests: XCTestCase {
         return Outputs(quantized: qo, codes: codes, counts: counts, loss: loss, ctx: ctx)
     }
 
-    func backward(_ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ q: QuantizerInstance, _ ctx: PluginContext, n: Int, gq: [Float]?, gradLoss: Float,
+        gradX: inout [Float]
+    ) throws {
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gq {
                 try gq.withUnsafeBufferPointer {
@@ -88,8 +93,12 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(lib.name, "vqvae")
         XCTAssertEqual(lib.version, "1.0.0")
         XCTAssertEqual(lib.kind, .quantizer)
-        XCTAssertEqual(lib.schema.map(\.name), ["codebook_size", "commitment", "init_scale", "ema", "ema_decay", "ema_epsilon",
-                                                "kmeans_init", "kmeans_iters", "dead_code_threshold"])
+        XCTAssertEqual(
+            lib.schema.map(\.name),
+            [
+                "codebook_size", "commitment", "init_scale", "ema", "ema_decay", "ema_epsilon",
+                "kmeans_init", "kmeans_iters", "dead_code_threshold",
+            ])
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["codebook_size"]?.type, .int)
         XCTAssertEqual(s["codebook_size"]?.defaultNumber, 0)
@@ -138,8 +147,11 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(mean, 0, accuracy: 0.15)
         let again = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), seed: 5)
         XCTAssertEqual(memcmp(cb.data, again.buffer("codebook")!.data, cb.byteCount), 0)
-        let scaled = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["init_scale": 0.5], seed: 5)
-        for i in 0..<(K * d) { XCTAssertEqual(scaled.buffer("codebook")!.floats[i], 0.5 * cb.floats[i], accuracy: 1e-6) }
+        let scaled = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["init_scale": 0.5], seed: 5)
+        for i in 0..<(K * d) {
+            XCTAssertEqual(scaled.buffer("codebook")!.floats[i], 0.5 * cb.floats[i], accuracy: 1e-6)
+        }
 
         // codebook_size overrides n_codes.
         let own = try makeInstance(lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["codebook_size": 5])
@@ -163,12 +175,16 @@ final class QuantizerVQVAETests: XCTestCase {
             XCTAssertTrue(msg.contains("codebook"), msg)
             XCTAssertTrue(msg.contains("INVALID_ARGUMENT") || msg.lowercased().contains("invalid"), msg)
         }
-        XCTAssertNoThrow(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 0), hyperparameters: ["codebook_size": 3]))
+        XCTAssertNoThrow(
+            try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 0), hyperparameters: ["codebook_size": 3]))
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 0, nCodes: 4))) { error in
             XCTAssertTrue("\(error)".contains("d_model"), "\(error)")
         }
         // ema_decay = 1 passes the schema's [0, 1] but is refused by the plugin ([0, 1)).
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["ema": true, "ema_decay": 1.0])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(
+                lib, dims: ModelDims(dModel: 4, nCodes: 4), hyperparameters: ["ema": true, "ema_decay": 1.0])
+        ) { error in
             XCTAssertTrue("\(error)".contains("ema_decay"), "\(error)")
         }
     }
@@ -251,7 +267,9 @@ final class QuantizerVQVAETests: XCTestCase {
     // MARK: backward
 
     func testBackwardMatchesHandGradients() throws {
-        for (commitment, beta, withGradQ) in [(0.25, Float(0.08), true), (0.6, Float(1), false), (0.0, Float(0.5), true)] {
+        for (commitment, beta, withGradQ) in [
+            (0.25, Float(0.08), true), (0.6, Float(1), false), (0.0, Float(0.5), true),
+        ] {
             let n = 13
             let (q, cb) = try makeQuantizer(K: K, d: d, hp: ["commitment": commitment], seed: 6)
             let x = randomNormal(n * d, seed: 7)
@@ -259,8 +277,8 @@ final class QuantizerVQVAETests: XCTestCase {
             let ref = reference(x: x, codebook: cb, n: n, K: K, d: d)
             let gq = withGradQ ? randomNormal(n * d, seed: 8) : nil
             let cbGrad = q.core.buffer("codebook")!.grad!
-            cbGrad.update(repeating: 0.5, count: K * d)          // accumulation: += onto 0.5
-            var gx = [Float](repeating: -1, count: n * d)        // += onto -1
+            cbGrad.update(repeating: 0.5, count: K * d)  // accumulation: += onto 0.5
+            var gx = [Float](repeating: -1, count: n * d)  // += onto -1
             try backward(q, try XCTUnwrap(out.ctx), n: n, gq: gq, gradLoss: beta, gradX: &gx)
             let M = Double(n * d)
             var wantCB = [Double](repeating: 0.5, count: K * d)
@@ -268,7 +286,8 @@ final class QuantizerVQVAETests: XCTestCase {
                 for i in 0..<d {
                     let xi = Double(x[t * d + i]), qi = ref.q[t * d + i]
                     // straight-through + commitment: d/dx [gamma * mse(x, sg(q))] = gamma * 2/M (x - q)
-                    let want = -1 + (gq.map { Double($0[t * d + i]) } ?? 0) + Double(beta) * commitment * 2 / M * (xi - qi)
+                    let want =
+                        -1 + (gq.map { Double($0[t * d + i]) } ?? 0) + Double(beta) * commitment * 2 / M * (xi - qi)
                     XCTAssertEqual(Double(gx[t * d + i]), want, accuracy: 1e-5, "grad_x[\(t),\(i)]")
                     // codebook: d/dq mse(sg(x), q) = 2/M (q - x), scattered to row c_t
                     wantCB[ref.codes[t] * d + i] += Double(beta) * 2 / M * (qi - xi)
@@ -293,8 +312,12 @@ final class QuantizerVQVAETests: XCTestCase {
 
     func testEMAUpdate() throws {
         let n = 21, K = 4, d = 3, decay = 0.9, eps = 1e-3, commitment = 0.4
-        let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["ema": true, "ema_decay": decay, "ema_epsilon": eps,
-                                                          "commitment": commitment], seed: 3)
+        let (q, cb0) = try makeQuantizer(
+            K: K, d: d,
+            hp: [
+                "ema": true, "ema_decay": decay, "ema_epsilon": eps,
+                "commitment": commitment,
+            ], seed: 3)
         let count = q.core.buffer("ema_count")!.floats, sum = q.core.buffer("ema_sum")!.floats
         let cb = q.core.buffer("codebook")!.floats
         XCTAssertNil(q.core.buffer("codebook")!.grad)
@@ -322,7 +345,9 @@ final class QuantizerVQVAETests: XCTestCase {
                 let smoothed = (emaCount[j] + eps) / (total + Double(K) * eps) * total
                 for i in 0..<d { codebook[j * d + i] = emaSum[j * d + i] / smoothed }
             }
-            for j in 0..<K { XCTAssertEqual(Double(count[j]), emaCount[j], accuracy: 1e-5, "ema_count[\(j)] step \(step)") }
+            for j in 0..<K {
+                XCTAssertEqual(Double(count[j]), emaCount[j], accuracy: 1e-5, "ema_count[\(j)] step \(step)")
+            }
             for i in 0..<(K * d) {
                 XCTAssertEqual(Double(sum[i]), emaSum[i], accuracy: 1e-5, "ema_sum[\(i)] step \(step)")
                 XCTAssertEqual(Double(cb[i]), codebook[i], accuracy: 1e-4, "codebook[\(i)] step \(step)")
@@ -333,14 +358,18 @@ final class QuantizerVQVAETests: XCTestCase {
             try backward(q, try XCTUnwrap(out.ctx), n: n, gq: gq, gradLoss: 2, gradX: &gx)
             for t in 0..<n {
                 for i in 0..<d {
-                    let want = Double(gq[t * d + i]) + 2 * commitment * 2 / Double(n * d) * (Double(x[t * d + i]) - ref.q[t * d + i])
+                    let want =
+                        Double(gq[t * d + i]) + 2 * commitment * 2 / Double(n * d)
+                        * (Double(x[t * d + i]) - ref.q[t * d + i])
                     XCTAssertEqual(Double(gx[t * d + i]), want, accuracy: 1e-5)
                 }
             }
         }
         // Eval and frozen training forwards change no state.
-        let snapshot = (Array(UnsafeBufferPointer(start: cb, count: K * d)), Array(UnsafeBufferPointer(start: count, count: K)),
-                        Array(UnsafeBufferPointer(start: sum, count: K * d)))
+        let snapshot = (
+            Array(UnsafeBufferPointer(start: cb, count: K * d)), Array(UnsafeBufferPointer(start: count, count: K)),
+            Array(UnsafeBufferPointer(start: sum, count: K * d))
+        )
         let x = randomNormal(n * d, seed: 60)
         _ = try forward(q, x: x, n: n, step: eval)
         _ = try forward(q, x: x, n: n, step: train(frozen: true))
@@ -388,8 +417,10 @@ final class QuantizerVQVAETests: XCTestCase {
     /// replaced by the partial Fisher-Yates pick of the stream (seed, kmeansStream); then
     /// `iters` times: assign to the nearest centre (ties -> lowest), move each non-empty
     /// cluster's centre to its mean. Returns the centres and the initial rows.
-    func lloydReference(x: [Float], n: Int, d: Int, K: Int, start: [Float], seed: UInt64,
-                        iters: Int) -> (centres: [Double], rows: [Int]) {
+    func lloydReference(
+        x: [Float], n: Int, d: Int, K: Int, start: [Float], seed: UInt64,
+        iters: Int
+    ) -> (centres: [Double], rows: [Int]) {
         var c = start.map(Double.init)
         var r = HostRNG.make(seed: seed, stream: Self.kmeansStream)
         var rows = Array(0..<n)
@@ -427,20 +458,30 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(flag.dtype.bits, 32)
         XCTAssertEqual(flag.data.load(as: Int32.self), 0)
         XCTAssertTrue(core.buffer("codebook")!.isParameter)
-        let ema = try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["kmeans_init": true, "ema": true])
+        let ema = try makeInstance(
+            lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["kmeans_init": true, "ema": true])
         XCTAssertEqual(ema.buffers.map(\.name), ["codebook", "ema_count", "ema_sum", "initialized"])
         // Off by default: no extra buffer (checkpoints of existing configurations are unchanged).
-        XCTAssertEqual(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["ema": true,
-                       "dead_code_threshold": 0.5]).buffers.map(\.name), ["codebook", "ema_count", "ema_sum"])
+        XCTAssertEqual(
+            try makeInstance(
+                lib, dims: ModelDims(dModel: 3, nCodes: 4),
+                hyperparameters: [
+                    "ema": true,
+                    "dead_code_threshold": 0.5,
+                ]
+            ).buffers.map(\.name), ["codebook", "ema_count", "ema_sum"])
 
         // dead_code_threshold needs ema: refused by the plugin with the reason.
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["dead_code_threshold": 0.5])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: ["dead_code_threshold": 0.5])
+        ) { error in
             let msg = "\(error)"
             XCTAssertTrue(msg.contains("dead_code_threshold") && msg.contains("ema = true"), msg)
         }
         // Out-of-range values are refused by the schema, naming the key.
         for hp: [String: Any] in [["kmeans_iters": 0], ["kmeans_iters": 101], ["dead_code_threshold": -0.1]] {
-            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: hp)) { error in
+            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 3, nCodes: 4), hyperparameters: hp)) {
+                error in
                 XCTAssertTrue("\(error)".contains(hp.keys.first!), "\(error)")
             }
         }
@@ -451,12 +492,19 @@ final class QuantizerVQVAETests: XCTestCase {
         // Five loose blobs: Lloyd needs several iterations from random rows.
         var x = randomNormal(n * d, seed: 31, scale: 0.9)
         for t in 0..<n { x[t * d] += Float(t % 5) * 1.5; x[t * d + 1] += Float((t * 3) % 5) * 0.7 }
-        let once = lloydReference(x: x, n: n, d: d, K: K, start: [Float](repeating: 0, count: K * d), seed: 3, iters: 1).centres
-        let ten = lloydReference(x: x, n: n, d: d, K: K, start: [Float](repeating: 0, count: K * d), seed: 3, iters: 10).centres
-        XCTAssertGreaterThan(zip(once, ten).map { abs($0 - $1) }.max()!, 1e-3, "test data: 1 and 10 iterations should differ")
+        let once = lloydReference(x: x, n: n, d: d, K: K, start: [Float](repeating: 0, count: K * d), seed: 3, iters: 1)
+            .centres
+        let ten = lloydReference(x: x, n: n, d: d, K: K, start: [Float](repeating: 0, count: K * d), seed: 3, iters: 10)
+            .centres
+        XCTAssertGreaterThan(
+            zip(once, ten).map { abs($0 - $1) }.max()!, 1e-3, "test data: 1 and 10 iterations should differ")
         for (iters, ema) in [(1, false), (2, false), (10, false), (10, true)] {
-            let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["kmeans_init": true, "kmeans_iters": iters, "ema": ema,
-                                                              "ema_decay": 0.9, "commitment": 0.3], seed: 4)
+            let (q, cb0) = try makeQuantizer(
+                K: K, d: d,
+                hp: [
+                    "kmeans_init": true, "kmeans_iters": iters, "ema": ema,
+                    "ema_decay": 0.9, "commitment": 0.3,
+                ], seed: 4)
             let ref = lloydReference(x: x, n: n, d: d, K: K, start: cb0, seed: 3, iters: iters)
             XCTAssertEqual(Set(ref.rows).count, K)  // K distinct rows
             let out = try forward(q, x: x, n: n, step: train())
@@ -469,7 +517,9 @@ final class QuantizerVQVAETests: XCTestCase {
             XCTAssertEqual(Double(out.loss), (ema ? 0.3 : 1.3) * want.mse, accuracy: 1e-5)
             let cb = q.core.buffer("codebook")!.floats
             if !ema {
-                for i in 0..<(K * d) { XCTAssertEqual(Double(cb[i]), ref.centres[i], accuracy: 1e-5, "iters \(iters) codebook[\(i)]") }
+                for i in 0..<(K * d) {
+                    XCTAssertEqual(Double(cb[i]), ref.centres[i], accuracy: 1e-5, "iters \(iters) codebook[\(i)]")
+                }
             } else {
                 // ema: ema_sum = centre, ema_count = 1, then this forward's EMA update.
                 let count = q.core.buffer("ema_count")!.floats, sum = q.core.buffer("ema_sum")!.floats
@@ -485,7 +535,9 @@ final class QuantizerVQVAETests: XCTestCase {
                         for t in 0..<n where want.codes[t] == j { s += Double(x[t * d + i]) }
                         let m = 0.9 * ref.centres[j * d + i] + 0.1 * s
                         XCTAssertEqual(Double(sum[j * d + i]), m, accuracy: 1e-5)
-                        XCTAssertEqual(Double(cb[j * d + i]), m / ((newCount[j] + eps) / (total + Double(K) * eps) * total), accuracy: 1e-4)
+                        XCTAssertEqual(
+                            Double(cb[j * d + i]), m / ((newCount[j] + eps) / (total + Double(K) * eps) * total),
+                            accuracy: 1e-4)
                     }
                 }
             }
@@ -530,7 +582,8 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertTrue((0..<(K * d)).allSatisfy { q.core.buffer("codebook")!.grad![$0] == 0 })
         let wantQ = reference(x: x, codebook: centres, n: n, K: K, d: d)
         for i in 0..<(n * d) {
-            XCTAssertEqual(Double(gx[i]), Double(gq[i]) + 0.25 * 2 / Double(n * d) * (Double(x[i]) - wantQ.q[i]), accuracy: 1e-5)
+            XCTAssertEqual(
+                Double(gx[i]), Double(gq[i]) + 0.25 * 2 / Double(n * d) * (Double(x[i]) - wantQ.q[i]), accuracy: 1e-5)
         }
         // Later training forwards (another batch, another seed) leave the codebook alone and
         // give the usual codebook gradient.
@@ -556,7 +609,8 @@ final class QuantizerVQVAETests: XCTestCase {
 
     func testDeadCodeRestart() throws {
         let n = 16, d = 3, K = 6, decay = 0.9, threshold = 0.5
-        let (q, cb0) = try makeQuantizer(K: K, d: d, hp: ["ema": true, "ema_decay": decay, "dead_code_threshold": threshold], seed: 5)
+        let (q, cb0) = try makeQuantizer(
+            K: K, d: d, hp: ["ema": true, "ema_decay": decay, "dead_code_threshold": threshold], seed: 5)
         let count = q.core.buffer("ema_count")!.floats, sum = q.core.buffer("ema_sum")!.floats
         let cb = q.core.buffer("codebook")!.floats
         // Known EMA counts: after the update N_j = 0.9 * c_j + 0.1 * n_j.
@@ -601,7 +655,9 @@ final class QuantizerVQVAETests: XCTestCase {
             }
         }
         // The replaced rows are exactly batch rows.
-        for j in dead { XCTAssertTrue((0..<n).contains { t in (0..<d).allSatisfy { cb[j * d + $0] == x[t * d + $0] } }) }
+        for j in dead {
+            XCTAssertTrue((0..<n).contains { t in (0..<d).allSatisfy { cb[j * d + $0] == x[t * d + $0] } })
+        }
         XCTAssertEqual(try q.core.metrics()["restarted_codes"], [Double(dead.count)])
 
         // Eval and frozen forwards restart nothing, even with counts below the threshold.
@@ -625,12 +681,14 @@ final class QuantizerVQVAETests: XCTestCase {
         // EMA: every check applies (the loss gradient is the exact derivative of
         // commitment * mse(x, sg(q)) in x, the codebook is state).
         let emaResults = PluginChecker(library: lib, hyperparameters: ["ema": true]).run()
-        XCTAssertTrue(emaResults.allSatisfy(\.passed), emaResults.filter { !$0.passed }.map(\.detail).joined(separator: "\n"))
+        XCTAssertTrue(
+            emaResults.allSatisfy(\.passed), emaResults.filter { !$0.passed }.map(\.detail).joined(separator: "\n"))
         // Default (codebook loss): mse(sg(x), q) + gamma * mse(x, sg(q)) has stop-gradients, which
         // the plugin declares (VQMOE_PLUGIN_STOPGRAD_LOSS): the checker then compares directions,
         // and the backward is gamma/(1+gamma) of the value's slope in x, 1/(1+gamma) in the codebook.
         let results = PluginChecker(library: lib).run()
-        XCTAssertTrue(results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+        XCTAssertTrue(
+            results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
         let x = results.first { $0.name.hasPrefix("gradcheck x (direction") }
         XCTAssertTrue(x?.detail.contains("|analytic|/|numeric| 0.2000") == true, x?.detail ?? "missing")
         let codebook = results.first { $0.name.hasPrefix("gradcheck codebook (direction") }
@@ -641,12 +699,15 @@ final class QuantizerVQVAETests: XCTestCase {
         // so each one re-runs k-means on its batch: the loss's slope in x is that of the converged
         // k-means reconstruction, 2 (x - q) by the envelope theorem, and the codebook parameter
         // has no effect -- and gets no gradient -- in the initialising forward).
-        for hp: [String: Any] in [["kmeans_init": true], ["kmeans_init": true, "kmeans_iters": 3, "commitment": 0.6],
-                                  ["kmeans_init": true, "ema": true],
-                                  ["ema": true, "dead_code_threshold": 0.5],
-                                  ["ema": true, "dead_code_threshold": 0.5, "kmeans_init": true]] {
+        for hp: [String: Any] in [
+            ["kmeans_init": true], ["kmeans_init": true, "kmeans_iters": 3, "commitment": 0.6],
+            ["kmeans_init": true, "ema": true],
+            ["ema": true, "dead_code_threshold": 0.5],
+            ["ema": true, "dead_code_threshold": 0.5, "kmeans_init": true],
+        ] {
             let r = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(r.allSatisfy(\.passed), "\(hp): " + r.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                r.allSatisfy(\.passed), "\(hp): " + r.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             XCTAssertGreaterThanOrEqual(r.count, 10)
         }
     }

@@ -14,7 +14,8 @@ final class RouterSMoEDropoutTests: XCTestCase {
     /// A router whose frozen weight (E,d) is overwritten with known random values.
     func makeRouter(E: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1) throws -> (RouterInstance, [Float]) {
         let lib = try openPlugin("RouterSMoEDropout")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E, totalSteps: 100), hyperparameters: hp, seed: seed)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E, totalSteps: 100), hyperparameters: hp, seed: seed)
         let router = try RouterInstance(core)
         let wBuf = try XCTUnwrap(core.buffer("weight"))
         wBuf.floats.update(from: randomNormal(E * d, seed: seed &+ 100, scale: 0.7), count: E * d)
@@ -35,9 +36,11 @@ final class RouterSMoEDropoutTests: XCTestCase {
             try index.withUnsafeMutableBufferPointer { ip in
                 try weights.withUnsafeMutableBufferPointer { wp in
                     try load.withUnsafeMutableBufferPointer { lp in
-                        try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape,
-                                      outputs: RouterOutputs(expertIndex: ip.baseAddress, weights: wp.baseAddress,
-                                                             expertLoad: lp.baseAddress!))
+                        try r.forward(
+                            step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape,
+                            outputs: RouterOutputs(
+                                expertIndex: ip.baseAddress, weights: wp.baseAddress,
+                                expertLoad: lp.baseAddress!))
                     }
                 }
             }
@@ -45,13 +48,16 @@ final class RouterSMoEDropoutTests: XCTestCase {
         return Outputs(index: index, weights: weights, load: load, aux: aux, ctx: ctx)
     }
 
-    func backward(_ r: RouterInstance, _ ctx: PluginContext, n: Int, k: Int, gw: [Float]?, gaux: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ r: RouterInstance, _ ctx: PluginContext, n: Int, k: Int, gw: [Float]?, gaux: Float,
+        gradX: inout [Float]
+    ) throws {
         let shape = RouterShape(mode: .topK, k: k)
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gw {
                 try gw.withUnsafeBufferPointer {
-                    try r.backward(ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
+                    try r.backward(
+                        ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
                 }
             } else {
                 try r.backward(ctx, n: n, shape: shape, gradAux: gaux, gradX: gp.baseAddress!)
@@ -59,7 +65,9 @@ final class RouterSMoEDropoutTests: XCTestCase {
         }
     }
 
-    func train(_ step: Int, total: Int = 100) -> StepInfo { StepInfo(step: step, totalSteps: total, train: true, seed: 3) }
+    func train(_ step: Int, total: Int = 100) -> StepInfo {
+        StepInfo(step: step, totalSteps: total, train: true, seed: 3)
+    }
 
     /// The reference code's schedule, by brute force: v = (k_max - k_min) * step / total,
     /// Python's round (half to even), + k_min, clipped; k_max when total <= 0 or in eval.
@@ -97,8 +105,10 @@ final class RouterSMoEDropoutTests: XCTestCase {
     }
 
     /// grad_x = dlogits W with dlogits from the kept softmax and the balance loss.
-    func referenceGradX(_ ref: Reference, w: [Float], gw: [Float]?, gaux: Double, balance: Double,
-                        n: Int, E: Int, d: Int, k: Int) -> [Double] {
+    func referenceGradX(
+        _ ref: Reference, w: [Float], gw: [Float]?, gaux: Double, balance: Double,
+        n: Int, E: Int, d: Int, k: Int
+    ) -> [Double] {
         var dl = [Double](repeating: 0, count: n * E)
         for t in 0..<n {
             if let gw {
@@ -111,7 +121,9 @@ final class RouterSMoEDropoutTests: XCTestCase {
             }
             for e in 0..<E {
                 let daux = gaux * balance * Double(E) * ref.f[e] / Double(n)
-                for j in 0..<E { dl[t * E + j] += daux * ref.probs[t * E + e] * ((e == j ? 1 : 0) - ref.probs[t * E + j]) }
+                for j in 0..<E {
+                    dl[t * E + j] += daux * ref.probs[t * E + e] * ((e == j ? 1 : 0) - ref.probs[t * E + j])
+                }
             }
         }
         var gx = [Double](repeating: 0, count: n * d)
@@ -166,7 +178,8 @@ final class RouterSMoEDropoutTests: XCTestCase {
         XCTAssertEqual(memcmp(w.data, again.buffer("weight")!.data, w.byteCount), 0)
         let other = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), seed: 8)
         XCTAssertNotEqual(memcmp(w.data, other.buffer("weight")!.data, w.byteCount), 0)
-        let wide = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["init_std": 0.2], seed: 7)
+        let wide = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["init_std": 0.2], seed: 7)
         for i in 0..<(E * d) { XCTAssertEqual(wide.buffer("weight")!.floats[i], 10 * w.floats[i], accuracy: 1e-6) }
     }
 
@@ -175,8 +188,10 @@ final class RouterSMoEDropoutTests: XCTestCase {
     func testScheduleValuesAtChosenSteps() throws {
         let (r, _) = try makeRouter(E: 8, d: 4, hp: ["k_min": 1, "k_max": 8])
         // (k_max - k_min) * step / total = 7 * step / 100, rounded half to even, + 1.
-        let expected: [(Int, Int)] = [(0, 1), (7, 1), (8, 2), (21, 2), (22, 3), (50, 5), (64, 5), (65, 6), (93, 8), (100, 8),
-                                      (150, 8), (-5, 1)]
+        let expected: [(Int, Int)] = [
+            (0, 1), (7, 1), (8, 2), (21, 2), (22, 3), (50, 5), (64, 5), (65, 6), (93, 8), (100, 8),
+            (150, 8), (-5, 1),
+        ]
         for (step, k) in expected { XCTAssertEqual(try r.shape(train(step)).k, k, "step \(step)") }
         // Python's round: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2 (k_max - k_min = 4, total 8: step 1 -> 0.5, ...).
         let (h, _) = try makeRouter(E: 8, d: 4, hp: ["k_min": 2, "k_max": 6])
@@ -198,7 +213,8 @@ final class RouterSMoEDropoutTests: XCTestCase {
             var seen = Set<Int>()
             for step in 0...(total + total / 5) {
                 let want = Self.referenceK(step: step, total: total, kMin: kMin, kMax: kMax)
-                XCTAssertEqual(try r.shape(train(step, total: total)).k, want, "k_min \(kMin) k_max \(kMax) step \(step)/\(total)")
+                XCTAssertEqual(
+                    try r.shape(train(step, total: total)).k, want, "k_min \(kMin) k_max \(kMax) step \(step)/\(total)")
                 seen.insert(want)
             }
             // Monotone and complete: every k from k_min to k_max appears.
@@ -211,7 +227,10 @@ final class RouterSMoEDropoutTests: XCTestCase {
     func testBadHyperparametersAreErrors() throws {
         let lib = try openPlugin("RouterSMoEDropout")
         func message(_ hp: [String: Any], E: Int = 4) -> String {
-            do { _ = try makeInstance(lib, dims: ModelDims(dModel: 3, nExperts: E), hyperparameters: hp); return "no error" } catch {
+            do {
+                _ = try makeInstance(lib, dims: ModelDims(dModel: 3, nExperts: E), hyperparameters: hp);
+                return "no error"
+            } catch {
                 return (error as? VQMoEError)?.message ?? "\(error)"
             }
         }
@@ -234,8 +253,9 @@ final class RouterSMoEDropoutTests: XCTestCase {
         let (r, w) = try makeRouter(E: E, d: d, hp: hp)
         let x = randomNormal(n * d, seed: 11)
         let kMax = (hp["k_max"] as? Int).map { $0 == 0 ? E : $0 } ?? 2
-        let k = Self.referenceK(step: step.step, total: step.totalSteps, kMin: hp["k_min"] as? Int ?? 1, kMax: kMax,
-                                train: step.flags & VQMOE_STEP_TRAIN != 0)
+        let k = Self.referenceK(
+            step: step.step, total: step.totalSteps, kMin: hp["k_min"] as? Int ?? 1, kMax: kMax,
+            train: step.flags & VQMOE_STEP_TRAIN != 0)
         let out = try forward(r, x: x, n: n, step: step)
         XCTAssertEqual(out.weights.count, n * k)
         let ref = reference(x: x, w: w, n: n, E: E, d: d, k: k, balance: balance)
@@ -248,11 +268,12 @@ final class RouterSMoEDropoutTests: XCTestCase {
     }
 
     func testForwardMatchesReference() throws {
-        try checkForward(hp: [:], step: train(0))                                               // k = 1
-        try checkForward(hp: [:], step: train(90))                                              // k = 2
+        try checkForward(hp: [:], step: train(0))  // k = 1
+        try checkForward(hp: [:], step: train(90))  // k = 2
         try checkForward(hp: ["k_min": 2, "k_max": 0, "balance_weight": 0.3], step: train(40))  // k = 3
-        try checkForward(hp: ["k_min": 2, "k_max": 0, "balance_weight": 0.3], step: train(100)) // k = E
-        try checkForward(hp: ["k_max": 4, "balance_weight": 1.0], step: StepInfo(step: 0, totalSteps: 100, train: false, seed: 1))
+        try checkForward(hp: ["k_min": 2, "k_max": 0, "balance_weight": 0.3], step: train(100))  // k = E
+        try checkForward(
+            hp: ["k_max": 4, "balance_weight": 1.0], step: StepInfo(step: 0, totalSteps: 100, train: false, seed: 1))
     }
 
     func testEvalUsesFullCapacityAndSavesNoContext() throws {
@@ -262,7 +283,8 @@ final class RouterSMoEDropoutTests: XCTestCase {
         XCTAssertNil(eval.ctx)
         XCTAssertEqual(eval.weights.count, n * 4)
         XCTAssertEqual(eval.index.map(Int.init), reference(x: x, w: w, n: n, E: E, d: d, k: 4, balance: 0).index)
-        let noGrad = try forward(r, x: x, n: n, step: StepInfo(step: 0, totalSteps: 100, train: true, noGrad: true, seed: 1))
+        let noGrad = try forward(
+            r, x: x, n: n, step: StepInfo(step: 0, totalSteps: 100, train: true, noGrad: true, seed: 1))
         XCTAssertNil(noGrad.ctx)
         XCTAssertEqual(noGrad.weights.count, n)
     }
@@ -313,20 +335,27 @@ final class RouterSMoEDropoutTests: XCTestCase {
 
     func testBackwardMatchesReference() throws {
         try checkBackward(hp: ["k_min": 2, "k_max": 4], step: train(50), gradWeightsPresent: true, gaux: 1)
-        try checkBackward(hp: ["k_min": 1, "k_max": 0, "balance_weight": 0.5], step: train(30), gradWeightsPresent: true, gaux: 1.5)
-        try checkBackward(hp: ["balance_weight": 0.4], step: train(0), gradWeightsPresent: true, gaux: 2)   // k = 1: balance only
-        try checkBackward(hp: ["k_max": 3, "balance_weight": 0.4], step: train(100), gradWeightsPresent: false, gaux: 1)
-        try checkBackward(hp: [:], step: train(0), gradWeightsPresent: true, gaux: 1)   // k = 1, no balance: zero
+        try checkBackward(
+            hp: ["k_min": 1, "k_max": 0, "balance_weight": 0.5], step: train(30), gradWeightsPresent: true, gaux: 1.5)
+        // k = 1: balance only
+        try checkBackward(hp: ["balance_weight": 0.4], step: train(0), gradWeightsPresent: true, gaux: 2)
+        try checkBackward(
+            hp: ["k_max": 3, "balance_weight": 0.4], step: train(100), gradWeightsPresent: false, gaux: 1)
+        try checkBackward(hp: [:], step: train(0), gradWeightsPresent: true, gaux: 1)  // k = 1, no balance: zero
     }
 
     // MARK: the framework's gradcheck
 
     func testPluginChecker() throws {
         let lib = try openPlugin("RouterSMoEDropout")
-        for hp: [String: Any] in [[:], ["k_min": 2, "k_max": 4, "balance_weight": 0.3, "init_std": 1.0],
-                                  ["k_max": 0, "balance_weight": 0.05, "init_std": 1.0]] {
+        for hp: [String: Any] in [
+            [:], ["k_min": 2, "k_max": 4, "balance_weight": 0.3, "init_std": 1.0],
+            ["k_max": 0, "balance_weight": 0.05, "init_std": 1.0],
+        ] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
         }
     }
 }

@@ -7,8 +7,10 @@ final class RouterSMoETests: XCTestCase {
     let d = 6, E = 5
 
     /// A router whose weight (E,d) (and bias (E)) are overwritten with known random values.
-    func makeRouter(E: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
-                    randomize: Bool = true) throws -> (RouterInstance, [Float], [Float]?) {
+    func makeRouter(
+        E: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
+        randomize: Bool = true
+    ) throws -> (RouterInstance, [Float], [Float]?) {
         let lib = try openPlugin("RouterSMoE")
         let core = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: hp, seed: seed)
         let router = try RouterInstance(core)
@@ -36,9 +38,11 @@ final class RouterSMoETests: XCTestCase {
             try index.withUnsafeMutableBufferPointer { ip in
                 try weights.withUnsafeMutableBufferPointer { wp in
                     try load.withUnsafeMutableBufferPointer { lp in
-                        try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape,
-                                      outputs: RouterOutputs(expertIndex: ip.baseAddress, weights: wp.baseAddress,
-                                                             expertLoad: lp.baseAddress!))
+                        try r.forward(
+                            step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape,
+                            outputs: RouterOutputs(
+                                expertIndex: ip.baseAddress, weights: wp.baseAddress,
+                                expertLoad: lp.baseAddress!))
                     }
                 }
             }
@@ -52,7 +56,9 @@ final class RouterSMoETests: XCTestCase {
         var logits: [Double], probs: [Double], index: [Int], gates: [Double], load: [Double], f: [Double], aux: Double
     }
 
-    func reference(x: [Float], w: [Float], b: [Float]?, n: Int, E: Int, d: Int, k: Int, balance: Double, full: Bool = false) -> Reference {
+    func reference(
+        x: [Float], w: [Float], b: [Float]?, n: Int, E: Int, d: Int, k: Int, balance: Double, full: Bool = false
+    ) -> Reference {
         var logits = [Double](repeating: 0, count: n * E), probs = logits
         var index = [Int](), gates = [Double](), load = [Double](repeating: 0, count: E)
         for t in 0..<n {
@@ -69,7 +75,9 @@ final class RouterSMoETests: XCTestCase {
             let order = (0..<E).sorted { row[$0] > row[$1] || (row[$0] == row[$1] && $0 < $1) }
             let kept = Array(order.prefix(k))
             let zk = kept.map { exp(row[$0] - m) }.reduce(0, +)
-            for e in kept { index.append(e); gates.append(full ? probs[t * E + e] : exp(row[e] - m) / zk); load[e] += 1 }
+            for e in kept {
+                index.append(e); gates.append(full ? probs[t * E + e] : exp(row[e] - m) / zk); load[e] += 1
+            }
         }
         let f = load.map { $0 / Double(n * k) }
         var aux = 0.0
@@ -77,8 +85,9 @@ final class RouterSMoETests: XCTestCase {
             let P = (0..<n).map { probs[$0 * E + e] }.reduce(0, +) / Double(n)
             aux += f[e] * P
         }
-        return Reference(logits: logits, probs: probs, index: index, gates: gates, load: load, f: f,
-                         aux: balance * Double(E) * aux)
+        return Reference(
+            logits: logits, probs: probs, index: index, gates: gates, load: load, f: f,
+            aux: balance * Double(E) * aux)
     }
 
     func train(_ step: Int = 0, frozen: Bool = false) -> StepInfo {
@@ -132,7 +141,8 @@ final class RouterSMoETests: XCTestCase {
         let other = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), seed: 8)
         XCTAssertNotEqual(memcmp(w.data, other.buffer("weight")!.data, w.byteCount), 0)
         // init_std scales the draw.
-        let wide = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["init_std": 0.2], seed: 7)
+        let wide = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["init_std": 0.2], seed: 7)
         for i in 0..<(E * d) { XCTAssertEqual(wide.buffer("weight")!.floats[i], 10 * w.floats[i], accuracy: 1e-6) }
 
         let withBias = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["bias": true])
@@ -147,7 +157,8 @@ final class RouterSMoETests: XCTestCase {
 
     func testKLargerThanExpertsIsAnError() throws {
         let lib = try openPlugin("RouterSMoE")
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nExperts: 3), hyperparameters: ["k": 4])) { error in
+        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nExperts: 3), hyperparameters: ["k": 4]))
+        { error in
             let msg = (error as? VQMoEError)?.message ?? "\(error)"
             XCTAssertTrue(msg.contains("k = 4"), msg)
             XCTAssertTrue(msg.contains("n_experts = 3"), msg)
@@ -246,7 +257,8 @@ final class RouterSMoETests: XCTestCase {
         let x = randomNormal(7 * d, seed: 4)
         let eval = try forward(r, x: x, n: 7, k: 2, step: StepInfo(step: 0, totalSteps: 10, train: false, seed: 1))
         XCTAssertNil(eval.ctx)
-        let noGrad = try forward(r, x: x, n: 7, k: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, noGrad: true, seed: 1))
+        let noGrad = try forward(
+            r, x: x, n: 7, k: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, noGrad: true, seed: 1))
         XCTAssertNil(noGrad.ctx)
         let tr = try forward(r, x: x, n: 7, k: 2, step: train())
         XCTAssertNotNil(tr.ctx)
@@ -268,15 +280,19 @@ final class RouterSMoETests: XCTestCase {
 
     /// Reference gradients by hand: dlogits from the kept softmax and the balance loss, then
     /// grad_x = dlogits W, grad_W = dlogits^T x, grad_b = column sums.
-    func referenceGrads(_ ref: Reference, x: [Float], w: [Float], gw: [Float]?, gaux: Double, balance: Double,
-                        n: Int, E: Int, d: Int, k: Int, full: Bool = false) -> (gx: [Double], gW: [Double], gb: [Double]) {
+    func referenceGrads(
+        _ ref: Reference, x: [Float], w: [Float], gw: [Float]?, gaux: Double, balance: Double,
+        n: Int, E: Int, d: Int, k: Int, full: Bool = false
+    ) -> (gx: [Double], gW: [Double], gb: [Double]) {
         var dl = [Double](repeating: 0, count: n * E)
         for t in 0..<n {
             if let gw, full {
                 // g_s = p_{i_s}: dg_s/dl_j = p_{i_s} (delta_{j,i_s} - p_j) over all E logits
                 for s in 0..<k {
                     let i = ref.index[t * k + s], pi = ref.probs[t * E + i]
-                    for j in 0..<E { dl[t * E + j] += Double(gw[t * k + s]) * pi * ((j == i ? 1 : 0) - ref.probs[t * E + j]) }
+                    for j in 0..<E {
+                        dl[t * E + j] += Double(gw[t * k + s]) * pi * ((j == i ? 1 : 0) - ref.probs[t * E + j])
+                    }
                 }
             } else if let gw {
                 // g_s = softmax_s(l_kept): dg_s/dl_r = g_s (delta_sr - g_r)
@@ -312,13 +328,16 @@ final class RouterSMoETests: XCTestCase {
         return (gx, gW, gb)
     }
 
-    func backward(_ r: RouterInstance, _ ctx: PluginContext, n: Int, k: Int, gw: [Float]?, gaux: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ r: RouterInstance, _ ctx: PluginContext, n: Int, k: Int, gw: [Float]?, gaux: Float,
+        gradX: inout [Float]
+    ) throws {
         let shape = RouterShape(mode: .topK, k: k)
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gw {
                 try gw.withUnsafeBufferPointer {
-                    try r.backward(ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
+                    try r.backward(
+                        ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
                 }
             } else {
                 try r.backward(ctx, n: n, shape: shape, gradAux: gaux, gradX: gp.baseAddress!)
@@ -326,9 +345,13 @@ final class RouterSMoETests: XCTestCase {
         }
     }
 
-    func checkBackward(k: Int, bias: Bool, balance: Double, gradWeightsPresent: Bool, gaux: Float, full: Bool = false) throws {
+    func checkBackward(
+        k: Int, bias: Bool, balance: Double, gradWeightsPresent: Bool, gaux: Float, full: Bool = false
+    ) throws {
         let n = 19
-        let (r, w, b) = try makeRouter(E: E, d: d, hp: ["k": k, "bias": bias, "balance_weight": balance, "weights": full ? "full" : "kept"], seed: 4)
+        let (r, w, b) = try makeRouter(
+            E: E, d: d, hp: ["k": k, "bias": bias, "balance_weight": balance, "weights": full ? "full" : "kept"],
+            seed: 4)
         let x = randomNormal(n * d, seed: 21)
         let out = try forward(r, x: x, n: n, k: k, step: train())
         let ctx = try XCTUnwrap(out.ctx)
@@ -341,7 +364,8 @@ final class RouterSMoETests: XCTestCase {
         r.core.buffer("bias")?.grad!.update(repeating: -0.5, count: E)
         var gx = [Float](repeating: 1, count: n * d)
         try backward(r, ctx, n: n, k: k, gw: gw, gaux: gaux, gradX: &gx)
-        let want = referenceGrads(ref, x: x, w: w, gw: gw, gaux: Double(gaux), balance: balance, n: n, E: E, d: d, k: k, full: full)
+        let want = referenceGrads(
+            ref, x: x, w: w, gw: gw, gaux: Double(gaux), balance: balance, n: n, E: E, d: d, k: k, full: full)
         for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), 1 + want.gx[i], accuracy: 1e-5, "grad_x[\(i)]") }
         for i in 0..<(E * d) { XCTAssertEqual(Double(wGrad[i]), 0.25 + want.gW[i], accuracy: 1e-5, "grad_W[\(i)]") }
         if bias {
@@ -353,9 +377,10 @@ final class RouterSMoETests: XCTestCase {
     func testBackwardMatchesHandGradients() throws {
         try checkBackward(k: 2, bias: false, balance: 0.01, gradWeightsPresent: true, gaux: 1)
         try checkBackward(k: 3, bias: true, balance: 0.7, gradWeightsPresent: true, gaux: 1.5)
-        try checkBackward(k: 1, bias: true, balance: 0.2, gradWeightsPresent: true, gaux: 1)   // k = 1: weights are constant 1
+        // k = 1: weights are constant 1
+        try checkBackward(k: 1, bias: true, balance: 0.2, gradWeightsPresent: true, gaux: 1)
         try checkBackward(k: 2, bias: true, balance: 0.4, gradWeightsPresent: false, gaux: 2)  // balance loss alone
-        try checkBackward(k: 2, bias: true, balance: 0.4, gradWeightsPresent: true, gaux: 0)   // routing weights alone
+        try checkBackward(k: 2, bias: true, balance: 0.4, gradWeightsPresent: true, gaux: 0)  // routing weights alone
         // weights = full (Switch): the kept experts' full-softmax probabilities; with k = 1 the
         // routing weight now carries a task gradient.
         try checkBackward(k: 1, bias: true, balance: 0.2, gradWeightsPresent: true, gaux: 0, full: true)
@@ -406,9 +431,14 @@ final class RouterSMoETests: XCTestCase {
 
     func testPluginChecker() throws {
         let lib = try openPlugin("RouterSMoE")
-        for hp: [String: Any] in [[:], ["bias": true, "k": 3, "balance_weight": 0.5], ["k": 1, "weights": "full"], ["k": 2, "weights": "full", "bias": true]] {
+        for hp: [String: Any] in [
+            [:], ["bias": true, "k": 3, "balance_weight": 0.5], ["k": 1, "weights": "full"],
+            ["k": 2, "weights": "full", "bias": true],
+        ] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.detail).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.detail).joined(separator: "\n"))
         }
     }
 }

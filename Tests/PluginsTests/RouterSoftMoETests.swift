@@ -9,7 +9,9 @@ final class RouterSoftMoETests: XCTestCase {
     let d = 5, E = 3
 
     /// A router whose Phi (d, E*S) (and scale) are overwritten with known random values.
-    func makeRouter(E: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1, scale: Float = 1.7) throws -> (RouterInstance, [Float], Float) {
+    func makeRouter(
+        E: Int, d: Int, hp: [String: Any] = [:], seed: UInt64 = 1, scale: Float = 1.7
+    ) throws -> (RouterInstance, [Float], Float) {
         let lib = try openPlugin("RouterSoftMoE")
         let core = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: hp, seed: seed)
         let r = try RouterInstance(core)
@@ -24,7 +26,10 @@ final class RouterSoftMoETests: XCTestCase {
         var dispatch: [Float], combine: [Float], load: [Float], aux: Float, ctx: PluginContext?
     }
 
-    func forward(_ r: RouterInstance, x: [Float], groups: Int, step: StepInfo = StepInfo(step: 0, totalSteps: 10, train: true, seed: 1)) throws -> Outputs {
+    func forward(
+        _ r: RouterInstance, x: [Float], groups: Int,
+        step: StepInfo = StepInfo(step: 0, totalSteps: 10, train: true, seed: 1)
+    ) throws -> Outputs {
         let n = x.count / r.dModel
         let shape = try r.shape(step)
         XCTAssertEqual(shape.mode, .dense)
@@ -34,8 +39,11 @@ final class RouterSoftMoETests: XCTestCase {
             try disp.withUnsafeMutableBufferPointer { dp in
                 try comb.withUnsafeMutableBufferPointer { cp in
                     try load.withUnsafeMutableBufferPointer { lp in
-                        try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: groups, groupSize: n / groups, shape: shape,
-                                      outputs: RouterOutputs(dispatch: dp.baseAddress, combine: cp.baseAddress, expertLoad: lp.baseAddress!))
+                        try r.forward(
+                            step, x: xp.baseAddress!, tokenIDs: nil, nGroups: groups, groupSize: n / groups,
+                            shape: shape,
+                            outputs: RouterOutputs(
+                                dispatch: dp.baseAddress, combine: cp.baseAddress, expertLoad: lp.baseAddress!))
                     }
                 }
             }
@@ -43,13 +51,16 @@ final class RouterSoftMoETests: XCTestCase {
         return Outputs(dispatch: disp, combine: comb, load: load, aux: aux, ctx: ctx)
     }
 
-    func backward(_ r: RouterInstance, _ ctx: PluginContext, n: Int, slots: Int, gd: [Float]?, gc: [Float]?, gradX: inout [Float]) throws {
+    func backward(
+        _ r: RouterInstance, _ ctx: PluginContext, n: Int, slots: Int, gd: [Float]?, gc: [Float]?, gradX: inout [Float]
+    ) throws {
         let shape = RouterShape(mode: .dense, k: 0, slotsPerExpert: slots)
         try gradX.withUnsafeMutableBufferPointer { gp in
             try (gd ?? []).withUnsafeBufferPointer { dp in
                 try (gc ?? []).withUnsafeBufferPointer { cp in
-                    try r.backward(ctx, n: n, shape: shape, gradDispatch: gd == nil ? nil : dp.baseAddress,
-                                   gradCombine: gc == nil ? nil : cp.baseAddress, gradAux: 1, gradX: gp.baseAddress!)
+                    try r.backward(
+                        ctx, n: n, shape: shape, gradDispatch: gd == nil ? nil : dp.baseAddress,
+                        gradCombine: gc == nil ? nil : cp.baseAddress, gradAux: 1, gradX: gp.baseAddress!)
                 }
             }
         }
@@ -59,17 +70,26 @@ final class RouterSoftMoETests: XCTestCase {
 
     /// In double, from the definitions: L = scale (x_t/||x_t||) · (Φ_j/||Φ_j||) (or x Φ),
     /// D = softmax over the tokens of each group per column, C = softmax over columns per row.
-    func reference(x: [Double], phi: [Double], scale: Double, d: Int, es: Int, groups: Int, normalize: Bool = true)
-        -> (logits: [Double], dispatch: [Double], combine: [Double]) {
+    func reference(
+        x: [Double], phi: [Double], scale: Double, d: Int, es: Int, groups: Int, normalize: Bool = true
+    )
+        -> (logits: [Double], dispatch: [Double], combine: [Double])
+    {
         let n = x.count / d, tg = n / groups
         var L = [Double](repeating: 0, count: n * es)
         var colNorm = [Double](repeating: 0, count: es)
-        for j in 0..<es { colNorm[j] = ((0..<d).map { phi[$0 * es + j] * phi[$0 * es + j] }.reduce(0, +) + 1e-12).squareRoot() }
+        for j in 0..<es {
+            colNorm[j] = ((0..<d).map { phi[$0 * es + j] * phi[$0 * es + j] }.reduce(0, +) + 1e-12).squareRoot()
+        }
         for t in 0..<n {
             let rn = ((0..<d).map { x[t * d + $0] * x[t * d + $0] }.reduce(0, +) + 1e-12).squareRoot()
             for j in 0..<es {
                 var v = 0.0
-                for i in 0..<d { v += normalize ? (x[t * d + i] / rn) * (phi[i * es + j] / colNorm[j]) : x[t * d + i] * phi[i * es + j] }
+                for i in 0..<d {
+                    v +=
+                        normalize
+                        ? (x[t * d + i] / rn) * (phi[i * es + j] / colNorm[j]) : x[t * d + i] * phi[i * es + j]
+                }
                 L[t * es + j] = normalize ? scale * v : v
             }
         }
@@ -92,11 +112,14 @@ final class RouterSoftMoETests: XCTestCase {
 
     /// Central differences (h = 1e-6, double) of J = Σ r⊙D + Σ s⊙C with respect to x, Phi
     /// and the scale.
-    func referenceGradients(x: [Double], phi: [Double], scale: Double, d: Int, es: Int, groups: Int, normalize: Bool,
-                            gd: [Float]?, gc: [Float]?) -> (gx: [Double], gphi: [Double], gscale: Double) {
+    func referenceGradients(
+        x: [Double], phi: [Double], scale: Double, d: Int, es: Int, groups: Int, normalize: Bool,
+        gd: [Float]?, gc: [Float]?
+    ) -> (gx: [Double], gphi: [Double], gscale: Double) {
         var vars = [x, phi, [scale]]
         func objective() -> Double {
-            let ref = reference(x: vars[0], phi: vars[1], scale: vars[2][0], d: d, es: es, groups: groups, normalize: normalize)
+            let ref = reference(
+                x: vars[0], phi: vars[1], scale: vars[2][0], d: d, es: es, groups: groups, normalize: normalize)
             var j = 0.0
             if let gd { for i in 0..<gd.count { j += Double(gd[i]) * ref.dispatch[i] } }
             if let gc { for i in 0..<gc.count { j += Double(gc[i]) * ref.combine[i] } }
@@ -141,9 +164,12 @@ final class RouterSoftMoETests: XCTestCase {
     func testShapeBuffersAndInit() throws {
         let lib = try openPlugin("RouterSoftMoE")
         let d = 64, E = 8
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["slots_per_expert": 4], seed: 7)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["slots_per_expert": 4], seed: 7)
         let r = try RouterInstance(core)
-        XCTAssertEqual(try r.shape(StepInfo(step: 0, totalSteps: 1, train: true, seed: 1)), RouterShape(mode: .dense, k: 0, slotsPerExpert: 4))
+        XCTAssertEqual(
+            try r.shape(StepInfo(step: 0, totalSteps: 1, train: true, seed: 1)),
+            RouterShape(mode: .dense, k: 0, slotsPerExpert: 4))
         XCTAssertEqual(core.buffers.map(\.name), ["phi", "scale"])
         XCTAssertEqual(core.buffers.map(\.shape), [[d, E * 4], [1]])
         XCTAssertTrue(core.buffers.allSatisfy(\.isParameter))
@@ -156,10 +182,12 @@ final class RouterSoftMoETests: XCTestCase {
         let std = (v.map { ($0 - mean) * ($0 - mean) }.reduce(0, +) / Double(v.count)).squareRoot()
         XCTAssertEqual(std, 1 / Double(d).squareRoot(), accuracy: 0.01)
         XCTAssertEqual(mean, 0, accuracy: 0.01)
-        let again = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["slots_per_expert": 4], seed: 7)
+        let again = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["slots_per_expert": 4], seed: 7)
         XCTAssertEqual(memcmp(phi.data, again.buffer("phi")!.data, phi.byteCount), 0)
         // normalize = false: plain x Phi, no scale.
-        let plain = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["normalize": false])
+        let plain = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E), hyperparameters: ["normalize": false])
         XCTAssertEqual(plain.buffers.map(\.name), ["phi"])
         XCTAssertEqual(plain.buffers.map(\.shape), [[d, E]])
     }
@@ -167,7 +195,10 @@ final class RouterSoftMoETests: XCTestCase {
     func testErrors() throws {
         let lib = try openPlugin("RouterSoftMoE")
         for bad in [0, 65] {
-            XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nExperts: 2), hyperparameters: ["slots_per_expert": bad])) { error in
+            XCTAssertThrowsError(
+                try makeInstance(
+                    lib, dims: ModelDims(dModel: 4, nExperts: 2), hyperparameters: ["slots_per_expert": bad])
+            ) { error in
                 XCTAssertTrue("\(error)".contains("slots_per_expert"), "\(error)")
             }
         }
@@ -203,37 +234,61 @@ final class RouterSoftMoETests: XCTestCase {
         XCTAssertEqual(created, VQMOE_OK)
         let h = try XCTUnwrap(inst)
         defer { desc.destroy!(h) }
-        var phi: [Float] = [1, 0, 0, 1], scale: [Float] = [1], gphi = [Float](repeating: 0, count: 4), gscale: [Float] = [0]
-        var x: [Float] = [1, 2, 3, 4, 5, 6], disp = [Float](repeating: 0, count: 6), comb = disp, load: [Float] = [0, 0]
+        var phi: [Float] = [1, 0, 0, 1], scale: [Float] = [1], gphi = [Float](repeating: 0, count: 4),
+            gscale: [Float] = [0]
+        var x: [Float] = [1, 2, 3, 4, 5, 6], disp = [Float](repeating: 0, count: 6), comb = disp,
+            load: [Float] = [0, 0]
         let xs: [Int64] = [3, 2], ls: [Int64] = [2]
         var ctx: UnsafeMutableRawPointer?
         func view(_ p: UnsafeMutableRawPointer, _ s: UnsafePointer<Int64>, _ nd: Int32) -> vqmoe_tensor {
-            vqmoe_tensor(data: p, device: vqmoe_device(device_type: VQMOE_DEVICE_CPU, device_id: 0), ndim: nd, dtype: vqmoe_f32(),
-                         shape: s, strides: nil, byte_offset: 0)
+            vqmoe_tensor(
+                data: p, device: vqmoe_device(device_type: VQMOE_DEVICE_CPU, device_id: 0), ndim: nd,
+                dtype: vqmoe_f32(),
+                shape: s, strides: nil, byte_offset: 0)
         }
         _ = HostRuntime.takeError()
-        let status: Int32 = phi.withUnsafeMutableBytes { pb in scale.withUnsafeMutableBytes { sb in
-            gphi.withUnsafeMutableBufferPointer { gp in gscale.withUnsafeMutableBufferPointer { gs in
-                x.withUnsafeMutableBytes { xb in disp.withUnsafeMutableBytes { db in comb.withUnsafeMutableBytes { cb in
-                    load.withUnsafeMutableBytes { lb in xs.withUnsafeBufferPointer { xsp in ls.withUnsafeBufferPointer { lsp in
-                        let bindings = [vqmoe_buffer_binding(data: pb.baseAddress, grad: gp.baseAddress),
-                                        vqmoe_buffer_binding(data: sb.baseAddress, grad: gs.baseAddress)]
-                        guard desc.bind_buffers!(h, bindings, 2) == VQMOE_OK else { return -1 }
-                        var input = vqmoe_router_input(struct_size: UInt32(MemoryLayout<vqmoe_router_input>.size),
-                                                       x: view(xb.baseAddress!, xsp.baseAddress!, 2), token_ids: vqmoe_tensor(),
-                                                       n_groups: 2, group_size: 2)  // 2 * 2 != 3 tokens
-                        var out = vqmoe_router_output(struct_size: UInt32(MemoryLayout<vqmoe_router_output>.size),
-                                                      expert_index: vqmoe_tensor(), weights: vqmoe_tensor(),
-                                                      dispatch: view(db.baseAddress!, xsp.baseAddress!, 2),
-                                                      combine: view(cb.baseAddress!, xsp.baseAddress!, 2),
-                                                      expert_load: view(lb.baseAddress!, lsp.baseAddress!, 1), aux_loss: 0)
-                        var s = vqmoe_step_info(struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size), flags: VQMOE_STEP_TRAIN,
-                                                step: 0, total_steps: 10, seed: 1)
-                        return api.forward!(h, &s, &input, &out, &ctx)
-                    } } }
-                } } }
-            } }
-        } }
+        let status: Int32 = phi.withUnsafeMutableBytes { pb in
+            scale.withUnsafeMutableBytes { sb in
+                gphi.withUnsafeMutableBufferPointer { gp in
+                    gscale.withUnsafeMutableBufferPointer { gs in
+                        x.withUnsafeMutableBytes { xb in
+                            disp.withUnsafeMutableBytes { db in
+                                comb.withUnsafeMutableBytes { cb in
+                                    load.withUnsafeMutableBytes { lb in
+                                        xs.withUnsafeBufferPointer { xsp in
+                                            ls.withUnsafeBufferPointer { lsp in
+                                                let bindings = [
+                                                    vqmoe_buffer_binding(data: pb.baseAddress, grad: gp.baseAddress),
+                                                    vqmoe_buffer_binding(data: sb.baseAddress, grad: gs.baseAddress),
+                                                ]
+                                                guard desc.bind_buffers!(h, bindings, 2) == VQMOE_OK else { return -1 }
+                                                var input = vqmoe_router_input(
+                                                    struct_size: UInt32(MemoryLayout<vqmoe_router_input>.size),
+                                                    x: view(xb.baseAddress!, xsp.baseAddress!, 2),
+                                                    token_ids: vqmoe_tensor(),
+                                                    n_groups: 2, group_size: 2)  // 2 * 2 != 3 tokens
+                                                var out = vqmoe_router_output(
+                                                    struct_size: UInt32(MemoryLayout<vqmoe_router_output>.size),
+                                                    expert_index: vqmoe_tensor(), weights: vqmoe_tensor(),
+                                                    dispatch: view(db.baseAddress!, xsp.baseAddress!, 2),
+                                                    combine: view(cb.baseAddress!, xsp.baseAddress!, 2),
+                                                    expert_load: view(lb.baseAddress!, lsp.baseAddress!, 1), aux_loss: 0
+                                                )
+                                                var s = vqmoe_step_info(
+                                                    struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size),
+                                                    flags: VQMOE_STEP_TRAIN,
+                                                    step: 0, total_steps: 10, seed: 1)
+                                                return api.forward!(h, &s, &input, &out, &ctx)
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
         HostRuntime.releaseScratch()
         XCTAssertEqual(status, VQMOE_ERR_SHAPE)
         XCTAssertNil(ctx)
@@ -244,12 +299,14 @@ final class RouterSoftMoETests: XCTestCase {
     // MARK: forward
 
     func checkForward(slots: Int, normalize: Bool, groups: Int, groupSize: Int, seed: UInt64 = 1) throws {
-        let (r, phi, scale) = try makeRouter(E: E, d: d, hp: ["slots_per_expert": slots, "normalize": normalize], seed: seed)
+        let (r, phi, scale) = try makeRouter(
+            E: E, d: d, hp: ["slots_per_expert": slots, "normalize": normalize], seed: seed)
         let n = groups * groupSize, es = E * slots
         let x = randomNormal(n * d, seed: seed &+ 11, scale: 1.5)
         let out = try forward(r, x: x, groups: groups)
-        let ref = reference(x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es, groups: groups,
-                            normalize: normalize)
+        let ref = reference(
+            x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es, groups: groups,
+            normalize: normalize)
         for i in 0..<(n * es) {
             XCTAssertEqual(Double(out.dispatch[i]), ref.dispatch[i], accuracy: 1e-5, "dispatch[\(i)]")
             XCTAssertEqual(Double(out.combine[i]), ref.combine[i], accuracy: 1e-5, "combine[\(i)]")
@@ -261,7 +318,9 @@ final class RouterSoftMoETests: XCTestCase {
                 XCTAssertEqual(col.reduce(0, +), 1, accuracy: 1e-5, "group \(g) slot \(j)")
             }
         }
-        for t in 0..<n { XCTAssertEqual(out.combine[(t * es)..<(t * es + es)].map(Double.init).reduce(0, +), 1, accuracy: 1e-5) }
+        for t in 0..<n {
+            XCTAssertEqual(out.combine[(t * es)..<(t * es + es)].map(Double.init).reduce(0, +), 1, accuracy: 1e-5)
+        }
         XCTAssertTrue(out.dispatch.allSatisfy { $0 > 0 } && out.combine.allSatisfy { $0 > 0 })
         // expert_load_e = combine mass of e's slots over the tokens (sums to N).
         for e in 0..<E {
@@ -333,7 +392,9 @@ final class RouterSoftMoETests: XCTestCase {
         let x = randomNormal(6 * d, seed: 4)
         let eval = try forward(r, x: x, groups: 2, step: StepInfo(step: 0, totalSteps: 10, train: false, seed: 1))
         XCTAssertNil(eval.ctx)
-        XCTAssertNil(try forward(r, x: x, groups: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, noGrad: true, seed: 1)).ctx)
+        XCTAssertNil(
+            try forward(r, x: x, groups: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, noGrad: true, seed: 1))
+                .ctx)
         let tr = try forward(r, x: x, groups: 2)
         XCTAssertNotNil(tr.ctx)
         XCTAssertEqual(eval.dispatch, tr.dispatch)
@@ -342,9 +403,12 @@ final class RouterSoftMoETests: XCTestCase {
 
     // MARK: backward
 
-    func checkBackward(slots: Int, normalize: Bool, groups: Int, groupSize: Int, withDispatch: Bool, withCombine: Bool,
-                       seed: UInt64 = 1) throws {
-        let (r, phi, scale) = try makeRouter(E: E, d: d, hp: ["slots_per_expert": slots, "normalize": normalize], seed: seed)
+    func checkBackward(
+        slots: Int, normalize: Bool, groups: Int, groupSize: Int, withDispatch: Bool, withCombine: Bool,
+        seed: UInt64 = 1
+    ) throws {
+        let (r, phi, scale) = try makeRouter(
+            E: E, d: d, hp: ["slots_per_expert": slots, "normalize": normalize], seed: seed)
         let n = groups * groupSize, es = E * slots
         let x = randomNormal(n * d, seed: seed &+ 21, scale: 1.2)
         let out = try forward(r, x: x, groups: groups)
@@ -354,13 +418,20 @@ final class RouterSoftMoETests: XCTestCase {
         for b in r.core.parameters { b.grad!.update(repeating: 0.5, count: b.count) }
         var gx = [Float](repeating: -1, count: n * d)
         try backward(r, try XCTUnwrap(out.ctx), n: n, slots: slots, gd: gd, gc: gc, gradX: &gx)
-        let want = referenceGradients(x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es,
-                                      groups: groups, normalize: normalize, gd: gd, gc: gc)
-        for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), -1 + want.gx[i], accuracy: 1e-4 * max(1, abs(want.gx[i])), "grad_x[\(i)]") }
+        let want = referenceGradients(
+            x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es,
+            groups: groups, normalize: normalize, gd: gd, gc: gc)
+        for i in 0..<(n * d) {
+            XCTAssertEqual(Double(gx[i]), -1 + want.gx[i], accuracy: 1e-4 * max(1, abs(want.gx[i])), "grad_x[\(i)]")
+        }
         let gphi = r.core.buffer("phi")!.grad!
-        for i in 0..<(d * es) { XCTAssertEqual(Double(gphi[i]), 0.5 + want.gphi[i], accuracy: 1e-4 * max(1, abs(want.gphi[i])), "grad_phi[\(i)]") }
+        for i in 0..<(d * es) {
+            XCTAssertEqual(
+                Double(gphi[i]), 0.5 + want.gphi[i], accuracy: 1e-4 * max(1, abs(want.gphi[i])), "grad_phi[\(i)]")
+        }
         if normalize {
-            XCTAssertEqual(Double(r.core.buffer("scale")!.grad![0]), 0.5 + want.gscale, accuracy: 1e-4 * max(1, abs(want.gscale)))
+            XCTAssertEqual(
+                Double(r.core.buffer("scale")!.grad![0]), 0.5 + want.gscale, accuracy: 1e-4 * max(1, abs(want.gscale)))
             XCTAssertGreaterThan(abs(want.gscale), 1e-4)
         }
         XCTAssertGreaterThan(want.gx.map(abs).max()!, 1e-3)
@@ -368,23 +439,30 @@ final class RouterSoftMoETests: XCTestCase {
 
     func testBackwardMatchesReference() throws {
         try checkBackward(slots: 1, normalize: true, groups: 2, groupSize: 5, withDispatch: true, withCombine: true)
-        try checkBackward(slots: 3, normalize: true, groups: 3, groupSize: 3, withDispatch: true, withCombine: true, seed: 2)
-        try checkBackward(slots: 2, normalize: true, groups: 2, groupSize: 4, withDispatch: true, withCombine: false, seed: 3)
-        try checkBackward(slots: 2, normalize: true, groups: 2, groupSize: 4, withDispatch: false, withCombine: true, seed: 4)
-        try checkBackward(slots: 2, normalize: false, groups: 2, groupSize: 5, withDispatch: true, withCombine: true, seed: 5)
-        try checkBackward(slots: 1, normalize: false, groups: 1, groupSize: 6, withDispatch: true, withCombine: false, seed: 6)
+        try checkBackward(
+            slots: 3, normalize: true, groups: 3, groupSize: 3, withDispatch: true, withCombine: true, seed: 2)
+        try checkBackward(
+            slots: 2, normalize: true, groups: 2, groupSize: 4, withDispatch: true, withCombine: false, seed: 3)
+        try checkBackward(
+            slots: 2, normalize: true, groups: 2, groupSize: 4, withDispatch: false, withCombine: true, seed: 4)
+        try checkBackward(
+            slots: 2, normalize: false, groups: 2, groupSize: 5, withDispatch: true, withCombine: true, seed: 5)
+        try checkBackward(
+            slots: 1, normalize: false, groups: 1, groupSize: 6, withDispatch: true, withCombine: false, seed: 6)
     }
 
     func testFrozenGivesInputGradientOnly() throws {
         let (r, phi, scale) = try makeRouter(E: E, d: d, hp: ["slots_per_expert": 2], seed: 7)
         let n = 8, es = 2 * E
         let x = randomNormal(n * d, seed: 9)
-        let out = try forward(r, x: x, groups: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, frozen: true, seed: 1))
+        let out = try forward(
+            r, x: x, groups: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, frozen: true, seed: 1))
         let gd = randomNormal(n * es, seed: 10), gc = randomNormal(n * es, seed: 11)
         var gx = [Float](repeating: 0, count: n * d)
         try backward(r, try XCTUnwrap(out.ctx), n: n, slots: 2, gd: gd, gc: gc, gradX: &gx)
-        let want = referenceGradients(x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es,
-                                      groups: 2, normalize: true, gd: gd, gc: gc)
+        let want = referenceGradients(
+            x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es,
+            groups: 2, normalize: true, gd: gd, gc: gc)
         for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), want.gx[i], accuracy: 1e-4 * max(1, abs(want.gx[i]))) }
         for b in r.core.parameters { XCTAssertTrue((0..<b.count).allSatisfy { b.grad![$0] == 0 }, b.name) }
     }
@@ -399,8 +477,9 @@ final class RouterSoftMoETests: XCTestCase {
         let gd = randomNormal(n * es, seed: 13)
         var gx = [Float](repeating: 0, count: n * d)
         try backward(r, try XCTUnwrap(out.ctx), n: n, slots: 1, gd: gd, gc: nil, gradX: &gx)
-        let want = referenceGradients(x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es,
-                                      groups: 2, normalize: true, gd: gd, gc: nil)
+        let want = referenceGradients(
+            x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es,
+            groups: 2, normalize: true, gd: gd, gc: nil)
         for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), want.gx[i], accuracy: 1e-4 * max(1, abs(want.gx[i]))) }
     }
 
@@ -416,7 +495,9 @@ final class RouterSoftMoETests: XCTestCase {
             let (r, phi, scale) = try makeRouter(E: E, d: d, hp: ["slots_per_expert": S], seed: 2)
             let out = try forward(r, x: x, groups: groups)
             if t == 2 {
-                let ref = reference(x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es, groups: groups)
+                let ref = reference(
+                    x: x.map(Double.init), phi: phi.map(Double.init), scale: Double(scale), d: d, es: es, groups: groups
+                )
                 for i in 0..<(n * es) {
                     XCTAssertEqual(Double(out.dispatch[i]), ref.dispatch[i], accuracy: 1e-5)
                     XCTAssertEqual(Double(out.combine[i]), ref.combine[i], accuracy: 1e-5)
@@ -424,8 +505,11 @@ final class RouterSoftMoETests: XCTestCase {
             }
             var gx = [Float](repeating: 0, count: n * d)
             try backward(r, try XCTUnwrap(out.ctx), n: n, slots: S, gd: gd, gc: gc, gradX: &gx)
-            results.append((out, gx, Array(UnsafeBufferPointer(start: r.core.buffer("phi")!.grad!, count: d * es)),
-                            r.core.buffer("scale")!.grad![0]))
+            results.append(
+                (
+                    out, gx, Array(UnsafeBufferPointer(start: r.core.buffer("phi")!.grad!, count: d * es)),
+                    r.core.buffer("scale")!.grad![0]
+                ))
         }
         let (a, b) = (results[0], results[1])
         XCTAssertEqual(a.0.dispatch, b.0.dispatch)
@@ -439,9 +523,13 @@ final class RouterSoftMoETests: XCTestCase {
 
     func testPluginChecker() throws {
         let lib = try openPlugin("RouterSoftMoE")
-        for hp: [String: Any] in [[:], ["slots_per_expert": 3], ["normalize": false], ["normalize": false, "slots_per_expert": 2]] {
+        for hp: [String: Any] in [
+            [:], ["slots_per_expert": 3], ["normalize": false], ["normalize": false, "slots_per_expert": 2],
+        ] {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map { "\($0)" }.joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map { "\($0)" }.joined(separator: "\n"))
             XCTAssertTrue(results.contains { $0.name == "gradcheck phi" }, "\(hp)")
         }
     }

@@ -15,13 +15,16 @@ final class RouterStableMoETests: XCTestCase {
 
     /// A router whose parameters are overwritten with known random values (distilled logits of
     /// order 1, so the distilled argmax often differs from the centroid router's).
-    func makeRouter(E: Int, d: Int, V: Int, D: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
-                    totalSteps: Int = 100) throws -> (RouterInstance, Params) {
+    func makeRouter(
+        E: Int, d: Int, V: Int, D: Int, hp: [String: Any] = [:], seed: UInt64 = 1,
+        totalSteps: Int = 100
+    ) throws -> (RouterInstance, Params) {
         let lib = try openPlugin("RouterStableMoE")
         var hp = hp
         if hp["distill_dim"] == nil { hp["distill_dim"] = D }
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E, vocabSize: V, totalSteps: totalSteps),
-                                    hyperparameters: hp, seed: seed)
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E, vocabSize: V, totalSteps: totalSteps),
+            hyperparameters: hp, seed: seed)
         let router = try RouterInstance(core)
         let eBuf = try XCTUnwrap(core.buffer("expert_embeddings"))
         eBuf.floats.update(from: randomNormal(E * d, seed: seed &+ 100, scale: 0.7), count: E * d)
@@ -49,14 +52,17 @@ final class RouterStableMoETests: XCTestCase {
             try index.withUnsafeMutableBufferPointer { ip in
                 try weights.withUnsafeMutableBufferPointer { wp in
                     try load.withUnsafeMutableBufferPointer { lp in
-                        let o = RouterOutputs(expertIndex: ip.baseAddress, weights: wp.baseAddress, expertLoad: lp.baseAddress!)
+                        let o = RouterOutputs(
+                            expertIndex: ip.baseAddress, weights: wp.baseAddress, expertLoad: lp.baseAddress!)
                         if let ids {
                             return try ids.withUnsafeBufferPointer {
-                                try r.forward(step, x: xp.baseAddress!, tokenIDs: $0.baseAddress, nGroups: 1, groupSize: n,
-                                              shape: shape, outputs: o)
+                                try r.forward(
+                                    step, x: xp.baseAddress!, tokenIDs: $0.baseAddress, nGroups: 1, groupSize: n,
+                                    shape: shape, outputs: o)
                             }
                         }
-                        return try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape, outputs: o)
+                        return try r.forward(
+                            step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape, outputs: o)
                     }
                 }
             }
@@ -64,12 +70,15 @@ final class RouterStableMoETests: XCTestCase {
         return Outputs(index: index, weights: weights, load: load, aux: aux, ctx: ctx)
     }
 
-    func backward(_ r: RouterInstance, _ ctx: PluginContext, n: Int, gw: [Float]?, gaux: Float, gradX: inout [Float]) throws {
+    func backward(
+        _ r: RouterInstance, _ ctx: PluginContext, n: Int, gw: [Float]?, gaux: Float, gradX: inout [Float]
+    ) throws {
         let shape = RouterShape(mode: .topK, k: 1)
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gw {
                 try gw.withUnsafeBufferPointer {
-                    try r.backward(ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
+                    try r.backward(
+                        ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
                 }
             } else {
                 try r.backward(ctx, n: n, shape: shape, gradAux: gaux, gradX: gp.baseAddress!)
@@ -99,9 +108,11 @@ final class RouterStableMoETests: XCTestCase {
     /// z_t = emb[id_t] C^T; stage 1: a = argmax s, aux = bw E Σ f_e P_e + dw mean_t CE(z_t, a_t);
     /// stage 2: a = table[id] or argmax z, aux = 0; gate = sigmoid(s_{t,a_t}). `fixed` pins the
     /// assignment (for finite differences, where a is a stop-gradient).
-    func reference(x: [Double], ids: [Int], p: (experts: [Double], emb: [Double], centroids: [Double]),
-                   E: Int, d: Int, D: Int, stage: Int, distill: Bool = true, bw: Double = 0.01, dw: Double = 1,
-                   table: [Int]? = nil, fixed: [Int]? = nil) -> Reference {
+    func reference(
+        x: [Double], ids: [Int], p: (experts: [Double], emb: [Double], centroids: [Double]),
+        E: Int, d: Int, D: Int, stage: Int, distill: Bool = true, bw: Double = 0.01, dw: Double = 1,
+        table: [Int]? = nil, fixed: [Int]? = nil
+    ) -> Reference {
         let n = x.count / d
         var eh = [Double](repeating: 0, count: E * d)
         for e in 0..<E {
@@ -139,22 +150,29 @@ final class RouterStableMoETests: XCTestCase {
                 distillation *= dw
             }
         }
-        return Reference(s: s, z: z, sArg: sArg, dArg: dArg, index: index, gate: gate, load: load,
-                         balance: balance, distillation: distillation, aux: balance + distillation)
+        return Reference(
+            s: s, z: z, sArg: sArg, dArg: dArg, index: index, gate: gate, load: load,
+            balance: balance, distillation: distillation, aux: balance + distillation)
     }
 
     /// Central differences (h = 1e-6, double) of J = Σ_t gw_t gate_t + gaux aux with the
     /// assignment pinned, with respect to x, the expert embeddings, the distilled embedding
     /// and the distilled centroids.
-    func referenceGradients(x: [Double], ids: [Int], p: Params, E: Int, d: Int, D: Int, stage: Int, gw: [Float]?,
-                            gaux: Double, bw: Double = 0.01, dw: Double = 1, distill: Bool = true)
-        -> (gx: [Double], ge: [Double], gemb: [Double], gc: [Double]) {
+    func referenceGradients(
+        x: [Double], ids: [Int], p: Params, E: Int, d: Int, D: Int, stage: Int, gw: [Float]?,
+        gaux: Double, bw: Double = 0.01, dw: Double = 1, distill: Bool = true
+    )
+        -> (gx: [Double], ge: [Double], gemb: [Double], gc: [Double])
+    {
         var vars = [x, p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)]
-        let fixed = reference(x: x, ids: ids, p: (vars[1], vars[2], vars[3]), E: E, d: d, D: D, stage: stage,
-                              distill: distill, bw: bw, dw: dw).index
+        let fixed = reference(
+            x: x, ids: ids, p: (vars[1], vars[2], vars[3]), E: E, d: d, D: D, stage: stage,
+            distill: distill, bw: bw, dw: dw
+        ).index
         func objective() -> Double {
-            let ref = reference(x: vars[0], ids: ids, p: (vars[1], vars[2], vars[3]), E: E, d: d, D: D, stage: stage,
-                                distill: distill, bw: bw, dw: dw, fixed: fixed)
+            let ref = reference(
+                x: vars[0], ids: ids, p: (vars[1], vars[2], vars[3]), E: E, d: d, D: D, stage: stage,
+                distill: distill, bw: bw, dw: dw, fixed: fixed)
             var j = gaux * ref.aux
             if let gw { for t in 0..<ref.gate.count { j += Double(gw[t]) * ref.gate[t] } }
             return j
@@ -175,11 +193,14 @@ final class RouterStableMoETests: XCTestCase {
         return (grads[0], grads[1], grads[2], grads[3])
     }
 
-    func assertClose(_ got: UnsafePointer<Float>, _ want: [Double], base: Float = 0, _ what: String,
-                     file: StaticString = #filePath, line: UInt = #line) {
+    func assertClose(
+        _ got: UnsafePointer<Float>, _ want: [Double], base: Float = 0, _ what: String,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
         for i in 0..<want.count {
-            XCTAssertEqual(Double(got[i]), Double(base) + want[i], accuracy: 1e-4 * max(1, abs(want[i])), "\(what)[\(i)]",
-                           file: file, line: line)
+            XCTAssertEqual(
+                Double(got[i]), Double(base) + want[i], accuracy: 1e-4 * max(1, abs(want[i])), "\(what)[\(i)]",
+                file: file, line: line)
         }
     }
 
@@ -194,7 +215,9 @@ final class RouterStableMoETests: XCTestCase {
         XCTAssertFalse(lib.hasNoGrad)
         XCTAssertNotNil(lib.feature(VQMOE_FEATURE_METRICS))
         XCTAssertNil(lib.feature("vqmoe.nothing/1"))
-        XCTAssertEqual(lib.schema.map(\.name), ["stage2_step", "distill_dim", "balance_weight", "distill_weight", "init_std", "distill"])
+        XCTAssertEqual(
+            lib.schema.map(\.name),
+            ["stage2_step", "distill_dim", "balance_weight", "distill_weight", "init_std", "distill"])
         let byName = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(byName["stage2_step"]?.type, .int)
         XCTAssertEqual(byName["stage2_step"]?.defaultNumber, 0)
@@ -216,7 +239,9 @@ final class RouterStableMoETests: XCTestCase {
         let E = 8, d = 64, V = 50
         let dims = ModelDims(dModel: d, nExperts: E, vocabSize: V, totalSteps: 100)
         let core = try makeInstance(lib, dims: dims, seed: 7)
-        XCTAssertEqual(core.buffers.map(\.name), ["expert_embeddings", "distilled_embedding", "distilled_centroids", "stage2_assignment"])
+        XCTAssertEqual(
+            core.buffers.map(\.name),
+            ["expert_embeddings", "distilled_embedding", "distilled_centroids", "stage2_assignment"])
         XCTAssertEqual(core.buffers.map(\.shape), [[E, d], [V, 16], [E, 16], [V]])
         XCTAssertEqual(core.buffers.map(\.isParameter), [true, true, true, false])
         let table = try XCTUnwrap(core.buffer("stage2_assignment"))
@@ -239,13 +264,18 @@ final class RouterStableMoETests: XCTestCase {
         XCTAssertEqual(stats("distilled_centroids").std, 0.02, accuracy: 0.004)
         let wide = try makeInstance(lib, dims: dims, hyperparameters: ["init_std": 0.2], seed: 7)
         for i in 0..<(V * 16) {
-            XCTAssertEqual(wide.buffer("distilled_embedding")!.floats[i], 10 * core.buffer("distilled_embedding")!.floats[i], accuracy: 1e-6)
+            XCTAssertEqual(
+                wide.buffer("distilled_embedding")!.floats[i], 10 * core.buffer("distilled_embedding")!.floats[i],
+                accuracy: 1e-6)
         }
         let again = try makeInstance(lib, dims: dims, seed: 7)
-        for (a, b) in zip(core.buffers, again.buffers) { XCTAssertEqual(memcmp(a.data, b.data, a.byteCount), 0, a.name) }
+        for (a, b) in zip(core.buffers, again.buffers) {
+            XCTAssertEqual(memcmp(a.data, b.data, a.byteCount), 0, a.name)
+        }
 
         // distill = false: the reference code's router, no distilled buffers, no vocabulary needed.
-        let plain = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E, vocabSize: 0), hyperparameters: ["distill": false])
+        let plain = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E, vocabSize: 0), hyperparameters: ["distill": false])
         XCTAssertEqual(plain.buffers.map(\.name), ["expert_embeddings"])
         let narrow = try makeInstance(lib, dims: dims, hyperparameters: ["distill_dim": 3])
         XCTAssertEqual(narrow.buffer("distilled_embedding")?.shape, [V, 3])
@@ -268,10 +298,16 @@ final class RouterStableMoETests: XCTestCase {
         XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 0, nExperts: 4, vocabSize: 5))) { error in
             XCTAssertTrue("\(error)".contains("d_model"), "\(error)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nExperts: 3, vocabSize: 5), hyperparameters: ["distill_dim": 0])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(
+                lib, dims: ModelDims(dModel: 4, nExperts: 3, vocabSize: 5), hyperparameters: ["distill_dim": 0])
+        ) { error in
             XCTAssertTrue("\(error)".contains("distill_dim"), "\(error)")
         }
-        XCTAssertThrowsError(try makeInstance(lib, dims: ModelDims(dModel: 4, nExperts: 3, vocabSize: 5), hyperparameters: ["balance_weight": -1])) { error in
+        XCTAssertThrowsError(
+            try makeInstance(
+                lib, dims: ModelDims(dModel: 4, nExperts: 3, vocabSize: 5), hyperparameters: ["balance_weight": -1])
+        ) { error in
             XCTAssertTrue("\(error)".contains("balance_weight"), "\(error)")
         }
     }
@@ -306,7 +342,8 @@ final class RouterStableMoETests: XCTestCase {
             "".withCString { root in
                 var info = vqmoe_create_info(
                     abi_version: UInt32(VQMOE_ABI_VERSION), struct_size: UInt32(MemoryLayout<vqmoe_create_info>.size),
-                    host: UnsafePointer(HostRuntime.api), instance_name: name, seed: 1, d_model: Int64(d), n_experts: Int64(E),
+                    host: UnsafePointer(HostRuntime.api), instance_name: name, seed: 1, d_model: Int64(d),
+                    n_experts: Int64(E),
                     n_codes: 0, vocab_size: 5, n_classes: 0, seq_len: 0, total_steps: 100, data_root: root)
                 return desc.create!(&info, nil, &inst)
             }
@@ -323,22 +360,31 @@ final class RouterStableMoETests: XCTestCase {
             var spec = vqmoe_buffer_spec()
             spec.struct_size = UInt32(MemoryLayout<vqmoe_buffer_spec>.size)
             XCTAssertEqual(desc.buffer_spec!(h, Int32(i), &spec), VQMOE_OK)
-            let elems = withUnsafeBytes(of: spec.shape) { raw in (0..<Int(spec.ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
-                .reduce(1, *)
+            let elems = withUnsafeBytes(of: spec.shape) { raw in
+                (0..<Int(spec.ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) }
+            }
+            .reduce(1, *)
             let data = UnsafeMutableRawPointer.allocate(byteCount: max(elems * 4, 4), alignment: 64)
             let grad = UnsafeMutableRawPointer.allocate(byteCount: max(elems * 4, 4), alignment: 64)
             storage += [data, grad]
-            bindings.append(vqmoe_buffer_binding(data: data, grad: spec.role == VQMOE_BUF_PARAM ? grad.bindMemory(to: Float.self, capacity: elems) : nil))
+            bindings.append(
+                vqmoe_buffer_binding(
+                    data: data,
+                    grad: spec.role == VQMOE_BUF_PARAM ? grad.bindMemory(to: Float.self, capacity: elems) : nil))
         }
         XCTAssertEqual(desc.bind_buffers!(h, bindings, Int32(count)), VQMOE_OK)
         XCTAssertEqual(desc.init_buffers!(h, 1), VQMOE_OK)
 
         var x = randomNormal(n * d, seed: 1)
-        var index = [Int32](repeating: 0, count: n), weights = [Float](repeating: 0, count: n), load = [Float](repeating: 0, count: E)
+        var index = [Int32](repeating: 0, count: n), weights = [Float](repeating: 0, count: n),
+            load = [Float](repeating: 0, count: E)
         let xShape: [Int64] = [Int64(n), Int64(d)], kShape: [Int64] = [Int64(n), 1], eShape: [Int64] = [Int64(E)]
-        func view(_ p: UnsafeMutableRawPointer, _ dtype: vqmoe_dtype, _ s: UnsafePointer<Int64>, _ ndim: Int32) -> vqmoe_tensor {
-            vqmoe_tensor(data: p, device: vqmoe_device(device_type: VQMOE_DEVICE_CPU, device_id: 0), ndim: ndim, dtype: dtype,
-                         shape: s, strides: nil, byte_offset: 0)
+        func view(
+            _ p: UnsafeMutableRawPointer, _ dtype: vqmoe_dtype, _ s: UnsafePointer<Int64>, _ ndim: Int32
+        ) -> vqmoe_tensor {
+            vqmoe_tensor(
+                data: p, device: vqmoe_device(device_type: VQMOE_DEVICE_CPU, device_id: 0), ndim: ndim, dtype: dtype,
+                shape: s, strides: nil, byte_offset: 0)
         }
         var ctx: UnsafeMutableRawPointer?
         _ = HostRuntime.takeError()
@@ -351,16 +397,19 @@ final class RouterStableMoETests: XCTestCase {
                                 eShape.withUnsafeBufferPointer { es in
                                     var input = vqmoe_router_input(
                                         struct_size: UInt32(MemoryLayout<vqmoe_router_input>.size),
-                                        x: view(xb.baseAddress!, vqmoe_f32(), xs.baseAddress!, 2), token_ids: vqmoe_tensor(),
+                                        x: view(xb.baseAddress!, vqmoe_f32(), xs.baseAddress!, 2),
+                                        token_ids: vqmoe_tensor(),
                                         n_groups: 1, group_size: Int64(n))
                                     var out = vqmoe_router_output(
                                         struct_size: UInt32(MemoryLayout<vqmoe_router_output>.size),
                                         expert_index: view(ib.baseAddress!, vqmoe_i32(), ks.baseAddress!, 2),
                                         weights: view(wb.baseAddress!, vqmoe_f32(), ks.baseAddress!, 2),
                                         dispatch: vqmoe_tensor(), combine: vqmoe_tensor(),
-                                        expert_load: view(lb.baseAddress!, vqmoe_f32(), es.baseAddress!, 1), aux_loss: 0)
-                                    var s = vqmoe_step_info(struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size),
-                                                            flags: VQMOE_STEP_TRAIN, step: 0, total_steps: 100, seed: 1)
+                                        expert_load: view(lb.baseAddress!, vqmoe_f32(), es.baseAddress!, 1), aux_loss: 0
+                                    )
+                                    var s = vqmoe_step_info(
+                                        struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size),
+                                        flags: VQMOE_STEP_TRAIN, step: 0, total_steps: 100, seed: 1)
                                     return api.forward!(h, &s, &input, &out, &ctx)
                                 }
                             }
@@ -382,14 +431,17 @@ final class RouterStableMoETests: XCTestCase {
     func testStage1ForwardMatchesReference() throws {
         for (bw, dw) in [(0.01, 1.0), (0.5, 0.3), (0.0, 2.0), (1.0, 0.0)] {
             let n = 13
-            let (r, p) = try makeRouter(E: E, d: d, V: V, D: D, hp: ["balance_weight": bw, "distill_weight": dw], seed: 5)
+            let (r, p) = try makeRouter(
+                E: E, d: d, V: V, D: D, hp: ["balance_weight": bw, "distill_weight": dw], seed: 5)
             let x = randomNormal(n * d, seed: 11)
             let ids = (0..<n).map { Int32(($0 * 5 + 1) % V) }
             let out = try forward(r, x: x, ids: ids, step: step(3))
-            let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init),
-                                p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
-                                E: E, d: d, D: D, stage: 1, bw: bw, dw: dw)
-            XCTAssertEqual(out.index.map(Int.init), ref.sArg, "stage 1 routes by argmax of the normalised-centroid scores")
+            let ref = reference(
+                x: x.map(Double.init), ids: ids.map(Int.init),
+                p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
+                E: E, d: d, D: D, stage: 1, bw: bw, dw: dw)
+            XCTAssertEqual(
+                out.index.map(Int.init), ref.sArg, "stage 1 routes by argmax of the normalised-centroid scores")
             for t in 0..<n { XCTAssertEqual(Double(out.weights[t]), ref.gate[t], accuracy: 1e-5) }
             XCTAssertEqual(out.load.map(Double.init), ref.load)
             XCTAssertEqual(Double(out.aux), ref.aux, accuracy: 1e-5 * max(1, ref.aux))
@@ -413,10 +465,13 @@ final class RouterStableMoETests: XCTestCase {
     }
 
     func testStage1GradientsMatchReference() throws {
-        for (bw, dw, gaux, withWeights) in [(0.01, 1.0, Float(1), true), (0.7, 0.4, Float(1.5), true),
-                                            (0.3, 2.0, Float(1), false), (0.2, 1.0, Float(0), true)] {
+        for (bw, dw, gaux, withWeights) in [
+            (0.01, 1.0, Float(1), true), (0.7, 0.4, Float(1.5), true),
+            (0.3, 2.0, Float(1), false), (0.2, 1.0, Float(0), true),
+        ] {
             let n = 11
-            let (r, p) = try makeRouter(E: E, d: d, V: V, D: D, hp: ["balance_weight": bw, "distill_weight": dw], seed: 9)
+            let (r, p) = try makeRouter(
+                E: E, d: d, V: V, D: D, hp: ["balance_weight": bw, "distill_weight": dw], seed: 9)
             let x = randomNormal(n * d, seed: 21)
             let ids = (0..<n).map { Int32(($0 * 3 + 2) % V) }  // repeated ids: the embedding gradient scatter-adds
             let out = try forward(r, x: x, ids: ids, step: step(2))
@@ -425,8 +480,9 @@ final class RouterStableMoETests: XCTestCase {
             for b in r.core.parameters { b.grad!.update(repeating: 0.25, count: b.count) }
             var gx = [Float](repeating: 1, count: n * d)
             try backward(r, try XCTUnwrap(out.ctx), n: n, gw: gw, gaux: gaux, gradX: &gx)
-            let want = referenceGradients(x: x.map(Double.init), ids: ids.map(Int.init), p: p, E: E, d: d, D: D, stage: 1,
-                                          gw: gw, gaux: Double(gaux), bw: bw, dw: dw)
+            let want = referenceGradients(
+                x: x.map(Double.init), ids: ids.map(Int.init), p: p, E: E, d: d, D: D, stage: 1,
+                gw: gw, gaux: Double(gaux), bw: bw, dw: dw)
             gx.withUnsafeBufferPointer { assertClose($0.baseAddress!, want.gx, base: 1, "grad_x") }
             assertClose(r.core.buffer("expert_embeddings")!.grad!, want.ge, base: 0.25, "grad expert_embeddings")
             assertClose(r.core.buffer("distilled_embedding")!.grad!, want.gemb, base: 0.25, "grad distilled_embedding")
@@ -442,8 +498,9 @@ final class RouterStableMoETests: XCTestCase {
         // a = 0 (fixed by the scores) the loss is dw * (log(e^{z0} + e^{z1}) - z0), so
         // dL/dw = dw * (q_0 c_0 + q_1 c_1 - c_0) and dL/dc_e = dw * (q_e - [e = 0]) w.
         let lib = try openPlugin("RouterStableMoE")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: 2, nExperts: 2, vocabSize: 3, totalSteps: 100),
-                                    hyperparameters: ["distill_dim": 1, "balance_weight": 0.0, "distill_weight": 0.5])
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: 2, nExperts: 2, vocabSize: 3, totalSteps: 100),
+            hyperparameters: ["distill_dim": 1, "balance_weight": 0.0, "distill_weight": 0.5])
         let r = try RouterInstance(core)
         core.buffer("expert_embeddings")!.floats.update(from: [1, 0, 0, 1], count: 4)
         core.buffer("distilled_embedding")!.floats.update(from: [0, 2, 0], count: 3)
@@ -470,17 +527,26 @@ final class RouterStableMoETests: XCTestCase {
 
     /// Stage of a training forward at `s`: 1 routes by argmax s and has a loss, 2 routes by
     /// the distilled router and has none; the metrics say which.
-    func checkStage(_ r: RouterInstance, _ p: Params, step s: Int, total: Int, expect: Int, file: StaticString = #filePath, line: UInt = #line) throws {
+    func checkStage(
+        _ r: RouterInstance, _ p: Params, step s: Int, total: Int, expect: Int, file: StaticString = #filePath,
+        line: UInt = #line
+    ) throws {
         let n = 12
         let x = randomNormal(n * d, seed: 40), ids = (0..<n).map { Int32($0 % V) }
         let out = try forward(r, x: x, ids: ids, step: step(s, total: total))
-        let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init),
-                            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
-                            E: E, d: d, D: D, stage: expect)
-        XCTAssertNotEqual(ref.sArg, ref.dArg, "the test needs the two routers to disagree somewhere", file: file, line: line)
+        let ref = reference(
+            x: x.map(Double.init), ids: ids.map(Int.init),
+            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
+            E: E, d: d, D: D, stage: expect)
+        XCTAssertNotEqual(
+            ref.sArg, ref.dArg, "the test needs the two routers to disagree somewhere", file: file, line: line)
         XCTAssertEqual(out.index.map(Int.init), ref.index, "step \(s) of \(total)", file: file, line: line)
         XCTAssertEqual(Double(out.aux), ref.aux, accuracy: 1e-5, "step \(s) of \(total)", file: file, line: line)
-        if expect == 2 { XCTAssertEqual(out.aux, 0, file: file, line: line) } else { XCTAssertGreaterThan(out.aux, 0, file: file, line: line) }
+        if expect == 2 {
+            XCTAssertEqual(out.aux, 0, file: file, line: line)
+        } else {
+            XCTAssertGreaterThan(out.aux, 0, file: file, line: line)
+        }
         XCTAssertEqual(try r.core.metrics()["stage"], [Double(expect)], "step \(s) of \(total)", file: file, line: line)
     }
 
@@ -504,8 +570,9 @@ final class RouterStableMoETests: XCTestCase {
 
     func testDistillFalseStaysInStage1WithBalanceOnly() throws {
         let lib = try openPlugin("RouterStableMoE")
-        let core = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E, vocabSize: 0, totalSteps: 100),
-                                    hyperparameters: ["distill": false, "balance_weight": 0.3])
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E, vocabSize: 0, totalSteps: 100),
+            hyperparameters: ["distill": false, "balance_weight": 0.3])
         let r = try RouterInstance(core)
         let experts = Array(UnsafeBufferPointer(start: core.buffer("expert_embeddings")!.floats, count: E * d))
         let n = 10
@@ -513,8 +580,9 @@ final class RouterStableMoETests: XCTestCase {
         for s in [0, 10, 99, 5000] {
             for train in [true, false] {
                 let out = try forward(r, x: x, ids: ids, step: step(s, train: train))
-                let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init), p: (experts.map(Double.init), [], []),
-                                    E: E, d: d, D: D, stage: 1, distill: false, bw: 0.3)
+                let ref = reference(
+                    x: x.map(Double.init), ids: ids.map(Int.init), p: (experts.map(Double.init), [], []),
+                    E: E, d: d, D: D, stage: 1, distill: false, bw: 0.3)
                 XCTAssertEqual(out.index.map(Int.init), ref.sArg)
                 XCTAssertEqual(Double(out.aux), ref.balance, accuracy: 1e-6)
                 for t in 0..<n { XCTAssertEqual(Double(out.weights[t]), ref.gate[t], accuracy: 1e-5) }
@@ -546,7 +614,8 @@ final class RouterStableMoETests: XCTestCase {
         for b in r.core.parameters { b.zeroGrad() }
         var gx = [Float](repeating: 0, count: n * d)
         try backward(r, try XCTUnwrap(out.ctx), n: n, gw: gw, gaux: 1, gradX: &gx)
-        let want = referenceGradients(x: x.map(Double.init), ids: ids.map(Int.init), p: p, E: E, d: d, D: D, stage: 2, gw: gw, gaux: 1)
+        let want = referenceGradients(
+            x: x.map(Double.init), ids: ids.map(Int.init), p: p, E: E, d: d, D: D, stage: 2, gw: gw, gaux: 1)
         gx.withUnsafeBufferPointer { assertClose($0.baseAddress!, want.gx, "grad_x") }
         assertClose(r.core.buffer("expert_embeddings")!.grad!, want.ge, "grad expert_embeddings")
         XCTAssertGreaterThan(want.ge.map(abs).max()!, 1e-3)
@@ -569,9 +638,10 @@ final class RouterStableMoETests: XCTestCase {
         let (r, p) = try makeRouter(E: E, d: d, V: V, D: D, hp: ["stage2_step": 50], seed: 4)
         let x = randomNormal(n * d, seed: 14), ids = (0..<n).map { Int32(($0 * 5) % V) }
         let ev = try forward(r, x: x, ids: ids, step: step(3, train: false))
-        let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init),
-                            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
-                            E: E, d: d, D: D, stage: 2)
+        let ref = reference(
+            x: x.map(Double.init), ids: ids.map(Int.init),
+            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
+            E: E, d: d, D: D, stage: 2)
         XCTAssertNotEqual(ref.sArg, ref.dArg)
         XCTAssertEqual(ev.index.map(Int.init), ref.dArg, "inference routes with the distilled router")
         for t in 0..<n { XCTAssertEqual(Double(ev.weights[t]), ref.gate[t], accuracy: 1e-5) }
@@ -593,17 +663,19 @@ final class RouterStableMoETests: XCTestCase {
         let gw = randomNormal(n, seed: 16)
         var gx = [Float](repeating: 0, count: n * d)
         try backward(r, try XCTUnwrap(out.ctx), n: n, gw: gw, gaux: 1, gradX: &gx)
-        let want = referenceGradients(x: x.map(Double.init), ids: ids.map(Int.init), p: p, E: E, d: d, D: D, stage: 1,
-                                      gw: gw, gaux: 1, bw: 0.4)
+        let want = referenceGradients(
+            x: x.map(Double.init), ids: ids.map(Int.init), p: p, E: E, d: d, D: D, stage: 1,
+            gw: gw, gaux: 1, bw: 0.4)
         gx.withUnsafeBufferPointer { assertClose($0.baseAddress!, want.gx, "grad_x") }
         for b in r.core.parameters { XCTAssertTrue((0..<b.count).allSatisfy { b.grad![$0] == 0 }, b.name) }
         // Stage 2, frozen: the table is not written; the live distilled router decides.
         let s2 = try forward(r, x: x, ids: ids, step: step(6, frozen: true))
         let table = r.core.buffer("stage2_assignment")!.data.bindMemory(to: Int32.self, capacity: V)
         XCTAssertTrue((0..<V).allSatisfy { table[$0] == -1 })
-        let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init),
-                            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
-                            E: E, d: d, D: D, stage: 2)
+        let ref = reference(
+            x: x.map(Double.init), ids: ids.map(Int.init),
+            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
+            E: E, d: d, D: D, stage: 2)
         XCTAssertEqual(s2.index.map(Int.init), ref.dArg)
     }
 
@@ -614,9 +686,10 @@ final class RouterStableMoETests: XCTestCase {
         let (r, p) = try makeRouter(E: E, d: d, V: V, D: D, hp: ["stage2_step": 3], seed: 3)
         XCTAssertEqual(try r.core.metrics(), [:])  // nothing before the first forward
         let x = randomNormal(n * d, seed: 17), ids = (0..<n).map { Int32(($0 * 5 + 3) % V) }
-        let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init),
-                            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
-                            E: E, d: d, D: D, stage: 1)
+        let ref = reference(
+            x: x.map(Double.init), ids: ids.map(Int.init),
+            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
+            E: E, d: d, D: D, stage: 1)
         let agree = Double((0..<n).filter { ref.sArg[$0] == ref.dArg[$0] }.count) / Double(n)
         XCTAssertGreaterThan(agree, 0)
         XCTAssertLessThan(agree, 1)
@@ -645,9 +718,10 @@ final class RouterStableMoETests: XCTestCase {
         let (r, p) = try makeRouter(E: E, d: d, V: V, D: D, hp: ["balance_weight": 0.1], seed: 2)
         let x = randomNormal(n * d, seed: 5), ids = (0..<n).map { Int32(($0 * 13) % V) }
         let out = try forward(r, x: x, ids: ids, step: step(0))
-        let ref = reference(x: x.map(Double.init), ids: ids.map(Int.init),
-                            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
-                            E: E, d: d, D: D, stage: 1, bw: 0.1)
+        let ref = reference(
+            x: x.map(Double.init), ids: ids.map(Int.init),
+            p: (p.experts.map(Double.init), p.emb.map(Double.init), p.centroids.map(Double.init)),
+            E: E, d: d, D: D, stage: 1, bw: 0.1)
         XCTAssertEqual(out.index.map(Int.init), ref.sArg)
         for t in 0..<n { XCTAssertEqual(Double(out.weights[t]), ref.gate[t], accuracy: 1e-5) }
         XCTAssertEqual(Double(out.aux), ref.aux, accuracy: 1e-5 * ref.aux)
@@ -656,14 +730,16 @@ final class RouterStableMoETests: XCTestCase {
     func testPluginChecker() throws {
         let lib = try openPlugin("RouterStableMoE")
         let modes: [[String: Any]] = [
-            [:],                                                   // stage 1 at the checker's step 3 (switch at 10)
-            ["stage2_step": 1],                                    // stage 2
-            ["distill": false],                                    // the reference code's behaviour
+            [:],  // stage 1 at the checker's step 3 (switch at 10)
+            ["stage2_step": 1],  // stage 2
+            ["distill": false],  // the reference code's behaviour
             ["balance_weight": 0.5, "distill_weight": 2.0, "distill_dim": 3],
         ]
         for hp in modes {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map { "\($0)" }.joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map { "\($0)" }.joined(separator: "\n"))
             XCTAssertTrue(results.contains { $0.name == "gradcheck expert_embeddings" }, "\(hp)")
         }
     }

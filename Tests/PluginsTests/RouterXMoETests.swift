@@ -13,9 +13,9 @@ final class RouterXMoETests: XCTestCase {
 
     /// Parameters of one router as the test set them.
     struct Params {
-        var proj: [Float]       // (d_r,d)
-        var emb: [Float]        // (E,d_r)
-        var tau: Double         // exp(log_temperature) or the fixed temperature
+        var proj: [Float]  // (d_r,d)
+        var emb: [Float]  // (E,d_r)
+        var tau: Double  // exp(log_temperature) or the fixed temperature
     }
 
     /// A router whose buffers are overwritten with known random values (log_temperature =
@@ -34,8 +34,12 @@ final class RouterXMoETests: XCTestCase {
             tBuf.floats[0] = Float(log(tau) + 0.2)
             tau = Double(exp(tBuf.floats[0]))
         }
-        return (router, Params(proj: Array(UnsafeBufferPointer(start: pBuf.floats, count: dr * d)),
-                               emb: Array(UnsafeBufferPointer(start: eBuf.floats, count: E * dr)), tau: tau))
+        return (
+            router,
+            Params(
+                proj: Array(UnsafeBufferPointer(start: pBuf.floats, count: dr * d)),
+                emb: Array(UnsafeBufferPointer(start: eBuf.floats, count: E * dr)), tau: tau)
+        )
     }
 
     struct Outputs {
@@ -51,9 +55,11 @@ final class RouterXMoETests: XCTestCase {
             try index.withUnsafeMutableBufferPointer { ip in
                 try weights.withUnsafeMutableBufferPointer { wp in
                     try load.withUnsafeMutableBufferPointer { lp in
-                        try r.forward(step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape,
-                                      outputs: RouterOutputs(expertIndex: ip.baseAddress, weights: wp.baseAddress,
-                                                             expertLoad: lp.baseAddress!))
+                        try r.forward(
+                            step, x: xp.baseAddress!, tokenIDs: nil, nGroups: 1, groupSize: n, shape: shape,
+                            outputs: RouterOutputs(
+                                expertIndex: ip.baseAddress, weights: wp.baseAddress,
+                                expertLoad: lp.baseAddress!))
                     }
                 }
             }
@@ -61,13 +67,16 @@ final class RouterXMoETests: XCTestCase {
         return Outputs(index: index, weights: weights, load: load, aux: aux, ctx: ctx)
     }
 
-    func backward(_ r: RouterInstance, _ ctx: PluginContext, n: Int, k: Int, gw: [Float]?, gaux: Float,
-                  gradX: inout [Float]) throws {
+    func backward(
+        _ r: RouterInstance, _ ctx: PluginContext, n: Int, k: Int, gw: [Float]?, gaux: Float,
+        gradX: inout [Float]
+    ) throws {
         let shape = RouterShape(mode: .topK, k: k)
         try gradX.withUnsafeMutableBufferPointer { gp in
             if let gw {
                 try gw.withUnsafeBufferPointer {
-                    try r.backward(ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
+                    try r.backward(
+                        ctx, n: n, shape: shape, gradWeights: $0.baseAddress, gradAux: gaux, gradX: gp.baseAddress!)
                 }
             } else {
                 try r.backward(ctx, n: n, shape: shape, gradAux: gaux, gradX: gp.baseAddress!)
@@ -86,8 +95,10 @@ final class RouterXMoETests: XCTestCase {
         var scores: [Double], probs: [Double], index: [Int], gates: [Double], load: [Double], f: [Double], aux: Double
     }
 
-    static func reference(x: [Double], proj: [Double], emb: [Double], tau: Double, n: Int, E: Int, d: Int, dr: Int,
-                          k: Int, balance: Double) -> Reference {
+    static func reference(
+        x: [Double], proj: [Double], emb: [Double], tau: Double, n: Int, E: Int, d: Int, dr: Int,
+        k: Int, balance: Double
+    ) -> Reference {
         var u = [Double](repeating: 0, count: n * dr), hNorm = [Double](repeating: 0, count: n)
         for t in 0..<n {
             var h = [Double](repeating: 0, count: dr)
@@ -122,13 +133,15 @@ final class RouterXMoETests: XCTestCase {
         let f = load.map { $0 / Double(n * k) }
         var aux = 0.0
         for e in 0..<E { aux += f[e] * (0..<n).map { probs[$0 * E + e] }.reduce(0, +) / Double(n) }
-        return Reference(u: u, hNorm: hNorm, eHat: eHat, eNorm: eNorm, scores: scores, probs: probs, index: index,
-                         gates: gates, load: load, f: f, aux: balance * Double(E) * aux)
+        return Reference(
+            u: u, hNorm: hNorm, eHat: eHat, eNorm: eNorm, scores: scores, probs: probs, index: index,
+            gates: gates, load: load, f: f, aux: balance * Double(E) * aux)
     }
 
     func reference(x: [Float], p: Params, n: Int, E: Int, d: Int, dr: Int, k: Int, balance: Double) -> Reference {
-        Self.reference(x: x.map(Double.init), proj: p.proj.map(Double.init), emb: p.emb.map(Double.init), tau: p.tau,
-                       n: n, E: E, d: d, dr: dr, k: k, balance: balance)
+        Self.reference(
+            x: x.map(Double.init), proj: p.proj.map(Double.init), emb: p.emb.map(Double.init), tau: p.tau,
+            n: n, E: E, d: d, dr: dr, k: k, balance: balance)
     }
 
     struct Grads { var x: [Double], proj: [Double], emb: [Double], logTau: Double }
@@ -137,8 +150,10 @@ final class RouterXMoETests: XCTestCase {
     ///   ds from the kept softmax and the balance loss, d log tau = -sum ds s, dc = ds / tau,
     ///   du = dc e^, de^ = dc^T u, dh = (du - u (u.du)) / ||h||, de = (de^ - e^ (e^.de^)) / ||e||,
     ///   dx = dh P, dP = dh^T x.
-    static func handGrads(_ ref: Reference, x: [Double], proj: [Double], tau: Double, gw: [Double]?, gaux: Double,
-                          balance: Double, n: Int, E: Int, d: Int, dr: Int, k: Int) -> Grads {
+    static func handGrads(
+        _ ref: Reference, x: [Double], proj: [Double], tau: Double, gw: [Double]?, gaux: Double,
+        balance: Double, n: Int, E: Int, d: Int, dr: Int, k: Int
+    ) -> Grads {
         var ds = [Double](repeating: 0, count: n * E)
         for t in 0..<n {
             if let gw {
@@ -190,10 +205,13 @@ final class RouterXMoETests: XCTestCase {
         return Grads(x: dx, proj: dP, emb: demb, logTau: logTau)
     }
 
-    func handGrads(_ ref: Reference, x: [Float], p: Params, gw: [Float]?, gaux: Double, balance: Double,
-                   n: Int, E: Int, d: Int, dr: Int, k: Int) -> Grads {
-        Self.handGrads(ref, x: x.map(Double.init), proj: p.proj.map(Double.init), tau: p.tau, gw: gw?.map(Double.init),
-                       gaux: gaux, balance: balance, n: n, E: E, d: d, dr: dr, k: k)
+    func handGrads(
+        _ ref: Reference, x: [Float], p: Params, gw: [Float]?, gaux: Double, balance: Double,
+        n: Int, E: Int, d: Int, dr: Int, k: Int
+    ) -> Grads {
+        Self.handGrads(
+            ref, x: x.map(Double.init), proj: p.proj.map(Double.init), tau: p.tau, gw: gw?.map(Double.init),
+            gaux: gaux, balance: balance, n: n, E: E, d: d, dr: dr, k: k)
     }
 
     // MARK: descriptor, schema, buffers
@@ -205,8 +223,9 @@ final class RouterXMoETests: XCTestCase {
         XCTAssertEqual(lib.kind, .router)
         XCTAssertFalse(lib.hasNoGrad)
         XCTAssertFalse(lib.needsTokenIDs)
-        XCTAssertEqual(lib.schema.map(\.name),
-                       ["k", "router_dim", "temperature", "temperature_mode", "embedding_norm", "balance_weight", "init_std"])
+        XCTAssertEqual(
+            lib.schema.map(\.name),
+            ["k", "router_dim", "temperature", "temperature_mode", "embedding_norm", "balance_weight", "init_std"])
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["k"]?.type, .int)
         XCTAssertEqual(s["k"]?.defaultNumber, 2)
@@ -258,18 +277,22 @@ final class RouterXMoETests: XCTestCase {
         XCTAssertEqual(stats(e).mean, 0, accuracy: 0.2)
         // Same seed, same buffers; another seed, other buffers; init_std scales W_p only.
         let again = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), seed: 7)
-        for (a, b) in zip(core.buffers, again.buffers) { XCTAssertEqual(memcmp(a.data, b.data, a.byteCount), 0, a.name) }
+        for (a, b) in zip(core.buffers, again.buffers) {
+            XCTAssertEqual(memcmp(a.data, b.data, a.byteCount), 0, a.name)
+        }
         let other = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E), seed: 8)
         XCTAssertNotEqual(memcmp(p.data, other.buffer("proj.weight")!.data, p.byteCount), 0)
-        let wide = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E),
-                                    hyperparameters: ["init_std": 0.2, "router_dim": 16, "temperature": 0.07], seed: 7)
+        let wide = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E),
+            hyperparameters: ["init_std": 0.2, "router_dim": 16, "temperature": 0.07], seed: 7)
         for i in 0..<p.count { XCTAssertEqual(wide.buffer("proj.weight")!.floats[i], 10 * p.floats[i], accuracy: 1e-6) }
         XCTAssertEqual(memcmp(e.data, wide.buffer("expert_embeddings")!.data, e.byteCount), 0)
         XCTAssertEqual(Double(wide.buffer("log_temperature")!.floats[0]), log(0.07), accuracy: 1e-6)
 
         // Fixed temperature: no log_temperature buffer; router_dim sets d_r.
-        let fixed = try makeInstance(lib, dims: ModelDims(dModel: d, nExperts: E),
-                                     hyperparameters: ["temperature_mode": "fixed", "router_dim": 5])
+        let fixed = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nExperts: E),
+            hyperparameters: ["temperature_mode": "fixed", "router_dim": 5])
         XCTAssertEqual(fixed.buffers.map(\.name), ["proj.weight", "expert_embeddings"])
         XCTAssertEqual(fixed.buffer("proj.weight")!.shape, [5, d])
         XCTAssertEqual(fixed.buffer("expert_embeddings")!.shape, [E, 5])
@@ -342,8 +365,12 @@ final class RouterXMoETests: XCTestCase {
         // d = d_r = 2, W_p = I, e_0 = (3,0), e_1 = (0,0.5), e_2 = (-1,-1): x = (1,1) has cosines
         // (1/sqrt2, 1/sqrt2, -1); tau = 0.5 fixed -> scores (sqrt2, sqrt2, -2): the tie keeps
         // expert 0 first, weights 1/2 each.
-        let (r, _) = try makeRouter(E: 3, d: 2, hp: ["router_dim": 2, "temperature_mode": "fixed", "temperature": 0.5,
-                                                     "balance_weight": 1.0])
+        let (r, _) = try makeRouter(
+            E: 3, d: 2,
+            hp: [
+                "router_dim": 2, "temperature_mode": "fixed", "temperature": 0.5,
+                "balance_weight": 1.0,
+            ])
         r.core.buffer("proj.weight")!.floats.update(from: [1, 0, 0, 1], count: 4)
         r.core.buffer("expert_embeddings")!.floats.update(from: [3, 0, 0, 0.5, -1, -1], count: 6)
         let out = try forward(r, x: [1, 1, 4, 0], n: 2, k: 2, step: train())
@@ -366,7 +393,8 @@ final class RouterXMoETests: XCTestCase {
         let x = randomNormal(7 * d, seed: 4)
         let eval = try forward(r, x: x, n: 7, k: 2, step: StepInfo(step: 0, totalSteps: 10, train: false, seed: 1))
         XCTAssertNil(eval.ctx)
-        let noGrad = try forward(r, x: x, n: 7, k: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, noGrad: true, seed: 1))
+        let noGrad = try forward(
+            r, x: x, n: 7, k: 2, step: StepInfo(step: 0, totalSteps: 10, train: true, noGrad: true, seed: 1))
         XCTAssertNil(noGrad.ctx)
         let tr = try forward(r, x: x, n: 7, k: 2, step: train())
         XCTAssertNotNil(tr.ctx)
@@ -392,14 +420,17 @@ final class RouterXMoETests: XCTestCase {
         func objective(_ v: [Double]) -> (Double, [Int]) {
             let xs = Array(v[0..<x.count]), ps = Array(v[x.count..<(x.count + proj.count)])
             let es = Array(v[(x.count + proj.count)..<(v.count - 1)])
-            let ref = Self.reference(x: xs, proj: ps, emb: es, tau: exp(v[v.count - 1]), n: n, E: E, d: d, dr: dr, k: k, balance: balance)
+            let ref = Self.reference(
+                x: xs, proj: ps, emb: es, tau: exp(v[v.count - 1]), n: n, E: E, d: d, dr: dr, k: k, balance: balance)
             var value = gaux * ref.aux
             for i in 0..<(n * k) { value += gw[i] * ref.gates[i] }
             return (value, ref.index)
         }
-        let ref = Self.reference(x: x, proj: proj, emb: emb, tau: exp(logTau), n: n, E: E, d: d, dr: dr, k: k, balance: balance)
-        let hand = Self.handGrads(ref, x: x, proj: proj, tau: exp(logTau), gw: gw, gaux: gaux, balance: balance,
-                                  n: n, E: E, d: d, dr: dr, k: k)
+        let ref = Self.reference(
+            x: x, proj: proj, emb: emb, tau: exp(logTau), n: n, E: E, d: d, dr: dr, k: k, balance: balance)
+        let hand = Self.handGrads(
+            ref, x: x, proj: proj, tau: exp(logTau), gw: gw, gaux: gaux, balance: balance,
+            n: n, E: E, d: d, dr: dr, k: k)
         let handFlat = hand.x + hand.proj + hand.emb + [hand.logTau]
         let h = 1e-6
         var checked = 0
@@ -434,18 +465,28 @@ final class RouterXMoETests: XCTestCase {
         for b in r.core.parameters { b.grad!.update(repeating: 0.25, count: b.count) }
         var gx = [Float](repeating: 1, count: n * d)
         try backward(r, ctx, n: n, k: k, gw: gw, gaux: gaux, gradX: &gx)
-        let want = handGrads(ref, x: x, p: p, gw: gw, gaux: Double(gaux), balance: balance, n: n, E: E, d: d, dr: dr, k: k)
+        let want = handGrads(
+            ref, x: x, p: p, gw: gw, gaux: Double(gaux), balance: balance, n: n, E: E, d: d, dr: dr, k: k)
         let label = "\(hp) gw \(gradWeightsPresent) gaux \(gaux) frozen \(frozen)"
-        for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), 1 + want.x[i], accuracy: 1e-4 * max(1, abs(want.x[i])), "grad_x[\(i)] \(label)") }
+        for i in 0..<(n * d) {
+            XCTAssertEqual(
+                Double(gx[i]), 1 + want.x[i], accuracy: 1e-4 * max(1, abs(want.x[i])), "grad_x[\(i)] \(label)")
+        }
         let gP = r.core.buffer("proj.weight")!.grad!, gE = r.core.buffer("expert_embeddings")!.grad!
         for i in 0..<(dr * d) {
-            XCTAssertEqual(Double(gP[i]), 0.25 + (frozen ? 0 : want.proj[i]), accuracy: 1e-4 * max(1, abs(want.proj[i])), "grad_P[\(i)] \(label)")
+            XCTAssertEqual(
+                Double(gP[i]), 0.25 + (frozen ? 0 : want.proj[i]), accuracy: 1e-4 * max(1, abs(want.proj[i])),
+                "grad_P[\(i)] \(label)")
         }
         for i in 0..<(E * dr) {
-            XCTAssertEqual(Double(gE[i]), 0.25 + (frozen ? 0 : want.emb[i]), accuracy: 1e-4 * max(1, abs(want.emb[i])), "grad_e[\(i)] \(label)")
+            XCTAssertEqual(
+                Double(gE[i]), 0.25 + (frozen ? 0 : want.emb[i]), accuracy: 1e-4 * max(1, abs(want.emb[i])),
+                "grad_e[\(i)] \(label)")
         }
         if let gT = r.core.buffer("log_temperature")?.grad {
-            XCTAssertEqual(Double(gT[0]), 0.25 + (frozen ? 0 : want.logTau), accuracy: 1e-4 * max(1, abs(want.logTau)), "grad_logtau \(label)")
+            XCTAssertEqual(
+                Double(gT[0]), 0.25 + (frozen ? 0 : want.logTau), accuracy: 1e-4 * max(1, abs(want.logTau)),
+                "grad_logtau \(label)")
         }
         if !frozen && (gradWeightsPresent && k > 1 || balance > 0 && gaux != 0) {
             XCTAssertGreaterThan(want.x.map(abs).max()!, 1e-3, "the check compares real gradients")
@@ -455,13 +496,18 @@ final class RouterXMoETests: XCTestCase {
     func testBackwardMatchesHandGradients() throws {
         try checkBackward(hp: ["router_dim": 3], gradWeightsPresent: true, gaux: 1)
         try checkBackward(hp: ["router_dim": 3, "k": 3, "balance_weight": 0.7], gradWeightsPresent: true, gaux: 1.5)
-        try checkBackward(hp: ["router_dim": 3, "k": 1, "balance_weight": 0.2], gradWeightsPresent: true, gaux: 1)  // weights constant 1
-        try checkBackward(hp: ["router_dim": 4, "balance_weight": 0.4], gradWeightsPresent: false, gaux: 2)        // balance loss alone
-        try checkBackward(hp: ["router_dim": 4, "balance_weight": 0.4], gradWeightsPresent: true, gaux: 0)        // routing weights alone
-        try checkBackward(hp: ["router_dim": 2, "temperature_mode": "fixed", "temperature": 0.2, "balance_weight": 0.3],
-                          gradWeightsPresent: true, gaux: 1)
-        try checkBackward(hp: [:], gradWeightsPresent: true, gaux: 1)                                              // d_r = 16 > d
-        try checkBackward(hp: ["router_dim": 3, "balance_weight": 0.3], gradWeightsPresent: true, gaux: 1, frozen: true)
+        // weights constant 1
+        try checkBackward(hp: ["router_dim": 3, "k": 1, "balance_weight": 0.2], gradWeightsPresent: true, gaux: 1)
+        // balance loss alone
+        try checkBackward(hp: ["router_dim": 4, "balance_weight": 0.4], gradWeightsPresent: false, gaux: 2)
+        // routing weights alone
+        try checkBackward(hp: ["router_dim": 4, "balance_weight": 0.4], gradWeightsPresent: true, gaux: 0)
+        try checkBackward(
+            hp: ["router_dim": 2, "temperature_mode": "fixed", "temperature": 0.2, "balance_weight": 0.3],
+            gradWeightsPresent: true, gaux: 1)
+        try checkBackward(hp: [:], gradWeightsPresent: true, gaux: 1)  // d_r = 16 > d
+        try checkBackward(
+            hp: ["router_dim": 3, "balance_weight": 0.3], gradWeightsPresent: true, gaux: 1, frozen: true)
     }
 
     func testBackwardUsesForwardTimeValues() throws {
@@ -477,7 +523,8 @@ final class RouterXMoETests: XCTestCase {
         let ref = reference(x: x, p: p, n: n, E: E, d: d, dr: dr, k: k, balance: 0.01)
         let want = handGrads(ref, x: x, p: p, gw: gw, gaux: 1, balance: 0.01, n: n, E: E, d: d, dr: dr, k: k)
         for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), want.x[i], accuracy: 1e-4 * max(1, abs(want.x[i]))) }
-        XCTAssertEqual(Double(r.core.buffer("log_temperature")!.grad![0]), want.logTau, accuracy: 1e-4 * max(1, abs(want.logTau)))
+        XCTAssertEqual(
+            Double(r.core.buffer("log_temperature")!.grad![0]), want.logTau, accuracy: 1e-4 * max(1, abs(want.logTau)))
     }
 
     func testLargerProblemOnTwoThreads() throws {
@@ -500,7 +547,9 @@ final class RouterXMoETests: XCTestCase {
         let want = handGrads(ref, x: x, p: p, gw: gw, gaux: 1, balance: 0.1, n: n, E: E, d: d, dr: dr, k: k)
         for i in 0..<(n * d) { XCTAssertEqual(Double(gx[i]), want.x[i], accuracy: 1e-4 * max(1, abs(want.x[i]))) }
         let gP = r.core.buffer("proj.weight")!.grad!, gE = r.core.buffer("expert_embeddings")!.grad!
-        for i in 0..<(dr * d) { XCTAssertEqual(Double(gP[i]), want.proj[i], accuracy: 1e-4 * max(1, abs(want.proj[i]))) }
+        for i in 0..<(dr * d) {
+            XCTAssertEqual(Double(gP[i]), want.proj[i], accuracy: 1e-4 * max(1, abs(want.proj[i])))
+        }
         for i in 0..<(E * dr) { XCTAssertEqual(Double(gE[i]), want.emb[i], accuracy: 1e-4 * max(1, abs(want.emb[i]))) }
         let gT = Double(r.core.buffer("log_temperature")!.grad![0])
         XCTAssertEqual(gT, want.logTau, accuracy: 1e-4 * max(1, abs(want.logTau)))
@@ -546,7 +595,8 @@ final class RouterXMoETests: XCTestCase {
         // embedding_norm = 0 (default): begin_step leaves the embeddings alone.
         let (plain, pp) = try makeRouter(E: E, d: d, hp: ["router_dim": dr])
         try plain.core.beginStep(train(0))
-        XCTAssertEqual(Array(UnsafeBufferPointer(start: plain.core.buffer("expert_embeddings")!.floats, count: E * dr)), pp.emb)
+        XCTAssertEqual(
+            Array(UnsafeBufferPointer(start: plain.core.buffer("expert_embeddings")!.floats, count: E * dr)), pp.emb)
     }
 
     func testRescaleChangesEmbeddingGradientByInverseNorm() throws {
@@ -568,9 +618,12 @@ final class RouterXMoETests: XCTestCase {
         let (gx1, ge1) = try grads()
         for i in 0..<(n * d) { XCTAssertEqual(gx1[i], gx0[i], accuracy: 1e-5) }
         for e in 0..<E {
-            let norm = (0..<dr).map { Double(p.emb[e * dr + $0]) * Double(p.emb[e * dr + $0]) }.reduce(0, +).squareRoot()
+            let norm = (0..<dr).map { Double(p.emb[e * dr + $0]) * Double(p.emb[e * dr + $0]) }.reduce(0, +)
+                .squareRoot()
             for i in 0..<dr {
-                XCTAssertEqual(Double(ge1[e * dr + i]), Double(ge0[e * dr + i]) * norm / 1.5, accuracy: 1e-5 * max(1, abs(Double(ge0[e * dr + i]))))
+                XCTAssertEqual(
+                    Double(ge1[e * dr + i]), Double(ge0[e * dr + i]) * norm / 1.5,
+                    accuracy: 1e-5 * max(1, abs(Double(ge0[e * dr + i]))))
             }
         }
     }
@@ -591,12 +644,16 @@ final class RouterXMoETests: XCTestCase {
         XCTAssertNotEqual(a.weights, b.weights)
         let m = try r.core.metrics()
         XCTAssertEqual(m["temperature"]?.first ?? 0, 2, accuracy: 1e-6)
-        let meanNorm = (0..<4).map { e in (0..<3).map { Double(p.emb[e * 3 + $0]) * Double(p.emb[e * 3 + $0]) }.reduce(0, +).squareRoot() }
+        let meanNorm =
+            (0..<4).map { e in
+                (0..<3).map { Double(p.emb[e * 3 + $0]) * Double(p.emb[e * 3 + $0]) }.reduce(0, +).squareRoot()
+            }
             .reduce(0, +) / 4
         XCTAssertEqual(m["expert_embedding_norm"]?.first ?? 0, meanNorm, accuracy: 1e-5)
 
         // Fixed: tau = temperature, no parameter, reported as such.
-        let (f, _) = try makeRouter(E: 4, d: 5, hp: ["router_dim": 3, "temperature_mode": "fixed", "temperature": 0.25])
+        let (f, _) = try makeRouter(
+            E: 4, d: 5, hp: ["router_dim": 3, "temperature_mode": "fixed", "temperature": 0.25])
         XCTAssertNil(f.core.buffer("log_temperature"))
         XCTAssertEqual(try f.core.metrics()["temperature"]?.first ?? 0, 0.25, accuracy: 1e-7)
     }
@@ -614,7 +671,9 @@ final class RouterXMoETests: XCTestCase {
         ]
         for hp in configs {
             let results = PluginChecker(library: lib, hyperparameters: hp).run()
-            XCTAssertTrue(results.allSatisfy(\.passed), "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+            XCTAssertTrue(
+                results.allSatisfy(\.passed),
+                "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             XCTAssertTrue(results.contains { $0.name == "gradcheck expert_embeddings" }, "\(hp)")
         }
     }

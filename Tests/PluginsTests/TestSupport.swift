@@ -11,10 +11,13 @@ func openPlugin(_ product: String) throws -> PluginLibrary {
 }
 
 /// Create an instance with the given hyperparameters (schema defaults for the rest).
-func makeInstance(_ lib: PluginLibrary, dims: ModelDims, hyperparameters: [String: Any] = [:],
-                  seed: UInt64 = 1) throws -> PluginInstance {
+func makeInstance(
+    _ lib: PluginLibrary, dims: ModelDims, hyperparameters: [String: Any] = [:],
+    seed: UInt64 = 1
+) throws -> PluginInstance {
     let hp = try ResolvedHyperparameters(schema: lib.schema, values: hyperparameters, keyPath: lib.name)
-    return try PluginInstance(library: lib, instanceName: "test.\(lib.name)", dims: dims, hyperparameters: hp, seed: seed)
+    return try PluginInstance(
+        library: lib, instanceName: "test.\(lib.name)", dims: dims, hyperparameters: hp, seed: seed)
 }
 
 /// Seeded N(0, scale²) values.

@@ -28,15 +28,18 @@ public enum PluginCommands {
             case .library(let path):
                 do {
                     let lib = try reg.library(for: e)
-                    return Row(kind: e.kind.rawValue, name: e.name, version: lib.version, library: path,
-                               abi: abiString(lib.abiVersion), source: "plugin", description: lib.summary)
+                    return Row(
+                        kind: e.kind.rawValue, name: e.name, version: lib.version, library: path,
+                        abi: abiString(lib.abiVersion), source: "plugin", description: lib.summary)
                 } catch {
-                    return Row(kind: e.kind.rawValue, name: e.name, version: "-", library: path, abi: "-", source: "plugin",
-                               description: "", error: "\(error)")
+                    return Row(
+                        kind: e.kind.rawValue, name: e.name, version: "-", library: path, abi: "-", source: "plugin",
+                        description: "", error: "\(error)")
                 }
             case .ffi(let f):
-                var row = Row(kind: e.kind.rawValue, name: e.name, version: "-", library: f.library, abi: "ffi", source: "ffi",
-                              description: "C function \(f.symbol): \(f.signatureText)")
+                var row = Row(
+                    kind: e.kind.rawValue, name: e.name, version: "-", library: f.library, abi: "ffi", source: "ffi",
+                    description: "C function \(f.symbol): \(f.signatureText)")
                 do { _ = try FFIRouter(name: e.name, entry: f) } catch { row.error = "\(error)" }
                 return row
             }
@@ -48,8 +51,10 @@ public enum PluginCommands {
         let ok = rows.allSatisfy { $0.error == nil }
         if json {
             let objects: [[String: Any]] = rows.map { r in
-                var o: [String: Any] = ["kind": r.kind, "name": r.name, "version": r.version, "library": r.library,
-                                        "abi": r.abi, "source": r.source, "description": r.description]
+                var o: [String: Any] = [
+                    "kind": r.kind, "name": r.name, "version": r.version, "library": r.library,
+                    "abi": r.abi, "source": r.source, "description": r.description,
+                ]
                 if let e = r.error { o["error"] = e }
                 return o
             }
@@ -71,14 +76,15 @@ public enum PluginCommands {
         switch e.source {
         case .ffi(let f):
             let router = try FFIRouter(name: e.name, entry: f)
-            return Output(text: """
-                \(e.name) (router, libffi bridge)
-                  library:    \(f.library)
-                  symbol:     \(f.symbol)
-                  signature:  \(f.signatureText)
-                  token ids:  \(router.needsTokenIDs ? "required" : "not used")
-                  routing:    top-1, weight 1, non-trainable (no parameters, no gradient)
-                """, ok: true)
+            return Output(
+                text: """
+                    \(e.name) (router, libffi bridge)
+                      library:    \(f.library)
+                      symbol:     \(f.symbol)
+                      signature:  \(f.signatureText)
+                      token ids:  \(router.needsTokenIDs ? "required" : "not used")
+                      routing:    top-1, weight 1, non-trainable (no parameters, no gradient)
+                    """, ok: true)
         case .library(let path):
             let lib = try reg.library(for: e)
             var lines = [
@@ -100,7 +106,9 @@ public enum PluginCommands {
                     let override = e.defaults[s.name].map { "\(HyperparameterSpec.text($0.value)) (registry)" }
                     return [s.name, s.type.rawValue, override ?? s.defaultText, s.rangeText, s.description]
                 }
-                lines.append(formatTable(header: ["NAME", "TYPE", "DEFAULT", "RANGE", "DESCRIPTION"], rows: rows, indent: "    "))
+                lines.append(
+                    formatTable(
+                        header: ["NAME", "TYPE", "DEFAULT", "RANGE", "DESCRIPTION"], rows: rows, indent: "    "))
             }
             return Output(text: lines.joined(separator: "\n"), ok: true)
         }
@@ -118,7 +126,9 @@ public enum PluginCommands {
             for e in entries {
                 switch e.source {
                 case .ffi(let f):
-                    lines.append("**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; top-1, weight 1, not trainable.")
+                    lines.append(
+                        "**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; top-1, weight 1, not trainable."
+                    )
                     lines.append("")
                 case .library:
                     let lib = try reg.library(for: e)
@@ -129,7 +139,9 @@ public enum PluginCommands {
                         lines.append("|---|---|---|---|---|")
                         for h in lib.schema {
                             let def = e.defaults[h.name].map { HyperparameterSpec.text($0.value) } ?? h.defaultText
-                            lines.append("| `\(h.name)` | \(h.type.rawValue) | `\(def)` | \(h.rangeText.replacingOccurrences(of: "|", with: "/")) | \(h.description.replacingOccurrences(of: "|", with: "/")) |")
+                            lines.append(
+                                "| `\(h.name)` | \(h.type.rawValue) | `\(def)` | \(h.rangeText.replacingOccurrences(of: "|", with: "/")) | \(h.description.replacingOccurrences(of: "|", with: "/")) |"
+                            )
                         }
                         lines.append("")
                     }
@@ -161,15 +173,21 @@ public enum PluginCommands {
             }
         }
         let failed = results.filter { !$0.passed }.count
-        let text = (["checking \(title)"] + results.map(\.description)
+        let text =
+            (["checking \(title)"] + results.map(\.description)
             + ["\(results.count - failed) passed, \(failed) failed"]).joined(separator: "\n")
         return Output(text: text, ok: failed == 0)
     }
 
     /// `plugin new KIND NAME [--lang c|swift] [--dir DIR]`.
-    public static func scaffold(kind: String, name: String, language: String, directory: String?, root: String) throws -> Output {
+    public static func scaffold(
+        kind: String, name: String, language: String, directory: String?, root: String
+    ) throws -> Output {
         guard let k = PluginKind(name: kind) else {
-            throw VQMoEError(.usage, "unknown kind '\(kind)'; kinds: \(closestFirst(kind, among: PluginKind.allCases.map(\.rawValue)).joined(separator: ", "))")
+            throw VQMoEError(
+                .usage,
+                "unknown kind '\(kind)'; kinds: \(closestFirst(kind, among: PluginKind.allCases.map(\.rawValue)).joined(separator: ", "))"
+            )
         }
         guard let lang = ScaffoldLanguage(rawValue: language) else {
             throw VQMoEError(.usage, "unknown language '\(language)'; use c or swift")
@@ -178,12 +196,14 @@ public enum PluginCommands {
         let s = try Scaffold(kind: k, name: name, language: lang, headerPath: header)
         let dir = directory ?? name
         let written = try s.write(to: dir)
-        let text = (["wrote a \(lang == .c ? "C" : "Swift") \(kind) plugin '\(name)' in \(dir):"] + written.map { "  \($0)" } + [
-            "",
-            "build it:     \(dir)/build.sh",
-            "check it:     vqmoe plugins check \(dir)/\(s.libraryFile)",
-            "register it:  export VQMOE_PLUGIN_PATH=\(URL(fileURLWithPath: dir).standardizedFileURL.path)   (or add a registry.json entry; see \(dir)/README.md)",
-        ]).joined(separator: "\n")
+        let text =
+            (["wrote a \(lang == .c ? "C" : "Swift") \(kind) plugin '\(name)' in \(dir):"] + written.map { "  \($0)" }
+            + [
+                "",
+                "build it:     \(dir)/build.sh",
+                "check it:     vqmoe plugins check \(dir)/\(s.libraryFile)",
+                "register it:  export VQMOE_PLUGIN_PATH=\(URL(fileURLWithPath: dir).standardizedFileURL.path)   (or add a registry.json entry; see \(dir)/README.md)",
+            ]).joined(separator: "\n")
         return Output(text: text, ok: true)
     }
 }
@@ -193,7 +213,10 @@ public func formatTable(header: [String], rows: [[String]], indent: String = "")
     let all = [header] + rows
     let widths = header.indices.map { c in all.map { $0.indices.contains(c) ? $0[c].count : 0 }.max() ?? 0 }
     return all.map { row in
-        indent + row.enumerated().map { c, v in c == row.count - 1 ? v : v.padding(toLength: widths[c], withPad: " ", startingAt: 0) }
+        indent
+            + row.enumerated().map { c, v in
+                c == row.count - 1 ? v : v.padding(toLength: widths[c], withPad: " ", startingAt: 0)
+            }
             .joined(separator: "  ")
     }.joined(separator: "\n")
 }

@@ -12,18 +12,27 @@ public enum ResultsTable {
         for dir in runs {
             let path = "\(dir)/result.json"
             guard let data = FileManager.default.contents(atPath: path),
-                  let r = try JSONSerialization.jsonObject(with: data) as? [String: Any] else {
+                let r = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+            else {
                 throw VQMoEError(.io, "\(path): missing or unreadable (did `vqmoe train ... --out \(dir)` finish?)")
             }
             func num(_ k: String, _ f: String) -> String { (r[k] as? Double).map { String(format: f, $0) } ?? "-" }
-            rows.append([r["name"] as? String ?? dir, r["ffn"] as? String ?? "-",
-                         (r["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-",
-                         num("flops_per_token_forward", "%.2f"), num("valid_bpc", "%.4f"), num("test_bpc", "%.4f"),
-                         (r["steps"] as? Int).map(String.init) ?? "-", num("wall_s", "%.0f"), num("tokens_per_s", "%.0f")])
+            rows.append([
+                r["name"] as? String ?? dir, r["ffn"] as? String ?? "-",
+                (r["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-",
+                num("flops_per_token_forward", "%.2f"), num("valid_bpc", "%.4f"), num("test_bpc", "%.4f"),
+                (r["steps"] as? Int).map(String.init) ?? "-", num("wall_s", "%.0f"), num("tokens_per_s", "%.0f"),
+            ])
         }
-        for i in rows.indices { rows[i][3] = rows[i][3] == "-" ? "-" : String(format: "%.2fM", (Double(rows[i][3]) ?? 0) / 1e6) }
-        let header = ["run", "ffn", "params", "fwd FLOPs/token", "valid BPC", "test BPC", "steps", "wall s", "tokens/s"]
-        var lines = ["| " + header.joined(separator: " | ") + " |", "|" + header.map { _ in "---" }.joined(separator: "|") + "|"]
+        for i in rows.indices {
+            rows[i][3] = rows[i][3] == "-" ? "-" : String(format: "%.2fM", (Double(rows[i][3]) ?? 0) / 1e6)
+        }
+        let header = [
+            "run", "ffn", "params", "fwd FLOPs/token", "valid BPC", "test BPC", "steps", "wall s", "tokens/s",
+        ]
+        var lines = [
+            "| " + header.joined(separator: " | ") + " |", "|" + header.map { _ in "---" }.joined(separator: "|") + "|",
+        ]
         lines += rows.map { "| " + $0.joined(separator: " | ") + " |" }
         return lines.joined(separator: "\n")
     }

@@ -31,8 +31,13 @@ public struct Report {
         guard let text = try? String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8) else {
             throw VQMoEError(.io, "\(dir)/metrics.jsonl: missing (is \(dir) a run directory of `vqmoe train`?)")
         }
-        let lines = text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
-        let result = (FileManager.default.contents(atPath: "\(dir)/result.json")).flatMap { try? JSONSerialization.jsonObject(with: $0) as? [String: Any] } ?? [:]
+        let lines = text.split(separator: "\n").compactMap {
+            try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }
+        let result =
+            (FileManager.default.contents(atPath: "\(dir)/result.json")).flatMap {
+                try? JSONSerialization.jsonObject(with: $0) as? [String: Any]
+            } ?? [:]
         let name = result["name"] as? String ?? URL(fileURLWithPath: dir).lastPathComponent
         let isLM = lines.contains { $0["split"] as? String == "valid" && $0["bpc"] != nil }
         return Run(dir: dir, name: name, lines: lines, result: result, isLM: isLM)
@@ -67,7 +72,9 @@ public struct Report {
             var v = (0..<d).map { Double(($0 * 7 + c * 3) % 11) - 5 }
             for _ in 0..<200 {
                 var w = (0..<d).map { i in (0..<d).reduce(0) { $0 + cov[i * d + $1] * v[$1] } }
-                for p in comps { let dot = zip(w, p).reduce(0) { $0 + $1.0 * $1.1 }; w = zip(w, p).map { $0 - dot * $1 } }
+                for p in comps {
+                    let dot = zip(w, p).reduce(0) { $0 + $1.0 * $1.1 }; w = zip(w, p).map { $0 - dot * $1 }
+                }
                 let norm = w.reduce(0) { $0 + $1 * $1 }.squareRoot()
                 guard norm > 0 else { break }
                 v = w.map { $0 / norm }
@@ -88,7 +95,9 @@ public struct Report {
         while chars.allSatisfy({ prefix < $0.count }) && Set(chars.map { $0[prefix] }).count == 1 { prefix += 1 }
         while prefix > 0 && !cuts.contains(chars[0][prefix - 1]) { prefix -= 1 }
         var suffix = 0
-        while chars.allSatisfy({ suffix < $0.count - prefix }) && Set(chars.map { $0[$0.count - 1 - suffix] }).count == 1 { suffix += 1 }
+        while chars.allSatisfy({ suffix < $0.count - prefix })
+            && Set(chars.map { $0[$0.count - 1 - suffix] }).count == 1
+        { suffix += 1 }
         while suffix > 0 && !cuts.contains(chars[0][chars[0].count - suffix]) { suffix -= 1 }
         let short = chars.map { String($0[prefix..<($0.count - suffix)]) }
         return short.contains(where: \.isEmpty) || Set(short).count != short.count ? names : short
@@ -137,8 +146,9 @@ public struct Report {
             func f(_ k: String) -> String { num(r.result[k]).map { String(format: "%.4f", $0) } ?? "-" }
             let params = (r.result["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-"
             let wall = num(r.result["wall_s"]).map { String(format: "%.0f", $0) } ?? "-"
-            md.append("| \(r.name) | \(r.result["ffn"] as? String ?? "-") | \(params) | \(f("valid_\(key)")) \(key) | "
-                + "\(f("test_\(key)")) \(key) | \(r.result["steps"] as? Int ?? 0) | \(wall) |")
+            md.append(
+                "| \(r.name) | \(r.result["ffn"] as? String ?? "-") | \(params) | \(f("valid_\(key)")) \(key) | "
+                    + "\(f("test_\(key)")) \(key) | \(r.result["steps"] as? Int ?? 0) | \(wall) |")
         }
         return md
     }
@@ -147,15 +157,19 @@ public struct Report {
     static func curves(_ data: [Run], into doc: inout Document) throws {
         let lm = data.allSatisfy(\.isLM)
         var train = SVGPlot(title: "training loss", xLabel: "step", yLabel: "task loss (nats)")
-        var valid = SVGPlot(title: lm ? "validation bits per character" : "validation", xLabel: "step",
-                            yLabel: lm ? "BPC" : "accuracy / BPC")
+        var valid = SVGPlot(
+            title: lm ? "validation bits per character" : "validation", xLabel: "step",
+            yLabel: lm ? "BPC" : "accuracy / BPC")
         for r in data {
             let t = r.split("train"), v = r.split("valid")
             train.line(r.name, xs: t.compactMap { num($0["step"]) }, ys: t.compactMap { num($0["task_loss"]) })
-            valid.line(r.name, xs: v.compactMap { num($0["step"]) }, ys: v.compactMap { num($0[r.isLM ? "bpc" : "accuracy"]) })
+            valid.line(
+                r.name, xs: v.compactMap { num($0["step"]) }, ys: v.compactMap { num($0[r.isLM ? "bpc" : "accuracy"]) })
         }
         try doc.save("curves_train.svg", train, "Training loss (task cross-entropy) per logged step.")
-        try doc.save("curves_valid.svg", valid, "Validation metric at each evaluation (BPC for language models, accuracy for classifiers).")
+        try doc.save(
+            "curves_valid.svg", valid,
+            "Validation metric at each evaluation (BPC for language models, accuracy for classifiers).")
     }
 
     /// (step, mean over layers) of a per-layer probe field, where present.
@@ -169,8 +183,9 @@ public struct Report {
 
     /// Consistency of the routing on the probe batch, per path.
     static func consistency(_ data: [Run], into doc: inout Document) throws {
-        var plot = SVGPlot(title: "routing consistency on the probe batch", xLabel: "step",
-                           yLabel: "fraction of tokens keeping their top-1 expert")
+        var plot = SVGPlot(
+            title: "routing consistency on the probe batch", xLabel: "step",
+            yLabel: "fraction of tokens keeping their top-1 expert")
         plot.yRange = (0, 1)
         var any = false
         for r in data {
@@ -180,12 +195,16 @@ public struct Report {
             }
         }
         guard any else { return }
-        try doc.save("consistency.svg", plot, "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation).")
+        try doc.save(
+            "consistency.svg", plot,
+            "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation)."
+        )
     }
 
     /// Movement of the router and codebook parameters between evaluations.
     static func movement(_ data: [Run], into doc: inout Document) throws {
-        var plot = SVGPlot(title: "routing parameter movement", xLabel: "step", yLabel: "‖Δ‖ / ‖before‖ since the previous evaluation")
+        var plot = SVGPlot(
+            title: "routing parameter movement", xLabel: "step", yLabel: "‖Δ‖ / ‖before‖ since the previous evaluation")
         var any = false
         for r in data {
             for key in ["movement_router", "movement_codebook"] {
@@ -194,7 +213,9 @@ public struct Report {
             }
         }
         guard any else { return }
-        try doc.save("movement.svg", plot, "Relative change of the router and codebook parameters between evaluations (mean over layers).")
+        try doc.save(
+            "movement.svg", plot,
+            "Relative change of the router and codebook parameters between evaluations (mean over layers).")
     }
 
     /// Share of layer 0's assignments per expert over training.
@@ -204,14 +225,18 @@ public struct Report {
         var plot = SVGPlot(title: "\(r.name): expert load, layer 0", xLabel: "step", yLabel: "share of assignments")
         for e in 0..<first.count {
             let pts = t.compactMap { l -> (Double, Double)? in
-                guard let s = num(l["step"]), let ls = l["expert_load"] as? [[Any]], let row = ls.first?.compactMap(num),
-                      e < row.count else { return nil }
+                guard let s = num(l["step"]), let ls = l["expert_load"] as? [[Any]],
+                    let row = ls.first?.compactMap(num),
+                    e < row.count
+                else { return nil }
                 let total = row.reduce(0, +)
                 return (s, total > 0 ? row[e] / total : 0)
             }
             plot.line("expert \(e)", xs: pts.map(\.0), ys: pts.map(\.1))
         }
-        try doc.save("expert_load_\(i).svg", plot, "\(r.name): share of layer 0's assignments each expert received, over training.")
+        try doc.save(
+            "expert_load_\(i).svg", plot,
+            "\(r.name): share of layer 0's assignments each expert received, over training.")
     }
 
     /// Code counts of the last logged batch, and the perplexity of code use over training.
@@ -220,17 +245,25 @@ public struct Report {
         guard let counts = t.last?["code_counts"] as? [[Any]], !counts.isEmpty else { return }
         var usage = SVGPlot(title: "\(r.name): code usage, last logged batch", xLabel: "code", yLabel: "uses")
         let k = counts[0].count
-        for (l, row) in counts.enumerated() { usage.bars("layer \(l)", labels: (0..<k).map(String.init), values: row.compactMap(num)) }
-        try doc.save("code_usage_\(i).svg", usage, "\(r.name): how often each code was chosen per layer (dead codes have no bar).")
+        for (l, row) in counts.enumerated() {
+            usage.bars("layer \(l)", labels: (0..<k).map(String.init), values: row.compactMap(num))
+        }
+        try doc.save(
+            "code_usage_\(i).svg", usage,
+            "\(r.name): how often each code was chosen per layer (dead codes have no bar).")
         var ppl = SVGPlot(title: "\(r.name): code usage perplexity", xLabel: "step", yLabel: "exp(entropy of code use)")
         for l in 0..<counts.count {
             let pts = t.compactMap { line -> (Double, Double)? in
-                guard let s = num(line["step"]), let c = line["code_counts"] as? [[Any]], l < c.count else { return nil }
+                guard let s = num(line["step"]), let c = line["code_counts"] as? [[Any]], l < c.count else {
+                    return nil
+                }
                 return (s, perplexity(c[l].compactMap(num)))
             }
             ppl.line("layer \(l)", xs: pts.map(\.0), ys: pts.map(\.1))
         }
-        try doc.save("code_perplexity_\(i).svg", ppl, "\(r.name): perplexity of code use per layer (K means every code equally used).")
+        try doc.save(
+            "code_perplexity_\(i).svg", ppl,
+            "\(r.name): perplexity of code use per layer (K means every code equally used).")
     }
 
     /// PCA of the last representation dump, first and last layer, coloured by top-1 expert.
@@ -238,9 +271,10 @@ public struct Report {
         let dir = "\(r.dir)/repr"
         func step(_ f: String) -> Int { Int(f.dropFirst(5).dropLast(5)) ?? 0 }
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: dir),
-              let last = names.filter({ $0.hasPrefix("step_") }).max(by: { step($0) < step($1) }),
-              let d = FileManager.default.contents(atPath: "\(dir)/\(last)"),
-              let obj = try JSONSerialization.jsonObject(with: d) as? [String: Any], let layers = obj["layers"] as? [[String: Any]]
+            let last = names.filter({ $0.hasPrefix("step_") }).max(by: { step($0) < step($1) }),
+            let d = FileManager.default.contents(atPath: "\(dir)/\(last)"),
+            let obj = try JSONSerialization.jsonObject(with: d) as? [String: Any],
+            let layers = obj["layers"] as? [[String: Any]]
         else { return }
         for l in Set([0, layers.count - 1]).sorted() where l < layers.count {
             guard let x = layers[l]["x"] as? [[Any]], let ex = layers[l]["expert"] as? [Any] else { continue }
@@ -251,7 +285,10 @@ public struct Report {
                 let idx = experts.indices.filter { experts[$0] == e && $0 < pc.count }
                 scatter.points("expert \(e)", xs: idx.map { pc[$0][0] }, ys: idx.map { pc[$0][1] }, colorIndex: e)
             }
-            try doc.save("pca_\(i)_layer\(l).svg", scatter, "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top two principal components, coloured by the top-1 expert. Overlapping clouds are the representation collapse the paper describes.")
+            try doc.save(
+                "pca_\(i)_layer\(l).svg", scatter,
+                "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top two principal components, coloured by the top-1 expert. Overlapping clouds are the representation collapse the paper describes."
+            )
         }
     }
 }

@@ -22,8 +22,10 @@ public struct SVGPlot {
     var barLabels: [String] = []
 
     /// A colour-blind-friendly palette (Okabe–Ito, then Tableau), cycled.
-    public static let palette = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
-                                 "#4E79A7", "#F28E2B", "#59A14F", "#E15759", "#76B7B2", "#EDC948", "#B07AA1", "#9C755F"]
+    public static let palette = [
+        "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
+        "#4E79A7", "#F28E2B", "#59A14F", "#E15759", "#76B7B2", "#EDC948", "#B07AA1", "#9C755F",
+    ]
 
     public init(title: String, xLabel: String, yLabel: String) {
         self.title = title
@@ -32,7 +34,9 @@ public struct SVGPlot {
     }
 
     public mutating func line(_ name: String, xs: [Double], ys: [Double]) {
-        series.append(Series(name: name, xs: xs, ys: ys, mark: .line, color: SVGPlot.palette[series.count % SVGPlot.palette.count]))
+        series.append(
+            Series(
+                name: name, xs: xs, ys: ys, mark: .line, color: SVGPlot.palette[series.count % SVGPlot.palette.count]))
     }
 
     public mutating func points(_ name: String, xs: [Double], ys: [Double], colorIndex: Int? = nil) {
@@ -43,12 +47,15 @@ public struct SVGPlot {
     /// Grouped bars: one group per label, one bar per series.
     public mutating func bars(_ name: String, labels: [String], values: [Double]) {
         barLabels = labels
-        series.append(Series(name: name, xs: (0..<values.count).map(Double.init), ys: values, mark: .bars,
-                             color: SVGPlot.palette[series.count % SVGPlot.palette.count]))
+        series.append(
+            Series(
+                name: name, xs: (0..<values.count).map(Double.init), ys: values, mark: .bars,
+                color: SVGPlot.palette[series.count % SVGPlot.palette.count]))
     }
 
     static func esc(_ s: String) -> String {
-        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(of: ">", with: "&gt;")
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;").replacingOccurrences(
+            of: ">", with: "&gt;")
     }
 
     /// "Nice" tick values covering [lo, hi].
@@ -81,9 +88,11 @@ public struct SVGPlot {
         if yRange == nil && !hasBars { let pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad }
         func sx(_ x: Double) -> Double { left + (x - x0) / (x1 - x0) * pw }
         func sy(_ y: Double) -> Double { top + (1 - (y - y0) / (y1 - y0)) * ph }
-        var o = ["<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" font-family=\"sans-serif\" font-size=\"11\">",
-                 "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
-                 "<text x=\"\(left + pw / 2)\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">\(SVGPlot.esc(title))</text>"]
+        var o = [
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" font-family=\"sans-serif\" font-size=\"11\">",
+            "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
+            "<text x=\"\(left + pw / 2)\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">\(SVGPlot.esc(title))</text>",
+        ]
         // Grid and ticks.
         for t in SVGPlot.ticks(y0, y1) {
             o.append("<line x1=\"\(left)\" y1=\"\(sy(t))\" x2=\"\(left + pw)\" y2=\"\(sy(t))\" stroke=\"#e5e5e5\"/>")
@@ -91,17 +100,23 @@ public struct SVGPlot {
         }
         if hasBars {
             for (i, l) in barLabels.enumerated() {
-                o.append("<text x=\"\(sx(Double(i)))\" y=\"\(top + ph + 16)\" text-anchor=\"middle\">\(SVGPlot.esc(l))</text>")
+                o.append(
+                    "<text x=\"\(sx(Double(i)))\" y=\"\(top + ph + 16)\" text-anchor=\"middle\">\(SVGPlot.esc(l))</text>"
+                )
             }
         } else {
             for t in SVGPlot.ticks(x0, x1) {
                 o.append("<line x1=\"\(sx(t))\" y1=\"\(top)\" x2=\"\(sx(t))\" y2=\"\(top + ph)\" stroke=\"#f0f0f0\"/>")
-                o.append("<text x=\"\(sx(t))\" y=\"\(top + ph + 16)\" text-anchor=\"middle\">\(SVGPlot.label(t))</text>")
+                o.append(
+                    "<text x=\"\(sx(t))\" y=\"\(top + ph + 16)\" text-anchor=\"middle\">\(SVGPlot.label(t))</text>")
             }
         }
         o.append("<rect x=\"\(left)\" y=\"\(top)\" width=\"\(pw)\" height=\"\(ph)\" fill=\"none\" stroke=\"#444\"/>")
-        o.append("<text x=\"\(left + pw / 2)\" y=\"\(height - 10)\" text-anchor=\"middle\">\(SVGPlot.esc(xLabel))</text>")
-        o.append("<text x=\"16\" y=\"\(top + ph / 2)\" text-anchor=\"middle\" transform=\"rotate(-90 16 \(top + ph / 2))\">\(SVGPlot.esc(yLabel))</text>")
+        o.append(
+            "<text x=\"\(left + pw / 2)\" y=\"\(height - 10)\" text-anchor=\"middle\">\(SVGPlot.esc(xLabel))</text>")
+        o.append(
+            "<text x=\"16\" y=\"\(top + ph / 2)\" text-anchor=\"middle\" transform=\"rotate(-90 16 \(top + ph / 2))\">\(SVGPlot.esc(yLabel))</text>"
+        )
         // Data.
         let barSeries = series.filter { $0.mark == .bars }
         let barWidth = barSeries.isEmpty ? 0 : pw / Double(max(barLabels.count, 1)) * 0.8 / Double(barSeries.count)
@@ -113,12 +128,20 @@ public struct SVGPlot {
                 let path = pts.map { String(format: "%.1f,%.1f", sx($0.0), sy($0.1)) }.joined(separator: " ")
                 o.append("<polyline points=\"\(path)\" fill=\"none\" stroke=\"\(s.color)\" stroke-width=\"1.8\"/>")
             case .points:
-                for (x, y) in pts { o.append(String(format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.2\" fill=\"%@\" fill-opacity=\"0.7\"/>", sx(x), sy(y), s.color)) }
+                for (x, y) in pts {
+                    o.append(
+                        String(
+                            format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.2\" fill=\"%@\" fill-opacity=\"0.7\"/>",
+                            sx(x), sy(y), s.color))
+                }
             case .bars:
                 for (x, y) in pts {
                     let bx = sx(x) - barWidth * Double(barSeries.count) / 2 + barWidth * Double(barIndex)
                     let top = sy(max(y, 0)), h = abs(sy(y) - sy(0))
-                    o.append(String(format: "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%@\"/>", bx, top, max(barWidth - 1, 1), h, s.color))
+                    o.append(
+                        String(
+                            format: "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%@\"/>", bx, top,
+                            max(barWidth - 1, 1), h, s.color))
                 }
                 barIndex += 1
             }

@@ -51,21 +51,27 @@ public struct Sweep {
     public init(configFile: String, overrides: [String: Any] = [:], registry: Registry? = nil) throws {
         var json = try ConfigReader.load(file: configFile, overrides: overrides)
         guard let sweep = json.removeValue(forKey: "sweep") as? [String: Any] else {
-            throw VQMoEError(.config, "\(configFile): a sweep config needs a \"sweep\" object with a \"grid\" and/or \"variants\"")
+            throw VQMoEError(
+                .config, "\(configFile): a sweep config needs a \"sweep\" object with a \"grid\" and/or \"variants\"")
         }
         let r = ConfigReader(sweep, path: "sweep")
         var axes: [(name: String, variants: [Variant])] = []
         if let v = sweep["variants"] {
-            guard let obj = v as? [String: Any] else { throw VQMoEError(.config, "sweep.variants: expected an object of axes") }
+            guard let obj = v as? [String: Any] else {
+                throw VQMoEError(.config, "sweep.variants: expected an object of axes")
+            }
             for axis in obj.keys.sorted() {
                 guard let list = obj[axis] as? [Any], !list.isEmpty else {
-                    throw VQMoEError(.config, "sweep.variants.\(axis): expected a non-empty list of {\"name\": ..., \"set\": {...}}")
+                    throw VQMoEError(
+                        .config, "sweep.variants.\(axis): expected a non-empty list of {\"name\": ..., \"set\": {...}}")
                 }
                 let variants = try list.enumerated().map { i, item -> Variant in
                     let path = "sweep.variants.\(axis)[\(i)]"
                     guard let o = item as? [String: Any], let name = o["name"] as? String, !name.isEmpty,
-                          let set = o["set"] as? [String: Any] ?? (o["set"] == nil ? [:] : nil) else {
-                        throw VQMoEError(.config, "\(path): expected {\"name\": \"...\", \"set\": {\"key.path\": value, ...}}")
+                        let set = o["set"] as? [String: Any] ?? (o["set"] == nil ? [:] : nil)
+                    else {
+                        throw VQMoEError(
+                            .config, "\(path): expected {\"name\": \"...\", \"set\": {\"key.path\": value, ...}}")
                     }
                     if let extra = o.keys.first(where: { $0 != "name" && $0 != "set" }) {
                         throw VQMoEError(.config, "\(path).\(extra): unknown key; known: name, set")
@@ -84,12 +90,16 @@ public struct Sweep {
         let grid = try r.child("grid")
         keys = grid.object.keys.sorted()
         values = try keys.map { k in
-            guard let list = grid.object[k] as? [Any], !list.isEmpty else { throw VQMoEError(.config, "sweep.grid.\(k): expected a non-empty list of values") }
+            guard let list = grid.object[k] as? [Any], !list.isEmpty else {
+                throw VQMoEError(.config, "sweep.grid.\(k): expected a non-empty list of values")
+            }
             return list
         }
         grid.accept(keys)
         seeds = try (sweep["seeds"] as? [Any] ?? [json["seed"] ?? 1]).map {
-            guard let n = jsonNumber($0), n == n.rounded() else { throw VQMoEError(.config, "sweep.seeds: expected integers") }
+            guard let n = jsonNumber($0), n == n.rounded() else {
+                throw VQMoEError(.config, "sweep.seeds: expected integers")
+            }
             return Int(n)
         }
         r.accept(["seeds"])
@@ -110,30 +120,41 @@ public struct Sweep {
         // (group label, overrides) per combination: variants first, then grid values.
         var combos: [([String], [(key: String, value: Any)])] = [([], [])]
         for axis in axes {
-            combos = combos.flatMap { c in axis.variants.map { v in (c.0 + ["\(axis.name)=\(v.name)"], c.1 + v.overrides) } }
+            combos = combos.flatMap { c in
+                axis.variants.map { v in (c.0 + ["\(axis.name)=\(v.name)"], c.1 + v.overrides) }
+            }
         }
         for (k, vs) in zip(keys, values) {
             let label = k.split(separator: ".").last!
             combos = combos.flatMap { c in
-                vs.map { (c.0 + ["\(label)=\(describeJSON($0).replacingOccurrences(of: "\"", with: ""))"], c.1 + [(key: k, value: $0)]) }
+                vs.map {
+                    (
+                        c.0 + ["\(label)=\(describeJSON($0).replacingOccurrences(of: "\"", with: ""))"],
+                        c.1 + [(key: k, value: $0)]
+                    )
+                }
             }
         }
         return combos.flatMap { labels, overrides -> [Run] in
             let group = labels.joined(separator: ",")
             return seeds.map { seed in
                 let name = (group.isEmpty ? "" : group + ",") + "seed=\(seed)"
-                return Run(name: name, overrides: overrides + [(key: "seed", value: seed)], group: group,
-                           dir: "\(outDir)/\(name.replacingOccurrences(of: "/", with: "_"))")
+                return Run(
+                    name: name, overrides: overrides + [(key: "seed", value: seed)], group: group,
+                    dir: "\(outDir)/\(name.replacingOccurrences(of: "/", with: "_"))")
             }
         }
     }
 
     func apply(_ run: Run) throws -> [String: Any] {
         var json = base
-        for (k, v) in run.overrides { try ConfigReader.set(&json, path: k.split(separator: ".").map(String.init), value: v, full: k) }
+        for (k, v) in run.overrides {
+            try ConfigReader.set(&json, path: k.split(separator: ".").map(String.init), value: v, full: k)
+        }
         json["name"] = "\(base["name"] as? String ?? "run")[\(run.name)]"
         if var ft = json["finetune"] as? [String: Any], let from = ft["from"] as? String, from.contains("{seed}"),
-           let seed = run.overrides.last(where: { $0.key == "seed" })?.value {
+            let seed = run.overrides.last(where: { $0.key == "seed" })?.value
+        {
             ft["from"] = from.replacingOccurrences(of: "{seed}", with: describeJSON(seed))
             json["finetune"] = ft
         }
@@ -146,7 +167,9 @@ public struct Sweep {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
         let all = runs()
         let todo = all.filter { !FileManager.default.fileExists(atPath: "\($0.dir)/result.json") }
-        log("sweep: \(all.count) runs, \(all.count - todo.count) already finished, \(todo.count) to run, \(parallel) at a time, in \(outDir)")
+        log(
+            "sweep: \(all.count) runs, \(all.count - todo.count) already finished, \(todo.count) to run, \(parallel) at a time, in \(outDir)"
+        )
         var pending = todo[...]
         var active: [(Run, Process)] = []
         var failed: [String] = []
@@ -154,10 +177,14 @@ public struct Sweep {
             while active.count < parallel, let run = pending.popFirst() {
                 try FileManager.default.createDirectory(atPath: run.dir, withIntermediateDirectories: true)
                 let cfgPath = "\(run.dir)/config.input.json"
-                try JSONSerialization.data(withJSONObject: try apply(run), options: [.prettyPrinted, .sortedKeys]).write(to: URL(fileURLWithPath: cfgPath))
+                try JSONSerialization.data(withJSONObject: try apply(run), options: [.prettyPrinted, .sortedKeys])
+                    .write(to: URL(fileURLWithPath: cfgPath))
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: executable)
-                p.arguments = (registry.map { ["--registry", $0] } ?? []) + [base["finetune"] == nil ? "train" : "finetune", cfgPath, "--out", run.dir]
+                p.arguments =
+                    (registry.map { ["--registry", $0] } ?? []) + [
+                        base["finetune"] == nil ? "train" : "finetune", cfgPath, "--out", run.dir,
+                    ]
                 _ = FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)
                 let logHandle = FileHandle(forWritingAtPath: "\(run.dir)/train.log")
                 p.standardOutput = logHandle
@@ -169,7 +196,9 @@ public struct Sweep {
             Thread.sleep(forTimeInterval: 0.2)
             active.removeAll { run, p in
                 guard !p.isRunning else { return false }
-                if p.terminationStatus == 0 { log("finished \(run.name)") } else {
+                if p.terminationStatus == 0 {
+                    log("finished \(run.name)")
+                } else {
                     failed.append(run.name)
                     log("FAILED \(run.name) (exit \(p.terminationStatus)); see \(run.dir)/train.log")
                 }
@@ -179,7 +208,9 @@ public struct Sweep {
         let (md, csv) = try results()
         try md.write(toFile: "\(outDir)/results.md", atomically: true, encoding: .utf8)
         try csv.write(toFile: "\(outDir)/results.csv", atomically: true, encoding: .utf8)
-        if !failed.isEmpty { throw VQMoEError(.internalError, "sweep: \(failed.count) runs failed: \(failed.joined(separator: "; "))") }
+        if !failed.isEmpty {
+            throw VQMoEError(.internalError, "sweep: \(failed.count) runs failed: \(failed.joined(separator: "; "))")
+        }
         return md
     }
 
@@ -188,8 +219,13 @@ public struct Sweep {
         var groups: [(String, [[String: Any]])] = []
         for run in runs() {
             guard let data = FileManager.default.contents(atPath: "\(run.dir)/result.json"),
-                  let r = try JSONSerialization.jsonObject(with: data) as? [String: Any] else { continue }
-            if let i = groups.firstIndex(where: { $0.0 == run.group }) { groups[i].1.append(r) } else { groups.append((run.group, [r])) }
+                let r = try JSONSerialization.jsonObject(with: data) as? [String: Any]
+            else { continue }
+            if let i = groups.firstIndex(where: { $0.0 == run.group }) {
+                groups[i].1.append(r)
+            } else {
+                groups.append((run.group, [r]))
+            }
         }
         // BPC for language models, accuracy for classifiers: the columns some run has.
         let metrics = ["test_bpc", "valid_bpc", "test_accuracy", "valid_accuracy", "tokens_per_s"].filter { k in
@@ -199,12 +235,17 @@ public struct Sweep {
             let xs = rs.compactMap { $0[k] as? Double }
             guard !xs.isEmpty else { return nil }
             let m = xs.reduce(0, +) / Double(xs.count)
-            let sd = xs.count > 1 ? (xs.map { ($0 - m) * ($0 - m) }.reduce(0, +) / Double(xs.count - 1)).squareRoot() : 0
+            let sd =
+                xs.count > 1 ? (xs.map { ($0 - m) * ($0 - m) }.reduce(0, +) / Double(xs.count - 1)).squareRoot() : 0
             return (m, sd)
         }
         let header = ["run"] + metrics + ["params", "seeds"]
-        var md = ["| " + header.joined(separator: " | ") + " |", "|" + header.map { _ in "---" }.joined(separator: "|") + "|"]
-        var csv = [(["run"] + metrics.flatMap { [$0 + "_mean", $0 + "_std"] } + ["params", "seeds"]).joined(separator: ",")]
+        var md = [
+            "| " + header.joined(separator: " | ") + " |", "|" + header.map { _ in "---" }.joined(separator: "|") + "|",
+        ]
+        var csv = [
+            (["run"] + metrics.flatMap { [$0 + "_mean", $0 + "_std"] } + ["params", "seeds"]).joined(separator: ",")
+        ]
         for (g, rs) in groups {
             let params = (rs.first?["params_total"] as? Int).map { String(format: "%.2fM", Double($0) / 1e6) } ?? "-"
             var cells: [String] = [g.isEmpty ? "(base)" : g]

@@ -81,15 +81,19 @@ public final class LayerNormSaved: @unchecked Sendable {
 
     /// out (N,C) = LN(inp (N,C)) with `w`, keeping the statistics.
     func forward(_ inp: UnsafePointer<Float>, _ w: LayerNormParameters, n: Int, c: Int) {
-        LayerNorm.forward(out: out.reserve(n * c), mean: mean.reserve(n), rstd: rstd.reserve(n), inp: inp,
-                          weight: w.weight.data, bias: w.bias.data, n: n, c: c)
+        LayerNorm.forward(
+            out: out.reserve(n * c), mean: mean.reserve(n), rstd: rstd.reserve(n), inp: inp,
+            weight: w.weight.data, bias: w.bias.data, n: n, c: c)
     }
 
     /// dinp += LN backward of dout, given the forward's input; accumulates the parameter gradients.
-    func backward(dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>,
-                  _ w: LayerNormParameters, n: Int, c: Int) {
-        LayerNorm.backward(dinp: dinp, dweight: w.weight.grad, dbias: w.bias.grad, dout: dout, inp: inp,
-                           weight: w.weight.data, mean: mean.pointer, rstd: rstd.pointer, n: n, c: c)
+    func backward(
+        dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>,
+        _ w: LayerNormParameters, n: Int, c: Int
+    ) {
+        LayerNorm.backward(
+            dinp: dinp, dweight: w.weight.grad, dbias: w.bias.grad, dout: dout, inp: inp,
+            weight: w.weight.data, mean: mean.pointer, rstd: rstd.pointer, n: n, c: c)
     }
 
     var bytes: Int { out.bytes + mean.bytes + rstd.bytes }

@@ -33,14 +33,17 @@ public enum Activation: String, Sendable, CaseIterable {
 
     /// Both at once: out = act(inp) and slope = act'(inp) (the MoE backward needs the
     /// activation again for dW2 and its slope for dh; GELU shares one exp between them).
-    public func forwardWithSlope(out: UnsafeMutablePointer<Float>, slope: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>, count: Int) {
+    public func forwardWithSlope(
+        out: UnsafeMutablePointer<Float>, slope: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>, count: Int
+    ) {
         switch self {
         case .gelu:
             nonisolated(unsafe) let (out, slope) = (out, slope)
             HostRuntime.parallelFor(Int64(count), grain: 4096) { b, e in
                 var i = Int(b)
                 while i + 8 <= Int(e) {
-                    let (v, d) = VecMath.geluAndDerivative(UnsafeRawPointer(inp + i).loadUnaligned(as: SIMD8<Float>.self))
+                    let (v, d) = VecMath.geluAndDerivative(
+                        UnsafeRawPointer(inp + i).loadUnaligned(as: SIMD8<Float>.self))
                     UnsafeMutableRawPointer(out + i).storeBytes(of: v, as: SIMD8<Float>.self)
                     UnsafeMutableRawPointer(slope + i).storeBytes(of: d, as: SIMD8<Float>.self)
                     i += 8
@@ -59,7 +62,9 @@ public enum Activation: String, Sendable, CaseIterable {
     }
 
     /// dinp = dout·act'(inp) (overwrites dinp; `dinp` may alias `dout`).
-    public func backward(dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, count: Int) {
+    public func backward(
+        dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, count: Int
+    ) {
         switch self {
         case .gelu:
             nonisolated(unsafe) let dinp = dinp

@@ -20,8 +20,10 @@ import Foundation
 public enum Attention {
     static let block = 64
 
-    public static func forward(y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
-                               b: Int, t: Int, c: Int, heads: Int, causal: Bool = true) {
+    public static func forward(
+        y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
+        b: Int, t: Int, c: Int, heads: Int, causal: Bool = true
+    ) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         nonisolated(unsafe) let (y, att) = (y, att)
         do {
@@ -36,12 +38,14 @@ public enum Attention {
                         let i1 = min(i0 + block, t), rows = i1 - i0
                         let keys = causal ? i1 : t  // keys the block's queries may see
                         // S[i0..<i1, 0..<keys] = Q Kᵀ·scale, written into P's rows
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), scale,
-                                    q + i0 * ld, Int32(ld), k, Int32(ld), 0, p + i0 * t, Int32(t))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), scale,
+                            q + i0 * ld, Int32(ld), k, Int32(ld), 0, p + i0 * t, Int32(t))
                         for i in i0..<i1 { softmaxRow(p + i * t, seen: causal ? i + 1 : t, width: t) }
                         // Y[i0..<i1] = P[i0..<i1, 0..<keys] V[0..<keys]
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
-                                    p + i0 * t, Int32(t), v, Int32(ld), 0, out + i0 * c, Int32(c))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
+                            p + i0 * t, Int32(t), v, Int32(ld), 0, out + i0 * c, Int32(c))
                         i0 = i1
                     }
                 }
@@ -58,7 +62,9 @@ public enum Attention {
     }
 
     /// d[j] = p[j]·(d[j] − dot)·scale
-    @inline(__always) static func softmaxBackwardRow(_ d: UnsafeMutablePointer<Float>, _ p: UnsafePointer<Float>, dot: Float, scale: Float, count: Int) {
+    @inline(__always) static func softmaxBackwardRow(
+        _ d: UnsafeMutablePointer<Float>, _ p: UnsafePointer<Float>, dot: Float, scale: Float, count: Int
+    ) {
         var j = 0
         let vdot = SIMD8<Float>(repeating: dot), vs = SIMD8<Float>(repeating: scale)
         while j + 8 <= count {
@@ -71,8 +77,10 @@ public enum Attention {
     }
 
     /// Accumulates into dqkv (B,T,3C).
-    public static func backward(dqkv: UnsafeMutablePointer<Float>, dy: UnsafePointer<Float>, qkv: UnsafePointer<Float>,
-                                att: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int, causal: Bool = true) {
+    public static func backward(
+        dqkv: UnsafeMutablePointer<Float>, dy: UnsafePointer<Float>, qkv: UnsafePointer<Float>,
+        att: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int, causal: Bool = true
+    ) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         nonisolated(unsafe) let dqkv = dqkv
         do {
@@ -90,11 +98,13 @@ public enum Attention {
                         let i1 = min(i0 + block, t), rows = i1 - i0
                         let keys = causal ? i1 : t
                         // dV[0..<keys] += P[i0..<i1]ᵀ dY[i0..<i1]
-                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(rows), 1,
-                                    p + i0 * t, Int32(t), g + i0 * c, Int32(c), 1, dv, Int32(ld))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(rows), 1,
+                            p + i0 * t, Int32(t), g + i0 * c, Int32(c), 1, dv, Int32(ld))
                         // dP = dY[i0..<i1] V[0..<keys]ᵀ  (rows, keys)
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), 1,
-                                    g + i0 * c, Int32(c), v, Int32(ld), 0, ds, Int32(keys))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(keys), Int32(dh), 1,
+                            g + i0 * c, Int32(c), v, Int32(ld), 0, ds, Int32(keys))
                         for r in 0..<rows {
                             let i = i0 + r, seen = causal ? i + 1 : t
                             let prow = p + i * t, drow = ds + r * keys
@@ -103,10 +113,12 @@ public enum Attention {
                             (drow + seen).update(repeating: 0, count: keys - seen)
                         }
                         // dQ[i0..<i1] += dS K[0..<keys];  dK[0..<keys] += dSᵀ Q[i0..<i1]
-                        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
-                                    ds, Int32(keys), k, Int32(ld), 1, dq + i0 * ld, Int32(ld))
-                        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(rows), 1,
-                                    ds, Int32(keys), q + i0 * ld, Int32(ld), 1, dk, Int32(ld))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(keys), 1,
+                            ds, Int32(keys), k, Int32(ld), 1, dq + i0 * ld, Int32(ld))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(rows), 1,
+                            ds, Int32(keys), q + i0 * ld, Int32(ld), 1, dk, Int32(ld))
                         i0 = i1
                     }
                 }

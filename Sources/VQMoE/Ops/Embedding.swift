@@ -7,8 +7,10 @@
 /// Embedding.forward(out: x, tokens: ids, wte: wte, wpe: wpe, b: B, t: T, c: C)
 /// ```
 public enum Embedding {
-    public static func forward(out: UnsafeMutablePointer<Float>, tokens: UnsafePointer<Int32>, wte: UnsafePointer<Float>,
-                               wpe: UnsafePointer<Float>?, b: Int, t: Int, c: Int) {
+    public static func forward(
+        out: UnsafeMutablePointer<Float>, tokens: UnsafePointer<Int32>, wte: UnsafePointer<Float>,
+        wpe: UnsafePointer<Float>?, b: Int, t: Int, c: Int
+    ) {
         for bi in 0..<b {
             for ti in 0..<t {
                 let o = out + (bi * t + ti) * c
@@ -18,8 +20,10 @@ public enum Embedding {
         }
     }
 
-    public static func backward(dwte: UnsafeMutablePointer<Float>?, dwpe: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>,
-                                tokens: UnsafePointer<Int32>, b: Int, t: Int, c: Int) {
+    public static func backward(
+        dwte: UnsafeMutablePointer<Float>?, dwpe: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>,
+        tokens: UnsafePointer<Int32>, b: Int, t: Int, c: Int
+    ) {
         for bi in 0..<b {
             for ti in 0..<t {
                 let g = dout + (bi * t + ti) * c
@@ -37,8 +41,10 @@ public enum Embedding {
 /// Dropout.forward(out: y, mask: m, inp: x, count: n, p: 0.1, seed: s)
 /// ```
 public enum Dropout {
-    public static func forward(out: UnsafeMutablePointer<Float>, mask: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>,
-                               count: Int, p: Float, seed: UInt64) {
+    public static func forward(
+        out: UnsafeMutablePointer<Float>, mask: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>,
+        count: Int, p: Float, seed: UInt64
+    ) {
         var r = HostRNG.make(seed: seed, stream: 0xd20)
         let keep = 1 / (1 - p)
         for i in 0..<count {
@@ -49,7 +55,9 @@ public enum Dropout {
     }
 
     /// dinp = dout·mask (overwrites; may alias).
-    public static func backward(dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, mask: UnsafePointer<Float>, count: Int) {
+    public static func backward(
+        dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, mask: UnsafePointer<Float>, count: Int
+    ) {
         for i in 0..<count { dinp[i] = dout[i] * mask[i] }
     }
 }

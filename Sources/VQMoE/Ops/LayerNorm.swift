@@ -10,8 +10,10 @@
 public enum LayerNorm {
     public static let eps: Float = 1e-5
 
-    public static func forward(out: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>,
-                               inp: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>, n: Int, c: Int) {
+    public static func forward(
+        out: UnsafeMutablePointer<Float>, mean: UnsafeMutablePointer<Float>, rstd: UnsafeMutablePointer<Float>,
+        inp: UnsafePointer<Float>, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>, n: Int, c: Int
+    ) {
         nonisolated(unsafe) let (out, mean, rstd) = (out, mean, rstd)
         HostRuntime.parallelFor(Int64(n), grain: 16) { b, e in
             for r in Int(b)..<Int(e) {
@@ -29,9 +31,11 @@ public enum LayerNorm {
 
     /// Accumulates into dinp, dweight, dbias. dweight/dbias reductions run serially in row order
     /// so results do not depend on the thread count.
-    public static func backward(dinp: UnsafeMutablePointer<Float>, dweight: UnsafeMutablePointer<Float>?, dbias: UnsafeMutablePointer<Float>?,
-                                dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                                mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, n: Int, c: Int) {
+    public static func backward(
+        dinp: UnsafeMutablePointer<Float>, dweight: UnsafeMutablePointer<Float>?, dbias: UnsafeMutablePointer<Float>?,
+        dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+        mean: UnsafePointer<Float>, rstd: UnsafePointer<Float>, n: Int, c: Int
+    ) {
         nonisolated(unsafe) let dinp = dinp
         HostRuntime.parallelFor(Int64(n), grain: 16) { b, e in
             for r in Int(b)..<Int(e) {

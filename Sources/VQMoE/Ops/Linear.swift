@@ -7,29 +7,36 @@
 /// Linear.forward(out: y, inp: x, weight: w, bias: b, n: 64, inFeatures: 128, outFeatures: 512)
 /// ```
 public enum Linear {
-    public static func forward(out: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                               bias: UnsafePointer<Float>?, n: Int, inFeatures: Int, outFeatures: Int) {
+    public static func forward(
+        out: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+        bias: UnsafePointer<Float>?, n: Int, inFeatures: Int, outFeatures: Int
+    ) {
         guard n > 0 else { return }
         if let bias {
             for r in 0..<n { (out + r * outFeatures).update(from: bias, count: outFeatures) }
         }
-        HostRuntime.sgemm(transA: false, transB: true, m: n, n: outFeatures, k: inFeatures, alpha: 1, a: inp, lda: inFeatures,
-                          b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1, c: out, ldc: outFeatures)
+        HostRuntime.sgemm(
+            transA: false, transB: true, m: n, n: outFeatures, k: inFeatures, alpha: 1, a: inp, lda: inFeatures,
+            b: weight, ldb: inFeatures, beta: bias == nil ? 0 : 1, c: out, ldc: outFeatures)
     }
 
     /// Accumulates into `dinp` (when non-nil), `dweight` and `dbias`.
-    public static func backward(dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMutablePointer<Float>?,
-                                dbias: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>,
-                                inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
-                                n: Int, inFeatures: Int, outFeatures: Int) {
+    public static func backward(
+        dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMutablePointer<Float>?,
+        dbias: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>,
+        inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+        n: Int, inFeatures: Int, outFeatures: Int
+    ) {
         guard n > 0 else { return }
         if let dinp {
-            HostRuntime.sgemm(transA: false, transB: false, m: n, n: inFeatures, k: outFeatures, alpha: 1, a: dout, lda: outFeatures,
-                              b: weight, ldb: inFeatures, beta: 1, c: dinp, ldc: inFeatures)
+            HostRuntime.sgemm(
+                transA: false, transB: false, m: n, n: inFeatures, k: outFeatures, alpha: 1, a: dout, lda: outFeatures,
+                b: weight, ldb: inFeatures, beta: 1, c: dinp, ldc: inFeatures)
         }
         if let dweight {
-            HostRuntime.sgemm(transA: true, transB: false, m: outFeatures, n: inFeatures, k: n, alpha: 1, a: dout, lda: outFeatures,
-                              b: inp, ldb: inFeatures, beta: 1, c: dweight, ldc: inFeatures)
+            HostRuntime.sgemm(
+                transA: true, transB: false, m: outFeatures, n: inFeatures, k: n, alpha: 1, a: dout, lda: outFeatures,
+                b: inp, ldb: inFeatures, beta: 1, c: dweight, ldc: inFeatures)
         }
         if let dbias { columnSums(dbias, dout, rows: n, cols: outFeatures) }
     }
@@ -70,7 +77,9 @@ public enum Vec {
     }
 
     /// a[i] += s * b[i]
-    @inline(__always) public static func axpy(_ a: UnsafeMutablePointer<Float>, _ s: Float, _ b: UnsafePointer<Float>, _ n: Int) {
+    @inline(__always) public static func axpy(
+        _ a: UnsafeMutablePointer<Float>, _ s: Float, _ b: UnsafePointer<Float>, _ n: Int
+    ) {
         var i = 0
         let vs = SIMD8<Float>(repeating: s)
         while i + 8 <= n {
@@ -87,7 +96,9 @@ public enum Vec {
         var acc = SIMD8<Float>(repeating: 0)
         var i = 0
         while i + 8 <= n {
-            acc += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+            acc +=
+                UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
+                * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
             i += 8
         }
         var s = acc.sum()
@@ -106,12 +117,16 @@ public enum Vec {
     }
 
     /// out[i] = a[i] + b[i], in parallel chunks.
-    public static func sum(_ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) {
+    public static func sum(
+        _ out: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int
+    ) {
         nonisolated(unsafe) let out = out
         HostRuntime.parallelFor(Int64(n), grain: 1 << 16) { lo, hi in
             var i = Int(lo)
             while i + 8 <= Int(hi) {
-                let v = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) + UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+                let v =
+                    UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
+                    + UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
                 UnsafeMutableRawPointer(out + i).storeBytes(of: v, as: SIMD8<Float>.self)
                 i += 8
             }
@@ -125,7 +140,9 @@ public enum Vec {
         HostRuntime.parallelFor(Int64(n), grain: 1 << 16) { lo, hi in
             var i = Int(lo)
             while i + 8 <= Int(hi) {
-                let v = UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
+                let v =
+                    UnsafeRawPointer(a + i).loadUnaligned(as: SIMD8<Float>.self)
+                    * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD8<Float>.self)
                 UnsafeMutableRawPointer(a + i).storeBytes(of: v, as: SIMD8<Float>.self)
                 i += 8
             }

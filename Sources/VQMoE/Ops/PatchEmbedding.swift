@@ -23,9 +23,11 @@ public struct ImageShape: Sendable, Equatable {
 }
 
 public enum PatchEmbedding {
-    public static func forward(out: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
-                               shape s: ImageShape, batch: Int, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>,
-                               cls: UnsafePointer<Float>, pos: UnsafePointer<Float>, d: Int, scratch: UnsafeMutablePointer<Float>) {
+    public static func forward(
+        out: UnsafeMutablePointer<Float>, patches: UnsafeMutablePointer<Float>, images: UnsafePointer<Float>,
+        shape s: ImageShape, batch: Int, weight: UnsafePointer<Float>, bias: UnsafePointer<Float>,
+        cls: UnsafePointer<Float>, pos: UnsafePointer<Float>, d: Int, scratch: UnsafeMutablePointer<Float>
+    ) {
         let np = s.patches, k = s.patchSize, p = s.patch, across = s.width / p, t = s.tokens
         for b in 0..<batch {
             let img = images + b * s.channels * s.height * s.width
@@ -40,7 +42,8 @@ public enum PatchEmbedding {
                 }
             }
         }
-        Linear.forward(out: scratch, inp: patches, weight: weight, bias: bias, n: batch * np, inFeatures: k, outFeatures: d)
+        Linear.forward(
+            out: scratch, inp: patches, weight: weight, bias: bias, n: batch * np, inFeatures: k, outFeatures: d)
         for b in 0..<batch {
             let x = out + b * t * d
             for j in 0..<d { x[j] = cls[j] + pos[j] }
@@ -52,10 +55,12 @@ public enum PatchEmbedding {
     }
 
     /// Accumulates dW, dbias, dcls, dpos from dx (B,T,d). `scratch` holds B·N_p·d floats.
-    public static func backward(dx: UnsafePointer<Float>, patches: UnsafePointer<Float>, shape s: ImageShape, batch: Int,
-                                dweight: UnsafeMutablePointer<Float>?, dbias: UnsafeMutablePointer<Float>?,
-                                dcls: UnsafeMutablePointer<Float>?, dpos: UnsafeMutablePointer<Float>?, d: Int,
-                                scratch: UnsafeMutablePointer<Float>) {
+    public static func backward(
+        dx: UnsafePointer<Float>, patches: UnsafePointer<Float>, shape s: ImageShape, batch: Int,
+        dweight: UnsafeMutablePointer<Float>?, dbias: UnsafeMutablePointer<Float>?,
+        dcls: UnsafeMutablePointer<Float>?, dpos: UnsafeMutablePointer<Float>?, d: Int,
+        scratch: UnsafeMutablePointer<Float>
+    ) {
         let np = s.patches, t = s.tokens
         for b in 0..<batch {
             let g = dx + b * t * d
@@ -63,7 +68,9 @@ public enum PatchEmbedding {
             if let dpos { Vec.add(dpos, g, t * d) }
             (scratch + b * np * d).update(from: g + d, count: np * d)
         }
-        Linear.backward(dinp: nil, dweight: dweight, dbias: dbias, dout: scratch, inp: patches, weight: dweight.map { UnsafePointer($0) } ?? patches,
-                        n: batch * np, inFeatures: s.patchSize, outFeatures: d)
+        Linear.backward(
+            dinp: nil, dweight: dweight, dbias: dbias, dout: scratch, inp: patches,
+            weight: dweight.map { UnsafePointer($0) } ?? patches,
+            n: batch * np, inFeatures: s.patchSize, outFeatures: d)
     }
 }

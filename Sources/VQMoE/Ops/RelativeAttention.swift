@@ -43,8 +43,10 @@ public enum RelativeAttention {
     }
 
     /// dst (rows, dh) = src rows (stride ld) + bias.
-    @inline(__always) static func biased(_ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, ld: Int,
-                                         _ bias: UnsafePointer<Float>, rows: Int, dh: Int) {
+    @inline(__always) static func biased(
+        _ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, ld: Int,
+        _ bias: UnsafePointer<Float>, rows: Int, dh: Int
+    ) {
         for r in 0..<rows {
             let o = dst + r * dh
             o.update(from: src + r * ld, count: dh)
@@ -52,9 +54,11 @@ public enum RelativeAttention {
         }
     }
 
-    public static func forward(y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
-                               r: UnsafePointer<Float>, u: UnsafePointer<Float>, v: UnsafePointer<Float>,
-                               b: Int, t: Int, mem: Int, c: Int, heads: Int) {
+    public static func forward(
+        y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
+        r: UnsafePointer<Float>, u: UnsafePointer<Float>, v: UnsafePointer<Float>,
+        b: Int, t: Int, mem: Int, c: Int, heads: Int
+    ) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c, keys = mem + t
         nonisolated(unsafe) let (y, att) = (y, att)
         HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
@@ -63,7 +67,7 @@ public enum RelativeAttention {
             let qv = qu + block * dh, g = qv + block * dh
             for pair in Int(lo)..<Int(hi) {
                 let bi = pair / heads, h = pair % heads
-                let kb = qkv + bi * keys * ld + h * dh            // key row 0, head h
+                let kb = qkv + bi * keys * ld + h * dh  // key row 0, head h
                 let q = kb + mem * ld, k = kb + c, vv = kb + 2 * c
                 let rh = r + h * dh, uh = u + h * dh, vh = v + h * dh
                 let p = att + pair * t * keys
@@ -71,23 +75,26 @@ public enum RelativeAttention {
                 var i0 = 0
                 while i0 < t {
                     let i1 = min(i0 + block, t), rows = i1 - i0
-                    let seenMax = mem + i1                          // keys the block's queries may see
+                    let seenMax = mem + i1  // keys the block's queries may see
                     biased(qu, q + i0 * ld, ld: ld, uh, rows: rows, dh: dh)
                     biased(qv, q + i0 * ld, ld: ld, vh, rows: rows, dh: dh)
                     // AC = (Q+u) Kᵀ into P's rows;  G = (Q+v) r[T−i1 ..< K]ᵀ  (rows, seenMax)
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
-                                qu, Int32(dh), k, Int32(ld), 0, p + i0 * keys, Int32(keys))
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
-                                qv, Int32(dh), rh + (t - i1) * c, Int32(c), 0, g, Int32(seenMax))
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
+                        qu, Int32(dh), k, Int32(ld), 0, p + i0 * keys, Int32(keys))
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
+                        qv, Int32(dh), rh + (t - i1) * c, Int32(c), 0, g, Int32(seenMax))
                     for i in i0..<i1 {
                         let row = p + i * keys, seen = mem + i + 1
-                        Vec.add(row, g + (i - i0) * seenMax + (i1 - 1 - i), seen)   // BD_ij = G[i, T−1−i+j]
+                        Vec.add(row, g + (i - i0) * seenMax + (i1 - 1 - i), seen)  // BD_ij = G[i, T−1−i+j]
                         Vec.scale(row, scale, seen)
                         Attention.softmaxRow(row, seen: seen, width: keys)
                     }
                     // Y[i0..<i1] = P[i0..<i1, 0..<seenMax] V[0..<seenMax]
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
-                                p + i0 * keys, Int32(keys), vv, Int32(ld), 0, out + i0 * c, Int32(c))
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
+                        p + i0 * keys, Int32(keys), vv, Int32(ld), 0, out + i0 * c, Int32(c))
                     i0 = i1
                 }
             }
@@ -102,11 +109,13 @@ public enum RelativeAttention {
 
     /// Accumulates into dqkv (B,K,3C) (Q columns of the segment rows, K and V columns of every
     /// row), dr (K,C), du and dv (C). `scratch` holds `scratchCount(...)` floats.
-    public static func backward(dqkv: UnsafeMutablePointer<Float>, dr: UnsafeMutablePointer<Float>,
-                                du: UnsafeMutablePointer<Float>, dv: UnsafeMutablePointer<Float>,
-                                dy: UnsafePointer<Float>, qkv: UnsafePointer<Float>, r: UnsafePointer<Float>,
-                                u: UnsafePointer<Float>, v: UnsafePointer<Float>, att: UnsafePointer<Float>,
-                                b: Int, t: Int, mem: Int, c: Int, heads: Int, scratch: UnsafeMutablePointer<Float>) {
+    public static func backward(
+        dqkv: UnsafeMutablePointer<Float>, dr: UnsafeMutablePointer<Float>,
+        du: UnsafeMutablePointer<Float>, dv: UnsafeMutablePointer<Float>,
+        dy: UnsafePointer<Float>, qkv: UnsafePointer<Float>, r: UnsafePointer<Float>,
+        u: UnsafePointer<Float>, v: UnsafePointer<Float>, att: UnsafePointer<Float>,
+        b: Int, t: Int, mem: Int, c: Int, heads: Int, scratch: UnsafeMutablePointer<Float>
+    ) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c, keys = mem + t
         let dgAll = scratch, qvAll = dgAll + heads * b * t * keys, sums = qvAll + b * t * c
         dgAll.update(repeating: 0, count: heads * b * t * keys)
@@ -125,8 +134,8 @@ public enum RelativeAttention {
                 let rh = r + h * dh, uh = u + h * dh, vh = v + h * dh
                 let p = att + pair * t * keys
                 let gy = dy + bi * t * c + h * dh
-                let dg = dgAll2 + (h * b + bi) * t * keys           // (T,K) of this pair
-                let qv = qvAll2 + (h * b + bi) * t * dh             // (T,Dh) of this pair
+                let dg = dgAll2 + (h * b + bi) * t * keys  // (T,K) of this pair
+                let qv = qvAll2 + (h * b + bi) * t * dh  // (T,Dh) of this pair
                 let su = sums2 + pair * 2 * dh, sv = su + dh
                 var i0 = 0
                 while i0 < t {
@@ -135,11 +144,13 @@ public enum RelativeAttention {
                     biased(qu, q + i0 * ld, ld: ld, uh, rows: rows, dh: dh)
                     biased(qv + i0 * dh, q + i0 * ld, ld: ld, vh, rows: rows, dh: dh)
                     // dV[0..<seenMax] += P[i0..<i1]ᵀ dY[i0..<i1]
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
-                                p + i0 * keys, Int32(keys), gy + i0 * c, Int32(c), 1, dvv, Int32(ld))
+                    cblas_sgemm(
+                        CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
+                        p + i0 * keys, Int32(keys), gy + i0 * c, Int32(c), 1, dvv, Int32(ld))
                     // dP = dY[i0..<i1] V[0..<seenMax]ᵀ  (rows, seenMax) → dS in place
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
-                                gy + i0 * c, Int32(c), vv, Int32(ld), 0, ds, Int32(seenMax))
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
+                        gy + i0 * c, Int32(c), vv, Int32(ld), 0, ds, Int32(seenMax))
                     for i in i0..<i1 {
                         let seen = mem + i + 1, prow = p + i * keys, drow = ds + (i - i0) * seenMax
                         let dot = Vec.dot(prow, drow, seen)
@@ -148,15 +159,22 @@ public enum RelativeAttention {
                         (dg + i * keys + (t - 1 - i)).update(from: drow, count: seen)  // dG[i, T−1−i+j] = dS_ij
                     }
                     // dK[0..<seenMax] += dSᵀ (Q+u)
-                    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
-                                ds, Int32(seenMax), qu, Int32(dh), 1, dk, Int32(ld))
+                    cblas_sgemm(
+                        CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
+                        ds, Int32(seenMax), qu, Int32(dh), 1, dk, Int32(ld))
                     // dQ via u: dS K;  via v: dG[i0..<i1, T−i1 ..< K] r[T−i1 ..< K]
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
-                                ds, Int32(seenMax), k, Int32(ld), 0, dq, Int32(dh))
-                    for rr in 0..<rows { Vec.add(su, dq + rr * dh, dh); Vec.add(dqOut + (i0 + rr) * ld, dq + rr * dh, dh) }
-                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
-                                dg + i0 * keys + (t - i1), Int32(keys), rh + (t - i1) * c, Int32(c), 0, dq, Int32(dh))
-                    for rr in 0..<rows { Vec.add(sv, dq + rr * dh, dh); Vec.add(dqOut + (i0 + rr) * ld, dq + rr * dh, dh) }
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
+                        ds, Int32(seenMax), k, Int32(ld), 0, dq, Int32(dh))
+                    for rr in 0..<rows {
+                        Vec.add(su, dq + rr * dh, dh); Vec.add(dqOut + (i0 + rr) * ld, dq + rr * dh, dh)
+                    }
+                    cblas_sgemm(
+                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
+                        dg + i0 * keys + (t - i1), Int32(keys), rh + (t - i1) * c, Int32(c), 0, dq, Int32(dh))
+                    for rr in 0..<rows {
+                        Vec.add(sv, dq + rr * dh, dh); Vec.add(dqOut + (i0 + rr) * ld, dq + rr * dh, dh)
+                    }
                     i0 = i1
                 }
             }
@@ -171,8 +189,9 @@ public enum RelativeAttention {
         nonisolated(unsafe) let dr = dr
         HostRuntime.parallelFor(Int64(heads)) { lo, hi in
             for h in Int(lo)..<Int(hi) {
-                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(b * t), 1,
-                            dgAll + h * b * t * keys, Int32(keys), qvAll + h * b * t * dh, Int32(dh), 1, dr + h * dh, Int32(c))
+                cblas_sgemm(
+                    CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(b * t), 1,
+                    dgAll + h * b * t * keys, Int32(keys), qvAll + h * b * t * dh, Int32(dh), 1, dr + h * dh, Int32(c))
             }
         }
     }

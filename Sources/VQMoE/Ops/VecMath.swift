@@ -30,7 +30,8 @@ public enum VecMath {
 
     /// |v| per lane (sign bit cleared).
     @inline(__always) static func abs(_ v: SIMD8<Float>) -> SIMD8<Float> {
-        unsafeBitCast(unsafeBitCast(v, to: SIMD8<UInt32>.self) & SIMD8<UInt32>(repeating: 0x7FFF_FFFF), to: SIMD8<Float>.self)
+        unsafeBitCast(
+            unsafeBitCast(v, to: SIMD8<UInt32>.self) & SIMD8<UInt32>(repeating: 0x7FFF_FFFF), to: SIMD8<Float>.self)
     }
 
     /// max(a, b) per lane as (a + b + |a − b|)/2 (finite inputs; no generic call).
@@ -40,7 +41,9 @@ public enum VecMath {
 
     /// GELU and its derivative in one pass, sharing one exp: with a = |x|/√2,
     /// e = exp(−a²) = √(2π)·φ(x), Φ(x) = ½(1 ± erf(a)), gelu = x·Φ(x), gelu' = Φ(x) + x·φ(x).
-    @inline(__always) public static func geluAndDerivative(_ x: SIMD8<Float>) -> (value: SIMD8<Float>, derivative: SIMD8<Float>) {
+    @inline(__always) public static func geluAndDerivative(
+        _ x: SIMD8<Float>
+    ) -> (value: SIMD8<Float>, derivative: SIMD8<Float>) {
         let signBit = SIMD8<UInt32>(repeating: 0x8000_0000)
         let bits = unsafeBitCast(x, to: SIMD8<UInt32>.self)
         let a = unsafeBitCast(bits & ~signBit, to: SIMD8<Float>.self) * 0.70710678118654752
@@ -53,7 +56,8 @@ public enum VecMath {
         p = p * t + 0.254829592
         let e = exp(-(a * a))
         let erfAbs = one - p * t * e
-        let erfX = unsafeBitCast(unsafeBitCast(erfAbs, to: SIMD8<UInt32>.self) | (bits & signBit), to: SIMD8<Float>.self)
+        let erfX = unsafeBitCast(
+            unsafeBitCast(erfAbs, to: SIMD8<UInt32>.self) | (bits & signBit), to: SIMD8<Float>.self)
         let cdf = 0.5 * (one + erfX)
         return (x * cdf, cdf + x * (0.3989422804014327 * e))
     }
@@ -82,7 +86,9 @@ public enum VecMath {
     }
 
     /// row[i] = e^(row[i] − shift) for i < count; returns Σ.
-    @inline(__always) public static func expInPlace(_ row: UnsafeMutablePointer<Float>, count: Int, subtracting shift: Float) -> Float {
+    @inline(__always) public static func expInPlace(
+        _ row: UnsafeMutablePointer<Float>, count: Int, subtracting shift: Float
+    ) -> Float {
         var acc = SIMD8<Float>(repeating: 0)
         var i = 0
         let s = SIMD8<Float>(repeating: shift)
@@ -109,7 +115,9 @@ public enum VecMath {
         if count >= 8 {
             var m = UnsafeRawPointer(row).loadUnaligned(as: SIMD8<Float>.self)
             i = 8
-            while i + 8 <= count { m = lanewiseMax(m, UnsafeRawPointer(row + i).loadUnaligned(as: SIMD8<Float>.self)); i += 8 }
+            while i + 8 <= count {
+                m = lanewiseMax(m, UnsafeRawPointer(row + i).loadUnaligned(as: SIMD8<Float>.self)); i += 8
+            }
             for l in 0..<8 { r = Swift.max(r, m[l]) }
         }
         while i < count { r = Swift.max(r, row[i]); i += 1 }

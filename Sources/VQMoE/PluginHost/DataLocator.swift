@@ -11,13 +11,17 @@ public enum DataLocator {
         let env = ProcessInfo.processInfo.environment
         if let d = env["VQMOE_DATA"], !d.isEmpty { return d }
         var starts = [FileManager.default.currentDirectoryPath, Registry.executableDirectory()]
-        if let reg = Registry.findRegistry(from: starts) { starts.insert(URL(fileURLWithPath: reg).deletingLastPathComponent().path, at: 0) }
+        if let reg = Registry.findRegistry(from: starts) {
+            starts.insert(URL(fileURLWithPath: reg).deletingLastPathComponent().path, at: 0)
+        }
         for start in starts {
             var dir = URL(fileURLWithPath: start).standardizedFileURL
             for _ in 0..<6 {
                 for rel in ["shared/data", "data"] {
                     let c = dir.appendingPathComponent(rel).path
-                    if FileManager.default.fileExists(atPath: c + "/README.md") || FileManager.default.fileExists(atPath: c + "/enwik8-mini") {
+                    if FileManager.default.fileExists(atPath: c + "/README.md")
+                        || FileManager.default.fileExists(atPath: c + "/enwik8-mini")
+                    {
                         return c
                     }
                 }

@@ -54,12 +54,20 @@ public final class DatasetInstance: @unchecked Sendable {
         guard info.sample_ndim >= 1 && info.sample_ndim <= 4 else {
             throw VQMoEError(.plugin, "\(core.describe): info() gave sample_ndim \(info.sample_ndim)")
         }
-        sampleShape = withUnsafeBytes(of: info.sample_shape) { raw in (0..<Int(info.sample_ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
-        splitSizes = withUnsafeBytes(of: info.split_size) { raw in (0..<3).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
+        sampleShape = withUnsafeBytes(of: info.sample_shape) { raw in
+            (0..<Int(info.sample_ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) }
+        }
+        splitSizes = withUnsafeBytes(of: info.split_size) { raw in
+            (0..<3).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) }
+        }
         inputIsFloat = task == VQMOE_TASK_CLASSIFY_IMAGE
         streams = info.streams != 0
-        guard sampleShape.allSatisfy({ $0 >= 1 }) else { throw VQMoEError(.plugin, "\(core.describe): sample shape \(sampleShape)") }
-        if task != VQMOE_TASK_CLASSIFY_IMAGE && vocabSize < 1 { throw VQMoEError(.plugin, "\(core.describe): vocab_size \(vocabSize)") }
+        guard sampleShape.allSatisfy({ $0 >= 1 }) else {
+            throw VQMoEError(.plugin, "\(core.describe): sample shape \(sampleShape)")
+        }
+        if task != VQMOE_TASK_CLASSIFY_IMAGE && vocabSize < 1 {
+            throw VQMoEError(.plugin, "\(core.describe): vocab_size \(vocabSize)")
+        }
     }
 
     public var isLM: Bool { task == VQMOE_TASK_LM }
@@ -67,49 +75,59 @@ public final class DatasetInstance: @unchecked Sendable {
     /// Batches in an ordered pass over `split` (train: Int.max).
     public func numBatches(_ split: Split, batchSize: Int) throws -> Int {
         var n: Int64 = 0
-        try core.call("num_batches(\(split.name))") { api.num_batches!(core.handle, split.rawValue, Int64(batchSize), &n) }
+        try core.call("num_batches(\(split.name))") {
+            api.num_batches!(core.handle, split.rawValue, Int64(batchSize), &n)
+        }
         return Int(n)
     }
 
     /// Batch `index` of `split`; nil past the end of a finite split.
     public func read(_ split: Split, index: Int, batchSize: Int) throws -> Batch? {
         let sampleCount = sampleShape.reduce(1, *)
-        var b = Batch(inputsInt: inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount),
-                      inputsFloat: inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : [],
-                      targets: [Int32](repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize),
-                      lengths: task == VQMOE_TASK_CLASSIFY_TOKENS ? [Int32](repeating: Int32(sampleShape[0]), count: batchSize) : [],
-                      rows: 0, inputShape: [batchSize] + sampleShape, targetShape: isLM ? [batchSize, sampleShape[0]] : [batchSize])
+        var b = Batch(
+            inputsInt: inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount),
+            inputsFloat: inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : [],
+            targets: [Int32](repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize),
+            lengths: task == VQMOE_TASK_CLASSIFY_TOKENS
+                ? [Int32](repeating: Int32(sampleShape[0]), count: batchSize) : [],
+            rows: 0, inputShape: [batchSize] + sampleShape,
+            targetShape: isLM ? [batchSize, sampleShape[0]] : [batchSize])
         var status: Int32 = 0
         let a = TensorArena()
-        var req = vqmoe_batch_request(struct_size: structSize(vqmoe_batch_request.self), split: split.rawValue,
-                                      index: Int64(index), batch_size: Int64(batchSize))
+        var req = vqmoe_batch_request(
+            struct_size: structSize(vqmoe_batch_request.self), split: split.rawValue,
+            index: Int64(index), batch_size: Int64(batchSize))
         let hasLengths = !b.lengths.isEmpty
         b.targets.withUnsafeMutableBufferPointer { t in
-          b.lengths.withUnsafeMutableBufferPointer { l in
-            let targets = a.i32(t.baseAddress, b.targetShape)
-            let lengths = hasLengths ? a.i32(l.baseAddress, [batchSize]) : TensorArena.absent
-            func run(_ inputs: vqmoe_tensor) {
-                var out = vqmoe_batch(struct_size: structSize(vqmoe_batch.self), inputs: inputs, targets: targets, rows: 0, lengths: lengths)
-                _ = HostRuntime.takeError()
-                status = api.read_batch!(core.handle, &req, &out)
-                HostRuntime.releaseScratch()
-                b.rows = Int(out.rows)
+            b.lengths.withUnsafeMutableBufferPointer { l in
+                let targets = a.i32(t.baseAddress, b.targetShape)
+                let lengths = hasLengths ? a.i32(l.baseAddress, [batchSize]) : TensorArena.absent
+                func run(_ inputs: vqmoe_tensor) {
+                    var out = vqmoe_batch(
+                        struct_size: structSize(vqmoe_batch.self), inputs: inputs, targets: targets, rows: 0,
+                        lengths: lengths)
+                    _ = HostRuntime.takeError()
+                    status = api.read_batch!(core.handle, &req, &out)
+                    HostRuntime.releaseScratch()
+                    b.rows = Int(out.rows)
+                }
+                if inputIsFloat {
+                    b.inputsFloat.withUnsafeMutableBufferPointer { run(a.f32($0.baseAddress, b.inputShape)) }
+                } else {
+                    b.inputsInt.withUnsafeMutableBufferPointer { run(a.i32($0.baseAddress, b.inputShape)) }
+                }
             }
-            if inputIsFloat {
-                b.inputsFloat.withUnsafeMutableBufferPointer { run(a.f32($0.baseAddress, b.inputShape)) }
-            } else {
-                b.inputsInt.withUnsafeMutableBufferPointer { run(a.i32($0.baseAddress, b.inputShape)) }
-            }
-          }
         }
         if status == VQMOE_ERR_END_OF_DATA { _ = HostRuntime.takeError(); return nil }
         if status != VQMOE_OK {
             let msg = HostRuntime.takeError() ?? "no message"
-            throw VQMoEError(status == VQMOE_ERR_IO ? .data : .plugin,
-                             "\(core.describe) failed in read_batch(\(split.name), \(index)): \(statusName(status)): \(msg)")
+            throw VQMoEError(
+                status == VQMOE_ERR_IO ? .data : .plugin,
+                "\(core.describe) failed in read_batch(\(split.name), \(index)): \(statusName(status)): \(msg)")
         }
         if hasLengths, let bad = b.lengths.first(where: { $0 < 1 || Int($0) > sampleShape[0] }) {
-            throw VQMoEError(.plugin, "\(core.describe): read_batch gave a sample length \(bad) outside [1, \(sampleShape[0])]")
+            throw VQMoEError(
+                .plugin, "\(core.describe): read_batch gave a sample length \(bad) outside [1, \(sampleShape[0])]")
         }
         guard b.rows >= 1 && b.rows <= batchSize else {
             throw VQMoEError(.plugin, "\(core.describe): read_batch gave rows = \(b.rows) for batch size \(batchSize)")

@@ -20,9 +20,11 @@ import Foundation
 /// ```
 public struct FFISignature: Sendable, Equatable {
     public enum Role: String, Sendable, CaseIterable { case x, token_ids, n, d, n_experts, seed, expert }
-    public enum CType: String, Sendable { case int32 = "int32_t", int64 = "int64_t", uint64 = "uint64_t",
-                                               floatPtr = "const float *", int32Ptr = "int32_t *",
-                                               constInt32Ptr = "const int32_t *" }
+    public enum CType: String, Sendable {
+        case int32 = "int32_t", int64 = "int64_t", uint64 = "uint64_t",
+            floatPtr = "const float *", int32Ptr = "int32_t *",
+            constInt32Ptr = "const int32_t *"
+    }
     public let returnsStatus: Bool
     public let params: [(role: Role, type: CType)]
 
@@ -40,7 +42,9 @@ public struct FFISignature: Sendable, Equatable {
         func fail(_ why: String) -> VQMoEError {
             VQMoEError(.registry, "ffi signature \"\(text)\": \(why)")
         }
-        guard let open = text.firstIndex(of: "("), text.hasSuffix(")") || text.trimmingCharacters(in: .whitespaces).hasSuffix(")") else {
+        guard let open = text.firstIndex(of: "("),
+            text.hasSuffix(")") || text.trimmingCharacters(in: .whitespaces).hasSuffix(")")
+        else {
             throw fail("expected RETURN_TYPE [name](TYPE NAME, ...)")
         }
         let head = text[..<open].split(separator: " ").map(String.init)
@@ -71,20 +75,29 @@ public struct FFISignature: Sendable, Equatable {
                 case "constfloat*", "floatconst*": normalized = "const float *"
                 case "int32_t*", "int*": normalized = "int32_t *"
                 case "constint32_t*", "int32_tconst*", "constint*": normalized = "const int32_t *"
-                default: throw fail("type of '\(name)' ('\(p[..<nameRange.lowerBound].trimmingCharacters(in: .whitespaces))') is not supported")
+                default:
+                    throw fail(
+                        "type of '\(name)' ('\(p[..<nameRange.lowerBound].trimmingCharacters(in: .whitespaces))') is not supported"
+                    )
                 }
                 guard let role = Role(rawValue: name == "ids" ? "token_ids" : name) else {
-                    throw fail("parameter '\(name)' has no meaning to the host; names: \(Role.allCases.map(\.rawValue).joined(separator: ", "))")
+                    throw fail(
+                        "parameter '\(name)' has no meaning to the host; names: \(Role.allCases.map(\.rawValue).joined(separator: ", "))"
+                    )
                 }
                 let type = CType(rawValue: normalized)!
                 guard FFISignature.allowed[role]!.contains(type) else {
-                    throw fail("'\(name)' must be \(FFISignature.allowed[role]!.map(\.rawValue).joined(separator: " or ")), not \(normalized)")
+                    throw fail(
+                        "'\(name)' must be \(FFISignature.allowed[role]!.map(\.rawValue).joined(separator: " or ")), not \(normalized)"
+                    )
                 }
                 if params.contains(where: { $0.0 == role }) { throw fail("'\(name)' appears twice") }
                 params.append((role, type))
             }
         }
-        guard params.contains(where: { $0.0 == .expert }) else { throw fail("needs an output parameter 'int32_t *expert'") }
+        guard params.contains(where: { $0.0 == .expert }) else {
+            throw fail("needs an output parameter 'int32_t *expert'")
+        }
         self.params = params.map { (role: $0.0, type: $0.1) }
     }
 
@@ -105,7 +118,9 @@ public struct FFISignatureEntry: Sendable {
         }
         guard let lib = json["library"] as? String else { throw VQMoEError(.registry, "\(origin).library: missing") }
         guard let sym = json["symbol"] as? String else { throw VQMoEError(.registry, "\(origin).symbol: missing") }
-        guard let sig = json["signature"] as? String else { throw VQMoEError(.registry, "\(origin).signature: missing") }
+        guard let sig = json["signature"] as? String else {
+            throw VQMoEError(.registry, "\(origin).signature: missing")
+        }
         library = expand(lib)
         symbol = sym
         signatureText = sig
@@ -152,7 +167,9 @@ public final class FFIRouter: @unchecked Sendable {
         let rtype = entry.signature.returnsStatus ? vqmoe_ffi_type_sint32() : vqmoe_ffi_type_void()
         let status = ffi_prep_cif(&cif, FFI_DEFAULT_ABI, UInt32(params.count), rtype, argTypes)
         guard status == FFI_OK else {
-            throw VQMoEError(.plugin, "ffi router '\(name)': ffi_prep_cif failed for \"\(entry.signatureText)\" (status \(status.rawValue))")
+            throw VQMoEError(
+                .plugin,
+                "ffi router '\(name)': ffi_prep_cif failed for \"\(entry.signatureText)\" (status \(status.rawValue))")
         }
     }
 
@@ -160,11 +177,15 @@ public final class FFIRouter: @unchecked Sendable {
 
     /// Call the function: x (n,d), token ids (n) → one expert per token, each checked to
     /// be in [0, nExperts).
-    public func route(x: UnsafePointer<Float>?, tokenIDs: UnsafePointer<Int32>?, n: Int, d: Int,
-                      nExperts: Int, seed: UInt64, expert: UnsafeMutablePointer<Int32>) throws {
+    public func route(
+        x: UnsafePointer<Float>?, tokenIDs: UnsafePointer<Int32>?, n: Int, d: Int,
+        nExperts: Int, seed: UInt64, expert: UnsafeMutablePointer<Int32>
+    ) throws {
         let params = entry.signature.params
         if needsTokenIDs && tokenIDs == nil {
-            throw VQMoEError(.plugin, "ffi router '\(name)' routes by token id, but this layer has no token ids (use it in a token model)")
+            throw VQMoEError(
+                .plugin,
+                "ffi router '\(name)' routes by token id, but this layer has no token ids (use it in a token model)")
         }
         // Every argument value lives in its own 8-byte slot; avalues points at the slots.
         let slots = UnsafeMutablePointer<UInt64>.allocate(capacity: max(params.count, 1))
@@ -173,7 +194,11 @@ public final class FFIRouter: @unchecked Sendable {
         for (i, p) in params.enumerated() {
             let raw = UnsafeMutableRawPointer(slots + i)
             func int(_ v: Int) {
-                if p.type == .int32 { raw.storeBytes(of: Int32(v), as: Int32.self) } else { raw.storeBytes(of: Int64(v), as: Int64.self) }
+                if p.type == .int32 {
+                    raw.storeBytes(of: Int32(v), as: Int32.self)
+                } else {
+                    raw.storeBytes(of: Int64(v), as: Int64.self)
+                }
             }
             switch p.role {
             case .x: raw.storeBytes(of: UnsafeRawPointer(x), as: UnsafeRawPointer?.self)
@@ -189,10 +214,15 @@ public final class FFIRouter: @unchecked Sendable {
         var ret: Int64 = 0
         ffi_call(&cif, unsafeBitCast(fn, to: (@convention(c) () -> Void).self), &ret, values)
         if entry.signature.returnsStatus && Int32(truncatingIfNeeded: ret) != 0 {
-            throw VQMoEError(.plugin, "ffi router '\(name)' (\(entry.symbol)) returned error status \(Int32(truncatingIfNeeded: ret))")
+            throw VQMoEError(
+                .plugin,
+                "ffi router '\(name)' (\(entry.symbol)) returned error status \(Int32(truncatingIfNeeded: ret))")
         }
         for i in 0..<n where expert[i] < 0 || Int(expert[i]) >= nExperts {
-            throw VQMoEError(.plugin, "ffi router '\(name)' (\(entry.symbol)) sent token \(i) to expert \(expert[i]), outside [0, \(nExperts))")
+            throw VQMoEError(
+                .plugin,
+                "ffi router '\(name)' (\(entry.symbol)) sent token \(i) to expert \(expert[i]), outside [0, \(nExperts))"
+            )
         }
     }
 }

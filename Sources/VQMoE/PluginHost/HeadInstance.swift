@@ -47,30 +47,40 @@ public final class HeadInstance: @unchecked Sendable {
 
     /// h (B,T,d), targets (B,T) or (B) int32 (nil: logits only), lengths (B) real tokens per
     /// sequence (nil: all real) → logits (rows, n_out).
-    public func forward(_ step: StepInfo, h: UnsafePointer<Float>, batch: Int, seq: Int,
-                        targets: UnsafePointer<Int32>?, lengths: UnsafePointer<Int32>? = nil,
-                        logits: UnsafeMutablePointer<Float>) throws -> Result {
+    public func forward(
+        _ step: StepInfo, h: UnsafePointer<Float>, batch: Int, seq: Int,
+        targets: UnsafePointer<Int32>?, lengths: UnsafePointer<Int32>? = nil,
+        logits: UnsafeMutablePointer<Float>
+    ) throws -> Result {
         let a = TensorArena()
         let rows = self.rows(batch: batch, seq: seq)
-        var input = vqmoe_head_input(struct_size: structSize(vqmoe_head_input.self), h: a.f32(h, [batch, seq, dModel]),
-                                     targets: targets.map { a.i32($0, perToken ? [batch, seq] : [batch]) } ?? TensorArena.absent,
-                                     lengths: lengths.map { a.i32($0, [batch]) } ?? TensorArena.absent)
-        var out = vqmoe_head_output(struct_size: structSize(vqmoe_head_output.self), logits: a.f32(logits, [rows, nOut]),
-                                    loss: 0, loss_sum: 0, count: 0, correct: 0)
+        var input = vqmoe_head_input(
+            struct_size: structSize(vqmoe_head_input.self), h: a.f32(h, [batch, seq, dModel]),
+            targets: targets.map { a.i32($0, perToken ? [batch, seq] : [batch]) } ?? TensorArena.absent,
+            lengths: lengths.map { a.i32($0, [batch]) } ?? TensorArena.absent)
+        var out = vqmoe_head_output(
+            struct_size: structSize(vqmoe_head_output.self), logits: a.f32(logits, [rows, nOut]),
+            loss: 0, loss_sum: 0, count: 0, correct: 0)
         var s = step.c
         var ctx: UnsafeMutableRawPointer?
         try core.call("forward") { api.forward!(core.handle, &s, &input, &out, &ctx) }
         let context = wrap(ctx)
         try core.checkFinite(logits, rows * nOut, "logit")
-        guard out.loss.isFinite else { throw VQMoEError(.numeric, "\(core.describe) produced a non-finite loss (\(out.loss))") }
-        return Result(loss: out.loss, lossSum: out.loss_sum, count: Int(out.count), correct: Int(out.correct), ctx: context)
+        guard out.loss.isFinite else {
+            throw VQMoEError(.numeric, "\(core.describe) produced a non-finite loss (\(out.loss))")
+        }
+        return Result(
+            loss: out.loss, lossSum: out.loss_sum, count: Int(out.count), correct: Int(out.correct), ctx: context)
     }
 
     /// Accumulate dL/dh (B,T,d) and parameter gradients.
-    public func backward(_ ctx: PluginContext, batch: Int, seq: Int, gradLoss: Float, gradH: UnsafeMutablePointer<Float>) throws {
+    public func backward(
+        _ ctx: PluginContext, batch: Int, seq: Int, gradLoss: Float, gradH: UnsafeMutablePointer<Float>
+    ) throws {
         let a = TensorArena()
         var gin = vqmoe_head_grad_in(struct_size: structSize(vqmoe_head_grad_in.self), grad_loss: gradLoss)
-        var gout = vqmoe_head_grad_out(struct_size: structSize(vqmoe_head_grad_out.self), grad_h: a.f32(gradH, [batch, seq, dModel]))
+        var gout = vqmoe_head_grad_out(
+            struct_size: structSize(vqmoe_head_grad_out.self), grad_h: a.f32(gradH, [batch, seq, dModel]))
         try core.call("backward") { api.backward!(core.handle, ctx.pointer, &gin, &gout) }
     }
 }

@@ -37,12 +37,18 @@ public enum HostRuntime {
     /// Row-major SGEMM C = α·op(A)·op(B) + β·C over the host pool: large products are split
     /// into one block of C's rows (or columns, when C is wide and short) per thread, each a
     /// single-threaded OpenBLAS call. Inside a `parallelFor` body it runs serially.
-    public static func sgemm(transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
-                             a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
-                             beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    public static func sgemm(
+        transA: Bool, transB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+        a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
         let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
-        func call(_ m: Int, _ n: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>) {
-            cblas_sgemm(CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+        func call(
+            _ m: Int, _ n: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>
+        ) {
+            cblas_sgemm(
+                CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c,
+                Int32(ldc))
         }
         let parts = threads
         if parts <= 1 || m * n * k < (1 << 21) || Thread.current.threadDictionary[nestedKey] != nil {
@@ -76,30 +82,34 @@ public enum HostRuntime {
     /// The table handed to plugins; allocated once, never freed.
     nonisolated(unsafe) public static let api: UnsafeMutablePointer<vqmoe_host_api> = {
         let p = UnsafeMutablePointer<vqmoe_host_api>.allocate(capacity: 1)
-        p.initialize(to: vqmoe_host_api(
-            abi_version: UInt32(VQMOE_ABI_VERSION),
-            struct_size: UInt32(MemoryLayout<vqmoe_host_api>.size),
-            log: { level, name, msg in
-                HostRuntime.log(level, name.map { String(cString: $0) } ?? "?", msg.map { String(cString: $0) } ?? "")
-            },
-            set_error: { msg in HostRuntime.setError(msg.map { String(cString: $0) } ?? "(no message)") },
-            alloc: { bytes in HostRuntime.alignedAlloc(bytes) },
-            free: { ptr in Foundation.free(ptr) },
-            rng_init: { rng, seed, stream in rng?.pointee = HostRNG.make(seed: seed, stream: stream) },
-            rng_next_u64: { rng in HostRNG.next(&rng!.pointee) },
-            rng_uniform: { rng in HostRNG.uniform(&rng!.pointee) },
-            rng_normal: { rng in HostRNG.normal(&rng!.pointee) },
-            sgemm: { ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc in
-                guard let a, let b, let c else { return }
-                HostRuntime.sgemm(transA: ta == VQMOE_TRANS, transB: tb == VQMOE_TRANS, m: Int(m), n: Int(n), k: Int(k), alpha: alpha,
-                                  a: a, lda: Int(lda), b: b, ldb: Int(ldb), beta: beta, c: c, ldc: Int(ldc))
-            },
-            scratch: { bytes in HostRuntime.scratch(bytes) },
-            parallel_for: { n, grain, user, fn in
-                guard let fn else { return }
-                HostRuntime.parallelFor(n, grain: grain) { b, e in fn(user, b, e) }
-            },
-            num_threads: 1))
+        p.initialize(
+            to: vqmoe_host_api(
+                abi_version: UInt32(VQMOE_ABI_VERSION),
+                struct_size: UInt32(MemoryLayout<vqmoe_host_api>.size),
+                log: { level, name, msg in
+                    HostRuntime.log(
+                        level, name.map { String(cString: $0) } ?? "?", msg.map { String(cString: $0) } ?? "")
+                },
+                set_error: { msg in HostRuntime.setError(msg.map { String(cString: $0) } ?? "(no message)") },
+                alloc: { bytes in HostRuntime.alignedAlloc(bytes) },
+                free: { ptr in Foundation.free(ptr) },
+                rng_init: { rng, seed, stream in rng?.pointee = HostRNG.make(seed: seed, stream: stream) },
+                rng_next_u64: { rng in HostRNG.next(&rng!.pointee) },
+                rng_uniform: { rng in HostRNG.uniform(&rng!.pointee) },
+                rng_normal: { rng in HostRNG.normal(&rng!.pointee) },
+                sgemm: { ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc in
+                    guard let a, let b, let c else { return }
+                    HostRuntime.sgemm(
+                        transA: ta == VQMOE_TRANS, transB: tb == VQMOE_TRANS, m: Int(m), n: Int(n), k: Int(k),
+                        alpha: alpha,
+                        a: a, lda: Int(lda), b: b, ldb: Int(ldb), beta: beta, c: c, ldc: Int(ldc))
+                },
+                scratch: { bytes in HostRuntime.scratch(bytes) },
+                parallel_for: { n, grain, user, fn in
+                    guard let fn else { return }
+                    HostRuntime.parallelFor(n, grain: grain) { b, e in fn(user, b, e) }
+                },
+                num_threads: 1))
         return p
     }()
 
@@ -139,9 +149,11 @@ public enum HostRuntime {
 
     static func scratch(_ bytes: Int) -> UnsafeMutableRawPointer? {
         guard let p = alignedAlloc(bytes) else { return nil }
-        let list = (Thread.current.threadDictionary[scratchKey] as? ScratchList) ?? {
-            let l = ScratchList(); Thread.current.threadDictionary[scratchKey] = l; return l
-        }()
+        let list =
+            (Thread.current.threadDictionary[scratchKey] as? ScratchList)
+            ?? {
+                let l = ScratchList(); Thread.current.threadDictionary[scratchKey] = l; return l
+            }()
         list.pointers.append(p)
         return p
     }

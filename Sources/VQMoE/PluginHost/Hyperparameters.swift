@@ -40,10 +40,13 @@ public struct HyperparameterSpec: Sendable, Equatable {
         powerOfTwo = s.flags & VQMOE_HP_POWER_OF_TWO != 0
         isPath = s.flags & VQMOE_HP_PATH != 0
         optional = s.flags & VQMOE_HP_OPTIONAL != 0
-        choices = s.choices.map { String(cString: $0).split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
+        choices = s.choices.map {
+            String(cString: $0).split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+        }
         // The default must satisfy the schema itself.
         do { _ = try validate(defaultValue, keyPath: name) } catch let e as VQMoEError {
-            throw VQMoEError(.plugin, "\(plugin): the default of hyperparameter '\(name)' breaks its own schema: \(e.message)")
+            throw VQMoEError(
+                .plugin, "\(plugin): the default of hyperparameter '\(name)' breaks its own schema: \(e.message)")
         }
     }
 
@@ -99,8 +102,16 @@ public struct HyperparameterSpec: Sendable, Equatable {
             }
             if !n.isFinite { throw bad("must be finite") }
             if type == .int && n != n.rounded() { throw bad("expected an integer, got \(n)") }
-            if let min, n < min { throw bad("\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is below the minimum \(type == .int ? String(Int(min)) : String(min))") }
-            if let max, n > max { throw bad("\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is above the maximum \(type == .int ? String(Int(max)) : String(max))") }
+            if let min, n < min {
+                throw bad(
+                    "\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is below the minimum \(type == .int ? String(Int(min)) : String(min))"
+                )
+            }
+            if let max, n > max {
+                throw bad(
+                    "\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is above the maximum \(type == .int ? String(Int(max)) : String(max))"
+                )
+            }
             if type == .int {
                 let i = Int(n)
                 if powerOfTwo && (i <= 0 || i & (i - 1) != 0) { throw bad("\(i) is not a power of 2") }
@@ -131,12 +142,15 @@ public struct ResolvedHyperparameters: @unchecked Sendable {
         let known = schema.map(\.name)
         for key in merged.keys.sorted() where !known.contains(key) {
             let near = closestFirst(key, among: known)
-            throw VQMoEError(.config, "\(keyPath).\(key): unknown hyperparameter" +
-                (near.isEmpty ? " (this component takes none)" : "; known: " + near.joined(separator: ", ")))
+            throw VQMoEError(
+                .config,
+                "\(keyPath).\(key): unknown hyperparameter"
+                    + (near.isEmpty ? " (this component takes none)" : "; known: " + near.joined(separator: ", ")))
         }
         var out: [String: Any] = [:]
         for spec in schema {
-            out[spec.name] = try spec.validate(merged[spec.name] ?? spec.defaultValue, keyPath: "\(keyPath).\(spec.name)")
+            out[spec.name] = try spec.validate(
+                merged[spec.name] ?? spec.defaultValue, keyPath: "\(keyPath).\(spec.name)")
         }
         values = out
         names = schema.map(\.name)
@@ -149,7 +163,8 @@ public struct ResolvedHyperparameters: @unchecked Sendable {
     private init(values: [String: Any], names: [String]) { self.values = values; self.names = names }
 
     /// Path-valued entries (VQMOE_HP_PATH) with `$DATA` and `$ROOT` expanded.
-    public func expandingPaths(schema: [HyperparameterSpec], dataRoot: String, root: String) -> ResolvedHyperparameters {
+    public func expandingPaths(schema: [HyperparameterSpec], dataRoot: String, root: String) -> ResolvedHyperparameters
+    {
         var v = values
         for spec in schema where spec.isPath {
             if let s = v[spec.name] as? String { v[spec.name] = DataLocator.expand(s, dataRoot: dataRoot, root: root) }
@@ -161,19 +176,27 @@ public struct ResolvedHyperparameters: @unchecked Sendable {
     public func withC<R>(_ body: (UnsafePointer<vqmoe_hparams>) throws -> R) rethrows -> R {
         var cStrings: [UnsafeMutablePointer<CChar>] = []
         defer { cStrings.forEach { free($0) } }
-        func dup(_ s: String) -> UnsafePointer<CChar> { let p = strdup(s)!; cStrings.append(p); return UnsafePointer(p) }
+        func dup(_ s: String) -> UnsafePointer<CChar> {
+            let p = strdup(s)!; cStrings.append(p); return UnsafePointer(p)
+        }
         var cValues: [vqmoe_hparam_value] = names.map { name in
             let v = values[name]!
             var c = vqmoe_hparam_value(name: dup(name), type: 0, int_value: 0, float_value: 0, string_value: nil)
-            if let b = v as? Bool { c.type = VQMOE_HP_BOOL; c.int_value = b ? 1 : 0; c.float_value = b ? 1 : 0 }
-            else if let i = v as? Int { c.type = VQMOE_HP_INT; c.int_value = Int64(i); c.float_value = Double(i) }
-            else if let d = v as? Double { c.type = VQMOE_HP_FLOAT; c.float_value = d; c.int_value = Int64(d) }
-            else if let s = v as? String { c.type = VQMOE_HP_STRING; c.string_value = dup(s) }
+            if let b = v as? Bool {
+                c.type = VQMOE_HP_BOOL; c.int_value = b ? 1 : 0; c.float_value = b ? 1 : 0
+            } else if let i = v as? Int {
+                c.type = VQMOE_HP_INT; c.int_value = Int64(i); c.float_value = Double(i)
+            } else if let d = v as? Double {
+                c.type = VQMOE_HP_FLOAT; c.float_value = d; c.int_value = Int64(d)
+            } else if let s = v as? String {
+                c.type = VQMOE_HP_STRING; c.string_value = dup(s)
+            }
             return c
         }
         return try cValues.withUnsafeMutableBufferPointer { buf in
-            var hp = vqmoe_hparams(struct_size: UInt32(MemoryLayout<vqmoe_hparams>.size),
-                                   count: Int32(buf.count), values: UnsafePointer(buf.baseAddress))
+            var hp = vqmoe_hparams(
+                struct_size: UInt32(MemoryLayout<vqmoe_hparams>.size),
+                count: Int32(buf.count), values: UnsafePointer(buf.baseAddress))
             return try body(&hp)
         }
     }

@@ -40,11 +40,15 @@ public struct PluginChecker {
     /// Groups × tokens per group used for router / quantizer / head inputs.
     public var groups = 2, groupSize = 5
 
-    public init(library: PluginLibrary, hyperparameters: [[String: Any]] = [], dims: ModelDims? = nil, seed: UInt64 = 1) {
+    public init(library: PluginLibrary, hyperparameters: [[String: Any]] = [], dims: ModelDims? = nil, seed: UInt64 = 1)
+    {
         self.library = library
         self.hyperparameters = hyperparameters
-        self.dims = dims ?? ModelDims(dModel: 8, nExperts: 4, nCodes: 8, vocabSize: 7, nClasses: 3, seqLen: 5,
-                                      totalSteps: 100, dataRoot: DataLocator.defaultRoot() ?? "")
+        self.dims =
+            dims
+            ?? ModelDims(
+                dModel: 8, nExperts: 4, nCodes: 8, vocabSize: 7, nClasses: 3, seqLen: 5,
+                totalSteps: 100, dataRoot: DataLocator.defaultRoot() ?? "")
         self.seed = seed
     }
 
@@ -54,27 +58,42 @@ public struct PluginChecker {
 
     /// Run every check for the plugin's kind. Never throws: failures are results.
     public func run() -> [CheckResult] {
-        var results: [CheckResult] = [CheckResult(
-            name: "descriptor", passed: true,
-            detail: "\(library.kind.rawValue) '\(library.name)' \(library.version), ABI \(abiString(library.abiVersion)), \(library.schema.count) hyperparameters")]
+        var results: [CheckResult] = [
+            CheckResult(
+                name: "descriptor", passed: true,
+                detail:
+                    "\(library.kind.rawValue) '\(library.name)' \(library.version), ABI \(abiString(library.abiVersion)), \(library.schema.count) hyperparameters"
+            )
+        ]
         let hp: ResolvedHyperparameters
         do {
             hp = try ResolvedHyperparameters(schema: library.schema, layers: hyperparameters, keyPath: library.name)
-            results.append(CheckResult(name: "hyperparameters", passed: true,
-                                       detail: hp.names.map { "\($0)=\(HyperparameterSpec.text(hp.values[$0]!))" }.joined(separator: " ")))
+            results.append(
+                CheckResult(
+                    name: "hyperparameters", passed: true,
+                    detail: hp.names.map { "\($0)=\(HyperparameterSpec.text(hp.values[$0]!))" }.joined(separator: " ")))
         } catch {
             return results + [CheckResult(name: "hyperparameters", passed: false, detail: "\(error)")]
         }
-        let make = { (s: UInt64) in try PluginInstance(library: library, instanceName: "check", dims: dims, hyperparameters: hp, seed: s) }
+        let make = { (s: UInt64) in
+            try PluginInstance(library: library, instanceName: "check", dims: dims, hyperparameters: hp, seed: s)
+        }
         let inst: PluginInstance
         do {
             inst = try make(seed)
-            results.append(CheckResult(name: "create + buffers", passed: true,
-                                       detail: inst.buffers.map { "\($0.name)\($0.shape)\($0.isParameter ? "" : " state")" }.joined(separator: " ")))
+            results.append(
+                CheckResult(
+                    name: "create + buffers", passed: true,
+                    detail: inst.buffers.map { "\($0.name)\($0.shape)\($0.isParameter ? "" : " state")" }.joined(
+                        separator: " ")))
             let again = try make(seed)
             let same = zip(inst.buffers, again.buffers).allSatisfy { memcmp($0.data, $1.data, $0.byteCount) == 0 }
-            results.append(CheckResult(name: "init deterministic", passed: same,
-                                       detail: same ? "same seed, same initial buffers" : "two instances with the same seed got different initial buffers"))
+            results.append(
+                CheckResult(
+                    name: "init deterministic", passed: same,
+                    detail: same
+                        ? "same seed, same initial buffers"
+                        : "two instances with the same seed got different initial buffers"))
         } catch {
             return results + [CheckResult(name: "create + buffers", passed: false, detail: "\(error)")]
         }
@@ -96,16 +115,19 @@ public struct PluginChecker {
     private var n: Int { groups * groupSize }
 
     private func step(train: Bool = true, noGrad: Bool = false, surrogate: Bool = false) -> StepInfo {
-        StepInfo(step: 3, totalSteps: dims.totalSteps, train: train, noGrad: noGrad, surrogate: surrogate, seed: seed &+ 17)
+        StepInfo(
+            step: 3, totalSteps: dims.totalSteps, train: train, noGrad: noGrad, surrogate: surrogate, seed: seed &+ 17)
     }
 
     /// Objective value and the discrete outputs (for switch detection) of one evaluation.
     private typealias Eval = () throws -> (value: Double, discrete: [Int32])
 
     /// Compare `analytic` gradients of `target` with central differences of `eval`.
-    private func gradcheck(_ label: String, target: UnsafeMutablePointer<Float>, count: Int,
-                           analytic: [Float], coordinates: [Int], restore: () -> Void, eval: Eval,
-                           directionOnly: Bool = false) throws -> CheckResult {
+    private func gradcheck(
+        _ label: String, target: UnsafeMutablePointer<Float>, count: Int,
+        analytic: [Float], coordinates: [Int], restore: () -> Void, eval: Eval,
+        directionOnly: Bool = false
+    ) throws -> CheckResult {
         restore()
         let base = try eval().discrete
         var maxErr = 0.0, worst = "", checked = 0, skipped = 0, failures = 0
@@ -149,19 +171,24 @@ public struct PluginChecker {
             if dotAA <= 1e-20 && !neither {
                 // The backward gives this buffer nothing from the loss (its terms are detached,
                 // e.g. a zero commitment weight), while the value still moves with it.
-                return CheckResult(name: "gradcheck \(label) (direction: stop-gradient loss)", passed: enough,
-                                   detail: "\(checked) coords: no gradient from the loss (detached terms); the value's slope is \(fmt(dotFF.squareRoot()))")
+                return CheckResult(
+                    name: "gradcheck \(label) (direction: stop-gradient loss)", passed: enough,
+                    detail:
+                        "\(checked) coords: no gradient from the loss (detached terms); the value's slope is \(fmt(dotFF.squareRoot()))"
+                )
             }
             let cosine = both ? dotAF / (dotAA.squareRoot() * dotFF.squareRoot()) : (neither ? 1 : 0)
             let ratio = both ? (dotAA / dotFF).squareRoot() : 0
-            return CheckResult(name: "gradcheck \(label) (direction: stop-gradient loss)", passed: cosine >= 0.999 && enough,
-                               detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
-                                   + String(format: ", cosine %.6f, |analytic|/|numeric| %.4f", cosine, ratio))
+            return CheckResult(
+                name: "gradcheck \(label) (direction: stop-gradient loss)", passed: cosine >= 0.999 && enough,
+                detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
+                    + String(format: ", cosine %.6f, |analytic|/|numeric| %.4f", cosine, ratio))
         }
-        return CheckResult(name: "gradcheck \(label)", passed: failures == 0 && enough,
-                           detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
-                               + ", worst err/tol \(String(format: "%.3f", maxErr))" + (worst.isEmpty ? "" : " \(worst)")
-                               + (enough ? "" : "; every coordinate sat at a switch"))
+        return CheckResult(
+            name: "gradcheck \(label)", passed: failures == 0 && enough,
+            detail: "\(checked) coords" + (skipped > 0 ? " (\(skipped) skipped at discrete switches)" : "")
+                + ", worst err/tol \(String(format: "%.3f", maxErr))" + (worst.isEmpty ? "" : " \(worst)")
+                + (enough ? "" : "; every coordinate sat at a switch"))
     }
 
     private func fmt(_ v: Double) -> String { String(format: "%.6g", v) }
@@ -178,26 +205,37 @@ public struct PluginChecker {
     private func stateRestorer(_ inst: PluginInstance) -> () -> Void {
         let snaps = inst.states.map { b -> [UInt8] in Array(UnsafeRawBufferPointer(start: b.data, count: b.byteCount)) }
         let states = inst.states
-        return { for (b, s) in zip(states, snaps) { s.withUnsafeBytes { _ = memcpy(b.data, $0.baseAddress!, b.byteCount) } } }
+        return {
+            for (b, s) in zip(states, snaps) { s.withUnsafeBytes { _ = memcpy(b.data, $0.baseAddress!, b.byteCount) } }
+        }
     }
 
     /// Gradchecks of the input and of every parameter buffer.
-    private func gradchecks(_ inst: PluginInstance, inputName: String, input: UnsafeMutablePointer<Float>, inputCount: Int,
-                            inputGrad: [Float], restore: @escaping () -> Void, eval: Eval,
-                            directionOnly: Bool = false) throws -> [CheckResult] {
-        var out = [try gradcheck(inputName, target: input, count: inputCount, analytic: inputGrad,
-                                 coordinates: coords(inputCount, salt: 1), restore: restore, eval: eval, directionOnly: directionOnly)]
+    private func gradchecks(
+        _ inst: PluginInstance, inputName: String, input: UnsafeMutablePointer<Float>, inputCount: Int,
+        inputGrad: [Float], restore: @escaping () -> Void, eval: Eval,
+        directionOnly: Bool = false
+    ) throws -> [CheckResult] {
+        var out = [
+            try gradcheck(
+                inputName, target: input, count: inputCount, analytic: inputGrad,
+                coordinates: coords(inputCount, salt: 1), restore: restore, eval: eval, directionOnly: directionOnly)
+        ]
         for (bi, b) in inst.parameters.enumerated() {
-            out.append(try gradcheck(b.name, target: b.floats, count: b.count, analytic: Array(UnsafeBufferPointer(start: b.grad!, count: b.count)),
-                                     coordinates: coords(b.count, salt: 10 + UInt64(bi)), restore: restore, eval: eval,
-                                     directionOnly: directionOnly))
+            out.append(
+                try gradcheck(
+                    b.name, target: b.floats, count: b.count,
+                    analytic: Array(UnsafeBufferPointer(start: b.grad!, count: b.count)),
+                    coordinates: coords(b.count, salt: 10 + UInt64(bi)), restore: restore, eval: eval,
+                    directionOnly: directionOnly))
         }
         return out
     }
 
     private func evalModeLeavesNoContext(_ ctx: PluginContext?) -> CheckResult {
-        CheckResult(name: "eval forward saves no context", passed: ctx == nil,
-                    detail: ctx == nil ? "" : "forward without VQMOE_STEP_TRAIN returned a ctx")
+        CheckResult(
+            name: "eval forward saves no context", passed: ctx == nil,
+            detail: ctx == nil ? "" : "forward without VQMOE_STEP_TRAIN returned a ctx")
     }
 
     // MARK: router
@@ -210,35 +248,44 @@ public struct PluginChecker {
         let rw: [Float], rc: [Float]
 
         var outputs: RouterOutputs {
-            RouterOutputs(expertIndex: index.pointer, weights: weights.pointer, dispatch: dispatch.pointer, combine: combine.pointer,
-                          expertLoad: load.pointer)
+            RouterOutputs(
+                expertIndex: index.pointer, weights: weights.pointer, dispatch: dispatch.pointer,
+                combine: combine.pointer,
+                expertLoad: load.pointer)
         }
     }
 
     private func checkRouter(_ r: RouterInstance) throws -> [CheckResult] {
         let e = dims.nExperts, d = dims.dModel
         let shape = try r.shape(step())
-        var results = [CheckResult(name: "shape", passed: true,
-                                   detail: shape.mode == .topK ? "top-k, k=\(shape.k)" : "dense, \(shape.slotsPerExpert) slots per expert")]
+        var results = [
+            CheckResult(
+                name: "shape", passed: true,
+                detail: shape.mode == .topK ? "top-k, k=\(shape.k)" : "dense, \(shape.slotsPerExpert) slots per expert")
+        ]
         // Buffers at the largest width any step may ask for; each forward asks shape() for its
         // own step (k may change per step, e.g. SMoE-Dropout's schedule or eval at k_max).
         let maxWidth = n * (shape.mode == .topK ? e : e * shape.slotsPerExpert)
-        let io = RouterIO(x: Storage(randomNormal(n * d, stream: 2)), ids: Storage((0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }),
-                          index: Storage(zeros: maxWidth), weights: Storage(zeros: maxWidth), dispatch: Storage(zeros: maxWidth),
-                          combine: Storage(zeros: maxWidth), load: Storage(zeros: e),
-                          rw: randomNormal(maxWidth, stream: 3), rc: randomNormal(maxWidth, stream: 4))
+        let io = RouterIO(
+            x: Storage(randomNormal(n * d, stream: 2)),
+            ids: Storage((0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }),
+            index: Storage(zeros: maxWidth), weights: Storage(zeros: maxWidth), dispatch: Storage(zeros: maxWidth),
+            combine: Storage(zeros: maxWidth), load: Storage(zeros: e),
+            rw: randomNormal(maxWidth, stream: 3), rc: randomNormal(maxWidth, stream: 4))
         let cAux: Float = 1.5
         func forward(_ s: StepInfo) throws -> (Double, [Int32], PluginContext?) {
             let shape = try r.shape(s)
-            let (aux, ctx) = try r.forward(s, x: io.x.pointer, tokenIDs: io.ids.pointer, nGroups: groups, groupSize: groupSize,
-                                           shape: shape, outputs: io.outputs)
+            let (aux, ctx) = try r.forward(
+                s, x: io.x.pointer, tokenIDs: io.ids.pointer, nGroups: groups, groupSize: groupSize,
+                shape: shape, outputs: io.outputs)
             var v = Double(cAux) * Double(aux)
             if shape.mode == .topK {
                 for i in 0..<(n * shape.k) { v += Double(io.rw[i]) * Double(io.weights.pointer[i]) }
                 return (v, Array(UnsafeBufferPointer(start: io.index.pointer, count: n * shape.k)), ctx)
             }
             for i in 0..<(n * e * shape.slotsPerExpert) {
-                v += Double(io.rw[i]) * Double(io.dispatch.pointer[i]) + Double(io.rc[i]) * Double(io.combine.pointer[i])
+                v +=
+                    Double(io.rw[i]) * Double(io.dispatch.pointer[i]) + Double(io.rc[i]) * Double(io.combine.pointer[i])
             }
             return (v, [], ctx)
         }
@@ -246,24 +293,34 @@ public struct PluginChecker {
         let (v1, d1, ctx) = try forward(step())
         restore()
         let (v2, d2, _) = try forward(step(noGrad: true))
-        results.append(CheckResult(name: "forward deterministic", passed: v1 == v2 && d1 == d2, detail: "objective \(fmt(v1))"))
+        results.append(
+            CheckResult(name: "forward deterministic", passed: v1 == v2 && d1 == d2, detail: "objective \(fmt(v1))"))
         if shape.mode == .topK { results += topKChecks(io, shape: shape) }
         restore()
         results.append(evalModeLeavesNoContext(try forward(step(train: false)).2))
         if library.hasNoGrad || r.api.backward == nil {
-            return results + [CheckResult(name: "backward", passed: true, detail: "declared non-trainable (no backward)")]
+            return results + [
+                CheckResult(name: "backward", passed: true, detail: "declared non-trainable (no backward)")
+            ]
         }
-        guard let ctx else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
+        guard let ctx else {
+            return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")]
+        }
         r.core.zeroGrads()
         let gx = Storage<Float>(zeros: n * d)
         if shape.mode == .topK {
             try r.backward(ctx, n: n, shape: shape, gradWeights: io.rw, gradAux: cAux, gradX: gx.pointer)
         } else {
-            try r.backward(ctx, n: n, shape: shape, gradDispatch: io.rw, gradCombine: io.rc, gradAux: cAux, gradX: gx.pointer)
+            try r.backward(
+                ctx, n: n, shape: shape, gradDispatch: io.rw, gradCombine: io.rc, gradAux: cAux, gradX: gx.pointer)
         }
-        let eval: Eval = { let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc) }
-        return results + (try gradchecks(r.core, inputName: "x", input: io.x.pointer, inputCount: n * d,
-                                         inputGrad: Array(UnsafeBufferPointer(start: gx.pointer, count: n * d)), restore: restore, eval: eval))
+        let eval: Eval = {
+            let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc)
+        }
+        return results
+            + (try gradchecks(
+                r.core, inputName: "x", input: io.x.pointer, inputCount: n * d,
+                inputGrad: Array(UnsafeBufferPointer(start: gx.pointer, count: n * d)), restore: restore, eval: eval))
     }
 
     /// Top-k outputs of the last forward: distinct experts per token, load summing to N·k.
@@ -272,19 +329,26 @@ public struct PluginChecker {
         let distinct = (0..<n).allSatisfy { t in Set(UnsafeBufferPointer(start: idx + t * k, count: k)).count == k }
         let load = Array(UnsafeBufferPointer(start: io.load.pointer, count: dims.nExperts))
         let loadOK = abs(Double(load.reduce(0, +)) - Double(n * k)) < 1e-3
-        return [CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""),
-                CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(load)")]
+        return [
+            CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""),
+            CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(load)"),
+        ]
     }
 
     // MARK: quantizer
 
     private func checkQuantizer(_ q: QuantizerInstance) throws -> [CheckResult] {
-        var results = [CheckResult(name: "shape", passed: true, detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)")]
+        var results = [
+            CheckResult(
+                name: "shape", passed: true, detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)")
+        ]
         let d = dims.dModel, l = q.codesPerToken
-        let x = Storage(randomNormal(n * d, stream: 5)), qo = Storage<Float>(zeros: n * d), codes = Storage<Int32>(zeros: n * l)
+        let x = Storage(randomNormal(n * d, stream: 5)), qo = Storage<Float>(zeros: n * d),
+            codes = Storage<Int32>(zeros: n * l)
         let counts = Storage<Float>(zeros: q.codebookSize), rq = randomNormal(n * d, stream: 6)
         func forward(_ s: StepInfo, lossWeight: Double, outWeight: Bool) throws -> (Double, [Int32], PluginContext?) {
-            let (loss, ctx) = try q.forward(s, x: x.pointer, n: n, quantized: qo.pointer, codes: codes.pointer, codeCounts: counts.pointer)
+            let (loss, ctx) = try q.forward(
+                s, x: x.pointer, n: n, quantized: qo.pointer, codes: codes.pointer, codeCounts: counts.pointer)
             var v = lossWeight * Double(loss)
             if outWeight { for i in 0..<(n * d) { v += Double(rq[i]) * Double(qo.pointer[i]) } }
             return (v, Array(UnsafeBufferPointer(start: codes.pointer, count: n * l)), ctx)
@@ -294,34 +358,44 @@ public struct PluginChecker {
         let used = Array(UnsafeBufferPointer(start: counts.pointer, count: q.codebookSize))
         restore()
         let (v2, c2, _) = try forward(step(noGrad: true), lossWeight: 1, outWeight: true)
-        results.append(CheckResult(name: "forward deterministic", passed: v1 == v2 && c1 == c2, detail: "objective \(fmt(v1))"))
-        results.append(CheckResult(name: "code counts sum to N·L", passed: abs(Double(used.reduce(0, +)) - Double(n * l)) < 1e-3,
-                                   detail: "counts \(used.map { Int($0) })"))
+        results.append(
+            CheckResult(name: "forward deterministic", passed: v1 == v2 && c1 == c2, detail: "objective \(fmt(v1))"))
+        results.append(
+            CheckResult(
+                name: "code counts sum to N·L", passed: abs(Double(used.reduce(0, +)) - Double(n * l)) < 1e-3,
+                detail: "counts \(used.map { Int($0) })"))
         restore()
         results.append(evalModeLeavesNoContext(try forward(step(train: false), lossWeight: 1, outWeight: true).2))
-        guard ctx != nil else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
+        guard ctx != nil else {
+            return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")]
+        }
         // (1) the loss: exact gradient where the codes do not change; (2) the straight-through surrogate.
         for (label, lossWeight, surrogate) in [("loss", Double(Float(1.7)), false), ("straight-through", 0.0, true)] {
             restore()
             q.core.zeroGrads()
-            guard let c = try forward(step(surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate).2 else { continue }
+            guard let c = try forward(step(surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate).2 else {
+                continue
+            }
             let gx = Storage<Float>(zeros: n * d)
             try q.backward(c, n: n, gradQuantized: surrogate ? rq : nil, gradLoss: Float(lossWeight), gradX: gx.pointer)
             let eval: Eval = {
-                let (v, dsc, _) = try forward(step(noGrad: true, surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
+                let (v, dsc, _) = try forward(
+                    step(noGrad: true, surrogate: surrogate), lossWeight: lossWeight, outWeight: surrogate)
                 return (v, dsc)
             }
             let directionOnly = !surrogate && library.hasStopGradientLoss
-            let checks = try gradchecks(q.core, inputName: "x", input: x.pointer, inputCount: n * d,
-                                        inputGrad: Array(UnsafeBufferPointer(start: gx.pointer, count: n * d)), restore: restore, eval: eval,
-                                        directionOnly: directionOnly)
+            let checks = try gradchecks(
+                q.core, inputName: "x", input: x.pointer, inputCount: n * d,
+                inputGrad: Array(UnsafeBufferPointer(start: gx.pointer, count: n * d)), restore: restore, eval: eval,
+                directionOnly: directionOnly)
             results += checks.enumerated().map { i, r in
                 // With several codes per token (residual VQ), later levels' residuals detach the
                 // earlier levels' codes, so the value's slope in a codebook is not even parallel to
                 // the method's gradient: reported, not judged (the plugin's own tests cover it).
                 if directionOnly && l > 1 && i > 0 && !r.passed {
-                    return CheckResult(name: "\(r.name) [\(label)]", passed: true,
-                                       detail: r.detail + " (not comparable with \(l) residual levels: reported only)")
+                    return CheckResult(
+                        name: "\(r.name) [\(label)]", passed: true,
+                        detail: r.detail + " (not comparable with \(l) residual levels: reported only)")
                 }
                 return CheckResult(name: "\(r.name) [\(label)]", passed: r.passed, detail: r.detail)
             }
@@ -332,7 +406,11 @@ public struct PluginChecker {
     // MARK: head
 
     private func checkHead(_ h: HeadInstance) throws -> [CheckResult] {
-        var results = [CheckResult(name: "shape", passed: true, detail: "\(h.perToken ? "per token" : "per sequence"), \(h.nOut) outputs\(h.isLM ? ", LM" : "")")]
+        var results = [
+            CheckResult(
+                name: "shape", passed: true,
+                detail: "\(h.perToken ? "per token" : "per sequence"), \(h.nOut) outputs\(h.isLM ? ", LM" : "")")
+        ]
         let d = dims.dModel, b = groups, t = groupSize, rows = h.rows(batch: b, seq: t)
         var hs = randomNormal(b * t * d, stream: 7)
         var r = HostRNG.make(seed: seed, stream: 8)
@@ -346,8 +424,9 @@ public struct PluginChecker {
             try hs.withUnsafeMutableBufferPointer { hp in
                 try targets.withUnsafeMutableBufferPointer { tp in
                     try logits.withUnsafeMutableBufferPointer { lp in
-                        let res = try h.forward(s, h: hp.baseAddress!, batch: b, seq: t, targets: tp.baseAddress, lengths: lengths,
-                                                logits: lp.baseAddress!)
+                        let res = try h.forward(
+                            s, h: hp.baseAddress!, batch: b, seq: t, targets: tp.baseAddress, lengths: lengths,
+                            logits: lp.baseAddress!)
                         return (Double(cLoss) * Double(res.loss), [], res)
                     }
                 }
@@ -356,20 +435,33 @@ public struct PluginChecker {
         let restore = stateRestorer(h.core)
         let (v1, _, res) = try forward(step())
         let (v2, _, _) = try forward(step(noGrad: true))
-        results.append(CheckResult(name: "forward deterministic", passed: v1 == v2, detail: "loss \(fmt(Double(res.loss)))"))
+        results.append(
+            CheckResult(name: "forward deterministic", passed: v1 == v2, detail: "loss \(fmt(Double(res.loss)))"))
         let expectCount = targets.filter { $0 != Int32(VQMOE_PAD_TARGET) }.count
-        let sumsOK = res.count == expectCount && abs(res.lossSum / Double(max(res.count, 1)) - Double(res.loss)) < 1e-4 * max(1, Double(res.loss))
-        results.append(CheckResult(name: "loss_sum / count = loss, pad targets ignored", passed: sumsOK,
-                                   detail: "count \(res.count) (expected \(expectCount)), loss_sum \(fmt(res.lossSum))"))
+        let sumsOK =
+            res.count == expectCount
+            && abs(res.lossSum / Double(max(res.count, 1)) - Double(res.loss)) < 1e-4 * max(1, Double(res.loss))
+        results.append(
+            CheckResult(
+                name: "loss_sum / count = loss, pad targets ignored", passed: sumsOK,
+                detail: "count \(res.count) (expected \(expectCount)), loss_sum \(fmt(res.lossSum))"))
         let (_, _, evalRes) = try forward(step(train: false))
         results.append(evalModeLeavesNoContext(evalRes.ctx))
-        guard let ctx = res.ctx else { return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")] }
+        guard let ctx = res.ctx else {
+            return results + [CheckResult(name: "train forward saves a context", passed: false, detail: "ctx was NULL")]
+        }
         h.core.zeroGrads()
         var gh = [Float](repeating: 0, count: b * t * d)
-        try gh.withUnsafeMutableBufferPointer { try h.backward(ctx, batch: b, seq: t, gradLoss: cLoss, gradH: $0.baseAddress!) }
-        let eval: Eval = { let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc) }
+        try gh.withUnsafeMutableBufferPointer {
+            try h.backward(ctx, batch: b, seq: t, gradLoss: cLoss, gradH: $0.baseAddress!)
+        }
+        let eval: Eval = {
+            let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc)
+        }
         results += try hs.withUnsafeMutableBufferPointer { hp in
-            try gradchecks(h.core, inputName: "h", input: hp.baseAddress!, inputCount: b * t * d, inputGrad: gh, restore: restore, eval: eval)
+            try gradchecks(
+                h.core, inputName: "h", input: hp.baseAddress!, inputCount: b * t * d, inputGrad: gh, restore: restore,
+                eval: eval)
         }
         return results
     }
@@ -377,12 +469,21 @@ public struct PluginChecker {
     // MARK: dataset
 
     private func checkDataset(_ ds: DatasetInstance) throws -> [CheckResult] {
-        var results = [CheckResult(name: "info", passed: true,
-                                   detail: "task \(ds.task), vocab \(ds.vocabSize), classes \(ds.nClasses), sample \(ds.sampleShape), splits \(ds.splitSizes)")]
+        var results = [
+            CheckResult(
+                name: "info", passed: true,
+                detail:
+                    "task \(ds.task), vocab \(ds.vocabSize), classes \(ds.nClasses), sample \(ds.sampleShape), splits \(ds.splitSizes)"
+            )
+        ]
         let bs = 4
-        guard let a = try ds.read(.train, index: 0, batchSize: bs), let a2 = try ds.read(.train, index: 0, batchSize: bs),
-              let b = try ds.read(.train, index: 1, batchSize: bs) else {
-            return results + [CheckResult(name: "train batches", passed: false, detail: "the train split gave no batch")]
+        guard let a = try ds.read(.train, index: 0, batchSize: bs),
+            let a2 = try ds.read(.train, index: 0, batchSize: bs),
+            let b = try ds.read(.train, index: 1, batchSize: bs)
+        else {
+            return results + [
+                CheckResult(name: "train batches", passed: false, detail: "the train split gave no batch")
+            ]
         }
         let same = a.inputsInt == a2.inputsInt && a.inputsFloat == a2.inputsFloat && a.targets == a2.targets
         results.append(CheckResult(name: "seek: same index, same batch", passed: same, detail: ""))
@@ -392,15 +493,22 @@ public struct PluginChecker {
         let inRange = a.inputsInt.allSatisfy { $0 >= 0 && Int($0) < limit }
         let classes = ds.isLM ? ds.vocabSize : ds.nClasses
         let targetsOK = a.targets.allSatisfy { ($0 >= 0 && Int($0) < classes) || $0 == Int32(VQMOE_PAD_TARGET) }
-        results.append(CheckResult(name: "inputs and targets in range", passed: inRange && targetsOK && a.inputsFloat.allSatisfy(\.isFinite),
-                                   detail: "tokens < \(limit), targets < \(classes) or pad"))
+        results.append(
+            CheckResult(
+                name: "inputs and targets in range",
+                passed: inRange && targetsOK && a.inputsFloat.allSatisfy(\.isFinite),
+                detail: "tokens < \(limit), targets < \(classes) or pad"))
         for split in [Split.valid, .test] {
             let nb = try ds.numBatches(split, batchSize: bs)
-            if nb == 0 { results.append(CheckResult(name: "\(split.name) split", passed: true, detail: "empty")); continue }
+            if nb == 0 {
+                results.append(CheckResult(name: "\(split.name) split", passed: true, detail: "empty")); continue
+            }
             let last = try ds.read(split, index: nb - 1, batchSize: bs)
             let past = try ds.read(split, index: nb, batchSize: bs)
-            results.append(CheckResult(name: "\(split.name) split ends after num_batches", passed: last != nil && past == nil,
-                                       detail: "\(nb) batches of \(bs)"))
+            results.append(
+                CheckResult(
+                    name: "\(split.name) split ends after num_batches", passed: last != nil && past == nil,
+                    detail: "\(nb) batches of \(bs)"))
         }
         return results
     }
@@ -413,27 +521,38 @@ public struct PluginChecker {
 
 /// Check a libffi-bridged router: it loads, fills one expert per token in range, and is
 /// deterministic.
-public func checkFFIRouter(_ router: FFIRouter, dims: ModelDims = ModelDims(dModel: 8, nExperts: 4, vocabSize: 50)) -> [CheckResult] {
+public func checkFFIRouter(
+    _ router: FFIRouter, dims: ModelDims = ModelDims(dModel: 8, nExperts: 4, vocabSize: 50)
+) -> [CheckResult] {
     let n = 32, d = dims.dModel, e = dims.nExperts
     var r = HostRNG.make(seed: 5, stream: 0)
     let x = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
     let ids = (0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }
-    var results = [CheckResult(name: "ffi binding", passed: true,
-                               detail: "\(router.entry.symbol) in \(router.entry.library): \(router.entry.signatureText)")]
+    var results = [
+        CheckResult(
+            name: "ffi binding", passed: true,
+            detail: "\(router.entry.symbol) in \(router.entry.library): \(router.entry.signatureText)")
+    ]
     do {
         var a = [Int32](repeating: -1, count: n), b = [Int32](repeating: -1, count: n)
         try x.withUnsafeBufferPointer { xp in
             try ids.withUnsafeBufferPointer { ip in
                 try a.withUnsafeMutableBufferPointer {
-                    try router.route(x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1, expert: $0.baseAddress!)
+                    try router.route(
+                        x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1,
+                        expert: $0.baseAddress!)
                 }
                 try b.withUnsafeMutableBufferPointer {
-                    try router.route(x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1, expert: $0.baseAddress!)
+                    try router.route(
+                        x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1,
+                        expert: $0.baseAddress!)
                 }
             }
         }
-        results.append(CheckResult(name: "route: one expert per token in range", passed: true,
-                                   detail: "load " + (0..<e).map { ex in String(a.filter { $0 == ex }.count) }.joined(separator: "/")))
+        results.append(
+            CheckResult(
+                name: "route: one expert per token in range", passed: true,
+                detail: "load " + (0..<e).map { ex in String(a.filter { $0 == ex }.count) }.joined(separator: "/")))
         results.append(CheckResult(name: "route deterministic", passed: a == b, detail: ""))
     } catch {
         results.append(CheckResult(name: "route", passed: false, detail: "\(error)"))

@@ -9,8 +9,10 @@ import VQMoEABI
 public struct ModelDims: Sendable, Equatable {
     public var dModel = 0, nExperts = 0, nCodes = 0, vocabSize = 0, nClasses = 0, seqLen = 0, totalSteps = 0
     public var dataRoot = ""
-    public init(dModel: Int = 0, nExperts: Int = 0, nCodes: Int = 0, vocabSize: Int = 0, nClasses: Int = 0,
-                seqLen: Int = 0, totalSteps: Int = 0, dataRoot: String = "") {
+    public init(
+        dModel: Int = 0, nExperts: Int = 0, nCodes: Int = 0, vocabSize: Int = 0, nClasses: Int = 0,
+        seqLen: Int = 0, totalSteps: Int = 0, dataRoot: String = ""
+    ) {
         self.dModel = dModel; self.nExperts = nExperts; self.nCodes = nCodes; self.vocabSize = vocabSize
         self.nClasses = nClasses; self.seqLen = seqLen; self.totalSteps = totalSteps; self.dataRoot = dataRoot
     }
@@ -27,16 +29,20 @@ public struct StepInfo: Sendable, Equatable {
     public var flags: UInt32
     public var seed: UInt64
 
-    public init(step: Int, totalSteps: Int, train: Bool, noGrad: Bool = false, frozen: Bool = false,
-                surrogate: Bool = false, seed: UInt64) {
+    public init(
+        step: Int, totalSteps: Int, train: Bool, noGrad: Bool = false, frozen: Bool = false,
+        surrogate: Bool = false, seed: UInt64
+    ) {
         self.step = step; self.totalSteps = totalSteps; self.seed = seed
-        flags = (train ? VQMOE_STEP_TRAIN : 0) | (noGrad ? VQMOE_STEP_NO_GRAD : 0)
+        flags =
+            (train ? VQMOE_STEP_TRAIN : 0) | (noGrad ? VQMOE_STEP_NO_GRAD : 0)
             | (frozen ? VQMOE_STEP_FROZEN : 0) | (surrogate ? VQMOE_STEP_SURROGATE : 0)
     }
 
     var c: vqmoe_step_info {
-        vqmoe_step_info(struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size), flags: flags,
-                        step: Int64(step), total_steps: Int64(totalSteps), seed: seed)
+        vqmoe_step_info(
+            struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size), flags: flags,
+            step: Int64(step), total_steps: Int64(totalSteps), seed: seed)
     }
     var savesContext: Bool { flags & VQMOE_STEP_TRAIN != 0 && flags & VQMOE_STEP_NO_GRAD == 0 }
 
@@ -75,15 +81,21 @@ public final class HostBuffer: @unchecked Sendable {
         guard spec.ndim >= 0 && spec.ndim <= VQMOE_MAX_DIMS else {
             throw VQMoEError(.plugin, "\(owner): buffer '\(name)' has ndim \(spec.ndim)")
         }
-        shape = withUnsafeBytes(of: spec.shape) { raw in (0..<Int(spec.ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) } }
-        guard shape.allSatisfy({ $0 >= 0 }) else { throw VQMoEError(.plugin, "\(owner): buffer '\(name)' has a negative dimension \(shape)") }
+        shape = withUnsafeBytes(of: spec.shape) { raw in
+            (0..<Int(spec.ndim)).map { Int(raw.load(fromByteOffset: $0 * 8, as: Int64.self)) }
+        }
+        guard shape.allSatisfy({ $0 >= 0 }) else {
+            throw VQMoEError(.plugin, "\(owner): buffer '\(name)' has a negative dimension \(shape)")
+        }
         count = shape.reduce(1, *)
         let elementBytes = Int(dtype.bits) / 8 * Int(max(dtype.lanes, 1))
         guard elementBytes > 0, !isParameter || (dtype.code == UInt8(VQMOE_DTYPE_FLOAT) && dtype.bits == 32) else {
             throw VQMoEError(.plugin, "\(owner): parameter '\(name)' must be float32")
         }
         byteCount = count * elementBytes
-        guard let d = HostRuntime.alignedAlloc(byteCount) else { throw VQMoEError(.internalError, "out of memory for buffer \(name)") }
+        guard let d = HostRuntime.alignedAlloc(byteCount) else {
+            throw VQMoEError(.internalError, "out of memory for buffer \(name)")
+        }
         memset(d, 0, max(byteCount, 1))
         data = d
         if isParameter {
@@ -121,13 +133,18 @@ public final class PluginInstance: @unchecked Sendable {
     public private(set) var buffers: [HostBuffer] = []
     let handle: OpaquePointer
 
-    public init(library: PluginLibrary, instanceName: String, dims: ModelDims,
-                hyperparameters: ResolvedHyperparameters, seed: UInt64, initialize: Bool = true) throws {
+    public init(
+        library: PluginLibrary, instanceName: String, dims: ModelDims,
+        hyperparameters: ResolvedHyperparameters, seed: UInt64, initialize: Bool = true
+    ) throws {
         self.library = library
         self.instanceName = instanceName
-        let root = Registry.findRegistry(from: [FileManager.default.currentDirectoryPath, Registry.executableDirectory()])
-            .map { URL(fileURLWithPath: $0).deletingLastPathComponent().path } ?? FileManager.default.currentDirectoryPath
-        let hyperparameters = hyperparameters.expandingPaths(schema: library.schema, dataRoot: dims.dataRoot, root: root)
+        let root =
+            Registry.findRegistry(from: [FileManager.default.currentDirectoryPath, Registry.executableDirectory()])
+            .map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
+            ?? FileManager.default.currentDirectoryPath
+        let hyperparameters = hyperparameters.expandingPaths(
+            schema: library.schema, dataRoot: dims.dataRoot, root: root)
         self.hyperparameters = hyperparameters
         self.dims = dims
         let d = library.desc.pointee
@@ -149,7 +166,10 @@ public final class PluginInstance: @unchecked Sendable {
         guard status == VQMOE_OK, let h = out else {
             let msg = HostRuntime.takeError() ?? "no message"
             if let h = out { d.destroy?(h) }
-            throw VQMoEError(.plugin, "\(library.kind.rawValue) '\(library.name)' (\(instanceName)) failed in create: \(statusName(status)): \(msg)")
+            throw VQMoEError(
+                .plugin,
+                "\(library.kind.rawValue) '\(library.name)' (\(instanceName)) failed in create: \(statusName(status)): \(msg)"
+            )
         }
         handle = h
         // Declared buffers, allocated and zeroed by the host, then bound.
@@ -161,7 +181,9 @@ public final class PluginInstance: @unchecked Sendable {
             spec.struct_size = UInt32(MemoryLayout<vqmoe_buffer_spec>.size)
             try call("buffer_spec(\(i))") { d.buffer_spec!(h, Int32(i), &spec) }
             let b = try HostBuffer(spec: spec, owner: describe)
-            if buffers.contains(where: { $0.name == b.name }) { throw VQMoEError(.plugin, "\(describe): buffer '\(b.name)' declared twice") }
+            if buffers.contains(where: { $0.name == b.name }) {
+                throw VQMoEError(.plugin, "\(describe): buffer '\(b.name)' declared twice")
+            }
             buffers.append(b)
             bindings.append(vqmoe_buffer_binding(data: b.data, grad: b.grad))
         }
@@ -199,8 +221,9 @@ public final class PluginInstance: @unchecked Sendable {
         HostRuntime.releaseScratch()
         if status != VQMOE_OK {
             let msg = HostRuntime.takeError() ?? "no message"
-            throw VQMoEError(status == VQMOE_ERR_NUMERIC ? .numeric : .plugin,
-                             "\(describe) failed in \(what): \(statusName(status)): \(msg)")
+            throw VQMoEError(
+                status == VQMOE_ERR_NUMERIC ? .numeric : .plugin,
+                "\(describe) failed in \(what): \(statusName(status)): \(msg)")
         }
     }
 
@@ -257,8 +280,10 @@ final class TensorArena {
         let s = UnsafeMutablePointer<Int64>.allocate(capacity: max(shape.count, 1))
         for (i, v) in shape.enumerated() { s[i] = Int64(v) }
         shapes.append(s)
-        return vqmoe_tensor(data: UnsafeMutableRawPointer(mutating: data), device: vqmoe_device(device_type: VQMOE_DEVICE_CPU, device_id: 0),
-                            ndim: Int32(shape.count), dtype: dtype, shape: UnsafePointer(s), strides: nil, byte_offset: 0)
+        return vqmoe_tensor(
+            data: UnsafeMutableRawPointer(mutating: data),
+            device: vqmoe_device(device_type: VQMOE_DEVICE_CPU, device_id: 0),
+            ndim: Int32(shape.count), dtype: dtype, shape: UnsafePointer(s), strides: nil, byte_offset: 0)
     }
     func f32(_ p: UnsafePointer<Float>?, _ shape: [Int]) -> vqmoe_tensor { tensor(p, vqmoe_f32(), shape) }
     func i32(_ p: UnsafePointer<Int32>?, _ shape: [Int]) -> vqmoe_tensor { tensor(p, vqmoe_i32(), shape) }

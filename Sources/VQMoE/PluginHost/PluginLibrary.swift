@@ -36,19 +36,26 @@ public final class PluginLibrary: @unchecked Sendable {
     private init(path: String) throws {
         self.path = path
         guard FileManager.default.fileExists(atPath: path) else {
-            throw VQMoEError(.plugin, "plugin library \(path) does not exist (build the plugins with `swift build -c release`)")
+            throw VQMoEError(
+                .plugin, "plugin library \(path) does not exist (build the plugins with `swift build -c release`)")
         }
         guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
             throw VQMoEError(.plugin, "cannot load plugin library \(path): dlopen failed: \(why)")
         }
         guard let sym = dlsym(handle, VQMOE_ENTRY_SYMBOL) else {
-            throw VQMoEError(.plugin, "\(path) is not a vqmoe plugin: it does not export the entry symbol `\(VQMOE_ENTRY_SYMBOL)` (C: mark it VQMOE_EXPORT; Swift: `@_cdecl(\"\(VQMOE_ENTRY_SYMBOL)\") public func ...`)")
+            throw VQMoEError(
+                .plugin,
+                "\(path) is not a vqmoe plugin: it does not export the entry symbol `\(VQMOE_ENTRY_SYMBOL)` (C: mark it VQMOE_EXPORT; Swift: `@_cdecl(\"\(VQMOE_ENTRY_SYMBOL)\") public func ...`)"
+            )
         }
         let entry = unsafeBitCast(sym, to: vqmoe_plugin_entry_fn.self)
         _ = HostRuntime.takeError()
         guard let d = entry(UnsafePointer(HostRuntime.api)) else {
-            throw VQMoEError(.plugin, "\(path): the plugin refused this host (host plugin ABI \(abiString(UInt32(VQMOE_ABI_VERSION))))" + (HostRuntime.takeError().map { ": \($0)" } ?? ""))
+            throw VQMoEError(
+                .plugin,
+                "\(path): the plugin refused this host (host plugin ABI \(abiString(UInt32(VQMOE_ABI_VERSION))))"
+                    + (HostRuntime.takeError().map { ": \($0)" } ?? ""))
         }
         // abi_version and struct_size come first in every version; read nothing else before
         // the major is known to match.
@@ -56,14 +63,22 @@ public final class PluginLibrary: @unchecked Sendable {
         let abi = raw.load(as: UInt32.self)
         let size = raw.load(fromByteOffset: 4, as: UInt32.self)
         guard abi >> 16 == UInt32(VQMOE_ABI_VERSION_MAJOR) else {
-            throw VQMoEError(.plugin, "\(path): built for plugin ABI \(abiString(abi)), but this host speaks ABI \(abiString(UInt32(VQMOE_ABI_VERSION))); rebuild the plugin against vqmoe_plugin.h \(VQMOE_ABI_VERSION_MAJOR).x")
+            throw VQMoEError(
+                .plugin,
+                "\(path): built for plugin ABI \(abiString(abi)), but this host speaks ABI \(abiString(UInt32(VQMOE_ABI_VERSION))); rebuild the plugin against vqmoe_plugin.h \(VQMOE_ABI_VERSION_MAJOR).x"
+            )
         }
         guard Int(size) >= MemoryLayout<vqmoe_plugin_desc>.size else {
-            throw VQMoEError(.plugin, "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_plugin_desc>.size)")
+            throw VQMoEError(
+                .plugin,
+                "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_plugin_desc>.size)"
+            )
         }
         let desc = d.pointee
         guard let kind = PluginKind(code: desc.kind) else {
-            throw VQMoEError(.plugin, "\(path): unknown component kind \(desc.kind) (expected 1 router, 2 quantizer, 3 dataset, 4 head)")
+            throw VQMoEError(
+                .plugin,
+                "\(path): unknown component kind \(desc.kind) (expected 1 router, 2 quantizer, 3 dataset, 4 head)")
         }
         let name = desc.name.map { String(cString: $0) } ?? ""
         guard name.range(of: "^[a-z][a-z0-9_]*$", options: .regularExpression) != nil else {
@@ -74,12 +89,16 @@ public final class PluginLibrary: @unchecked Sendable {
         }
         try need(desc.create != nil, "create")
         try need(desc.destroy != nil, "destroy")
-        try need(desc.num_buffers != nil && desc.buffer_spec != nil && desc.bind_buffers != nil && desc.init_buffers != nil,
-                 "one of num_buffers / buffer_spec / bind_buffers / init_buffers")
+        try need(
+            desc.num_buffers != nil && desc.buffer_spec != nil && desc.bind_buffers != nil && desc.init_buffers != nil,
+            "one of num_buffers / buffer_spec / bind_buffers / init_buffers")
         try need(desc.kind_api != nil, "kind_api (the vqmoe_\(kind.rawValue)_api table)")
         let apiSize = Int(desc.kind_api!.load(as: UInt32.self))
         guard apiSize >= kind.apiStructSize else {
-            throw VQMoEError(.plugin, "\(path) ('\(name)'): vqmoe_\(kind.rawValue)_api struct_size \(apiSize) is smaller than ABI 1.0's \(kind.apiStructSize)")
+            throw VQMoEError(
+                .plugin,
+                "\(path) ('\(name)'): vqmoe_\(kind.rawValue)_api struct_size \(apiSize) is smaller than ABI 1.0's \(kind.apiStructSize)"
+            )
         }
         try PluginLibrary.checkKindAPI(kind, desc.kind_api!, need)
         self.desc = d
@@ -99,23 +118,28 @@ public final class PluginLibrary: @unchecked Sendable {
         self.schema = specs
     }
 
-    private static func checkKindAPI(_ kind: PluginKind, _ api: UnsafeRawPointer,
-                                     _ need: (Bool, String) throws -> Void) throws {
+    private static func checkKindAPI(
+        _ kind: PluginKind, _ api: UnsafeRawPointer,
+        _ need: (Bool, String) throws -> Void
+    ) throws {
         switch kind {
         case .router:
             let a = api.load(as: vqmoe_router_api.self)
             try need(a.shape != nil && a.forward != nil && a.free_ctx != nil, "router shape / forward / free_ctx")
         case .quantizer:
             let a = api.load(as: vqmoe_quantizer_api.self)
-            try need(a.shape != nil && a.forward != nil && a.backward != nil && a.free_ctx != nil,
-                     "quantizer shape / forward / backward / free_ctx")
+            try need(
+                a.shape != nil && a.forward != nil && a.backward != nil && a.free_ctx != nil,
+                "quantizer shape / forward / backward / free_ctx")
         case .dataset:
             let a = api.load(as: vqmoe_dataset_api.self)
-            try need(a.info != nil && a.num_batches != nil && a.read_batch != nil, "dataset info / num_batches / read_batch")
+            try need(
+                a.info != nil && a.num_batches != nil && a.read_batch != nil, "dataset info / num_batches / read_batch")
         case .head:
             let a = api.load(as: vqmoe_head_api.self)
-            try need(a.shape != nil && a.forward != nil && a.backward != nil && a.free_ctx != nil,
-                     "head shape / forward / backward / free_ctx")
+            try need(
+                a.shape != nil && a.forward != nil && a.backward != nil && a.free_ctx != nil,
+                "head shape / forward / backward / free_ctx")
         }
     }
 

@@ -47,12 +47,17 @@ public final class Registry: @unchecked Sendable {
     ///     from the current directory or the executable's directory upwards.
     ///   - binDir: where `$BIN` points; nil → `$VQMOE_BIN`, else the executable's directory.
     ///   - searchPath: directories to scan for plugin libraries; nil → `$VQMOE_PLUGIN_PATH`.
-    public static func load(registryPath: String? = nil, binDir: String? = nil,
-                            searchPath: [String]? = nil) throws -> Registry {
+    public static func load(
+        registryPath: String? = nil, binDir: String? = nil,
+        searchPath: [String]? = nil
+    ) throws -> Registry {
         let env = ProcessInfo.processInfo.environment
         let bin = binDir ?? env["VQMOE_BIN"] ?? Registry.executableDirectory()
-        let path = registryPath ?? env["VQMOE_REGISTRY"] ?? Registry.findRegistry(from: [
-            FileManager.default.currentDirectoryPath, bin])
+        let path =
+            registryPath ?? env["VQMOE_REGISTRY"]
+            ?? Registry.findRegistry(from: [
+                FileManager.default.currentDirectoryPath, bin,
+            ])
         let dirs = searchPath ?? (env["VQMOE_PLUGIN_PATH"] ?? "").split(separator: ":").map(String.init)
         return try Registry(registryPath: path, binDir: bin, searchPath: dirs)
     }
@@ -60,7 +65,8 @@ public final class Registry: @unchecked Sendable {
     init(registryPath: String?, binDir: String, searchPath: [String]) throws {
         self.registryPath = registryPath
         self.binDir = binDir
-        self.root = registryPath.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
+        self.root =
+            registryPath.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
             ?? FileManager.default.currentDirectoryPath
         if let registryPath { try readRegistry(registryPath) }
         for dir in searchPath where !dir.isEmpty { try scan(directory: dir) }
@@ -68,7 +74,8 @@ public final class Registry: @unchecked Sendable {
 
     /// Directory of the running executable (`/proc/self/exe`).
     public static func executableDirectory() -> String {
-        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let exe =
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         return URL(fileURLWithPath: exe).deletingLastPathComponent().path
     }
 
@@ -114,12 +121,20 @@ public final class Registry: @unchecked Sendable {
             guard let obj = item as? [String: Any] else { throw VQMoEError(.registry, "\(origin): expected an object") }
             let allowed = ["name", "kind", "library", "ffi", "sha256", "defaults", "comment"]
             if let bad = obj.keys.sorted().first(where: { !allowed.contains($0) }) {
-                throw VQMoEError(.registry, "\(origin).\(bad): unknown key; known: \(closestFirst(bad, among: allowed).joined(separator: ", "))")
+                throw VQMoEError(
+                    .registry,
+                    "\(origin).\(bad): unknown key; known: \(closestFirst(bad, among: allowed).joined(separator: ", "))"
+                )
             }
-            guard let name = obj["name"] as? String, !name.isEmpty else { throw VQMoEError(.registry, "\(origin).name: missing or not a string") }
-            guard let kindName = obj["kind"] as? String else { throw VQMoEError(.registry, "\(origin).kind: missing or not a string") }
+            guard let name = obj["name"] as? String, !name.isEmpty else {
+                throw VQMoEError(.registry, "\(origin).name: missing or not a string")
+            }
+            guard let kindName = obj["kind"] as? String else {
+                throw VQMoEError(.registry, "\(origin).kind: missing or not a string")
+            }
             guard let kind = PluginKind(name: kindName) else {
-                throw VQMoEError(.registry, "\(origin).kind: '\(kindName)' is not one of router, quantizer, dataset, head")
+                throw VQMoEError(
+                    .registry, "\(origin).kind: '\(kindName)' is not one of router, quantizer, dataset, head")
             }
             let defaults = try (obj["defaults"] as? [String: Any] ?? [:]).mapValues { try SendableJSON($0) }
             let source: Entry.Source
@@ -129,10 +144,13 @@ public final class Registry: @unchecked Sendable {
                 source = .ffi(try FFISignatureEntry(json: ffi, origin: "\(origin).ffi", expand: expand))
                 guard kind == .router else { throw VQMoEError(.registry, "\(origin): ffi entries can only be routers") }
             } else {
-                throw VQMoEError(.registry, "\(origin): needs \"library\" (a plugin .so) or \"ffi\" (a plain C function)")
+                throw VQMoEError(
+                    .registry, "\(origin): needs \"library\" (a plugin .so) or \"ffi\" (a plain C function)")
             }
-            try add(Entry(name: name, kind: kind, source: source, sha256: (obj["sha256"] as? String)?.lowercased(),
-                          defaults: defaults, origin: origin))
+            try add(
+                Entry(
+                    name: name, kind: kind, source: source, sha256: (obj["sha256"] as? String)?.lowercased(),
+                    defaults: defaults, origin: origin))
         }
     }
 
@@ -143,14 +161,19 @@ public final class Registry: @unchecked Sendable {
         for file in files.sorted() where file.hasSuffix(".so") || file.hasSuffix(".dylib") {
             let path = URL(fileURLWithPath: directory).appendingPathComponent(file).path
             let lib = try PluginLibrary.open(path)
-            try add(Entry(name: lib.name, kind: lib.kind, source: .library(path: path), sha256: nil,
-                          defaults: [:], origin: path))
+            try add(
+                Entry(
+                    name: lib.name, kind: lib.kind, source: .library(path: path), sha256: nil,
+                    defaults: [:], origin: path))
         }
     }
 
     private func add(_ e: Entry) throws {
         if let other = entries.first(where: { $0.name == e.name }) {
-            throw VQMoEError(.registry, "duplicate plugin name '\(e.name)': declared by \(other.origin) (\(other.kind.rawValue)) and by \(e.origin) (\(e.kind.rawValue)); names must be unique")
+            throw VQMoEError(
+                .registry,
+                "duplicate plugin name '\(e.name)': declared by \(other.origin) (\(other.kind.rawValue)) and by \(e.origin) (\(e.kind.rawValue)); names must be unique"
+            )
         }
         entries.append(e)
     }
@@ -160,17 +183,25 @@ public final class Registry: @unchecked Sendable {
     public func entry(named name: String, kind: PluginKind? = nil) throws -> Entry {
         if let e = entries.first(where: { $0.name == name }) {
             if let kind, e.kind != kind {
-                throw VQMoEError(.registry, "'\(name)' is a \(e.kind.rawValue), not a \(kind.rawValue); known \(kind.rawValue)s: \(names(of: kind, closestTo: name).joined(separator: ", "))")
+                throw VQMoEError(
+                    .registry,
+                    "'\(name)' is a \(e.kind.rawValue), not a \(kind.rawValue); known \(kind.rawValue)s: \(names(of: kind, closestTo: name).joined(separator: ", "))"
+                )
             }
             return e
         }
         if let kind {
             let known = names(of: kind, closestTo: name)
-            throw VQMoEError(.registry, "unknown \(kind.rawValue) '\(name)'; known \(kind.rawValue)s: " +
-                (known.isEmpty ? "(none registered)" : known.joined(separator: ", ")))
+            throw VQMoEError(
+                .registry,
+                "unknown \(kind.rawValue) '\(name)'; known \(kind.rawValue)s: "
+                    + (known.isEmpty ? "(none registered)" : known.joined(separator: ", ")))
         }
         let known = closestFirst(name, among: entries.map(\.name))
-        throw VQMoEError(.registry, "unknown plugin '\(name)'; known plugins: " + (known.isEmpty ? "(none registered)" : known.joined(separator: ", ")))
+        throw VQMoEError(
+            .registry,
+            "unknown plugin '\(name)'; known plugins: "
+                + (known.isEmpty ? "(none registered)" : known.joined(separator: ", ")))
     }
 
     public func names(of kind: PluginKind, closestTo query: String) -> [String] {
@@ -186,12 +217,18 @@ public final class Registry: @unchecked Sendable {
         if let pin = e.sha256 {
             let actual = try SHA256.hex(ofFile: path)
             guard actual == pin else {
-                throw VQMoEError(.registry, "\(path): sha256 mismatch for '\(e.name)' (\(e.origin)): pinned \(pin), file has \(actual); refusing to load it")
+                throw VQMoEError(
+                    .registry,
+                    "\(path): sha256 mismatch for '\(e.name)' (\(e.origin)): pinned \(pin), file has \(actual); refusing to load it"
+                )
             }
         }
         let lib = try PluginLibrary.open(path)
         guard lib.name == e.name, lib.kind == e.kind else {
-            throw VQMoEError(.registry, "\(e.origin): registered as \(e.kind.rawValue) '\(e.name)', but \(path) is \(lib.kind.rawValue) '\(lib.name)'")
+            throw VQMoEError(
+                .registry,
+                "\(e.origin): registered as \(e.kind.rawValue) '\(e.name)', but \(path) is \(lib.kind.rawValue) '\(lib.name)'"
+            )
         }
         return lib
     }

@@ -8,19 +8,23 @@ public struct RouterShape: Sendable, Equatable {
     public var k: Int
     /// Slots per expert (dense / SoftMoE).
     public var slotsPerExpert: Int
-    public init(mode: Mode, k: Int, slotsPerExpert: Int = 0) { self.mode = mode; self.k = k; self.slotsPerExpert = slotsPerExpert }
+    public init(mode: Mode, k: Int, slotsPerExpert: Int = 0) {
+        self.mode = mode; self.k = k; self.slotsPerExpert = slotsPerExpert
+    }
 }
 
 /// Host-allocated router outputs for N tokens (see `vqmoe_router_output`).
 public struct RouterOutputs {
     public var expertIndex: UnsafeMutablePointer<Int32>?  // (N,k)
-    public var weights: UnsafeMutablePointer<Float>?      // (N,k)
-    public var dispatch: UnsafeMutablePointer<Float>?     // (N,E*S)
-    public var combine: UnsafeMutablePointer<Float>?      // (N,E*S)
-    public var expertLoad: UnsafeMutablePointer<Float>    // (E)
-    public init(expertIndex: UnsafeMutablePointer<Int32>? = nil, weights: UnsafeMutablePointer<Float>? = nil,
-                dispatch: UnsafeMutablePointer<Float>? = nil, combine: UnsafeMutablePointer<Float>? = nil,
-                expertLoad: UnsafeMutablePointer<Float>) {
+    public var weights: UnsafeMutablePointer<Float>?  // (N,k)
+    public var dispatch: UnsafeMutablePointer<Float>?  // (N,E*S)
+    public var combine: UnsafeMutablePointer<Float>?  // (N,E*S)
+    public var expertLoad: UnsafeMutablePointer<Float>  // (E)
+    public init(
+        expertIndex: UnsafeMutablePointer<Int32>? = nil, weights: UnsafeMutablePointer<Float>? = nil,
+        dispatch: UnsafeMutablePointer<Float>? = nil, combine: UnsafeMutablePointer<Float>? = nil,
+        expertLoad: UnsafeMutablePointer<Float>
+    ) {
         self.expertIndex = expertIndex; self.weights = weights; self.dispatch = dispatch
         self.combine = combine; self.expertLoad = expertLoad
     }
@@ -49,7 +53,8 @@ public final class RouterInstance: @unchecked Sendable {
 
     public func shape(_ step: StepInfo) throws -> RouterShape {
         var s = step.c
-        var out = vqmoe_router_shape(struct_size: structSize(vqmoe_router_shape.self), mode: 0, k: 0, slots_per_expert: 0)
+        var out = vqmoe_router_shape(
+            struct_size: structSize(vqmoe_router_shape.self), mode: 0, k: 0, slots_per_expert: 0)
         try core.call("shape") { api.shape!(core.handle, &s, &out) }
         switch out.mode {
         case VQMOE_ROUTE_TOPK:
@@ -58,7 +63,9 @@ public final class RouterInstance: @unchecked Sendable {
             }
             return RouterShape(mode: .topK, k: Int(out.k))
         case VQMOE_ROUTE_DENSE:
-            guard out.slots_per_expert >= 1 else { throw VQMoEError(.plugin, "\(core.describe): dense routing needs slots_per_expert >= 1") }
+            guard out.slots_per_expert >= 1 else {
+                throw VQMoEError(.plugin, "\(core.describe): dense routing needs slots_per_expert >= 1")
+            }
             return RouterShape(mode: .dense, k: 0, slotsPerExpert: Int(out.slots_per_expert))
         default:
             throw VQMoEError(.plugin, "\(core.describe): shape() gave unknown mode \(out.mode)")
@@ -67,16 +74,19 @@ public final class RouterInstance: @unchecked Sendable {
 
     /// x (N,d) with N = nGroups*groupSize. Returns the weighted aux loss and the saved context
     /// (nil in eval / no-grad mode).
-    public func forward(_ step: StepInfo, x: UnsafePointer<Float>, tokenIDs: UnsafePointer<Int32>?,
-                        nGroups: Int, groupSize: Int, shape: RouterShape,
-                        outputs o: RouterOutputs) throws -> (aux: Float, ctx: PluginContext?) {
+    public func forward(
+        _ step: StepInfo, x: UnsafePointer<Float>, tokenIDs: UnsafePointer<Int32>?,
+        nGroups: Int, groupSize: Int, shape: RouterShape,
+        outputs o: RouterOutputs
+    ) throws -> (aux: Float, ctx: PluginContext?) {
         // Token ids go along whenever the model has them; a router whose configuration needs them
         // (StableMoE's distilled router) refuses their absence itself, naming the fix.
         let n = nGroups * groupSize, d = dModel, e = nExperts
         let a = TensorArena()
-        var input = vqmoe_router_input(struct_size: structSize(vqmoe_router_input.self), x: a.f32(x, [n, d]),
-                                       token_ids: tokenIDs.map { a.i32($0, [n]) } ?? TensorArena.absent,
-                                       n_groups: Int64(nGroups), group_size: Int64(groupSize))
+        var input = vqmoe_router_input(
+            struct_size: structSize(vqmoe_router_input.self), x: a.f32(x, [n, d]),
+            token_ids: tokenIDs.map { a.i32($0, [n]) } ?? TensorArena.absent,
+            n_groups: Int64(nGroups), group_size: Int64(groupSize))
         let es = e * shape.slotsPerExpert
         var out = vqmoe_router_output(
             struct_size: structSize(vqmoe_router_output.self),
@@ -92,13 +102,16 @@ public final class RouterInstance: @unchecked Sendable {
         if shape.mode == .topK {
             try core.checkFinite(o.weights, n * shape.k, "routing weight")
             for i in 0..<(n * shape.k) where o.expertIndex![i] < 0 || Int(o.expertIndex![i]) >= e {
-                throw VQMoEError(.plugin, "\(core.describe) failed in forward: expert index \(o.expertIndex![i]) outside [0, \(e))")
+                throw VQMoEError(
+                    .plugin, "\(core.describe) failed in forward: expert index \(o.expertIndex![i]) outside [0, \(e))")
             }
         } else {
             try core.checkFinite(o.dispatch, n * es, "dispatch weight")
             try core.checkFinite(o.combine, n * es, "combine weight")
         }
-        guard out.aux_loss.isFinite else { throw VQMoEError(.numeric, "\(core.describe) produced a non-finite aux loss (\(out.aux_loss))") }
+        guard out.aux_loss.isFinite else {
+            throw VQMoEError(.numeric, "\(core.describe) produced a non-finite aux loss (\(out.aux_loss))")
+        }
         return (out.aux_loss, context)
     }
 
@@ -109,10 +122,12 @@ public final class RouterInstance: @unchecked Sendable {
     }
 
     /// Accumulate dL/dx into gradX (N,d) and parameter gradients into the host's buffers.
-    public func backward(_ ctx: PluginContext, n: Int, shape: RouterShape,
-                         gradWeights: UnsafePointer<Float>? = nil, gradDispatch: UnsafePointer<Float>? = nil,
-                         gradCombine: UnsafePointer<Float>? = nil, gradAux: Float,
-                         gradX: UnsafeMutablePointer<Float>) throws {
+    public func backward(
+        _ ctx: PluginContext, n: Int, shape: RouterShape,
+        gradWeights: UnsafePointer<Float>? = nil, gradDispatch: UnsafePointer<Float>? = nil,
+        gradCombine: UnsafePointer<Float>? = nil, gradAux: Float,
+        gradX: UnsafeMutablePointer<Float>
+    ) throws {
         guard let bw = api.backward else { return }  // non-trainable, no input gradient
         let a = TensorArena()
         let es = nExperts * shape.slotsPerExpert
@@ -122,7 +137,8 @@ public final class RouterInstance: @unchecked Sendable {
             grad_dispatch: gradDispatch.map { a.f32($0, [n, es]) } ?? TensorArena.absent,
             grad_combine: gradCombine.map { a.f32($0, [n, es]) } ?? TensorArena.absent,
             grad_aux_loss: gradAux)
-        var gout = vqmoe_router_grad_out(struct_size: structSize(vqmoe_router_grad_out.self), grad_x: a.f32(gradX, [n, dModel]))
+        var gout = vqmoe_router_grad_out(
+            struct_size: structSize(vqmoe_router_grad_out.self), grad_x: a.f32(gradX, [n, dModel]))
         try core.call("backward") { bw(core.handle, ctx.pointer, &gin, &gout) }
     }
 }

@@ -40,9 +40,13 @@ public struct Bench {
         public var threads: Int
 
         public var json: [String: Any] {
-            ["tokens_per_s": tokensPerSecond, "ms_per_step": msPerStep, "ms_forward": msForward, "ms_backward": msBackward,
-             "ms_optimizer": msOptimizer, "ms_data": msData, "gflops": gflops, "peak_rss_mb": peakRSSMB,
-             "train_flops_per_step": trainFlopsPerStep, "loss_first": lossFirst, "loss_last": lossLast, "threads": threads]
+            [
+                "tokens_per_s": tokensPerSecond, "ms_per_step": msPerStep, "ms_forward": msForward,
+                "ms_backward": msBackward,
+                "ms_optimizer": msOptimizer, "ms_data": msData, "gflops": gflops, "peak_rss_mb": peakRSSMB,
+                "train_flops_per_step": trainFlopsPerStep, "loss_first": lossFirst, "loss_last": lossLast,
+                "threads": threads,
+            ]
         }
     }
 
@@ -55,7 +59,9 @@ public struct Bench {
             var t = StepTimings()
             let (parts, _) = try trainer.trainStep(step, timings: &t)
             losses.append(Double(parts.total))
-            if let r = trainer.model.layers.first?.router { k = try r.shape(StepInfo(step: step, totalSteps: steps, train: true, seed: 0)).k }
+            if let r = trainer.model.layers.first?.router {
+                k = try r.shape(StepInfo(step: step, totalSteps: steps, train: true, seed: 0)).k
+            }
             if step >= warmup { timings.append(t) }
         }
         func median(_ xs: [Double]) -> Double {
@@ -67,11 +73,12 @@ public struct Bench {
         let tokens = Double(config.train.batchSize * config.model.seqLen)
         let flops = 3 * tokens * trainer.model.flopsPerToken(k: k, batch: config.train.batchSize, attention: .square)
         let step = median(timings.map(\.total))
-        return Report(tokensPerSecond: tokens / (step / 1000), msPerStep: step, msForward: median(timings.map(\.forward)),
-                      msBackward: median(timings.map(\.backward)), msOptimizer: median(timings.map(\.optimizer)),
-                      msData: median(timings.map(\.data)), gflops: flops / (step / 1000) / 1e9,
-                      peakRSSMB: Double(usage.ru_maxrss) / 1024, trainFlopsPerStep: flops, lossFirst: losses.first ?? 0,
-                      lossLast: losses.last ?? 0, threads: config.train.threads)
+        return Report(
+            tokensPerSecond: tokens / (step / 1000), msPerStep: step, msForward: median(timings.map(\.forward)),
+            msBackward: median(timings.map(\.backward)), msOptimizer: median(timings.map(\.optimizer)),
+            msData: median(timings.map(\.data)), gflops: flops / (step / 1000) / 1e9,
+            peakRSSMB: Double(usage.ru_maxrss) / 1024, trainFlopsPerStep: flops, lossFirst: losses.first ?? 0,
+            lossLast: losses.last ?? 0, threads: config.train.threads)
     }
 }
 
@@ -108,14 +115,18 @@ public struct FFNBench {
         HostRuntime.configure(threads: config.train.threads)
         let c = config.model, d = c.dModel, n = config.train.batchSize * c.seqLen
         let builder = ModelBuilder(config: config, registry: registry)
-        let dims = ModelDims(dModel: d, nExperts: c.ffn.nExperts, nCodes: config.nCodes, vocabSize: 256, seqLen: c.seqLen,
-                             totalSteps: steps, dataRoot: builder.dataRoot)
+        let dims = ModelDims(
+            dModel: d, nExperts: c.ffn.nExperts, nCodes: config.nCodes, vocabSize: 256, seqLen: c.seqLen,
+            totalSteps: steps, dataRoot: builder.dataRoot)
         let comp = try builder.components(dims: dims, seed: 1, quantizerSeed: 2, name: "bench")
-        let moe = try MoELayer(config: c.ffn, dModel: d, name: "bench.ffn", router: comp.router, quantizer: comp.quantizer, seed: 3)
+        let moe = try MoELayer(
+            config: c.ffn, dModel: d, name: "bench.ffn", router: comp.router, quantizer: comp.quantizer, seed: 3)
         let k = try comp.router?.shape(StepInfo(step: 0, totalSteps: steps, train: true, seed: 0)).k ?? 1
-        let denseInner = max(c.ffn.composition.expertsPerToken(k: k, levels: comp.quantizer?.codesPerToken ?? 1), 1) * c.ffn.dInner
-        let dense = try MoELayer(config: FFNConfig(mode: .dense, dInner: denseInner), dModel: d, name: "bench.dense",
-                                 router: nil, quantizer: nil, seed: 4)
+        let denseInner =
+            max(c.ffn.composition.expertsPerToken(k: k, levels: comp.quantizer?.codesPerToken ?? 1), 1) * c.ffn.dInner
+        let dense = try MoELayer(
+            config: FFNConfig(mode: .dense, dInner: denseInner), dModel: d, name: "bench.dense",
+            router: nil, quantizer: nil, seed: 4)
         _ = try time(dense, n: n)  // warm both code paths once
         let moeMs = try time(moe, n: n), denseMs = try time(dense, n: n)
         return Report(moeMs: moeMs, denseMs: denseMs, denseInner: denseInner, tokens: n)
@@ -133,8 +144,9 @@ public struct FFNBench {
             let t0 = DispatchTime.now().uptimeNanoseconds
             let step = StepInfo(step: s, totalSteps: steps, train: true, seed: UInt64(s))
             _ = try y.withUnsafeMutableBufferPointer { yp in
-                try layer.forward(x: x, y: yp.baseAddress!, groups: config.train.batchSize, groupSize: config.model.seqLen,
-                                  tokenIDs: ids, step: step)
+                try layer.forward(
+                    x: x, y: yp.baseAddress!, groups: config.train.batchSize, groupSize: config.model.seqLen,
+                    tokenIDs: ids, step: step)
             }
             try dx.withUnsafeMutableBufferPointer { try layer.backward(dy: dy, dx: $0.baseAddress!) }
             layer.parameters.forEach { $0.zeroGrad() }

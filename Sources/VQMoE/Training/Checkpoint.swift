@@ -59,7 +59,9 @@ public enum Checkpoint {
     public static func atomicWrite(_ data: Data, to path: String) throws {
         let tmp = path + ".tmp-\(getpid())"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        guard fd >= 0 else { throw VQMoEError(.checkpoint, "\(tmp): cannot create (\(String(cString: strerror(errno))))") }
+        guard fd >= 0 else {
+            throw VQMoEError(.checkpoint, "\(tmp): cannot create (\(String(cString: strerror(errno))))")
+        }
         var ok = true
         data.withUnsafeBytes { raw in
             var done = 0
@@ -81,13 +83,20 @@ public enum Checkpoint {
         guard let file = FileManager.default.contents(atPath: path) else {
             throw VQMoEError(.checkpoint, "\(path): cannot read the checkpoint")
         }
-        func bad(_ why: String) -> VQMoEError { VQMoEError(.checkpoint, "\(path): not a valid vqmoe checkpoint: \(why)") }
+        func bad(_ why: String) -> VQMoEError {
+            VQMoEError(.checkpoint, "\(path): not a valid vqmoe checkpoint: \(why)")
+        }
         guard file.count >= 8 else { throw bad("file too short (\(file.count) bytes)") }
         let len = Int(file.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) }.littleEndian)
-        guard len > 0, 8 + len <= file.count else { throw bad("header length \(len) exceeds the file (\(file.count) bytes): truncated?") }
+        guard len > 0, 8 + len <= file.count else {
+            throw bad("header length \(len) exceeds the file (\(file.count) bytes): truncated?")
+        }
         guard let header = try? JSONSerialization.jsonObject(with: file.subdata(in: 8..<(8 + len))) as? [String: Any],
-              let meta = header["__metadata__"] as? [String: String] else { throw bad("the header is not safetensors JSON") }
-        guard meta["format"] == format else { throw bad("format is \(meta["format"] ?? "missing"), expected \(format)") }
+            let meta = header["__metadata__"] as? [String: String]
+        else { throw bad("the header is not safetensors JSON") }
+        guard meta["format"] == format else {
+            throw bad("format is \(meta["format"] ?? "missing"), expected \(format)")
+        }
         let body = file.subdata(in: (8 + len)..<file.count)
         guard let want = meta["sha256"], SHA256.hex(of: [UInt8](body)) == want else {
             throw bad("checksum mismatch: the data was truncated or altered")
@@ -95,7 +104,8 @@ public enum Checkpoint {
         var tensors: [String: (String, [Int], Data)] = [:]
         for (name, v) in header where name != "__metadata__" {
             guard let o = v as? [String: Any], let dtype = o["dtype"] as? String, let shape = o["shape"] as? [Int],
-                  let off = o["data_offsets"] as? [Int], off.count == 2, off[0] <= off[1], off[1] <= body.count else {
+                let off = o["data_offsets"] as? [Int], off.count == 2, off[0] <= off[1], off[1] <= body.count
+            else {
                 throw bad("entry '\(name)' is malformed")
             }
             tensors[name] = (dtype, shape, body.subdata(in: off[0]..<off[1]))
@@ -121,17 +131,22 @@ extension Transformer {
     /// the optimizer's state slots (`optimizer.<slot>.<parameter>`) when given.
     public func checkpointTensors(optimizer: Optimizer? = nil) -> [Checkpoint.Tensor] {
         var out = parameters.map {
-            Checkpoint.Tensor(name: $0.name, dtype: "F32", shape: $0.shape, bytes: UnsafeRawBufferPointer(start: $0.data, count: $0.count * 4))
+            Checkpoint.Tensor(
+                name: $0.name, dtype: "F32", shape: $0.shape,
+                bytes: UnsafeRawBufferPointer(start: $0.data, count: $0.count * 4))
         }
         out += stateBuffers.map {
-            Checkpoint.Tensor(name: "state.\($0.name)", dtype: Checkpoint.dtypeName($0.buffer), shape: $0.buffer.shape,
-                              bytes: UnsafeRawBufferPointer(start: $0.buffer.data, count: $0.buffer.byteCount))
+            Checkpoint.Tensor(
+                name: "state.\($0.name)", dtype: Checkpoint.dtypeName($0.buffer), shape: $0.buffer.shape,
+                bytes: UnsafeRawBufferPointer(start: $0.buffer.data, count: $0.buffer.byteCount))
         }
         out += trainMemory?.checkpointTensors() ?? []
         for slot in optimizer?.slots ?? [] {
             for (p, buffer) in zip(optimizer!.parameters, slot.buffers) {
-                out.append(Checkpoint.Tensor(name: "optimizer.\(slot.name).\(p.name)", dtype: "F32", shape: p.shape,
-                                             bytes: UnsafeRawBufferPointer(start: buffer, count: p.count * 4)))
+                out.append(
+                    Checkpoint.Tensor(
+                        name: "optimizer.\(slot.name).\(p.name)", dtype: "F32", shape: p.shape,
+                        bytes: UnsafeRawBufferPointer(start: buffer, count: p.count * 4)))
             }
         }
         return out
@@ -144,12 +159,15 @@ extension Transformer {
         func copy(_ name: String, into dst: UnsafeMutableRawPointer, bytes: Int, shape: [Int]) throws {
             guard let t = ck.tensors[name] else { throw VQMoEError(.checkpoint, "\(path): missing tensor '\(name)'") }
             guard t.shape == shape, t.data.count == bytes else {
-                throw VQMoEError(.checkpoint, "\(path): tensor '\(name)' has shape \(t.shape), the model needs \(shape)")
+                throw VQMoEError(
+                    .checkpoint, "\(path): tensor '\(name)' has shape \(t.shape), the model needs \(shape)")
             }
             t.data.withUnsafeBytes { _ = memcpy(dst, $0.baseAddress!, bytes) }
         }
         for p in parameters { try copy(p.name, into: p.data, bytes: p.count * 4, shape: p.shape) }
-        for s in stateBuffers { try copy("state.\(s.name)", into: s.buffer.data, bytes: s.buffer.byteCount, shape: s.buffer.shape) }
+        for s in stateBuffers {
+            try copy("state.\(s.name)", into: s.buffer.data, bytes: s.buffer.byteCount, shape: s.buffer.shape)
+        }
         guard let optimizer else { return }
         try trainMemory?.load(ck, path: path)
         for slot in optimizer.slots {

@@ -28,7 +28,9 @@ public final class ConfigReader {
             throw VQMoEError(.config, "\(file): not valid JSON (\(error.localizedDescription))")
         }
         guard var obj = json as? [String: Any] else { throw VQMoEError(.config, "\(file): expected a JSON object") }
-        for (key, value) in overrides.sorted(by: { $0.key < $1.key }) { try set(&obj, path: key.split(separator: ".").map(String.init), value: value, full: key) }
+        for (key, value) in overrides.sorted(by: { $0.key < $1.key }) {
+            try set(&obj, path: key.split(separator: ".").map(String.init), value: value, full: key)
+        }
         return obj
     }
 
@@ -54,7 +56,9 @@ public final class ConfigReader {
             guard let def else { throw VQMoEError(.config, "\(key(k)): missing (a number is required)") }
             return def
         }
-        guard let n = jsonNumber(v) else { throw VQMoEError(.config, "\(key(k)): expected a number, got \(describeJSON(v))") }
+        guard let n = jsonNumber(v) else {
+            throw VQMoEError(.config, "\(key(k)): expected a number, got \(describeJSON(v))")
+        }
         if let min, n < min { throw VQMoEError(.config, "\(key(k)): \(n) is below the minimum \(min)") }
         if let max, n > max { throw VQMoEError(.config, "\(key(k)): \(n) is above the maximum \(max)") }
         return n
@@ -82,7 +86,9 @@ public final class ConfigReader {
     public func bool(_ k: String, default def: Bool) throws -> Bool {
         mark(k)
         guard let v = object[k] else { return def }
-        guard let b = jsonBool(v) else { throw VQMoEError(.config, "\(key(k)): expected true or false, got \(describeJSON(v))") }
+        guard let b = jsonBool(v) else {
+            throw VQMoEError(.config, "\(key(k)): expected true or false, got \(describeJSON(v))")
+        }
         return b
     }
 
@@ -92,9 +98,12 @@ public final class ConfigReader {
             guard let def else { throw VQMoEError(.config, "\(key(k)): missing (a string is required)") }
             return def
         }
-        guard let s = v as? String else { throw VQMoEError(.config, "\(key(k)): expected a string, got \(describeJSON(v))") }
+        guard let s = v as? String else {
+            throw VQMoEError(.config, "\(key(k)): expected a string, got \(describeJSON(v))")
+        }
         if let choices, !choices.contains(s) {
-            throw VQMoEError(.config, "\(key(k)): '\(s)' is not one of \(closestFirst(s, among: choices).joined(separator: ", "))")
+            throw VQMoEError(
+                .config, "\(key(k)): '\(s)' is not one of \(closestFirst(s, among: choices).joined(separator: ", "))")
         }
         return s
     }
@@ -106,7 +115,9 @@ public final class ConfigReader {
             if required { throw VQMoEError(.config, "\(key(k)): missing (an object is required)") }
             return ConfigReader([:], path: key(k))
         }
-        guard let o = v as? [String: Any] else { throw VQMoEError(.config, "\(key(k)): expected an object, got \(describeJSON(v))") }
+        guard let o = v as? [String: Any] else {
+            throw VQMoEError(.config, "\(key(k)): expected an object, got \(describeJSON(v))")
+        }
         return ConfigReader(o, path: key(k))
     }
 
@@ -121,7 +132,8 @@ public final class ConfigReader {
     /// Throw for the first key that was never read.
     public func finish() throws {
         for k in object.keys.sorted() where !known.contains(k) {
-            throw VQMoEError(.config, "\(key(k)): unknown key; known: \(closestFirst(k, among: known).joined(separator: ", "))")
+            throw VQMoEError(
+                .config, "\(key(k)): unknown key; known: \(closestFirst(k, among: known).joined(separator: ", "))")
         }
     }
 }

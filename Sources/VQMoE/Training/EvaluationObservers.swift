@@ -85,9 +85,13 @@ public final class MovementObserver: EvaluationObserver {
     /// "router" (all router plugin parameters) and "codebook" (all float buffers of the
     /// quantizer), flattened per layer; a key only when every layer has some.
     static func snapshot(_ model: Transformer) -> [String: [[Float]]] {
-        func flat(_ buffers: [HostBuffer]) -> [Float] { buffers.flatMap { Array(UnsafeBufferPointer(start: $0.floats, count: $0.count)) } }
+        func flat(_ buffers: [HostBuffer]) -> [Float] {
+            buffers.flatMap { Array(UnsafeBufferPointer(start: $0.floats, count: $0.count)) }
+        }
         let routers = model.layers.compactMap { $0.router.map { flat($0.core.parameters) } }
-        let codebooks = model.layers.compactMap { $0.quantizer.map { flat($0.core.buffers.filter { $0.dtype.code == 2 }) } }
+        let codebooks = model.layers.compactMap {
+            $0.quantizer.map { flat($0.core.buffers.filter { $0.dtype.code == 2 }) }
+        }
         var out: [String: [[Float]]] = [:]
         if !routers.isEmpty && routers.allSatisfy({ !$0.isEmpty }) { out["router"] = routers }
         if !codebooks.isEmpty && codebooks.allSatisfy({ !$0.isEmpty }) { out["codebook"] = codebooks }
@@ -128,11 +132,14 @@ public final class RepresentationObserver: EvaluationObserver {
         for l in 0..<e.model.layers.count {
             guard let x = e.model.moeInput(layer: l) else { continue }
             let experts = l < p.router.count ? p.router[l] : (l < p.discrete.count ? p.discrete[l] : [])
-            layers.append(Layer(x: (0..<keep).map { t in Array(UnsafeBufferPointer(start: x + t * d, count: d)) },
-                                expert: Array(experts.prefix(keep)),
-                                codeExpert: l < p.discrete.count ? Array(p.discrete[l].prefix(keep)) : []))
+            layers.append(
+                Layer(
+                    x: (0..<keep).map { t in Array(UnsafeBufferPointer(start: x + t * d, count: d)) },
+                    expert: Array(experts.prefix(keep)),
+                    codeExpert: l < p.discrete.count ? Array(p.discrete[l].prefix(keep)) : []))
         }
         try FileManager.default.createDirectory(atPath: "\(e.outDir)/repr", withIntermediateDirectories: true)
-        try Checkpoint.atomicWrite(try JSONEncoder().encode(Dump(step: e.step, layers: layers)), to: "\(e.outDir)/repr/step_\(e.step).json")
+        try Checkpoint.atomicWrite(
+            try JSONEncoder().encode(Dump(step: e.step, layers: layers)), to: "\(e.outDir)/repr/step_\(e.step).json")
     }
 }

@@ -23,21 +23,32 @@ public struct Finetune {
         public var finetuneMode: String
         public var saving: Double { 1 - finetuneFFN / pretrainFFN }
         public var text: String {
-            String(format: "FFN FLOPs per token per layer: pre-training (%@) %.0f, fine-tuning (%@) %.0f: %.1f%% less",
-                   pretrainMode, pretrainFFN, finetuneMode, finetuneFFN, 100 * saving)
+            String(
+                format: "FFN FLOPs per token per layer: pre-training (%@) %.0f, fine-tuning (%@) %.0f: %.1f%% less",
+                pretrainMode, pretrainFFN, finetuneMode, finetuneFFN, 100 * saving)
         }
     }
 
     public init(config: RunConfig, registry: Registry, outDir: String, from: String? = nil) throws {
         guard let ft = config.finetune else {
-            throw VQMoEError(.config, "finetune: the config needs a \"finetune\" object ({\"from\": CHECKPOINT, \"freeze\": [\"router\", \"quantizer\"]})")
+            throw VQMoEError(
+                .config,
+                "finetune: the config needs a \"finetune\" object ({\"from\": CHECKPOINT, \"freeze\": [\"router\", \"quantizer\"]})"
+            )
         }
         let source = from ?? ft.from
-        guard !source.isEmpty else { throw VQMoEError(.usage, "finetune: say where the pre-trained weights are (--from CHECKPOINT or finetune.from)") }
+        guard !source.isEmpty else {
+            throw VQMoEError(
+                .usage, "finetune: say where the pre-trained weights are (--from CHECKPOINT or finetune.from)")
+        }
         var isDir: ObjCBool = false
-        let path = FileManager.default.fileExists(atPath: source, isDirectory: &isDir) && isDir.boolValue ? "\(source)/best.safetensors" : source
+        let path =
+            FileManager.default.fileExists(atPath: source, isDirectory: &isDir) && isDir.boolValue
+            ? "\(source)/best.safetensors" : source
         guard FileManager.default.fileExists(atPath: path) else {
-            throw VQMoEError(.checkpoint, "finetune: no checkpoint at \(path) (pre-train first: vqmoe train CONFIG --out DIR, then --from DIR)")
+            throw VQMoEError(
+                .checkpoint,
+                "finetune: no checkpoint at \(path) (pre-train first: vqmoe train CONFIG --out DIR, then --from DIR)")
         }
         self.config = config
         self.registry = registry
@@ -67,12 +78,18 @@ public struct Finetune {
         for p in model.parameters where !p.name.hasPrefix("head.") {
             guard let t = ck.tensors[p.name] else { missing.append(p.name); continue }
             guard t.shape == p.shape, t.data.count == p.count * 4 else {
-                throw VQMoEError(.checkpoint, "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs \(p.shape): the model section must match the pre-training config")
+                throw VQMoEError(
+                    .checkpoint,
+                    "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs \(p.shape): the model section must match the pre-training config"
+                )
             }
             t.data.withUnsafeBytes { _ = memcpy(p.data, $0.baseAddress!, p.count * 4) }
         }
         guard missing.isEmpty else {
-            throw VQMoEError(.checkpoint, "\(checkpoint): no pre-trained value for \(missing.prefix(4).joined(separator: ", "))\(missing.count > 4 ? " (+\(missing.count - 4) more)" : ""): the model section must match the pre-training config")
+            throw VQMoEError(
+                .checkpoint,
+                "\(checkpoint): no pre-trained value for \(missing.prefix(4).joined(separator: ", "))\(missing.count > 4 ? " (+\(missing.count - 4) more)" : ""): the model section must match the pre-training config"
+            )
         }
         for s in model.stateBuffers {
             if let t = ck.tensors["state.\(s.name)"], t.data.count == s.buffer.byteCount {
@@ -92,20 +109,27 @@ public struct Finetune {
             throw VQMoEError(.checkpoint, "\(side): missing sidecar with the pre-training config")
         }
         let p = try RunConfig(json: pre)
-        func count(_ c: RunConfig) throws -> Double { try ModelBuilder(config: c, registry: registry).ffnFlopsPerToken(vocabSize: vocabSize) }
-        return Flops(pretrainFFN: try count(p), finetuneFFN: try count(config), pretrainMode: p.model.ffn.mode.rawValue,
-                     finetuneMode: config.model.ffn.mode.rawValue)
+        func count(_ c: RunConfig) throws -> Double {
+            try ModelBuilder(config: c, registry: registry).ffnFlopsPerToken(vocabSize: vocabSize)
+        }
+        return Flops(
+            pretrainFFN: try count(p), finetuneFFN: try count(config), pretrainMode: p.model.ffn.mode.rawValue,
+            finetuneMode: config.model.ffn.mode.rawValue)
     }
 
     public func run(quiet: Bool = false) throws -> (result: TrainResult, flops: Flops, frozen: Int, trainable: Int) {
-        let trainer = try Trainer(config: config, registry: registry, outDir: outDir, quiet: quiet) { model in try self.load(into: model) }
+        let trainer = try Trainer(config: config, registry: registry, outDir: outDir, quiet: quiet) { model in
+            try self.load(into: model)
+        }
         let flops = try self.flops(vocabSize: trainer.model.config.vocabSize)
         let frozen = trainer.model.parameters.filter(\.frozen).reduce(0) { $0 + $1.count }
         let trainable = trainer.model.parameters.filter { !$0.frozen }.reduce(0) { $0 + $1.count }
         let from = checkpoint
         trainer.finetuneSummary = { s in
             s.pretrainedFrom = from
-            (s.ffnFlopsPretrain, s.ffnFlopsFinetune, s.ffnFlopsSaving) = (flops.pretrainFFN, flops.finetuneFFN, flops.saving)
+            (s.ffnFlopsPretrain, s.ffnFlopsFinetune, s.ffnFlopsSaving) = (
+                flops.pretrainFFN, flops.finetuneFFN, flops.saving
+            )
             (s.paramsFrozen, s.paramsTrainable) = (frozen, trainable)
         }
         let result = try trainer.run()

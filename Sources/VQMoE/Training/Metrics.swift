@@ -77,13 +77,16 @@ public final class MetricsLog {
             let old = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
             let lines = old.split(separator: "\n").filter { line in
                 guard let o = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                      let st = o["step"] as? Int else { return false }
+                    let st = o["step"] as? Int
+                else { return false }
                 return st < next
             }
             kept = lines.map { $0 + "\n" }.joined()
         }
         try Checkpoint.atomicWrite(Data(kept.utf8), to: path)
-        guard let h = FileHandle(forWritingAtPath: path) else { throw VQMoEError(.io, "\(path): cannot open for writing") }
+        guard let h = FileHandle(forWritingAtPath: path) else {
+            throw VQMoEError(.io, "\(path): cannot open for writing")
+        }
         handle = h
         try handle.seekToEnd()
         encoder.outputFormatting = [.sortedKeys]

@@ -25,13 +25,16 @@ public struct ModelBuilder {
 
     /// One plugin instance of `kind` from a config component (registry defaults under the
     /// config's values, both checked against the schema with the config's key path).
-    public func instance(_ kind: PluginKind, _ spec: ComponentSpec, dims: ModelDims, seed: UInt64, name: String) throws -> PluginInstance {
+    public func instance(
+        _ kind: PluginKind, _ spec: ComponentSpec, dims: ModelDims, seed: UInt64, name: String
+    ) throws -> PluginInstance {
         let entry: Registry.Entry
         do { entry = try registry.entry(named: spec.name, kind: kind) } catch let e as VQMoEError {
             throw VQMoEError(e.category, "\(spec.keyPath).name: \(e.message)")
         }
         let lib = try registry.library(for: entry)
-        let hp = try ResolvedHyperparameters(schema: lib.schema, layers: [entry.defaults.mapValues(\.value), spec.values], keyPath: spec.keyPath)
+        let hp = try ResolvedHyperparameters(
+            schema: lib.schema, layers: [entry.defaults.mapValues(\.value), spec.values], keyPath: spec.keyPath)
         return try PluginInstance(library: lib, instanceName: name, dims: dims, hyperparameters: hp, seed: seed)
     }
 
@@ -48,7 +51,8 @@ public struct ModelBuilder {
                 throw VQMoEError(e.category, "\(spec.keyPath).name: \(e.message)")
             }
             let lib = try registry.library(for: entry)
-            _ = try ResolvedHyperparameters(schema: lib.schema, layers: [entry.defaults.mapValues(\.value), spec.values], keyPath: spec.keyPath)
+            _ = try ResolvedHyperparameters(
+                schema: lib.schema, layers: [entry.defaults.mapValues(\.value), spec.values], keyPath: spec.keyPath)
         }
     }
 
@@ -63,17 +67,24 @@ public struct ModelBuilder {
     /// ```
     public func ffnFlopsPerToken(vocabSize: Int) throws -> Double {
         let c = config
-        var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
+        var dims = ModelDims(
+            dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
         dims.vocabSize = vocabSize
         let comp = try components(dims: dims, seed: 1, name: "flops")
-        let k = try comp.router?.shape(StepInfo(step: c.train.steps, totalSteps: c.train.steps, train: false, noGrad: true, seed: 0)).k ?? 0
-        return c.model.ffn.flopsPerToken(dModel: c.model.dModel, k: k, levels: comp.quantizer?.codesPerToken ?? 1,
-                                         codebookSize: comp.quantizer?.codebookSize ?? 0)
+        let k =
+            try comp.router?.shape(
+                StepInfo(step: c.train.steps, totalSteps: c.train.steps, train: false, noGrad: true, seed: 0)
+            ).k ?? 0
+        return c.model.ffn.flopsPerToken(
+            dModel: c.model.dModel, k: k, levels: comp.quantizer?.codesPerToken ?? 1,
+            codebookSize: comp.quantizer?.codebookSize ?? 0)
     }
 
     /// The router and quantizer one layer of this config's mode needs (`dims` gets the layer's
     /// expert and code counts), named `<name>.router` and `<name>.quantizer`; seeds per component.
-    public func components(dims: ModelDims, seed: UInt64, quantizerSeed: UInt64? = nil, name: String) throws -> LayerComponents {
+    public func components(
+        dims: ModelDims, seed: UInt64, quantizerSeed: UInt64? = nil, name: String
+    ) throws -> LayerComponents {
         let c = config, composition = c.model.ffn.composition
         var d = dims
         d.nExperts = c.model.ffn.nExperts
@@ -83,23 +94,33 @@ public struct ModelBuilder {
             comp.router = try RouterInstance(instance(.router, r, dims: d, seed: seed, name: "\(name).router"))
         }
         if composition.needsQuantizer, let q = c.quantizer {
-            comp.quantizer = try QuantizerInstance(instance(.quantizer, q, dims: d, seed: quantizerSeed ?? seed, name: "\(name).quantizer"))
+            comp.quantizer = try QuantizerInstance(
+                instance(.quantizer, q, dims: d, seed: quantizerSeed ?? seed, name: "\(name).quantizer"))
         }
         return comp
     }
 
     public func build() throws -> Built {
         let c = config
-        var dims = ModelDims(dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
-        let dataset = try DatasetInstance(instance(.dataset, c.data, dims: dims, seed: HostRNG.derive(c.seed, 201), name: "data"))
+        var dims = ModelDims(
+            dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
+        let dataset = try DatasetInstance(
+            instance(.dataset, c.data, dims: dims, seed: HostRNG.derive(c.seed, 201), name: "data"))
         var mc = c.model
         if c.backbone == "vit" {
             guard dataset.inputIsFloat, dataset.sampleShape.count == 3 else {
-                throw VQMoEError(.config, "model.backbone: 'vit' needs an image dataset (C,H,W), '\(c.data.name)' serves \(dataset.sampleShape)")
+                throw VQMoEError(
+                    .config,
+                    "model.backbone: 'vit' needs an image dataset (C,H,W), '\(c.data.name)' serves \(dataset.sampleShape)"
+                )
             }
-            let image = ImageShape(channels: dataset.sampleShape[0], height: dataset.sampleShape[1], width: dataset.sampleShape[2], patch: c.patchSize)
+            let image = ImageShape(
+                channels: dataset.sampleShape[0], height: dataset.sampleShape[1], width: dataset.sampleShape[2],
+                patch: c.patchSize)
             guard image.height % image.patch == 0, image.width % image.patch == 0 else {
-                throw VQMoEError(.config, "model.patch_size: \(c.patchSize) does not divide the \(image.height)×\(image.width) images")
+                throw VQMoEError(
+                    .config,
+                    "model.patch_size: \(c.patchSize) does not divide the \(image.height)×\(image.width) images")
             }
             mc.image = image
             mc.seqLen = image.tokens
@@ -110,11 +131,17 @@ public struct ModelBuilder {
                 throw VQMoEError(.config, "data.name: '\(c.data.name)' serves images; set model.backbone = \"vit\"")
             }
             guard dataset.sampleShape == [c.model.seqLen] else {
-                throw VQMoEError(.config, "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)")
+                throw VQMoEError(
+                    .config,
+                    "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)"
+                )
             }
             if mc.relative && mc.memLen > 0 {
                 guard dataset.isLM, dataset.streams else {
-                    throw VQMoEError(.config, "model.mem_len: Transformer-XL's memory needs a language-model dataset served as parallel streams in order (for char: data.order = \"streams\"); '\(c.data.name)' serves independent samples. Set model.mem_len = 0 for relative attention without memory")
+                    throw VQMoEError(
+                        .config,
+                        "model.mem_len: Transformer-XL's memory needs a language-model dataset served as parallel streams in order (for char: data.order = \"streams\"); '\(c.data.name)' serves independent samples. Set model.mem_len = 0 for relative attention without memory"
+                    )
                 }
             }
         }
@@ -122,20 +149,30 @@ public struct ModelBuilder {
         dims.vocabSize = dataset.vocabSize
         dims.nClasses = dataset.nClasses
         dims.seqLen = mc.seqLen
-        let head = try HeadInstance(instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
+        let head = try HeadInstance(
+            instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
         if dataset.isLM {
             guard head.isLM, head.perToken, head.nOut == dataset.vocabSize else {
-                throw VQMoEError(.config, "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? "" : " per sequence"); the language-model dataset needs a per-token head over its \(dataset.vocabSize)-token vocabulary (e.g. lm)")
+                throw VQMoEError(
+                    .config,
+                    "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? "" : " per sequence"); the language-model dataset needs a per-token head over its \(dataset.vocabSize)-token vocabulary (e.g. lm)"
+                )
             }
         } else {
             guard !head.perToken, head.nOut == dataset.nClasses else {
-                throw VQMoEError(.config, "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? " per token" : ""); the classification dataset has \(dataset.nClasses) classes per sequence (use a pooled head, e.g. classifier)")
+                throw VQMoEError(
+                    .config,
+                    "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? " per token" : ""); the classification dataset has \(dataset.nClasses) classes per sequence (use a pooled head, e.g. classifier)"
+                )
             }
         }
-        let model = try Transformer(config: mc, head: head, components: { layer in
-            try self.components(dims: dims, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
-                                quantizerSeed: HostRNG.derive(c.seed, 400, UInt64(layer)), name: "layers.\(layer).ffn")
-        }, seed: HostRNG.derive(c.seed, 100))
+        let model = try Transformer(
+            config: mc, head: head,
+            components: { layer in
+                try self.components(
+                    dims: dims, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
+                    quantizerSeed: HostRNG.derive(c.seed, 400, UInt64(layer)), name: "layers.\(layer).ffn")
+            }, seed: HostRNG.derive(c.seed, 100))
         model.totalSteps = c.train.steps
         return Built(dataset: dataset, model: model)
     }

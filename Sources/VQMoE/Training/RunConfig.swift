@@ -93,10 +93,15 @@ public struct RunConfig: @unchecked Sendable {
         quantizer = f.has("quantizer") ? try RunConfig.component(f.child("quantizer")) : nil
         let composition = model.ffn.composition
         if composition.needsRouter && router == nil {
-            throw VQMoEError(.config, "model.ffn.router: mode '\(model.ffn.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", \"k\": 2}")
+            throw VQMoEError(
+                .config,
+                "model.ffn.router: mode '\(model.ffn.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", \"k\": 2}"
+            )
         }
         if composition.needsQuantizer && quantizer == nil {
-            throw VQMoEError(.config, "model.ffn.quantizer: mode '\(model.ffn.mode.rawValue)' needs a quantizer, e.g. {\"name\": \"vqvae\"}")
+            throw VQMoEError(
+                .config,
+                "model.ffn.quantizer: mode '\(model.ffn.mode.rawValue)' needs a quantizer, e.g. {\"name\": \"vqvae\"}")
         }
         try f.finish()
         try m.finish()
@@ -107,7 +112,10 @@ public struct RunConfig: @unchecked Sendable {
             f.accept(["freeze"])
             let names = try freeze.map { v -> String in
                 guard let s = v as? String, FinetuneConfig.parts.contains(s) else {
-                    throw VQMoEError(.config, "finetune.freeze: \(describeJSON(v)) is not one of \(FinetuneConfig.parts.joined(separator: ", "))")
+                    throw VQMoEError(
+                        .config,
+                        "finetune.freeze: \(describeJSON(v)) is not one of \(FinetuneConfig.parts.joined(separator: ", "))"
+                    )
                 }
                 return s
             }
@@ -131,7 +139,9 @@ public struct RunConfig: @unchecked Sendable {
         if mc.relative {
             mc.memLen = try m.int("mem_len", default: mc.seqLen, min: 0, max: 1 << 20)
         } else if m.has("mem_len") {
-            throw VQMoEError(.config, "model.mem_len: a memory needs model.backbone = \"transformer_xl\" (backbone is \"\(backbone)\")")
+            throw VQMoEError(
+                .config,
+                "model.mem_len: a memory needs model.backbone = \"transformer_xl\" (backbone is \"\(backbone)\")")
         }
         guard mc.dModel % mc.nHead == 0 else {
             throw VQMoEError(.config, "model.d_model (\(mc.dModel)) must be divisible by model.n_head (\(mc.nHead))")
@@ -144,14 +154,20 @@ public struct RunConfig: @unchecked Sendable {
     /// The model.ffn section's own keys (the router and quantizer are read by the caller).
     static func ffn(_ f: ConfigReader, dModel: Int) throws -> FFNConfig {
         var fc = FFNConfig()
-        fc.mode = FFNConfig.Mode(rawValue: try f.string("mode", default: fc.mode.rawValue, choices: FFNConfig.Mode.allCases.map(\.rawValue)))!
+        fc.mode = FFNConfig.Mode(
+            rawValue: try f.string("mode", default: fc.mode.rawValue, choices: FFNConfig.Mode.allCases.map(\.rawValue)))!
         fc.dInner = try f.int("d_inner", default: FFNConfig.defaultInner(dModel: dModel), min: 1)
-        fc.nExperts = fc.mode == .dense ? 1 : try f.int("n_experts", default: FFNConfig.defaultExperts, min: 1, max: 4096)
+        fc.nExperts =
+            fc.mode == .dense ? 1 : try f.int("n_experts", default: FFNConfig.defaultExperts, min: 1, max: 4096)
         if fc.mode == .dense { _ = try f.int("n_experts", default: 1, min: 1) }
-        fc.activation = Activation(rawValue: try f.string("activation", default: fc.activation.rawValue,
-                                                          choices: Activation.allCases.map(\.rawValue)))!
-        fc.discreteInput = FFNConfig.DiscreteInput(rawValue: try f.string("discrete_input", default: fc.discreteInput.rawValue,
-                                                                           choices: FFNConfig.DiscreteInput.allCases.map(\.rawValue)))!
+        fc.activation = Activation(
+            rawValue: try f.string(
+                "activation", default: fc.activation.rawValue,
+                choices: Activation.allCases.map(\.rawValue)))!
+        fc.discreteInput = FFNConfig.DiscreteInput(
+            rawValue: try f.string(
+                "discrete_input", default: fc.discreteInput.rawValue,
+                choices: FFNConfig.DiscreteInput.allCases.map(\.rawValue)))!
         fc.mixC = try f.float("mix_c", default: fc.mixC, min: 0, max: 1)
         fc.beta = try f.float("beta", default: fc.beta, min: 0)
         fc.allowTokenMixing = try f.bool("allow_token_mixing", default: fc.allowTokenMixing)
@@ -163,16 +179,21 @@ public struct RunConfig: @unchecked Sendable {
         var tc = TrainConfig()
         tc.steps = try t.int("steps", default: tc.steps, min: 1)
         tc.batchSize = try t.int("batch_size", default: tc.batchSize, min: 1)
-        tc.optimizer = TrainConfig.Optimizer(rawValue: try t.string("optimizer", default: tc.optimizer.rawValue,
-                                                                    choices: TrainConfig.Optimizer.allCases.map(\.rawValue)))!
+        tc.optimizer = TrainConfig.Optimizer(
+            rawValue: try t.string(
+                "optimizer", default: tc.optimizer.rawValue,
+                choices: TrainConfig.Optimizer.allCases.map(\.rawValue)))!
         tc.lr = try t.float("lr", default: tc.lr, min: 0)
         tc.minLR = try t.float("min_lr", default: tc.minLR, min: 0)
         tc.warmupSteps = try t.int("warmup_steps", default: tc.warmupSteps, min: 0)
-        tc.schedule = TrainConfig.Schedule(rawValue: try t.string("schedule", default: tc.schedule.rawValue,
-                                                                  choices: TrainConfig.Schedule.allCases.map(\.rawValue)))!
+        tc.schedule = TrainConfig.Schedule(
+            rawValue: try t.string(
+                "schedule", default: tc.schedule.rawValue,
+                choices: TrainConfig.Schedule.allCases.map(\.rawValue)))!
         tc.weightDecay = try t.float("weight_decay", default: tc.weightDecay, min: 0)
         tc.beta1 = try t.float("beta1", default: tc.beta1, min: 0, max: 0.999999)
-        tc.beta2 = try t.float("beta2", default: tc.optimizer == .lion ? TrainConfig.lionBeta2 : tc.beta2, min: 0, max: 0.999999)
+        tc.beta2 = try t.float(
+            "beta2", default: tc.optimizer == .lion ? TrainConfig.lionBeta2 : tc.beta2, min: 0, max: 0.999999)
         tc.eps = try t.float("eps", default: tc.eps, min: 0)
         tc.gradClip = try t.float("grad_clip", default: tc.gradClip, min: 0)
         tc.evalEvery = try t.int("eval_every", default: tc.evalEvery, min: 1)

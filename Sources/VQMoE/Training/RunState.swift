@@ -71,7 +71,8 @@ public struct CheckpointSidecar: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case format, step, config, checkpoint, run
-        case optimizerSteps = "optimizer_steps", validLoss = "valid_loss", validBPC = "valid_bpc", validAccuracy = "valid_accuracy"
+        case optimizerSteps = "optimizer_steps", validLoss = "valid_loss", validBPC = "valid_bpc", validAccuracy =
+            "valid_accuracy"
     }
 
     /// Read `path`, naming it in errors.

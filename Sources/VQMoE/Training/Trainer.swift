@@ -35,8 +35,10 @@ public final class Trainer {
 
     /// `prepare` runs on the built model before the optimizer is made (fine-tuning loads
     /// pre-trained weights and freezes parameters there).
-    public init(config: RunConfig, registry: Registry, outDir: String, dataRoot: String? = nil, quiet: Bool = false,
-                prepare: ((Transformer) throws -> Void)? = nil) throws {
+    public init(
+        config: RunConfig, registry: Registry, outDir: String, dataRoot: String? = nil, quiet: Bool = false,
+        prepare: ((Transformer) throws -> Void)? = nil
+    ) throws {
         self.config = config
         self.outDir = outDir
         HostRuntime.configure(threads: config.train.threads)
@@ -71,7 +73,10 @@ public final class Trainer {
             timings.forward = now() - t1
             try model.backward()
         } catch let e as VQMoEError where e.category == .numeric && !e.message.contains("at step") {
-            throw VQMoEError(.numeric, "training step \(step): \(e.message); the last good checkpoint is \(outDir)/last.safetensors (resume with a lower learning rate or stronger clipping)")
+            throw VQMoEError(
+                .numeric,
+                "training step \(step): \(e.message); the last good checkpoint is \(outDir)/last.safetensors (resume with a lower learning rate or stronger clipping)"
+            )
         }
         let t3 = now()
         let norm = clipGradients(optimizer.parameters, maxNorm: config.train.gradClip)
@@ -90,15 +95,18 @@ public final class Trainer {
         if dataset.inputIsFloat {
             return try batch.inputsFloat.withUnsafeBufferPointer { x in
                 try batch.targets.withUnsafeBufferPointer { y in
-                    try model.forward(tokens: nil, images: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: train)
+                    try model.forward(
+                        tokens: nil, images: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step,
+                        train: train)
                 }
             }
         }
         return try batch.inputsInt.withUnsafeBufferPointer { x in
             try batch.targets.withUnsafeBufferPointer { y in
                 try batch.lengths.withUnsafeBufferPointer { l in
-                    try model.forward(tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: train,
-                                      lengths: batch.lengths.isEmpty ? nil : l.baseAddress)
+                    try model.forward(
+                        tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: train,
+                        lengths: batch.lengths.isEmpty ? nil : l.baseAddress)
                 }
             }
         }
@@ -109,7 +117,7 @@ public final class Trainer {
     /// Mean loss over `split` (at most `maxBatches` batches; 0 = the whole split).
     public func evaluate(_ split: Split, maxBatches: Int = 0) throws -> EvalResult {
         var sum = 0.0, count = 0, correct = 0, index = 0
-        model.resetEvalMemory()   // Transformer-XL: the ordered pass starts with an empty memory
+        model.resetEvalMemory()  // Transformer-XL: the ordered pass starts with an empty memory
         while maxBatches == 0 || index < maxBatches {
             guard let batch = try dataset.read(split, index: index, batchSize: config.train.batchSize) else { break }
             let parts = try forward(batch, step: index, train: false)
@@ -118,7 +126,9 @@ public final class Trainer {
             correct += parts.correct
             index += 1
         }
-        guard count > 0 else { throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate") }
+        guard count > 0 else {
+            throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate")
+        }
         return EvalResult(loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count))
     }
 
@@ -138,7 +148,10 @@ public final class Trainer {
     /// path (router, discrete), from an eval-mode forward.
     public func probeAssignments() throws -> ProbeAssignments {
         let bs = config.train.batchSize
-        guard let batch = try dataset.read(.valid, index: 0, batchSize: bs) ?? dataset.read(.train, index: 0, batchSize: bs) else {
+        guard
+            let batch = try dataset.read(.valid, index: 0, batchSize: bs)
+                ?? dataset.read(.train, index: 0, batchSize: bs)
+        else {
             return ProbeAssignments(router: [], discrete: [])
         }
         model.resetEvalMemory()
@@ -152,9 +165,11 @@ public final class Trainer {
     /// Checkpoint the model (and optimizer) to OUT/NAME.safetensors + OUT/NAME.json.
     public func saveCheckpoint(_ name: String, step: Int, run: RunState? = nil, valid: EvalResult? = nil) throws {
         let path = "\(outDir)/\(name).safetensors"
-        try Checkpoint.write(path: path, tensors: model.checkpointTensors(optimizer: optimizer), metadata: ["step": String(step)])
-        var side = CheckpointSidecar(step: step, config: JSONValue(any: config.json), checkpoint: "\(name).safetensors",
-                                     optimizerSteps: optimizer.t, run: run)
+        try Checkpoint.write(
+            path: path, tensors: model.checkpointTensors(optimizer: optimizer), metadata: ["step": String(step)])
+        var side = CheckpointSidecar(
+            step: step, config: JSONValue(any: config.json), checkpoint: "\(name).safetensors",
+            optimizerSteps: optimizer.t, run: run)
         if let valid { (side.validLoss, side.validBPC, side.validAccuracy) = (valid.loss, valid.bpc, valid.accuracy) }
         try side.write("\(outDir)/\(name).json")
     }

@@ -33,7 +33,9 @@ extension Trainer {
             }
             if stopNow && !isLast {
                 interrupted = true
-                progress.note("stopped after step \(step + 1): checkpoint \(outDir)/last.safetensors; continue with `vqmoe train --resume \(outDir)`")
+                progress.note(
+                    "stopped after step \(step + 1): checkpoint \(outDir)/last.safetensors; continue with `vqmoe train --resume \(outDir)`"
+                )
                 break
             }
         }
@@ -49,13 +51,16 @@ extension Trainer {
             let ckPath = "\(outDir)/last.safetensors"
             try model.load(try Checkpoint.read(path: ckPath), optimizer: optimizer, path: ckPath)
             let side = try CheckpointSidecar.read("\(outDir)/last.json")
-            guard let run = side.run else { throw VQMoEError(.checkpoint, "\(outDir)/last.json: no run state (not a resumable checkpoint)") }
+            guard let run = side.run else {
+                throw VQMoEError(.checkpoint, "\(outDir)/last.json: no run state (not a resumable checkpoint)")
+            }
             state = run
             optimizer.t = side.optimizerSteps
             observers.forEach { $0.restore(from: state) }
             progress.note("resuming \(config.name) at step \(state.nextStep) from \(ckPath)")
         } else {
-            let cfgData = try JSONSerialization.data(withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
+            let cfgData = try JSONSerialization.data(
+                withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
             try Checkpoint.atomicWrite(cfgData, to: "\(outDir)/config.json")
         }
         metricsLog = try MetricsLog(path: "\(outDir)/metrics.jsonl", keepingStepsBelow: resume ? state.nextStep : nil)
@@ -65,23 +70,29 @@ extension Trainer {
     /// A train record, and the progress line.
     private func logTraining(_ step: Int, parts: LossParts, norm: Float, tokensPerSecond: Double) throws {
         let lr = learningRate(step: step, config: config.train)
-        var record = TrainRecord(step: step, loss: Double(parts.total), taskLoss: Double(parts.task),
-                                 bpc: Double(parts.task) / Foundation.log(2.0), auxLoss: Double(parts.aux), vqLoss: Double(parts.vq),
-                                 lr: Double(lr), gradNorm: Double(norm), tokensPerSecond: tokensPerSecond)
+        var record = TrainRecord(
+            step: step, loss: Double(parts.total), taskLoss: Double(parts.task),
+            bpc: Double(parts.task) / Foundation.log(2.0), auxLoss: Double(parts.aux), vqLoss: Double(parts.vq),
+            lr: Double(lr), gradNorm: Double(norm), tokensPerSecond: tokensPerSecond)
         if !parts.layers.isEmpty, config.model.ffn.composition.routes {
             record.expertLoad = parts.layers.map { $0.expertLoad.map(Double.init) }
-            if config.model.ffn.usesQuantizer { record.codeCounts = parts.layers.map { $0.codeCounts.map(Double.init) } }
+            if config.model.ffn.usesQuantizer {
+                record.codeCounts = parts.layers.map { $0.codeCounts.map(Double.init) }
+            }
         }
         try metricsLog?.append(record)
-        progress.update(step: step + 1, text: String(format: "loss %.4f  lr %.2e  %.0f tok/s", parts.total, lr, tokensPerSecond))
+        progress.update(
+            step: step + 1, text: String(format: "loss %.4f  lr %.2e  %.0f tok/s", parts.total, lr, tokensPerSecond))
     }
 
     /// Validation, the observers (routed models), and the best checkpoint when it improved.
     private func evaluateAndObserve(_ step: Int, state: inout RunState) throws {
         let v = try evaluate(.valid, maxBatches: config.train.evalBatches)
         try metricsLog?.append(EvalRecord(step: step, split: .valid, result: v, isLM: dataset.isLM))
-        progress.note(dataset.isLM ? String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc)
-                                   : String(format: "step %d  valid loss %.4f  accuracy %.4f", step + 1, v.loss, v.accuracy))
+        progress.note(
+            dataset.isLM
+                ? String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc)
+                : String(format: "step %d  valid loss %.4f  accuracy %.4f", step + 1, v.loss, v.accuracy))
         if config.model.ffn.composition.routes {
             let probe = try probeAssignments()
             var record = ProbeRecord(step: step, routerTop1: probe.router, discreteTop1: probe.discrete)
@@ -106,15 +117,17 @@ extension Trainer {
             try metricsLog?.append(EvalRecord(step: state.bestStep, split: .test, result: test!, isLM: dataset.isLM))
         }
         let done = state.nextStep
-        let result = TrainResult(steps: done, bestValid: state.bestValid, bestStep: state.bestStep, test: test, wallSeconds: wall,
-                                 tokensPerSecond: Double(max(done, 1) * t.batchSize * config.model.seqLen) / max(wall, 1e-9),
-                                 outDir: outDir, interrupted: interrupted, isLM: dataset.isLM)
+        let result = TrainResult(
+            steps: done, bestValid: state.bestValid, bestStep: state.bestStep, test: test, wallSeconds: wall,
+            tokensPerSecond: Double(max(done, 1) * t.batchSize * config.model.seqLen) / max(wall, 1e-9),
+            outDir: outDir, interrupted: interrupted, isLM: dataset.isLM)
         metricsLog = nil
         guard !interrupted else { return result }
-        var summary = RunSummary(name: config.name, ffn: config.model.ffn.mode.rawValue, steps: t.steps, bestStep: state.bestStep + 1,
-                                 paramsTotal: model.parameters.reduce(0) { $0 + $1.count }, threads: t.threads,
-                                 flopsPerTokenForward: model.flopsPerToken(k: try model.evalK(), batch: t.batchSize),
-                                 wallSeconds: wall, tokensPerSecond: result.tokensPerSecond)
+        var summary = RunSummary(
+            name: config.name, ffn: config.model.ffn.mode.rawValue, steps: t.steps, bestStep: state.bestStep + 1,
+            paramsTotal: model.parameters.reduce(0) { $0 + $1.count }, threads: t.threads,
+            flopsPerTokenForward: model.flopsPerToken(k: try model.evalK(), batch: t.batchSize),
+            wallSeconds: wall, tokensPerSecond: result.tokensPerSecond)
         if let best = state.bestValid { summary.set(.valid, best, isLM: dataset.isLM) }
         if let test { summary.set(.test, test, isLM: dataset.isLM) }
         finetuneSummary?(&summary)
@@ -141,7 +154,9 @@ public struct ProgressReporter {
         guard !quiet else { return }
         if tty {
             let width = 30, filled = width * step / max(total, 1)
-            lastLine = "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled) + "] \(step)/\(total)  \(text)"
+            lastLine =
+                "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+                + "] \(step)/\(total)  \(text)"
             print("\r\u{1B}[K" + lastLine, terminator: "")
             fflush(nil)
         } else {

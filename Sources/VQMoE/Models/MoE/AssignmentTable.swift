@@ -34,8 +34,11 @@ public final class AssignmentTable: @unchecked Sendable {
 
     /// Lay out a forward over `n` tokens: one range per path, `perToken` assignments per token
     /// reading rows of `source` (N,d). Returns each range's expert ids and raw weights to fill.
-    public func begin(tokens n: Int, paths: [(perToken: Int, source: UnsafePointer<Float>)])
-        -> [(expert: UnsafeMutablePointer<Int32>, raw: UnsafeMutablePointer<Float>)] {
+    public func begin(
+        tokens n: Int, paths: [(perToken: Int, source: UnsafePointer<Float>)]
+    )
+        -> [(expert: UnsafeMutablePointer<Int32>, raw: UnsafeMutablePointer<Float>)]
+    {
         tokens = n
         ranges.removeAll(keepingCapacity: true)
         var start = 0
@@ -55,7 +58,9 @@ public final class AssignmentTable: @unchecked Sendable {
         let w = weight.reserve(count), r = raw.pointer, ex = expert.pointer, np = ranges.count
         if let gate {
             for (p, range) in ranges.enumerated() {
-                for i in 0..<range.count { w[range.start + i] = gate[(i / range.perToken) * np + p] * r[range.start + i] }
+                for i in 0..<range.count {
+                    w[range.start + i] = gate[(i / range.perToken) * np + p] * r[range.start + i]
+                }
             }
         } else {
             w.update(from: r, count: count)

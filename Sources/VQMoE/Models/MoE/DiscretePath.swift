@@ -26,8 +26,10 @@ public final class DiscretePath: ExpertPath {
     private var ctx: PluginContext?
     private var n = 0
 
-    public init(quantizer: QuantizerInstance, layerName: String, nExperts: Int, input: FFNConfig.DiscreteInput, mixC: Float,
-                beta: Float, frozen: Bool) {
+    public init(
+        quantizer: QuantizerInstance, layerName: String, nExperts: Int, input: FFNConfig.DiscreteInput, mixC: Float,
+        beta: Float, frozen: Bool
+    ) {
         self.quantizer = quantizer
         self.layerName = layerName
         self.nExperts = nExperts
@@ -43,7 +45,9 @@ public final class DiscretePath: ExpertPath {
     /// dL/d(vq loss): β for a trained quantizer, 0 when frozen.
     var lossWeight: Float { frozen ? 0 : beta }
 
-    public func forward(_ input: PathInput, stats: inout MoEStats) throws -> (perToken: Int, source: UnsafePointer<Float>) {
+    public func forward(
+        _ input: PathInput, stats: inout MoEStats
+    ) throws -> (perToken: Int, source: UnsafePointer<Float>) {
         let x = input.x, d = quantizer.dModel, k = quantizer.codebookSize
         n = input.n
         var step = input.step

@@ -73,14 +73,17 @@ public final class DispatchEngine: @unchecked Sendable {
         }
         let f = experts.dInner, h = hpre.reserve(a * f)
         forEachSegment(table, experts) { bank, local, lo, rows in
-            bank.forward(expert: local, rows: rows, x: rowsIn + lo * d, hpre: h + lo * f,
-                         y: rowsOut + lo * d, scratch: scratch.experts)
+            bank.forward(
+                expert: local, rows: rows, x: rowsIn + lo * d, hpre: h + lo * f,
+                y: rowsOut + lo * d, scratch: scratch.experts)
         }
         if !identity { combine(table, d: d, y: y) }
     }
 
     /// body(bank, local expert, first row, rows) for every expert with rows, in id order.
-    private func forEachSegment(_ table: AssignmentTable, _ experts: ExpertSet, _ body: (ExpertBank, Int, Int, Int) -> Void) {
+    private func forEachSegment(
+        _ table: AssignmentTable, _ experts: ExpertSet, _ body: (ExpertBank, Int, Int, Int) -> Void
+    ) {
         let off = table.offsets.pointer
         for e in 0..<experts.total {
             let lo = Int(off[e]), rows = Int(off[e + 1]) - lo
@@ -99,8 +102,10 @@ public final class DispatchEngine: @unchecked Sendable {
 
     /// From dy (N,d): dweight (A) = dL/d weight_i, every expert gradient, and dsources[p] (N,d)
     /// += dL/d source_p for each path p of the table.
-    public func backward(dy: UnsafePointer<Float>, _ table: AssignmentTable, experts: ExpertSet,
-                         dweight: UnsafeMutablePointer<Float>, dsources: [UnsafeMutablePointer<Float>]) {
+    public func backward(
+        dy: UnsafePointer<Float>, _ table: AssignmentTable, experts: ExpertSet,
+        dweight: UnsafeMutablePointer<Float>, dsources: [UnsafeMutablePointer<Float>]
+    ) {
         let d = experts.dModel, a = table.count
         let dyg: UnsafePointer<Float>, dxg: UnsafeMutablePointer<Float>
         if identity {
@@ -108,7 +113,9 @@ public final class DispatchEngine: @unchecked Sendable {
             dxg = dsources[0]
         } else {
             let g = scratch.dyg.reserve(a * d)
-            nonisolated(unsafe) let (g2, dw, yg, slot, w) = (g, dweight, yg.pointer, table.slot.pointer, table.weight.pointer)
+            nonisolated(unsafe) let (g2, dw, yg, slot, w) = (
+                g, dweight, yg.pointer, table.slot.pointer, table.weight.pointer
+            )
             table.forEachAssignment { _, t, i in
                 let s = Int(slot[i]), src = dy + t * d, out = g2 + s * d
                 out.update(from: src, count: d)
@@ -120,8 +127,9 @@ public final class DispatchEngine: @unchecked Sendable {
         }
         let rowsIn = identity ? table.ranges[0].source : UnsafePointer(xg.pointer), f = experts.dInner
         forEachSegment(table, experts) { bank, local, lo, rows in
-            bank.backward(expert: local, rows: rows, x: rowsIn + lo * d, hpre: hpre.pointer + lo * f,
-                          dy: dyg + lo * d, dx: dxg + lo * d, scratch: scratch.experts)
+            bank.backward(
+                expert: local, rows: rows, x: rowsIn + lo * d, hpre: hpre.pointer + lo * f,
+                dy: dyg + lo * d, dx: dxg + lo * d, scratch: scratch.experts)
         }
         guard !identity else { return }
         nonisolated(unsafe) let (dxgp, slot, targets) = (dxg, table.slot.pointer, dsources)

@@ -21,8 +21,10 @@ public final class ExpertBank: @unchecked Sendable {
     public let activation: Activation
     public let fc1Weight, fc1Bias, fc2Weight, fc2Bias: Parameter
 
-    public init(name: String, count: Int, dModel: Int, dInner: Int, activation: Activation, initStd: Float,
-                seeds: (fc1: UInt64, fc2: UInt64)) {
+    public init(
+        name: String, count: Int, dModel: Int, dInner: Int, activation: Activation, initStd: Float,
+        seeds: (fc1: UInt64, fc2: UInt64)
+    ) {
         self.name = name
         self.count = count
         self.dModel = dModel
@@ -40,34 +42,42 @@ public final class ExpertBank: @unchecked Sendable {
     public var parameters: [Parameter] { [fc1Weight, fc1Bias, fc2Weight, fc2Bias] }
 
     /// y (rows,d) = E_e(x (rows,d)); keeps hpre (rows,d_inner) for the backward.
-    public func forward(expert e: Int, rows: Int, x: UnsafePointer<Float>, hpre: UnsafeMutablePointer<Float>,
-                        y: UnsafeMutablePointer<Float>, scratch: ExpertScratch) {
+    public func forward(
+        expert e: Int, rows: Int, x: UnsafePointer<Float>, hpre: UnsafeMutablePointer<Float>,
+        y: UnsafeMutablePointer<Float>, scratch: ExpertScratch
+    ) {
         guard rows > 0 else { return }
         let (f, d) = (dInner, dModel)
         let h = scratch.h.reserve(rows * f)
-        Linear.forward(out: hpre, inp: x, weight: fc1Weight.data + e * f * d, bias: fc1Bias.data + e * f,
-                       n: rows, inFeatures: d, outFeatures: f)
+        Linear.forward(
+            out: hpre, inp: x, weight: fc1Weight.data + e * f * d, bias: fc1Bias.data + e * f,
+            n: rows, inFeatures: d, outFeatures: f)
         activation.forward(out: h, inp: hpre, count: rows * f)
-        Linear.forward(out: y, inp: h, weight: fc2Weight.data + e * d * f, bias: fc2Bias.data + e * d,
-                       n: rows, inFeatures: f, outFeatures: d)
+        Linear.forward(
+            out: y, inp: h, weight: fc2Weight.data + e * d * f, bias: fc2Bias.data + e * d,
+            n: rows, inFeatures: f, outFeatures: d)
     }
 
     /// Given dy (rows,d): dx (rows,d) += dL/dx and the expert's weight gradients (frozen ones
     /// skipped).
-    public func backward(expert e: Int, rows: Int, x: UnsafePointer<Float>, hpre: UnsafePointer<Float>,
-                         dy: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, scratch s: ExpertScratch) {
+    public func backward(
+        expert e: Int, rows: Int, x: UnsafePointer<Float>, hpre: UnsafePointer<Float>,
+        dy: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, scratch s: ExpertScratch
+    ) {
         guard rows > 0 else { return }
         let (f, d) = (dInner, dModel)
         let h = s.h.reserve(rows * f), dh = s.dh.reserve(rows * f), slope = s.slope.reserve(rows * f)
         activation.forwardWithSlope(out: h, slope: slope, inp: hpre, count: rows * f)
         dh.update(repeating: 0, count: rows * f)
-        Linear.backward(dinp: dh, dweight: fc2Weight.frozen ? nil : fc2Weight.grad + e * d * f,
-                        dbias: fc2Bias.frozen ? nil : fc2Bias.grad + e * d, dout: dy, inp: h,
-                        weight: fc2Weight.data + e * d * f, n: rows, inFeatures: f, outFeatures: d)
+        Linear.backward(
+            dinp: dh, dweight: fc2Weight.frozen ? nil : fc2Weight.grad + e * d * f,
+            dbias: fc2Bias.frozen ? nil : fc2Bias.grad + e * d, dout: dy, inp: h,
+            weight: fc2Weight.data + e * d * f, n: rows, inFeatures: f, outFeatures: d)
         Vec.multiply(dh, slope, rows * f)
-        Linear.backward(dinp: dx, dweight: fc1Weight.frozen ? nil : fc1Weight.grad + e * f * d,
-                        dbias: fc1Bias.frozen ? nil : fc1Bias.grad + e * f, dout: dh, inp: x,
-                        weight: fc1Weight.data + e * f * d, n: rows, inFeatures: d, outFeatures: f)
+        Linear.backward(
+            dinp: dx, dweight: fc1Weight.frozen ? nil : fc1Weight.grad + e * f * d,
+            dbias: fc1Bias.frozen ? nil : fc1Bias.grad + e * f, dout: dh, inp: x,
+            weight: fc1Weight.data + e * f * d, n: rows, inFeatures: d, outFeatures: f)
     }
 }
 

@@ -58,7 +58,9 @@ extension ExpertPath {
     public var stateBuffers: [StateBuffer] { [] }
     public var banks: [ExpertBank] { [] }
     public func softForward(_ input: PathInput, stats: inout MoEStats) -> UnsafePointer<Float>? { nil }
-    public func sourceGradient(_ input: PathInput, dx: UnsafeMutablePointer<Float>) -> UnsafeMutablePointer<Float> { dx }
+    public func sourceGradient(_ input: PathInput, dx: UnsafeMutablePointer<Float>) -> UnsafeMutablePointer<Float> {
+        dx
+    }
     public func backward(_ input: PathInput, _ grads: PathGradients) throws {}
     public func top1(n: Int) -> [Int32]? { nil }
 }
@@ -72,7 +74,9 @@ public final class DensePath: ExpertPath {
     private var n = 0
     public init() {}
 
-    public func forward(_ input: PathInput, stats: inout MoEStats) throws -> (perToken: Int, source: UnsafePointer<Float>) {
+    public func forward(
+        _ input: PathInput, stats: inout MoEStats
+    ) throws -> (perToken: Int, source: UnsafePointer<Float>) {
         n = input.n
         return (1, input.x)
     }
@@ -103,7 +107,9 @@ public final class SharedExpertPath: ExpertPath {
 
     public var banks: [ExpertBank] { [bank] }
 
-    public func forward(_ input: PathInput, stats: inout MoEStats) throws -> (perToken: Int, source: UnsafePointer<Float>) {
+    public func forward(
+        _ input: PathInput, stats: inout MoEStats
+    ) throws -> (perToken: Int, source: UnsafePointer<Float>) {
         n = input.n
         return (1, input.x)
     }

@@ -52,8 +52,10 @@ public struct FFNConfig: Sendable, Equatable {
 
     public init() {}
 
-    public init(mode: Mode, dInner: Int, nExperts: Int = 1, activation: Activation = .gelu,
-                discreteInput: DiscreteInput = .mix, mixC: Float = 0.05, beta: Float = 0.08) {
+    public init(
+        mode: Mode, dInner: Int, nExperts: Int = 1, activation: Activation = .gelu,
+        discreteInput: DiscreteInput = .mix, mixC: Float = 0.05, beta: Float = 0.08
+    ) {
         self.mode = mode
         self.dInner = dInner
         self.nExperts = mode == .dense ? 1 : nExperts
@@ -70,7 +72,9 @@ public struct FFNConfig: Sendable, Equatable {
 
     /// Analytic forward FLOPs per token of one layer (multiply-add = 2); see `MoEComposition`.
     public func flopsPerToken(dModel: Int, k: Int, levels: Int, codebookSize: Int) -> Double {
-        composition.flopsPerToken(MoEComposition.Sizes(dModel: dModel, dInner: dInner, nExperts: nExperts, k: k,
-                                                       levels: levels, codebookSize: codebookSize))
+        composition.flopsPerToken(
+            MoEComposition.Sizes(
+                dModel: dModel, dInner: dInner, nExperts: nExperts, k: k,
+                levels: levels, codebookSize: codebookSize))
     }
 }

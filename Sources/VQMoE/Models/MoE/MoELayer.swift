@@ -45,8 +45,10 @@ public final class MoELayer: @unchecked Sendable {
     /// Each path's soft output of the last forward (nil for assignment paths).
     private var softOutputs: [UnsafePointer<Float>?] = []
 
-    public init(config: FFNConfig, dModel: Int, name: String, router: RouterInstance?, quantizer: QuantizerInstance?,
-                seed: UInt64, initStd: Float = 0.02, scratch: MoEScratch = MoEScratch()) throws {
+    public init(
+        config: FFNConfig, dModel: Int, name: String, router: RouterInstance?, quantizer: QuantizerInstance?,
+        seed: UInt64, initStd: Float = 0.02, scratch: MoEScratch = MoEScratch()
+    ) throws {
         let composition = config.composition
         try MoELayer.check(config, composition, dModel: dModel, name: name, router: router, quantizer: quantizer)
         self.config = config
@@ -54,39 +56,56 @@ public final class MoELayer: @unchecked Sendable {
         self.name = name
         self.scratch = scratch
         engine = DispatchEngine(scratch: scratch)
-        experts = ExpertBank(name: "\(name).experts", count: config.nExperts, dModel: dModel, dInner: config.dInner,
-                             activation: config.activation, initStd: initStd,
-                             seeds: (HostRNG.derive(seed, 1), HostRNG.derive(seed, 2)))
+        experts = ExpertBank(
+            name: "\(name).experts", count: config.nExperts, dModel: dModel, dInner: config.dInner,
+            activation: config.activation, initStd: initStd,
+            seeds: (HostRNG.derive(seed, 1), HostRNG.derive(seed, 2)))
         paths = composition.paths.map { kind in
             switch kind {
             case .dense: return DensePath()
             case .routed:
-                return RoutedPath(router: router!, layerName: name, nExperts: config.nExperts, allowTokenMixing: config.allowTokenMixing)
+                return RoutedPath(
+                    router: router!, layerName: name, nExperts: config.nExperts,
+                    allowTokenMixing: config.allowTokenMixing)
             case .discrete(let frozen):
-                return DiscretePath(quantizer: quantizer!, layerName: name, nExperts: config.nExperts, input: config.discreteInput,
-                                    mixC: config.mixC, beta: config.beta, frozen: frozen)
+                return DiscretePath(
+                    quantizer: quantizer!, layerName: name, nExperts: config.nExperts, input: config.discreteInput,
+                    mixC: config.mixC, beta: config.beta, frozen: frozen)
             case .shared:
-                let bank = ExpertBank(name: "\(name).shared_expert", count: 1, dModel: dModel, dInner: config.dInner,
-                                      activation: config.activation, initStd: initStd,
-                                      seeds: (HostRNG.derive(seed, 4), HostRNG.derive(seed, 5)))
+                let bank = ExpertBank(
+                    name: "\(name).shared_expert", count: 1, dModel: dModel, dInner: config.dInner,
+                    activation: config.activation, initStd: initStd,
+                    seeds: (HostRNG.derive(seed, 4), HostRNG.derive(seed, 5)))
                 return SharedExpertPath(bank: bank, expertID: config.nExperts)
             }
         }
         expertSet = ExpertSet([experts] + paths.flatMap(\.banks))
-        gate = composition.gated
-            ? PathGate(name: "\(name).gate", paths: paths.count, dModel: dModel, initStd: initStd, seed: HostRNG.derive(seed, 3)) : nil
+        gate =
+            composition.gated
+            ? PathGate(
+                name: "\(name).gate", paths: paths.count, dModel: dModel, initStd: initStd,
+                seed: HostRNG.derive(seed, 3)) : nil
     }
 
     /// The components a composition needs, with matching widths and expert counts.
-    static func check(_ config: FFNConfig, _ c: MoEComposition, dModel: Int, name: String, router: RouterInstance?,
-                      quantizer: QuantizerInstance?) throws {
-        if c.needsRouter && router == nil { throw VQMoEError(.config, "\(name): mode \(config.mode.rawValue) needs a router") }
-        if c.needsQuantizer && quantizer == nil { throw VQMoEError(.config, "\(name): mode \(config.mode.rawValue) needs a quantizer") }
+    static func check(
+        _ config: FFNConfig, _ c: MoEComposition, dModel: Int, name: String, router: RouterInstance?,
+        quantizer: QuantizerInstance?
+    ) throws {
+        if c.needsRouter && router == nil {
+            throw VQMoEError(.config, "\(name): mode \(config.mode.rawValue) needs a router")
+        }
+        if c.needsQuantizer && quantizer == nil {
+            throw VQMoEError(.config, "\(name): mode \(config.mode.rawValue) needs a quantizer")
+        }
         if c.needsRouter, let router {
             if router.nExperts != config.nExperts {
-                throw VQMoEError(.config, "\(name): router has \(router.nExperts) experts, the layer \(config.nExperts)")
+                throw VQMoEError(
+                    .config, "\(name): router has \(router.nExperts) experts, the layer \(config.nExperts)")
             }
-            if router.dModel != dModel { throw VQMoEError(.config, "\(name): router width \(router.dModel) != d_model \(dModel)") }
+            if router.dModel != dModel {
+                throw VQMoEError(.config, "\(name): router width \(router.dModel) != d_model \(dModel)")
+            }
         }
         if c.needsQuantizer, let quantizer, quantizer.dModel != dModel {
             throw VQMoEError(.config, "\(name): quantizer width \(quantizer.dModel) != d_model \(dModel)")
@@ -116,17 +135,21 @@ public final class MoELayer: @unchecked Sendable {
 
     /// Analytic forward FLOPs per token of this layer (multiply-add = 2), for the current mode.
     public func flopsPerToken(k: Int) -> Double {
-        config.flopsPerToken(dModel: dModel, k: k, levels: quantizer?.codesPerToken ?? 1, codebookSize: quantizer?.codebookSize ?? 0)
+        config.flopsPerToken(
+            dModel: dModel, k: k, levels: quantizer?.codesPerToken ?? 1, codebookSize: quantizer?.codebookSize ?? 0)
     }
 
     // MARK: forward
 
     /// y (N,d) = layer(x (N,d)), N = groups·groupSize. `x` must stay valid until backward.
-    public func forward(x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, groups: Int, groupSize: Int,
-                        tokenIDs: UnsafePointer<Int32>?, step: StepInfo) throws -> MoEStats {
+    public func forward(
+        x: UnsafePointer<Float>, y: UnsafeMutablePointer<Float>, groups: Int, groupSize: Int,
+        tokenIDs: UnsafePointer<Int32>?, step: StepInfo
+    ) throws -> MoEStats {
         let n = groups * groupSize, d = dModel
-        let inp = PathInput(x: x, groups: groups, groupSize: groupSize, tokenIDs: tokenIDs, step: step, experts: expertSet,
-                            scratch: scratch)
+        let inp = PathInput(
+            x: x, groups: groups, groupSize: groupSize, tokenIDs: tokenIDs, step: step, experts: expertSet,
+            scratch: scratch)
         input = inp
         var stats = MoEStats()
         stats.expertLoad = [Float](repeating: 0, count: expertSet.total)
@@ -182,22 +205,27 @@ public final class MoELayer: @unchecked Sendable {
             draw.update(from: dweight, count: table.count)
         }
         for (p, path) in paths.enumerated() {
-            let grads = PathGradients(rawWeights: draw + table.ranges[p].start, softOutput: dsoft[p], dx: dx, auxGrad: auxGrad)
+            let grads = PathGradients(
+                rawWeights: draw + table.ranges[p].start, softOutput: dsoft[p], dx: dx, auxGrad: auxGrad)
             try path.backward(inp, grads)
         }
         input = nil
     }
 
     /// dL/dg_p(t) from the assignments' raw weights and the soft outputs, then the gate's backward.
-    private func backwardGate(_ gate: PathGate, dy: UnsafePointer<Float>, dweight: UnsafePointer<Float>,
-                              dx: UnsafeMutablePointer<Float>) {
+    private func backwardGate(
+        _ gate: PathGate, dy: UnsafePointer<Float>, dweight: UnsafePointer<Float>,
+        dx: UnsafeMutablePointer<Float>
+    ) {
         guard let inp = input else { return }
         let n = inp.n, d = dModel, np = paths.count, raw = table.raw.pointer
         let dg = scratch.dgate.reserve(n * np)
         for t in 0..<n {
             for (p, r) in table.ranges.enumerated() {
                 var s: Float = softOutputs[p].map { Vec.dot(dy + t * d, $0 + t * d, d) } ?? 0
-                for j in 0..<r.perToken { s += raw[r.start + t * r.perToken + j] * dweight[r.start + t * r.perToken + j] }
+                for j in 0..<r.perToken {
+                    s += raw[r.start + t * r.perToken + j] * dweight[r.start + t * r.perToken + j]
+                }
                 dg[t * np + p] = s
             }
         }

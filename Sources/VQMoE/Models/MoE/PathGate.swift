@@ -30,7 +30,8 @@ public final class PathGate: @unchecked Sendable {
     public func forward(x: UnsafePointer<Float>, n: Int) -> UnsafePointer<Float> {
         self.n = n
         let p = paths, g = values.reserve(n * p)
-        Linear.forward(out: g, inp: x, weight: weight.data, bias: bias.data, n: n, inFeatures: weight.shape[1], outFeatures: p)
+        Linear.forward(
+            out: g, inp: x, weight: weight.data, bias: bias.data, n: n, inFeatures: weight.shape[1], outFeatures: p)
         for t in 0..<n {
             let row = g + t * p
             var m = row[0]
@@ -43,15 +44,18 @@ public final class PathGate: @unchecked Sendable {
     }
 
     /// Given dg (N,P) = dL/dg, accumulate dx (N,d) and the gate's gradients; dz is scratch (N,P).
-    public func backward(dg: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>,
-                         dz: UnsafeMutablePointer<Float>) {
+    public func backward(
+        dg: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>,
+        dz: UnsafeMutablePointer<Float>
+    ) {
         let p = paths, g = values.pointer
         for t in 0..<n {
             var dot: Float = 0
             for j in 0..<p { dot += g[t * p + j] * dg[t * p + j] }
             for j in 0..<p { dz[t * p + j] = g[t * p + j] * (dg[t * p + j] - dot) }
         }
-        Linear.backward(dinp: dx, dweight: weight.frozen ? nil : weight.grad, dbias: bias.frozen ? nil : bias.grad, dout: dz,
-                        inp: x, weight: weight.data, n: n, inFeatures: weight.shape[1], outFeatures: p)
+        Linear.backward(
+            dinp: dx, dweight: weight.frozen ? nil : weight.grad, dbias: bias.frozen ? nil : bias.grad, dout: dz,
+            inp: x, weight: weight.data, n: n, inFeatures: weight.shape[1], outFeatures: p)
     }
 }

@@ -35,24 +35,32 @@ public final class RoutedPath: ExpertPath {
         stateBuffers = router.core.states.map { StateBuffer(name: "\(layerName).router.\($0.name)", buffer: $0) }
     }
 
-    public func forward(_ input: PathInput, stats: inout MoEStats) throws -> (perToken: Int, source: UnsafePointer<Float>) {
+    public func forward(
+        _ input: PathInput, stats: inout MoEStats
+    ) throws -> (perToken: Int, source: UnsafePointer<Float>) {
         n = input.n
         ctx = nil
         shape = try router.shape(input.step)
         let outputs: RouterOutputs
         if shape.mode == .topK {
-            outputs = RouterOutputs(expertIndex: index.reserve(n * shape.k), weights: weights.reserve(n * shape.k),
-                                    expertLoad: load.reserve(nExperts))
+            outputs = RouterOutputs(
+                expertIndex: index.reserve(n * shape.k), weights: weights.reserve(n * shape.k),
+                expertLoad: load.reserve(nExperts))
         } else {
             guard allowTokenMixing else {
-                throw VQMoEError(.config, "\(layerName): router '\(router.core.library.name)' dispatches densely (SoftMoE), mixing the tokens of a sequence: in a causal language model a token would see later tokens. Use it in a ViT, or set model.ffn.allow_token_mixing = true for an ablation")
+                throw VQMoEError(
+                    .config,
+                    "\(layerName): router '\(router.core.library.name)' dispatches densely (SoftMoE), mixing the tokens of a sequence: in a causal language model a token would see later tokens. Use it in a ViT, or set model.ffn.allow_token_mixing = true for an ablation"
+                )
             }
             let es = nExperts * shape.slotsPerExpert
-            outputs = RouterOutputs(dispatch: soft.dispatch.reserve(n * es), combine: soft.combine.reserve(n * es),
-                                    expertLoad: load.reserve(nExperts))
+            outputs = RouterOutputs(
+                dispatch: soft.dispatch.reserve(n * es), combine: soft.combine.reserve(n * es),
+                expertLoad: load.reserve(nExperts))
         }
-        let r = try router.forward(input.step, x: input.x, tokenIDs: input.tokenIDs, nGroups: input.groups,
-                                   groupSize: input.groupSize, shape: shape, outputs: outputs)
+        let r = try router.forward(
+            input.step, x: input.x, tokenIDs: input.tokenIDs, nGroups: input.groups,
+            groupSize: input.groupSize, shape: shape, outputs: outputs)
         stats.aux += r.aux
         ctx = r.ctx
         return (shape.mode == .topK ? shape.k : 0, input.x)
@@ -66,8 +74,9 @@ public final class RoutedPath: ExpertPath {
 
     public func softForward(_ input: PathInput, stats: inout MoEStats) -> UnsafePointer<Float>? {
         guard shape.mode == .dense else { return nil }
-        let y = soft.forward(x: input.x, groups: input.groups, groupSize: input.groupSize, slots: shape.slotsPerExpert,
-                             bank: input.experts.banks[0], scratch: input.scratch)
+        let y = soft.forward(
+            x: input.x, groups: input.groups, groupSize: input.groupSize, slots: shape.slotsPerExpert,
+            bank: input.experts.banks[0], scratch: input.scratch)
         for e in 0..<nExperts { stats.expertLoad[e] += load.pointer[e] }
         return y
     }
@@ -76,8 +85,10 @@ public final class RoutedPath: ExpertPath {
         defer { ctx = nil }
         guard let ctx else { return }
         if shape.mode == .dense, let dsoft = g.softOutput {
-            let (dD, dC) = soft.backward(dy: dsoft, x: input.x, dx: g.dx, bank: input.experts.banks[0], scratch: input.scratch)
-            try router.backward(ctx, n: n, shape: shape, gradDispatch: dD, gradCombine: dC, gradAux: g.auxGrad, gradX: g.dx)
+            let (dD, dC) = soft.backward(
+                dy: dsoft, x: input.x, dx: g.dx, bank: input.experts.banks[0], scratch: input.scratch)
+            try router.backward(
+                ctx, n: n, shape: shape, gradDispatch: dD, gradCombine: dC, gradAux: g.auxGrad, gradX: g.dx)
         } else {
             try router.backward(ctx, n: n, shape: shape, gradWeights: g.rawWeights, gradAux: g.auxGrad, gradX: g.dx)
         }

@@ -11,7 +11,9 @@ public protocol InputLayer: AnyObject {
     /// Learned absolute positions (T,C), nil for relative attention.
     var positions: Parameter? { get }
     /// x (B,T,C) from token ids (B,T) or images (B,C,H,W).
-    func forward(tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>?, x: UnsafeMutablePointer<Float>, batch: Int, t: Int) throws
+    func forward(
+        tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>?, x: UnsafeMutablePointer<Float>, batch: Int, t: Int
+    ) throws
     /// Accumulate the parameter gradients from dx (B,T,C).
     func backward(dx: UnsafePointer<Float>, batch: Int, t: Int)
     /// The token ids of the last forward (B,T), for routers that use them.
@@ -47,8 +49,10 @@ public final class TokenEmbedding: InputLayer {
     public var parameters: [Parameter] { [wte] + [positions].compactMap { $0 } }
     public var tokenIDs: UnsafePointer<Int32>? { UnsafePointer(ids.pointer) }
 
-    public func forward(tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>?, x: UnsafeMutablePointer<Float>,
-                        batch: Int, t: Int) throws {
+    public func forward(
+        tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>?, x: UnsafeMutablePointer<Float>,
+        batch: Int, t: Int
+    ) throws {
         guard let tokens else { throw VQMoEError(.internalError, "a token model's forward needs tokens") }
         let c = wte.shape[1], tok = ids.reserve(batch * t)
         tok.update(from: tokens, count: batch * t)
@@ -56,7 +60,8 @@ public final class TokenEmbedding: InputLayer {
     }
 
     public func backward(dx: UnsafePointer<Float>, batch: Int, t: Int) {
-        Embedding.backward(dwte: wte.grad, dwpe: positions?.grad, dout: dx, tokens: ids.pointer, b: batch, t: t, c: wte.shape[1])
+        Embedding.backward(
+            dwte: wte.grad, dwpe: positions?.grad, dout: dx, tokens: ids.pointer, b: batch, t: t, c: wte.shape[1])
     }
 
     public var bytes: Int { ids.bytes }
@@ -91,19 +96,23 @@ public final class PatchInput: InputLayer {
     public var parameters: [Parameter] { [weight, bias, cls, positions!] }
     public var tokenIDs: UnsafePointer<Int32>? { nil }
 
-    public func forward(tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>?, x: UnsafeMutablePointer<Float>,
-                        batch: Int, t: Int) throws {
+    public func forward(
+        tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>?, x: UnsafeMutablePointer<Float>,
+        batch: Int, t: Int
+    ) throws {
         guard let images else { throw VQMoEError(.internalError, "a ViT forward needs images") }
         let c = weight.shape[0]
-        PatchEmbedding.forward(out: x, patches: patches.reserve(batch * image.patches * image.patchSize), images: images,
-                               shape: image, batch: batch, weight: weight.data, bias: bias.data, cls: cls.data,
-                               pos: positions!.data, d: c, scratch: projected.reserve(batch * image.patches * c))
+        PatchEmbedding.forward(
+            out: x, patches: patches.reserve(batch * image.patches * image.patchSize), images: images,
+            shape: image, batch: batch, weight: weight.data, bias: bias.data, cls: cls.data,
+            pos: positions!.data, d: c, scratch: projected.reserve(batch * image.patches * c))
     }
 
     public func backward(dx: UnsafePointer<Float>, batch: Int, t: Int) {
-        PatchEmbedding.backward(dx: dx, patches: patches.pointer, shape: image, batch: batch, dweight: weight.grad,
-                                dbias: bias.grad, dcls: cls.grad, dpos: positions!.grad, d: weight.shape[0],
-                                scratch: projected.reserve(batch * image.patches * weight.shape[0]))
+        PatchEmbedding.backward(
+            dx: dx, patches: patches.pointer, shape: image, batch: batch, dweight: weight.grad,
+            dbias: bias.grad, dcls: cls.grad, dpos: positions!.grad, d: weight.shape[0],
+            scratch: projected.reserve(batch * image.patches * weight.shape[0]))
     }
 
     public var bytes: Int { patches.bytes + projected.bytes }

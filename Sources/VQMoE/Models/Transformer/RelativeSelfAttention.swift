@@ -46,8 +46,11 @@ public final class RelativeSelfAttention: AttentionSublayer {
     /// Memory rows the last forward attended to.
     private var memoryUsed = 0
 
-    public init(projections: AttentionProjections, layer: Int, heads: Int, initStd: Float, seeds: (r: UInt64, u: UInt64, v: UInt64),
-                memory: (train: SegmentMemory?, eval: SegmentMemory?), positions: RelativePositions, scratch: AttentionScratch) {
+    public init(
+        projections: AttentionProjections, layer: Int, heads: Int, initStd: Float,
+        seeds: (r: UInt64, u: UInt64, v: UInt64),
+        memory: (train: SegmentMemory?, eval: SegmentMemory?), positions: RelativePositions, scratch: AttentionScratch
+    ) {
         self.projections = projections
         self.layer = layer
         self.heads = heads
@@ -80,28 +83,34 @@ public final class RelativeSelfAttention: AttentionSublayer {
         ln1.forward(cat, p.ln1, n: nk, c: c)
         p.qkv(ln1.out.pointer, into: qkv.reserve(nk * 3 * c), n: nk)
         let table = positions.prepare(keys: k, c: c)
-        Linear.forward(out: r.reserve(k * c), inp: table, weight: rWeight.data, bias: nil, n: k, inFeatures: c, outFeatures: c)
-        RelativeAttention.forward(y: y.reserve(b * t * c), att: probs.reserve(b * heads * t * k), qkv: qkv.pointer, r: r.pointer,
-                                  u: u.data, v: v.data, b: b, t: t, mem: memoryUsed, c: c, heads: heads)
+        Linear.forward(
+            out: r.reserve(k * c), inp: table, weight: rWeight.data, bias: nil, n: k, inFeatures: c, outFeatures: c)
+        RelativeAttention.forward(
+            y: y.reserve(b * t * c), att: probs.reserve(b * heads * t * k), qkv: qkv.pointer, r: r.pointer,
+            u: u.data, v: v.data, b: b, t: t, mem: memoryUsed, c: c, heads: heads)
         p.project(y.pointer, into: out, n: b * t)
     }
 
     /// The memory rows get no gradient: only the segment's rows of dL/d cat reach dx.
-    public func backward(dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext) {
+    public func backward(
+        dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext
+    ) {
         let p = projections, c = p.c, t = ctx.seqLen, b = ctx.batch, m = memoryUsed, k = m + t, nk = b * k
         let dy = scratch.dy.reserve(b * t * c)
         p.projectBackward(dout: dout, y: y.pointer, dy: dy, n: b * t)
         let dqkv = scratch.dqkv.zeros(nk * 3 * c), dr = scratch.dr.zeros(k * c)
         let work = scratch.relative.reserve(RelativeAttention.scratchCount(b: b, t: t, mem: m, c: c, heads: heads))
-        RelativeAttention.backward(dqkv: dqkv, dr: dr, du: u.grad, dv: v.grad, dy: dy, qkv: qkv.pointer, r: r.pointer, u: u.data,
-                                   v: v.data, att: probs.pointer, b: b, t: t, mem: m, c: c, heads: heads, scratch: work)
-        Linear.backward(dinp: nil, dweight: rWeight.grad, dbias: nil, dout: dr, inp: positions.table.pointer, weight: rWeight.data,
-                        n: k, inFeatures: c, outFeatures: c)
+        RelativeAttention.backward(
+            dqkv: dqkv, dr: dr, du: u.grad, dv: v.grad, dy: dy, qkv: qkv.pointer, r: r.pointer, u: u.data,
+            v: v.data, att: probs.pointer, b: b, t: t, mem: m, c: c, heads: heads, scratch: work)
+        Linear.backward(
+            dinp: nil, dweight: rWeight.grad, dbias: nil, dout: dr, inp: positions.table.pointer, weight: rWeight.data,
+            n: k, inFeatures: c, outFeatures: c)
         let dln = scratch.dln.reserve(nk * c)
         p.qkvBackward(dqkv: dqkv, ln: ln1.out.pointer, dln: dln, n: nk)
         let dcat = scratch.dcat.zeros(nk * c)
         ln1.backward(dinp: dcat, dout: dln, inp: cat.pointer, p.ln1, n: nk, c: c)
-        for bi in 0..<b { Vec.add(dx + bi * t * c, dcat + (bi * k + m) * c, t * c) }   // the segment rows only
+        for bi in 0..<b { Vec.add(dx + bi * t * c, dcat + (bi * k + m) * c, t * c) }  // the segment rows only
     }
 
     /// Projections, (Q+u)Kᵀ, (Q+v)rᵀ and PV over the average visible length M + (T+1)/2

@@ -81,24 +81,30 @@ extension SegmentMemory {
     func checkpointTensors() -> [Checkpoint.Tensor] {
         guard batch > 0 else { return [] }
         var out = (0..<layers).map { l in
-            Checkpoint.Tensor(name: "memory.layers.\(l)", dtype: "F32", shape: [batch, capacity, width],
-                              bytes: UnsafeRawBufferPointer(start: layer(l), count: batch * capacity * width * 4))
+            Checkpoint.Tensor(
+                name: "memory.layers.\(l)", dtype: "F32", shape: [batch, capacity, width],
+                bytes: UnsafeRawBufferPointer(start: layer(l), count: batch * capacity * width * 4))
         }
-        out.append(Checkpoint.Tensor(name: "memory.length", dtype: "I32", shape: [1],
-                                     bytes: UnsafeRawBufferPointer(start: lengthCell, count: 4)))
+        out.append(
+            Checkpoint.Tensor(
+                name: "memory.length", dtype: "I32", shape: [1],
+                bytes: UnsafeRawBufferPointer(start: lengthCell, count: 4)))
         return out
     }
 
     /// Restore from a resumable checkpoint (absent: the memory starts empty).
     func load(_ ck: Checkpoint.Loaded, path: String) throws {
-        guard let len = ck.tensors["memory.length"], let first = ck.tensors["memory.layers.0"], first.shape.count == 3 else {
+        guard let len = ck.tensors["memory.length"], let first = ck.tensors["memory.layers.0"], first.shape.count == 3
+        else {
             reset()
             return
         }
         prepare(batch: first.shape[0])
         for l in 0..<layers {
             guard let tensor = ck.tensors["memory.layers.\(l)"], tensor.shape == [batch, capacity, width] else {
-                throw VQMoEError(.checkpoint, "\(path): tensor 'memory.layers.\(l)' is missing or not (\(batch), \(capacity), \(width))")
+                throw VQMoEError(
+                    .checkpoint,
+                    "\(path): tensor 'memory.layers.\(l)' is missing or not (\(batch), \(capacity), \(width))")
             }
             tensor.data.withUnsafeBytes { _ = memcpy(layer(l), $0.baseAddress!, tensor.data.count) }
         }

@@ -13,7 +13,8 @@ public protocol AttentionSublayer: AnyObject {
     /// out (B,T,C) for x (B,T,C); in training, keeps what the backward needs.
     func forward(x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ ctx: ForwardContext)
     /// dx (B,T,C) += dL/dx, and the parameter gradients, from dout = dL/d out (B,T,C).
-    func backward(dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext)
+    func backward(
+        dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext)
     /// Analytic forward FLOPs per token (matmuls) for a batch of `batch` sequences.
     func flopsPerToken(seqLen: Int, batch: Int, accounting: AttentionFlops) -> Double
     /// Bytes of saved activations.
@@ -42,26 +43,30 @@ public struct AttentionProjections: @unchecked Sendable {
 
     /// qkv (N,3C) = ln (N,C) W_qkvᵀ + b.
     func qkv(_ ln: UnsafePointer<Float>, into qkv: UnsafeMutablePointer<Float>, n: Int) {
-        Linear.forward(out: qkv, inp: ln, weight: qkvWeight.data, bias: qkvBias.data, n: n, inFeatures: c, outFeatures: 3 * c)
+        Linear.forward(
+            out: qkv, inp: ln, weight: qkvWeight.data, bias: qkvBias.data, n: n, inFeatures: c, outFeatures: 3 * c)
     }
 
     /// out (N,C) = y (N,C) W_projᵀ + b.
     func project(_ y: UnsafePointer<Float>, into out: UnsafeMutablePointer<Float>, n: Int) {
-        Linear.forward(out: out, inp: y, weight: projWeight.data, bias: projBias.data, n: n, inFeatures: c, outFeatures: c)
+        Linear.forward(
+            out: out, inp: y, weight: projWeight.data, bias: projBias.data, n: n, inFeatures: c, outFeatures: c)
     }
 
     /// dy (N,C) = dout W_proj (overwritten), and the projection's gradients.
     func projectBackward(dout: UnsafePointer<Float>, y: UnsafePointer<Float>, dy: UnsafeMutablePointer<Float>, n: Int) {
         dy.update(repeating: 0, count: n * c)
-        Linear.backward(dinp: dy, dweight: projWeight.grad, dbias: projBias.grad, dout: dout, inp: y, weight: projWeight.data,
-                        n: n, inFeatures: c, outFeatures: c)
+        Linear.backward(
+            dinp: dy, dweight: projWeight.grad, dbias: projBias.grad, dout: dout, inp: y, weight: projWeight.data,
+            n: n, inFeatures: c, outFeatures: c)
     }
 
     /// dln (N,C) = dqkv W_qkv (overwritten), and the qkv projection's gradients.
     func qkvBackward(dqkv: UnsafePointer<Float>, ln: UnsafePointer<Float>, dln: UnsafeMutablePointer<Float>, n: Int) {
         dln.update(repeating: 0, count: n * c)
-        Linear.backward(dinp: dln, dweight: qkvWeight.grad, dbias: qkvBias.grad, dout: dqkv, inp: ln, weight: qkvWeight.data,
-                        n: n, inFeatures: c, outFeatures: 3 * c)
+        Linear.backward(
+            dinp: dln, dweight: qkvWeight.grad, dbias: qkvBias.grad, dout: dqkv, inp: ln, weight: qkvWeight.data,
+            n: n, inFeatures: c, outFeatures: 3 * c)
     }
 
     /// FLOPs per row of the qkv and output projections.
@@ -110,16 +115,20 @@ public final class SelfAttention: AttentionSublayer {
         let p = projections, c = p.c, n = ctx.n, t = ctx.seqLen, b = ctx.batch
         ln1.forward(x, p.ln1, n: n, c: c)
         p.qkv(ln1.out.pointer, into: qkv.reserve(n * 3 * c), n: n)
-        Attention.forward(y: y.reserve(n * c), att: probs.reserve(b * heads * t * t), qkv: qkv.pointer, b: b, t: t, c: c,
-                          heads: heads, causal: causal)
+        Attention.forward(
+            y: y.reserve(n * c), att: probs.reserve(b * heads * t * t), qkv: qkv.pointer, b: b, t: t, c: c,
+            heads: heads, causal: causal)
         p.project(y.pointer, into: out, n: n)
     }
 
-    public func backward(dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext) {
+    public func backward(
+        dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext
+    ) {
         let p = projections, c = p.c, n = ctx.n, t = ctx.seqLen, b = ctx.batch
         let dy = scratch.dy.reserve(n * c), dqkv = scratch.dqkv.zeros(n * 3 * c), dln = scratch.dln.reserve(n * c)
         p.projectBackward(dout: dout, y: y.pointer, dy: dy, n: n)
-        Attention.backward(dqkv: dqkv, dy: dy, qkv: qkv.pointer, att: probs.pointer, b: b, t: t, c: c, heads: heads, causal: causal)
+        Attention.backward(
+            dqkv: dqkv, dy: dy, qkv: qkv.pointer, att: probs.pointer, b: b, t: t, c: c, heads: heads, causal: causal)
         p.qkvBackward(dqkv: dqkv, ln: ln1.out.pointer, dln: dln, n: n)
         ln1.backward(dinp: dx, dout: dln, inp: x, p.ln1, n: n, c: c)
     }

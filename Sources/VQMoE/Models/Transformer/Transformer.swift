@@ -39,7 +39,9 @@ public final class Transformer: @unchecked Sendable {
     private var last: ForwardContext?
     private var headCtx: PluginContext?
 
-    public init(config: TransformerConfig, head: HeadInstance, components: (Int) throws -> LayerComponents, seed: UInt64) throws {
+    public init(
+        config: TransformerConfig, head: HeadInstance, components: (Int) throws -> LayerComponents, seed: UInt64
+    ) throws {
         try Transformer.check(config, head: head)
         self.config = config
         self.head = head
@@ -48,8 +50,9 @@ public final class Transformer: @unchecked Sendable {
         if let image = config.image {
             input = PatchInput(image: image, c: c, initStd: std, seed: seed)
         } else {
-            input = TokenEmbedding(vocabSize: config.vocabSize, seqLen: config.seqLen, c: c, positions: !config.relative,
-                                   initStd: std, seed: seed)
+            input = TokenEmbedding(
+                vocabSize: config.vocabSize, seqLen: config.seqLen, c: c, positions: !config.relative,
+                initStd: std, seed: seed)
         }
         if config.relative && config.memLen > 0 {
             trainMemory = SegmentMemory(layers: config.nLayer, capacity: config.memLen, width: c)
@@ -59,12 +62,14 @@ public final class Transformer: @unchecked Sendable {
         }
         var blocks: [TransformerBlock] = []
         for i in 0..<config.nLayer {
-            let attention = Transformer.makeAttention(config, layer: i, seed: seed, memory: (trainMemory, evalMemory),
-                                                      positions: relativePositions, scratch: attentionScratch)
+            let attention = Transformer.makeAttention(
+                config, layer: i, seed: seed, memory: (trainMemory, evalMemory),
+                positions: relativePositions, scratch: attentionScratch)
             let ln2 = LayerNormParameters(name: "layers.\(i).ln2", c: c)
             let comp = try components(i)
-            let ffn = try MoELayer(config: config.ffn, dModel: c, name: "layers.\(i).ffn", router: comp.router,
-                                   quantizer: comp.quantizer, seed: HostRNG.derive(seed, UInt64(i), 3), initStd: std, scratch: moeScratch)
+            let ffn = try MoELayer(
+                config: config.ffn, dModel: c, name: "layers.\(i).ffn", router: comp.router,
+                quantizer: comp.quantizer, seed: HostRNG.derive(seed, UInt64(i), 3), initStd: std, scratch: moeScratch)
             blocks.append(TransformerBlock(index: i, attention: attention, ln2: ln2, ffn: ffn, scratch: blockScratch))
         }
         self.blocks = blocks
@@ -82,31 +87,41 @@ public final class Transformer: @unchecked Sendable {
         guard head.dModel == c else { throw VQMoEError(.config, "head width \(head.dModel) != d_model \(c)") }
         if config.relative {
             guard c % 2 == 0 else {
-                throw VQMoEError(.config, "model.d_model (\(c)) must be even for Transformer-XL's sinusoid position encodings")
+                throw VQMoEError(
+                    .config, "model.d_model (\(c)) must be even for Transformer-XL's sinusoid position encodings")
             }
         }
         if let image = config.image {
-            guard !config.relative else { throw VQMoEError(.config, "model.backbone: Transformer-XL takes tokens, not images") }
+            guard !config.relative else {
+                throw VQMoEError(.config, "model.backbone: Transformer-XL takes tokens, not images")
+            }
             guard image.height % image.patch == 0, image.width % image.patch == 0, config.seqLen == image.tokens else {
-                throw VQMoEError(.config, "model.patch_size (\(image.patch)) must divide the image (\(image.height)×\(image.width)); seq_len must be 1 + patches = \(image.tokens)")
+                throw VQMoEError(
+                    .config,
+                    "model.patch_size (\(image.patch)) must divide the image (\(image.height)×\(image.width)); seq_len must be 1 + patches = \(image.tokens)"
+                )
             }
         }
     }
 
     /// Layer i's attention sublayer, by the config's attention kind.
-    private static func makeAttention(_ config: TransformerConfig, layer i: Int, seed: UInt64,
-                                      memory: (train: SegmentMemory?, eval: SegmentMemory?), positions: RelativePositions,
-                                      scratch: AttentionScratch) -> AttentionSublayer {
+    private static func makeAttention(
+        _ config: TransformerConfig, layer i: Int, seed: UInt64,
+        memory: (train: SegmentMemory?, eval: SegmentMemory?), positions: RelativePositions,
+        scratch: AttentionScratch
+    ) -> AttentionSublayer {
         let c = config.dModel, std = config.initStd, l = UInt64(i)
-        let p = AttentionProjections(layer: "layers.\(i)", c: c, initStd: std,
-                                     seeds: (HostRNG.derive(seed, l, 1), HostRNG.derive(seed, l, 2)))
+        let p = AttentionProjections(
+            layer: "layers.\(i)", c: c, initStd: std,
+            seeds: (HostRNG.derive(seed, l, 1), HostRNG.derive(seed, l, 2)))
         switch config.attention {
         case .causal: return SelfAttention(projections: p, heads: config.nHead, mask: .causal, scratch: scratch)
         case .full: return SelfAttention(projections: p, heads: config.nHead, mask: .full, scratch: scratch)
         case .relative:
-            return RelativeSelfAttention(projections: p, layer: i, heads: config.nHead, initStd: std,
-                                         seeds: (HostRNG.derive(seed, l, 4), HostRNG.derive(seed, l, 5), HostRNG.derive(seed, l, 6)),
-                                         memory: memory, positions: positions, scratch: scratch)
+            return RelativeSelfAttention(
+                projections: p, layer: i, heads: config.nHead, initStd: std,
+                seeds: (HostRNG.derive(seed, l, 4), HostRNG.derive(seed, l, 5), HostRNG.derive(seed, l, 6)),
+                memory: memory, positions: positions, scratch: scratch)
         }
     }
 
@@ -118,7 +133,9 @@ public final class Transformer: @unchecked Sendable {
     public var wpe: Parameter? { input.positions }
 
     /// Every trainable tensor, in a fixed order (checkpoints, optimizer state).
-    public var parameters: [Parameter] { input.parameters + blocks.flatMap(\.parameters) + lnf.parameters + headParameters }
+    public var parameters: [Parameter] {
+        input.parameters + blocks.flatMap(\.parameters) + lnf.parameters + headParameters
+    }
 
     /// Plugin state buffers (EMA statistics, ...), for checkpoints.
     public var stateBuffers: [StateBuffer] {
@@ -131,19 +148,25 @@ public final class Transformer: @unchecked Sendable {
     /// over its memory too, for a batch of `batch` streams), each FFN as its mode counts it, the head.
     public func flopsPerToken(k: Int, batch: Int = 1, attention accounting: AttentionFlops = .visible) -> Double {
         let c = Double(config.dModel)
-        let perLayer = blocks.map { $0.attention.flopsPerToken(seqLen: config.seqLen, batch: batch, accounting: accounting) + $0.ffn.flopsPerToken(k: k) }
+        let perLayer = blocks.map {
+            $0.attention.flopsPerToken(seqLen: config.seqLen, batch: batch, accounting: accounting)
+                + $0.ffn.flopsPerToken(k: k)
+        }
         return perLayer.reduce(0, +) + 2 * c * Double(head.nOut)
     }
 
     /// Experts per token the routers pick in evaluation (0 without a router).
     public func evalK() throws -> Int {
-        try layers.first?.router?.shape(StepInfo(step: totalSteps, totalSteps: totalSteps, train: false, noGrad: true, seed: 0)).k ?? 0
+        try layers.first?.router?.shape(
+            StepInfo(step: totalSteps, totalSteps: totalSteps, train: false, noGrad: true, seed: 0)
+        ).k ?? 0
     }
 
     /// Call every plugin's per-step hook.
     public func beginStep(_ step: Int) throws {
-        let ctx = ForwardContext(batch: 0, seqLen: config.seqLen, step: step, train: true, runSeed: runSeed, totalSteps: totalSteps,
-                                 dropout: config.dropout)
+        let ctx = ForwardContext(
+            batch: 0, seqLen: config.seqLen, step: step, train: true, runSeed: runSeed, totalSteps: totalSteps,
+            dropout: config.dropout)
         for (i, l) in layers.enumerated() {
             let s = ctx.stepInfo(.beginStep, layer: i)
             try l.router?.core.beginStep(s)
@@ -160,11 +183,14 @@ public final class Transformer: @unchecked Sendable {
 
     /// tokens (B,T) int32 or images (B,C,H,W), targets → loss parts. In training mode the
     /// activations are kept for `backward()`; `step` seeds dropout and the plugins' per-step randomness.
-    public func forward(tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>? = nil, targets: UnsafePointer<Int32>?,
-                        batch: Int, step: Int, train: Bool, lengths: UnsafePointer<Int32>? = nil,
-                        logits out: UnsafeMutablePointer<Float>? = nil) throws -> LossParts {
-        var ctx = ForwardContext(batch: batch, seqLen: config.seqLen, step: step, train: train, runSeed: runSeed,
-                                 totalSteps: totalSteps, dropout: config.dropout)
+    public func forward(
+        tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>? = nil, targets: UnsafePointer<Int32>?,
+        batch: Int, step: Int, train: Bool, lengths: UnsafePointer<Int32>? = nil,
+        logits out: UnsafeMutablePointer<Float>? = nil
+    ) throws -> LossParts {
+        var ctx = ForwardContext(
+            batch: batch, seqLen: config.seqLen, step: step, train: train, runSeed: runSeed,
+            totalSteps: totalSteps, dropout: config.dropout)
         let c = config.dModel, n = ctx.n
         let x0 = stream[0].reserve(n * c)
         try input.forward(tokens: tokens, images: images, x: x0, batch: batch, t: ctx.seqLen)
@@ -172,8 +198,9 @@ public final class Transformer: @unchecked Sendable {
         last = ctx
         (train ? trainMemory : evalMemory)?.prepare(batch: batch)
         if ctx.drops {
-            Dropout.forward(out: x0, mask: embeddingMask.reserve(n * c), inp: x0, count: n * c, p: ctx.dropout,
-                            seed: ctx.dropoutSeed(.embeddingDropout))
+            Dropout.forward(
+                out: x0, mask: embeddingMask.reserve(n * c), inp: x0, count: n * c, p: ctx.dropout,
+                seed: ctx.dropoutSeed(.embeddingDropout))
         }
         var parts = LossParts()
         for (l, block) in blocks.enumerated() {
@@ -189,13 +216,16 @@ public final class Transformer: @unchecked Sendable {
     }
 
     /// LN_f and the head plugin: the task loss and its aggregates; a non-finite total is an error naming the layer.
-    private func headForward(_ ctx: ForwardContext, targets: UnsafePointer<Int32>?, lengths: UnsafePointer<Int32>?,
-                             logits out: UnsafeMutablePointer<Float>?, parts: inout LossParts) throws {
+    private func headForward(
+        _ ctx: ForwardContext, targets: UnsafePointer<Int32>?, lengths: UnsafePointer<Int32>?,
+        logits out: UnsafeMutablePointer<Float>?, parts: inout LossParts
+    ) throws {
         let c = config.dModel, n = ctx.n, t = ctx.seqLen
         lnfSaved.forward(stream[config.nLayer].pointer, lnf, n: n, c: c)
         let logits = out ?? self.logits.reserve(head.rows(batch: ctx.batch, seq: t) * head.nOut)
-        let r = try head.forward(ctx.stepInfo(.head, layer: 0), h: lnfSaved.out.pointer, batch: ctx.batch, seq: t, targets: targets,
-                                 lengths: lengths, logits: logits)
+        let r = try head.forward(
+            ctx.stepInfo(.head, layer: 0), h: lnfSaved.out.pointer, batch: ctx.batch, seq: t, targets: targets,
+            lengths: lengths, logits: logits)
         headCtx = r.ctx
         parts.task = r.loss
         parts.lossSum = r.lossSum
@@ -203,8 +233,10 @@ public final class Transformer: @unchecked Sendable {
         parts.correct = r.correct
         guard parts.total.isFinite else {
             let bad = parts.layers.firstIndex { !$0.aux.isFinite || !$0.vq.isFinite }
-            throw VQMoEError(.numeric, "non-finite loss at step \(ctx.step): task \(parts.task), aux \(parts.aux), vq \(parts.vq)"
-                + (bad.map { " (first non-finite layer: layers.\($0).ffn)" } ?? ""))
+            throw VQMoEError(
+                .numeric,
+                "non-finite loss at step \(ctx.step): task \(parts.task), aux \(parts.aux), vq \(parts.vq)"
+                    + (bad.map { " (first non-finite layer: layers.\($0).ffn)" } ?? ""))
         }
     }
 

@@ -27,7 +27,9 @@ public final class TransformerBlock: @unchecked Sendable {
         var bytes: Int { attentionMask.bytes + mid.bytes + ln2.bytes + ffnMask.bytes }
     }
 
-    public init(index: Int, attention: AttentionSublayer, ln2: LayerNormParameters, ffn: MoELayer, scratch: BlockScratch) {
+    public init(
+        index: Int, attention: AttentionSublayer, ln2: LayerNormParameters, ffn: MoELayer, scratch: BlockScratch
+    ) {
         self.index = index
         self.attention = attention
         self.ln2 = ln2
@@ -39,23 +41,28 @@ public final class TransformerBlock: @unchecked Sendable {
     public var parameters: [Parameter] { attention.parameters + ln2.parameters + ffn.parameters }
 
     /// out (B,T,C) = the block applied to x (B,T,C); returns the MoE layer's statistics.
-    public func forward(x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ ctx: ForwardContext) throws -> MoEStats {
+    public func forward(
+        x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ ctx: ForwardContext
+    ) throws -> MoEStats {
         let n = ctx.n, c = ln2.weight.count
         let a = scratch.sublayerOut.reserve(n * c)
         attention.forward(x: x, out: a, ctx)
         if ctx.drops {
-            Dropout.forward(out: a, mask: saved.attentionMask.reserve(n * c), inp: a, count: n * c, p: ctx.dropout,
-                            seed: ctx.dropoutSeed(.attentionDropout, layer: index))
+            Dropout.forward(
+                out: a, mask: saved.attentionMask.reserve(n * c), inp: a, count: n * c, p: ctx.dropout,
+                seed: ctx.dropoutSeed(.attentionDropout, layer: index))
         }
         let mid = saved.mid.reserve(n * c)
         Vec.sum(mid, x, a, n * c)
         saved.ln2.forward(mid, ln2, n: n, c: c)
-        let f = scratch.sublayerOut.pointer   // the attention output is consumed: reuse it
-        let stats = try ffn.forward(x: saved.ln2.out.pointer, y: f, groups: ctx.batch, groupSize: ctx.seqLen,
-                                    tokenIDs: ctx.tokenIDs, step: ctx.stepInfo(.moe, layer: index))
+        let f = scratch.sublayerOut.pointer  // the attention output is consumed: reuse it
+        let stats = try ffn.forward(
+            x: saved.ln2.out.pointer, y: f, groups: ctx.batch, groupSize: ctx.seqLen,
+            tokenIDs: ctx.tokenIDs, step: ctx.stepInfo(.moe, layer: index))
         if ctx.drops {
-            Dropout.forward(out: f, mask: saved.ffnMask.reserve(n * c), inp: f, count: n * c, p: ctx.dropout,
-                            seed: ctx.dropoutSeed(.ffnDropout, layer: index))
+            Dropout.forward(
+                out: f, mask: saved.ffnMask.reserve(n * c), inp: f, count: n * c, p: ctx.dropout,
+                seed: ctx.dropoutSeed(.ffnDropout, layer: index))
         }
         Vec.sum(out, mid, f, n * c)
         return stats

@@ -31,9 +31,11 @@ public struct TransformerConfig: Sendable, Equatable {
 
     public init() {}
 
-    public init(vocabSize: Int = 256, seqLen: Int = 128, nLayer: Int = 4, nHead: Int = 4,
-                dModel: Int = TransformerConfig.defaultDModel, dropout: Float = 0, initStd: Float = 0.02,
-                ffn: FFNConfig = FFNConfig()) {
+    public init(
+        vocabSize: Int = 256, seqLen: Int = 128, nLayer: Int = 4, nHead: Int = 4,
+        dModel: Int = TransformerConfig.defaultDModel, dropout: Float = 0, initStd: Float = 0.02,
+        ffn: FFNConfig = FFNConfig()
+    ) {
         self.vocabSize = vocabSize
         self.seqLen = seqLen
         self.nLayer = nLayer
@@ -112,16 +114,20 @@ public struct ForwardContext: Sendable {
     public var drops: Bool { train && dropout > 0 }
 
     /// Seeds per purpose: plugins' per-step hook, MoE layer, head; dropout sites.
-    enum Tag: UInt64 { case moe = 5, beginStep = 7, head = 9, embeddingDropout = 11, attentionDropout = 12, ffnDropout = 13 }
+    enum Tag: UInt64 {
+        case moe = 5, beginStep = 7, head = 9, embeddingDropout = 11, attentionDropout = 12, ffnDropout = 13
+    }
 
     /// The step as plugins see it, seeded per purpose and layer.
     func stepInfo(_ tag: Tag, layer: Int) -> StepInfo {
-        StepInfo(step: step, totalSteps: totalSteps, train: train, noGrad: !train,
-                 seed: HostRNG.derive(runSeed, tag.rawValue, UInt64(layer), UInt64(step)))
+        StepInfo(
+            step: step, totalSteps: totalSteps, train: train, noGrad: !train,
+            seed: HostRNG.derive(runSeed, tag.rawValue, UInt64(layer), UInt64(step)))
     }
 
     /// The dropout mask seed of a site (the embedding's has no layer).
     func dropoutSeed(_ tag: Tag, layer: Int? = nil) -> UInt64 {
-        layer.map { HostRNG.derive(runSeed, tag.rawValue, UInt64($0), UInt64(step)) } ?? HostRNG.derive(runSeed, tag.rawValue, UInt64(step))
+        layer.map { HostRNG.derive(runSeed, tag.rawValue, UInt64($0), UInt64(step)) }
+            ?? HostRNG.derive(runSeed, tag.rawValue, UInt64(step))
     }
 }

@@ -48,14 +48,16 @@ public final class AdamOptimizer: Optimizer, @unchecked Sendable {
                 let (mm, vv, w, g) = ptrs
                 let vb1 = SIMD8<Float>(repeating: b1), vb2 = SIMD8<Float>(repeating: b2)
                 let c1 = SIMD8<Float>(repeating: 1 / bc1), c2 = SIMD8<Float>(repeating: 1 / bc2)
-                let veps = SIMD8<Float>(repeating: e), vlr = SIMD8<Float>(repeating: lr), vwd = SIMD8<Float>(repeating: wd)
+                let veps = SIMD8<Float>(repeating: e), vlr = SIMD8<Float>(repeating: lr),
+                    vwd = SIMD8<Float>(repeating: wd)
                 var j = Int(lo)
                 while j + 8 <= Int(hi) {
                     var grad = UnsafeRawPointer(g + j).loadUnaligned(as: SIMD8<Float>.self)
                     let wj = UnsafeRawPointer(w + j).loadUnaligned(as: SIMD8<Float>.self)
                     if !dec && wd != 0 { grad += vwd * wj }
                     let m1 = vb1 * UnsafeRawPointer(mm + j).loadUnaligned(as: SIMD8<Float>.self) + (1 - vb1) * grad
-                    let v1 = vb2 * UnsafeRawPointer(vv + j).loadUnaligned(as: SIMD8<Float>.self) + (1 - vb2) * grad * grad
+                    let v1 =
+                        vb2 * UnsafeRawPointer(vv + j).loadUnaligned(as: SIMD8<Float>.self) + (1 - vb2) * grad * grad
                     UnsafeMutableRawPointer(mm + j).storeBytes(of: m1, as: SIMD8<Float>.self)
                     UnsafeMutableRawPointer(vv + j).storeBytes(of: v1, as: SIMD8<Float>.self)
                     let update = (m1 * c1) / ((v1 * c2).squareRoot() + veps)
@@ -76,4 +78,3 @@ public final class AdamOptimizer: Optimizer, @unchecked Sendable {
         }
     }
 }
-

@@ -47,8 +47,10 @@ public final class LionOptimizer: Optimizer, @unchecked Sendable {
     }
 
     /// The update of coordinates `range` (SIMD8 in the body, scalar at the tail).
-    static func update(m: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, range: Range<Int>,
-                       lr: Float, wd: Float, beta1: Float, beta2: Float) {
+    static func update(
+        m: UnsafeMutablePointer<Float>, w: UnsafeMutablePointer<Float>, g: UnsafePointer<Float>, range: Range<Int>,
+        lr: Float, wd: Float, beta1: Float, beta2: Float
+    ) {
         let vb1 = SIMD8<Float>(repeating: beta1), vb2 = SIMD8<Float>(repeating: beta2)
         let vlr = SIMD8<Float>(repeating: lr), vwd = SIMD8<Float>(repeating: wd), zero = SIMD8<Float>(repeating: 0)
         var j = range.lowerBound

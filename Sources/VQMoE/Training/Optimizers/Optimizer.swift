@@ -27,11 +27,13 @@ public struct OptimizerSlot: @unchecked Sendable {
 
     /// Zero-filled buffers for `parameters`.
     static func zeros(_ name: String, for parameters: [Parameter]) -> OptimizerSlot {
-        OptimizerSlot(name: name, buffers: parameters.map { p in
-            let b = HostRuntime.alignedAlloc(p.count * 4)!.bindMemory(to: Float.self, capacity: p.count)
-            b.initialize(repeating: 0, count: p.count)
-            return b
-        })
+        OptimizerSlot(
+            name: name,
+            buffers: parameters.map { p in
+                let b = HostRuntime.alignedAlloc(p.count * 4)!.bindMemory(to: Float.self, capacity: p.count)
+                b.initialize(repeating: 0, count: p.count)
+                return b
+            })
     }
 
     func free() { buffers.forEach { Foundation.free($0) } }
