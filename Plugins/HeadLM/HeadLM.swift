@@ -166,6 +166,119 @@ private func lossRows(_ job: RowJob, _ begin: Int, _ end: Int) {
 
 // MARK: - forward / backward
 
+/// The validated tensors of one forward: h (N,d), logits (N,V), targets (N) or none.
+private struct ForwardIO {
+    let rows: Int
+    let h: UnsafePointer<Float>
+    let logits: UnsafeMutablePointer<Float>
+    let targets: UnsafePointer<Int32>?
+}
+
+/// Check the forward's structs and tensors; nil after reporting the error through the host.
+private func forwardIO(
+    _ hd: LMHead, _ step: UnsafePointer<vqmoe_step_info>, _ input: UnsafePointer<vqmoe_head_input>,
+    _ out: UnsafeMutablePointer<vqmoe_head_output>, status: inout Int32
+) -> ForwardIO? {
+    let host = hd.host, V = hd.vocab, d = hd.dModel
+    guard step.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_step_info>.size),
+        input.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_input>.size),
+        out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_output>.size)
+    else {
+        status = fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): forward got a struct with a too small struct_size")
+        return nil
+    }
+    guard hd.weight != nil, !hd.useBias || hd.bias != nil else {
+        status = fail(host, VQMOE_ERR_STATE, "\(hd.who): forward before bind_buffers")
+        return nil
+    }
+    let hT = input.pointee.h, yT = input.pointee.targets, lT = out.pointee.logits
+    // h (B,T,d) float32 (any leading dims), N = rows.
+    guard isContiguous32(hT, code: VQMOE_DTYPE_FLOAT), hT.ndim >= 1, hT.shape![Int(hT.ndim) - 1] == Int64(d) else {
+        status = fail(
+            host, VQMOE_ERR_SHAPE, "\(hd.who): h must be contiguous float32 (..., \(d)), got \(shapeText(hT))")
+        return nil
+    }
+    let N = Int(numel(hT)) / d
+    guard isContiguous32(lT, code: VQMOE_DTYPE_FLOAT), numel(lT) == Int64(N * V) else {
+        status = fail(
+            host, VQMOE_ERR_SHAPE, "\(hd.who): logits must be contiguous float32 (\(N), \(V)), got \(shapeText(lT))")
+        return nil
+    }
+    if yT.data != nil {
+        guard isContiguous32(yT, code: VQMOE_DTYPE_INT), numel(yT) == Int64(N) else {
+            status = fail(
+                host, VQMOE_ERR_SHAPE,
+                "\(hd.who): targets must be contiguous int32 with \(N) elements, got \(shapeText(yT))")
+            return nil
+        }
+    }
+    return ForwardIO(
+        rows: N, h: UnsafePointer(hT.data!.assumingMemoryBound(to: Float.self)),
+        logits: lT.data!.assumingMemoryBound(to: Float.self),
+        targets: yT.data.map { UnsafePointer($0.assumingMemoryBound(to: Int32.self)) })
+}
+
+/// logits (N,V) = h W^T + b.
+private func computeLogits(_ hd: LMHead, _ io: ForwardIO) {
+    let V = hd.vocab, d = hd.dModel, N = io.rows
+    if hd.useBias, let b = hd.bias {
+        for i in 0..<N { (io.logits + i * V).update(from: b, count: V) }
+    } else {
+        io.logits.update(repeating: 0, count: N * V)
+    }
+    guard N > 0 else { return }
+    hd.host.pointee.sgemm!(
+        Int32(VQMOE_NO_TRANS), Int32(VQMOE_TRANS), Int64(N), Int64(V), Int64(d),
+        1, io.h, Int64(d), hd.weight!, Int64(d), 1, io.logits, Int64(V))
+}
+
+/// Targets other than the pad target; nil (error reported) for one outside [0, V).
+private func countTargets(_ hd: LMHead, _ y: UnsafePointer<Int32>, rows: Int) -> Int? {
+    var count = 0
+    for i in 0..<rows {
+        let t = y[i]
+        if t == Int32(VQMOE_PAD_TARGET) { continue }
+        guard t >= 0 && Int(t) < hd.vocab else {
+            _ = fail(
+                hd.host, VQMOE_ERR_INVALID_ARGUMENT,
+                "\(hd.who): target \(t) at row \(i) is outside [0, \(hd.vocab)) and not the pad target -1")
+            return nil
+        }
+        count += 1
+    }
+    return count
+}
+
+/// Σ per-row cross-entropy and correct predictions (rows on the host pool, summed in row order so
+/// that the result does not depend on the thread count); the softmax into `probs` when given.
+private func crossEntropy(
+    _ hd: LMHead, _ io: ForwardIO, _ y: UnsafePointer<Int32>, probs: UnsafeMutablePointer<Float>?
+)
+    -> (lossSum: Double, correct: Int)?
+{
+    let N = io.rows, host = hd.host
+    guard let lossRaw = host.pointee.scratch!(N * 8), let correctRaw = host.pointee.scratch!(N) else {
+        _ = fail(host, VQMOE_ERR_OUT_OF_MEMORY, "\(hd.who): out of scratch memory for \(N) rows")
+        return nil
+    }
+    var job = RowJob(
+        logits: io.logits, targets: y,
+        rowLoss: lossRaw.bindMemory(to: Double.self, capacity: N),
+        rowCorrect: correctRaw.bindMemory(to: UInt8.self, capacity: N),
+        probs: probs, vocab: hd.vocab)
+    withUnsafeMutablePointer(to: &job) { jp in
+        host.pointee.parallel_for!(Int64(N), 16, UnsafeMutableRawPointer(jp)) { user, begin, end in
+            lossRows(user!.assumingMemoryBound(to: RowJob.self).pointee, Int(begin), Int(end))
+        }
+    }
+    var lossSum = 0.0, correct = 0
+    for i in 0..<N {
+        lossSum += job.rowLoss[i]
+        correct += Int(job.rowCorrect[i])
+    }
+    return (lossSum, correct)
+}
+
 /// Forward: logits, and with targets the loss, sums and (train) a saved context.
 private func headForward(
     _ inst: OpaquePointer?, _ step: UnsafePointer<vqmoe_step_info>?,
@@ -174,58 +287,15 @@ private func headForward(
 ) -> Int32 {
     ctxOut?.pointee = nil
     guard let hd = head(inst), let step, let input, let out, let ctxOut else { return VQMOE_ERR_INVALID_ARGUMENT }
-    let host = hd.host
-    guard step.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_step_info>.size),
-        input.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_input>.size),
-        out.pointee.struct_size >= UInt32(MemoryLayout<vqmoe_head_output>.size)
-    else {
-        return fail(host, VQMOE_ERR_INVALID_ARGUMENT, "\(hd.who): forward got a struct with a too small struct_size")
-    }
-    guard let W = hd.weight, !hd.useBias || hd.bias != nil else {
-        return fail(host, VQMOE_ERR_STATE, "\(hd.who): forward before bind_buffers")
-    }
-    let V = hd.vocab, d = hd.dModel
-    let hT = input.pointee.h, yT = input.pointee.targets, lT = out.pointee.logits
-    // h (B,T,d) float32 (any leading dims), N = rows.
-    guard isContiguous32(hT, code: VQMOE_DTYPE_FLOAT), hT.ndim >= 1, hT.shape![Int(hT.ndim) - 1] == Int64(d) else {
-        return fail(host, VQMOE_ERR_SHAPE, "\(hd.who): h must be contiguous float32 (..., \(d)), got \(shapeText(hT))")
-    }
-    let N = Int(numel(hT)) / d
-    guard isContiguous32(lT, code: VQMOE_DTYPE_FLOAT), numel(lT) == Int64(N * V) else {
-        return fail(
-            host, VQMOE_ERR_SHAPE, "\(hd.who): logits must be contiguous float32 (\(N), \(V)), got \(shapeText(lT))")
-    }
-    let hasTargets = yT.data != nil
-    if hasTargets {
-        guard isContiguous32(yT, code: VQMOE_DTYPE_INT), numel(yT) == Int64(N) else {
-            return fail(
-                host, VQMOE_ERR_SHAPE,
-                "\(hd.who): targets must be contiguous int32 with \(N) elements, got \(shapeText(yT))")
-        }
-    }
-    let h = hT.data!.assumingMemoryBound(to: Float.self)  // (N,d)
-    let logits = lT.data!.assumingMemoryBound(to: Float.self)  // (N,V)
-
-    // logits = b (broadcast over rows), then logits += h W^T.
-    if hd.useBias, let b = hd.bias {
-        for i in 0..<N { (logits + i * V).update(from: b, count: V) }
-    } else {
-        logits.update(repeating: 0, count: N * V)
-    }
-    if N > 0 {
-        host.pointee.sgemm!(
-            Int32(VQMOE_NO_TRANS), Int32(VQMOE_TRANS), Int64(N), Int64(V), Int64(d),
-            1, h, Int64(d), W, Int64(d), 1, logits, Int64(V))
-    }
-
-    out.pointee.loss = 0
-    out.pointee.loss_sum = 0
-    out.pointee.count = 0
-    out.pointee.correct = 0
+    var status = VQMOE_OK
+    guard let io = forwardIO(hd, step, input, out, status: &status) else { return status }
+    let host = hd.host, V = hd.vocab, d = hd.dModel, N = io.rows
+    computeLogits(hd, io)
+    (out.pointee.loss, out.pointee.loss_sum, out.pointee.count, out.pointee.correct) = (0, 0, 0, 0)
     let flags = step.pointee.flags
     let saves = flags & VQMOE_STEP_TRAIN != 0 && flags & VQMOE_STEP_NO_GRAD == 0
     let frozen = flags & VQMOE_STEP_FROZEN != 0
-    guard hasTargets else {
+    guard let y = io.targets else {
         // No loss: a training forward still saves an (empty) context so backward is a no-op.
         if saves {
             ctxOut.pointee = Unmanaged.passRetained(
@@ -234,63 +304,32 @@ private func headForward(
         }
         return VQMOE_OK
     }
-    let y = yT.data!.assumingMemoryBound(to: Int32.self)  // (N)
-    var count = 0
-    for i in 0..<N {
-        let t = y[i]
-        if t == Int32(VQMOE_PAD_TARGET) { continue }
-        guard t >= 0 && Int(t) < V else {
-            return fail(
-                host, VQMOE_ERR_INVALID_ARGUMENT,
-                "\(hd.who): target \(t) at row \(i) is outside [0, \(V)) and not the pad target -1")
-        }
-        count += 1
-    }
-
+    guard let count = countTargets(hd, y, rows: N) else { return VQMOE_ERR_INVALID_ARGUMENT }
     var ctx: LMContext?
     if saves {
         let c = LMContext(host: host, rows: N, vocab: V, dModel: d, count: count, frozen: frozen)
         guard c.ok else {
             return fail(host, VQMOE_ERR_OUT_OF_MEMORY, "\(hd.who): cannot allocate the saved context for \(N) rows")
         }
-        if let ch = c.h, let ct = c.targets {
-            ch.update(from: h, count: N * d)
-            ct.update(from: y, count: N)
-        }
+        c.h?.update(from: io.h, count: N * d)
+        c.targets?.update(from: y, count: N)
         ctx = c
     }
-
-    guard N > 0 else {
-        if let ctx { ctxOut.pointee = Unmanaged.passRetained(ctx).toOpaque() }
-        return VQMOE_OK
-    }
-    guard let lossRaw = host.pointee.scratch!(N * 8), let correctRaw = host.pointee.scratch!(N) else {
-        return fail(host, VQMOE_ERR_OUT_OF_MEMORY, "\(hd.who): out of scratch memory for \(N) rows")
-    }
-    var job = RowJob(
-        logits: logits, targets: y,
-        rowLoss: lossRaw.bindMemory(to: Double.self, capacity: N),
-        rowCorrect: correctRaw.bindMemory(to: UInt8.self, capacity: N),
-        probs: ctx?.probs, vocab: V)  // probs is nil unless a context saves them
-    withUnsafeMutablePointer(to: &job) { jp in
-        host.pointee.parallel_for!(Int64(N), 16, UnsafeMutableRawPointer(jp)) { user, begin, end in
-            lossRows(user!.assumingMemoryBound(to: RowJob.self).pointee, Int(begin), Int(end))
+    if N > 0 {
+        // probs is nil unless a context saves them.
+        guard let (lossSum, correct) = crossEntropy(hd, io, y, probs: ctx?.probs) else {
+            return VQMOE_ERR_OUT_OF_MEMORY
         }
+        guard lossSum.isFinite else {
+            return fail(
+                host, VQMOE_ERR_NUMERIC,
+                "\(hd.who): non-finite cross-entropy (\(lossSum)); the logits or h hold NaN/Inf")
+        }
+        out.pointee.loss_sum = lossSum
+        out.pointee.count = Int64(count)
+        out.pointee.correct = Int64(correct)
+        out.pointee.loss = count > 0 ? Float(lossSum / Double(count)) : 0
     }
-    // Serial reduction in row order: the same sums for any thread count.
-    var lossSum = 0.0, correct = 0
-    for i in 0..<N {
-        lossSum += job.rowLoss[i]
-        correct += Int(job.rowCorrect[i])
-    }
-    guard lossSum.isFinite else {
-        return fail(
-            host, VQMOE_ERR_NUMERIC, "\(hd.who): non-finite cross-entropy (\(lossSum)); the logits or h hold NaN/Inf")
-    }
-    out.pointee.loss_sum = lossSum
-    out.pointee.count = Int64(count)
-    out.pointee.correct = Int64(correct)
-    out.pointee.loss = count > 0 ? Float(lossSum / Double(count)) : 0
     if let ctx { ctxOut.pointee = Unmanaged.passRetained(ctx).toOpaque() }
     return VQMOE_OK
 }

@@ -122,60 +122,22 @@ public enum RelativeAttention {
         sums.update(repeating: 0, count: b * heads * 2 * dh)
         nonisolated(unsafe) let (dqkv, dgAll2, qvAll2, sums2) = (dqkv, dgAll, qvAll, sums)
         HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
-            let qu = UnsafeMutablePointer<Float>.allocate(capacity: 2 * block * dh + block * keys)
-            defer { qu.deallocate() }
-            let dq = qu + block * dh, ds = dq + block * dh
+            let work = UnsafeMutablePointer<Float>.allocate(capacity: 2 * block * dh + block * keys)
+            defer { work.deallocate() }
             for pair in Int(lo)..<Int(hi) {
                 let bi = pair / heads, h = pair % heads
-                let kb = qkv + bi * keys * ld + h * dh
-                let q = kb + mem * ld, k = kb + c, vv = kb + 2 * c
-                let dkb = dqkv + bi * keys * ld + h * dh
-                let dqOut = dkb + mem * ld, dk = dkb + c, dvv = dkb + 2 * c
-                let rh = r + h * dh, uh = u + h * dh, vh = v + h * dh
-                let p = att + pair * t * keys
-                let gy = dy + bi * t * c + h * dh
-                let dg = dgAll2 + (h * b + bi) * t * keys  // (T,K) of this pair
-                let qv = qvAll2 + (h * b + bi) * t * dh  // (T,Dh) of this pair
-                let su = sums2 + pair * 2 * dh, sv = su + dh
+                let kb = qkv + bi * keys * ld + h * dh, dkb = dqkv + bi * keys * ld + h * dh
+                let head = HeadPointers(
+                    q: kb + mem * ld, k: kb + c, v: kb + 2 * c, dq: dkb + mem * ld, dk: dkb + c, dv: dkb + 2 * c,
+                    r: r + h * dh, u: u + h * dh, vBias: v + h * dh, p: att + pair * t * keys,
+                    dy: dy + bi * t * c + h * dh,
+                    dg: dgAll2 + (h * b + bi) * t * keys, qv: qvAll2 + (h * b + bi) * t * dh, du: sums2 + pair * 2 * dh,
+                    dvBias: sums2 + pair * 2 * dh + dh)
                 var i0 = 0
                 while i0 < t {
-                    let i1 = min(i0 + block, t), rows = i1 - i0
-                    let seenMax = mem + i1
-                    biased(qu, q + i0 * ld, ld: ld, uh, rows: rows, dh: dh)
-                    biased(qv + i0 * dh, q + i0 * ld, ld: ld, vh, rows: rows, dh: dh)
-                    // dV[0..<seenMax] += P[i0..<i1]ᵀ dY[i0..<i1]
-                    cblas_sgemm(
-                        CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
-                        p + i0 * keys, Int32(keys), gy + i0 * c, Int32(c), 1, dvv, Int32(ld))
-                    // dP = dY[i0..<i1] V[0..<seenMax]ᵀ  (rows, seenMax) → dS in place
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
-                        gy + i0 * c, Int32(c), vv, Int32(ld), 0, ds, Int32(seenMax))
-                    for i in i0..<i1 {
-                        let seen = mem + i + 1, prow = p + i * keys, drow = ds + (i - i0) * seenMax
-                        let dot = Vec.dot(prow, drow, seen)
-                        Attention.softmaxBackwardRow(drow, prow, dot: dot, scale: scale, count: seen)
-                        (drow + seen).update(repeating: 0, count: seenMax - seen)
-                        (dg + i * keys + (t - 1 - i)).update(from: drow, count: seen)  // dG[i, T−1−i+j] = dS_ij
-                    }
-                    // dK[0..<seenMax] += dSᵀ (Q+u)
-                    cblas_sgemm(
-                        CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
-                        ds, Int32(seenMax), qu, Int32(dh), 1, dk, Int32(ld))
-                    // dQ via u: dS K;  via v: dG[i0..<i1, T−i1 ..< K] r[T−i1 ..< K]
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
-                        ds, Int32(seenMax), k, Int32(ld), 0, dq, Int32(dh))
-                    for rr in 0..<rows {
-                        Vec.add(su, dq + rr * dh, dh); Vec.add(dqOut + (i0 + rr) * ld, dq + rr * dh, dh)
-                    }
-                    cblas_sgemm(
-                        CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
-                        dg + i0 * keys + (t - i1), Int32(keys), rh + (t - i1) * c, Int32(c), 0, dq, Int32(dh))
-                    for rr in 0..<rows {
-                        Vec.add(sv, dq + rr * dh, dh); Vec.add(dqOut + (i0 + rr) * ld, dq + rr * dh, dh)
-                    }
-                    i0 = i1
+                    backwardBlock(
+                        head, rows: i0..<min(i0 + block, t), t: t, mem: mem, c: c, dh: dh, scale: scale, work: work)
+                    i0 += block
                 }
             }
         }
@@ -193,6 +155,62 @@ public enum RelativeAttention {
                     CblasRowMajor, CblasTrans, CblasNoTrans, Int32(keys), Int32(dh), Int32(b * t), 1,
                     dgAll + h * b * t * keys, Int32(keys), qvAll + h * b * t * dh, Int32(dh), 1, dr + h * dh, Int32(c))
             }
+        }
+    }
+
+    /// One (batch, head) pair's rows in the backward: its slices of qkv, dqkv, r, u, v, P, dY,
+    /// its dG (T,K) and Q+v (T,Dh), and its du/dv partial sums.
+    struct HeadPointers {
+        let q, k, v: UnsafePointer<Float>
+        let dq, dk, dv: UnsafeMutablePointer<Float>
+        let r, u, vBias, p, dy: UnsafePointer<Float>
+        let dg, qv, du, dvBias: UnsafeMutablePointer<Float>
+    }
+
+    /// The backward of query rows `rows` (a block) of one pair; `work` holds 2·block·Dh + block·K floats.
+    static func backwardBlock(
+        _ x: HeadPointers, rows range: Range<Int>, t: Int, mem: Int, c: Int, dh: Int, scale: Float,
+        work: UnsafeMutablePointer<Float>
+    ) {
+        let (i0, i1, rows) = (range.lowerBound, range.upperBound, range.count)
+        let ld = 3 * c, keys = mem + t, seenMax = mem + i1
+        let qu = work, dq = work + block * dh, ds = dq + block * dh
+        biased(qu, x.q + i0 * ld, ld: ld, x.u, rows: rows, dh: dh)
+        biased(x.qv + i0 * dh, x.q + i0 * ld, ld: ld, x.vBias, rows: rows, dh: dh)
+        // dV[0..<seenMax] += P[i0..<i1]ᵀ dY[i0..<i1]
+        cblas_sgemm(
+            CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
+            x.p + i0 * keys, Int32(keys), x.dy + i0 * c, Int32(c), 1, x.dv, Int32(ld))
+        // dP = dY[i0..<i1] V[0..<seenMax]ᵀ  (rows, seenMax) → dS in place
+        cblas_sgemm(
+            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(seenMax), Int32(dh), 1,
+            x.dy + i0 * c, Int32(c), x.v, Int32(ld), 0, ds, Int32(seenMax))
+        for i in i0..<i1 {
+            let seen = mem + i + 1, prow = x.p + i * keys, drow = ds + (i - i0) * seenMax
+            let dot = Vec.dot(prow, drow, seen)
+            Attention.softmaxBackwardRow(drow, prow, dot: dot, scale: scale, count: seen)
+            (drow + seen).update(repeating: 0, count: seenMax - seen)
+            // dG[i, T−1−i+j] = dS_ij
+            (x.dg + i * keys + (t - 1 - i)).update(from: drow, count: seen)
+        }
+        // dK[0..<seenMax] += dSᵀ (Q+u)
+        cblas_sgemm(
+            CblasRowMajor, CblasTrans, CblasNoTrans, Int32(seenMax), Int32(dh), Int32(rows), 1,
+            ds, Int32(seenMax), qu, Int32(dh), 1, x.dk, Int32(ld))
+        // dQ via u: dS K;  via v: dG[i0..<i1, T−i1 ..< K] r[T−i1 ..< K]
+        cblas_sgemm(
+            CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
+            ds, Int32(seenMax), x.k, Int32(ld), 0, dq, Int32(dh))
+        for rr in 0..<rows {
+            Vec.add(x.du, dq + rr * dh, dh)
+            Vec.add(x.dq + (i0 + rr) * ld, dq + rr * dh, dh)
+        }
+        cblas_sgemm(
+            CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(seenMax), 1,
+            x.dg + i0 * keys + (t - i1), Int32(keys), x.r + (t - i1) * c, Int32(c), 0, dq, Int32(dh))
+        for rr in 0..<rows {
+            Vec.add(x.dvBias, dq + rr * dh, dh)
+            Vec.add(x.dq + (i0 + rr) * ld, dq + rr * dh, dh)
         }
     }
 }

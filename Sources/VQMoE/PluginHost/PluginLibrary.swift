@@ -35,6 +35,38 @@ public final class PluginLibrary: @unchecked Sendable {
 
     private init(path: String) throws {
         self.path = path
+        let d = try PluginLibrary.entryDescriptor(path)
+        let abi = try PluginLibrary.checkVersion(d, path: path)
+        let desc = d.pointee
+        guard let kind = PluginKind(code: desc.kind) else {
+            throw VQMoEError(
+                .plugin,
+                "\(path): unknown component kind \(desc.kind) (expected 1 router, 2 quantizer, 3 dataset, 4 head)")
+        }
+        let name = desc.name.map { String(cString: $0) } ?? ""
+        guard name.range(of: "^[a-z][a-z0-9_]*$", options: .regularExpression) != nil else {
+            throw VQMoEError(.plugin, "\(path): plugin name '\(name)' must be lower_snake_case (letters, digits, _)")
+        }
+        try PluginLibrary.checkFunctions(desc, kind: kind, name: name, path: path)
+        self.desc = d
+        self.kind = kind
+        self.name = name
+        self.abiVersion = abi
+        self.version = desc.version.map { String(cString: $0) } ?? "0.0.0"
+        self.summary = desc.description.map { String(cString: $0) } ?? ""
+        var specs: [HyperparameterSpec] = []
+        for i in 0..<Int(max(desc.n_hparams, 0)) {
+            specs.append(try HyperparameterSpec(desc.hparams![i], plugin: "\(path) ('\(name)')"))
+        }
+        let names = specs.map(\.name)
+        if let dup = names.first(where: { n in names.filter { $0 == n }.count > 1 }) {
+            throw VQMoEError(.plugin, "\(path) ('\(name)'): hyperparameter '\(dup)' is declared twice")
+        }
+        self.schema = specs
+    }
+
+    /// dlopen the library, find the entry symbol and call it with the host API.
+    private static func entryDescriptor(_ path: String) throws -> UnsafePointer<vqmoe_plugin_desc> {
         guard FileManager.default.fileExists(atPath: path) else {
             throw VQMoEError(
                 .plugin, "plugin library \(path) does not exist (build the plugins with `swift build -c release`)")
@@ -57,8 +89,12 @@ public final class PluginLibrary: @unchecked Sendable {
                 "\(path): the plugin refused this host (host plugin ABI \(abiString(UInt32(VQMOE_ABI_VERSION))))"
                     + (HostRuntime.takeError().map { ": \($0)" } ?? ""))
         }
-        // abi_version and struct_size come first in every version; read nothing else before
-        // the major is known to match.
+        return d
+    }
+
+    /// abi_version and struct_size come first in every version; nothing else is read before the
+    /// major is known to match. Returns the plugin's ABI version.
+    private static func checkVersion(_ d: UnsafePointer<vqmoe_plugin_desc>, path: String) throws -> UInt32 {
         let raw = UnsafeRawPointer(d)
         let abi = raw.load(as: UInt32.self)
         let size = raw.load(fromByteOffset: 4, as: UInt32.self)
@@ -74,16 +110,11 @@ public final class PluginLibrary: @unchecked Sendable {
                 "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_plugin_desc>.size)"
             )
         }
-        let desc = d.pointee
-        guard let kind = PluginKind(code: desc.kind) else {
-            throw VQMoEError(
-                .plugin,
-                "\(path): unknown component kind \(desc.kind) (expected 1 router, 2 quantizer, 3 dataset, 4 head)")
-        }
-        let name = desc.name.map { String(cString: $0) } ?? ""
-        guard name.range(of: "^[a-z][a-z0-9_]*$", options: .regularExpression) != nil else {
-            throw VQMoEError(.plugin, "\(path): plugin name '\(name)' must be lower_snake_case (letters, digits, _)")
-        }
+        return abi
+    }
+
+    /// The descriptor's function table and its kind's API table are complete.
+    private static func checkFunctions(_ desc: vqmoe_plugin_desc, kind: PluginKind, name: String, path: String) throws {
         func need(_ ok: Bool, _ what: String) throws {
             if !ok { throw VQMoEError(.plugin, "\(path) (\(kind.rawValue) '\(name)'): descriptor is missing \(what)") }
         }
@@ -100,22 +131,7 @@ public final class PluginLibrary: @unchecked Sendable {
                 "\(path) ('\(name)'): vqmoe_\(kind.rawValue)_api struct_size \(apiSize) is smaller than ABI 1.0's \(kind.apiStructSize)"
             )
         }
-        try PluginLibrary.checkKindAPI(kind, desc.kind_api!, need)
-        self.desc = d
-        self.kind = kind
-        self.name = name
-        self.abiVersion = abi
-        self.version = desc.version.map { String(cString: $0) } ?? "0.0.0"
-        self.summary = desc.description.map { String(cString: $0) } ?? ""
-        var specs: [HyperparameterSpec] = []
-        for i in 0..<Int(max(desc.n_hparams, 0)) {
-            specs.append(try HyperparameterSpec(desc.hparams![i], plugin: "\(path) ('\(name)')"))
-        }
-        let names = specs.map(\.name)
-        if let dup = names.first(where: { n in names.filter { $0 == n }.count > 1 }) {
-            throw VQMoEError(.plugin, "\(path) ('\(name)'): hyperparameter '\(dup)' is declared twice")
-        }
-        self.schema = specs
+        try checkKindAPI(kind, desc.kind_api!, need)
     }
 
     private static func checkKindAPI(
