@@ -3,7 +3,7 @@ import VQMoE
 import VQMoEABI
 import XCTest
 
-/// SPEC §4 plugin rows: other ABI major, missing entry symbol, dlopen failure, plugin errors
+/// The plugin rows of docs/design.md, "Bad inputs": other ABI major, missing entry symbol, dlopen failure, plugin errors
 /// and non-finite outputs, each with a clear message.
 final class LoaderTests: XCTestCase {
     func testOtherABIMajorIsRefusedWithBothVersions() throws {

@@ -2,7 +2,7 @@ import Foundation
 import VQMoE
 import XCTest
 
-/// SPEC §4 registry rows: unknown names (closest first), duplicate names, sha256 pins, and
+/// The registry rows of docs/design.md, "Bad inputs": unknown names (closest first), duplicate names, sha256 pins, and
 /// the registry file's own mistakes.
 final class RegistryTests: XCTestCase {
     func testProjectRegistryListsTheFirstPlugins() throws {

@@ -1,5 +1,5 @@
 // Plain C routing functions with no vqmoe ABI glue: the registry names them with a
-// signature string and the host calls them through libffi (SPEC 3.10).
+// signature string and the host calls them through libffi (docs/design.md, "The plugin ABI", rule 10).
 #ifndef VQMOE_FFI_HASH_ROUTER_H
 #define VQMOE_FFI_HASH_ROUTER_H
 #include <stdint.h>

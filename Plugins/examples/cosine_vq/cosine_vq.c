@@ -29,17 +29,17 @@
 
 #define CVQ_NAME "cosine_vq_c"
 /* Norms below this are treated as this (a zero vector has no direction). */
-#define CVQ_EPS 1e-12f
+#define CVQ_EPS  1e-12f
 
 /* ------------------------------------------------------------------ the instance */
 
 struct vqmoe_instance {
     const vqmoe_host_api *host;
     char instance_name[96];
-    int64_t d;          /* d_model */
-    int64_t k;          /* codebook size */
-    float commitment;   /* weight of the commitment term */
-    float *codebook;    /* (K,d), host-owned, bound in bind_buffers */
+    int64_t d;            /* d_model */
+    int64_t k;            /* codebook size */
+    float commitment;     /* weight of the commitment term */
+    float *codebook;      /* (K,d), host-owned, bound in bind_buffers */
     float *codebook_grad; /* (K,d) or NULL (frozen) */
 };
 
@@ -51,19 +51,20 @@ struct vqmoe_instance {
  */
 typedef struct cvq_ctx {
     int64_t n, d, k;
-    uint32_t flags;  /* the forward's VQMOE_STEP_* flags */
-    float *z;        /* (N,d) */
-    float *xnorm;    /* (N)   ||x_i|| */
-    int32_t *codes;  /* (N) */
-    float *ehat;     /* (K,d) */
-    float *enorm;    /* (K)   ||e_j|| */
+    uint32_t flags; /* the forward's VQMOE_STEP_* flags */
+    float *z;       /* (N,d) */
+    float *xnorm;   /* (N)   ||x_i|| */
+    int32_t *codes; /* (N) */
+    float *ehat;    /* (K,d) */
+    float *enorm;   /* (K)   ||e_j|| */
 } cvq_ctx;
 
 /* Describe an error through host->set_error (printf-style) and return `status`. */
 #if defined(__GNUC__)
 __attribute__((format(printf, 3, 4)))
 #endif
-static int32_t cvq_fail(const vqmoe_host_api *host, int32_t status, const char *fmt, ...) {
+static int32_t
+cvq_fail(const vqmoe_host_api *host, int32_t status, const char *fmt, ...) {
     char buf[512];
     va_list ap;
     va_start(ap, fmt);
@@ -123,7 +124,8 @@ static int32_t cvq_create(const vqmoe_create_info *info, const vqmoe_hparams *hp
     if (k == 0) k = info->n_codes;
     if (k < 1)
         return cvq_fail(host, VQMOE_ERR_INVALID_ARGUMENT,
-                        CVQ_NAME " (%s): codebook size is %lld (codebook_size = 0 takes the model's n_codes, which is %lld); it must be >= 1",
+                        CVQ_NAME " (%s): codebook size is %lld (codebook_size = 0 takes the model's n_codes, which is "
+                                 "%lld); it must be >= 1",
                         iname, (long long)k, (long long)info->n_codes);
     if (info->d_model < 1)
         return cvq_fail(host, VQMOE_ERR_INVALID_ARGUMENT, CVQ_NAME " (%s): d_model is %lld, must be >= 1", iname,
@@ -134,8 +136,7 @@ static int32_t cvq_create(const vqmoe_create_info *info, const vqmoe_hparams *hp
                         iname);
 
     vqmoe_instance *inst = (vqmoe_instance *)host->alloc(sizeof(vqmoe_instance));
-    if (inst == NULL)
-        return cvq_fail(host, VQMOE_ERR_OUT_OF_MEMORY, CVQ_NAME " (%s): out of memory", iname);
+    if (inst == NULL) return cvq_fail(host, VQMOE_ERR_OUT_OF_MEMORY, CVQ_NAME " (%s): out of memory", iname);
     memset(inst, 0, sizeof *inst);
     inst->host = host;
     snprintf(inst->instance_name, sizeof inst->instance_name, "%s", iname);
@@ -159,11 +160,12 @@ static int32_t cvq_num_buffers(vqmoe_instance *inst) {
 static int32_t cvq_buffer_spec(vqmoe_instance *inst, int32_t i, vqmoe_buffer_spec *out) {
     if (inst == NULL || out == NULL) return VQMOE_ERR_INVALID_ARGUMENT;
     if (i != 0)
-        return cvq_fail(inst->host, VQMOE_ERR_INVALID_ARGUMENT, CVQ_NAME " (%s): declares 1 buffer, asked for buffer %lld",
-                        inst->instance_name, (long long)i);
+        return cvq_fail(inst->host, VQMOE_ERR_INVALID_ARGUMENT,
+                        CVQ_NAME " (%s): declares 1 buffer, asked for buffer %lld", inst->instance_name, (long long)i);
     if (out->struct_size < sizeof(vqmoe_buffer_spec))
-        return cvq_fail(inst->host, VQMOE_ERR_INVALID_ARGUMENT, CVQ_NAME " (%s): buffer_spec struct_size %lld is too small (need %lld)",
-                        inst->instance_name, (long long)out->struct_size, (long long)sizeof(vqmoe_buffer_spec));
+        return cvq_fail(inst->host, VQMOE_ERR_INVALID_ARGUMENT,
+                        CVQ_NAME " (%s): buffer_spec struct_size %lld is too small (need %lld)", inst->instance_name,
+                        (long long)out->struct_size, (long long)sizeof(vqmoe_buffer_spec));
     out->name = "codebook";
     out->role = VQMOE_BUF_PARAM;
     out->flags = VQMOE_BUF_NO_DECAY; /* decay would only shrink norms the method ignores */
@@ -178,8 +180,9 @@ static int32_t cvq_buffer_spec(vqmoe_instance *inst, int32_t i, vqmoe_buffer_spe
 static int32_t cvq_bind_buffers(vqmoe_instance *inst, const vqmoe_buffer_binding *b, int32_t n) {
     if (inst == NULL) return VQMOE_ERR_INVALID_ARGUMENT;
     if (n != 1 || b == NULL || b[0].data == NULL)
-        return cvq_fail(inst->host, VQMOE_ERR_INVALID_ARGUMENT, CVQ_NAME " (%s): expects 1 buffer binding with data, got %lld",
-                        inst->instance_name, (long long)n);
+        return cvq_fail(inst->host, VQMOE_ERR_INVALID_ARGUMENT,
+                        CVQ_NAME " (%s): expects 1 buffer binding with data, got %lld", inst->instance_name,
+                        (long long)n);
     inst->codebook = (float *)b[0].data;
     inst->codebook_grad = b[0].grad;
     return VQMOE_OK;
@@ -207,7 +210,9 @@ static int32_t cvq_shape(vqmoe_instance *inst, vqmoe_quantizer_shape *out) {
 }
 
 /* One allocation holding the header and its arrays (each 64-byte aligned). */
-static size_t cvq_align(size_t b) { return (b + 63u) & ~(size_t)63u; }
+static size_t cvq_align(size_t b) {
+    return (b + 63u) & ~(size_t)63u;
+}
 
 static cvq_ctx *cvq_ctx_alloc(const vqmoe_host_api *host, int64_t n, int64_t d, int64_t k) {
     size_t oz = cvq_align(sizeof(cvq_ctx));
@@ -241,15 +246,17 @@ static int32_t cvq_forward(vqmoe_instance *inst, const vqmoe_step_info *step, co
     const int64_t d = inst->d, k = inst->k;
     const vqmoe_tensor *xt = &in->x;
     if (!vqmoe_is_f32(xt) || xt->byte_offset != 0 || xt->ndim != 2 || xt->shape[1] != d)
-        return cvq_fail(host, VQMOE_ERR_SHAPE, CVQ_NAME " (%s): x must be contiguous float32 (N, %lld)", inst->instance_name,
-                        (long long)d);
+        return cvq_fail(host, VQMOE_ERR_SHAPE, CVQ_NAME " (%s): x must be contiguous float32 (N, %lld)",
+                        inst->instance_name, (long long)d);
     const int64_t n = xt->shape[0];
     if (!cvq_f32_2d(&out->quantized, n, d) || !vqmoe_is_i32(&out->codes) || out->codes.ndim != 2 ||
         out->codes.shape[0] != n || out->codes.shape[1] != 1 || !vqmoe_is_f32(&out->code_counts) ||
         out->code_counts.ndim != 1 || out->code_counts.shape[0] != k)
-        return cvq_fail(host, VQMOE_ERR_SHAPE,
-                        CVQ_NAME " (%s): outputs must be quantized float32 (%lld, d), codes int32 (N, 1), code_counts float32 (%lld)",
-                        inst->instance_name, (long long)n, (long long)k);
+        return cvq_fail(
+            host, VQMOE_ERR_SHAPE,
+            CVQ_NAME
+            " (%s): outputs must be quantized float32 (%lld, d), codes int32 (N, 1), code_counts float32 (%lld)",
+            inst->instance_name, (long long)n, (long long)k);
 
     const float *x = (const float *)xt->data;
     float *q = (float *)out->quantized.data;
@@ -263,8 +270,8 @@ static int32_t cvq_forward(vqmoe_instance *inst, const vqmoe_step_info *step, co
     if (c == NULL || (n > 0 && sim == NULL)) {
         if (c) host->free(c);
         if (sim) host->free(sim);
-        return cvq_fail(host, VQMOE_ERR_OUT_OF_MEMORY, CVQ_NAME " (%s): out of memory for N = %lld, K = %lld", inst->instance_name,
-                        (long long)n, (long long)k);
+        return cvq_fail(host, VQMOE_ERR_OUT_OF_MEMORY, CVQ_NAME " (%s): out of memory for N = %lld, K = %lld",
+                        inst->instance_name, (long long)n, (long long)k);
     }
     c->flags = step->flags;
 
@@ -274,8 +281,8 @@ static int32_t cvq_forward(vqmoe_instance *inst, const vqmoe_step_info *step, co
         if (!isfinite(c->xnorm[i])) {
             host->free(c);
             host->free(sim);
-            return cvq_fail(host, VQMOE_ERR_NUMERIC, CVQ_NAME " (%s): input row %lld is not finite", inst->instance_name,
-                            (long long)i);
+            return cvq_fail(host, VQMOE_ERR_NUMERIC, CVQ_NAME " (%s): input row %lld is not finite",
+                            inst->instance_name, (long long)i);
         }
     }
 
@@ -321,12 +328,13 @@ static int32_t cvq_backward(vqmoe_instance *inst, void *ctxp, const vqmoe_quanti
     const cvq_ctx *c = (const cvq_ctx *)ctxp;
     const int64_t n = c->n, d = c->d, k = c->k;
     if (!cvq_f32_2d(&gout->grad_x, n, d))
-        return cvq_fail(host, VQMOE_ERR_SHAPE, CVQ_NAME " (%s): grad_x must be contiguous float32 (%lld, %lld)", inst->instance_name,
-                        (long long)n, (long long)d);
+        return cvq_fail(host, VQMOE_ERR_SHAPE, CVQ_NAME " (%s): grad_x must be contiguous float32 (%lld, %lld)",
+                        inst->instance_name, (long long)n, (long long)d);
     const float *gq = NULL;
     if (gin->grad_quantized.data != NULL) {
         if (!cvq_f32_2d(&gin->grad_quantized, n, d))
-            return cvq_fail(host, VQMOE_ERR_SHAPE, CVQ_NAME " (%s): grad_quantized must be contiguous float32 (%lld, %lld)",
+            return cvq_fail(host, VQMOE_ERR_SHAPE,
+                            CVQ_NAME " (%s): grad_quantized must be contiguous float32 (%lld, %lld)",
                             inst->instance_name, (long long)n, (long long)d);
         gq = (const float *)gin->grad_quantized.data;
     }
@@ -383,8 +391,10 @@ static void cvq_free_ctx(vqmoe_instance *inst, void *ctx) {
 /* ------------------------------------------------------------------ descriptor tables */
 
 static const vqmoe_hparam_spec cvq_hparams[] = {
-    {"codebook_size", VQMOE_HP_INT, VQMOE_HP_HAS_MIN, "number of codes K; 0 = the model's n_codes", 0.0, NULL, 0.0, 0.0, NULL},
-    {"commitment", VQMOE_HP_FLOAT, VQMOE_HP_HAS_MIN, "weight of the commitment term mse(z, sg(e_c))", 0.25, NULL, 0.0, 0.0, NULL},
+    {"codebook_size", VQMOE_HP_INT, VQMOE_HP_HAS_MIN, "number of codes K; 0 = the model's n_codes", 0.0, NULL, 0.0, 0.0,
+     NULL},
+    {"commitment", VQMOE_HP_FLOAT, VQMOE_HP_HAS_MIN, "weight of the commitment term mse(z, sg(e_c))", 0.25, NULL, 0.0,
+     0.0, NULL},
 };
 
 static const vqmoe_quantizer_api cvq_api = {
@@ -398,7 +408,8 @@ static const vqmoe_plugin_desc cvq_desc = {
     VQMOE_PLUGIN_STOPGRAD_LOSS, /* codebook + commitment terms use stop-gradients */
     CVQ_NAME,
     "1.0.0",
-    "cosine-similarity VQ (VQGAN-style, no projection): l2-normalised inputs and codes, nearest by cosine, keeps the token norm",
+    "cosine-similarity VQ (VQGAN-style, no projection): l2-normalised inputs and codes, nearest by cosine, keeps the "
+    "token norm",
     cvq_hparams,
     (int32_t)(sizeof cvq_hparams / sizeof cvq_hparams[0]),
     cvq_create,
@@ -416,8 +427,8 @@ static const vqmoe_plugin_desc cvq_desc = {
 VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *host) {
     if (host != NULL && VQMOE_ABI_MAJOR(host->abi_version) != VQMOE_ABI_VERSION_MAJOR) {
         char msg[160];
-        snprintf(msg, sizeof msg, "built for plugin ABI major %u, the host has major %u", (unsigned)VQMOE_ABI_VERSION_MAJOR,
-                 (unsigned)VQMOE_ABI_MAJOR(host->abi_version));
+        snprintf(msg, sizeof msg, "built for plugin ABI major %u, the host has major %u",
+                 (unsigned)VQMOE_ABI_VERSION_MAJOR, (unsigned)VQMOE_ABI_MAJOR(host->abi_version));
         if (host->log != NULL) host->log(VQMOE_LOG_ERROR, CVQ_NAME, msg);
         return NULL;
     }

@@ -2,7 +2,7 @@ import CFFI
 import Foundation
 
 /// A registry entry that names a plain C function and its signature; the host calls it
-/// through libffi as a non-trainable router (SPEC 3.10). No ABI glue on the C side.
+/// through libffi as a non-trainable router (docs/design.md, "The plugin ABI", rule 10). No ABI glue on the C side.
 ///
 /// The signature is a C prototype whose parameter NAMES say what the host passes:
 ///

@@ -76,43 +76,43 @@ extern "C" {
 #define VQMOE_ABI_VERSION_MINOR 1
 /* (major << 16) | minor, spelled out so that Swift imports it as a constant.
  * 1.1: vqmoe_dataset_info.streams (appended; 1.0 plugins leave it 0). */
-#define VQMOE_ABI_VERSION 0x00010001u
-#define VQMOE_ABI_MAJOR(v) ((uint32_t)(v) >> 16)
-#define VQMOE_ABI_MINOR(v) ((uint32_t)(v) & 0xffffu)
+#define VQMOE_ABI_VERSION       0x00010001u
+#define VQMOE_ABI_MAJOR(v)      ((uint32_t)(v) >> 16)
+#define VQMOE_ABI_MINOR(v)      ((uint32_t)(v)&0xffffu)
 
 /** Name of the one symbol every plugin library exports. */
 #define VQMOE_ENTRY_SYMBOL "vqmoe_plugin_entry"
 
 /* ------------------------------------------------------------------ status codes */
-#define VQMOE_OK 0
+#define VQMOE_OK                   0
 #define VQMOE_ERR_INVALID_ARGUMENT 1 /* bad hyperparameter or argument value */
-#define VQMOE_ERR_SHAPE 2            /* tensor shape / dtype not what the call expects */
-#define VQMOE_ERR_UNSUPPORTED 3      /* the plugin does not do this (e.g. dense routing) */
-#define VQMOE_ERR_OUT_OF_MEMORY 4
-#define VQMOE_ERR_NUMERIC 5          /* non-finite value produced or received */
-#define VQMOE_ERR_IO 6               /* file missing, unreadable or malformed */
-#define VQMOE_ERR_STATE 7            /* called in the wrong order (e.g. before bind_buffers) */
-#define VQMOE_ERR_INTERNAL 8
-#define VQMOE_ERR_END_OF_DATA 9      /* dataset: batch index past the end of a finite split */
+#define VQMOE_ERR_SHAPE            2 /* tensor shape / dtype not what the call expects */
+#define VQMOE_ERR_UNSUPPORTED      3 /* the plugin does not do this (e.g. dense routing) */
+#define VQMOE_ERR_OUT_OF_MEMORY    4
+#define VQMOE_ERR_NUMERIC          5 /* non-finite value produced or received */
+#define VQMOE_ERR_IO               6 /* file missing, unreadable or malformed */
+#define VQMOE_ERR_STATE            7 /* called in the wrong order (e.g. before bind_buffers) */
+#define VQMOE_ERR_INTERNAL         8
+#define VQMOE_ERR_END_OF_DATA      9 /* dataset: batch index past the end of a finite split */
 
 /* ------------------------------------------------------------------ component kinds */
-#define VQMOE_KIND_ROUTER 1
+#define VQMOE_KIND_ROUTER    1
 #define VQMOE_KIND_QUANTIZER 2
-#define VQMOE_KIND_DATASET 3
-#define VQMOE_KIND_HEAD 4
+#define VQMOE_KIND_DATASET   3
+#define VQMOE_KIND_HEAD      4
 
 /* ------------------------------------------------------------------ log levels */
 #define VQMOE_LOG_DEBUG 0
-#define VQMOE_LOG_INFO 1
-#define VQMOE_LOG_WARN 2
+#define VQMOE_LOG_INFO  1
+#define VQMOE_LOG_WARN  2
 #define VQMOE_LOG_ERROR 3
 
 /* ------------------------------------------------------------------ tensors (DLPack) */
 /* Field meanings follow DLPack's DLTensor / DLDataType / DLDevice. */
-#define VQMOE_DTYPE_INT 0   /* kDLInt */
-#define VQMOE_DTYPE_UINT 1  /* kDLUInt */
+#define VQMOE_DTYPE_INT   0 /* kDLInt */
+#define VQMOE_DTYPE_UINT  1 /* kDLUInt */
 #define VQMOE_DTYPE_FLOAT 2 /* kDLFloat */
-#define VQMOE_DEVICE_CPU 1  /* kDLCPU */
+#define VQMOE_DEVICE_CPU  1 /* kDLCPU */
 
 /** Element type: {code, bits, lanes}, as DLDataType. float32 = {2, 32, 1}. */
 typedef struct vqmoe_dtype {
@@ -145,16 +145,16 @@ typedef struct vqmoe_tensor {
 } vqmoe_tensor;
 
 /* ------------------------------------------------------------------ hyperparameters */
-#define VQMOE_HP_INT 1
-#define VQMOE_HP_FLOAT 2
-#define VQMOE_HP_BOOL 3
+#define VQMOE_HP_INT    1
+#define VQMOE_HP_FLOAT  2
+#define VQMOE_HP_BOOL   3
 #define VQMOE_HP_STRING 4 /* free string, or one of `choices` when choices != NULL */
 
-#define VQMOE_HP_HAS_MIN 0x1u         /* value >= min_value */
-#define VQMOE_HP_HAS_MAX 0x2u         /* value <= max_value */
-#define VQMOE_HP_POWER_OF_TWO 0x4u    /* INT only: value is 2^n */
-#define VQMOE_HP_PATH 0x8u            /* STRING is a file path (the host expands $ROOT/$DATA) */
-#define VQMOE_HP_OPTIONAL 0x10u       /* STRING may be empty */
+#define VQMOE_HP_HAS_MIN      0x1u  /* value >= min_value */
+#define VQMOE_HP_HAS_MAX      0x2u  /* value <= max_value */
+#define VQMOE_HP_POWER_OF_TWO 0x4u  /* INT only: value is 2^n */
+#define VQMOE_HP_PATH         0x8u  /* STRING is a file path (the host expands $ROOT/$DATA) */
+#define VQMOE_HP_OPTIONAL     0x10u /* STRING may be empty */
 
 /**
  * One entry of a plugin's hyperparameter schema. The host validates every config value
@@ -201,7 +201,7 @@ typedef struct vqmoe_rng {
 typedef void (*vqmoe_parallel_fn)(void *user, int64_t begin, int64_t end);
 
 #define VQMOE_NO_TRANS 0
-#define VQMOE_TRANS 1
+#define VQMOE_TRANS    1
 
 /**
  * Services the host offers every plugin. Passed to vqmoe_plugin_entry and in
@@ -234,9 +234,8 @@ typedef struct vqmoe_host_api {
      * lda/ldb/ldc are row strides in elements. Uses the host's threads: never call it from
      * inside a parallel_for body.
      */
-    void (*sgemm)(int32_t trans_a, int32_t trans_b, int64_t m, int64_t n, int64_t k,
-                  float alpha, const float *a, int64_t lda, const float *b, int64_t ldb,
-                  float beta, float *c, int64_t ldc);
+    void (*sgemm)(int32_t trans_a, int32_t trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float *a,
+                  int64_t lda, const float *b, int64_t ldb, float beta, float *c, int64_t ldc);
 
     /**
      * Scratch memory, 64-byte aligned, valid until the plugin call that requested it
@@ -281,7 +280,7 @@ typedef struct vqmoe_create_info {
 #define VQMOE_BUF_PARAM 1 /* trainable: gets a gradient buffer, updated by the optimizer */
 #define VQMOE_BUF_STATE 2 /* not trainable, saved in checkpoints (EMA counts, flags, ...) */
 
-#define VQMOE_BUF_NO_DECAY 0x1u  /* PARAM: exclude from weight decay */
+#define VQMOE_BUF_NO_DECAY  0x1u /* PARAM: exclude from weight decay */
 #define VQMOE_BUF_FREEZE_FT 0x2u /* PARAM: frozen when fine-tuning by default */
 
 #define VQMOE_MAX_DIMS 6
@@ -289,10 +288,10 @@ typedef struct vqmoe_create_info {
 /** A buffer the plugin needs, stated by buffer_spec(); the host allocates it. */
 typedef struct vqmoe_buffer_spec {
     uint32_t struct_size;
-    const char *name; /* e.g. "weight", "codebook", "ema_count" (static storage) */
-    int32_t role;     /* VQMOE_BUF_PARAM / VQMOE_BUF_STATE */
-    uint32_t flags;   /* VQMOE_BUF_* flags */
-    vqmoe_dtype dtype;/* float32 for PARAM; STATE may be float32, int64, ... */
+    const char *name;  /* e.g. "weight", "codebook", "ema_count" (static storage) */
+    int32_t role;      /* VQMOE_BUF_PARAM / VQMOE_BUF_STATE */
+    uint32_t flags;    /* VQMOE_BUF_* flags */
+    vqmoe_dtype dtype; /* float32 for PARAM; STATE may be float32, int64, ... */
     int32_t ndim;
     int64_t shape[VQMOE_MAX_DIMS];
 } vqmoe_buffer_spec;
@@ -304,11 +303,13 @@ typedef struct vqmoe_buffer_binding {
 } vqmoe_buffer_binding;
 
 /* ------------------------------------------------------------------ per-step info */
-#define VQMOE_STEP_TRAIN 0x1u   /* training mode (dropout, EMA updates, saved context) */
+#define VQMOE_STEP_TRAIN   0x1u /* training mode (dropout, EMA updates, saved context) */
 #define VQMOE_STEP_NO_GRAD 0x2u /* no backward will follow: do not save a context */
-#define VQMOE_STEP_FROZEN 0x4u  /* fine-tuning with this component frozen: no state
+#define VQMOE_STEP_FROZEN                                                                                              \
+    0x4u /* fine-tuning with this component frozen: no state
                                    updates, no parameter gradients */
-#define VQMOE_STEP_SURROGATE 0x8u /* quantizer: output the straight-through SURROGATE as
+#define VQMOE_STEP_SURROGATE                                                                                           \
+    0x8u /* quantizer: output the straight-through SURROGATE as
                                      `quantized` -- the same computation with the code
                                      lookup replaced by the identity -- so the host can check
                                      the backward of `quantized` by finite differences
@@ -330,7 +331,7 @@ typedef struct vqmoe_step_info {
 typedef struct vqmoe_instance vqmoe_instance; /* opaque; defined by each plugin */
 
 /* ================================================================== ROUTER */
-#define VQMOE_ROUTE_TOPK 1  /* sparse: expert index + weight per (token, slot) */
+#define VQMOE_ROUTE_TOPK  1 /* sparse: expert index + weight per (token, slot) */
 #define VQMOE_ROUTE_DENSE 2 /* SoftMoE: dispatch/combine over E*S slots per group */
 
 /**
@@ -383,9 +384,9 @@ typedef struct vqmoe_router_grad_out {
 /** Shape of the router's output for this step (k may change per step). */
 typedef struct vqmoe_router_shape {
     uint32_t struct_size;
-    int32_t mode;            /* VQMOE_ROUTE_TOPK / VQMOE_ROUTE_DENSE */
-    int32_t k;               /* TOPK: experts per token this step */
-    int32_t slots_per_expert;/* DENSE: S */
+    int32_t mode;             /* VQMOE_ROUTE_TOPK / VQMOE_ROUTE_DENSE */
+    int32_t k;                /* TOPK: experts per token this step */
+    int32_t slots_per_expert; /* DENSE: S */
 } vqmoe_router_shape;
 
 typedef struct vqmoe_router_api {
@@ -393,11 +394,10 @@ typedef struct vqmoe_router_api {
     /** Output shape for this step. Called before each forward. */
     int32_t (*shape)(vqmoe_instance *inst, const vqmoe_step_info *step, vqmoe_router_shape *out);
     /** Fill `out` (host-allocated per shape()). May save a context in *ctx (see top). */
-    int32_t (*forward)(vqmoe_instance *inst, const vqmoe_step_info *step,
-                       const vqmoe_router_input *in, vqmoe_router_output *out, void **ctx);
+    int32_t (*forward)(vqmoe_instance *inst, const vqmoe_step_info *step, const vqmoe_router_input *in,
+                       vqmoe_router_output *out, void **ctx);
     /** Accumulate grad_x and parameter gradients. Does not free ctx. */
-    int32_t (*backward)(vqmoe_instance *inst, void *ctx, const vqmoe_router_grad_in *gin,
-                        vqmoe_router_grad_out *gout);
+    int32_t (*backward)(vqmoe_instance *inst, void *ctx, const vqmoe_router_grad_in *gin, vqmoe_router_grad_out *gout);
     /** Release a context saved by forward (called exactly once per non-NULL ctx). */
     void (*free_ctx)(vqmoe_instance *inst, void *ctx);
 } vqmoe_router_api;
@@ -451,30 +451,30 @@ typedef struct vqmoe_quantizer_api {
     uint32_t struct_size;
     int32_t (*shape)(vqmoe_instance *inst, vqmoe_quantizer_shape *out);
     /** In train mode may update state buffers (EMA, k-means init) unless STEP_FROZEN. */
-    int32_t (*forward)(vqmoe_instance *inst, const vqmoe_step_info *step,
-                       const vqmoe_quantizer_input *in, vqmoe_quantizer_output *out, void **ctx);
+    int32_t (*forward)(vqmoe_instance *inst, const vqmoe_step_info *step, const vqmoe_quantizer_input *in,
+                       vqmoe_quantizer_output *out, void **ctx);
     int32_t (*backward)(vqmoe_instance *inst, void *ctx, const vqmoe_quantizer_grad_in *gin,
                         vqmoe_quantizer_grad_out *gout);
     void (*free_ctx)(vqmoe_instance *inst, void *ctx);
 } vqmoe_quantizer_api;
 
 /* ================================================================== DATASET */
-#define VQMOE_TASK_LM 1              /* inputs (B,T) int32 tokens, targets (B,T) next tokens */
+#define VQMOE_TASK_LM              1 /* inputs (B,T) int32 tokens, targets (B,T) next tokens */
 #define VQMOE_TASK_CLASSIFY_TOKENS 2 /* inputs (B,T) int32, targets (B) class */
-#define VQMOE_TASK_CLASSIFY_IMAGE 3  /* inputs (B,C,H,W) float32, targets (B) class */
+#define VQMOE_TASK_CLASSIFY_IMAGE  3 /* inputs (B,C,H,W) float32, targets (B) class */
 
 #define VQMOE_SPLIT_TRAIN 0
 #define VQMOE_SPLIT_VALID 1
-#define VQMOE_SPLIT_TEST 2
+#define VQMOE_SPLIT_TEST  2
 
 #define VQMOE_PAD_TARGET (-1) /* a target the loss ignores */
 
 typedef struct vqmoe_dataset_info {
     uint32_t struct_size;
-    int32_t task;          /* VQMOE_TASK_* */
-    int64_t vocab_size;    /* token tasks */
-    int64_t n_classes;     /* classification tasks */
-    int32_t sample_ndim;   /* dims of one input sample: 1 (T) or 3 (C,H,W) */
+    int32_t task;        /* VQMOE_TASK_* */
+    int64_t vocab_size;  /* token tasks */
+    int64_t n_classes;   /* classification tasks */
+    int32_t sample_ndim; /* dims of one input sample: 1 (T) or 3 (C,H,W) */
     int64_t sample_shape[4];
     int64_t split_size[3]; /* tokens (LM) or examples, per split */
     /** ABI 1.1. Nonzero: every split is served as `batch_size` parallel streams in order —
@@ -568,10 +568,9 @@ typedef struct vqmoe_head_shape {
 typedef struct vqmoe_head_api {
     uint32_t struct_size;
     int32_t (*shape)(vqmoe_instance *inst, vqmoe_head_shape *out);
-    int32_t (*forward)(vqmoe_instance *inst, const vqmoe_step_info *step,
-                       const vqmoe_head_input *in, vqmoe_head_output *out, void **ctx);
-    int32_t (*backward)(vqmoe_instance *inst, void *ctx, const vqmoe_head_grad_in *gin,
-                        vqmoe_head_grad_out *gout);
+    int32_t (*forward)(vqmoe_instance *inst, const vqmoe_step_info *step, const vqmoe_head_input *in,
+                       vqmoe_head_output *out, void **ctx);
+    int32_t (*backward)(vqmoe_instance *inst, void *ctx, const vqmoe_head_grad_in *gin, vqmoe_head_grad_out *gout);
     void (*free_ctx)(vqmoe_instance *inst, void *ctx);
 } vqmoe_head_api;
 
@@ -594,11 +593,13 @@ typedef struct vqmoe_metrics_feature {
 } vqmoe_metrics_feature;
 
 /* ================================================================== descriptor */
-#define VQMOE_PLUGIN_NEEDS_TOKEN_IDS 0x1u /* router: may read vqmoe_router_input.token_ids (the host
+#define VQMOE_PLUGIN_NEEDS_TOKEN_IDS                                                                                   \
+    0x1u                          /* router: may read vqmoe_router_input.token_ids (the host
                                              passes them whenever the model has tokens; a plugin whose
                                              configuration needs them refuses absent ones itself) */
-#define VQMOE_PLUGIN_NO_GRAD 0x2u         /* has no backward (non-trainable, no input grad) */
-#define VQMOE_PLUGIN_STOPGRAD_LOSS 0x4u   /* quantizer: the loss has stop-gradient terms (VQ-VAE's
+#define VQMOE_PLUGIN_NO_GRAD 0x2u /* has no backward (non-trainable, no input grad) */
+#define VQMOE_PLUGIN_STOPGRAD_LOSS                                                                                     \
+    0x4u /* quantizer: the loss has stop-gradient terms (VQ-VAE's
                                              ||sg(x) - q||^2 + g*||x - sg(q)||^2), so its backward is
                                              not the derivative of its value; gradcheck then compares
                                              the DIRECTION of each loss gradient with finite
@@ -653,11 +654,20 @@ typedef const vqmoe_plugin_desc *(*vqmoe_plugin_entry_fn)(const vqmoe_host_api *
 /* ================================================================== helpers (inline) */
 
 /** float32 dtype. */
-static inline vqmoe_dtype vqmoe_f32(void) { vqmoe_dtype d = {VQMOE_DTYPE_FLOAT, 32, 1}; return d; }
+static inline vqmoe_dtype vqmoe_f32(void) {
+    vqmoe_dtype d = {VQMOE_DTYPE_FLOAT, 32, 1};
+    return d;
+}
 /** int32 dtype. */
-static inline vqmoe_dtype vqmoe_i32(void) { vqmoe_dtype d = {VQMOE_DTYPE_INT, 32, 1}; return d; }
+static inline vqmoe_dtype vqmoe_i32(void) {
+    vqmoe_dtype d = {VQMOE_DTYPE_INT, 32, 1};
+    return d;
+}
 /** int64 dtype. */
-static inline vqmoe_dtype vqmoe_i64(void) { vqmoe_dtype d = {VQMOE_DTYPE_INT, 64, 1}; return d; }
+static inline vqmoe_dtype vqmoe_i64(void) {
+    vqmoe_dtype d = {VQMOE_DTYPE_INT, 64, 1};
+    return d;
+}
 
 /** Number of elements of a tensor view. */
 static inline int64_t vqmoe_numel(const vqmoe_tensor *t) {
@@ -668,14 +678,14 @@ static inline int64_t vqmoe_numel(const vqmoe_tensor *t) {
 
 /** 1 when the tensor is contiguous float32 (what version-1 plugins may assume). */
 static inline int vqmoe_is_f32(const vqmoe_tensor *t) {
-    return t->data != NULL && t->dtype.code == VQMOE_DTYPE_FLOAT && t->dtype.bits == 32 &&
-           t->dtype.lanes == 1 && t->strides == NULL;
+    return t->data != NULL && t->dtype.code == VQMOE_DTYPE_FLOAT && t->dtype.bits == 32 && t->dtype.lanes == 1 &&
+           t->strides == NULL;
 }
 
 /** 1 when the tensor is contiguous int32. */
 static inline int vqmoe_is_i32(const vqmoe_tensor *t) {
-    return t->data != NULL && t->dtype.code == VQMOE_DTYPE_INT && t->dtype.bits == 32 &&
-           t->dtype.lanes == 1 && t->strides == NULL;
+    return t->data != NULL && t->dtype.code == VQMOE_DTYPE_INT && t->dtype.bits == 32 && t->dtype.lanes == 1 &&
+           t->strides == NULL;
 }
 
 /** Find a hyperparameter by name; NULL when absent. */

@@ -21,8 +21,7 @@ typedef struct {
 } fixture;
 
 static const vqmoe_hparam_spec hparams[] = {
-    {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0,
-     "none,create_error,forward_error,nan"},
+    {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0, "none,create_error,forward_error,nan"},
 };
 
 static int32_t create(const vqmoe_create_info *info, const vqmoe_hparams *hp, vqmoe_instance **out) {
@@ -37,18 +36,34 @@ static int32_t create(const vqmoe_create_info *info, const vqmoe_hparams *hp, vq
     *out = (vqmoe_instance *)s;
     return VQMOE_OK;
 }
-static void destroy(vqmoe_instance *inst) { free(inst); }
-static int32_t num_buffers(vqmoe_instance *inst) { (void)inst; return 0; }
+static void destroy(vqmoe_instance *inst) {
+    free(inst);
+}
+static int32_t num_buffers(vqmoe_instance *inst) {
+    (void)inst;
+    return 0;
+}
 static int32_t buffer_spec(vqmoe_instance *inst, int32_t i, vqmoe_buffer_spec *out) {
-    (void)inst; (void)i; (void)out; return VQMOE_ERR_INVALID_ARGUMENT;
+    (void)inst;
+    (void)i;
+    (void)out;
+    return VQMOE_ERR_INVALID_ARGUMENT;
 }
 static int32_t bind_buffers(vqmoe_instance *inst, const vqmoe_buffer_binding *b, int32_t n) {
-    (void)inst; (void)b; (void)n; return VQMOE_OK;
+    (void)inst;
+    (void)b;
+    (void)n;
+    return VQMOE_OK;
 }
-static int32_t init_buffers(vqmoe_instance *inst, uint64_t seed) { (void)inst; (void)seed; return VQMOE_OK; }
+static int32_t init_buffers(vqmoe_instance *inst, uint64_t seed) {
+    (void)inst;
+    (void)seed;
+    return VQMOE_OK;
+}
 
 static int32_t shape(vqmoe_instance *inst, const vqmoe_step_info *step, vqmoe_router_shape *out) {
-    (void)inst; (void)step;
+    (void)inst;
+    (void)step;
     out->mode = VQMOE_ROUTE_TOPK;
     out->k = 1;
     return VQMOE_OK;
@@ -75,14 +90,31 @@ static int32_t forward(vqmoe_instance *inst, const vqmoe_step_info *step, const 
     out->aux_loss = 0;
     return VQMOE_OK;
 }
-static void free_ctx(vqmoe_instance *inst, void *ctx) { (void)inst; (void)ctx; }
+static void free_ctx(vqmoe_instance *inst, void *ctx) {
+    (void)inst;
+    (void)ctx;
+}
 
 static const vqmoe_router_api router_api = {sizeof(vqmoe_router_api), shape, forward, NULL, free_ctx};
 
 static const vqmoe_plugin_desc desc = {
-    FIXTURE_ABI, sizeof(vqmoe_plugin_desc), VQMOE_KIND_ROUTER, VQMOE_PLUGIN_NO_GRAD,
-    FIXTURE_NAME, "0.1.0", "test fixture: a router that fails on request",
-    hparams, 1, create, destroy, num_buffers, buffer_spec, bind_buffers, init_buffers, NULL, NULL,
+    FIXTURE_ABI,
+    sizeof(vqmoe_plugin_desc),
+    VQMOE_KIND_ROUTER,
+    VQMOE_PLUGIN_NO_GRAD,
+    FIXTURE_NAME,
+    "0.1.0",
+    "test fixture: a router that fails on request",
+    hparams,
+    1,
+    create,
+    destroy,
+    num_buffers,
+    buffer_spec,
+    bind_buffers,
+    init_buffers,
+    NULL,
+    NULL,
     &router_api,
 };
 
@@ -92,5 +124,7 @@ VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *h
     return &desc;
 }
 #else
-VQMOE_EXPORT int not_a_plugin(void) { return 42; }
+VQMOE_EXPORT int not_a_plugin(void) {
+    return 42;
+}
 #endif
