@@ -38,6 +38,16 @@ final class TrainingTests: XCTestCase {
         obj = try ConfigReader.load(file: file, overrides: [path: value])
     }
 
+    /// A run's metrics.jsonl lines without the wall-clock field, keys sorted (resume comparisons).
+    func curve(_ dir: String) throws -> [String] {
+        try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map { line in
+            var o = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
+            o.removeValue(forKey: "tokens_per_s")
+            return String(
+                decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
+        }
+    }
+
     func configError(_ json: [String: Any]) -> String {
         do {
             let cfg = try RunConfig(json: json)
@@ -84,6 +94,30 @@ final class TrainingTests: XCTestCase {
         model["ffn"] = ffn
         noRouter["model"] = model
         XCTAssertTrue(configError(noRouter).hasPrefix("model.ffn.router: mode 'smoe' needs a router"))
+    }
+
+    /// metrics.jsonl never drops a line: a non-finite number is written as null; resuming keeps
+    /// only the lines of the steps the checkpoint covers.
+    func testMetricsLogWritesNonFiniteAsNull() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("metrics-\(UUID().uuidString).jsonl")
+            .path
+        var log: MetricsLog? = try MetricsLog(path: path, keepingStepsBelow: nil)
+        var record = TrainRecord(
+            step: 3, loss: .nan, taskLoss: 2, bpc: .infinity, auxLoss: 0, vqLoss: 0, lr: 1e-3, gradNorm: 1,
+            tokensPerSecond: 10)
+        record.codeCounts = [[1, .nan]]
+        try log?.append(record)
+        try log?.append(
+            EvalRecord(step: 9, split: .valid, result: EvalResult(loss: 1, count: 4, accuracy: 0.5), isLM: true))
+        log = nil
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
+        XCTAssertEqual(lines.count, 2)
+        let o = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(lines[0].utf8)) as? [String: Any])
+        XCTAssertTrue(o["loss"] is NSNull && o["bpc"] is NSNull, "\(o)")
+        XCTAssertEqual(o["task_loss"] as? Double, 2)
+        XCTAssertTrue((o["code_counts"] as? [[Any]])?[0][1] is NSNull, "\(o)")
+        _ = try MetricsLog(path: path, keepingStepsBelow: 5)
+        XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").count, 1)
     }
 
     func testLearningRateSchedule() {
@@ -197,14 +231,6 @@ final class TrainingTests: XCTestCase {
         let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(
             resume: true)
         XCTAssertFalse(resumed.interrupted)
-        func curve(_ dir: String) throws -> [String] {
-            try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map { line in
-                var o = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
-                o.removeValue(forKey: "tokens_per_s")
-                return String(
-                    decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
-            }
-        }
         let a = try curve("\(tmp)/a"), b = try curve("\(tmp)/b")
         XCTAssertEqual(a.count, b.count)
         for (i, (x, y)) in zip(a, b).enumerated() { XCTAssertEqual(x, y, "metrics line \(i)") }
@@ -235,17 +261,10 @@ final class TrainingTests: XCTestCase {
         XCTAssertNotNil(last.tensors["optimizer.m.wte"])
         XCTAssertNil(last.tensors["optimizer.v.wte"])
         _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(resume: true)
-        func lines(_ dir: String) throws -> [[String: Any]] {
-            try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map {
-                var o = try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
-                o.removeValue(forKey: "tokens_per_s")
-                return o
-            }
-        }
-        let a = try lines("\(tmp)/a"), b = try lines("\(tmp)/b")
-        XCTAssertEqual(a.count, b.count)
-        for (x, y) in zip(a, b) { XCTAssertEqual(NSDictionary(dictionary: x), NSDictionary(dictionary: y)) }
-        let train = a.filter { $0["split"] as? String == "train" }.compactMap { $0["task_loss"] as? Double }
+        XCTAssertEqual(try curve("\(tmp)/a"), try curve("\(tmp)/b"))
+        let train = try String(contentsOfFile: "\(tmp)/a/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["split"] as? String == "train" }.compactMap { $0["task_loss"] as? Double }
         XCTAssertLessThan(train.last!, train.first! - 0.3, "\(train)")
     }
 
@@ -395,14 +414,6 @@ final class TrainingTests: XCTestCase {
         _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(stopAfter: 7)
         let resumed = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(
             resume: true)
-        func curve(_ dir: String) throws -> [String] {
-            try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n").map { line in
-                var o = try JSONSerialization.jsonObject(with: Data(line.utf8)) as! [String: Any]
-                o.removeValue(forKey: "tokens_per_s")
-                return String(
-                    decoding: try JSONSerialization.data(withJSONObject: o, options: [.sortedKeys]), as: UTF8.self)
-            }
-        }
         XCTAssertEqual(try curve("\(tmp)/a"), try curve("\(tmp)/b"))
         XCTAssertEqual(resumed.test?.loss, ra.test?.loss)
         // Without the memory tensors the resumed stream would differ: the checkpoint holds them.

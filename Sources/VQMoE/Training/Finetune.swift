@@ -62,7 +62,7 @@ public struct Finetune {
         case "router": return name.contains(".ffn.router.")
         case "quantizer": return name.contains(".ffn.quantizer.")
         case "gate": return name.contains(".ffn.gate.")
-        case "experts": return name.contains(".ffn.experts.")
+        case "experts": return name.contains(".ffn.experts.") || name.contains(".ffn.shared_expert.")
         case "attention": return name.contains(".attn.")
         case "embeddings": return name == "wte" || name == "wpe"
         case "norms": return name.contains(".ln1.") || name.contains(".ln2.") || name.hasPrefix("lnf.")

@@ -9,6 +9,15 @@ public struct TrainRecord: Codable, Sendable {
     public var expertLoad: [[Double]]?
     public var codeCounts: [[Double]]?
 
+    public init(
+        step: Int, loss: Double, taskLoss: Double, bpc: Double, auxLoss: Double, vqLoss: Double, lr: Double,
+        gradNorm: Double, tokensPerSecond: Double
+    ) {
+        self.step = step
+        (self.loss, self.taskLoss, self.bpc, self.auxLoss, self.vqLoss) = (loss, taskLoss, bpc, auxLoss, vqLoss)
+        (self.lr, self.gradNorm, self.tokensPerSecond) = (lr, gradNorm, tokensPerSecond)
+    }
+
     enum CodingKeys: String, CodingKey {
         case step, split, loss, bpc, lr
         case taskLoss = "task_loss", auxLoss = "aux_loss", vqLoss = "vq_loss", gradNorm = "grad_norm"
@@ -25,7 +34,7 @@ public struct EvalRecord: Codable, Sendable {
     public var bpc: Double?
     public var accuracy: Double?
 
-    init(step: Int, split: Split, result: EvalResult, isLM: Bool) {
+    public init(step: Int, split: Split, result: EvalResult, isLM: Bool) {
         self.step = step
         self.split = split.name
         loss = result.loss

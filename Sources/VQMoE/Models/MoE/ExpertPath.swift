@@ -65,47 +65,16 @@ extension ExpertPath {
     public func top1(n: Int) -> [Int32]? { nil }
 }
 
-/// Every token to expert 0 with weight 1: the dense FFN (a one-expert layer).
-///
-/// ```swift
-/// let path = DensePath()
-/// ```
-public final class DensePath: ExpertPath {
-    private var n = 0
-    public init() {}
-
-    public func forward(
-        _ input: PathInput, stats: inout MoEStats
-    ) throws -> (perToken: Int, source: UnsafePointer<Float>) {
-        n = input.n
-        return (1, input.x)
-    }
-
-    public func fill(expert: UnsafeMutablePointer<Int32>, raw: UnsafeMutablePointer<Float>) {
-        expert.update(repeating: 0, count: n)
-        raw.update(repeating: 1, count: n)
-    }
-}
-
-/// DeepSeekMoE's shared expert (Dai et al. 2024): one expert of its own that every token visits
-/// with weight 1, beside the routed ones: y = E_shared(x) + Σ_{top-k} w_i E_i(x). Its weights are
-/// `<layer>.shared_expert.{fc1,fc2}.{weight,bias}`, a bank of one expert of the layer's width.
-///
-/// ```swift
-/// let path = SharedExpertPath(bank: ExpertBank(name: "layers.0.ffn.shared_expert", count: 1, ...), expertID: 8)
-/// ```
-public final class SharedExpertPath: ExpertPath {
-    public let bank: ExpertBank
-    /// The shared expert's id in the layer (after the routed experts).
+/// A path that sends every token to one fixed expert with weight 1 (no component, nothing to
+/// learn about routing): the base of `DensePath` and `SharedExpertPath`.
+public class FixedExpertPath: ExpertPath {
+    /// The expert every token visits, in the layer's id space.
     public let expertID: Int32
     private var n = 0
 
-    public init(bank: ExpertBank, expertID: Int) {
-        self.bank = bank
-        self.expertID = Int32(expertID)
-    }
+    init(expertID: Int) { self.expertID = Int32(expertID) }
 
-    public var banks: [ExpertBank] { [bank] }
+    public var banks: [ExpertBank] { [] }
 
     public func forward(
         _ input: PathInput, stats: inout MoEStats
@@ -118,4 +87,32 @@ public final class SharedExpertPath: ExpertPath {
         expert.update(repeating: expertID, count: n)
         raw.update(repeating: 1, count: n)
     }
+}
+
+/// Every token to expert 0 with weight 1: the dense FFN (a one-expert layer).
+///
+/// ```swift
+/// let path = DensePath()
+/// ```
+public final class DensePath: FixedExpertPath {
+    public init() { super.init(expertID: 0) }
+}
+
+/// DeepSeekMoE's shared expert (Dai et al. 2024): one expert of its own that every token visits
+/// with weight 1, beside the routed ones: y = E_shared(x) + Σ_{top-k} w_i E_i(x). Its weights are
+/// `<layer>.shared_expert.{fc1,fc2}.{weight,bias}`, a bank of one expert of the layer's width.
+///
+/// ```swift
+/// let path = SharedExpertPath(bank: ExpertBank(name: "layers.0.ffn.shared_expert", count: 1, ...), expertID: 8)
+/// ```
+public final class SharedExpertPath: FixedExpertPath {
+    public let bank: ExpertBank
+
+    /// `expertID`: the shared expert's id in the layer (after the routed experts).
+    public init(bank: ExpertBank, expertID: Int) {
+        self.bank = bank
+        super.init(expertID: expertID)
+    }
+
+    public override var banks: [ExpertBank] { [bank] }
 }
