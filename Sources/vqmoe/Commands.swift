@@ -45,7 +45,8 @@ let commands: [Command] = [
     Command(
         name: "report", usage: ["report RUN_DIR... [--out DIR]"],
         summary:
-            "report.md and SVG plots: curves, consistency, expert load, code usage, routing movement, PCA of expert inputs",
+            "report.md and SVG plots: curves, consistency, expert load, code usage, routing movement, PCA of "
+            + "expert inputs",
         run: reportCommand),
     Command(
         name: "results", usage: ["results RUN_DIR..."],
@@ -71,7 +72,8 @@ let commands: [Command] = [
     Command(
         name: "plugin", usage: ["plugin new KIND NAME [--lang c|swift] [--dir DIR]"],
         summary:
-            "write a plugin folder (KIND: router, quantizer, dataset, head) that builds with its build.sh and passes `plugins check`",
+            "write a plugin folder (KIND: router, quantizer, dataset, head) that builds with its build.sh and "
+            + "passes `plugins check`",
         run: pluginNewCommand),
 ]
 

@@ -115,7 +115,8 @@ func benchCommand(_ args: inout Args) throws -> Int32 {
                 ? try jsonLine(r.json)
                 : String(
                     format:
-                        "%@ FFN layer (%@), %d tokens: %.2f ms forward+backward; dense FFN with the same active FLOPs (d_inner %d): %.2f ms; ratio %.3f",
+                        "%@ FFN layer (%@), %d tokens: %.2f ms forward+backward; dense FFN with the same "
+                        + "active FLOPs (d_inner %d): %.2f ms; ratio %.3f",
                     cfg.name, cfg.model.ffn.mode.rawValue, r.tokens, r.moeMs, r.denseInner, r.denseMs, r.ratio))
         return 0
     }
@@ -125,7 +126,8 @@ func benchCommand(_ args: inout Args) throws -> Int32 {
             ? try jsonLine(r.json)
             : String(
                 format:
-                    "%@: %.0f tokens/s, %.1f ms/step (forward %.1f, backward %.1f, optimizer %.1f, data %.1f), %.1f GFLOP/s, peak RSS %.0f MB, %d threads",
+                    "%@: %.0f tokens/s, %.1f ms/step (forward %.1f, backward %.1f, optimizer %.1f, data %.1f), "
+                    + "%.1f GFLOP/s, peak RSS %.0f MB, %d threads",
                 cfg.name, r.tokensPerSecond, r.msPerStep, r.msForward, r.msBackward, r.msOptimizer, r.msData, r.gflops,
                 r.peakRSSMB, r.threads))
     return 0

@@ -127,7 +127,8 @@ public enum PluginCommands {
                 switch e.source {
                 case .ffi(let f):
                     lines.append(
-                        "**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; top-1, weight 1, not trainable."
+                        "**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; "
+                            + "top-1, weight 1, not trainable."
                     )
                     lines.append("")
                 case .library:
@@ -140,7 +141,9 @@ public enum PluginCommands {
                         for h in lib.schema {
                             let def = e.defaults[h.name].map { HyperparameterSpec.text($0.value) } ?? h.defaultText
                             lines.append(
-                                "| `\(h.name)` | \(h.type.rawValue) | `\(def)` | \(h.rangeText.replacingOccurrences(of: "|", with: "/")) | \(h.description.replacingOccurrences(of: "|", with: "/")) |"
+                                "| `\(h.name)` | \(h.type.rawValue) | `\(def)` | "
+                                    + "\(h.rangeText.replacingOccurrences(of: "|", with: "/")) | "
+                                    + "\(h.description.replacingOccurrences(of: "|", with: "/")) |"
                             )
                         }
                         lines.append("")
@@ -186,7 +189,8 @@ public enum PluginCommands {
         guard let k = PluginKind(name: kind) else {
             throw VQMoEError(
                 .usage,
-                "unknown kind '\(kind)'; kinds: \(closestFirst(kind, among: PluginKind.allCases.map(\.rawValue)).joined(separator: ", "))"
+                "unknown kind '\(kind)'; kinds: "
+                    + "\(closestFirst(kind, among: PluginKind.allCases.map(\.rawValue)).joined(separator: ", "))"
             )
         }
         guard let lang = ScaffoldLanguage(rawValue: language) else {
@@ -202,7 +206,8 @@ public enum PluginCommands {
                 "",
                 "build it:     \(dir)/build.sh",
                 "check it:     vqmoe plugins check \(dir)/\(s.libraryFile)",
-                "register it:  export VQMOE_PLUGIN_PATH=\(URL(fileURLWithPath: dir).standardizedFileURL.path)   (or add a registry.json entry; see \(dir)/README.md)",
+                "register it:  export VQMOE_PLUGIN_PATH=\(URL(fileURLWithPath: dir).standardizedFileURL.path)  "
+                    + " (or add a registry.json entry; see \(dir)/README.md)",
             ]).joined(separator: "\n")
         return Output(text: text, ok: true)
     }

@@ -197,7 +197,8 @@ public struct Report {
         guard any else { return }
         try doc.save(
             "consistency.svg", plot,
-            "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation)."
+            "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the "
+                + "previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation)."
         )
     }
 
@@ -287,7 +288,9 @@ public struct Report {
             }
             try doc.save(
                 "pca_\(i)_layer\(l).svg", scatter,
-                "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top two principal components, coloured by the top-1 expert. Overlapping clouds are the representation collapse the paper describes."
+                "\(r.name): the inputs of layer \(l)'s experts (probe tokens, \(last)) projected on their top "
+                    + "two principal components, coloured by the top-1 expert. Overlapping clouds are the "
+                    + "representation collapse the paper describes."
             )
         }
     }

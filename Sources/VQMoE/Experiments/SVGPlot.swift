@@ -104,9 +104,11 @@ public struct SVGPlot {
     public func render() -> String {
         let f = frame()
         var o = [
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" font-family=\"sans-serif\" font-size=\"11\">",
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" height=\"\(Int(height))\" "
+                + "font-family=\"sans-serif\" font-size=\"11\">",
             "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
-            "<text x=\"\(f.left + f.pw / 2)\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" font-weight=\"bold\">\(SVGPlot.esc(title))</text>",
+            "<text x=\"\(f.left + f.pw / 2)\" y=\"20\" text-anchor=\"middle\" font-size=\"14\" "
+                + "font-weight=\"bold\">\(SVGPlot.esc(title))</text>",
         ]
         o += axes(f) + marks(f) + legend(f)
         o.append("</svg>")
@@ -118,7 +120,8 @@ public struct SVGPlot {
         var o: [String] = []
         for t in SVGPlot.ticks(f.y0, f.y1) {
             o.append(
-                "<line x1=\"\(f.left)\" y1=\"\(f.sy(t))\" x2=\"\(f.left + f.pw)\" y2=\"\(f.sy(t))\" stroke=\"#e5e5e5\"/>"
+                "<line x1=\"\(f.left)\" y1=\"\(f.sy(t))\" x2=\"\(f.left + f.pw)\" y2=\"\(f.sy(t))\" "
+                    + "stroke=\"#e5e5e5\"/>"
             )
             o.append("<text x=\"\(f.left - 6)\" y=\"\(f.sy(t) + 4)\" text-anchor=\"end\">\(SVGPlot.label(t))</text>")
         }
@@ -131,7 +134,8 @@ public struct SVGPlot {
         } else {
             for t in SVGPlot.ticks(f.x0, f.x1) {
                 o.append(
-                    "<line x1=\"\(f.sx(t))\" y1=\"\(f.top)\" x2=\"\(f.sx(t))\" y2=\"\(f.top + f.ph)\" stroke=\"#f0f0f0\"/>"
+                    "<line x1=\"\(f.sx(t))\" y1=\"\(f.top)\" x2=\"\(f.sx(t))\" y2=\"\(f.top + f.ph)\" "
+                        + "stroke=\"#f0f0f0\"/>"
                 )
                 o.append("<text x=\"\(f.sx(t))\" y=\"\(below)\" text-anchor=\"middle\">\(SVGPlot.label(t))</text>")
             }
@@ -139,8 +143,10 @@ public struct SVGPlot {
         let midY = f.top + f.ph / 2
         return o + [
             "<rect x=\"\(f.left)\" y=\"\(f.top)\" width=\"\(f.pw)\" height=\"\(f.ph)\" fill=\"none\" stroke=\"#444\"/>",
-            "<text x=\"\(f.left + f.pw / 2)\" y=\"\(height - 10)\" text-anchor=\"middle\">\(SVGPlot.esc(xLabel))</text>",
-            "<text x=\"16\" y=\"\(midY)\" text-anchor=\"middle\" transform=\"rotate(-90 16 \(midY))\">\(SVGPlot.esc(yLabel))</text>",
+            "<text x=\"\(f.left + f.pw / 2)\" y=\"\(height - 10)\" "
+                + "text-anchor=\"middle\">\(SVGPlot.esc(xLabel))</text>",
+            "<text x=\"16\" y=\"\(midY)\" text-anchor=\"middle\" transform=\"rotate(-90 16 "
+                + "\(midY))\">\(SVGPlot.esc(yLabel))</text>",
         ]
     }
 

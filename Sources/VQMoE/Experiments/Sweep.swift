@@ -168,7 +168,8 @@ public struct Sweep {
         let all = runs()
         let todo = all.filter { !FileManager.default.fileExists(atPath: "\($0.dir)/result.json") }
         log(
-            "sweep: \(all.count) runs, \(all.count - todo.count) already finished, \(todo.count) to run, \(parallel) at a time, in \(outDir)"
+            "sweep: \(all.count) runs, \(all.count - todo.count) already finished, \(todo.count) to run, "
+                + "\(parallel) at a time, in \(outDir)"
         )
         var pending = todo[...]
         var active: [(Run, Process)] = []

@@ -9,7 +9,8 @@
 ///
 /// ```swift
 /// let shape = ImageShape(channels: 1, height: 28, width: 28, patch: 4)   // 49 patches, T = 50
-/// PatchEmbedding.forward(out: x, patches: buf, images: px, shape: shape, batch: B, weight: w, bias: b, cls: cls, pos: pos, d: 64)
+/// PatchEmbedding.forward(out: x, patches: buf, images: px, shape: shape, batch: B, weight: w, bias: b, cls: cls,
+///                        pos: pos, d: 64, scratch: s)
 /// ```
 public struct ImageShape: Sendable, Equatable {
     public var channels: Int, height: Int, width: Int, patch: Int

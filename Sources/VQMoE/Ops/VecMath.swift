@@ -1,6 +1,6 @@
 /// Vectorised exp and erf over SIMD8<Float> (scalar libm calls dominate softmax and GELU
-/// otherwise). Accuracy (measured): exp relative error ≤ 2.4e-7 over [−87, 88]; erf absolute error ≤ 3e-7 (Abramowitz & Stegun
-/// 7.1.26), both far inside the engine's PyTorch tolerances.
+/// otherwise). Accuracy (measured): exp relative error ≤ 2.4e-7 over [−87, 88]; erf absolute
+/// error ≤ 3e-7 (Abramowitz & Stegun 7.1.26), both far inside the engine's PyTorch tolerances.
 ///
 /// ```swift
 /// VecMath.exp(SIMD8<Float>(repeating: 1))   // e

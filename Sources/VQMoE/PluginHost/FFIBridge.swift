@@ -76,20 +76,19 @@ public struct FFISignature: Sendable, Equatable {
                 case "int32_t*", "int*": normalized = "int32_t *"
                 case "constint32_t*", "int32_tconst*", "constint*": normalized = "const int32_t *"
                 default:
-                    throw fail(
-                        "type of '\(name)' ('\(p[..<nameRange.lowerBound].trimmingCharacters(in: .whitespaces))') is not supported"
-                    )
+                    let type = p[..<nameRange.lowerBound].trimmingCharacters(in: .whitespaces)
+                    throw fail("type of '\(name)' ('\(type)') is not supported")
                 }
                 guard let role = Role(rawValue: name == "ids" ? "token_ids" : name) else {
                     throw fail(
-                        "parameter '\(name)' has no meaning to the host; names: \(Role.allCases.map(\.rawValue).joined(separator: ", "))"
+                        "parameter '\(name)' has no meaning to the host; names: "
+                            + "\(Role.allCases.map(\.rawValue).joined(separator: ", "))"
                     )
                 }
                 let type = CType(rawValue: normalized)!
                 guard FFISignature.allowed[role]!.contains(type) else {
-                    throw fail(
-                        "'\(name)' must be \(FFISignature.allowed[role]!.map(\.rawValue).joined(separator: " or ")), not \(normalized)"
-                    )
+                    let allowed = FFISignature.allowed[role]!.map(\.rawValue).joined(separator: " or ")
+                    throw fail("'\(name)' must be \(allowed), not \(normalized)")
                 }
                 if params.contains(where: { $0.0 == role }) { throw fail("'\(name)' appears twice") }
                 params.append((role, type))
@@ -221,7 +220,8 @@ public final class FFIRouter: @unchecked Sendable {
         for i in 0..<n where expert[i] < 0 || Int(expert[i]) >= nExperts {
             throw VQMoEError(
                 .plugin,
-                "ffi router '\(name)' (\(entry.symbol)) sent token \(i) to expert \(expert[i]), outside [0, \(nExperts))"
+                "ffi router '\(name)' (\(entry.symbol)) sent token \(i) to expert \(expert[i]), outside [0, "
+                    + "\(nExperts))"
             )
         }
     }

@@ -104,12 +104,14 @@ public struct HyperparameterSpec: Sendable, Equatable {
             if type == .int && n != n.rounded() { throw bad("expected an integer, got \(n)") }
             if let min, n < min {
                 throw bad(
-                    "\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is below the minimum \(type == .int ? String(Int(min)) : String(min))"
+                    "\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is below the minimum "
+                        + "\(type == .int ? String(Int(min)) : String(min))"
                 )
             }
             if let max, n > max {
                 throw bad(
-                    "\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is above the maximum \(type == .int ? String(Int(max)) : String(max))"
+                    "\(HyperparameterSpec.text(type == .int ? Int(n) as Any : n)) is above the maximum "
+                        + "\(type == .int ? String(Int(max)) : String(max))"
                 )
             }
             if type == .int {

@@ -62,7 +62,8 @@ public struct PluginChecker {
             CheckResult(
                 name: "descriptor", passed: true,
                 detail:
-                    "\(library.kind.rawValue) '\(library.name)' \(library.version), ABI \(abiString(library.abiVersion)), \(library.schema.count) hyperparameters"
+                    "\(library.kind.rawValue) '\(library.name)' \(library.version), ABI "
+                    + "\(abiString(library.abiVersion)), \(library.schema.count) hyperparameters"
             )
         ]
         let hp: ResolvedHyperparameters
@@ -174,7 +175,8 @@ public struct PluginChecker {
                 return CheckResult(
                     name: "gradcheck \(label) (direction: stop-gradient loss)", passed: enough,
                     detail:
-                        "\(checked) coords: no gradient from the loss (detached terms); the value's slope is \(fmt(dotFF.squareRoot()))"
+                        "\(checked) coords: no gradient from the loss (detached terms); the value's slope is "
+                        + "\(fmt(dotFF.squareRoot()))"
                 )
             }
             let cosine = both ? dotAF / (dotAA.squareRoot() * dotFF.squareRoot()) : (neither ? 1 : 0)
@@ -473,7 +475,8 @@ public struct PluginChecker {
             CheckResult(
                 name: "info", passed: true,
                 detail:
-                    "task \(ds.task), vocab \(ds.vocabSize), classes \(ds.nClasses), sample \(ds.sampleShape), splits \(ds.splitSizes)"
+                    "task \(ds.task), vocab \(ds.vocabSize), classes \(ds.nClasses), sample \(ds.sampleShape), "
+                    + "splits \(ds.splitSizes)"
             )
         ]
         let bs = 4

@@ -168,7 +168,8 @@ public final class PluginInstance: @unchecked Sendable {
             if let h = out { d.destroy?(h) }
             throw VQMoEError(
                 .plugin,
-                "\(library.kind.rawValue) '\(library.name)' (\(instanceName)) failed in create: \(statusName(status)): \(msg)"
+                "\(library.kind.rawValue) '\(library.name)' (\(instanceName)) failed in create: "
+                    + "\(statusName(status)): \(msg)"
             )
         }
         handle = h

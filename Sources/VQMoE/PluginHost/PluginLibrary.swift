@@ -78,7 +78,8 @@ public final class PluginLibrary: @unchecked Sendable {
         guard let sym = dlsym(handle, VQMOE_ENTRY_SYMBOL) else {
             throw VQMoEError(
                 .plugin,
-                "\(path) is not a vqmoe plugin: it does not export the entry symbol `\(VQMOE_ENTRY_SYMBOL)` (C: mark it VQMOE_EXPORT; Swift: `@_cdecl(\"\(VQMOE_ENTRY_SYMBOL)\") public func ...`)"
+                "\(path) is not a vqmoe plugin: it does not export the entry symbol `\(VQMOE_ENTRY_SYMBOL)` "
+                    + "(C: mark it VQMOE_EXPORT; Swift: `@_cdecl(\"\(VQMOE_ENTRY_SYMBOL)\") public func ...`)"
             )
         }
         let entry = unsafeBitCast(sym, to: vqmoe_plugin_entry_fn.self)
@@ -101,13 +102,16 @@ public final class PluginLibrary: @unchecked Sendable {
         guard abi >> 16 == UInt32(VQMOE_ABI_VERSION_MAJOR) else {
             throw VQMoEError(
                 .plugin,
-                "\(path): built for plugin ABI \(abiString(abi)), but this host speaks ABI \(abiString(UInt32(VQMOE_ABI_VERSION))); rebuild the plugin against vqmoe_plugin.h \(VQMOE_ABI_VERSION_MAJOR).x"
+                "\(path): built for plugin ABI \(abiString(abi)), but this host speaks ABI "
+                    + "\(abiString(UInt32(VQMOE_ABI_VERSION))); rebuild the plugin against vqmoe_plugin.h "
+                    + "\(VQMOE_ABI_VERSION_MAJOR).x"
             )
         }
         guard Int(size) >= MemoryLayout<vqmoe_plugin_desc>.size else {
             throw VQMoEError(
                 .plugin,
-                "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_plugin_desc>.size)"
+                "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's "
+                    + "\(MemoryLayout<vqmoe_plugin_desc>.size)"
             )
         }
         return abi
@@ -128,7 +132,8 @@ public final class PluginLibrary: @unchecked Sendable {
         guard apiSize >= kind.apiStructSize else {
             throw VQMoEError(
                 .plugin,
-                "\(path) ('\(name)'): vqmoe_\(kind.rawValue)_api struct_size \(apiSize) is smaller than ABI 1.0's \(kind.apiStructSize)"
+                "\(path) ('\(name)'): vqmoe_\(kind.rawValue)_api struct_size \(apiSize) is smaller than ABI "
+                    + "1.0's \(kind.apiStructSize)"
             )
         }
         try checkKindAPI(kind, desc.kind_api!, need)

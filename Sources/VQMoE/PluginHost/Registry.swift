@@ -172,7 +172,8 @@ public final class Registry: @unchecked Sendable {
         if let other = entries.first(where: { $0.name == e.name }) {
             throw VQMoEError(
                 .registry,
-                "duplicate plugin name '\(e.name)': declared by \(other.origin) (\(other.kind.rawValue)) and by \(e.origin) (\(e.kind.rawValue)); names must be unique"
+                "duplicate plugin name '\(e.name)': declared by \(other.origin) (\(other.kind.rawValue)) and "
+                    + "by \(e.origin) (\(e.kind.rawValue)); names must be unique"
             )
         }
         entries.append(e)
@@ -185,7 +186,8 @@ public final class Registry: @unchecked Sendable {
             if let kind, e.kind != kind {
                 throw VQMoEError(
                     .registry,
-                    "'\(name)' is a \(e.kind.rawValue), not a \(kind.rawValue); known \(kind.rawValue)s: \(names(of: kind, closestTo: name).joined(separator: ", "))"
+                    "'\(name)' is a \(e.kind.rawValue), not a \(kind.rawValue); known \(kind.rawValue)s: "
+                        + "\(names(of: kind, closestTo: name).joined(separator: ", "))"
                 )
             }
             return e
@@ -219,7 +221,8 @@ public final class Registry: @unchecked Sendable {
             guard actual == pin else {
                 throw VQMoEError(
                     .registry,
-                    "\(path): sha256 mismatch for '\(e.name)' (\(e.origin)): pinned \(pin), file has \(actual); refusing to load it"
+                    "\(path): sha256 mismatch for '\(e.name)' (\(e.origin)): pinned \(pin), file has "
+                        + "\(actual); refusing to load it"
                 )
             }
         }
@@ -227,7 +230,8 @@ public final class Registry: @unchecked Sendable {
         guard lib.name == e.name, lib.kind == e.kind else {
             throw VQMoEError(
                 .registry,
-                "\(e.origin): registered as \(e.kind.rawValue) '\(e.name)', but \(path) is \(lib.kind.rawValue) '\(lib.name)'"
+                "\(e.origin): registered as \(e.kind.rawValue) '\(e.name)', but \(path) is "
+                    + "\(lib.kind.rawValue) '\(lib.name)'"
             )
         }
         return lib

@@ -33,7 +33,8 @@ public struct RouterOutputs {
 /// A router plugin instance with Swift calls over raw buffers.
 ///
 /// ```swift
-/// let r = try RouterInstance(PluginInstance(library: lib, instanceName: "l0.router", dims: dims, hyperparameters: hp, seed: 1))
+/// let core = try PluginInstance(library: lib, instanceName: "l0.router", dims: dims, hyperparameters: hp, seed: 1)
+/// let r = try RouterInstance(core)
 /// let shape = try r.shape(step)                       // k for this step
 /// let (aux, ctx) = try r.forward(step, x: x, tokenIDs: nil, nGroups: B, groupSize: T, outputs: outs)
 /// try r.backward(ctx!, n: B*T, shape: shape, gradWeights: gW, gradAux: 1, gradX: dx)

@@ -33,7 +33,8 @@ public struct Finetune {
         guard let ft = config.finetune else {
             throw VQMoEError(
                 .config,
-                "finetune: the config needs a \"finetune\" object ({\"from\": CHECKPOINT, \"freeze\": [\"router\", \"quantizer\"]})"
+                "finetune: the config needs a \"finetune\" object ({\"from\": CHECKPOINT, \"freeze\": "
+                    + "[\"router\", \"quantizer\"]})"
             )
         }
         let source = from ?? ft.from
@@ -80,15 +81,18 @@ public struct Finetune {
             guard t.shape == p.shape, t.data.count == p.count * 4 else {
                 throw VQMoEError(
                     .checkpoint,
-                    "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs \(p.shape): the model section must match the pre-training config"
+                    "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs "
+                        + "\(p.shape): the model section must match the pre-training config"
                 )
             }
             t.data.withUnsafeBytes { _ = memcpy(p.data, $0.baseAddress!, p.count * 4) }
         }
         guard missing.isEmpty else {
+            let names =
+                missing.prefix(4).joined(separator: ", ") + (missing.count > 4 ? " (+\(missing.count - 4) more)" : "")
             throw VQMoEError(
                 .checkpoint,
-                "\(checkpoint): no pre-trained value for \(missing.prefix(4).joined(separator: ", "))\(missing.count > 4 ? " (+\(missing.count - 4) more)" : ""): the model section must match the pre-training config"
+                "\(checkpoint): no pre-trained value for \(names): the model section must match the pre-training config"
             )
         }
         for s in model.stateBuffers {

@@ -106,12 +106,36 @@ public struct ModelBuilder {
             dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
         let dataset = try DatasetInstance(
             instance(.dataset, c.data, dims: dims, seed: HostRNG.derive(c.seed, 201), name: "data"))
+        let mc = try modelConfig(for: dataset)
+        dims.vocabSize = dataset.vocabSize
+        dims.nClasses = dataset.nClasses
+        dims.seqLen = mc.seqLen
+        let head = try HeadInstance(
+            instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
+        try check(head, for: dataset)
+        let model = try Transformer(
+            config: mc, head: head,
+            components: { layer in
+                try self.components(
+                    dims: dims, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
+                    quantizerSeed: HostRNG.derive(c.seed, 400, UInt64(layer)), name: "layers.\(layer).ffn")
+            }, seed: HostRNG.derive(c.seed, 100))
+        model.totalSteps = c.train.steps
+        return Built(dataset: dataset, model: model)
+    }
+
+    /// The model config completed from what the dataset serves: a ViT's image shape and
+    /// sequence length, the vocabulary; inputs the backbone cannot take are refused with the fix.
+    func modelConfig(for dataset: DatasetInstance) throws -> TransformerConfig {
+        let c = config
         var mc = c.model
+        mc.vocabSize = dataset.vocabSize
         if c.backbone == "vit" {
             guard dataset.inputIsFloat, dataset.sampleShape.count == 3 else {
                 throw VQMoEError(
                     .config,
-                    "model.backbone: 'vit' needs an image dataset (C,H,W), '\(c.data.name)' serves \(dataset.sampleShape)"
+                    "model.backbone: 'vit' needs an image dataset (C,H,W), '\(c.data.name)' serves "
+                        + "\(dataset.sampleShape)"
                 )
             }
             let image = ImageShape(
@@ -133,47 +157,47 @@ public struct ModelBuilder {
             guard dataset.sampleShape == [c.model.seqLen] else {
                 throw VQMoEError(
                     .config,
-                    "data: the dataset serves sequences of \(dataset.sampleShape), the model expects \(c.model.seqLen) (model.seq_len)"
+                    "data: the dataset serves sequences of \(dataset.sampleShape), the model expects "
+                        + "\(c.model.seqLen) (model.seq_len)"
                 )
             }
             if mc.relative && mc.memLen > 0 {
                 guard dataset.isLM, dataset.streams else {
                     throw VQMoEError(
                         .config,
-                        "model.mem_len: Transformer-XL's memory needs a language-model dataset served as parallel streams in order (for char: data.order = \"streams\"); '\(c.data.name)' serves independent samples. Set model.mem_len = 0 for relative attention without memory"
+                        "model.mem_len: Transformer-XL's memory needs a language-model dataset served as "
+                            + "parallel streams in order (for char: data.order = \"streams\"); "
+                            + "'\(c.data.name)' serves independent samples. Set model.mem_len = 0 for "
+                            + "relative attention without memory"
                     )
                 }
             }
         }
-        mc.vocabSize = dataset.vocabSize
-        dims.vocabSize = dataset.vocabSize
-        dims.nClasses = dataset.nClasses
-        dims.seqLen = mc.seqLen
-        let head = try HeadInstance(
-            instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
+        return mc
+    }
+
+    /// A language-model dataset needs a per-token head over its vocabulary, a classification
+    /// dataset a pooled head over its classes.
+    func check(_ head: HeadInstance, for dataset: DatasetInstance) throws {
+        let c = config
         if dataset.isLM {
             guard head.isLM, head.perToken, head.nOut == dataset.vocabSize else {
                 throw VQMoEError(
                     .config,
-                    "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? "" : " per sequence"); the language-model dataset needs a per-token head over its \(dataset.vocabSize)-token vocabulary (e.g. lm)"
+                    "head.name: '\(c.head.name)' predicts \(head.nOut) "
+                        + "outputs\(head.perToken ? "" : " per sequence"); the language-model dataset needs a "
+                        + "per-token head over its \(dataset.vocabSize)-token vocabulary (e.g. lm)"
                 )
             }
         } else {
             guard !head.perToken, head.nOut == dataset.nClasses else {
                 throw VQMoEError(
                     .config,
-                    "head.name: '\(c.head.name)' predicts \(head.nOut) outputs\(head.perToken ? " per token" : ""); the classification dataset has \(dataset.nClasses) classes per sequence (use a pooled head, e.g. classifier)"
+                    "head.name: '\(c.head.name)' predicts \(head.nOut) "
+                        + "outputs\(head.perToken ? " per token" : ""); the classification dataset has "
+                        + "\(dataset.nClasses) classes per sequence (use a pooled head, e.g. classifier)"
                 )
             }
         }
-        let model = try Transformer(
-            config: mc, head: head,
-            components: { layer in
-                try self.components(
-                    dims: dims, seed: HostRNG.derive(c.seed, 300, UInt64(layer)),
-                    quantizerSeed: HostRNG.derive(c.seed, 400, UInt64(layer)), name: "layers.\(layer).ffn")
-            }, seed: HostRNG.derive(c.seed, 100))
-        model.totalSteps = c.train.steps
-        return Built(dataset: dataset, model: model)
     }
 }

@@ -95,7 +95,8 @@ public struct RunConfig: @unchecked Sendable {
         if composition.needsRouter && router == nil {
             throw VQMoEError(
                 .config,
-                "model.ffn.router: mode '\(model.ffn.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", \"k\": 2}"
+                "model.ffn.router: mode '\(model.ffn.mode.rawValue)' needs a router, e.g. {\"name\": \"smoe\", "
+                    + "\"k\": 2}"
             )
         }
         if composition.needsQuantizer && quantizer == nil {
@@ -114,7 +115,8 @@ public struct RunConfig: @unchecked Sendable {
                 guard let s = v as? String, FinetuneConfig.parts.contains(s) else {
                     throw VQMoEError(
                         .config,
-                        "finetune.freeze: \(describeJSON(v)) is not one of \(FinetuneConfig.parts.joined(separator: ", "))"
+                        "finetune.freeze: \(describeJSON(v)) is not one of "
+                            + "\(FinetuneConfig.parts.joined(separator: ", "))"
                     )
                 }
                 return s
@@ -154,8 +156,8 @@ public struct RunConfig: @unchecked Sendable {
     /// The model.ffn section's own keys (the router and quantizer are read by the caller).
     static func ffn(_ f: ConfigReader, dModel: Int) throws -> FFNConfig {
         var fc = FFNConfig()
-        fc.mode = FFNConfig.Mode(
-            rawValue: try f.string("mode", default: fc.mode.rawValue, choices: FFNConfig.Mode.allCases.map(\.rawValue)))!
+        let modes = FFNConfig.Mode.allCases.map(\.rawValue)
+        fc.mode = FFNConfig.Mode(rawValue: try f.string("mode", default: fc.mode.rawValue, choices: modes))!
         fc.dInner = try f.int("d_inner", default: FFNConfig.defaultInner(dModel: dModel), min: 1)
         fc.nExperts =
             fc.mode == .dense ? 1 : try f.int("n_experts", default: FFNConfig.defaultExperts, min: 1, max: 4096)

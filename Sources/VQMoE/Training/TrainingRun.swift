@@ -34,7 +34,8 @@ extension Trainer {
             if stopNow && !isLast {
                 interrupted = true
                 progress.note(
-                    "stopped after step \(step + 1): checkpoint \(outDir)/last.safetensors; continue with `vqmoe train --resume \(outDir)`"
+                    "stopped after step \(step + 1): checkpoint \(outDir)/last.safetensors; continue with "
+                        + "`vqmoe train --resume \(outDir)`"
                 )
                 break
             }

@@ -50,7 +50,9 @@ public final class RoutedPath: ExpertPath {
             guard allowTokenMixing else {
                 throw VQMoEError(
                     .config,
-                    "\(layerName): router '\(router.core.library.name)' dispatches densely (SoftMoE), mixing the tokens of a sequence: in a causal language model a token would see later tokens. Use it in a ViT, or set model.ffn.allow_token_mixing = true for an ablation"
+                    "\(layerName): router '\(router.core.library.name)' dispatches densely (SoftMoE), mixing "
+                        + "the tokens of a sequence: in a causal language model a token would see later "
+                        + "tokens. Use it in a ViT, or set model.ffn.allow_token_mixing = true for an ablation"
                 )
             }
             let es = nExperts * shape.slotsPerExpert

@@ -3,7 +3,8 @@ import Foundation
 /// The first layer of a `Transformer`: model inputs (B,T) → x (B,T,C).
 ///
 /// ```swift
-/// let input: InputLayer = TokenEmbedding(vocabSize: 256, seqLen: 128, c: 128, positions: true, initStd: 0.02, seed: s)
+/// let input: InputLayer = TokenEmbedding(vocabSize: 256, seqLen: 128, c: 128, positions: true, initStd: 0.02,
+///                                        seed: s)
 /// ```
 public protocol InputLayer: AnyObject {
     /// Trainable tensors, in checkpoint order.
@@ -71,7 +72,8 @@ public final class TokenEmbedding: InputLayer {
 /// front, learned positions (see `PatchEmbedding`).
 ///
 /// ```swift
-/// let input = PatchInput(image: ImageShape(channels: 1, height: 28, width: 28, patch: 7), c: 64, initStd: 0.02, seed: 7)
+/// let image = ImageShape(channels: 1, height: 28, width: 28, patch: 7)
+/// let input = PatchInput(image: image, c: 64, initStd: 0.02, seed: 7)
 /// ```
 public final class PatchInput: InputLayer {
     public let image: ImageShape

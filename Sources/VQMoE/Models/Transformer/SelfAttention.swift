@@ -3,7 +3,8 @@ import Foundation
 /// The attention sublayer of a Transformer block: out = proj(attention(LN1(x))) over (B,T,C).
 ///
 /// ```swift
-/// let attn: AttentionSublayer = SelfAttention(name: "layers.0", c: 128, heads: 4, mask: .causal, initStd: 0.02, seeds: s)
+/// let p = AttentionProjections(layer: "layers.0", c: 128, initStd: 0.02, seeds: (1, 2))
+/// let attn: AttentionSublayer = SelfAttention(projections: p, heads: 4, mask: .causal, scratch: AttentionScratch())
 /// attn.forward(x: x, out: y, ctx)
 /// attn.backward(dout: dy, x: x, dx: dx, ctx)     // dx += dL/dx
 /// ```

@@ -98,7 +98,8 @@ public final class Transformer: @unchecked Sendable {
             guard image.height % image.patch == 0, image.width % image.patch == 0, config.seqLen == image.tokens else {
                 throw VQMoEError(
                     .config,
-                    "model.patch_size (\(image.patch)) must divide the image (\(image.height)×\(image.width)); seq_len must be 1 + patches = \(image.tokens)"
+                    "model.patch_size (\(image.patch)) must divide the image (\(image.height)×\(image.width)); "
+                        + "seq_len must be 1 + patches = \(image.tokens)"
                 )
             }
         }

@@ -98,7 +98,8 @@ public enum AttentionFlops: Sendable { case visible, square }
 /// dropout and the plugins' per-step randomness) and whether it trains.
 ///
 /// ```swift
-/// let ctx = ForwardContext(batch: 8, seqLen: 128, step: 10, train: true, runSeed: seed, totalSteps: 1000, dropout: 0.1)
+/// let ctx = ForwardContext(batch: 8, seqLen: 128, step: 10, train: true, runSeed: seed, totalSteps: 1000,
+///                          dropout: 0.1)
 /// ```
 public struct ForwardContext: Sendable {
     public var batch: Int, seqLen: Int, step: Int
