@@ -303,17 +303,14 @@ typedef struct vqmoe_buffer_binding {
 } vqmoe_buffer_binding;
 
 /* ------------------------------------------------------------------ per-step info */
-#define VQMOE_STEP_TRAIN   0x1u /* training mode (dropout, EMA updates, saved context) */
-#define VQMOE_STEP_NO_GRAD 0x2u /* no backward will follow: do not save a context */
-#define VQMOE_STEP_FROZEN                                                                                              \
-    0x4u /* fine-tuning with this component frozen: no state
-                                   updates, no parameter gradients */
-#define VQMOE_STEP_SURROGATE                                                                                           \
-    0x8u /* quantizer: output the straight-through SURROGATE as
-                                     `quantized` -- the same computation with the code
-                                     lookup replaced by the identity -- so the host can check
-                                     the backward of `quantized` by finite differences
-                                     (gradcheck only; codes and loss stay as usual) */
+#define VQMOE_STEP_TRAIN     0x1u /* training mode (dropout, EMA updates, saved context) */
+#define VQMOE_STEP_NO_GRAD   0x2u /* no backward will follow: do not save a context */
+/* fine-tuning with this component frozen: no state updates, no parameter gradients */
+#define VQMOE_STEP_FROZEN    0x4u
+/* quantizer: output the straight-through SURROGATE as `quantized` -- the same computation with
+ * the code lookup replaced by the identity -- so the host can check the backward of `quantized`
+ * by finite differences (gradcheck only; codes and loss stay as usual) */
+#define VQMOE_STEP_SURROGATE 0x8u
 
 /**
  * Passed to every forward and to begin_step. Everything step-dependent (k schedules,
@@ -593,17 +590,15 @@ typedef struct vqmoe_metrics_feature {
 } vqmoe_metrics_feature;
 
 /* ================================================================== descriptor */
-#define VQMOE_PLUGIN_NEEDS_TOKEN_IDS                                                                                   \
-    0x1u                          /* router: may read vqmoe_router_input.token_ids (the host
-                                             passes them whenever the model has tokens; a plugin whose
-                                             configuration needs them refuses absent ones itself) */
-#define VQMOE_PLUGIN_NO_GRAD 0x2u /* has no backward (non-trainable, no input grad) */
-#define VQMOE_PLUGIN_STOPGRAD_LOSS                                                                                     \
-    0x4u /* quantizer: the loss has stop-gradient terms (VQ-VAE's
-                                             ||sg(x) - q||^2 + g*||x - sg(q)||^2), so its backward is
-                                             not the derivative of its value; gradcheck then compares
-                                             the DIRECTION of each loss gradient with finite
-                                             differences (cosine similarity) instead of its values */
+/* router: may read vqmoe_router_input.token_ids (the host passes them whenever the model has
+ * tokens; a plugin whose configuration needs them refuses absent ones itself) */
+#define VQMOE_PLUGIN_NEEDS_TOKEN_IDS 0x1u
+/* has no backward (non-trainable, no input grad) */
+#define VQMOE_PLUGIN_NO_GRAD         0x2u
+/* quantizer: the loss has stop-gradient terms (VQ-VAE's ||sg(x) - q||^2 + g*||x - sg(q)||^2), so
+ * its backward is not the derivative of its value; gradcheck then compares the DIRECTION of each
+ * loss gradient with finite differences (cosine similarity) instead of its values */
+#define VQMOE_PLUGIN_STOPGRAD_LOSS   0x4u
 
 /**
  * What vqmoe_plugin_entry returns: static, owned by the plugin, valid while loaded.
