@@ -31,3 +31,8 @@ void vqmoe_lsh_route(const float *x, int64_t n, int64_t d, int64_t n_experts, in
         expert[t] = (int32_t)(bucket % (uint64_t)n_experts);
     }
 }
+
+// The same hyperplanes as vqmoe_lsh_route: a code of ceil(log2 K) sign bits, reduced mod K.
+void vqmoe_lsh_code(const float *x, int64_t n, int64_t d, int64_t n_codes, int32_t *code) {
+    vqmoe_lsh_route(x, n, d, n_codes, code);
+}

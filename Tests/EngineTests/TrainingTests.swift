@@ -268,6 +268,43 @@ final class TrainingTests: XCTestCase {
         XCTAssertLessThan(train.last!, train.first! - 0.3, "\(train)")
     }
 
+    /// The libffi bridge trains like any plugin: the `hash` router (token ids; k = 2 taken from the
+    /// smoe config it replaces: the hashed expert and the next), the `lsh` router, and the `lsh_code`
+    /// quantizer in a VQMoE layer, 20 steps each on enwik8-mini.
+    func testFFIComponentsTrain() throws {
+        let cases: [(String, [String: Any])] = [
+            ("hash", ["model.ffn.router.name": "hash"]),
+            ("lsh", ["model.ffn.router": ["name": "lsh"]]),
+            ("lsh_code", ["model.ffn.mode": "vqmoe", "model.ffn.quantizer": ["name": "lsh_code"]]),
+        ]
+        for (name, settings) in cases {
+            var json = try tinyConfig("smoe")
+            for (k, v) in settings { try setPath(&json, k, v) }
+            try setPath(&json, "train.steps", 20)
+            try setPath(&json, "train.eval_every", 20)
+            try setPath(&json, "train.log_every", 1)
+            let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ffi-\(name)-\(UUID().uuidString)")
+                .path
+            let r = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true)
+                .run()
+            let train = try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+                .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+                .filter { $0["split"] as? String == "train" }
+            let losses = train.compactMap { $0["task_loss"] as? Double }
+            XCTAssertLessThan(losses.last!, losses.first! - 0.5, "\(name): \(losses)")
+            XCTAssertNotNil(r.test, name)
+            let load = try XCTUnwrap((train.last?["expert_load"] as? [[Double]])?.first, name)
+            // k routed assignments per token (+1 discrete): hash k = 2, lsh k = 1, VQMoE smoe k = 2 + 1
+            XCTAssertEqual(load.reduce(0, +), Double(["hash": 2, "lsh": 1, "lsh_code": 3][name]! * 8 * 32), name)
+            if name == "lsh_code" {
+                let codes = try XCTUnwrap((train.last?["code_counts"] as? [[Double]])?.first, name)
+                XCTAssertEqual(codes.count, 4)
+                XCTAssertEqual(codes.reduce(0, +), 8 * 32)
+                XCTAssertGreaterThan(codes.filter { $0 > 0 }.count, 1, "\(codes)")
+            }
+        }
+    }
+
     /// `vqmoe report`: curves, consistency, movement, expert load, code usage and PCA plots from
     /// a real (short) VQMoE run, each a well-formed SVG with data in it, linked from report.md.
     func testReportWritesEveryPlot() throws {

@@ -38,9 +38,9 @@ public enum PluginCommands {
                 }
             case .ffi(let f):
                 var row = Row(
-                    kind: e.kind.rawValue, name: e.name, version: "-", library: f.library, abi: "ffi", source: "ffi",
+                    kind: e.kind.rawValue, name: e.name, version: "ffi", library: f.library, abi: "ffi", source: "ffi",
                     description: "C function \(f.symbol): \(f.signatureText)")
-                do { _ = try FFIRouter(name: e.name, entry: f) } catch { row.error = "\(error)" }
+                do { _ = try reg.library(for: e) } catch { row.error = "\(error)" }
                 return row
             }
         }
@@ -73,45 +73,43 @@ public enum PluginCommands {
     /// override the plugin's).
     public static func inspect(_ reg: Registry, name: String) throws -> Output {
         let e = try reg.entry(named: name)
+        let lib = try reg.library(for: e)
+        var lines: [String]
         switch e.source {
         case .ffi(let f):
-            let router = try FFIRouter(name: e.name, entry: f)
-            return Output(
-                text: """
-                    \(e.name) (router, libffi bridge)
-                      library:    \(f.library)
-                      symbol:     \(f.symbol)
-                      signature:  \(f.signatureText)
-                      token ids:  \(router.needsTokenIDs ? "required" : "not used")
-                      routing:    top-1, weight 1, non-trainable (no parameters, no gradient)
-                    """, ok: true)
+            let what =
+                e.kind == .router
+                ? "the function's expert (and the next k-1), non-trainable (no parameters, no gradient)"
+                : "one code per token, K = the model's n_codes, quantized = x (straight-through), no parameters, loss 0"
+            lines = [
+                "\(e.name) (\(e.kind.rawValue), libffi bridge)", "  library:    \(f.library)",
+                "  symbol:     \(f.symbol)",
+                "  signature:  \(f.signatureText)", "  token ids:  \(lib.needsTokenIDs ? "required" : "not used")",
+                "  behaviour:  \(what)",
+            ]
         case .library(let path):
-            let lib = try reg.library(for: e)
-            var lines = [
-                "\(lib.name) (\(lib.kind.rawValue)) \(lib.version)",
-                "  \(lib.summary)",
-                "  library:  \(path)",
+            lines = [
+                "\(lib.name) (\(lib.kind.rawValue)) \(lib.version)", "  \(lib.summary)", "  library:  \(path)",
                 "  abi:      \(abiString(lib.abiVersion))",
             ]
             var flags: [String] = []
             if lib.needsTokenIDs { flags.append("needs token ids") }
             if lib.hasNoGrad { flags.append("no backward") }
             if !flags.isEmpty { lines.append("  flags:    " + flags.joined(separator: ", ")) }
-            lines.append("")
-            if lib.schema.isEmpty {
-                lines.append("  (no hyperparameters)")
-            } else {
-                lines.append("  hyperparameters:")
-                let rows = lib.schema.map { s -> [String] in
-                    let override = e.defaults[s.name].map { "\(HyperparameterSpec.text($0.value)) (registry)" }
-                    return [s.name, s.type.rawValue, override ?? s.defaultText, s.rangeText, s.description]
-                }
-                lines.append(
-                    formatTable(
-                        header: ["NAME", "TYPE", "DEFAULT", "RANGE", "DESCRIPTION"], rows: rows, indent: "    "))
-            }
-            return Output(text: lines.joined(separator: "\n"), ok: true)
         }
+        lines.append("")
+        if lib.schema.isEmpty {
+            lines.append("  (no hyperparameters)")
+        } else {
+            lines.append("  hyperparameters:")
+            let rows = lib.schema.map { s -> [String] in
+                let override = e.defaults[s.name].map { "\(HyperparameterSpec.text($0.value)) (registry)" }
+                return [s.name, s.type.rawValue, override ?? s.defaultText, s.rangeText, s.description]
+            }
+            lines.append(
+                formatTable(header: ["NAME", "TYPE", "DEFAULT", "RANGE", "DESCRIPTION"], rows: rows, indent: "    "))
+        }
+        return Output(text: lines.joined(separator: "\n"), ok: true)
     }
 
     /// `plugins docs`: markdown for every registered component, generated from the descriptors
@@ -124,30 +122,31 @@ public enum PluginCommands {
             lines.append("### \(kind.rawValue.prefix(1).uppercased() + kind.rawValue.dropFirst())s")
             lines.append("")
             for e in entries {
+                let lib = try reg.library(for: e)
                 switch e.source {
                 case .ffi(let f):
+                    let what =
+                        e.kind == .router
+                        ? "the function's expert and, with k > 1, the next k-1 (weights 1/k); not trainable"
+                        : "one code per token in [0, n_codes), quantized = x, not trainable"
                     lines.append(
-                        "**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; "
-                            + "top-1, weight 1, not trainable."
-                    )
-                    lines.append("")
+                        "**`\(e.name)`** (libffi bridge) — C function `\(f.symbol)`: `\(f.signatureText)`; \(what).")
                 case .library:
-                    let lib = try reg.library(for: e)
                     lines.append("**`\(lib.name)`** \(lib.version) — \(lib.summary)")
-                    lines.append("")
-                    if !lib.schema.isEmpty {
-                        lines.append("| hyperparameter | type | default | range | description |")
-                        lines.append("|---|---|---|---|---|")
-                        for h in lib.schema {
-                            let def = e.defaults[h.name].map { HyperparameterSpec.text($0.value) } ?? h.defaultText
-                            lines.append(
-                                "| `\(h.name)` | \(h.type.rawValue) | `\(def)` | "
-                                    + "\(h.rangeText.replacingOccurrences(of: "|", with: "/")) | "
-                                    + "\(h.description.replacingOccurrences(of: "|", with: "/")) |"
-                            )
-                        }
-                        lines.append("")
+                }
+                lines.append("")
+                if !lib.schema.isEmpty {
+                    lines.append("| hyperparameter | type | default | range | description |")
+                    lines.append("|---|---|---|---|---|")
+                    for h in lib.schema {
+                        let def = e.defaults[h.name].map { HyperparameterSpec.text($0.value) } ?? h.defaultText
+                        lines.append(
+                            "| `\(h.name)` | \(h.type.rawValue) | `\(def)` | "
+                                + "\(h.rangeText.replacingOccurrences(of: "|", with: "/")) | "
+                                + "\(h.description.replacingOccurrences(of: "|", with: "/")) |"
+                        )
                     }
+                    lines.append("")
                 }
             }
         }
@@ -165,15 +164,12 @@ public enum PluginCommands {
         } else {
             guard let reg else { throw VQMoEError(.registry, "no registry to look up '\(target)' in") }
             let e = try reg.entry(named: target)
+            let lib = try reg.library(for: e)
             switch e.source {
-            case .ffi(let f):
-                title = "router '\(e.name)' (libffi bridge)"
-                results = checkFFIRouter(try FFIRouter(name: e.name, entry: f))
-            case .library(let path):
-                let lib = try reg.library(for: e)
-                title = "\(lib.kind.rawValue) '\(lib.name)' from \(path)"
-                results = PluginChecker(library: lib, hyperparameters: [e.defaults.mapValues(\.value), settings]).run()
+            case .ffi(let f): title = "\(e.kind.rawValue) '\(e.name)' (libffi bridge: \(f.symbol) in \(f.library))"
+            case .library(let path): title = "\(lib.kind.rawValue) '\(lib.name)' from \(path)"
             }
+            results = PluginChecker(library: lib, hyperparameters: [e.defaults.mapValues(\.value), settings]).run()
         }
         let failed = results.filter { !$0.passed }.count
         let text =

@@ -2,7 +2,8 @@ import CFFI
 import Foundation
 
 /// A registry entry that names a plain C function and its signature; the host calls it
-/// through libffi as a non-trainable router (docs/design.md, "The plugin ABI", rule 10). No ABI glue on the C side.
+/// through libffi as a non-trainable router or quantizer (docs/design.md, "The plugin ABI",
+/// rule 10). No ABI glue on the C side.
 ///
 /// The signature is a C prototype whose parameter NAMES say what the host passes:
 ///
@@ -10,16 +11,17 @@ import Foundation
 /// |---|---|---|
 /// | `x` | `const float *` | token representations (n,d) |
 /// | `token_ids` | `const int32_t *` | token ids (n) |
-/// | `n`, `d`, `n_experts` | `int64_t` or `int32_t` | sizes |
+/// | `n`, `d`, `n_experts`, `n_codes` | `int64_t` or `int32_t` | sizes (`n_codes`: the codebook size K) |
 /// | `seed` | `uint64_t` | per-step seed |
-/// | `expert` | `int32_t *` | output: one expert per token (required) |
+/// | `expert` | `int32_t *` | output of a router: one expert per token |
+/// | `code` | `int32_t *` | output of a quantizer: one code in [0, K) per token |
 ///
-/// The return type is `void`, or `int32_t` (non-zero = error).
+/// The return type is `void`, or `int32_t` (non-zero = error). The output names the kind.
 /// ```swift
 /// let sig = try FFISignature("void(const int32_t *token_ids, int64_t n, int64_t n_experts, int32_t *expert)")
 /// ```
 public struct FFISignature: Sendable, Equatable {
-    public enum Role: String, Sendable, CaseIterable { case x, token_ids, n, d, n_experts, seed, expert }
+    public enum Role: String, Sendable, CaseIterable { case x, token_ids, n, d, n_experts, n_codes, seed, expert, code }
     public enum CType: String, Sendable {
         case int32 = "int32_t", int64 = "int64_t", uint64 = "uint64_t",
             floatPtr = "const float *", int32Ptr = "int32_t *",
@@ -35,7 +37,8 @@ public struct FFISignature: Sendable, Equatable {
 
     private static let allowed: [Role: [CType]] = [
         .x: [.floatPtr], .token_ids: [.constInt32Ptr], .n: [.int64, .int32], .d: [.int64, .int32],
-        .n_experts: [.int64, .int32], .seed: [.uint64], .expert: [.int32Ptr],
+        .n_experts: [.int64, .int32], .n_codes: [.int64, .int32], .seed: [.uint64], .expert: [.int32Ptr],
+        .code: [.int32Ptr],
     ]
 
     public init(_ text: String) throws {
@@ -94,11 +97,21 @@ public struct FFISignature: Sendable, Equatable {
                 params.append((role, type))
             }
         }
-        guard params.contains(where: { $0.0 == .expert }) else {
-            throw fail("needs an output parameter 'int32_t *expert'")
+        let outputs = params.filter { $0.0 == .expert || $0.0 == .code }.count
+        guard outputs == 1 else {
+            throw fail(
+                outputs == 0
+                    ? "needs an output parameter 'int32_t *expert' (a router) or 'int32_t *code' (a quantizer)"
+                    : "has both 'expert' and 'code': a function is a router or a quantizer")
+        }
+        if params.contains(where: { $0.0 == .code }) && !params.contains(where: { $0.0 == .x }) {
+            throw fail("a quantizer reads the token representations: add 'const float *x'")
         }
         self.params = params.map { (role: $0.0, type: $0.1) }
     }
+
+    /// A router (output `expert`) or a quantizer (output `code`).
+    public var kind: PluginKind { params.contains { $0.role == .expert } ? .router : .quantizer }
 
     /// Whether the function reads token ids.
     public var needsTokenIDs: Bool { params.contains { $0.role == .token_ids } }
@@ -129,13 +142,15 @@ public struct FFISignatureEntry: Sendable {
     }
 }
 
-/// A C routing function bound through libffi: top-1, weight 1, no parameters, no gradient.
+/// A C function bound through libffi: a router (one expert per token) or a quantizer (one code
+/// per token). `FFIComponent` wraps it as a plugin library, so training, `plugins check` and
+/// every command use it through the same instance wrappers as a native plugin.
 ///
 /// ```swift
-/// let router = try FFIRouter(name: "hash", entry: entry)
-/// let experts = try router.route(x: x, tokenIDs: ids, n: 8, d: 16, nExperts: 4, seed: 0)
+/// let f = try FFIFunction(name: "hash", entry: entry)
+/// try f.call(x: nil, tokenIDs: ids, n: 8, d: 16, nExperts: 4, nCodes: 0, seed: 0, output: experts)
 /// ```
-public final class FFIRouter: @unchecked Sendable {
+public final class FFIFunction: @unchecked Sendable {
     public let name: String
     public let entry: FFISignatureEntry
     private let fn: UnsafeMutableRawPointer
@@ -145,12 +160,13 @@ public final class FFIRouter: @unchecked Sendable {
     public init(name: String, entry: FFISignatureEntry) throws {
         self.name = name
         self.entry = entry
+        let what = "ffi \(entry.signature.kind.rawValue) '\(name)'"
         guard let handle = dlopen(entry.library, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
-            throw VQMoEError(.plugin, "ffi router '\(name)': cannot load \(entry.library): dlopen failed: \(why)")
+            throw VQMoEError(.plugin, "\(what): cannot load \(entry.library): dlopen failed: \(why)")
         }
         guard let sym = dlsym(handle, entry.symbol) else {
-            throw VQMoEError(.plugin, "ffi router '\(name)': \(entry.library) has no symbol '\(entry.symbol)'")
+            throw VQMoEError(.plugin, "\(what): \(entry.library) has no symbol '\(entry.symbol)'")
         }
         fn = sym
         let params = entry.signature.params
@@ -167,29 +183,51 @@ public final class FFIRouter: @unchecked Sendable {
         let status = ffi_prep_cif(&cif, FFI_DEFAULT_ABI, UInt32(params.count), rtype, argTypes)
         guard status == FFI_OK else {
             throw VQMoEError(
-                .plugin,
-                "ffi router '\(name)': ffi_prep_cif failed for \"\(entry.signatureText)\" (status \(status.rawValue))")
+                .plugin, "\(what): ffi_prep_cif failed for \"\(entry.signatureText)\" (status \(status.rawValue))")
         }
     }
 
+    public var kind: PluginKind { entry.signature.kind }
     public var needsTokenIDs: Bool { entry.signature.needsTokenIDs }
 
-    /// Call the function: x (n,d), token ids (n) → one expert per token, each checked to
-    /// be in [0, nExperts).
-    public func route(
-        x: UnsafePointer<Float>?, tokenIDs: UnsafePointer<Int32>?, n: Int, d: Int,
-        nExperts: Int, seed: UInt64, expert: UnsafeMutablePointer<Int32>
+    /// Call the function: x (n,d), token ids (n) → one expert (router) or code (quantizer) per
+    /// token in `output`, each checked to be in [0, nExperts) or [0, nCodes).
+    public func call(
+        x: UnsafePointer<Float>?, tokenIDs: UnsafePointer<Int32>?, n: Int, d: Int, nExperts: Int, nCodes: Int,
+        seed: UInt64, output: UnsafeMutablePointer<Int32>
     ) throws {
-        let params = entry.signature.params
+        let what = "ffi \(kind.rawValue) '\(name)' (\(entry.symbol))"
         if needsTokenIDs && tokenIDs == nil {
             throw VQMoEError(
                 .plugin,
-                "ffi router '\(name)' routes by token id, but this layer has no token ids (use it in a token model)")
+                "ffi \(kind.rawValue) '\(name)' routes by token id, but this layer has no token ids (use it in a token model)"
+            )
         }
-        // Every argument value lives in its own 8-byte slot; avalues points at the slots.
+        let ret = invoke(
+            x: x, tokenIDs: tokenIDs, n: n, d: d, nExperts: nExperts, nCodes: nCodes, seed: seed, output: output)
+        if entry.signature.returnsStatus && ret != 0 {
+            throw VQMoEError(.plugin, "\(what) returned error status \(ret)")
+        }
+        let limit = kind == .router ? nExperts : nCodes
+        for i in 0..<n where output[i] < 0 || Int(output[i]) >= limit {
+            throw VQMoEError(
+                .plugin,
+                "\(what) gave token \(i) \(kind == .router ? "expert" : "code") \(output[i]), outside [0, \(limit))")
+        }
+    }
+
+    /// One libffi call with every argument in its own 8-byte slot; the int32 status (0 for void).
+    private func invoke(
+        x: UnsafePointer<Float>?, tokenIDs: UnsafePointer<Int32>?, n: Int, d: Int, nExperts: Int, nCodes: Int,
+        seed: UInt64, output: UnsafeMutablePointer<Int32>
+    ) -> Int32 {
+        let params = entry.signature.params
         let slots = UnsafeMutablePointer<UInt64>.allocate(capacity: max(params.count, 1))
         let values = UnsafeMutablePointer<UnsafeMutableRawPointer?>.allocate(capacity: max(params.count, 1))
-        defer { slots.deallocate(); values.deallocate() }
+        defer {
+            slots.deallocate()
+            values.deallocate()
+        }
         for (i, p) in params.enumerated() {
             let raw = UnsafeMutableRawPointer(slots + i)
             func int(_ v: Int) {
@@ -205,24 +243,14 @@ public final class FFIRouter: @unchecked Sendable {
             case .n: int(n)
             case .d: int(d)
             case .n_experts: int(nExperts)
+            case .n_codes: int(nCodes)
             case .seed: raw.storeBytes(of: seed, as: UInt64.self)
-            case .expert: raw.storeBytes(of: UnsafeRawPointer(expert), as: UnsafeRawPointer?.self)
+            case .expert, .code: raw.storeBytes(of: UnsafeRawPointer(output), as: UnsafeRawPointer?.self)
             }
             values[i] = raw
         }
         var ret: Int64 = 0
         ffi_call(&cif, unsafeBitCast(fn, to: (@convention(c) () -> Void).self), &ret, values)
-        if entry.signature.returnsStatus && Int32(truncatingIfNeeded: ret) != 0 {
-            throw VQMoEError(
-                .plugin,
-                "ffi router '\(name)' (\(entry.symbol)) returned error status \(Int32(truncatingIfNeeded: ret))")
-        }
-        for i in 0..<n where expert[i] < 0 || Int(expert[i]) >= nExperts {
-            throw VQMoEError(
-                .plugin,
-                "ffi router '\(name)' (\(entry.symbol)) sent token \(i) to expert \(expert[i]), outside [0, "
-                    + "\(nExperts))"
-            )
-        }
+        return Int32(truncatingIfNeeded: ret)
     }
 }

@@ -195,6 +195,15 @@ public struct PluginChecker {
 
     private func fmt(_ v: Double) -> String { String(format: "%.6g", v) }
 
+    /// A count vector for a result line: in full up to 16 entries, else its first 8 and a summary.
+    static func summary(_ v: [Float]) -> String {
+        let text = { (x: Float) in x == x.rounded() && abs(x) < 1e9 ? String(Int(x)) : String(format: "%.3g", x) }
+        guard v.count > 16 else { return "[" + v.map(text).joined(separator: ", ") + "]" }
+        let used = v.filter { $0 != 0 }.count
+        return "[" + v.prefix(8).map(text).joined(separator: ", ") + ", …] (\(v.count) entries, \(used) nonzero, "
+            + "sum \(text(v.reduce(0, +))), max \(text(v.max()!)))"
+    }
+
     private func coords(_ count: Int, salt: UInt64) -> [Int] {
         if count <= coordinatesPerBuffer { return Array(0..<count) }
         var r = HostRNG.make(seed: seed, stream: salt)
@@ -333,7 +342,7 @@ public struct PluginChecker {
         let loadOK = abs(Double(load.reduce(0, +)) - Double(n * k)) < 1e-3
         return [
             CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""),
-            CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(load)"),
+            CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(PluginChecker.summary(load))"),
         ]
     }
 
@@ -365,7 +374,7 @@ public struct PluginChecker {
         results.append(
             CheckResult(
                 name: "code counts sum to N·L", passed: abs(Double(used.reduce(0, +)) - Double(n * l)) < 1e-3,
-                detail: "counts \(used.map { Int($0) })"))
+                detail: "counts \(PluginChecker.summary(used))"))
         restore()
         results.append(evalModeLeavesNoContext(try forward(step(train: false), lossWeight: 1, outWeight: true).2))
         guard ctx != nil else {
@@ -520,45 +529,4 @@ public struct PluginChecker {
         var r = HostRNG.make(seed: seed, stream: stream)
         return (0..<count).map { _ in HostRNG.normal(&r) }
     }
-}
-
-/// Check a libffi-bridged router: it loads, fills one expert per token in range, and is
-/// deterministic.
-public func checkFFIRouter(
-    _ router: FFIRouter, dims: ModelDims = ModelDims(dModel: 8, nExperts: 4, vocabSize: 50)
-) -> [CheckResult] {
-    let n = 32, d = dims.dModel, e = dims.nExperts
-    var r = HostRNG.make(seed: 5, stream: 0)
-    let x = (0..<(n * d)).map { _ in HostRNG.normal(&r) }
-    let ids = (0..<n).map { Int32($0 % max(dims.vocabSize, 1)) }
-    var results = [
-        CheckResult(
-            name: "ffi binding", passed: true,
-            detail: "\(router.entry.symbol) in \(router.entry.library): \(router.entry.signatureText)")
-    ]
-    do {
-        var a = [Int32](repeating: -1, count: n), b = [Int32](repeating: -1, count: n)
-        try x.withUnsafeBufferPointer { xp in
-            try ids.withUnsafeBufferPointer { ip in
-                try a.withUnsafeMutableBufferPointer {
-                    try router.route(
-                        x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1,
-                        expert: $0.baseAddress!)
-                }
-                try b.withUnsafeMutableBufferPointer {
-                    try router.route(
-                        x: xp.baseAddress, tokenIDs: ip.baseAddress, n: n, d: d, nExperts: e, seed: 1,
-                        expert: $0.baseAddress!)
-                }
-            }
-        }
-        results.append(
-            CheckResult(
-                name: "route: one expert per token in range", passed: true,
-                detail: "load " + (0..<e).map { ex in String(a.filter { $0 == ex }.count) }.joined(separator: "/")))
-        results.append(CheckResult(name: "route deterministic", passed: a == b, detail: ""))
-    } catch {
-        results.append(CheckResult(name: "route", passed: false, detail: "\(error)"))
-    }
-    return results
 }

@@ -158,6 +158,13 @@ public final class PluginInstance: @unchecked Sendable {
                     vocab_size: Int64(dims.vocabSize), n_classes: Int64(dims.nClasses), seq_len: Int64(dims.seqLen),
                     total_steps: Int64(dims.totalSteps), data_root: rootPtr)
                 _ = HostRuntime.takeError()
+                if let make = library.hostCreate {
+                    do { out = try make(info, hyperparameters) } catch {
+                        HostRuntime.setError("\(error)")
+                        return VQMOE_ERR_INVALID_ARGUMENT
+                    }
+                    return VQMOE_OK
+                }
                 let s = hyperparameters.withC { hp in d.create!(&info, hp, &out) }
                 HostRuntime.releaseScratch()
                 return s

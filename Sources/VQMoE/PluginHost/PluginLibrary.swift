@@ -20,6 +20,10 @@ public final class PluginLibrary: @unchecked Sendable {
     public let abiVersion: UInt32
     public let schema: [HyperparameterSpec]
 
+    /// For components the host implements itself (`FFIComponent`): makes an instance in place of
+    /// the descriptor's `create`, from the create info and the resolved hyperparameters.
+    let hostCreate: ((vqmoe_create_info, ResolvedHyperparameters) throws -> OpaquePointer)?
+
     nonisolated(unsafe) private static var cache: [String: PluginLibrary] = [:]
     private static let lock = NSLock()
 
@@ -33,8 +37,28 @@ public final class PluginLibrary: @unchecked Sendable {
         return lib
     }
 
+    /// A component implemented by the host behind a descriptor of its own (`desc` is never freed:
+    /// libraries are never unloaded). `path` names it in messages.
+    init(
+        host desc: UnsafePointer<vqmoe_plugin_desc>, path: String,
+        create: @escaping (vqmoe_create_info, ResolvedHyperparameters) throws -> OpaquePointer
+    ) throws {
+        self.path = path
+        self.desc = desc
+        let d = desc.pointee
+        kind = PluginKind(code: d.kind)!
+        name = String(cString: d.name)
+        version = String(cString: d.version)
+        summary = String(cString: d.description)
+        abiVersion = d.abi_version
+        hostCreate = create
+        try PluginLibrary.checkFunctions(d, kind: kind, name: name, path: path)
+        schema = try PluginLibrary.readSchema(d, plugin: "\(path) ('\(name)')")
+    }
+
     private init(path: String) throws {
         self.path = path
+        hostCreate = nil
         let d = try PluginLibrary.entryDescriptor(path)
         let abi = try PluginLibrary.checkVersion(d, path: path)
         let desc = d.pointee
@@ -54,15 +78,20 @@ public final class PluginLibrary: @unchecked Sendable {
         self.abiVersion = abi
         self.version = desc.version.map { String(cString: $0) } ?? "0.0.0"
         self.summary = desc.description.map { String(cString: $0) } ?? ""
+        self.schema = try PluginLibrary.readSchema(desc, plugin: "\(path) ('\(name)')")
+    }
+
+    /// The descriptor's hyperparameter schema, each entry checked, names unique.
+    private static func readSchema(_ desc: vqmoe_plugin_desc, plugin: String) throws -> [HyperparameterSpec] {
         var specs: [HyperparameterSpec] = []
         for i in 0..<Int(max(desc.n_hparams, 0)) {
-            specs.append(try HyperparameterSpec(desc.hparams![i], plugin: "\(path) ('\(name)')"))
+            specs.append(try HyperparameterSpec(desc.hparams![i], plugin: plugin))
         }
         let names = specs.map(\.name)
         if let dup = names.first(where: { n in names.filter { $0 == n }.count > 1 }) {
-            throw VQMoEError(.plugin, "\(path) ('\(name)'): hyperparameter '\(dup)' is declared twice")
+            throw VQMoEError(.plugin, "\(plugin): hyperparameter '\(dup)' is declared twice")
         }
-        self.schema = specs
+        return specs
     }
 
     /// dlopen the library, find the entry symbol and call it with the host API.

@@ -141,8 +141,17 @@ public final class Registry: @unchecked Sendable {
             if let lib = obj["library"] as? String {
                 source = .library(path: expand(lib))
             } else if let ffi = obj["ffi"] as? [String: Any] {
-                source = .ffi(try FFISignatureEntry(json: ffi, origin: "\(origin).ffi", expand: expand))
-                guard kind == .router else { throw VQMoEError(.registry, "\(origin): ffi entries can only be routers") }
+                let f = try FFISignatureEntry(json: ffi, origin: "\(origin).ffi", expand: expand)
+                guard kind == f.signature.kind else {
+                    throw VQMoEError(
+                        .registry,
+                        "\(origin): kind '\(kind.rawValue)' but the signature's output makes it a \(f.signature.kind.rawValue) "
+                            + "(a router writes 'int32_t *expert', a quantizer 'int32_t *code')")
+                }
+                guard kind == .router || kind == .quantizer else {
+                    throw VQMoEError(.registry, "\(origin): ffi entries are routers or quantizers")
+                }
+                source = .ffi(f)
             } else {
                 throw VQMoEError(
                     .registry, "\(origin): needs \"library\" (a plugin .so) or \"ffi\" (a plain C function)")
@@ -210,11 +219,13 @@ public final class Registry: @unchecked Sendable {
         closestFirst(query, among: entries.filter { $0.kind == kind }.map(\.name))
     }
 
-    /// Open the native library of an entry, checking its sha256 pin and that its descriptor
-    /// agrees with the registry on name and kind.
+    /// The library of an entry: a native plugin (its sha256 pin checked, its descriptor agreeing
+    /// with the registry on name and kind), or the host's wrapper of an `ffi` C function.
     public func library(for e: Entry) throws -> PluginLibrary {
-        guard case .library(let path) = e.source else {
-            throw VQMoEError(.registry, "'\(e.name)' is an ffi function, not a plugin library")
+        let path: String
+        switch e.source {
+        case .ffi(let f): return try FFIComponent.library(name: e.name, entry: f)
+        case .library(let p): path = p
         }
         if let pin = e.sha256 {
             let actual = try SHA256.hex(ofFile: path)
