@@ -4,7 +4,8 @@ import VQMoE
 /// The command line after the global options (`--registry FILE`, `--threads N`), consumed flag by flag.
 struct Args {
     var rest: [String]
-    var registryPath: String?
+    /// `--registry FILE[:FILE...]`, repeatable: registry overlays, stacked after `$VQMOE_REGISTRY`.
+    var registryPaths: [String] = []
     var threads: Int?
 
     init(_ argv: [String]) throws {
@@ -19,7 +20,7 @@ struct Args {
             }
             guard i + 1 < argv.count else { throw VQMoEError(.usage, "\(a) needs a value") }
             if a == "--registry" {
-                registryPath = argv[i + 1]
+                registryPaths += argv[i + 1].split(separator: ":").map(String.init)
             } else {
                 guard let n = Int(argv[i + 1]), n >= 1 else {
                     throw VQMoEError(.usage, "--threads: expected a positive integer, got '\(argv[i + 1])'")
@@ -60,7 +61,12 @@ struct Args {
         return o
     }
 
-    func registry() throws -> Registry { try Registry.load(registryPath: registryPath) }
+    /// The registry stack: the built-in registry, VQMOE_PLUGIN_PATH folders, then the overlays
+    /// (`$VQMOE_REGISTRY`, then `--registry`); its warnings go to standard error.
+    func registry() throws -> Registry {
+        let env = (ProcessInfo.processInfo.environment["VQMOE_REGISTRY"] ?? "").split(separator: ":").map(String.init)
+        return try Registry.load(overlays: env + registryPaths, printWarnings: true)
+    }
 
     /// Exactly `count` positional arguments, else the command's usage as an error.
     func positional(_ count: Int, usage: String) throws -> [String] {

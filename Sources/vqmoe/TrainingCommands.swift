@@ -88,7 +88,7 @@ func sweepCommand(_ args: inout Args) throws -> Int32 {
     let file = try args.positional(1, usage: "sweep CONFIG [--set key.path=value ...]")[0]
     let sweep = try Sweep(configFile: file, overrides: overrides, registry: try args.registry())
     let exe = URL(fileURLWithPath: Registry.executableDirectory()).appendingPathComponent("vqmoe").path
-    let table = try sweep.execute(executable: exe, registry: args.registryPath) {
+    let table = try sweep.execute(executable: exe, registries: args.registryPaths) {
         print($0); fflush(nil)
     }
     print(table)

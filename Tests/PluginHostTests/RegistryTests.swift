@@ -38,7 +38,9 @@ final class RegistryTests: XCTestCase {
             msg)
     }
 
-    func testDuplicateBetweenRegistryAndSearchPath() throws {
+    /// A plugin folder stacks on the base registry: its library overrides the base entry of the
+    /// same name, with a warning naming both origins.
+    func testSearchPathOverridesTheBaseRegistry() throws {
         let dir = try makeTempDir("duppath")
         let libs = "\(dir)/libs"
         try FileManager.default.createDirectory(atPath: libs, withIntermediateDirectories: true)
@@ -46,14 +48,58 @@ final class RegistryTests: XCTestCase {
         // Alone, the search path registers the fixture by its descriptor name.
         let ok = try registry(dir, #"{"version": 1, "plugins": []}"#, searchPath: [libs])
         XCTAssertEqual(try ok.library(named: "fixture_router").name, "fixture_router")
-        let msg = errorMessage {
-            _ = try registry(
-                dir,
-                """
-                {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "\(libs)/libfixture.so"}]}
-                """, searchPath: [libs])
+        XCTAssertTrue(ok.warnings.isEmpty, "\(ok.warnings)")
+        let reg = try registry(
+            dir,
+            """
+            {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "$BIN/libRouterSMoE.so"}]}
+            """, searchPath: [libs])
+        XCTAssertEqual(reg.entries.filter { $0.name == "fixture_router" }.count, 1)
+        XCTAssertEqual(try reg.entry(named: "fixture_router").origin, "\(libs)/libfixture.so")
+        XCTAssertEqual(reg.warnings.count, 1)
+        XCTAssertTrue(
+            reg.warnings[0].contains("from \(libs)/libfixture.so overrides")
+                && reg.warnings[0].contains("registry.json#plugins[0]"),
+            reg.warnings[0])
+    }
+
+    /// The whole stack: base registry, a plugin folder with its own registry.json (an ffi entry
+    /// whose library sits in the folder, a non-plugin .so skipped with a warning), then overlay
+    /// files in order; `include` is refused with the stacking rule.
+    func testRegistriesStack() throws {
+        let dir = try makeTempDir("stack")
+        let folder = "\(dir)/folder"
+        try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: "\(buildDir)/libFFIHashRouter.so", toPath: "\(folder)/libmyhash.so")
+        try Data("not a library".utf8).write(to: URL(fileURLWithPath: "\(folder)/libbroken.so"))
+        try """
+        {"plugins": [{"name": "myhash", "kind": "router", "ffi": {"library": "$ROOT/libmyhash.so", "symbol": "vqmoe_hash_route", "signature": "void(const int32_t *token_ids, int64_t n, int64_t n_experts, int32_t *expert)"}}]}
+        """.write(toFile: "\(folder)/registry.json", atomically: true, encoding: .utf8)
+        let one = "\(dir)/one.json", two = "\(dir)/two.json"
+        try
+            #"{"plugins": [{"name": "smoe", "kind": "router", "library": "$BIN/libRouterSMoE.so", "defaults": {"k": 1}}]}"#
+            .write(toFile: one, atomically: true, encoding: .utf8)
+        try
+            #"{"plugins": [{"name": "smoe", "kind": "router", "library": "$BIN/libRouterSMoE.so", "defaults": {"k": 3}}]}"#
+            .write(toFile: two, atomically: true, encoding: .utf8)
+        let reg = try Registry.load(
+            registryPath: "\(repoRoot)/registry.json", overlays: [one, two], binDir: buildDir, searchPath: [folder])
+        XCTAssertEqual(try reg.library(named: "myhash", kind: .router).name, "myhash")
+        XCTAssertEqual(try reg.entry(named: "smoe").defaults["k"]?.value as? Int, 3)
+        XCTAssertEqual(try reg.entry(named: "smoe").origin, "\(two)#plugins[0]")
+        XCTAssertNotNil(try? reg.entry(named: "vqvae"))  // the base stays underneath
+        XCTAssertEqual(reg.files, ["\(repoRoot)/registry.json", "\(folder)/registry.json", one, two])
+        let smoeWarnings = reg.warnings.filter { $0.hasPrefix("plugin 'smoe'") }
+        XCTAssertEqual(smoeWarnings.count, 2, "\(reg.warnings)")
+        XCTAssertTrue(
+            smoeWarnings[1].contains("from \(two)#plugins[0] overrides the router from \(one)#plugins[0]"),
+            smoeWarnings[1])
+        XCTAssertTrue(reg.warnings.contains { $0.contains("skipping \(folder)/libbroken.so") }, "\(reg.warnings)")
+        XCTAssertFalse(reg.warnings.contains { $0.contains("libmyhash.so") }, "\(reg.warnings)")
+        let include = errorMessage {
+            _ = try registry(dir, #"{"include": ["other.json"], "plugins": []}"#)
         }
-        XCTAssertTrue(msg.contains("duplicate plugin name 'fixture_router'"), msg)
+        XCTAssertTrue(include.contains(".include: unknown key") && include.contains("registries stack"), include)
     }
 
     func testSha256PinIsEnforced() throws {

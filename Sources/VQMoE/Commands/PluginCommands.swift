@@ -18,31 +18,39 @@ public enum PluginCommands {
     public struct Row: Sendable {
         public var kind: String, name: String, version: String, library: String, abi: String, source: String
         public var description: String
+        /// The registry entry (or plugin-path library) that declared it.
+        public var origin = ""
         public var error: String?
     }
 
     /// Load every entry (libraries and ffi functions) and describe it; load errors become rows.
     public static func rows(_ reg: Registry) -> [Row] {
         reg.entries.map { e in
-            switch e.source {
-            case .library(let path):
-                do {
-                    let lib = try reg.library(for: e)
-                    return Row(
-                        kind: e.kind.rawValue, name: e.name, version: lib.version, library: path,
-                        abi: abiString(lib.abiVersion), source: "plugin", description: lib.summary)
-                } catch {
-                    return Row(
-                        kind: e.kind.rawValue, name: e.name, version: "-", library: path, abi: "-", source: "plugin",
-                        description: "", error: "\(error)")
-                }
-            case .ffi(let f):
-                var row = Row(
-                    kind: e.kind.rawValue, name: e.name, version: "ffi", library: f.library, abi: "ffi", source: "ffi",
-                    description: "C function \(f.symbol): \(f.signatureText)")
-                do { _ = try reg.library(for: e) } catch { row.error = "\(error)" }
-                return row
+            var row = row(reg, e)
+            row.origin = e.origin
+            return row
+        }
+    }
+
+    private static func row(_ reg: Registry, _ e: Registry.Entry) -> Row {
+        switch e.source {
+        case .library(let path):
+            do {
+                let lib = try reg.library(for: e)
+                return Row(
+                    kind: e.kind.rawValue, name: e.name, version: lib.version, library: path,
+                    abi: abiString(lib.abiVersion), source: "plugin", description: lib.summary)
+            } catch {
+                return Row(
+                    kind: e.kind.rawValue, name: e.name, version: "-", library: path, abi: "-", source: "plugin",
+                    description: "", error: "\(error)")
             }
+        case .ffi(let f):
+            var row = Row(
+                kind: e.kind.rawValue, name: e.name, version: "ffi", library: f.library, abi: "ffi", source: "ffi",
+                description: "C function \(f.symbol): \(f.signatureText)")
+            do { _ = try reg.library(for: e) } catch { row.error = "\(error)" }
+            return row
         }
     }
 
@@ -53,7 +61,7 @@ public enum PluginCommands {
             let objects: [[String: Any]] = rows.map { r in
                 var o: [String: Any] = [
                     "kind": r.kind, "name": r.name, "version": r.version, "library": r.library,
-                    "abi": r.abi, "source": r.source, "description": r.description,
+                    "abi": r.abi, "source": r.source, "description": r.description, "origin": r.origin,
                 ]
                 if let e = r.error { o["error"] = e }
                 return o
@@ -61,8 +69,8 @@ public enum PluginCommands {
             let data = try JSONSerialization.data(withJSONObject: objects, options: [.prettyPrinted, .sortedKeys])
             return Output(text: String(decoding: data, as: UTF8.self), ok: ok)
         }
-        let header = ["KIND", "NAME", "VERSION", "ABI", "LIBRARY"]
-        let table = rows.map { [$0.kind, $0.name, $0.version, $0.abi, $0.library] }
+        let header = ["KIND", "NAME", "VERSION", "ABI", "LIBRARY", "ORIGIN"]
+        let table = rows.map { [$0.kind, $0.name, $0.version, $0.abi, $0.library, $0.origin] }
         var text = formatTable(header: header, rows: table)
         for r in rows { if let e = r.error { text += "\nerror: \(r.name): \(e)" } }
         if rows.isEmpty { text += "\n(no plugins registered: see registry.json and VQMOE_PLUGIN_PATH)" }

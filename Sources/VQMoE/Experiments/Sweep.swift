@@ -163,7 +163,7 @@ public struct Sweep {
 
     /// Run every missing combination with `vqmoe` (the executable at `executable`), then write
     /// the results tables. Returns the markdown table.
-    public func execute(executable: String, registry: String?, log: (String) -> Void) throws -> String {
+    public func execute(executable: String, registries: [String] = [], log: (String) -> Void) throws -> String {
         try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
         let all = runs()
         let todo = all.filter { !FileManager.default.fileExists(atPath: "\($0.dir)/result.json") }
@@ -183,7 +183,7 @@ public struct Sweep {
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: executable)
                 p.arguments =
-                    (registry.map { ["--registry", $0] } ?? []) + [
+                    registries.flatMap { ["--registry", $0] } + [
                         base["finetune"] == nil ? "train" : "finetune", cfgPath, "--out", run.dir,
                     ]
                 _ = FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)

@@ -1,9 +1,15 @@
 import Foundation
 
-/// Where each component name comes from: `registry.json` entries plus every library found in
-/// the directories of `VQMOE_PLUGIN_PATH`.
+/// Where each component name comes from. Registries stack, later ones overriding earlier
+/// entries of the same name (with a warning naming both origins):
 ///
-/// `registry.json`:
+/// 1. the base registry: `registry.json` found from the current directory or the executable's
+///    directory upwards (the built-in components);
+/// 2. each `VQMOE_PLUGIN_PATH` folder: its own `registry.json` (if any), then every plugin library
+///    in it that no entry names (registered by its descriptor's name);
+/// 3. the overlays: `$VQMOE_REGISTRY`, then each `--registry` file (both colon-separated lists).
+///
+/// A registry file:
 /// ```json
 /// {"version": 1, "plugins": [
 ///   {"name": "smoe", "kind": "router", "library": "$BIN/libRouterSMoE.so",
@@ -14,10 +20,10 @@ import Foundation
 /// ]}
 /// ```
 /// `$BIN` is the directory of the running executable (where SwiftPM puts the plugin
-/// libraries), `$ROOT` the directory holding `registry.json`.
+/// libraries), `$ROOT` the directory holding the registry file that names it.
 ///
 /// ```swift
-/// let reg = try Registry.load()
+/// let reg = try Registry.load(overlays: ["my/registry.json"])
 /// let lib = try reg.library(named: "smoe", kind: .router)
 /// ```
 public final class Registry: @unchecked Sendable {
@@ -33,43 +39,57 @@ public final class Registry: @unchecked Sendable {
         public let sha256: String?
         /// Default hyperparameters from the registry (override the plugin's own defaults).
         public let defaults: [String: SendableJSON]
-        /// Where it was declared, for messages: "registry.json#3" or a search-path file.
+        /// Where it was declared, for messages and `plugins list`: "FILE#plugins[3]", or the
+        /// library found in a `VQMOE_PLUGIN_PATH` folder.
         public let origin: String
     }
 
-    public let root: String
     public let binDir: String
+    /// The registry files read, in stacking order (the base first, when there is one).
+    public private(set) var files: [String] = []
+    /// The base registry file (whose folder is `$ROOT` for `expand`).
     public let registryPath: String?
+    public var root: String {
+        registryPath.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
+            ?? FileManager.default.currentDirectoryPath
+    }
     public private(set) var entries: [Entry] = []
+    /// What stacking overrode and which libraries of a search-path folder were skipped.
+    public private(set) var warnings: [String] = []
 
     /// - Parameters:
-    ///   - registryPath: a registry file; nil → `$VQMOE_REGISTRY`, else `registry.json` found
-    ///     from the current directory or the executable's directory upwards.
+    ///   - registryPath: the base registry; nil → `registry.json` found from the current
+    ///     directory or the executable's directory upwards.
+    ///   - overlays: registry files stacked last, in order; nil → `$VQMOE_REGISTRY` (colon-separated).
     ///   - binDir: where `$BIN` points; nil → `$VQMOE_BIN`, else the executable's directory.
-    ///   - searchPath: directories to scan for plugin libraries; nil → `$VQMOE_PLUGIN_PATH`.
+    ///   - searchPath: plugin folders; nil → `$VQMOE_PLUGIN_PATH`.
+    ///   - printWarnings: write each warning to standard error (the CLI does).
     public static func load(
-        registryPath: String? = nil, binDir: String? = nil,
-        searchPath: [String]? = nil
+        registryPath: String? = nil, overlays: [String]? = nil, binDir: String? = nil, searchPath: [String]? = nil,
+        printWarnings: Bool = false
     ) throws -> Registry {
         let env = ProcessInfo.processInfo.environment
         let bin = binDir ?? env["VQMOE_BIN"] ?? Registry.executableDirectory()
-        let path =
-            registryPath ?? env["VQMOE_REGISTRY"]
-            ?? Registry.findRegistry(from: [
-                FileManager.default.currentDirectoryPath, bin,
-            ])
+        let base = registryPath ?? Registry.findRegistry(from: [FileManager.default.currentDirectoryPath, bin])
         let dirs = searchPath ?? (env["VQMOE_PLUGIN_PATH"] ?? "").split(separator: ":").map(String.init)
-        return try Registry(registryPath: path, binDir: bin, searchPath: dirs)
+        let extra = overlays ?? (env["VQMOE_REGISTRY"] ?? "").split(separator: ":").map(String.init)
+        let reg = try Registry(base: base, overlays: extra, binDir: bin, searchPath: dirs)
+        if printWarnings { reg.warnings.forEach { FileHandle.standardError.write(Data("warning: \($0)\n".utf8)) } }
+        return reg
     }
 
-    init(registryPath: String?, binDir: String, searchPath: [String]) throws {
-        self.registryPath = registryPath
+    init(base: String?, overlays: [String], binDir: String, searchPath: [String]) throws {
+        registryPath = base
         self.binDir = binDir
-        self.root =
-            registryPath.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path }
-            ?? FileManager.default.currentDirectoryPath
-        if let registryPath { try readRegistry(registryPath) }
-        for dir in searchPath where !dir.isEmpty { try scan(directory: dir) }
+        if let base { try stack(try readRegistry(base)) }
+        for dir in searchPath where !dir.isEmpty { try stack(try scan(directory: dir)) }
+        for file in overlays where !file.isEmpty && !files.contains(where: { Registry.same($0, file) }) {
+            try stack(try readRegistry(file))
+        }
+    }
+
+    static func same(_ a: String, _ b: String) -> Bool {
+        URL(fileURLWithPath: a).resolvingSymlinksInPath().path == URL(fileURLWithPath: b).resolvingSymlinksInPath().path
     }
 
     /// Directory of the running executable (`/proc/self/exe`).
@@ -93,8 +113,10 @@ public final class Registry: @unchecked Sendable {
         return nil
     }
 
-    /// Expand `$BIN` and `$ROOT` (and `${BIN}`, `${ROOT}`) in a path.
-    public func expand(_ path: String) -> String {
+    /// Expand `$BIN` and `$ROOT` (and `${BIN}`, `${ROOT}`) in a path; `$ROOT` is the folder of
+    /// `registryFile` (default: the base registry).
+    public func expand(_ path: String, registryFile: String? = nil) -> String {
+        let root = registryFile.map { URL(fileURLWithPath: $0).deletingLastPathComponent().path } ?? self.root
         var p = path
         for (key, value) in [("BIN", binDir), ("ROOT", root)] {
             p = p.replacingOccurrences(of: "${\(key)}", with: value).replacingOccurrences(of: "$\(key)", with: value)
@@ -102,7 +124,23 @@ public final class Registry: @unchecked Sendable {
         return p
     }
 
-    private func readRegistry(_ path: String) throws {
+    /// Add entries on top of the stack: a name already present is overridden, with a warning.
+    private func stack(_ new: [Entry]) throws {
+        for e in new {
+            if let i = entries.firstIndex(where: { $0.name == e.name }) {
+                let old = entries[i]
+                warnings.append(
+                    "plugin '\(e.name)': \(e.kind.rawValue) from \(e.origin) overrides the \(old.kind.rawValue) from \(old.origin)"
+                )
+                entries[i] = e
+            } else {
+                entries.append(e)
+            }
+        }
+    }
+
+    /// One registry file's entries (a name twice in one file is an error).
+    private func readRegistry(_ path: String) throws -> [Entry] {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw VQMoEError(.registry, "\(path): cannot read the plugin registry")
         }
@@ -116,76 +154,96 @@ public final class Registry: @unchecked Sendable {
         if let v = top["version"], jsonNumber(v) != 1 {
             throw VQMoEError(.registry, "\(path): registry version \(describeJSON(v)) is not supported (expected 1)")
         }
+        for key in top.keys.sorted() where !["version", "plugins", "comment"].contains(key) {
+            throw VQMoEError(
+                .registry,
+                "\(path).\(key): unknown key; known: version, plugins, comment (registries stack instead of including "
+                    + "each other: put a file in a VQMOE_PLUGIN_PATH folder or pass it with --registry / VQMOE_REGISTRY)"
+            )
+        }
+        files.append(path)
+        var out: [Entry] = []
         for (i, item) in list.enumerated() {
-            let origin = "\(path)#plugins[\(i)]"
-            guard let obj = item as? [String: Any] else { throw VQMoEError(.registry, "\(origin): expected an object") }
-            let allowed = ["name", "kind", "library", "ffi", "sha256", "defaults", "comment"]
-            if let bad = obj.keys.sorted().first(where: { !allowed.contains($0) }) {
+            let e = try entry(item, origin: "\(path)#plugins[\(i)]", file: path)
+            if let other = out.first(where: { $0.name == e.name }) {
                 throw VQMoEError(
                     .registry,
-                    "\(origin).\(bad): unknown key; known: \(closestFirst(bad, among: allowed).joined(separator: ", "))"
-                )
+                    "duplicate plugin name '\(e.name)': declared by \(other.origin) (\(other.kind.rawValue)) and "
+                        + "by \(e.origin) (\(e.kind.rawValue)); names must be unique within a registry file")
             }
-            guard let name = obj["name"] as? String, !name.isEmpty else {
-                throw VQMoEError(.registry, "\(origin).name: missing or not a string")
-            }
-            guard let kindName = obj["kind"] as? String else {
-                throw VQMoEError(.registry, "\(origin).kind: missing or not a string")
-            }
-            guard let kind = PluginKind(name: kindName) else {
-                throw VQMoEError(
-                    .registry, "\(origin).kind: '\(kindName)' is not one of router, quantizer, dataset, head")
-            }
-            let defaults = try (obj["defaults"] as? [String: Any] ?? [:]).mapValues { try SendableJSON($0) }
-            let source: Entry.Source
-            if let lib = obj["library"] as? String {
-                source = .library(path: expand(lib))
-            } else if let ffi = obj["ffi"] as? [String: Any] {
-                let f = try FFISignatureEntry(json: ffi, origin: "\(origin).ffi", expand: expand)
-                guard kind == f.signature.kind else {
-                    throw VQMoEError(
-                        .registry,
-                        "\(origin): kind '\(kind.rawValue)' but the signature's output makes it a \(f.signature.kind.rawValue) "
-                            + "(a router writes 'int32_t *expert', a quantizer 'int32_t *code')")
-                }
-                guard kind == .router || kind == .quantizer else {
-                    throw VQMoEError(.registry, "\(origin): ffi entries are routers or quantizers")
-                }
-                source = .ffi(f)
-            } else {
-                throw VQMoEError(
-                    .registry, "\(origin): needs \"library\" (a plugin .so) or \"ffi\" (a plain C function)")
-            }
-            try add(
-                Entry(
-                    name: name, kind: kind, source: source, sha256: (obj["sha256"] as? String)?.lowercased(),
-                    defaults: defaults, origin: origin))
+            out.append(e)
         }
+        return out
     }
 
-    private func scan(directory: String) throws {
+    /// One `plugins` item.
+    private func entry(_ item: Any, origin: String, file: String) throws -> Entry {
+        guard let obj = item as? [String: Any] else { throw VQMoEError(.registry, "\(origin): expected an object") }
+        let allowed = ["name", "kind", "library", "ffi", "sha256", "defaults", "comment"]
+        if let bad = obj.keys.sorted().first(where: { !allowed.contains($0) }) {
+            throw VQMoEError(
+                .registry,
+                "\(origin).\(bad): unknown key; known: \(closestFirst(bad, among: allowed).joined(separator: ", "))")
+        }
+        guard let name = obj["name"] as? String, !name.isEmpty else {
+            throw VQMoEError(.registry, "\(origin).name: missing or not a string")
+        }
+        guard let kindName = obj["kind"] as? String else {
+            throw VQMoEError(.registry, "\(origin).kind: missing or not a string")
+        }
+        guard let kind = PluginKind(name: kindName) else {
+            throw VQMoEError(.registry, "\(origin).kind: '\(kindName)' is not one of router, quantizer, dataset, head")
+        }
+        let defaults = try (obj["defaults"] as? [String: Any] ?? [:]).mapValues { try SendableJSON($0) }
+        let source: Entry.Source
+        if let lib = obj["library"] as? String {
+            source = .library(path: expand(lib, registryFile: file))
+        } else if let ffi = obj["ffi"] as? [String: Any] {
+            let f = try FFISignatureEntry(json: ffi, origin: "\(origin).ffi") { self.expand($0, registryFile: file) }
+            guard kind == f.signature.kind else {
+                throw VQMoEError(
+                    .registry,
+                    "\(origin): kind '\(kind.rawValue)' but the signature's output makes it a \(f.signature.kind.rawValue) "
+                        + "(a router writes 'int32_t *expert', a quantizer 'int32_t *code')")
+            }
+            source = .ffi(f)
+        } else {
+            throw VQMoEError(.registry, "\(origin): needs \"library\" (a plugin .so) or \"ffi\" (a plain C function)")
+        }
+        return Entry(
+            name: name, kind: kind, source: source, sha256: (obj["sha256"] as? String)?.lowercased(),
+            defaults: defaults,
+            origin: origin)
+    }
+
+    /// A plugin folder: its registry.json, then each library in it that no entry names. A library
+    /// that is not a vqmoe plugin (or fails to load) is skipped with a warning naming it.
+    private func scan(directory: String) throws -> [Entry] {
         guard let files = try? FileManager.default.contentsOfDirectory(atPath: directory) else {
             throw VQMoEError(.registry, "VQMOE_PLUGIN_PATH: \(directory) is not a readable directory")
         }
+        let local = URL(fileURLWithPath: directory).appendingPathComponent("registry.json").path
+        var out = FileManager.default.fileExists(atPath: local) ? try readRegistry(local) : []
+        let named = out.map { e -> String in
+            switch e.source {
+            case .library(let path): return path
+            case .ffi(let f): return f.library
+            }
+        }
         for file in files.sorted() where file.hasSuffix(".so") || file.hasSuffix(".dylib") {
             let path = URL(fileURLWithPath: directory).appendingPathComponent(file).path
-            let lib = try PluginLibrary.open(path)
-            try add(
-                Entry(
-                    name: lib.name, kind: lib.kind, source: .library(path: path), sha256: nil,
-                    defaults: [:], origin: path))
+            guard !named.contains(where: { Registry.same($0, path) }) else { continue }
+            do {
+                let lib = try PluginLibrary.open(path)
+                out.append(
+                    Entry(
+                        name: lib.name, kind: lib.kind, source: .library(path: path), sha256: nil, defaults: [:],
+                        origin: path))
+            } catch let e as VQMoEError {
+                warnings.append("VQMOE_PLUGIN_PATH: skipping \(path): \(e.message)")
+            }
         }
-    }
-
-    private func add(_ e: Entry) throws {
-        if let other = entries.first(where: { $0.name == e.name }) {
-            throw VQMoEError(
-                .registry,
-                "duplicate plugin name '\(e.name)': declared by \(other.origin) (\(other.kind.rawValue)) and "
-                    + "by \(e.origin) (\(e.kind.rawValue)); names must be unique"
-            )
-        }
-        entries.append(e)
+        return out
     }
 
     /// The entry called `name`; when missing, an error that names the kind and lists the
