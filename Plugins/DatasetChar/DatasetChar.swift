@@ -411,7 +411,8 @@ nonisolated(unsafe) let charDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> 
             init_buffers: { _, _ in VQMOE_OK },
             begin_step: nil,
             get_feature: nil,
-            kind_api: UnsafeRawPointer(api)))
+            kind_api: UnsafeRawPointer(api),
+            hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
     return d
 }()
 

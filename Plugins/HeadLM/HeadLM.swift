@@ -571,7 +571,8 @@ nonisolated(unsafe) let lmDescriptor: UnsafeMutablePointer<vqmoe_plugin_desc> = 
             },
             begin_step: nil,
             get_feature: nil,
-            kind_api: UnsafeRawPointer(api)))
+            kind_api: UnsafeRawPointer(api),
+            hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
     return d
 }()
 

@@ -120,6 +120,34 @@ final class TrainingTests: XCTestCase {
         XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").count, 1)
     }
 
+    /// The model's n_codes is the codebook size: a quantizer reporting another K is refused with
+    /// the fix; `codebook_size = 0` (the default) takes n_codes.
+    func testQuantizerCodebookMustMatchNCodes() throws {
+        var json = try tinyConfig("vqmoe")
+        try setPath(&json, "model.ffn.quantizer.codebook_size", 1000)
+        XCTAssertEqual(
+            configError(json),
+            "model.ffn.quantizer: 'vqvae' reports K = 1000 codes but model.ffn.n_codes is 4: set model.ffn.n_codes = 1000 "
+                + "(a codebook_size of 0 takes the model's n_codes)")
+        try setPath(&json, "model.ffn.n_codes", 1000)
+        XCTAssertNoThrow(try ModelBuilder(config: try RunConfig(json: json), registry: try registry()).build())
+    }
+
+    /// finetune.freeze: absent → router and quantizer plus every parameter a plugin flags
+    /// VQMOE_BUF_FREEZE_FT (the VQ-VAE codebook is); given → that list alone.
+    func testFreezeDefaults() throws {
+        var json = try tinyConfig("vqmoe")
+        json["finetune"] = ["from": "x"]
+        let absent = try XCTUnwrap(try RunConfig(json: json).finetune)
+        XCTAssertTrue(absent.freezeIsDefault)
+        XCTAssertEqual(absent.freeze, ["router", "quantizer"])
+        json["finetune"] = ["from": "x", "freeze": ["experts"]]
+        XCTAssertFalse(try XCTUnwrap(try RunConfig(json: json).finetune).freezeIsDefault)
+        let model = try ModelBuilder(config: try RunConfig(json: json), registry: try registry()).build().model
+        let flagged = model.parameters.filter(\.freezeWhenFineTuning).map(\.name)
+        XCTAssertEqual(flagged, ["layers.0.ffn.quantizer.codebook", "layers.1.ffn.quantizer.codebook"])
+    }
+
     func testLearningRateSchedule() {
         var c = TrainConfig()
         c.steps = 100; c.lr = 1e-3; c.minLR = 1e-4; c.warmupSteps = 9

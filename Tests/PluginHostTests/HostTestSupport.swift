@@ -36,20 +36,21 @@ func runProcess(
 }
 
 /// Compile a C plugin source against the ABI header into a shared library.
-func compilePlugin(_ source: String, to output: String, defines: [String] = []) throws {
+func compilePlugin(_ source: String, to output: String, defines: [String] = [], include: String? = nil) throws {
     let (status, out) = try runProcess(
         "/usr/bin/env",
         [
             "cc", "-O1", "-std=c11", "-shared", "-fPIC",
-            "-I\(repoRoot)/Sources/VQMoEABI/include",
+            "-I\(include ?? "\(repoRoot)/Sources/VQMoEABI/include")",
         ] + defines.map { "-D\($0)" } + [source, "-o", output, "-lm"])
     if status != 0 { throw VQMoEError(.internalError, "cc failed for \(source):\n\(out)") }
 }
 
-/// The failure fixture compiled with `defines` into `dir/name`.
-func fixture(_ dir: String, _ name: String, _ defines: [String] = []) throws -> String {
+/// The failure fixture compiled with `defines` into `dir/name` (against `include`'s header).
+func fixture(_ dir: String, _ name: String, _ defines: [String] = [], include: String? = nil) throws -> String {
     let out = "\(dir)/\(name)"
-    try compilePlugin("\(repoRoot)/Tests/PluginHostTests/Fixtures/fixture_router.c", to: out, defines: defines)
+    try compilePlugin(
+        "\(repoRoot)/Tests/PluginHostTests/Fixtures/fixture_router.c", to: out, defines: defines, include: include)
     return out
 }
 

@@ -107,4 +107,21 @@ final class LoaderTests: XCTestCase {
         let bad = PluginChecker(library: lib, hyperparameters: ["fail": "nan"]).run()
         XCTAssertFalse(bad.allSatisfy(\.passed))
     }
+
+    /// ABI 1.2 lets the arrays grow: a plugin built against the 1.1 header (no element sizes)
+    /// loads and passes every check; one whose schema entries are larger than this host's
+    /// vqmoe_hparam_spec (as a later 1.x might make them) is read by its hparam_spec_size, and
+    /// its create finds each value through vqmoe_hp_at.
+    func testPluginsOfOtherMinorVersionsLoad() throws {
+        let dir = try makeTempDir("abi11")
+        let old = try PluginLibrary.open(
+            try fixture(dir, "libabi11.so", include: "\(repoRoot)/Tests/PluginHostTests/Fixtures/abi_1_1"))
+        XCTAssertEqual(old.abiVersion, 0x0001_0001)
+        let results = PluginChecker(library: old).run()
+        XCTAssertTrue(results.allSatisfy(\.passed), results.map(\.description).joined(separator: "\n"))
+        let wide = try PluginLibrary.open(try fixture(dir, "libwide.so", ["FIXTURE_WIDE_SPECS"]))
+        XCTAssertEqual(wide.schema.map(\.name), ["fail", "level"])
+        XCTAssertEqual(wide.schema[1].defaultNumber, 7)
+        XCTAssertTrue(PluginChecker(library: wide, hyperparameters: ["level": 3]).run().allSatisfy(\.passed))
+    }
 }

@@ -227,7 +227,8 @@ final class RouterSoftMoETests: XCTestCase {
                 var info = vqmoe_create_info(
                     abi_version: UInt32(VQMOE_ABI_VERSION), struct_size: UInt32(MemoryLayout<vqmoe_create_info>.size),
                     host: UnsafePointer(HostRuntime.api), instance_name: name, seed: 1, d_model: 2, n_experts: 2,
-                    n_codes: 0, vocab_size: 0, n_classes: 0, seq_len: 0, total_steps: 10, data_root: root)
+                    n_codes: 0, vocab_size: 0, n_classes: 0, seq_len: 0, total_steps: 10, data_root: root,
+                    binding_size: 0)
                 return desc.create!(&info, nil, &inst)
             }
         }

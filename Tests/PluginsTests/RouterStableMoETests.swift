@@ -344,7 +344,8 @@ final class RouterStableMoETests: XCTestCase {
                     abi_version: UInt32(VQMOE_ABI_VERSION), struct_size: UInt32(MemoryLayout<vqmoe_create_info>.size),
                     host: UnsafePointer(HostRuntime.api), instance_name: name, seed: 1, d_model: Int64(d),
                     n_experts: Int64(E),
-                    n_codes: 0, vocab_size: 5, n_classes: 0, seq_len: 0, total_steps: 100, data_root: root)
+                    n_codes: 0, vocab_size: 5, n_classes: 0, seq_len: 0, total_steps: 100, data_root: root,
+                    binding_size: 0)
                 return desc.create!(&info, nil, &inst)
             }
         }

@@ -421,6 +421,7 @@ static const vqmoe_plugin_desc cvq_desc = {
     NULL, /* begin_step */
     NULL, /* get_feature */
     &cvq_api,
+    sizeof(vqmoe_hparam_spec),
 };
 
 /* The one exported symbol. Refuses a host of another ABI major. */

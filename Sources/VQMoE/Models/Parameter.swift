@@ -1,4 +1,5 @@
 import Foundation
+import VQMoEABI
 
 /// A named float32 tensor the optimizer updates: value and gradient, 64-byte aligned.
 /// Model weights own their memory; plugin parameters are views of host buffers
@@ -18,6 +19,9 @@ public final class Parameter: @unchecked Sendable {
     public var noDecay: Bool
     /// Not updated (frozen while fine-tuning).
     public var frozen = false
+    /// A plugin parameter flagged VQMOE_BUF_FREEZE_FT: frozen by a fine-tuning config that gives
+    /// no `finetune.freeze` list.
+    public let freezeWhenFineTuning: Bool
     private let owned: Bool
 
     public init(name: String, shape: [Int], noDecay: Bool = false) {
@@ -29,6 +33,7 @@ public final class Parameter: @unchecked Sendable {
         data.initialize(repeating: 0, count: count)
         grad.initialize(repeating: 0, count: count)
         self.noDecay = noDecay
+        freezeWhenFineTuning = false
         owned = true
     }
 
@@ -39,7 +44,8 @@ public final class Parameter: @unchecked Sendable {
         count = buffer.count
         data = buffer.floats
         grad = buffer.grad!
-        noDecay = buffer.flags & 0x1 != 0
+        noDecay = buffer.flags & VQMOE_BUF_NO_DECAY != 0
+        freezeWhenFineTuning = buffer.flags & VQMOE_BUF_FREEZE_FT != 0
         owned = false
         keepAlive = buffer
     }

@@ -104,7 +104,8 @@ enum FFIComponent {
                 num_buffers: { _ in 0 }, buffer_spec: { _, _, _ in VQMOE_ERR_INVALID_ARGUMENT },
                 bind_buffers: { _, _, n in n == 0 ? VQMOE_OK : VQMOE_ERR_INVALID_ARGUMENT },
                 init_buffers: { _, _ in VQMOE_OK },
-                begin_step: nil, get_feature: nil, kind_api: kindAPI))
+                begin_step: nil, get_feature: nil, kind_api: kindAPI,
+                hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
         return UnsafePointer(d)
     }
 

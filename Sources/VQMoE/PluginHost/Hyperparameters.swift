@@ -198,7 +198,8 @@ public struct ResolvedHyperparameters: @unchecked Sendable {
         return try cValues.withUnsafeMutableBufferPointer { buf in
             var hp = vqmoe_hparams(
                 struct_size: UInt32(MemoryLayout<vqmoe_hparams>.size),
-                count: Int32(buf.count), values: UnsafePointer(buf.baseAddress))
+                count: Int32(buf.count), values: UnsafePointer(buf.baseAddress),
+                value_size: UInt32(MemoryLayout<vqmoe_hparam_value>.stride))
             return try body(&hp)
         }
     }

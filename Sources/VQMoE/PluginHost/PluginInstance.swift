@@ -156,7 +156,8 @@ public final class PluginInstance: @unchecked Sendable {
                     host: UnsafePointer(HostRuntime.api), instance_name: namePtr, seed: seed,
                     d_model: Int64(dims.dModel), n_experts: Int64(dims.nExperts), n_codes: Int64(dims.nCodes),
                     vocab_size: Int64(dims.vocabSize), n_classes: Int64(dims.nClasses), seq_len: Int64(dims.seqLen),
-                    total_steps: Int64(dims.totalSteps), data_root: rootPtr)
+                    total_steps: Int64(dims.totalSteps), data_root: rootPtr,
+                    binding_size: UInt32(MemoryLayout<vqmoe_buffer_binding>.stride))
                 _ = HostRuntime.takeError()
                 if let make = library.hostCreate {
                     do { out = try make(info, hyperparameters) } catch {

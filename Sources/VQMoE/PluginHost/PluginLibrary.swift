@@ -81,11 +81,21 @@ public final class PluginLibrary: @unchecked Sendable {
         self.schema = try PluginLibrary.readSchema(desc, plugin: "\(path) ('\(name)')")
     }
 
-    /// The descriptor's hyperparameter schema, each entry checked, names unique.
+    /// The descriptor's hyperparameter schema, each entry checked, names unique. Entries are
+    /// `hparam_spec_size` bytes apart (ABI 1.2; the 1.0 size when the descriptor predates it or
+    /// says 0); only the fields this host knows are read.
     private static func readSchema(_ desc: vqmoe_plugin_desc, plugin: String) throws -> [HyperparameterSpec] {
+        let known = MemoryLayout<vqmoe_hparam_spec>.stride
+        let covers = Int(desc.struct_size) >= MemoryLayout<vqmoe_plugin_desc>.offset(of: \.hparam_spec_size)! + 4
+        let stride = covers && desc.hparam_spec_size != 0 ? Int(desc.hparam_spec_size) : known
+        guard stride >= known else {
+            throw VQMoEError(.plugin, "\(plugin): hparam_spec_size \(stride) is smaller than ABI 1.0's \(known)")
+        }
         var specs: [HyperparameterSpec] = []
         for i in 0..<Int(max(desc.n_hparams, 0)) {
-            specs.append(try HyperparameterSpec(desc.hparams![i], plugin: plugin))
+            let spec = UnsafeRawPointer(desc.hparams!).advanced(by: i * stride).loadUnaligned(
+                as: vqmoe_hparam_spec.self)
+            specs.append(try HyperparameterSpec(spec, plugin: plugin))
         }
         let names = specs.map(\.name)
         if let dup = names.first(where: { n in names.filter { $0 == n }.count > 1 }) {
@@ -136,12 +146,10 @@ public final class PluginLibrary: @unchecked Sendable {
                     + "\(VQMOE_ABI_VERSION_MAJOR).x"
             )
         }
-        guard Int(size) >= MemoryLayout<vqmoe_plugin_desc>.size else {
-            throw VQMoEError(
-                .plugin,
-                "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's "
-                    + "\(MemoryLayout<vqmoe_plugin_desc>.size)"
-            )
+        // ABI 1.0's descriptor ends where 1.2's hparam_spec_size begins.
+        let v10 = MemoryLayout<vqmoe_plugin_desc>.offset(of: \.hparam_spec_size)!
+        guard Int(size) >= v10 else {
+            throw VQMoEError(.plugin, "\(path): descriptor struct_size \(size) is smaller than ABI 1.0's \(v10)")
         }
         return abi
     }

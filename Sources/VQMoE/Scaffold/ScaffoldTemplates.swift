@@ -280,7 +280,7 @@ enum ScaffoldTemplates {
             PLUGIN_NAME, "0.1.0", "L2 nearest-code vector quantizer (scaffold)",
             hparams, (int32_t)(sizeof hparams / sizeof hparams[0]),
             q_create, q_destroy, q_num_buffers, q_buffer_spec, q_bind_buffers, q_init_buffers,
-            NULL /* begin_step */, NULL /* get_feature */, &quantizer_api,
+            NULL /* begin_step */, NULL /* get_feature */, &quantizer_api, sizeof(vqmoe_hparam_spec),
         };
 
         VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *host) {
@@ -553,7 +553,8 @@ enum ScaffoldTemplates {
                 init_buffers: { inst, seed in quantizer(inst)?.initBuffers(seed: seed) ?? VQMOE_ERR_INVALID_ARGUMENT },
                 begin_step: nil,
                 get_feature: nil,
-                kind_api: UnsafeRawPointer(api)))
+                kind_api: UnsafeRawPointer(api),
+                hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
             return d
         }()
 
@@ -806,7 +807,7 @@ enum ScaffoldTemplates {
             PLUGIN_NAME, "0.1.0", "linear top-1 router, weight = softmax probability (scaffold)",
             hparams, (int32_t)(sizeof hparams / sizeof hparams[0]),
             r_create, r_destroy, r_num_buffers, r_buffer_spec, r_bind_buffers, r_init_buffers,
-            NULL /* begin_step */, NULL /* get_feature */, &router_api,
+            NULL /* begin_step */, NULL /* get_feature */, &router_api, sizeof(vqmoe_hparam_spec),
         };
 
         VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *host) {
@@ -1082,7 +1083,8 @@ enum ScaffoldTemplates {
                 init_buffers: { inst, seed in router(inst)?.initBuffers(seed: seed) ?? VQMOE_ERR_INVALID_ARGUMENT },
                 begin_step: nil,
                 get_feature: nil,
-                kind_api: UnsafeRawPointer(api)))
+                kind_api: UnsafeRawPointer(api),
+                hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
             return d
         }()
 
@@ -1318,7 +1320,7 @@ enum ScaffoldTemplates {
             PLUGIN_NAME, "0.1.0", "byte-level LM over one file, 90/5/5 split (scaffold)",
             hparams, (int32_t)(sizeof hparams / sizeof hparams[0]),
             ds_create, ds_destroy, ds_num_buffers, ds_buffer_spec, ds_bind_buffers, ds_init_buffers,
-            NULL /* begin_step */, NULL /* get_feature */, &dataset_api,
+            NULL /* begin_step */, NULL /* get_feature */, &dataset_api, sizeof(vqmoe_hparam_spec),
         };
 
         VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *host) {
@@ -1539,7 +1541,8 @@ enum ScaffoldTemplates {
                 init_buffers: { _, _ in VQMOE_OK },
                 begin_step: nil,
                 get_feature: nil,
-                kind_api: UnsafeRawPointer(api)))
+                kind_api: UnsafeRawPointer(api),
+                hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
             return d
         }()
 
@@ -1788,7 +1791,7 @@ enum ScaffoldTemplates {
             PLUGIN_NAME, "0.1.0", "linear LM head with per-token cross-entropy (scaffold)",
             NULL, 0, /* no hyperparameters yet: add a static vqmoe_hparam_spec table here */
             h_create, h_destroy, h_num_buffers, h_buffer_spec, h_bind_buffers, h_init_buffers,
-            NULL /* begin_step */, NULL /* get_feature */, &head_api,
+            NULL /* begin_step */, NULL /* get_feature */, &head_api, sizeof(vqmoe_hparam_spec),
         };
 
         VQMOE_EXPORT const vqmoe_plugin_desc *vqmoe_plugin_entry(const vqmoe_host_api *host) {
@@ -2058,7 +2061,8 @@ enum ScaffoldTemplates {
                 init_buffers: { inst, seed in head(inst)?.initBuffers(seed: seed) ?? VQMOE_ERR_INVALID_ARGUMENT },
                 begin_step: nil,
                 get_feature: nil,
-                kind_api: UnsafeRawPointer(api)))
+                kind_api: UnsafeRawPointer(api),
+                hparam_spec_size: UInt32(MemoryLayout<vqmoe_hparam_spec>.stride)))
             return d
         }()
 

@@ -101,7 +101,10 @@ public struct Finetune {
             }
         }
         for p in model.parameters {
-            p.frozen = config.finetune!.freeze.contains { Finetune.matches(p.name, part: $0) }
+            let ft = config.finetune!
+            p.frozen =
+                ft.freeze.contains { Finetune.matches(p.name, part: $0) }
+                || (ft.freezeIsDefault && p.freezeWhenFineTuning)
         }
     }
 

@@ -94,8 +94,16 @@ public struct ModelBuilder {
             comp.router = try RouterInstance(instance(.router, r, dims: d, seed: seed, name: "\(name).router"))
         }
         if composition.needsQuantizer, let q = c.quantizer {
-            comp.quantizer = try QuantizerInstance(
+            let quantizer = try QuantizerInstance(
                 instance(.quantizer, q, dims: d, seed: quantizerSeed ?? seed, name: "\(name).quantizer"))
+            guard quantizer.codebookSize == c.nCodes else {
+                throw VQMoEError(
+                    .config,
+                    "\(q.keyPath): '\(q.name)' reports K = \(quantizer.codebookSize) codes but model.ffn.n_codes is "
+                        + "\(c.nCodes): set model.ffn.n_codes = \(quantizer.codebookSize) (a codebook_size of 0 takes the model's n_codes)"
+                )
+            }
+            comp.quantizer = quantizer
         }
         return comp
     }

@@ -44,6 +44,10 @@ public struct FinetuneConfig: Sendable, Equatable {
     public var from: String
     /// Parts kept frozen: any of router, quantizer, gate, experts, attention, embeddings, norms.
     public var freeze: [String]
+    /// No `freeze` list was given: router and quantizer, plus every plugin parameter flagged
+    /// VQMOE_BUF_FREEZE_FT, are frozen.
+    public var freezeIsDefault = false
+    public static let defaultParts = ["router", "quantizer"]
     public static let parts = ["router", "quantizer", "gate", "experts", "attention", "embeddings", "norms"]
 }
 
@@ -109,7 +113,7 @@ public struct RunConfig: @unchecked Sendable {
         train = try RunConfig.train(r.child("train"))
         if r.has("finetune") {
             let f = try r.child("finetune")
-            let freeze = f.object["freeze"] as? [Any] ?? ["router", "quantizer"]
+            let freeze = f.object["freeze"] as? [Any] ?? FinetuneConfig.defaultParts
             f.accept(["freeze"])
             let names = try freeze.map { v -> String in
                 guard let s = v as? String, FinetuneConfig.parts.contains(s) else {
@@ -121,7 +125,8 @@ public struct RunConfig: @unchecked Sendable {
                 }
                 return s
             }
-            finetune = FinetuneConfig(from: try f.string("from", default: ""), freeze: names)
+            finetune = FinetuneConfig(
+                from: try f.string("from", default: ""), freeze: names, freezeIsDefault: !f.has("freeze"))
             try f.finish()
         }
         try r.finish()

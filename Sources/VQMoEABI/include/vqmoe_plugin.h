@@ -46,6 +46,15 @@
  *   - Gradients are ACCUMULATED (+=) into host-provided buffers, both parameter
  *     gradients and input gradients. The host zeroes them.
  *   - Strings passed into a call are valid for the duration of that call only.
+ *   - Input tensors of a TRAINING forward (x, token_ids, h, targets, lengths) stay valid and
+ *     unchanged until the backward that receives its ctx has returned, or the ctx is freed:
+ *     a plugin may keep pointers to them in its ctx instead of copying them.
+ *   - Arrays whose elements are structs carry their element size (ABI 1.2): the descriptor's
+ *     hparams (hparam_spec_size), vqmoe_hparams.values (value_size) and the bindings of
+ *     bind_buffers (create_info.binding_size). Step through them with these sizes (the inline
+ *     helpers at the end do); a size of 0, or a struct_size that does not cover the field,
+ *     means the ABI 1.0 size. The host lays out the arrays it passes in the element size of
+ *     the plugin's own ABI version.
  *
  * Threading:
  *   - One instance is called from one thread at a time; different instances may be
@@ -73,10 +82,13 @@ extern "C" {
 
 /* ------------------------------------------------------------------ version */
 #define VQMOE_ABI_VERSION_MAJOR 1
-#define VQMOE_ABI_VERSION_MINOR 1
+#define VQMOE_ABI_VERSION_MINOR 2
 /* (major << 16) | minor, spelled out so that Swift imports it as a constant.
- * 1.1: vqmoe_dataset_info.streams (appended; 1.0 plugins leave it 0). */
-#define VQMOE_ABI_VERSION       0x00010001u
+ * 1.1: vqmoe_dataset_info.streams (appended; 1.0 plugins leave it 0).
+ * 1.2: element sizes for the arrays that cross the boundary, so their elements can grow too:
+ *      vqmoe_plugin_desc.hparam_spec_size, vqmoe_hparams.value_size,
+ *      vqmoe_create_info.binding_size (all appended; 0 or absent = the 1.0 size). */
+#define VQMOE_ABI_VERSION       0x00010002u
 #define VQMOE_ABI_MAJOR(v)      ((uint32_t)(v) >> 16)
 #define VQMOE_ABI_MINOR(v)      ((uint32_t)(v)&0xffffu)
 
@@ -187,6 +199,8 @@ typedef struct vqmoe_hparams {
     uint32_t struct_size;
     int32_t count;
     const vqmoe_hparam_value *values;
+    /** ABI 1.2: bytes from one element of `values` to the next (see vqmoe_hp_at). */
+    uint32_t value_size;
 } vqmoe_hparams;
 
 /* ------------------------------------------------------------------ host API */
@@ -268,12 +282,16 @@ typedef struct vqmoe_create_info {
     uint64_t seed;             /* this instance's seed (distinct per instance) */
     int64_t d_model;           /* router / quantizer / head input width */
     int64_t n_experts;         /* router: E */
-    int64_t n_codes;           /* quantizer: K requested by the model (0 = plugin's own) */
+    int64_t n_codes;           /* quantizer: the model's K (model.ffn.n_codes, default E); the host
+                                  refuses a quantizer whose shape() reports another K */
     int64_t vocab_size;        /* head: LM vocabulary; router: token-id range (0 = none) */
     int64_t n_classes;         /* head: classes */
     int64_t seq_len;           /* dataset / head: tokens per sequence */
     int64_t total_steps;       /* planned training steps (schedules, SMoE-Dropout) */
     const char *data_root;     /* dataset: directory holding the shared data ("" if none) */
+    /** ABI 1.2: bytes from one vqmoe_buffer_binding to the next in bind_buffers() (keep it for
+     *  that call; see vqmoe_binding_at). */
+    uint32_t binding_size;
 } vqmoe_create_info;
 
 /* ------------------------------------------------------------------ buffers */
@@ -281,7 +299,10 @@ typedef struct vqmoe_create_info {
 #define VQMOE_BUF_STATE 2 /* not trainable, saved in checkpoints (EMA counts, flags, ...) */
 
 #define VQMOE_BUF_NO_DECAY  0x1u /* PARAM: exclude from weight decay */
-#define VQMOE_BUF_FREEZE_FT 0x2u /* PARAM: frozen when fine-tuning by default */
+/* PARAM: frozen by `vqmoe finetune` when the config has no finetune.freeze list (the default
+ * freezes the router and the quantizer, plus every buffer with this flag); an explicit
+ * finetune.freeze list decides alone */
+#define VQMOE_BUF_FREEZE_FT 0x2u
 
 #define VQMOE_MAX_DIMS 6
 
@@ -638,6 +659,9 @@ typedef struct vqmoe_plugin_desc {
 
     /** vqmoe_router_api / vqmoe_quantizer_api / vqmoe_dataset_api / vqmoe_head_api. */
     const void *kind_api;
+
+    /** ABI 1.2: sizeof(vqmoe_hparam_spec) as the plugin was built (0 = the 1.0 size). */
+    uint32_t hparam_spec_size;
 } vqmoe_plugin_desc;
 
 /**
@@ -683,11 +707,33 @@ static inline int vqmoe_is_i32(const vqmoe_tensor *t) {
            t->strides == NULL;
 }
 
+/** Element i of hp->values, stepping by hp->value_size (ABI 1.2; the 1.0 size before). */
+static inline const vqmoe_hparam_value *vqmoe_hp_at(const vqmoe_hparams *hp, int32_t i) {
+    size_t size = sizeof(vqmoe_hparam_value);
+    if (hp->struct_size >= offsetof(vqmoe_hparams, value_size) + sizeof(uint32_t) && hp->value_size != 0)
+        size = hp->value_size;
+    return (const vqmoe_hparam_value *)((const char *)hp->values + (size_t)i * size);
+}
+
+/** Binding i of bind_buffers(), stepping by the create info's binding_size (0 = the 1.0 size). */
+static inline const vqmoe_buffer_binding *vqmoe_binding_at(const vqmoe_buffer_binding *bindings, int32_t i,
+                                                           uint32_t binding_size) {
+    size_t size = binding_size != 0 ? binding_size : sizeof(vqmoe_buffer_binding);
+    return (const vqmoe_buffer_binding *)((const char *)bindings + (size_t)i * size);
+}
+
+/** The create info's binding_size, or 0 when the host predates ABI 1.2. */
+static inline uint32_t vqmoe_binding_size(const vqmoe_create_info *info) {
+    return info->struct_size >= offsetof(vqmoe_create_info, binding_size) + sizeof(uint32_t) ? info->binding_size : 0;
+}
+
 /** Find a hyperparameter by name; NULL when absent. */
 static inline const vqmoe_hparam_value *vqmoe_hp_find(const vqmoe_hparams *hp, const char *name) {
     if (hp == NULL) return NULL;
-    for (int32_t i = 0; i < hp->count; i++)
-        if (strcmp(hp->values[i].name, name) == 0) return &hp->values[i];
+    for (int32_t i = 0; i < hp->count; i++) {
+        const vqmoe_hparam_value *v = vqmoe_hp_at(hp, i);
+        if (strcmp(v->name, name) == 0) return v;
+    }
     return NULL;
 }
 static inline int64_t vqmoe_hp_int(const vqmoe_hparams *hp, const char *name, int64_t fallback) {

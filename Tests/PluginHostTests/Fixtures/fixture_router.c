@@ -3,7 +3,10 @@
  *   -DFIXTURE_ABI=0x00020000   claim another ABI major
  *   -DFIXTURE_NO_ENTRY         export no entry symbol
  *   -DFIXTURE_NAME='"other"'   descriptor name
- * The `fail` hyperparameter picks a runtime failure: none, create_error, forward_error, nan. */
+ *   -DFIXTURE_WIDE_SPECS       (ABI >= 1.2) schema entries in a larger struct, as a later 1.x
+ *                              might declare them: the host must step by hparam_spec_size
+ * The `fail` hyperparameter picks a runtime failure: none, create_error, forward_error, nan.
+ * Built against Fixtures/abi_1_1/vqmoe_plugin.h it is an ABI 1.1 plugin. */
 #include "vqmoe_plugin.h"
 #include <math.h>
 #include <stdlib.h>
@@ -20,12 +23,32 @@ typedef struct {
     int fail; /* 0 none, 2 forward_error, 3 nan */
 } fixture;
 
+#ifdef FIXTURE_WIDE_SPECS
+typedef struct {
+    vqmoe_hparam_spec spec;
+    double future[3]; /* fields a later 1.x might append */
+} wide_spec;
+static const wide_spec hparams[] = {
+    {{"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0, "none,create_error,forward_error,nan"},
+     {1, 2, 3}},
+    {{"level", VQMOE_HP_INT, VQMOE_HP_HAS_MIN, "an integer that create checks", 7, NULL, 0, 0, NULL}, {4, 5, 6}},
+};
+#define N_HPARAMS 2
+#else
 static const vqmoe_hparam_spec hparams[] = {
     {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0, "none,create_error,forward_error,nan"},
 };
+#define N_HPARAMS 1
+#endif
 
 static int32_t create(const vqmoe_create_info *info, const vqmoe_hparams *hp, vqmoe_instance **out) {
     const char *f = vqmoe_hp_string(hp, "fail", "none");
+#ifdef FIXTURE_WIDE_SPECS
+    if (vqmoe_hp_int(hp, "level", -1) < 0) {
+        info->host->set_error("fixture: hyperparameter level missing");
+        return VQMOE_ERR_INVALID_ARGUMENT;
+    }
+#endif
     if (strcmp(f, "create_error") == 0) {
         info->host->set_error("fixture asked to fail in create");
         return VQMOE_ERR_INVALID_ARGUMENT;
@@ -105,8 +128,8 @@ static const vqmoe_plugin_desc desc = {
     FIXTURE_NAME,
     "0.1.0",
     "test fixture: a router that fails on request",
-    hparams,
-    1,
+    (const vqmoe_hparam_spec *)hparams,
+    N_HPARAMS,
     create,
     destroy,
     num_buffers,
@@ -116,6 +139,9 @@ static const vqmoe_plugin_desc desc = {
     NULL,
     NULL,
     &router_api,
+#ifdef FIXTURE_WIDE_SPECS
+    sizeof(wide_spec),
+#endif
 };
 
 #ifndef FIXTURE_NO_ENTRY
