@@ -4,7 +4,7 @@ import Glibc
 import PluginKit
 import VQMoEABI
 
-extension CIFARDataset: DatasetPlugin {
+extension CIFARDataset: LegacyDatasetPlugin {
     func batchCount(_ split: Int32, _ batchSize: Int64) throws(PluginFailure) -> Int64 {
         try numBatches(split, batchSize)
     }

@@ -4,7 +4,7 @@ import Glibc
 import PluginKit
 import VQMoEABI
 
-extension IDXDataset: DatasetPlugin {
+extension IDXDataset: LegacyDatasetPlugin {
     func batchCount(_ split: Int32, _ batchSize: Int64) throws(PluginFailure) -> Int64 {
         try numBatches(split, batchSize)
     }

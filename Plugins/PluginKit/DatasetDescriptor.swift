@@ -5,7 +5,7 @@ import Glibc
 import VQMoEABI
 
 /// A dataset instance: the three calls of vqmoe_dataset_api, with failures as PluginFailure.
-public protocol DatasetPlugin: AnyObject {
+public protocol LegacyDatasetPlugin: AnyObject {
     var host: Host { get }
     func info(_ out: UnsafeMutablePointer<vqmoe_dataset_info>?) throws(PluginFailure)
     /// Batches in an ordered pass over `split` (train: Int64.max).
@@ -15,12 +15,12 @@ public protocol DatasetPlugin: AnyObject {
 }
 
 /// The dataset behind an opaque handle (any class retained by `Handle.make`).
-func datasetInstance(_ inst: OpaquePointer?) -> DatasetPlugin? {
-    inst.map { Unmanaged<AnyObject>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() } as? DatasetPlugin
+func datasetInstance(_ inst: OpaquePointer?) -> LegacyDatasetPlugin? {
+    inst.map { Unmanaged<AnyObject>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() } as? LegacyDatasetPlugin
 }
 
 /// Run a call on the dataset behind `inst`, turning failures into status codes.
-func withDatasetPlugin(_ inst: OpaquePointer?, _ body: (DatasetPlugin) throws(PluginFailure) -> Void) -> Int32 {
+func withDatasetPlugin(_ inst: OpaquePointer?, _ body: (LegacyDatasetPlugin) throws(PluginFailure) -> Void) -> Int32 {
     guard let ds = datasetInstance(inst) else { return VQMOE_ERR_INVALID_ARGUMENT }
     return guarded(ds.host.api) { () throws(PluginFailure) in try body(ds) }
 }

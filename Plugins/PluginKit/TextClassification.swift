@@ -259,7 +259,7 @@ public final class TextClassificationData {
     }
 }
 
-extension TextClassificationData: DatasetPlugin {
+extension TextClassificationData: LegacyDatasetPlugin {
     public func batchCount(_ split: Int32, _ batchSize: Int64) throws(PluginFailure) -> Int64 {
         var n: Int64 = 0
         try numBatches(split, batchSize, &n)

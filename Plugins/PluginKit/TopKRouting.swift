@@ -129,3 +129,103 @@ public func logitGrads(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: 
         }
     }
 }
+
+/// What a top-k routing forward keeps for its backward: the choices, weights, full softmax and
+/// the assignment fractions f_e (constants for the gradient).
+public final class TopKRoutingState {
+    public let n: Int, e: Int, k: Int
+    public let index: UnsafeMutablePointer<Int32>, gates: UnsafeMutablePointer<Float>
+    public let probs: UnsafeMutablePointer<Float>?, fraction: UnsafeMutablePointer<Float>
+    public let fullSoftmax: Bool
+
+    init(n: Int, e: Int, k: Int, probs: Bool, fullSoftmax: Bool) {
+        (self.n, self.e, self.k, self.fullSoftmax) = (n, e, k, fullSoftmax)
+        index = .allocate(capacity: max(n * k, 1))
+        gates = .allocate(capacity: max(n * k, 1))
+        self.probs = probs ? .allocate(capacity: max(n * e, 1)) : nil
+        fraction = .allocate(capacity: max(e, 1))
+    }
+
+    deinit {
+        index.deallocate()
+        gates.deallocate()
+        probs?.deallocate()
+        fraction.deallocate()
+    }
+}
+
+/// Top-k routing over scores (N,E) with the Switch balance loss, shared by the linear-score
+/// routers (smoe, xmoe, smoe_dropout):
+///
+///     index_t = top-k of s_t (ties -> lower expert),  w_t = softmax over the kept scores
+///               (fullSoftmax: the kept experts' probabilities p_{t,i} under softmax(s_t))
+///     load_e = assignments to e,  f_e = load_e / (N k),  P_e = mean_t softmax(s_t)_e
+///     aux = balance_weight · E · Σ_e f_e P_e
+///
+/// ```swift
+/// let (aux, state) = try TopKRouting.forward(host, scores: s, n: n, e: e, k: k, io: io, balanceWeight: 0.01,
+///                                             fullSoftmax: false, save: step.savesContext)
+/// let dscores = try TopKRouting.backward(host, state!, gradWeights: g.gradWeights, gradAux: g.gradAux, balanceWeight: 0.01)
+/// ```
+public enum TopKRouting {
+    public static func forward(
+        _ host: Host, scores: UnsafeMutablePointer<Float>, n: Int, e: Int, k: Int, io: RouterForward,
+        balanceWeight: Float,
+        needProbs: Bool = true, fullSoftmax: Bool = false, save: Bool
+    ) throws(PluginFailure) -> (aux: Float, state: TopKRoutingState?) {
+        let index = io.index!, gates = io.weights!, load = io.load
+        let state = save ? TopKRoutingState(n: n, e: e, k: k, probs: needProbs, fullSoftmax: fullSoftmax) : nil
+        var probs = state?.probs
+        if needProbs && probs == nil { probs = try host.scratchFloats(n * e, "router probabilities") }
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            RouteJob(logits: scores, probs: probs, index: index, gates: gates, e: e, k: k),
+            routeTokens)
+        if fullSoftmax, let probs {
+            for t in 0..<n { for s in 0..<k { gates[t * k + s] = probs[t * e + Int(index[t * k + s])] } }
+        }
+        load.update(repeating: 0, count: e)
+        for i in 0..<(n * k) { load[Int(index[i])] += 1 }
+        var aux: Double = 0
+        if let probs, n > 0 {
+            var meanP = [Double](repeating: 0, count: e)
+            for t in 0..<n { let p = probs + t * e; for j in 0..<e { meanP[j] += Double(p[j]) } }
+            let assignments = Double(n * k)
+            for j in 0..<e { aux += Double(load[j]) / assignments * (meanP[j] / Double(n)) }
+            aux *= Double(balanceWeight) * Double(e)
+        }
+        if let state {
+            state.index.update(from: index, count: n * k)
+            state.gates.update(from: gates, count: n * k)
+            for j in 0..<e { state.fraction[j] = n > 0 ? load[j] / Float(n * k) : 0 }
+        }
+        return (Float(aux), state)
+    }
+
+    /// dL/d scores (N,E), scratch memory, from dL/d weights and dL/d aux; nil when nothing flows back.
+    public static func backward(
+        _ host: Host, _ s: TopKRoutingState, gradWeights: UnsafePointer<Float>?, gradAux: Float, balanceWeight: Float
+    ) throws(PluginFailure) -> UnsafeMutablePointer<Float>? {
+        let n = s.n, e = s.e, k = s.k
+        var balanceCoef: UnsafeMutablePointer<Float>? = nil
+        if gradAux != 0 && balanceWeight != 0 && n > 0 && s.probs != nil {
+            let c = try host.scratchFloats(e, "balance-loss coefficients")
+            let scale = gradAux * balanceWeight * Float(e) / Float(n)
+            for j in 0..<e { c[j] = scale * s.fraction[j] }
+            balanceCoef = c
+        }
+        // With k = 1 the kept softmax's weight is the constant 1: no gradient from the weights.
+        let weightsMatter = gradWeights != nil && (k > 1 || s.fullSoftmax)
+        guard weightsMatter || balanceCoef != nil else { return nil }
+        let dscores = try host.scratchFloats(n * e, "router score gradients")
+        dscores.update(repeating: 0, count: n * e)
+        host.parallelFor(
+            n, grain: max(1, 4096 / (e + 1)),
+            LogitGradJob(
+                dlogits: dscores, gradWeights: weightsMatter ? UnsafeMutablePointer(mutating: gradWeights) : nil,
+                gates: s.gates, index: s.index, probs: s.probs, balanceCoef: balanceCoef, e: e, k: k,
+                fullSoftmaxGates: s.fullSoftmax),
+            logitGrads)
+        return dscores
+    }
+}
