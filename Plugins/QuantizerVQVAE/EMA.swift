@@ -4,7 +4,7 @@
 import PluginKit
 import VQMoEABI
 
-extension VQVAEQuantizer {
+extension VQVAE {
     /// With n_j = counts_j and s_j = sum of the x assigned to j in this batch:
     ///   N_j = decay * N_j + (1 - decay) * n_j
     ///   m_j = decay * m_j + (1 - decay) * s_j
@@ -16,9 +16,9 @@ extension VQVAEQuantizer {
         n: Int
     ) throws(PluginFailure) {
         guard n > 0, let emaCount, let emaSum else { return }
-        let C = try boundCodebook()
-        let d = dModel, k = nCodes
-        let decay = Double(config.emaDecay), eps = Double(config.emaEpsilon)
+        let C = codebook!
+
+        let decay = Double(emaDecay), eps = Double(emaEpsilon)
         // s_j (K,d): batch sums of the inputs per code.
         let sums = try host.scratchDoubles(k * d, "EMA batch sums")
         sums.update(repeating: 0, count: k * d)
@@ -43,7 +43,7 @@ extension VQVAEQuantizer {
     }
 }
 
-extension VQVAEQuantizer {
+extension VQVAE {
     /// Host stream of the dead-code restart rows: rng_init(step seed, deadCodeStream).
     static let deadCodeStream: UInt64 = 0x6465_6164_636F_6465  // "deadcode"
 
@@ -53,12 +53,11 @@ extension VQVAEQuantizer {
     /// codes were replaced (an empty batch replaces none).
     func restartDeadCodes(x: UnsafePointer<Float>, n: Int, seed: UInt64) throws(PluginFailure) -> Int {
         guard n > 0, let emaCount, let emaSum else { return 0 }
-        let C = try boundCodebook()
-        let d = dModel
+        let C = codebook!
         var r = host.rng(seed: seed, stream: Self.deadCodeStream)
         var replaced = 0
-        for j in 0..<nCodes where emaCount[j] < config.deadCodeThreshold {
-            let t = Int(nextRandom(&r) % UInt64(n))
+        for j in 0..<k where emaCount[j] < deadCodeThreshold {
+            let t = Int(host.next(&r) % UInt64(n))
             (C + j * d).update(from: x + t * d, count: d)
             (emaSum + j * d).update(from: x + t * d, count: d)
             emaCount[j] = 1

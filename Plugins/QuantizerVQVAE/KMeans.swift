@@ -4,7 +4,7 @@
 import PluginKit
 import VQMoEABI
 
-extension VQVAEQuantizer {
+extension VQVAE {
     /// Host stream of the k-means initial rows: rng_init(step seed, kmeansStream).
     static let kmeansStream: UInt64 = 0x6B6D_6561_6E73  // "kmeans"
 
@@ -18,28 +18,27 @@ extension VQVAEQuantizer {
     /// c_j = mean{x_t : a_t = j} (sums in double; an empty cluster keeps its centre). The loop
     /// stops early once an assignment repeats the previous one (the centres are then fixed).
     /// Finally e_j = c_j and, with ema, ema_sum_j = c_j, ema_count_j = 1.
-    func kmeansInitialize(x: UnsafeMutablePointer<Float>, n: Int, seed: UInt64) throws(PluginFailure) {
-        let C = try boundCodebook()
-        let d = dModel, k = nCodes
+    func kmeansInitialize(x: UnsafePointer<Float>, n: Int, seed: UInt64) throws(PluginFailure) {
+        let C = codebook!
+
         guard n > 0 else { return }
         let centres = try host.scratchFloats(k * d, "k-means centres")  // (K,d)
         centres.update(from: C, count: k * d)
         var r = host.rng(seed: seed, stream: Self.kmeansStream)
         var rows = Array(0..<n)
         for j in 0..<min(k, n) {
-            let p = j + Int(nextRandom(&r) % UInt64(n - j))
+            let p = j + Int(host.next(&r) % UInt64(n - j))
             rows.swapAt(j, p)
             (centres + j * d).update(from: x + rows[j] * d, count: d)
         }
 
-        let assign = try scratchInts(n, "k-means assignment")  // (N)
-        let previous = try scratchInts(n, "k-means assignment")  // (N)
+        let assign = try host.scratchInts(n, "k-means assignment")  // (N)
+        let previous = try host.scratchInts(n, "k-means assignment")  // (N)
         let sqError = try host.scratchDoubles(n, "k-means distances")
         let sums = try host.scratchDoubles(k * d, "k-means sums")  // (K,d)
         let counts = try host.scratchDoubles(k, "k-means counts")  // (K)
-        for iter in 0..<config.kmeansIters {
-            try assignNearest(
-                x: x, n: n, codebook: centres, codes: assign, quantized: nil, sqError: sqError, surrogate: false)
+        for iter in 0..<kmeansIters {
+            try host.nearestCodes(x: x, n: n, d: d, codebook: centres, k: k, codes: assign, sqError: sqError)
             if iter > 0 && (0..<n).allSatisfy({ assign[$0] == previous[$0] }) { break }
             previous.update(from: assign, count: n)
             sums.update(repeating: 0, count: k * d)
