@@ -63,6 +63,15 @@ public struct MetricSink {
     }
 }
 
+extension CodeUsage {
+    /// usage_perplexity, dead_codes and code_counts.
+    public func report(_ sink: MetricSink) {
+        sink.scalar("usage_perplexity", perplexity)
+        sink.scalar("dead_codes", Double(deadCodes))
+        sink.vector("code_counts", counts)
+    }
+}
+
 /// What every component declares and does, whatever its kind. Defaults: no buffers, no
 /// per-step hook, no metrics.
 ///
@@ -125,11 +134,11 @@ final class Instance {
 
 /// A context a forward saved, with what the kit checks the backward's tensors against.
 final class KitContext {
-    let saved: AnyObject
+    let saved: Any
     let rows: Int
     let width: Int
     let frozen: Bool
-    init(_ saved: AnyObject, rows: Int, width: Int, frozen: Bool) {
+    init(_ saved: Any, rows: Int, width: Int, frozen: Bool) {
         (self.saved, self.rows, self.width, self.frozen) = (saved, rows, width, frozen)
     }
 }
@@ -147,7 +156,7 @@ func call(_ p: OpaquePointer?, _ body: (Instance) throws(PluginFailure) -> Void)
 
 /// Keep a forward's context for the host, wrapped with its sizes.
 func keep(
-    _ ctx: AnyObject?, _ step: Step, rows: Int, width: Int, _ out: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    _ ctx: Any?, _ step: Step, rows: Int, width: Int, _ out: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
 ) {
     guard let ctx, step.savesContext else { return }
     out?.pointee = Unmanaged.passRetained(KitContext(ctx, rows: rows, width: width, frozen: step.frozen)).toOpaque()

@@ -17,7 +17,7 @@ public struct HeadResult {
     public var loss: Float = 0
     public var lossSum: Double = 0
     public var count = 0, correct = 0
-    public var context: AnyObject?
+    public var context: Any?
     public init() {}
 }
 
@@ -34,7 +34,7 @@ public struct HeadBackward {
 /// final class MyHead: HeadPlugin {
 ///     var perToken: Bool { true }; var nOut: Int { vocab }; var isLM: Bool { true }
 ///     func forward(_ step: Step, _ io: HeadForward) throws(PluginFailure) -> HeadResult { … }
-///     func backward(_ context: AnyObject, _ g: HeadBackward) throws(PluginFailure) { … }
+///     func backward(_ context: Any, _ g: HeadBackward) throws(PluginFailure) { … }
 /// }
 /// ```
 public protocol HeadPlugin: PluginComponent {
@@ -42,7 +42,7 @@ public protocol HeadPlugin: PluginComponent {
     var nOut: Int { get }
     var isLM: Bool { get }
     func forward(_ step: Step, _ io: HeadForward) throws(PluginFailure) -> HeadResult
-    func backward(_ context: AnyObject, _ g: HeadBackward) throws(PluginFailure)
+    func backward(_ context: Any, _ g: HeadBackward) throws(PluginFailure)
 }
 
 private func head(_ inst: Instance) throws(PluginFailure) -> HeadPlugin {

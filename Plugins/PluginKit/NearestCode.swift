@@ -54,7 +54,8 @@ func nearestCodesJob(_ user: UnsafeMutableRawPointer?, _ begin: Int64, _ end: In
 }
 
 /// ||a - b||^2 in double precision.
-@inline(__always) public func squaredDistance(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ d: Int) -> Double {
+@inline(__always) public func squaredDistance(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ d: Int) -> Double
+{
     var s: Double = 0
     for i in 0..<d { let diff = Double(a[i]) - Double(b[i]); s += diff * diff }
     return s
@@ -65,7 +66,8 @@ extension Host {
     /// = ||x_t - e_c||^2 and, when `quantized` is given, quantized_t = e_c (surrogate: x_t).
     /// Distances screened by one GEMM x (N,d) @ C^T (d,K), then re-ranked exactly.
     public func nearestCodes(
-        x: UnsafePointer<Float>, n: Int, d: Int, codebook C: UnsafePointer<Float>, k: Int, codes: UnsafeMutablePointer<Int32>,
+        x: UnsafePointer<Float>, n: Int, d: Int, codebook C: UnsafePointer<Float>, k: Int,
+        codes: UnsafeMutablePointer<Int32>,
         sqError: UnsafeMutablePointer<Double>, quantized: UnsafeMutablePointer<Float>? = nil, surrogate: Bool = false
     ) throws(PluginFailure) {
         guard n > 0 else { return }
@@ -79,7 +81,9 @@ extension Host {
             maxNorm = max(maxNorm, s)
         }
         let dots = try scratchFloats(n * k, "code distances")  // x . e_j (N,K)
-        gemm(transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: x, lda: d, b: C, ldb: d, beta: 0, c: dots, ldc: k)
+        gemm(
+            transA: false, transB: true, m: n, n: k, k: d, alpha: 1, a: x, lda: d, b: C, ldb: d, beta: 0, c: dots,
+            ldc: k)
         parallelFor(
             n, grain: max(1, 16384 / (k * d + 1)),
             NearestJob(

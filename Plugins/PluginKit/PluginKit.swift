@@ -144,6 +144,21 @@ public struct Host {
             Int64(m), Int64(n), Int64(k), alpha, a, Int64(lda), b, Int64(ldb), beta, c, Int64(ldc))
     }
 
+    /// C (m,n) = op(A) @ op(B) + beta C for contiguous row-major matrices: A is (m,k), or (k,m)
+    /// with `ta`; B is (k,n), or (n,k) with `tb`.
+    ///
+    /// ```swift
+    /// host.matmul(n, e, d, x, w, logits, tb: true)  // logits (N,E) = x (N,d) @ W^T (d,E)
+    /// ```
+    public func matmul(
+        _ m: Int, _ n: Int, _ k: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>,
+        _ c: UnsafeMutablePointer<Float>, ta: Bool = false, tb: Bool = false, beta: Float = 0
+    ) {
+        gemm(
+            transA: ta, transB: tb, m: m, n: n, k: k, alpha: 1, a: a, lda: ta ? m : k, b: b, ldb: tb ? k : n,
+            beta: beta, c: c, ldc: n)
+    }
+
     /// `count` floats of host scratch memory, valid until the current plugin call returns.
     public func scratchFloats(_ count: Int, _ what: String) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
         guard let p = api.pointee.scratch!(max(count, 1) * MemoryLayout<Float>.stride) else {
@@ -179,6 +194,26 @@ public struct Host {
         var job = job
         withUnsafeMutablePointer(to: &job) { p in
             api.pointee.parallel_for!(Int64(n), Int64(max(grain, 1)), UnsafeMutableRawPointer(p), body)
+        }
+    }
+}
+
+extension Host {
+    /// Run `body(begin, end)` over chunks of [0, n) on the host's pool (at least `grain` items
+    /// per chunk). Chunks run concurrently: `body` may only write what its range owns.
+    ///
+    /// ```swift
+    /// host.parallelFor(n, grain: 64) { begin, end in for t in begin..<end { out[t] = f(x[t]) } }
+    /// ```
+    public func parallelFor(_ n: Int, grain: Int, _ body: (Int, Int) -> Void) {
+        guard n > 0 else { return }
+        withoutActuallyEscaping(body) { escaping in
+            var box = escaping
+            withUnsafeMutablePointer(to: &box) { p in
+                api.pointee.parallel_for!(Int64(n), Int64(max(grain, 1)), UnsafeMutableRawPointer(p)) { user, b, e in
+                    user!.assumingMemoryBound(to: ((Int, Int) -> Void).self).pointee(Int(b), Int(e))
+                }
+            }
         }
     }
 }

@@ -28,15 +28,15 @@ public struct QuantizerBackward {
 /// ```swift
 /// final class MyVQ: QuantizerPlugin {
 ///     var codebookSize: Int { k }
-///     func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: AnyObject?) { … }
-///     func backward(_ context: AnyObject, _ g: QuantizerBackward) throws(PluginFailure) { … }
+///     func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: Any?) { … }
+///     func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) { … }
 /// }
 /// ```
 public protocol QuantizerPlugin: PluginComponent {
     var codebookSize: Int { get }
     var codesPerToken: Int { get }
-    func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: AnyObject?)
-    func backward(_ context: AnyObject, _ g: QuantizerBackward) throws(PluginFailure)
+    func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: Any?)
+    func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure)
 }
 
 extension QuantizerPlugin {
@@ -86,7 +86,9 @@ private func quantizerForward(
     let f = QuantizerForward(
         x: try requireF32(input.pointee.x, [n, d], "x"), n: n, d: d,
         quantized: try requireF32(out.quantized, [n, d], "quantized"),
-        codes: try requireI32(out.codes, [n, q.codesPerToken], "codes"),
+        // (N,L); (N) is accepted for L = 1.
+        codes: try requireI32(
+            out.codes, out.codes.ndim == 1 && q.codesPerToken == 1 ? [n] : [n, q.codesPerToken], "codes"),
         counts: try requireF32(out.code_counts, [q.codebookSize], "code_counts"))
     let (loss, saved) = try q.forward(step, f)
     guard loss.isFinite else { throw .numeric("non-finite quantizer loss \(loss)") }

@@ -43,17 +43,17 @@ public struct RouterBackward {
 /// ```swift
 /// final class MyRouter: RouterPlugin {
 ///     func shape(_ step: Step) throws(PluginFailure) -> RouterShape { .topK(1) }
-///     func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: AnyObject?) { … }
+///     func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: Any?) { … }
 /// }
 /// ```
 public protocol RouterPlugin: PluginComponent {
     func shape(_ step: Step) throws(PluginFailure) -> RouterShape
-    func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: AnyObject?)
-    func backward(_ context: AnyObject, _ g: RouterBackward) throws(PluginFailure)
+    func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: Any?)
+    func backward(_ context: Any, _ g: RouterBackward) throws(PluginFailure)
 }
 
 extension RouterPlugin {
-    public func backward(_ context: AnyObject, _ g: RouterBackward) throws(PluginFailure) {
+    public func backward(_ context: Any, _ g: RouterBackward) throws(PluginFailure) {
         throw .state("this router has no backward")
     }
 }

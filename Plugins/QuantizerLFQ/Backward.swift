@@ -13,68 +13,36 @@ extension LFQQuantizer {
     ///                      commitment mse(z, q): q is piecewise constant in z
     ///   proj_in:           grad_x += dL/dz W_in,  grad_W_in += dL/dzᵀ x,  grad_b_in += Σ_t dL/dz_t
     /// Parameter gradients are skipped for a FROZEN forward.
-    func backward(
-        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
-        _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?
-    ) throws(PluginFailure) {
-        guard let ctx = Handle.context(ctxPtr, as: QuantizerContext.self) else {
-            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
-        }
-        guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
-        try requireSize(ginPtr.pointee.struct_size, vqmoe_quantizer_grad_in.self, "quantizer grad_in")
-        try requireSize(goutPtr.pointee.struct_size, vqmoe_quantizer_grad_out.self, "quantizer grad_out")
-        let n = ctx.n, d = ctx.d, b = ctx.b
-        let gin = ginPtr.pointee
-        var gradQ: UnsafeMutablePointer<Float>? = nil  // (N,d), absent = zero
-        if gin.grad_quantized.data != nil { gradQ = try requireF32(gin.grad_quantized, [n, d], "grad_quantized") }
-        let gradX = try requireF32(goutPtr.pointee.grad_x, [n, d], "grad_x")  // (N,d)
-        guard gin.grad_loss.isFinite else { throw .numeric("grad_loss is \(gin.grad_loss)") }
+    func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
+        let s = context as! Saved, n = g.n, b = nBits, params = !g.frozen
         guard n > 0 else { return }
-        let params = !ctx.frozen
-
-        // dL/dz (N,b)
-        let gz = try host.scratchFloats(n * b, "grad of the projected inputs")
-        if let gq = gradQ {
+        let gz = try host.scratchFloats(n * b, "grad of the projected inputs")  // dL/dz (N,b)
+        if let gq = g.gradQuantized {
             // dL/dz_q (N,b) = G (N,d) @ W_out (d,b)
-            host.gemm(
-                transA: false, transB: false, m: n, n: b, k: d, alpha: 1, a: gq, lda: d, b: ctx.wOut, ldb: b,
-                beta: 0, c: gz, ldc: b)
-            if params {
-                // grad_W_out (d,b) += Gᵀ (d,N) @ z_q (N,b)
-                if let gW = wOutGrad {
-                    host.gemm(
-                        transA: true, transB: false, m: d, n: b, k: n, alpha: 1, a: gq, lda: d, b: ctx.zq, ldb: b,
-                        beta: 1, c: gW, ldc: b)
-                }
-                if let gb = bOutGrad { for t in 0..<n { let row = gq + t * d; for i in 0..<d { gb[i] += row[i] } } }
+            host.matmul(n, b, d, gq, s.wOut, gz)
+            if params, let gW = wOutGrad {  // grad_W_out (d,b) += Gᵀ (d,N) @ z_q (N,b)
+                host.matmul(d, b, n, gq, s.zq, gW, ta: true, beta: 1)
             }
+            if params, let gb = bOutGrad { for t in 0..<n { for i in 0..<d { gb[i] += gq[t * d + i] } } }
         } else {
             gz.update(repeating: 0, count: n * b)
         }
-
-        let g = Double(gin.grad_loss)
-        if g != 0 && config.entropyWeight != 0 {
+        let gl = Double(g.gradLoss)
+        if gl != 0 && entropyWeight != 0 {
             let ge = try host.scratchDoubles(n * b, "entropy gradient")
-            try entropyBackward(ctx.z, n: n, weights: ctx.weights, grad: ge)
-            for i in 0..<(n * b) { gz[i] += Float(g * ge[i]) }
+            try s.weights.withUnsafeBufferPointer { w throws(PluginFailure) in
+                try entropyBackward(s.z, n: n, weights: w.baseAddress!, grad: ge)
+            }
+            for i in 0..<(n * b) { gz[i] += Float(gl * ge[i]) }
         }
-        let commit = Float(g * config.commitment * 2 / Double(n * b))
-        if commit != 0 {
-            let s = config.scale
-            for i in 0..<(n * b) { let z = ctx.z[i]; gz[i] += commit * (z - (z > 0 ? s : -s)) }
-        }
-
+        let commit = Float(gl * commitment * 2 / Double(n * b))
+        if commit != 0 { for i in 0..<(n * b) { gz[i] += commit * (s.z[i] - (s.z[i] > 0 ? scale : -scale)) } }
         // grad_x (N,d) += dL/dz (N,b) @ W_in (b,d)
-        host.gemm(
-            transA: false, transB: false, m: n, n: d, k: b, alpha: 1, a: gz, lda: b, b: ctx.wIn, ldb: d,
-            beta: 1, c: gradX, ldc: d)
+        host.matmul(n, d, b, gz, s.wIn, g.gradX, beta: 1)
         guard params else { return }
-        // grad_W_in (b,d) += dL/dzᵀ (b,N) @ x (N,d)
-        if let gW = wInGrad {
-            host.gemm(
-                transA: true, transB: false, m: b, n: d, k: n, alpha: 1, a: gz, lda: b, b: ctx.x, ldb: d,
-                beta: 1, c: gW, ldc: d)
+        if let gW = wInGrad {  // grad_W_in (b,d) += dL/dzᵀ (b,N) @ x (N,d)
+            host.matmul(b, d, n, gz, s.x, gW, ta: true, beta: 1)
         }
-        if let gb = bInGrad { for t in 0..<n { let row = gz + t * b; for i in 0..<b { gb[i] += row[i] } } }
+        if let gb = bInGrad { for t in 0..<n { for i in 0..<b { gb[i] += gz[t * b + i] } } }
     }
 }

@@ -104,14 +104,12 @@ final class VQVAE: QuantizerPlugin {
     }
 
     /// What the backward needs, copied (the EMA update of this very forward may move the codebook).
-    final class Saved {
+    struct Saved {
+        /// x (N,d), q = e_c (N,d) before this forward's EMA update, codes (N).
         let x: [Float], q: [Float], codes: [Int32], kmeansHere: Bool
-        init(x: [Float], q: [Float], codes: [Int32], kmeansHere: Bool) {
-            (self.x, self.q, self.codes, self.kmeansHere) = (x, q, codes, kmeansHere)
-        }
     }
 
-    func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: AnyObject?) {
+    func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: Any?) {
         let n = io.n, x = io.x, C = codebook!
         for i in 0..<(n * d) where !x[i].isFinite { throw .numeric("non-finite input x[\(i / d)][\(i % d)] = \(x[i])") }
         // k-means initialisation: once (the state records it), on a non-empty training batch.
@@ -135,7 +133,7 @@ final class VQVAE: QuantizerPlugin {
             step.savesContext
             ? Saved(
                 x: Array(UnsafeBufferPointer(start: x, count: n * d)),
-                q: (0..<n).flatMap { Array(UnsafeBufferPointer(start: C + Int(io.codes[$0]) * d, count: d)) },  // pre-update q
+                q: (0..<n).flatMap { Array(UnsafeBufferPointer(start: C + Int(io.codes[$0]) * d, count: d)) },
                 codes: Array(UnsafeBufferPointer(start: io.codes, count: n)), kmeansHere: kmeansHere) : nil
         var restarted: Int? = nil
         if ema && step.train && !step.frozen {
@@ -148,7 +146,7 @@ final class VQVAE: QuantizerPlugin {
         return (Float(ema ? Double(commitment) * mse : (1 + Double(commitment)) * mse), saved)
     }
 
-    func backward(_ context: AnyObject, _ g: QuantizerBackward) throws(PluginFailure) {
+    func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
         let s = context as! Saved, n = g.n
         guard n > 0 else { return }
         let scale = 2 / Float(n * d) * g.gradLoss, commit = scale * commitment

@@ -64,19 +64,12 @@ final class SMoE: RouterPlugin {
     func shape(_ step: Step) throws(PluginFailure) -> RouterShape { .topK(k) }
 
     /// What the backward needs: the routing state, and copies of x and W as the forward saw them.
-    final class Saved {
-        let routing: TopKRoutingState, x: [Float], w: [Float]
-        init(_ routing: TopKRoutingState, _ x: [Float], _ w: [Float]) {
-            (self.routing, self.x, self.w) = (routing, x, w)
-        }
-    }
+    struct Saved { let routing: TopKRoutingState, x: [Float], w: [Float] }
 
-    func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: AnyObject?) {
+    func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: Any?) {
         let n = io.n, W = weight!
         let logits = try host.scratchFloats(n * e, "router logits")  // (N,E) = x W^T [+ b]
-        host.gemm(
-            transA: false, transB: true, m: n, n: e, k: d, alpha: 1, a: io.x, lda: d, b: W, ldb: d, beta: 0, c: logits,
-            ldc: e)
+        host.matmul(n, e, d, io.x, W, logits, tb: true)
         if let b = bias { for t in 0..<n { for j in 0..<e { logits[t * e + j] += b[j] } } }
         for i in 0..<(n * e) where !logits[i].isFinite {
             throw .numeric(
@@ -86,24 +79,20 @@ final class SMoE: RouterPlugin {
             host, scores: logits, n: n, e: e, k: k, io: io, balanceWeight: balanceWeight, fullSoftmax: fullSoftmax,
             save: step.savesContext)
         let copy = { (p: UnsafePointer<Float>, count: Int) in Array(UnsafeBufferPointer(start: p, count: count)) }
-        return (aux, state.map { Saved($0, copy(io.x, n * d), copy(W, e * d)) })
+        return (aux, state.map { Saved(routing: $0, x: copy(io.x, n * d), w: copy(W, e * d)) })
     }
 
-    func backward(_ context: AnyObject, _ g: RouterBackward) throws(PluginFailure) {
+    func backward(_ context: Any, _ g: RouterBackward) throws(PluginFailure) {
         let s = context as! Saved, n = g.n
         guard
             let dlogits = try TopKRouting.backward(
                 host, s.routing, gradWeights: g.gradWeights, gradAux: g.gradAux, balanceWeight: balanceWeight)
         else { return }
         // grad_x (N,d) += dlogits (N,E) W (E,d)
-        host.gemm(
-            transA: false, transB: false, m: n, n: d, k: e, alpha: 1, a: dlogits, lda: e, b: s.w, ldb: d, beta: 1,
-            c: g.gradX, ldc: d)
+        host.matmul(n, d, e, dlogits, s.w, g.gradX, beta: 1)
         guard !g.frozen else { return }
         if let gW = weightGrad {  // grad_W (E,d) += dlogits^T x
-            host.gemm(
-                transA: true, transB: false, m: e, n: d, k: n, alpha: 1, a: dlogits, lda: e, b: s.x, ldb: d, beta: 1,
-                c: gW, ldc: d)
+            host.matmul(e, d, n, dlogits, s.x, gW, ta: true, beta: 1)
         }
         if let gb = biasGrad { for t in 0..<n { for j in 0..<e { gb[j] += dlogits[t * e + j] } } }
     }
