@@ -23,6 +23,9 @@ let package = Package(
     products: [
         .executable(name: "vqmoe", targets: ["vqmoe"]),
         .library(name: "VQMoE", targets: ["VQMoE"]),
+        // What a third-party Swift plugin depends on: the ABI header and the plugin kit, linked
+        // statically into the plugin's own dynamic library (see Plugins/templates/swift).
+        .library(name: "PluginKit", targets: ["PluginKit"]),
         // A plain C function called through the libffi bridge (registry "ffi" entries).
         .library(name: "FFIHashRouter", type: .dynamic, targets: ["FFIHashRouter"]),
     ] + pluginNames.map { .library(name: $0, type: .dynamic, targets: [$0]) },

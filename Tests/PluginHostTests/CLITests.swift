@@ -72,15 +72,17 @@ final class CLITests: XCTestCase {
         }
     }
 
+    /// The C quantizer template compiled outside SwiftPM (cc, the include folder), registered by an
+    /// overlay registry and by the search path.
     func testThirdPartyCPluginBuiltOutsideSwiftPM() throws {
         let dir = try makeTempDir("cplugin")
-        let lib = "\(dir)/libcosine_vq.so"
-        try compilePlugin("\(repoRoot)/Plugins/examples/cosine_vq/cosine_vq.c", to: lib)
+        try compilePlugin(
+            "\(repoRoot)/Plugins/templates/c/quantizer/my_quantizer.c", to: "\(dir)/libmy_quantizer.so")
         let reg = "\(dir)/registry.json"
         try """
-        {"version": 1, "plugins": [{"name": "cosine_vq_c", "kind": "quantizer", "library": "$ROOT/libcosine_vq.so"}]}
+        {"version": 1, "plugins": [{"name": "my_quantizer", "kind": "quantizer", "library": "$ROOT/libmy_quantizer.so"}]}
         """.write(toFile: reg, atomically: true, encoding: .utf8)
-        let (status, out) = try runProcess(vqmoe, ["--registry", reg, "plugins", "check", "cosine_vq_c"])
+        let (status, out) = try run(["--registry", reg, "plugins", "check", "my_quantizer"])
         XCTAssertEqual(status, 0, out)
         XCTAssertTrue(
             out.contains("gradcheck codebook (direction: stop-gradient loss) [loss]")
@@ -89,9 +91,55 @@ final class CLITests: XCTestCase {
         let empty = "\(dir)/empty.json"
         try #"{"version": 1, "plugins": []}"#.write(toFile: empty, atomically: true, encoding: .utf8)
         let (s2, inspected) = try runProcess(
-            vqmoe, ["--registry", empty, "plugins", "inspect", "cosine_vq_c"], env: ["VQMOE_PLUGIN_PATH": dir])
+            vqmoe, ["--registry", empty, "plugins", "inspect", "my_quantizer"], env: ["VQMOE_PLUGIN_PATH": dir])
         XCTAssertEqual(s2, 0, inspected)
-        XCTAssertTrue(inspected.contains("cosine_vq_c (quantizer) 1.0.0"), inspected)
+        XCTAssertTrue(inspected.contains("my_quantizer (quantizer) 1.0.0"), inspected)
+    }
+
+    /// The product quantizer written in C on the helpers (Plugins/examples/pq_c) trains 50 steps
+    /// of a VQMoE model on enwik8-mini through `vqmoe train` with a registry overlay: K = 4^2 codes.
+    func testProductQuantizerInCTrains() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("pq")
+        try compilePlugin("\(repoRoot)/Plugins/examples/pq_c/pq.c", to: "\(dir)/libpq_c.so")
+        try """
+        {"version": 1, "plugins": [{"name": "pq_c", "kind": "quantizer", "library": "$ROOT/libpq_c.so"}]}
+        """.write(toFile: "\(dir)/registry.json", atomically: true, encoding: .utf8)
+        let settings = [
+            "model.ffn.quantizer.name=pq_c", "model.ffn.n_codes=16", "model.n_layer=1", "model.d_model=32",
+            "model.seq_len=32", "model.ffn.d_inner=64", "train.steps=50", "train.batch_size=8", "train.lr=0.003",
+            "train.warmup_steps=5", "train.eval_every=50", "train.eval_batches=4", "train.log_every=5",
+            "train.threads=1",
+        ]
+        let (status, out) = try run(
+            ["--registry", "\(dir)/registry.json", "train", "configs/enwik8_vqmoe.json", "--out", "\(dir)/run"]
+                + settings.flatMap { ["--set", $0] })
+        XCTAssertEqual(status, 0, out)
+        let train = try String(contentsOfFile: "\(dir)/run/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["split"] as? String == "train" }
+        let losses = train.compactMap { $0["task_loss"] as? Double }, vq = train.compactMap { $0["vq_loss"] as? Double }
+        XCTAssertEqual(losses.count, 11, "\(train)")  // steps 0, 5, ..., 45 and the last, 49
+        XCTAssertLessThan(losses.last!, losses.first! - 0.5, "\(losses)")
+        XCTAssertLessThan(vq.last!, vq.first! / 2, "the codebook and commitment terms train: \(vq)")
+        for row in train {
+            let codes = try XCTUnwrap((row["code_counts"] as? [[Double]])?.first)
+            XCTAssertEqual(codes.count, 16)
+            XCTAssertEqual(codes.reduce(0, +), 8 * 32)
+        }
+        let first = try XCTUnwrap((train.first?["code_counts"] as? [[Double]])?.first)
+        XCTAssertGreaterThan(first.filter { $0 > 0 }.count, 8, "mixed-radix codes spread over K = 16: \(first)")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/run/result.json"))
+        // The same library with K = 9 (k = 3) is refused by training, and by the check.
+        let (s2, o2) = try run(
+            ["--registry", "\(dir)/registry.json", "train", "configs/enwik8_vqmoe.json", "--out", "\(dir)/bad"]
+                + (settings + ["model.ffn.quantizer.sub_codebook_size=3"]).flatMap { ["--set", $0] })
+        XCTAssertNotEqual(s2, 0, o2)
+        XCTAssertTrue(o2.contains("reports K = 9 codes but model.ffn.n_codes is 16"), o2)
+        let (s3, o3) = try run(
+            ["--registry", "\(dir)/registry.json", "plugins", "check", "pq_c", "--set", "sub_codebook_size=3"])
+        XCTAssertEqual(s3, 1, o3)
+        XCTAssertTrue(o3.contains("FAIL  shape  K=9") && o3.contains("--set model.n_codes=9"), o3)
     }
 
     func testScaffoldedCPluginsBuildAndPassCheck() throws {
@@ -106,17 +154,26 @@ final class CLITests: XCTestCase {
     private func scaffoldEveryKind(language: String) throws {
         let dir = try makeTempDir("scaffold-\(language)")
         for kind in PluginKind.allCases {
-            let name = "my_\(kind.rawValue)"
+            let name = "new_\(kind.rawValue)"
             let folder = "\(dir)/\(name)"
             let (s1, o1) = try run(["plugin", "new", kind.rawValue, name, "--lang", language, "--dir", folder])
             XCTAssertEqual(s1, 0, o1)
+            // The template, renamed: no placeholder left in any file or file name.
+            let files = try XCTUnwrap(FileManager.default.subpathsOfDirectory(atPath: folder))
+            for f in files where !f.hasPrefix(".build") {
+                XCTAssertFalse(f.contains("my_") || f.contains("My"), f)
+                let text = (try? String(contentsOfFile: "\(folder)/\(f)", encoding: .utf8)) ?? ""
+                XCTAssertFalse(text.contains("my_\(kind.rawValue)"), "\(f) still names the template")
+            }
+            XCTAssertTrue(files.contains(language == "c" ? "vqmoe_plugin_helpers.h" : "Package.swift"), "\(files)")
             let (s2, o2) = try runProcess("\(folder)/build.sh", [])
             XCTAssertEqual(s2, 0, o2)
             let (s3, o3) = try run(["plugins", "check", "\(folder)/lib\(name).so"])
             XCTAssertEqual(s3, 0, "\(kind):\n\(o3)")
+            XCTAssertTrue(o3.contains("\(kind.rawValue) '\(name)' 1.0.0"), o3)
         }
         // The folder must not be overwritten.
-        let (s4, o4) = try run(["plugin", "new", "head", "my_head", "--dir", "\(dir)/my_head"])
+        let (s4, o4) = try run(["plugin", "new", "head", "new_head", "--dir", "\(dir)/new_head"])
         XCTAssertEqual(s4, 64)
         XCTAssertTrue(o4.contains("already exists"), o4)
         let (s5, o5) = try run(["plugin", "new", "heads", "x", "--dir", "\(dir)/x"])

@@ -161,14 +161,21 @@ public enum PluginCommands {
         return Output(text: lines.joined(separator: "\n"), ok: true)
     }
 
-    /// `plugins check NAME|PATH`: one line per check; ok only if all pass.
-    public static func check(_ reg: Registry?, target: String, settings: [String: Any] = [:]) throws -> Output {
+    /// `plugins check NAME|PATH`: one line per check; ok only if all pass. Settings are
+    /// hyperparameters, except `model.KEY` (d_model, n_experts, n_codes, vocab_size, n_classes,
+    /// seq_len, total_steps), which sets the model the component is checked in.
+    public static func check(_ reg: Registry?, target: String, settings all: [String: Any] = [:]) throws -> Output {
         var results: [CheckResult]
         var title: String
+        var dims = PluginChecker.defaultDims, settings = all
+        for (key, value) in all where key.hasPrefix("model.") {
+            settings[key] = nil
+            try dims.set(String(key.dropFirst(6)), value)
+        }
         if target.contains("/") || target.hasSuffix(".so") {
             let lib = try PluginLibrary.open(target)
             title = "\(lib.kind.rawValue) '\(lib.name)' from \(target)"
-            results = PluginChecker(library: lib, hyperparameters: [settings]).run()
+            results = PluginChecker(library: lib, hyperparameters: [settings], dims: dims).run()
         } else {
             guard let reg else { throw VQMoEError(.registry, "no registry to look up '\(target)' in") }
             let e = try reg.entry(named: target)
@@ -177,7 +184,9 @@ public enum PluginCommands {
             case .ffi(let f): title = "\(e.kind.rawValue) '\(e.name)' (libffi bridge: \(f.symbol) in \(f.library))"
             case .library(let path): title = "\(lib.kind.rawValue) '\(lib.name)' from \(path)"
             }
-            results = PluginChecker(library: lib, hyperparameters: [e.defaults.mapValues(\.value), settings]).run()
+            results = PluginChecker(
+                library: lib, hyperparameters: [e.defaults.mapValues(\.value), settings], dims: dims
+            ).run()
         }
         let failed = results.filter { !$0.passed }.count
         let text =
@@ -200,8 +209,7 @@ public enum PluginCommands {
         guard let lang = ScaffoldLanguage(rawValue: language) else {
             throw VQMoEError(.usage, "unknown language '\(language)'; use c or swift")
         }
-        let header = URL(fileURLWithPath: root).appendingPathComponent("Sources/VQMoEABI/include/vqmoe_plugin.h").path
-        let s = try Scaffold(kind: k, name: name, language: lang, headerPath: header)
+        let s = try Scaffold(kind: k, name: name, language: lang, root: root)
         let dir = directory ?? name
         let written = try s.write(to: dir)
         let text =

@@ -44,12 +44,15 @@ public struct PluginChecker {
     {
         self.library = library
         self.hyperparameters = hyperparameters
-        self.dims =
-            dims
-            ?? ModelDims(
-                dModel: 8, nExperts: 4, nCodes: 8, vocabSize: 7, nClasses: 3, seqLen: 5,
-                totalSteps: 100, dataRoot: DataLocator.defaultRoot() ?? "")
+        self.dims = dims ?? PluginChecker.defaultDims
         self.seed = seed
+    }
+
+    /// The model a component is checked in unless told otherwise (`--set model.n_codes=16`).
+    public static var defaultDims: ModelDims {
+        ModelDims(
+            dModel: 8, nExperts: 4, nCodes: 8, vocabSize: 7, nClasses: 3, seqLen: 5, totalSteps: 100,
+            dataRoot: DataLocator.defaultRoot() ?? "")
     }
 
     public init(library: PluginLibrary, hyperparameters: [String: Any]) {
@@ -349,9 +352,16 @@ public struct PluginChecker {
     // MARK: quantizer
 
     private func checkQuantizer(_ q: QuantizerInstance) throws -> [CheckResult] {
+        // Training refuses a quantizer whose K is not the model's n_codes: so does the check.
+        let matches = q.codebookSize == dims.nCodes
         var results = [
             CheckResult(
-                name: "shape", passed: true, detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)")
+                name: "shape", passed: matches,
+                detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)"
+                    + (matches
+                        ? ""
+                        : " -- but the model's n_codes is \(dims.nCodes), which training refuses "
+                            + "(check with --set model.n_codes=\(q.codebookSize), or fix the codebook size)"))
         ]
         let d = dims.dModel, l = q.codesPerToken
         let x = Storage(randomNormal(n * d, stream: 5)), qo = Storage<Float>(zeros: n * d),

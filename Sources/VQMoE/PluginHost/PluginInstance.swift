@@ -16,6 +16,23 @@ public struct ModelDims: Sendable, Equatable {
         self.dModel = dModel; self.nExperts = nExperts; self.nCodes = nCodes; self.vocabSize = vocabSize
         self.nClasses = nClasses; self.seqLen = seqLen; self.totalSteps = totalSteps; self.dataRoot = dataRoot
     }
+
+    /// Set one dimension by its create_info name (d_model, n_experts, n_codes, vocab_size,
+    /// n_classes, seq_len, total_steps) from a config value.
+    public mutating func set(_ key: String, _ value: Any) throws {
+        let paths: [String: WritableKeyPath<ModelDims, Int>] = [
+            "d_model": \.dModel, "n_experts": \.nExperts, "n_codes": \.nCodes, "vocab_size": \.vocabSize,
+            "n_classes": \.nClasses, "seq_len": \.seqLen, "total_steps": \.totalSteps,
+        ]
+        guard let path = paths[key] else {
+            throw VQMoEError(
+                .usage,
+                "model.\(key): unknown model dimension; dimensions: \(paths.keys.sorted().joined(separator: ", "))")
+        }
+        guard let v = (value as? Int) ?? (value as? Double).flatMap({ $0 == $0.rounded() ? Int($0) : nil }), v >= 1
+        else { throw VQMoEError(.usage, "model.\(key) = \(value): must be an integer >= 1") }
+        self[keyPath: path] = v
+    }
 }
 
 /// Per-call step facts (`vqmoe_step_info`).

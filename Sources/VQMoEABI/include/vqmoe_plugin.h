@@ -49,6 +49,8 @@
  *   - Input tensors of a TRAINING forward (x, token_ids, h, targets, lengths) stay valid and
  *     unchanged until the backward that receives its ctx has returned, or the ctx is freed:
  *     a plugin may keep pointers to them in its ctx instead of copying them.
+ *   - PARAM buffers change only in the optimizer step, after every backward of the step has
+ *     returned: a backward may read the parameters its forward used from the buffers.
  *   - Arrays whose elements are structs carry their element size (ABI 1.2): the descriptor's
  *     hparams (hparam_spec_size), vqmoe_hparams.values (value_size) and the bindings of
  *     bind_buffers (create_info.binding_size). Step through them with these sizes (the inline
