@@ -17,6 +17,8 @@ public struct RouterForward {
     /// Token ids (N), when the model has them.
     public let tokenIDs: UnsafePointer<Int32>?
     public let n: Int, d: Int, nGroups: Int, groupSize: Int
+    /// The outputs' second dimension: k (top-k), or E·S (dense).
+    public let width: Int
     /// Top-k: expert index and weight (N,k).
     public let index: UnsafeMutablePointer<Int32>?, weights: UnsafeMutablePointer<Float>?
     /// Dense: dispatch and combine (N, E·S).
@@ -50,12 +52,17 @@ public protocol RouterPlugin: PluginComponent {
     func shape(_ step: Step) throws(PluginFailure) -> RouterShape
     func forward(_ step: Step, _ io: RouterForward) throws(PluginFailure) -> (aux: Float, context: Any?)
     func backward(_ context: Any, _ g: RouterBackward) throws(PluginFailure)
+    /// A top-k forward whose outputs the host sized (N, `allocated`), not (N, k) for this step's
+    /// `k` (a host may size them from another step's shape): the k to route with, or a SHAPE
+    /// failure. Default: `k`, so the kit's shape check refuses the outputs.
+    func topKWidth(_ allocated: Int, k: Int) throws(PluginFailure) -> Int
 }
 
 extension RouterPlugin {
     public func backward(_ context: Any, _ g: RouterBackward) throws(PluginFailure) {
         throw .state("this router has no backward")
     }
+    public func topKWidth(_ allocated: Int, k: Int) throws(PluginFailure) -> Int { k }
 }
 
 private func router(_ inst: Instance) throws(PluginFailure) -> RouterPlugin {
@@ -121,18 +128,23 @@ private func routerForward(
     try requireSize(input.pointee.struct_size, vqmoe_router_input.self, "router input")
     try requireSize(output.pointee.struct_size, vqmoe_router_output.self, "router output")
     let r = try router(inst), step = try Step(stepPtr), d = inst.model.dModel, e = inst.model.nExperts
-    let shape = try r.shape(step), w = width(shape, experts: e)
-    let io = input.pointee, out = output.pointee
+    let shape = try r.shape(step), io = input.pointee, out = output.pointee
+    var w = width(shape, experts: e)
     let n = try rowsOf(io.x, cols: d, "x")
-    guard io.n_groups * io.group_size == Int64(n) else {
-        throw .shape("n_groups (\(io.n_groups)) x group_size (\(io.group_size)) must equal N = \(n)")
-    }
     let topK: Bool
     if case .topK = shape { topK = true } else { topK = false }
+    guard io.n_groups >= 0, io.group_size >= 0, io.n_groups * io.group_size == Int64(n) else {
+        throw .shape(
+            "n_groups = \(io.n_groups) times group_size = \(io.group_size) must equal the \(n) tokens of x"
+                + (topK ? "" : " (dispatch normalises within a group)"))
+    }
+    if topK, out.expert_index.ndim == 2, let s = out.expert_index.shape, Int(s[1]) != w {
+        w = try r.topKWidth(Int(s[1]), k: w)
+    }
     let f = RouterForward(
         x: try requireF32(io.x, [n, d], "x"),
         tokenIDs: io.token_ids.data == nil ? nil : UnsafePointer(try requireI32(io.token_ids, [n], "token_ids")),
-        n: n, d: d, nGroups: Int(io.n_groups), groupSize: Int(io.group_size),
+        n: n, d: d, nGroups: Int(io.n_groups), groupSize: Int(io.group_size), width: w,
         index: topK ? try requireI32(out.expert_index, [n, w], "expert_index") : nil,
         weights: topK ? try requireF32(out.weights, [n, w], "weights") : nil,
         dispatch: topK ? nil : try requireF32(out.dispatch, [n, w], "dispatch"),
