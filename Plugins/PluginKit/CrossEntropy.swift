@@ -1,26 +1,16 @@
-// Softmax cross-entropy with pad targets and a context-or-scratch helper, shared by the
-// classification heads.
+// Softmax cross-entropy, its logit gradient, and column sums for bias gradients, shared by the
+// heads. The kit has already checked the targets (each in [0, classes) or VQMOE_PAD_TARGET).
 import Glibc
 import VQMoEABI
 
 /// Softmax cross-entropy of `rows` logit rows against int32 targets (VQMOE_PAD_TARGET rows
 /// ignored): loss_sum = sum over non-pad rows of log sum_j exp(z_j - m) - (z_y - m) (row max
-/// m subtracted; sums in double), count, correct = argmax hits (first index on ties).
+/// m subtracted; sums in double, rows in order), correct = argmax hits (first index on ties).
 /// Writes softmax(z) into `probs` when given.
 public func crossEntropy(
     logits: UnsafePointer<Float>, targets: UnsafePointer<Int32>, rows: Int, classes: Int,
     probs: UnsafeMutablePointer<Float>?
-) throws(PluginFailure) -> (lossSum: Double, count: Int, correct: Int) {
-    var count = 0
-    for i in 0..<rows {
-        let y = targets[i]
-        if y == Int32(VQMOE_PAD_TARGET) { continue }
-        guard y >= 0 && Int(y) < classes else {
-            throw .invalid(
-                "target \(y) at row \(i) is outside [0, \(classes)) and not the pad target \(VQMOE_PAD_TARGET)")
-        }
-        count += 1
-    }
+) -> (lossSum: Double, correct: Int) {
     var lossSum = 0.0, correct = 0
     for i in 0..<rows {
         let z = logits + i * classes
@@ -37,29 +27,33 @@ public func crossEntropy(
         lossSum += log(s) - Double(z[y] - m)
         if am == y { correct += 1 }
     }
-    guard lossSum.isFinite else {
-        throw .numeric("non-finite cross-entropy (\(lossSum)): h or the parameters hold NaN/Inf")
+    return (lossSum, correct)
+}
+
+/// The logit gradient of the mean cross-entropy: dz_i = scale (p_i - onehot(y_i)) on non-pad
+/// rows, 0 on pad rows (scale = grad_loss / count).
+public func crossEntropyBackward(
+    probs: UnsafePointer<Float>, targets: UnsafePointer<Int32>, rows: Int, classes: Int, scale: Float,
+    into dz: UnsafeMutablePointer<Float>
+) {
+    for i in 0..<rows {
+        let row = dz + i * classes, y = Int(targets[i])
+        guard y >= 0 else { row.update(repeating: 0, count: classes); continue }
+        let p = probs + i * classes
+        for j in 0..<classes { row[j] = scale * p[j] }
+        row[y] -= scale
     }
-    return (lossSum, count, correct)
 }
 
 extension Host {
-    /// `existing` (context memory) when given, else `count` floats of scratch memory.
-    public func orScratch(
-        _ existing: UnsafeMutablePointer<Float>?, _ count: Int, _ what: String
-    ) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
-        if let existing { return existing }
-        return try scratchFloats(count, what)
-    }
-
-    /// `existing` (context memory) when given, else `count` int32 of scratch memory.
-    public func orScratch(
-        _ existing: UnsafeMutablePointer<Int32>?, _ count: Int, _ what: String
-    ) throws(PluginFailure) -> UnsafeMutablePointer<Int32> {
-        if let existing { return existing }
-        guard let p = api.pointee.scratch!(max(count, 1) * MemoryLayout<Int32>.stride) else {
-            throw .outOfMemory("could not get \(count * 4) bytes of scratch memory for \(what)")
-        }
-        return p.bindMemory(to: Int32.self, capacity: max(count, 1))
+    /// out[j] += sum_i m[i, j] for a (rows, cols) matrix, summed in double in row order (the
+    /// same for any thread count): the gradient of a bias added to every row.
+    public func addColumnSums(
+        _ m: UnsafePointer<Float>, rows: Int, cols: Int, into out: UnsafeMutablePointer<Float>
+    ) throws(PluginFailure) {
+        let acc = try scratchDoubles(cols, "column sums")
+        acc.update(repeating: 0, count: cols)
+        for i in 0..<rows { let row = m + i * cols; for j in 0..<cols { acc[j] += Double(row[j]) } }
+        for j in 0..<cols { out[j] += Float(acc[j]) }
     }
 }

@@ -3,21 +3,22 @@
 import PluginKit
 import VQMoEABI
 
-/// d(v/max(‖v‖, eps))/dv applied to an upstream gradient g, for one row:
+/// d(v/max(‖v‖, eps))/dv applied to an upstream gradient g, for row `row` of v̂ (rows of `cols`):
 ///   ‖v‖ >= eps: (g − v̂ (v̂·g)) / ‖v‖;   ‖v‖ < eps: g / eps.
 /// Accumulated (+=) into `out`.
 @inline(__always) func normalizeBackward(
-    _ vHat: UnsafePointer<Float>, norm: Float, _ g: UnsafePointer<Float>,
-    _ cols: Int, into out: UnsafeMutablePointer<Float>
+    _ vHat: [Float], row: Int, norm: Float, _ g: UnsafePointer<Float>, _ cols: Int,
+    into out: UnsafeMutablePointer<Float>
 ) {
     if norm < normEpsilon {
         for i in 0..<cols { out[i] += g[i] / normEpsilon }
         return
     }
+    let o = row * cols
     var dot: Double = 0
-    for i in 0..<cols { dot += Double(vHat[i]) * Double(g[i]) }
+    for i in 0..<cols { dot += Double(vHat[o + i]) * Double(g[i]) }
     let inv = 1 / Double(norm)
-    for i in 0..<cols { out[i] += Float((Double(g[i]) - Double(vHat[i]) * dot) * inv) }
+    for i in 0..<cols { out[i] += Float((Double(g[i]) - Double(vHat[o + i]) * dot) * inv) }
 }
 
 extension VQGANCosQuantizer {
@@ -29,51 +30,24 @@ extension VQGANCosQuantizer {
     ///   normalisation:     dL/dz = (I − ẑẑᵀ)/‖z‖ dL/dẑ
     ///   proj_in:           grad_x += dL/dz W_in,  grad_W_in += dL/dzᵀ x,  grad_b_in += Σ_t dL/dz_t
     /// Parameter gradients are skipped for a FROZEN forward.
-    func backward(
-        _ ctxPtr: UnsafeMutableRawPointer?, _ ginPtr: UnsafePointer<vqmoe_quantizer_grad_in>?,
-        _ goutPtr: UnsafePointer<vqmoe_quantizer_grad_out>?
-    ) throws(PluginFailure) {
-        guard let ctx = Handle.context(ctxPtr, as: QuantizerContext.self) else {
-            throw .state("backward got a NULL context (forward saves one only in train mode without NO_GRAD)")
-        }
-        guard let ginPtr, let goutPtr else { throw .invalid("backward: grad_in or grad_out is NULL") }
-        try requireSize(ginPtr.pointee.struct_size, vqmoe_quantizer_grad_in.self, "quantizer grad_in")
-        try requireSize(goutPtr.pointee.struct_size, vqmoe_quantizer_grad_out.self, "quantizer grad_out")
-        let n = ctx.n, d = ctx.d, dc = ctx.dc, k = ctx.k
-        let gin = ginPtr.pointee
-        var gradQ: UnsafeMutablePointer<Float>? = nil  // (N,d), absent = zero
-        if gin.grad_quantized.data != nil { gradQ = try requireF32(gin.grad_quantized, [n, d], "grad_quantized") }
-        let gradX = try requireF32(goutPtr.pointee.grad_x, [n, d], "grad_x")  // (N,d)
-        guard gin.grad_loss.isFinite else { throw .numeric("grad_loss is \(gin.grad_loss)") }
+    func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
+        let s = context as! Saved, n = g.n, params = !g.frozen
         guard n > 0 else { return }
-        let params = !ctx.frozen
-
-        // dL/dẑ (N,d_c)
-        let gzHat = try host.scratchFloats(n * dc, "grad of the normalised inputs")
-        if let gq = gradQ {
-            // dL/dz_q (N,d_c) = G (N,d) @ W_out (d,d_c)
-            host.gemm(
-                transA: false, transB: false, m: n, n: dc, k: d, alpha: 1, a: gq, lda: d, b: ctx.wOut, ldb: dc,
-                beta: 0, c: gzHat, ldc: dc)
-            if params {
-                // grad_W_out (d,d_c) += Gᵀ (d,N) @ z_q (N,d_c)
-                if let gW = wOutGrad {
-                    host.gemm(
-                        transA: true, transB: false, m: d, n: dc, k: n, alpha: 1, a: gq, lda: d, b: ctx.zq, ldb: dc,
-                        beta: 1, c: gW, ldc: dc)
-                }
-                if let gb = bOutGrad { for t in 0..<n { let row = gq + t * d; for i in 0..<d { gb[i] += row[i] } } }
+        let gzHat = try host.scratchFloats(n * dc, "grad of the normalised inputs")  // dL/dẑ (N,d_c)
+        if let gq = g.gradQuantized {
+            host.matmul(n, dc, d, gq, s.wOut, gzHat)  // dL/dz_q (N,d_c) = G (N,d) @ W_out (d,d_c)
+            if params, let gW = wOutGrad {  // grad_W_out (d,d_c) += Gᵀ (d,N) @ z_q (N,d_c)
+                host.matmul(d, dc, n, gq, s.zq, gW, ta: true, beta: 1)
             }
+            if params, let gb = bOutGrad { for t in 0..<n { let row = gq + t * d; for i in 0..<d { gb[i] += row[i] } } }
         } else {
             gzHat.update(repeating: 0, count: n * dc)
         }
-
-        let scale = 2 / Float(n * dc) * gin.grad_loss
-        let commit = scale * config.commitment
+        let scale = 2 / Float(n * dc) * g.gradLoss, commit = scale * commitment
         if commit != 0 {
             for t in 0..<n {
-                let g = gzHat + t * dc, zt = ctx.zHat + t * dc, et = ctx.eHat + Int(ctx.codes[t]) * dc
-                for i in 0..<dc { g[i] += commit * (zt[i] - et[i]) }
+                let gt = gzHat + t * dc, z = t * dc, e = Int(s.codes[t]) * dc
+                for i in 0..<dc { gt[i] += commit * (s.zHat[z + i] - s.eHat[e + i]) }
             }
         }
         if params, scale != 0, let gC = codebookGrad {
@@ -81,34 +55,22 @@ extension VQGANCosQuantizer {
             let geHat = try host.scratchFloats(k * dc, "grad of the normalised codes")
             geHat.update(repeating: 0, count: k * dc)
             for t in 0..<n {
-                let g = geHat + Int(ctx.codes[t]) * dc, zt = ctx.zHat + t * dc, et = ctx.eHat + Int(ctx.codes[t]) * dc
-                for i in 0..<dc { g[i] += scale * (et[i] - zt[i]) }
+                let ge = geHat + Int(s.codes[t]) * dc, z = t * dc, e = Int(s.codes[t]) * dc
+                for i in 0..<dc { ge[i] += scale * (s.eHat[e + i] - s.zHat[z + i]) }
             }
             var used = [Bool](repeating: false, count: k)
-            for t in 0..<n { used[Int(ctx.codes[t])] = true }
+            for t in 0..<n { used[Int(s.codes[t])] = true }
             for j in 0..<k where used[j] {
-                normalizeBackward(ctx.eHat + j * dc, norm: ctx.eNorm[j], geHat + j * dc, dc, into: gC + j * dc)
+                normalizeBackward(s.eHat, row: j, norm: s.eNorm[j], geHat + j * dc, dc, into: gC + j * dc)
             }
         }
-
         // dL/dz (N,d_c) through ẑ = z/‖z‖
         let gz = try host.scratchFloats(n * dc, "grad of the projected inputs")
         gz.update(repeating: 0, count: n * dc)
-        for t in 0..<n {
-            normalizeBackward(ctx.zHat + t * dc, norm: ctx.zNorm[t], gzHat + t * dc, dc, into: gz + t * dc)
-        }
-
-        // grad_x (N,d) += dL/dz (N,d_c) @ W_in (d_c,d)
-        host.gemm(
-            transA: false, transB: false, m: n, n: d, k: dc, alpha: 1, a: gz, lda: dc, b: ctx.wIn, ldb: d,
-            beta: 1, c: gradX, ldc: d)
+        for t in 0..<n { normalizeBackward(s.zHat, row: t, norm: s.zNorm[t], gzHat + t * dc, dc, into: gz + t * dc) }
+        host.matmul(n, d, dc, gz, s.wIn, g.gradX, beta: 1)  // grad_x (N,d) += dL/dz (N,d_c) @ W_in (d_c,d)
         guard params else { return }
-        // grad_W_in (d_c,d) += dL/dzᵀ (d_c,N) @ x (N,d)
-        if let gW = wInGrad {
-            host.gemm(
-                transA: true, transB: false, m: dc, n: d, k: n, alpha: 1, a: gz, lda: dc, b: ctx.x, ldb: d,
-                beta: 1, c: gW, ldc: d)
-        }
+        if let gW = wInGrad { host.matmul(dc, d, n, gz, s.x, gW, ta: true, beta: 1) }  // grad_W_in += dL/dzᵀ x
         if let gb = bInGrad { for t in 0..<n { let row = gz + t * dc; for i in 0..<dc { gb[i] += row[i] } } }
     }
 }
