@@ -125,6 +125,8 @@ final class Instance {
     let model: ModelInfo
     /// Declared once at create (a component's buffer list must not change afterwards).
     let decls: [BufferDecl]
+    /// bind_buffers succeeded (calls that use the buffers come after it).
+    var bound = false
     init(_ component: PluginComponent, _ model: ModelInfo) {
         self.component = component
         self.model = model
@@ -148,10 +150,14 @@ func instance(_ p: OpaquePointer?) -> Instance? {
     p.map { Unmanaged<Instance>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
 }
 
-/// Run a call on the instance behind `p`, turning failures into status codes.
-func call(_ p: OpaquePointer?, _ body: (Instance) throws(PluginFailure) -> Void) -> Int32 {
+/// Run a call on the instance behind `p`, turning failures into status codes. A call that
+/// uses the buffers (`bound`) fails with a STATE error before bind_buffers.
+func call(_ p: OpaquePointer?, bound: Bool = true, _ body: (Instance) throws(PluginFailure) -> Void) -> Int32 {
     guard let inst = instance(p) else { return VQMOE_ERR_INVALID_ARGUMENT }
-    return guarded(inst.model.host.api) { () throws(PluginFailure) in try body(inst) }
+    return guarded(inst.model.host.api) { () throws(PluginFailure) in
+        guard !bound || inst.bound || inst.decls.isEmpty else { throw .state("called before bind_buffers") }
+        try body(inst)
+    }
 }
 
 /// Keep a forward's context for the host, wrapped with its sizes.
@@ -225,7 +231,7 @@ private func descriptor<T: PluginComponent>(_ type: T.Type) -> vqmoe_plugin_desc
     d.destroy = { p in if let p { Unmanaged<Instance>.fromOpaque(UnsafeRawPointer(p)).release() } }
     d.num_buffers = { p in Int32(instance(p)?.decls.count ?? 0) }
     d.buffer_spec = { p, i, out in
-        call(p) { inst throws(PluginFailure) in
+        call(p, bound: false) { inst throws(PluginFailure) in
             guard let out else { throw .invalid("buffer_spec: out is NULL") }
             guard i >= 0 && Int(i) < inst.decls.count else {
                 throw .invalid("buffer index \(i) outside [0, \(inst.decls.count))")
@@ -234,9 +240,10 @@ private func descriptor<T: PluginComponent>(_ type: T.Type) -> vqmoe_plugin_desc
         }
     }
     d.bind_buffers = { p, bindings, n in
-        call(p) { inst throws(PluginFailure) in
+        call(p, bound: false) { inst throws(PluginFailure) in
             try inst.component.bind(
                 BoundBuffers(inst.decls, bindings, count: Int(n), bindingSize: inst.model.bindingSize))
+            inst.bound = true
         }
     }
     d.init_buffers = { p, seed in call(p) { inst throws(PluginFailure) in try inst.component.initBuffers(seed: seed) } }

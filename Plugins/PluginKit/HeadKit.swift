@@ -78,7 +78,7 @@ nonisolated(unsafe) let headTable: UnsafeRawPointer = {
         to: vqmoe_head_api(
             struct_size: UInt32(MemoryLayout<vqmoe_head_api>.size),
             shape: { inst, out in
-                call(inst) { i throws(PluginFailure) in
+                call(inst, bound: false) { i throws(PluginFailure) in
                     guard let out else { throw .invalid("shape: out is NULL") }
                     let h = try head(i)
                     (out.pointee.per_token, out.pointee.n_out, out.pointee.is_lm) = (

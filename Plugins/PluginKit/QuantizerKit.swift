@@ -55,7 +55,7 @@ nonisolated(unsafe) let quantizerTable: UnsafeRawPointer = {
         to: vqmoe_quantizer_api(
             struct_size: UInt32(MemoryLayout<vqmoe_quantizer_api>.size),
             shape: { inst, out in
-                call(inst) { i throws(PluginFailure) in
+                call(inst, bound: false) { i throws(PluginFailure) in
                     guard let out else { throw .invalid("shape: out is NULL") }
                     let q = try quantizer(i)
                     (out.pointee.codebook_size, out.pointee.codes_per_token) = (

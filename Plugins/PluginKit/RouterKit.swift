@@ -85,7 +85,7 @@ nonisolated(unsafe) let routerTable: UnsafeRawPointer = {
         to: vqmoe_router_api(
             struct_size: UInt32(MemoryLayout<vqmoe_router_api>.size),
             shape: { inst, step, out in
-                call(inst) { i throws(PluginFailure) in
+                call(inst, bound: false) { i throws(PluginFailure) in
                     guard let out else { throw .invalid("shape: out is NULL") }
                     switch try router(i).shape(try Step(step)) {
                     case .topK(let k):
