@@ -9,11 +9,6 @@ import Glibc
 import PluginKit
 import VQMoEABI
 
-extension PluginFailure {
-    /// A data problem (missing, unreadable or malformed file): VQMOE_ERR_IO.
-    static func io(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: m) }
-}
-
 /// Where to get the data, appended to "file missing" errors.
 func cifarDataHint(_ variant: CIFARVariant) -> String {
     let archive =

@@ -19,52 +19,10 @@ import VQMoEABI
 public let splitNames = ["train", "valid", "test"]
 
 /// An IO failure (file missing, unreadable or malformed): VQMOE_ERR_IO.
-public func ioFailure(_ message: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: message) }
-
-/// The whole regular file at `path`. A missing file names the path and `hint` (where to get
-/// the data); other failures give the system's reason.
-public func readWholeFile(_ path: String, who: String, hint: String) throws(PluginFailure) -> [UInt8] {
-    let fd = open(path, O_RDONLY)
-    if fd < 0 {
-        let e = errno
-        if e == ENOENT { throw ioFailure("\(who): data file \(path) not found. \(hint)") }
-        throw ioFailure("\(who): cannot open \(path): \(String(cString: strerror(e)))")
-    }
-    defer { close(fd) }
-    var st = stat()
-    guard fstat(fd, &st) == 0 else {
-        throw ioFailure("\(who): cannot stat \(path): \(String(cString: strerror(errno)))")
-    }
-    guard (st.st_mode & S_IFMT) == S_IFREG else { throw ioFailure("\(who): \(path) is not a regular file") }
-    let size = Int(st.st_size)
-    var failure: String?
-    let bytes = [UInt8](unsafeUninitializedCapacity: max(size, 1)) { buf, count in
-        var done = 0
-        while done < size {
-            let r = read(fd, buf.baseAddress! + done, size - done)
-            if r < 0 {
-                if errno == EINTR { continue }
-                failure = String(cString: strerror(errno))
-                break
-            }
-            if r == 0 { break }  // the file shrank while reading
-            done += r
-        }
-        count = done
-    }
-    if let failure { throw ioFailure("\(who): cannot read \(path): \(failure)") }
-    return bytes
-}
+public func ioFailure(_ message: String) -> PluginFailure { .io(message) }
 
 /// ASCII whitespace: space, \t, \n, \v, \f, \r.
 @inline(__always) public func isSpace(_ c: UInt8) -> Bool { c == 32 || (c >= 9 && c <= 13) }
-
-/// `floor(n * fraction)`, clamped to [0, n], with a guard against representation error
-/// (0.29 * 100 must give 29, not 28).
-public func fractionOf(_ n: Int, _ fraction: Double) -> Int {
-    let x = (Double(n) * fraction + 1e-6).rounded(.down)
-    return min(max(Int(x), 0), n)
-}
 
 /// The examples of one split: every text's UTF-8 bytes back to back, where each one starts,
 /// and its label.
