@@ -21,6 +21,14 @@ public final class EpochSampler {
         self.host = host; self.seed = seed; self.count = count
     }
 
+    /// `who` prefixes the failure of a host without rng_next_u64.
+    public init(host: Host, seed: UInt64, count: Int, who: String) throws(PluginFailure) {
+        guard host.api.pointee.rng_next_u64 != nil else {
+            throw .invalid("\(who): the host API table lacks rng_next_u64")
+        }
+        self.host = host; self.seed = seed; self.count = count
+    }
+
     /// perm_e: a permutation of 0..<N (N).
     public func permutation(_ epoch: Int64) -> [Int32] {
         if let hit = cache.first(where: { $0.epoch == epoch }) { return hit.perm }
@@ -57,6 +65,25 @@ public final class EpochSampler {
             }
         }
         return out
+    }
+}
+
+extension Batch {
+    /// The examples this batch covers, for datasets of indexed examples: train batch i = stream
+    /// positions [i·B, (i+1)·B) of `sampler`; a valid / test batch walks its split in order
+    /// (the kit has checked the index), the last one possibly partial. Indices are into the
+    /// split, plus `validOffset` for valid examples (a valid split that is the tail of the
+    /// training file).
+    public func examples(_ sampler: EpochSampler, validOffset: Int = 0) throws(PluginFailure) -> [Int] {
+        if split == .train {
+            let (start, overflow) = index.multipliedReportingOverflow(by: Int64(size))
+            guard !overflow, start <= Int64.max - Int64(size) else {
+                throw .invalid("train batch \(index) of \(size) is beyond the 2^63 stream positions")
+            }
+            return sampler.examples(from: start, count: size)
+        }
+        let first = Int(index) * size, offset = split == .valid ? validOffset : 0
+        return (first..<min(first + size, splitSize)).map { offset + $0 }
     }
 }
 
