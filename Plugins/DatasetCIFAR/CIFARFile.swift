@@ -9,11 +9,6 @@ import Glibc
 import PluginKit
 import VQMoEABI
 
-extension PluginFailure {
-    /// A data problem (missing, unreadable or malformed file): VQMOE_ERR_IO.
-    static func io(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: m) }
-}
-
 /// Where to get the data, appended to "file missing" errors.
 func cifarDataHint(_ variant: CIFARVariant) -> String {
     let archive =
@@ -32,48 +27,18 @@ struct ImageSet {
     var count: Int { labels.count }
 }
 
-/// Read a whole regular file.
-private func readWholeFile(_ path: String, variant: CIFARVariant) throws(PluginFailure) -> [UInt8] {
-    let fd = open(path, O_RDONLY)
-    if fd < 0 {
-        let e = errno
-        guard e == ENOENT else { throw .io("cannot open \(path): \(String(cString: strerror(e)))") }
-        var msg = "data file \(path) not found."
-        var st = stat()
-        if path.hasSuffix(".bin"), stat(String(path.dropLast(4)), &st) == 0 {
-            msg +=
-                " \(String(path.dropLast(4))) exists: that is the Python (pickle) version, this plugin reads the binary version."
-        }
-        throw .io("\(msg) \(cifarDataHint(variant))")
-    }
-    defer { close(fd) }
+/// A note for a missing "X.bin" when "X" exists: the Python version instead of the binary one.
+private func pickleNote(_ path: String) -> String {
     var st = stat()
-    guard fstat(fd, &st) == 0 else { throw .io("cannot stat \(path): \(String(cString: strerror(errno)))") }
-    guard (st.st_mode & S_IFMT) == S_IFREG else { throw .io("\(path) is not a regular file") }
-    let size = Int(st.st_size)
-    var bytes = [UInt8](repeating: 0, count: size)
-    var done = 0
-    var failure: String?
-    bytes.withUnsafeMutableBytes { p in
-        while done < size {
-            let r = read(fd, p.baseAddress! + done, size - done)
-            if r < 0 {
-                if errno == EINTR { continue }
-                failure = String(cString: strerror(errno))
-                return
-            }
-            if r == 0 { break }  // the file shrank while reading
-            done += r
-        }
-    }
-    if let failure { throw .io("cannot read \(path): \(failure)") }
-    return Array(bytes[0..<done])
+    guard path.hasSuffix(".bin"), stat(String(path.dropLast(4)), &st) == 0 else { return "" }
+    return
+        "\(String(path.dropLast(4))) exists: that is the Python (pickle) version, this plugin reads the binary version. "
 }
 
 /// Append the records of `path` to `set`: check the size is a positive multiple of the record
 /// size and every label byte is in range; keep the fine (or coarse) label.
 func appendRecords(_ path: String, variant: CIFARVariant, coarse: Bool, to set: inout ImageSet) throws(PluginFailure) {
-    let bytes = try readWholeFile(path, variant: variant)
+    let bytes = try readWholeFile(path, hint: pickleNote(path) + cifarDataHint(variant))
     let R = variant.recordSize, L = variant.labelBytes, P = 3 * 32 * 32
     guard !bytes.isEmpty else { throw .io("\(path) is empty (\(variant.displayName) records are \(R) bytes)") }
     guard bytes.count % R == 0 else {

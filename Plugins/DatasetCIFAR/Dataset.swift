@@ -1,4 +1,4 @@
-// One cifar dataset instance: the decoded records, the splits, and the batches.
+// The `cifar` dataset plugin: CIFAR-10 / CIFAR-100, binary version (CIFARFile.swift).
 //
 // Splits: the training records (CIFAR-10: data_batch_1..5.bin in that order; CIFAR-100:
 // train.bin) minus the last ⌊N·valid_fraction⌋ are the train split, those last records (in
@@ -14,15 +14,51 @@
 import PluginKit
 import VQMoEABI
 
-private let splitNames = ["train", "valid", "test"]
+/// CIFAR-10 or CIFAR-100 (Krizhevsky 2009), binary version.
+enum CIFARVariant: String {
+    case cifar10, cifar100
 
-final class CIFARDataset {
-    let host: Host
-    let config: CIFARConfig
-    let who: String
+    /// Label bytes before the 3072 pixel bytes of a record: CIFAR-10 (label); CIFAR-100 (coarse, fine).
+    var labelBytes: Int { self == .cifar10 ? 1 : 2 }
+    var recordSize: Int { labelBytes + 3 * 32 * 32 }
+    /// Training files in order, then the test file.
+    var trainFiles: [String] { self == .cifar10 ? (1...5).map { "data_batch_\($0).bin" } : ["train.bin"] }
+    var testFile: String { self == .cifar10 ? "test_batch.bin" : "test.bin" }
+    /// Per-channel (R, G, B) mean and standard deviation of x/255 over the training set.
+    var mean: [Double] { self == .cifar10 ? [0.4914, 0.4822, 0.4465] : [0.5071, 0.4865, 0.4409] }
+    var std: [Double] { self == .cifar10 ? [0.2470, 0.2435, 0.2616] : [0.2673, 0.2564, 0.2762] }
+    var displayName: String { self == .cifar10 ? "CIFAR-10" : "CIFAR-100" }
+}
+
+final class CIFARDataset: DatasetPlugin {
+    static let name = "cifar", version = "1.0.0"
+    static let summary =
+        "CIFAR-10 / CIFAR-100 binary version (Krizhevsky 2009): (3,32,32) float32 pixels, per-channel (x/255 - mean)/std, "
+        + "fine or coarse CIFAR-100 labels, last valid_fraction of the training records as the valid split"
+    static let hyperparameters: [Hyper] = [
+        .string(
+            "dir", "$DATA/cifar-10-batches-bin", path: true,
+            "folder of the binary version: data_batch_{1..5}.bin + test_batch.bin (CIFAR-10) or train.bin + test.bin (CIFAR-100); $DATA and $ROOT are expanded"
+        ),
+        .string(
+            "variant", "cifar10", choices: ["cifar10", "cifar100"],
+            "cifar10 (10 classes, 1 label byte per record) or cifar100 (2 label bytes: coarse, fine)"),
+        .string(
+            "label", "fine", choices: ["fine", "coarse"],
+            "CIFAR-100 label: fine (100 classes) or coarse (20 superclasses); CIFAR-10 has only fine"),
+        .float(
+            "valid_fraction", 0.1, min: 0, max: 0.5,
+            "the last fraction of the training records (file order) held out as the valid split"),
+        .bool(
+            "normalize", true,
+            "per-channel (x/255 - mean)/std with the variant's training-set statistics; false: x/255"),
+    ]
+
     /// (C, H, W) of one sample.
     static let channels = 3, height = 32, width = 32
     static let pixelsPerImage = channels * height * width
+    /// Classes of the chosen label: 10, 100 (fine) or 20 (coarse).
+    let nClasses: Int
     /// All training records (train split = [0, nTrain), valid split = [nTrain, count)) and the test records.
     let trainFile: ImageSet
     let testFile: ImageSet
@@ -32,107 +68,69 @@ final class CIFARDataset {
     let table: [Float]
     let sampler: EpochSampler
 
-    init(info: UnsafePointer<vqmoe_create_info>?, hp: UnsafePointer<vqmoe_hparams>?) throws(PluginFailure) {
-        guard let info else { throw .invalid("create_info is NULL") }
-        try requireSize(info.pointee.struct_size, vqmoe_create_info.self, "create_info")
-        host = try Host.checked(info.pointee.host)
-        guard host.api.pointee.rng_next_u64 != nil else { throw .invalid("host API table lacks rng_next_u64") }
-        let name = info.pointee.instance_name.map { String(cString: $0) } ?? "cifar"
-        who = "dataset 'cifar' (\(name))"
-        do {
-            config = try CIFARConfig(hp)
-        } catch {
-            throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+    init(_ model: ModelInfo, _ hp: HyperValues) throws(PluginFailure) {
+        let who = Self.who(model), dir = hp.string("dir"), variant = CIFARVariant(rawValue: hp.string("variant"))!
+        let coarse = hp.string("label") == "coarse", validFraction = hp.double("valid_fraction")
+        guard !(coarse && variant == .cifar10) else {
+            throw .invalid(
+                "\(who): label = coarse needs variant = cifar100 (CIFAR-10 records have a single label byte)")
         }
-        let c = config
+        nClasses = variant == .cifar10 ? 10 : (coarse ? 20 : 100)
         var train = ImageSet(), test = ImageSet()
-        do {
-            for file in c.variant.trainFiles {
-                try appendRecords(c.path(file), variant: c.variant, coarse: c.coarse, to: &train)
+        try prefixed(who) { () throws(PluginFailure) in
+            for file in variant.trainFiles {
+                try appendRecords(dir + "/" + file, variant: variant, coarse: coarse, to: &train)
             }
-            try appendRecords(c.path(c.variant.testFile), variant: c.variant, coarse: c.coarse, to: &test)
-        } catch {
-            throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+            try appendRecords(dir + "/" + variant.testFile, variant: variant, coarse: coarse, to: &test)
         }
-        trainFile = train
-        testFile = test
+        (trainFile, testFile) = (train, test)
         // ⌊N·f⌋ with a guard against representation error (0.1 · 50000 must give 5000).
-        nValid = min(max(Int((Double(train.count) * c.validFraction + 1e-6).rounded(.down)), 0), train.count)
+        nValid = fractionOf(train.count, validFraction)
         nTrain = train.count - nValid
         guard nTrain >= 1 else {
             throw .io(
-                "\(who): \(c.dir) holds \(train.count) training records: none left for training after valid_fraction \(c.validFraction)"
+                "\(who): \(dir) holds \(train.count) training records: none left for training after valid_fraction \(validFraction)"
             )
         }
         var t = [Float](repeating: 0, count: 3 * 256)
         for ch in 0..<3 {
             for v in 0..<256 {
                 let x = Double(v) / 255
-                t[ch * 256 + v] = Float(c.normalize ? (x - c.variant.mean[ch]) / c.variant.std[ch] : x)
+                t[ch * 256 + v] = Float(hp.bool("normalize") ? (x - variant.mean[ch]) / variant.std[ch] : x)
             }
         }
         table = t
-        sampler = EpochSampler(host: host, seed: info.pointee.seed, count: nTrain)
+        sampler = try EpochSampler(host: model.host, seed: model.seed, count: nTrain, who: who)
     }
 
-    /// Examples per split (train, valid, test).
-    var splitSizes: [Int] { [nTrain, nValid, testFile.count] }
-
-    func info(_ out: UnsafeMutablePointer<vqmoe_dataset_info>?) throws(PluginFailure) {
-        guard let out else { throw .invalid("info: out is NULL") }
-        try requireSize(out.pointee.struct_size, vqmoe_dataset_info.self, "dataset_info")
-        out.pointee.task = VQMOE_TASK_CLASSIFY_IMAGE
-        out.pointee.vocab_size = 0
-        out.pointee.n_classes = Int64(config.nClasses)
-        out.pointee.sample_ndim = 3
-        out.pointee.sample_shape = (Int64(Self.channels), Int64(Self.height), Int64(Self.width), 0)
-        out.pointee.split_size = (Int64(nTrain), Int64(nValid), Int64(testFile.count))
+    var info: DatasetInfo {
+        DatasetInfo(
+            .classifyImage(classes: nClasses), sample: [Self.channels, Self.height, Self.width],
+            splits: [nTrain, nValid, testFile.count])
     }
 
-    /// Batches of an ordered pass: ceil(size / B); train: Int64.max.
-    func numBatches(_ split: Int32, _ batchSize: Int64) throws(PluginFailure) -> Int64 {
-        guard (0...2).contains(split) else { throw .invalid("\(who): unknown split \(split)") }
-        guard batchSize >= 1 else { throw .invalid("\(who): batch_size \(batchSize) must be >= 1") }
-        if split == VQMOE_SPLIT_TRAIN { return Int64.max }
-        let size = Int64(splitSizes[Int(split)])
-        return (size + batchSize - 1) / batchSize
-    }
-
-    /// Fill `out` with batch `req.index` of `req.split`: inputs (B,3,32,32) float32, targets (B) int32.
-    func readBatch(
-        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
-    ) throws(PluginFailure) {
-        guard let req, let out else { throw .invalid("read_batch: request or batch is NULL") }
-        try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "batch_request")
-        try requireSize(out.pointee.struct_size, vqmoe_batch.self, "batch")
-        let r = req.pointee
-        let (split, examples) = try batchExamples(
-            r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
-        let file: ImageSet = split == VQMOE_SPLIT_TEST ? testFile : trainFile
-        let B = Int(r.batch_size), P = Self.pixelsPerImage, plane = Self.height * Self.width
-        let inputs = try requireF32(
-            out.pointee.inputs, [B, Self.channels, Self.height, Self.width],
-            "\(who): read_batch inputs")  // (B,3,32,32)
-        let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")  // (B)
-
-        let n = examples.count
+    /// Inputs (B,3,32,32) float32 through the table, targets (B) int32.
+    func read(_ b: Batch) throws(PluginFailure) -> Int {
+        let examples = try b.examples(sampler, validOffset: nTrain)
+        let file = b.split == .test ? testFile : trainFile
+        let P = Self.pixelsPerImage, plane = Self.height * Self.width
         table.withUnsafeBufferPointer { lut in
             file.pixels.withUnsafeBufferPointer { px in
                 for (row, ex) in examples.enumerated() {
-                    let src = px.baseAddress! + ex * P, dst = inputs + row * P
+                    let src = px.baseAddress! + ex * P, dst = b.pixels + row * P
                     for ch in 0..<Self.channels {
                         let t = lut.baseAddress! + ch * 256, s = src + ch * plane, d = dst + ch * plane
                         for k in 0..<plane { d[k] = t[Int(s[k])] }
                     }
-                    targets[row] = file.labels[ex]
+                    b.targets[row] = file.labels[ex]
                 }
             }
         }
-        // Padding of a partial eval batch: 0 inputs, VQMOE_PAD_TARGET targets.
-        if n < B {
-            (inputs + n * P).update(repeating: 0, count: (B - n) * P)
-            (targets + n).update(repeating: Int32(VQMOE_PAD_TARGET), count: B - n)
-        }
-        out.pointee.rows = Int64(n)
+        return examples.count
     }
+}
+
+@_cdecl("vqmoe_plugin_entry")
+public func vqmoePluginEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
+    pluginEntry(CIFARDataset.self, host)
 }

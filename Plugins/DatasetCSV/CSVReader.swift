@@ -57,7 +57,7 @@ struct CSVReader {
                 pos += 1
                 while true {
                     guard pos < n else {
-                        throw ioFailure(
+                        throw .io(
                             "\(at):\(openLine): a quoted field opened on this line is never closed (missing '\"')")
                     }
                     let c = bytes[pos]
@@ -76,7 +76,7 @@ struct CSVReader {
                     let c = bytes[pos]
                     let shown =
                         c >= 32 && c < 127 ? "'\(Character(Unicode.Scalar(c)))'" : "byte 0x\(String(c, radix: 16))"
-                    throw ioFailure(
+                    throw .io(
                         "\(at):\(line): unexpected \(shown) after the closing quote of a quoted field (a '\"' inside a quoted field must be written \"\")"
                     )
                 }
@@ -114,26 +114,26 @@ func readCSVRows(
     who: String
 ) throws(PluginFailure) -> CSVRows {
     let bytes = try readWholeFile(path, who: who, hint: csvDataHint)
-    guard !bytes.isEmpty else { throw ioFailure("\(who): data file \(path) is empty") }
+    guard !bytes.isEmpty else { throw .io("\(who): data file \(path) is empty") }
     var reader = CSVReader(bytes: bytes, delimiter: delimiter, at: "\(who): \(path)")
-    guard let header = try reader.next() else { throw ioFailure("\(who): data file \(path) has no header row") }
+    guard let header = try reader.next() else { throw .io("\(who): data file \(path) has no header row") }
     let columns = header.fields.map { String(decoding: $0, as: UTF8.self) }
     let listed = columns.map { "'\($0)'" }.joined(separator: ", ")
     let separator = delimiter == 9 ? "tab" : "comma"
     guard let textIndex = columns.firstIndex(of: textColumn) else {
-        throw ioFailure(
+        throw .io(
             "\(who): \(path):\(header.line): the header has no column '\(textColumn)' (text_column); its \(columns.count) columns (\(separator)-separated) are \(listed)"
         )
     }
     guard let labelIndex = columns.firstIndex(of: labelColumn) else {
-        throw ioFailure(
+        throw .io(
             "\(who): \(path):\(header.line): the header has no column '\(labelColumn)' (label_column); its \(columns.count) columns (\(separator)-separated) are \(listed)"
         )
     }
     var rows = CSVRows(path: path)
     while let record = try reader.next() {
         guard record.fields.count == columns.count else {
-            throw ioFailure(
+            throw .io(
                 "\(who): \(path):\(record.line): \(record.fields.count) fields, but the header (line \(header.line)) has \(columns.count) columns (\(separator)-separated)"
             )
         }
@@ -141,7 +141,7 @@ func readCSVRows(
         rows.labels.append(trimmed(record.fields[labelIndex]))
         rows.lines.append(record.line)
     }
-    guard rows.count > 0 else { throw ioFailure("\(who): data file \(path) has a header but no rows") }
+    guard rows.count > 0 else { throw .io("\(who): data file \(path) has a header but no rows") }
     return rows
 }
 

@@ -8,30 +8,30 @@ import VQMoEABI
 /// whitespace removed and must be distinct.
 func readCategories(_ path: String, who: String) throws(PluginFailure) -> [String] {
     let bytes = try readWholeFile(path, who: who, hint: csvDataHint)
-    guard !bytes.isEmpty else { throw ioFailure("\(who): categories file \(path) is empty") }
+    guard !bytes.isEmpty else { throw .io("\(who): categories file \(path) is empty") }
     let object: Any
     do {
         object = try JSONSerialization.jsonObject(with: Data(bytes))
     } catch {
-        throw ioFailure(
+        throw .io(
             "\(who): \(path) is not valid JSON (\(error.localizedDescription)); expected an array of label strings such as [\"card_arrival\", \"card_linking\"]"
         )
     }
     guard let array = object as? [Any] else {
-        throw ioFailure("\(who): \(path): expected a JSON array of label strings, got \(type(of: object))")
+        throw .io("\(who): \(path): expected a JSON array of label strings, got \(type(of: object))")
     }
     var names: [String] = []
     for (i, element) in array.enumerated() {
         guard let name = element as? String else {
-            throw ioFailure("\(who): \(path): element \(i) of the array is not a string (\(element))")
+            throw .io("\(who): \(path): element \(i) of the array is not a string (\(element))")
         }
         names.append(trimmed(Array(name.utf8)))
     }
-    guard !names.isEmpty else { throw ioFailure("\(who): \(path): the array of categories is empty") }
+    guard !names.isEmpty else { throw .io("\(who): \(path): the array of categories is empty") }
     var seen: [String: Int] = [:]
     for (i, name) in names.enumerated() {
         if let j = seen[name] {
-            throw ioFailure("\(who): \(path): category '\(name)' appears twice (elements \(j) and \(i))")
+            throw .io("\(who): \(path): category '\(name)' appears twice (elements \(j) and \(i))")
         }
         seen[name] = i
     }
@@ -52,7 +52,7 @@ func examples(
     var out = TextExamples()
     for i in 0..<rows.count {
         guard let label = classes[rows.labels[i]] else {
-            throw ioFailure(
+            throw .io(
                 "\(who): \(rows.path):\(rows.lines[i]): label '\(rows.labels[i])' is not one of the \(classes.count) classes (\(source))"
             )
         }

@@ -1,4 +1,4 @@
-// One idx dataset instance: the decoded images and labels, the splits, and the batches.
+// The `idx` dataset plugin: MNIST / Fashion-MNIST in IDX format (IDXFile.swift).
 //
 // Splits: the training file's first N − ⌊N·valid_fraction⌋ images are the train split, the
 // rest (in file order) the valid split; the test files are the test split.
@@ -12,8 +12,6 @@
 import PluginKit
 import VQMoEABI
 
-private let splitNames = ["train", "valid", "test"]
-
 /// Images of one IDX source: `count` images of `pixelsPerImage` bytes and their labels.
 struct ImageSet {
     var pixels: [UInt8]  // (count, H·W)
@@ -21,10 +19,34 @@ struct ImageSet {
     var count: Int { labels.count }
 }
 
-final class IDXDataset {
-    let host: Host
-    let config: IDXConfig
-    let who: String
+final class IDXDataset: DatasetPlugin {
+    static let name = "idx", version = "1.0.0"
+    static let summary =
+        "MNIST / Fashion-MNIST images in IDX format (LeCun et al.; Fashion-MNIST: Zalando Research, MIT), gzip or plain: "
+        + "(1,H,W) float32 pixels (x/255 - mean)/std, last valid_fraction of the training file as the valid split"
+    static let hyperparameters: [Hyper] = [
+        .string(
+            "dir", "$DATA/fashion-mnist", path: true, "folder holding the IDX files (the host expands $DATA and $ROOT)"),
+        .string(
+            "train_images", "train-images-idx3-ubyte.gz",
+            "training images in dir (IDX3 ubyte, gzip or plain; '.gz' added or dropped when missing)"),
+        .string("train_labels", "train-labels-idx1-ubyte.gz", "training labels in dir (IDX1 ubyte, gzip or plain)"),
+        .string("test_images", "t10k-images-idx3-ubyte.gz", "test images in dir (IDX3 ubyte, gzip or plain)"),
+        .string("test_labels", "t10k-labels-idx1-ubyte.gz", "test labels in dir (IDX1 ubyte, gzip or plain)"),
+        .float(
+            "valid_fraction", 0.1, min: 0, max: 0.5,
+            "the last fraction of the training images (file order) held out as the valid split"),
+        .bool("normalize", true, "pixels (x/255 - mean)/std; false: x/255 in [0, 1]"),
+        .float(
+            "mean", 0.2860,
+            "pixel mean (of x/255) subtracted when normalize (Fashion-MNIST: 0.2860; MNIST: 0.1307)"),
+        .float(
+            "std", 0.3530, min: 0,
+            "pixel standard deviation divided by when normalize (Fashion-MNIST: 0.3530; MNIST: 0.3081)"),
+        .int("n_classes", 10, min: 1, max: 256, "number of classes; every label must be < n_classes"),
+    ]
+
+    let nClasses: Int
     /// (C, H, W) of one sample; C = 1.
     let rows: Int
     let cols: Int
@@ -38,61 +60,47 @@ final class IDXDataset {
     let table: [Float]
     let sampler: EpochSampler
 
-    init(info: UnsafePointer<vqmoe_create_info>?, hp: UnsafePointer<vqmoe_hparams>?) throws(PluginFailure) {
-        guard let info else { throw .invalid("create_info is NULL") }
-        try requireSize(info.pointee.struct_size, vqmoe_create_info.self, "create_info")
-        host = try Host.checked(info.pointee.host)
-        guard host.api.pointee.rng_next_u64 != nil else { throw .invalid("host API table lacks rng_next_u64") }
-        let name = info.pointee.instance_name.map { String(cString: $0) } ?? "idx"
-        who = "dataset 'idx' (\(name))"
-        do {
-            config = try IDXConfig(hp)
-        } catch {
-            throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+    init(_ model: ModelInfo, _ hp: HyperValues) throws(PluginFailure) {
+        let who = Self.who(model), dir = hp.string("dir"), std = hp.double("std"), mean = hp.double("mean")
+        guard std > 0 else { throw .invalid("\(who): std \(std) must be finite and > 0") }
+        let classes = hp.int("n_classes")
+        nClasses = classes
+        // A file named by a hyperparameter: `dir/name`, or `name` when absolute.
+        let path = { (name: String) in
+            let n = hp.string(name); return n.hasPrefix("/") ? n : dir + "/" + n
         }
-        let c = config
-        let loaded: (ImageSet, Int, Int, ImageSet, Int, Int)
-        do {
-            let (train, trainRows, trainCols) = try IDXDataset.load(
-                images: c.path(c.trainImages), labels: c.path(c.trainLabels),
-                what: "training", nClasses: c.nClasses)
-            let (test, testRows, testCols) = try IDXDataset.load(
-                images: c.path(c.testImages), labels: c.path(c.testLabels),
-                what: "test", nClasses: c.nClasses)
-            loaded = (train, trainRows, trainCols, test, testRows, testCols)
-        } catch {
-            throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
+        let (train, trainRows, trainCols) = try prefixed(who) { () throws(PluginFailure) in
+            try Self.load(images: path("train_images"), labels: path("train_labels"), what: "training", classes)
         }
-        let (train, trainRows, trainCols, test, testRows, testCols) = loaded
+        let (test, testRows, testCols) = try prefixed(who) { () throws(PluginFailure) in
+            try Self.load(images: path("test_images"), labels: path("test_labels"), what: "test", classes)
+        }
         guard testRows == trainRows && testCols == trainCols else {
             throw .io(
-                "\(who): \(c.path(c.testImages)): test images are \(testRows)x\(testCols) but the training images (\(c.path(c.trainImages))) are \(trainRows)x\(trainCols)"
+                "\(who): \(path("test_images")): test images are \(testRows)x\(testCols) but the training images (\(path("train_images"))) are \(trainRows)x\(trainCols)"
             )
         }
-        rows = trainRows
-        cols = trainCols
-        trainFile = train
-        testFile = test
+        (rows, cols, trainFile, testFile) = (trainRows, trainCols, train, test)
         // ⌊N·f⌋ with a guard against representation error (0.1 · 60000 must give 6000).
-        nValid = min(max(Int((Double(train.count) * c.validFraction + 1e-6).rounded(.down)), 0), train.count)
+        nValid = fractionOf(train.count, hp.double("valid_fraction"))
         nTrain = train.count - nValid
         guard nTrain >= 1 else {
             throw .io(
-                "\(who): \(c.path(c.trainImages)) holds \(train.count) images: none left for training after valid_fraction \(c.validFraction)"
+                "\(who): \(path("train_images")) holds \(train.count) images: none left for training after valid_fraction \(hp.double("valid_fraction"))"
             )
         }
+        let normalize = hp.bool("normalize")
         table = (0..<256).map { v in
             let x = Double(v) / 255
-            return Float(c.normalize ? (x - c.mean) / c.std : x)
+            return Float(normalize ? (x - mean) / std : x)
         }
-        sampler = EpochSampler(host: host, seed: info.pointee.seed, count: nTrain)
+        sampler = try EpochSampler(host: model.host, seed: model.seed, count: nTrain, who: who)
     }
 
     /// Read an image file and its label file; check they agree and that labels < n_classes.
     /// Returns the images and their (rows, cols).
     static func load(
-        images: String, labels: String, what: String,
-        nClasses: Int
+        images: String, labels: String, what: String, _ nClasses: Int
     ) throws(PluginFailure) -> (ImageSet, Int, Int) {
         let img = try readIDX(images, what: "\(what) images", magic: idxImageMagic)
         let lab = try readIDX(labels, what: "\(what) labels", magic: idxLabelMagic)
@@ -111,59 +119,29 @@ final class IDXDataset {
         return (ImageSet(pixels: img.bytes, labels: out), h, w)
     }
 
-    /// Examples per split (train, valid, test).
-    var splitSizes: [Int] { [nTrain, nValid, testFile.count] }
-
-    func info(_ out: UnsafeMutablePointer<vqmoe_dataset_info>?) throws(PluginFailure) {
-        guard let out else { throw .invalid("info: out is NULL") }
-        try requireSize(out.pointee.struct_size, vqmoe_dataset_info.self, "dataset_info")
-        out.pointee.task = VQMOE_TASK_CLASSIFY_IMAGE
-        out.pointee.vocab_size = 0
-        out.pointee.n_classes = Int64(config.nClasses)
-        out.pointee.sample_ndim = 3
-        out.pointee.sample_shape = (1, Int64(rows), Int64(cols), 0)
-        out.pointee.split_size = (Int64(nTrain), Int64(nValid), Int64(testFile.count))
+    var info: DatasetInfo {
+        DatasetInfo(
+            .classifyImage(classes: nClasses), sample: [1, rows, cols], splits: [nTrain, nValid, testFile.count])
     }
 
-    /// Batches of an ordered pass: ceil(size / B); train: Int64.max.
-    func numBatches(_ split: Int32, _ batchSize: Int64) throws(PluginFailure) -> Int64 {
-        guard (0...2).contains(split) else { throw .invalid("\(who): unknown split \(split)") }
-        guard batchSize >= 1 else { throw .invalid("\(who): batch_size \(batchSize) must be >= 1") }
-        if split == VQMOE_SPLIT_TRAIN { return Int64.max }
-        let size = Int64(splitSizes[Int(split)])
-        return (size + batchSize - 1) / batchSize
-    }
-
-    /// Fill `out` with batch `req.index` of `req.split`: inputs (B,1,H,W) float32, targets (B) int32.
-    func readBatch(
-        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
-    ) throws(PluginFailure) {
-        guard let req, let out else { throw .invalid("read_batch: request or batch is NULL") }
-        try requireSize(req.pointee.struct_size, vqmoe_batch_request.self, "batch_request")
-        try requireSize(out.pointee.struct_size, vqmoe_batch.self, "batch")
-        let r = req.pointee
-        let (split, examples) = try batchExamples(
-            r, sampler: sampler, splitSizes: splitSizes, validOffset: nTrain, who: who)
-        let file: ImageSet = split == VQMOE_SPLIT_TEST ? testFile : trainFile
-        let B = Int(r.batch_size), P = pixelsPerImage
-        let inputs = try requireF32(out.pointee.inputs, [B, 1, rows, cols], "\(who): read_batch inputs")  // (B,1,H,W)
-        let targets = try requireI32(out.pointee.targets, [B], "\(who): read_batch targets")  // (B)
-
-        let n = examples.count
+    /// Inputs (B,1,H,W) float32 through the table, targets (B) int32.
+    func read(_ b: Batch) throws(PluginFailure) -> Int {
+        let examples = try b.examples(sampler, validOffset: nTrain), P = pixelsPerImage
+        let file = b.split == .test ? testFile : trainFile
         table.withUnsafeBufferPointer { lut in
             file.pixels.withUnsafeBufferPointer { px in
                 for (row, ex) in examples.enumerated() {
-                    let src = px.baseAddress! + ex * P, dst = inputs + row * P
+                    let src = px.baseAddress! + ex * P, dst = b.pixels + row * P
                     for k in 0..<P { dst[k] = lut[Int(src[k])] }
-                    targets[row] = file.labels[ex]
+                    b.targets[row] = file.labels[ex]
                 }
             }
         }
-        // Padding of a partial eval batch: 0 inputs, VQMOE_PAD_TARGET targets.
-        if n < B {
-            (inputs + n * P).update(repeating: 0, count: (B - n) * P)
-            (targets + n).update(repeating: Int32(VQMOE_PAD_TARGET), count: B - n)
-        }
-        out.pointee.rows = Int64(n)
+        return examples.count
     }
+}
+
+@_cdecl("vqmoe_plugin_entry")
+public func vqmoePluginEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
+    pluginEntry(IDXDataset.self, host)
 }

@@ -21,11 +21,6 @@ let idxDataHint =
 let idxImageMagic: UInt32 = 0x0000_0803
 let idxLabelMagic: UInt32 = 0x0000_0801
 
-extension PluginFailure {
-    /// A data problem (missing, unreadable or malformed file): VQMOE_ERR_IO.
-    static func io(_ m: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: m) }
-}
-
 /// "0x00000803".
 func hex32(_ v: UInt32) -> String {
     let s = String(v, radix: 16)

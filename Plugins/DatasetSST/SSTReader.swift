@@ -14,7 +14,7 @@ let sstDataHint =
 /// naming "path:LINE".
 func readSSTFile(_ path: String, nClasses: Int, variant: String, who: String) throws(PluginFailure) -> TextExamples {
     let bytes = try readWholeFile(path, who: who, hint: sstDataHint)
-    guard !bytes.isEmpty else { throw ioFailure("\(who): data file \(path) is empty") }
+    guard !bytes.isEmpty else { throw .io("\(who): data file \(path) is empty") }
     var examples = TextExamples()
     var lineStart = 0, lineNumber = 0
     while lineStart < bytes.count {
@@ -27,16 +27,16 @@ func readSSTFile(_ path: String, nClasses: Int, variant: String, who: String) th
         var p = lineStart
         while p < lineEnd && isSpace(bytes[p]) { p += 1 }
         guard p < lineEnd else {
-            throw ioFailure("\(at): missing label (expected 'LABEL SENTENCE', got an empty line)")
+            throw .io("\(at): missing label (expected 'LABEL SENTENCE', got an empty line)")
         }
         let labelStart = p
         while p < lineEnd && !isSpace(bytes[p]) { p += 1 }
         let token = String(decoding: bytes[labelStart..<p], as: UTF8.self)
         guard let label = Int(token) else {
-            throw ioFailure("\(at): label '\(token)' is not an integer (expected 'LABEL SENTENCE')")
+            throw .io("\(at): label '\(token)' is not an integer (expected 'LABEL SENTENCE')")
         }
         guard label >= 0 && label < nClasses else {
-            throw ioFailure(
+            throw .io(
                 "\(at): label \(label) is outside [0, \(nClasses)) (variant \(variant) has \(nClasses) classes)")
         }
         // Sentence: the rest, trimmed.

@@ -21,49 +21,6 @@ import VQMoEABI
 let dataHint =
     "WikiText-103 (Merity et al. 2016): unzip wikitext-103-v1.zip (https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-103-v1.zip, also the Hugging Face dataset Salesforce/wikitext) and set dir to its wikitext-103 folder; or set path to any UTF-8 text file (e.g. ../shared/data/tinyshakespeare/input.txt)"
 
-/// An IO failure (missing, unreadable or malformed data).
-func ioFailure(_ message: String) -> PluginFailure { PluginFailure(status: VQMOE_ERR_IO, message: message) }
-
-/// A whole file in memory; freed on deinit.
-final class FileBytes {
-    let path: String
-    let bytes: UnsafeMutablePointer<UInt8>
-    let count: Int
-
-    /// Read `path`. `missingHint` finishes the "not found" message.
-    init(_ path: String, missingHint: String) throws(PluginFailure) {
-        self.path = path
-        let fd = open(path, O_RDONLY)
-        if fd < 0 {
-            let e = errno
-            if e == ENOENT { throw ioFailure("data file \(path) not found. \(missingHint)") }
-            throw ioFailure("cannot read \(path): \(String(cString: strerror(e)))")
-        }
-        defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else { throw ioFailure("cannot read \(path): \(String(cString: strerror(errno)))") }
-        guard (st.st_mode & S_IFMT) == S_IFREG else { throw ioFailure("cannot read \(path): not a regular file") }
-        let size = Int(st.st_size)
-        let buf = UnsafeMutablePointer<UInt8>.allocate(capacity: max(size, 1))
-        var done = 0
-        while done < size {
-            let r = read(fd, buf + done, size - done)
-            if r < 0 {
-                if errno == EINTR { continue }
-                let msg = String(cString: strerror(errno))
-                buf.deallocate()
-                throw ioFailure("cannot read \(path): \(msg)")
-            }
-            if r == 0 { break }  // the file shrank while reading
-            done += r
-        }
-        bytes = buf
-        count = done
-    }
-
-    deinit { bytes.deallocate() }
-}
-
 /// Whether a regular file exists at `path`.
 func isRegularFile(_ path: String) -> Bool {
     var st = stat()
@@ -197,10 +154,20 @@ private func isUnicodeSpace(_ p: UnsafePointer<UInt8>, _ i: Int, _ len: Int) -> 
 /// ASCII whitespace of str.split(): \t \n \v \f \r, \x1c-\x1f, space.
 @inline(__always) private func isASCIISpace(_ c: UInt8) -> Bool { (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) }
 
-/// Append the provisional ids of `file`'s tokens (each line's words, then "<eos>") to
-/// `stream`, interning new words in `table`. Returns the number of lines.
-func tokenize(_ file: FileBytes, into stream: inout [Int32], table: WordTable) throws(PluginFailure) -> Int {
-    let p = UnsafePointer(file.bytes), n = file.count
+/// Append the provisional ids of the tokens of `file` (the bytes of `path`: each line's words,
+/// then "<eos>") to `stream`, interning new words in `table`. Returns the number of lines.
+func tokenize(
+    _ file: [UInt8], path: String, into stream: inout [Int32], table: WordTable
+) throws(PluginFailure) -> Int {
+    try file.withUnsafeBufferPointer { b throws(PluginFailure) in
+        guard let base = b.baseAddress else { return 0 }
+        return try tokenize(base, b.count, path: path, into: &stream, table: table)
+    }
+}
+
+private func tokenize(
+    _ p: UnsafePointer<UInt8>, _ n: Int, path: String, into stream: inout [Int32], table: WordTable
+) throws(PluginFailure) -> Int {
     let eos: Int32 = 1
     var lines = 0
     var i = 0
@@ -224,8 +191,8 @@ func tokenize(_ file: FileBytes, into stream: inout [Int32], table: WordTable) t
                 guard len > 0 else {
                     var lineStart = i
                     while lineStart > 0 && p[lineStart - 1] != 0x0A && p[lineStart - 1] != 0x0D { lineStart -= 1 }
-                    throw ioFailure(
-                        "\(file.path):\(lines): malformed UTF-8 (byte 0x\(String(c, radix: 16)) at column \(i - lineStart + 1), file offset \(i)); the word-level corpus must be UTF-8 text"
+                    throw .io(
+                        "\(path):\(lines): malformed UTF-8 (byte 0x\(String(c, radix: 16)) at column \(i - lineStart + 1), file offset \(i)); the word-level corpus must be UTF-8 text"
                     )
                 }
                 space = isUnicodeSpace(p, i, len)

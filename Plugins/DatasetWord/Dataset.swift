@@ -1,132 +1,164 @@
-// One `word` dataset instance: the token ids of the three splits, the vocabulary size, and
-// the batch readers.
+// DatasetWord: the `word` dataset plugin -- a word-level language-modelling corpus in the
+// WikiText-103 format (Merity et al. 2016): <dir>/wiki.{train,valid,test}.tokens, or one text
+// file (`path`) split contiguously by tokens like `char` splits bytes.
 //
-// Batches are a pure function of (instance seed, split, index, batch_size), cut as in `char`
-// by PluginKit's TokenBatches: random train windows and ordered eval windows, or with
+// Tokens are each line's whitespace-separated words plus "<eos>" (Corpus.swift); the
+// vocabulary comes from the train split only ("<unk>", "<eos>", then words by descending
+// count, ties in byte order; min_count, max_vocab), and valid/test words outside it become
+// "<unk>". Batches are a pure function of (instance seed, split, index, batch_size), cut as in
+// `char` by PluginKit's TokenBatches: random train windows and ordered eval windows, or with
 // order = "streams" (Transformer-XL) batch_size parallel streams read in order.
-import Glibc
 import PluginKit
 import VQMoEABI
 
-let splitNames = ["train", "valid", "test"]
+final class WordDataset: LanguageModelDataset {
+    static let name = "word", version = "1.1.0", reportsMetrics = true
+    static let summary =
+        "word-level LM corpus in the WikiText-103 format (dir/wiki.{train,valid,test}.tokens) or one text file split "
+        + "by tokens (path): each line's whitespace-separated words + <eos>; vocabulary from the train split "
+        + "(<unk>, <eos>, then by descending count, ties in byte order; min_count, max_vocab), other words -> <unk>; "
+        + "order=streams serves parallel streams in order (Transformer-XL)"
+    static let hyperparameters: [Hyper] = [
+        .string(
+            "dir", "$DATA/wikitext-103", path: true, optional: true,
+            "WikiText-103-format folder with wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens (the host expands $DATA); empty = use path"
+        ),
+        .string(
+            "path", "", path: true, optional: true,
+            "single text file split contiguously (by tokens) into train/valid/test; used when dir is empty or lacks its files"
+        ),
+        .float(
+            "train_fraction", 0.9, min: 0, max: 1,
+            "with path: leading fraction of the token stream used for training, in (0, 1]"),
+        .float(
+            "valid_fraction", 0.05, min: 0, max: 1,
+            "with path: next fraction used for validation, in [0, 1); the test split is the rest"),
+        .int("seq_len", 0, min: 0, "tokens per window; 0 = the model's seq_len"),
+        .int(
+            "min_count", 1, min: 1,
+            "a word enters the vocabulary when it occurs at least this often in the train split (else <unk>)"),
+        .int(
+            "max_vocab", 0, min: 0,
+            "largest vocabulary, <unk> and <eos> included (the most frequent words are kept); 0 = unlimited"),
+        .string("order", "windows", choices: ["windows", "streams"], TokenBatches.orderHelp),
+    ]
 
-/// `floor(n * fraction)`, clamped to [0, n], with a guard against representation error
-/// (0.29 * 100 must give 29, not 28) -- `char`'s rule.
-func fractionOf(_ n: Int, _ fraction: Double) -> Int {
-    let x = (Double(n) * fraction + 1e-6).rounded(.down)
-    return min(max(Int(x), 0), n)
-}
-
-final class WordDataset {
-    let host: Host
-    let seed: UInt64
-    let config: WordConfig
-    /// What was read, for messages: "dir D" or "path P".
-    let source: String
-    /// Tokens per window (T).
-    let seqLen: Int
-    /// Vocabulary size (<unk>, <eos>, then the kept train words).
-    let vocabSize: Int
-    /// Token ids of all splits, one after another.
-    let tokens: [Int32]
-    /// Start and length of each split in `tokens` (train, valid, test).
-    let splitStart: [Int]
-    let splitLen: [Int]
+    /// The final token ids of the three splits.
+    let corpus: TokenCorpus<Int32>
     /// Tokens of each split mapped to <unk> although their text was not "<unk>".
     let oovCount: [Int]
 
-    init(info: UnsafePointer<vqmoe_create_info>?, hp: UnsafePointer<vqmoe_hparams>?) throws(PluginFailure) {
-        guard let info else { throw .invalid("create_info is NULL") }
-        try requireSize(info.pointee.struct_size, vqmoe_create_info.self, "create_info")
-        host = try Host.checked(info.pointee.host)
-        seed = info.pointee.seed
-        let name = info.pointee.instance_name.map { String(cString: $0) } ?? "word"
-        let who = "dataset 'word' (\(name))"
-        let config: WordConfig
-        do { config = try WordConfig(hp) } catch { throw .invalid("\(who): \(error.message)") }
-        self.config = config
-        let T = config.seqLen > 0 ? config.seqLen : Int(info.pointee.seq_len)
-        guard T >= 1 else {
-            throw .invalid("\(who): sequence length is \(T); set the dataset's seq_len or the model's seq_len to >= 1")
+    init(_ model: ModelInfo, _ hp: HyperValues) throws(PluginFailure) {
+        let who = Self.who(model), trainFraction = hp.double("train_fraction")
+        let validFraction = hp.double("valid_fraction"), maxVocab = hp.int("max_vocab")
+        try TokenBatches.checkFractions(train: trainFraction, valid: validFraction, who: who)
+        guard maxVocab == 0 || maxVocab >= 2 else {
+            throw .invalid(
+                "\(who): max_vocab \(maxVocab) must be 0 (unlimited) or >= 2 (<unk> and <eos> are always in the vocabulary)"
+            )
         }
-        seqLen = T
-
-        // Which data: dir when it holds all three WikiText files, else path.
-        let dirFiles = splitNames.map { "\(config.dir)/wiki.\($0).tokens" }
-        let missing = config.dir.isEmpty ? dirFiles : dirFiles.filter { !isRegularFile($0) }
+        let T = try Self.sequenceLength(hp.int("seq_len"), model)
         let table = WordTable()
-        var stream: [Int32] = []
-        var starts = [0, 0, 0], lens = [0, 0, 0]
-        if !config.dir.isEmpty && missing.isEmpty {
-            source = "dir \(config.dir)"
-            for s in 0..<3 {
-                let file: FileBytes
-                do { file = try FileBytes(dirFiles[s], missingHint: dataHint) } catch {
-                    throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
-                }
-                if s == 0 { stream.reserveCapacity(file.count / 5 + 16) }
-                starts[s] = stream.count
-                do { _ = try tokenize(file, into: &stream, table: table) } catch {
-                    throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
-                }
-                lens[s] = stream.count - starts[s]
-                if s == 0 && lens[0] == 0 { throw ioFailure("\(who): \(dirFiles[0]) is empty (\(source))") }
-            }
-        } else {
-            let why =
-                config.dir.isEmpty
-                ? "dir is empty"
-                : "dir \(config.dir) lacks \(missing.map { String($0.split(separator: "/").last ?? "") }.joined(separator: ", "))"
-            guard !config.path.isEmpty else {
-                throw ioFailure(
-                    "\(who): no data: \(config.dir.isEmpty ? "dir is empty" : "WikiText files not found: " + missing.joined(separator: ", ")) and hyperparameter 'path' is empty. \(dataHint)"
-                )
-            }
-            source = "path \(config.path) (\(why))"
-            if !config.dir.isEmpty && isDirectory(config.dir), let log = host.api.pointee.log {
-                "\(who): \(why); reading path \(config.path)".withCString { m in
-                    "word".withCString { log(VQMOE_LOG_WARN, $0, m) }
-                }
-            }
-            let file: FileBytes
-            do { file = try FileBytes(config.path, missingHint: "(\(why).) \(dataHint)") } catch {
-                throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
-            }
-            guard file.count > 0 else { throw ioFailure("\(who): data file \(config.path) is empty (\(why))") }
-            stream.reserveCapacity(file.count / 5 + 16)
-            do { _ = try tokenize(file, into: &stream, table: table) } catch {
-                throw PluginFailure(status: error.status, message: "\(who): \(error.message)")
-            }
-            // Contiguous splits of the token stream from cumulative fractions.
-            let n = stream.count
-            let trainEnd = fractionOf(n, config.trainFraction)
-            let validEnd = max(trainEnd, fractionOf(n, config.trainFraction + config.validFraction))
-            starts = [0, trainEnd, validEnd]
-            lens = [trainEnd, validEnd - trainEnd, n - validEnd]
-        }
-        let sizes = "train \(lens[0]), valid \(lens[1]), test \(lens[2]) tokens"
+        var data = try Self.load(hp, table: table, model: model)
+        let lens = data.splitLength, sizes = "train \(lens[0]), valid \(lens[1]), test \(lens[2]) tokens"
         guard lens[0] >= T + 1 else {
-            throw ioFailure(
-                "\(who): \(source): the train split has \(lens[0]) tokens (\(sizes)), too short for one window of seq_len \(T) plus its target token (\(T + 1) tokens)"
+            throw .io(
+                "\(who): \(data.source): the train split has \(lens[0]) tokens (\(sizes)), too short for one window of seq_len \(T) plus its target token (\(T + 1) tokens)"
             )
         }
-        for s in 1...2 where lens[s] == 1 {
-            throw ioFailure(
-                "\(who): \(source): the \(splitNames[s]) split has 1 token (\(sizes)), too short for one window (an input token and its target)\(config.dir.isEmpty || !missing.isEmpty ? "; change train_fraction / valid_fraction" : "")"
+        for s in [Split.valid, .test] where lens[s.rawValue] == 1 {
+            throw .io(
+                "\(who): \(data.source): the \(s.name) split has 1 token (\(sizes)), too short for one window (an input token and its target)\(data.fromPath ? "; change train_fraction / valid_fraction" : "")"
             )
         }
-        splitStart = starts
-        splitLen = lens
-
         // Vocabulary from the train split only; provisional ids -> final ids, counting OOVs.
-        let vocab = stream.withUnsafeBufferPointer {
+        let vocab = data.stream.withUnsafeBufferPointer {
             Vocabulary(
-                table: table, trainTokens: UnsafeBufferPointer(rebasing: $0[starts[0]..<(starts[0] + lens[0])]),
-                minCount: config.minCount, maxVocab: config.maxVocab)
+                table: table, trainTokens: UnsafeBufferPointer(rebasing: $0[0..<lens[0]]),
+                minCount: hp.int("min_count"), maxVocab: maxVocab)
         }
-        vocabSize = vocab.size
-        // In place: the stream becomes the final token ids.
+        oovCount = data.mapToFinalIDs(vocab)
+        corpus = try TokenCorpus(
+            model, tokens: data.stream, splitStart: data.splitStart, splitLength: lens, vocabSize: vocab.size,
+            cut: TokenBatches(seqLen: T, streams: hp.string("order") == "streams", name: "word"))
+    }
+
+    /// The provisional ids of the three splits: dir's WikiText files when it holds all three,
+    /// else `path` split contiguously by the fractions.
+    static func load(_ hp: HyperValues, table: WordTable, model: ModelInfo) throws(PluginFailure) -> Streams {
+        let who = Self.who(model), dir = hp.string("dir"), path = hp.string("path")
+        let dirFiles = Split.allCases.map { "\(dir)/wiki.\($0.name).tokens" }
+        let missing = dir.isEmpty ? dirFiles : dirFiles.filter { !isRegularFile($0) }
+        var data = Streams()
+        if !dir.isEmpty && missing.isEmpty {
+            data.source = "dir \(dir)"
+            for s in 0..<3 {
+                let file = try readWholeFile(dirFiles[s], who: who, hint: dataHint)
+                if s == 0 { data.stream.reserveCapacity(file.count / 5 + 16) }
+                data.splitStart[s] = data.stream.count
+                _ = try prefixed(who) { () throws(PluginFailure) in
+                    try tokenize(file, path: dirFiles[s], into: &data.stream, table: table)
+                }
+                data.splitLength[s] = data.stream.count - data.splitStart[s]
+                if s == 0 && data.splitLength[0] == 0 { throw .io("\(who): \(dirFiles[0]) is empty (\(data.source))") }
+            }
+            return data
+        }
+        let why =
+            dir.isEmpty
+            ? "dir is empty"
+            : "dir \(dir) lacks \(missing.map { String($0.split(separator: "/").last ?? "") }.joined(separator: ", "))"
+        guard !path.isEmpty else {
+            throw .io(
+                "\(who): no data: \(dir.isEmpty ? "dir is empty" : "WikiText files not found: " + missing.joined(separator: ", ")) and hyperparameter 'path' is empty. \(dataHint)"
+            )
+        }
+        (data.source, data.fromPath) = ("path \(path) (\(why))", true)
+        if !dir.isEmpty && isDirectory(dir), let log = model.host.api.pointee.log {
+            "\(who): \(why); reading path \(path)".withCString { m in "word".withCString { log(VQMOE_LOG_WARN, $0, m) }
+            }
+        }
+        let file = try readWholeFile(path, who: who, hint: "(\(why).) \(dataHint)")
+        guard file.count > 0 else { throw .io("\(who): data file \(path) is empty (\(why))") }
+        data.stream.reserveCapacity(file.count / 5 + 16)
+        _ = try prefixed(who) { () throws(PluginFailure) in
+            try tokenize(file, path: path, into: &data.stream, table: table)
+        }
+        // Contiguous splits of the token stream from cumulative fractions.
+        (data.splitStart, data.splitLength) = TokenBatches.contiguousSplits(
+            data.stream.count, train: hp.double("train_fraction"), valid: hp.double("valid_fraction"))
+        return data
+    }
+
+    /// Fraction of a split's tokens (every word and <eos>) mapped to <unk> whose text was not
+    /// "<unk>"; 0 for an empty split.
+    func oovRate(_ split: Int) -> Double {
+        let n = corpus.splitLength[split]
+        return n == 0 ? 0 : Double(oovCount[split]) / Double(n)
+    }
+
+    /// "vqmoe.metrics/1": oov_rate_train / oov_rate_valid / oov_rate_test (see oovRate) and
+    /// vocab_size.
+    func metrics(_ sink: MetricSink) throws(PluginFailure) {
+        for s in Split.allCases { sink.scalar("oov_rate_\(s.name)", oovRate(s.rawValue)) }
+        sink.scalar("vocab_size", Double(corpus.vocabSize))
+    }
+}
+
+/// The token stream of the three splits as read, before the vocabulary.
+struct Streams {
+    /// Provisional ids of all splits, one after another.
+    var stream: [Int32] = []
+    var splitStart = [0, 0, 0], splitLength = [0, 0, 0]
+    /// What was read, for messages: "dir D" or "path P (why)".
+    var source = ""
+    /// Whether the splits were cut from `path` by the fractions.
+    var fromPath = false
+
+    /// In place: the stream becomes the final token ids. Returns each split's OOV count.
+    mutating func mapToFinalIDs(_ vocab: Vocabulary) -> [Int] {
         var oov = [0, 0, 0]
+        let (starts, lens) = (splitStart, splitLength)
         stream.withUnsafeMutableBufferPointer { ids in
             vocab.finalID.withUnsafeBufferPointer { map in
                 for s in 0..<3 {
@@ -140,75 +172,11 @@ final class WordDataset {
                 }
             }
         }
-        oovCount = oov
-        tokens = stream
+        return oov
     }
+}
 
-    /// Fraction of a split's tokens (every word and <eos>) mapped to <unk> whose text was not
-    /// "<unk>"; 0 for an empty split.
-    func oovRate(_ split: Int) -> Double {
-        splitLen[split] == 0 ? 0 : Double(oovCount[split]) / Double(splitLen[split])
-    }
-
-    /// How batches are cut from the splits (windows or streams).
-    var batches: TokenBatches { TokenBatches(seqLen: seqLen, streams: config.streams, name: "word") }
-
-    // MARK: dataset API
-
-    func info(_ out: UnsafeMutablePointer<vqmoe_dataset_info>?) throws(PluginFailure) {
-        guard let out else { throw .invalid("word: info: out is NULL") }
-        try requireSize(out.pointee.struct_size, vqmoe_dataset_info.self, "word: dataset_info")
-        out.pointee.task = VQMOE_TASK_LM
-        out.pointee.vocab_size = Int64(vocabSize)
-        out.pointee.n_classes = 0
-        out.pointee.sample_ndim = 1
-        out.pointee.sample_shape = (Int64(seqLen), 0, 0, 0)
-        out.pointee.split_size = (Int64(splitLen[0]), Int64(splitLen[1]), Int64(splitLen[2]))
-        batches.writeInfo(out)  // ABI 1.1: streams
-    }
-
-    func numBatches(_ split: Int32, _ batchSize: Int64, _ out: UnsafeMutablePointer<Int64>?) throws(PluginFailure) {
-        guard let out else { throw .invalid("word: num_batches: out is NULL") }
-        guard (0...2).contains(split) else { throw .invalid("word: unknown split \(split)") }
-        guard batchSize >= 1 else { throw .invalid("word: batch_size \(batchSize) must be >= 1") }
-        out.pointee =
-            split == VQMOE_SPLIT_TRAIN
-            ? Int64.max : batches.evalBatches(splitLength: splitLen[Int(split)], batchSize: Int(batchSize))
-    }
-
-    func readBatch(
-        _ req: UnsafePointer<vqmoe_batch_request>?, _ out: UnsafeMutablePointer<vqmoe_batch>?
-    ) throws(PluginFailure) {
-        guard let req, let out else { throw .invalid("word: read_batch: request or batch is NULL") }
-        let r = req.pointee
-        try requireSize(r.struct_size, vqmoe_batch_request.self, "word: batch request")
-        try requireSize(out.pointee.struct_size, vqmoe_batch.self, "word: batch")
-        guard (0...2).contains(r.split) else { throw .invalid("word: unknown split \(r.split)") }
-        guard r.batch_size >= 1, r.index >= 0 else {
-            throw .invalid("word: batch_size \(r.batch_size) must be >= 1 and index \(r.index) >= 0")
-        }
-        let B = Int(r.batch_size), T = seqLen
-        // inputs (B,T) int32, targets (B,T) int32, host-allocated.
-        let inputs = try requireI32(out.pointee.inputs, [B, T], "word: batch inputs")
-        let targets = try requireI32(out.pointee.targets, [B, T], "word: batch targets")
-        let split = Int(r.split)
-        out.pointee.rows = Int64(
-            try tokens.withUnsafeBufferPointer { all throws(PluginFailure) in
-                try batches.read(
-                    all.baseAddress!, splitStart: splitStart[split], splitLength: splitLen[split], split: split,
-                    index: r.index,
-                    batchSize: B, host: host.api, seed: seed, inputs: inputs, targets: targets)
-            })
-    }
-
-    // MARK: metrics
-
-    /// "vqmoe.metrics/1": oov_rate_train / oov_rate_valid / oov_rate_test (see oovRate) and
-    /// vocab_size.
-    func metrics(_ sinkPtr: UnsafePointer<vqmoe_metric_sink>?) throws(PluginFailure) {
-        guard let sink = sinkPtr?.pointee else { throw .invalid("word: metrics: sink is NULL") }
-        guard let scalar = sink.scalar else { return }
-        for s in 0..<3 { scalar(sink.user, "oov_rate_\(splitNames[s])", oovRate(s)) }
-        scalar(sink.user, "vocab_size", Double(vocabSize))
-    }
+@_cdecl("vqmoe_plugin_entry")
+public func vqmoePluginEntry(_ host: UnsafePointer<vqmoe_host_api>?) -> UnsafePointer<vqmoe_plugin_desc>? {
+    pluginEntry(WordDataset.self, host)
 }

@@ -17,7 +17,11 @@ public final class EpochSampler {
     public let count: Int
     private var cache: [(epoch: Int64, perm: [Int32])] = []
 
-    public init(host: Host, seed: UInt64, count: Int) {
+    /// `who` prefixes the failure of a host without rng_next_u64.
+    public init(host: Host, seed: UInt64, count: Int, who: String) throws(PluginFailure) {
+        guard host.api.pointee.rng_next_u64 != nil else {
+            throw .invalid("\(who): the host API table lacks rng_next_u64")
+        }
         self.host = host; self.seed = seed; self.count = count
     }
 
@@ -60,36 +64,21 @@ public final class EpochSampler {
     }
 }
 
-/// The examples a batch request covers, for datasets whose validation split is the tail of the
-/// training file: train batch i = stream positions [i·B, (i+1)·B) of `sampler`; valid / test
-/// batches walk their split in order (valid examples start at `validOffset` in the training
-/// file), with VQMOE_ERR_END_OF_DATA past the end. Returns the split and the example indices
-/// (in the training file for train/valid, in the test file for test).
-public func batchExamples(
-    _ r: vqmoe_batch_request, sampler: EpochSampler, splitSizes: [Int], validOffset: Int,
-    who: String
-) throws(PluginFailure) -> (split: Int32, examples: [Int]) {
-    guard (0...2).contains(r.split) else { throw .invalid("\(who): unknown split \(r.split)") }
-    guard r.batch_size >= 1, r.index >= 0 else {
-        throw .invalid("\(who): batch_size \(r.batch_size) must be >= 1 and index \(r.index) >= 0")
-    }
-    let b = Int(r.batch_size)
-    if r.split == VQMOE_SPLIT_TRAIN {
-        let (start, overflow) = r.index.multipliedReportingOverflow(by: r.batch_size)
-        guard !overflow, start <= Int64.max - r.batch_size else {
-            throw .invalid("\(who): train batch \(r.index) of \(b) is beyond the 2^63 stream positions")
+extension Batch {
+    /// The examples this batch covers, for datasets of indexed examples: train batch i = stream
+    /// positions [i·B, (i+1)·B) of `sampler`; a valid / test batch walks its split in order
+    /// (the kit has checked the index), the last one possibly partial. Indices are into the
+    /// split, plus `validOffset` for valid examples (a valid split that is the tail of the
+    /// training file).
+    public func examples(_ sampler: EpochSampler, validOffset: Int = 0) throws(PluginFailure) -> [Int] {
+        if split == .train {
+            let (start, overflow) = index.multipliedReportingOverflow(by: Int64(size))
+            guard !overflow, start <= Int64.max - Int64(size) else {
+                throw .invalid("train batch \(index) of \(size) is beyond the 2^63 stream positions")
+            }
+            return sampler.examples(from: start, count: size)
         }
-        return (r.split, sampler.examples(from: start, count: b))
+        let first = Int(index) * size, offset = split == .valid ? validOffset : 0
+        return (first..<min(first + size, splitSize)).map { offset + $0 }
     }
-    let split = Int(r.split), size = splitSizes[split]
-    let batches = (size + b - 1) / b
-    guard r.index < Int64(batches) else {
-        throw PluginFailure(
-            status: VQMOE_ERR_END_OF_DATA,
-            message:
-                "\(who): \(["train", "valid", "test"][split]) batch \(r.index) is past the end (\(batches) batches of \(b))"
-        )
-    }
-    let first = Int(r.index) * b, offset = split == Int(VQMOE_SPLIT_VALID) ? validOffset : 0
-    return (r.split, (first..<min(first + b, size)).map { offset + $0 })
 }
