@@ -1,7 +1,8 @@
-// PluginKit: the plumbing every Swift plugin of this repository shares -- failures turned into
-// status codes at the C boundary, tensor-view checks, thin wrappers over the host API table,
-// schema entries and code-usage statistics. It is linked statically into each plugin library
-// (never into the host), so plugins still depend only on the C ABI at run time.
+// PluginKit: the plumbing every Swift plugin shares -- failures turned into status codes at the
+// C boundary, tensor-view checks, thin wrappers over the host API table and code-usage
+// statistics. The kind protocols (Component.swift, RouterKit.swift, ...) build on it. It is
+// linked statically into each plugin library (never into the host), so a plugin still depends
+// only on the C ABI at run time; third-party packages depend on the `PluginKit` product.
 import Glibc
 import VQMoEABI
 
@@ -221,48 +222,6 @@ extension Host {
 /// A C string that lives as long as the library (descriptor and buffer names).
 public func staticCString(_ s: String) -> UnsafePointer<CChar> { UnsafePointer(strdup(s)!) }
 
-/// One schema entry in Swift form; `cSpec` makes the C `vqmoe_hparam_spec` (strings live as
-/// long as the library).
-public struct HyperparameterEntry: Sendable {
-    public var name: String
-    public var type: Int32
-    public var description: String
-    public var defaultValue: Double
-    public var min: Double?
-    public var max: Double?
-    public var defaultString: String
-    public var choices: String?
-    public var extraFlags: UInt32
-
-    public init(
-        name: String, type: Int32, description: String, defaultValue: Double = 0, min: Double? = nil,
-        max: Double? = nil,
-        defaultString: String = "", choices: String? = nil, extraFlags: UInt32 = 0
-    ) {
-        self.name = name; self.type = type; self.description = description; self.defaultValue = defaultValue
-        self.min = min; self.max = max; self.defaultString = defaultString; self.choices = choices;
-        self.extraFlags = extraFlags
-    }
-
-    public var cSpec: vqmoe_hparam_spec {
-        var flags = extraFlags
-        if min != nil { flags |= VQMOE_HP_HAS_MIN }
-        if max != nil { flags |= VQMOE_HP_HAS_MAX }
-        return vqmoe_hparam_spec(
-            name: staticCString(name), type: type, flags: flags,
-            description: staticCString(description), default_number: defaultValue,
-            default_string: staticCString(defaultString), min_value: min ?? 0, max_value: max ?? 0,
-            choices: choices.map(staticCString))
-    }
-
-    /// The schema as a C array (never freed), for `vqmoe_plugin_desc.hparams`.
-    public static func cArray(_ schema: [HyperparameterEntry]) -> UnsafePointer<vqmoe_hparam_spec> {
-        let specs = UnsafeMutablePointer<vqmoe_hparam_spec>.allocate(capacity: Swift.max(schema.count, 1))
-        for (i, entry) in schema.enumerated() { (specs + i).initialize(to: entry.cSpec) }
-        return UnsafePointer(specs)
-    }
-}
-
 /// Code usage of one batch, for quantizers' "vqmoe.metrics/1": per-code counts, usage
 /// perplexity exp(−Σ p log p) (1..K) and dead codes (count 0).
 public struct CodeUsage {
@@ -279,37 +238,4 @@ public struct CodeUsage {
     }
 
     public var deadCodes: Int { counts.filter { $0 == 0 }.count }
-
-    /// Report through a metric sink: usage_perplexity, dead_codes, code_counts.
-    public func report(_ sinkPtr: UnsafePointer<vqmoe_metric_sink>?) throws(PluginFailure) {
-        guard let sink = sinkPtr?.pointee else { throw .invalid("metrics: sink is NULL") }
-        sink.scalar?(sink.user, "usage_perplexity", perplexity)
-        sink.scalar?(sink.user, "dead_codes", Double(deadCodes))
-        counts.withUnsafeBufferPointer { sink.vector?(sink.user, "code_counts", $0.baseAddress, Int64($0.count)) }
-    }
-}
-
-/// The Swift object behind an opaque instance handle (retained by create, released by destroy).
-public enum Handle {
-    public static func make<T: AnyObject>(_ object: T) -> OpaquePointer {
-        OpaquePointer(Unmanaged.passRetained(object).toOpaque())
-    }
-    public static func get<T: AnyObject>(_ handle: OpaquePointer?, as _: T.Type) -> T? {
-        handle.map { Unmanaged<T>.fromOpaque(UnsafeRawPointer($0)).takeUnretainedValue() }
-    }
-    public static func release<T: AnyObject>(_ handle: OpaquePointer?, as _: T.Type) {
-        guard let handle else { return }
-        Unmanaged<T>.fromOpaque(UnsafeRawPointer(handle)).release()
-    }
-    /// A saved context (a class instance) as the `void *` the host keeps, and back.
-    public static func context<T: AnyObject>(_ object: T) -> UnsafeMutableRawPointer {
-        Unmanaged.passRetained(object).toOpaque()
-    }
-    public static func context<T: AnyObject>(_ ptr: UnsafeMutableRawPointer?, as _: T.Type) -> T? {
-        ptr.map { Unmanaged<T>.fromOpaque($0).takeUnretainedValue() }
-    }
-    public static func releaseContext<T: AnyObject>(_ ptr: UnsafeMutableRawPointer?, as _: T.Type) {
-        guard let ptr else { return }
-        Unmanaged<T>.fromOpaque(ptr).release()
-    }
 }

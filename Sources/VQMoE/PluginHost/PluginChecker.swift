@@ -37,6 +37,9 @@ public struct PluginChecker {
     /// At most this many coordinates of each parameter buffer are checked.
     public var coordinatesPerBuffer = 48
 
+    /// The model's n_codes was set to the quantizer's K (the shape line says so).
+    var nCodesFromQuantizer = false
+
     /// Groups × tokens per group used for router / quantizer / head inputs.
     public var groups = 2, groupSize = 5
 
@@ -85,6 +88,12 @@ public struct PluginChecker {
         let inst: PluginInstance
         do {
             inst = try make(seed)
+            // A quantizer is checked in a model whose n_codes is its K (training refuses any other).
+            if library.kind == .quantizer, let k = try? QuantizerInstance(inst).codebookSize, k != dims.nCodes, k >= 1 {
+                var matched = self
+                (matched.dims.nCodes, matched.nCodesFromQuantizer) = (k, true)
+                return matched.run()
+            }
             results.append(
                 CheckResult(
                     name: "create + buffers", passed: true,
@@ -359,7 +368,8 @@ public struct PluginChecker {
                 name: "shape", passed: matches,
                 detail: "K=\(q.codebookSize), codes per token L=\(q.codesPerToken)"
                     + (matches
-                        ? ""
+                        ? (nCodesFromQuantizer
+                            ? " (checked with n_codes = K: training needs model.ffn.n_codes = \(dims.nCodes))" : "")
                         : " -- but the model's n_codes is \(dims.nCodes), which training refuses "
                             + "(check with --set model.n_codes=\(q.codebookSize), or fix the codebook size)"))
         ]
