@@ -110,10 +110,7 @@ static int32_t forward(vqmoe_instance *p, const vqmoe_step_info *step, const vqm
     /* value q; the surrogate (lookup -> identity) is x */
     memcpy(io.quantized, io.flags & VQMOE_STEP_SURROGATE ? io.x : c->q, sizeof(float) * (size_t)(n * d));
     out->loss = n > 0 ? (float)((1.0 + p->commitment) * sq / (double)(n * d)) : 0.0f;
-    if (vqmoe_step_saves(step))
-        *saved = c;
-    else
-        p->base.host->free(c);
+    vqmoe_ctx_finish(&p->base, step, c, saved);
     return VQMOE_OK;
 }
 

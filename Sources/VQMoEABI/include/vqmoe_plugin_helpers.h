@@ -308,6 +308,14 @@ static inline int vqmoe_step_saves(const vqmoe_step_info *step) {
     return (step->flags & VQMOE_STEP_TRAIN) && !(step->flags & VQMOE_STEP_NO_GRAD);
 }
 
+/** Hand `ctx` to the host when a backward follows (vqmoe_step_saves), else free it. */
+static inline void vqmoe_ctx_finish(const vqmoe_base *b, const vqmoe_step_info *step, void *ctx, void **saved) {
+    if (vqmoe_step_saves(step))
+        *saved = ctx;
+    else
+        b->host->free(ctx);
+}
+
 /* ------------------------------------------------------------------ tensor checks */
 
 #define VQMOE_ANY (-1)

@@ -122,10 +122,7 @@ static int32_t forward(vqmoe_instance *q, const vqmoe_step_info *step, const vqm
     }
     /* the codebook and commitment terms have the same value: (1 + commitment) mse */
     out->loss = n > 0 ? (float)((1.0 + q->commitment) * sq / (double)(n * d)) : 0.0f;
-    if (vqmoe_step_saves(step))
-        *saved = c;
-    else
-        q->base.host->free(c);
+    vqmoe_ctx_finish(&q->base, step, c, saved);
     return VQMOE_OK;
 }
 
