@@ -38,13 +38,21 @@ public struct Step {
     public let step: Int, totalSteps: Int
     public let seed: UInt64
     public let flags: UInt32
+    /// This rank's first token in the global batch and the global batch's tokens (ABI 1.3; from
+    /// an older host: 0 and 0).
+    public let tokenOffset: Int, globalTokens: Int
 
     init(_ s: UnsafePointer<vqmoe_step_info>?) throws(PluginFailure) {
         guard let s else { throw .invalid("step info is NULL") }
-        try requireSize(s.pointee.struct_size, vqmoe_step_info.self, "step info")
+        let grown = MemoryLayout<vqmoe_step_info>.offset(of: \.token_offset)!
+        guard Int(s.pointee.struct_size) >= grown else {
+            throw .invalid("step info: struct_size \(s.pointee.struct_size) is smaller than ABI 1.0's \(grown)")
+        }
         (step, totalSteps, seed, flags) = (
             Int(s.pointee.step), Int(s.pointee.total_steps), s.pointee.seed, s.pointee.flags
         )
+        let has13 = Int(s.pointee.struct_size) >= MemoryLayout<vqmoe_step_info>.size
+        (tokenOffset, globalTokens) = has13 ? (Int(s.pointee.token_offset), Int(s.pointee.global_tokens)) : (0, 0)
     }
 
     public var train: Bool { flags & VQMOE_STEP_TRAIN != 0 }

@@ -115,9 +115,9 @@ public struct Host {
                 "host speaks plugin ABI major \(t.abi_version >> 16), this plugin was built for major \(VQMOE_ABI_VERSION_MAJOR)"
             )
         }
-        guard Int(t.struct_size) >= MemoryLayout<vqmoe_host_api>.size else {
-            throw .invalid(
-                "host API struct_size \(t.struct_size) is smaller than ABI 1.0's \(MemoryLayout<vqmoe_host_api>.size)")
+        let v10 = MemoryLayout<vqmoe_host_api>.offset(of: \.num_ranks)!  // ABI 1.3 appended the ranks
+        guard Int(t.struct_size) >= v10 else {
+            throw .invalid("host API struct_size \(t.struct_size) is smaller than ABI 1.0's \(v10)")
         }
         guard t.set_error != nil, t.sgemm != nil, t.scratch != nil, t.rng_init != nil, t.rng_normal != nil,
             t.parallel_for != nil
@@ -238,4 +238,48 @@ public struct CodeUsage {
     }
 
     public var deadCodes: Int { counts.filter { $0 == 0 }.count }
+}
+
+extension Host {
+    /// The host has the collectives of ABI 1.3.
+    var hasCollectives: Bool {
+        Int(api.pointee.struct_size) >= MemoryLayout<vqmoe_host_api>.size && api.pointee.allgather != nil
+    }
+
+    /// Ranks of the run (1 in one process, or from a host older than ABI 1.3).
+    public var ranks: Int { hasCollectives ? Int(max(api.pointee.num_ranks, 1)) : 1 }
+
+    /// buf[i] = Σ over the ranks of buf[i] (collective: every rank calls it; one process: nothing).
+    ///
+    /// ```swift
+    /// var stats = [Double](counts) + [Double(n)]
+    /// try host.allreduce(&stats)
+    /// ```
+    public func allreduce(_ buf: UnsafeMutablePointer<Double>, count: Int) throws(PluginFailure) {
+        guard ranks > 1, count > 0 else { return }
+        guard api.pointee.allreduce_sum_f64!(buf, Int64(count)) == VQMOE_OK else {
+            throw .state("allreduce of \(count) values across \(ranks) ranks failed")
+        }
+    }
+
+    public func allreduce(_ values: inout [Double]) throws(PluginFailure) {
+        guard ranks > 1 else { return }
+        try values.withUnsafeMutableBufferPointer { (b) throws(PluginFailure) in
+            try allreduce(b.baseAddress!, count: b.count)
+        }
+    }
+
+    /// Every rank's `mine` rows (of `width` floats), concatenated in rank order: the rows of the
+    /// global batch (collective).
+    public func allgatherRows(_ mine: UnsafePointer<Float>, rows: Int, width: Int) throws(PluginFailure) -> [Float] {
+        guard ranks > 1 else { return Array(UnsafeBufferPointer(start: mine, count: rows * width)) }
+        var total = [Double(rows)]
+        try allreduce(&total)
+        var out = [Float](repeating: 0, count: max(Int(total[0]) * width, 1))
+        let status = out.withUnsafeMutableBytes {
+            api.pointee.allgather!(mine, Int64(rows * width * 4), $0.baseAddress, Int64($0.count), nil)
+        }
+        guard status == VQMOE_OK else { throw .state("allgather of \(rows) rows across \(ranks) ranks failed") }
+        return Array(out.prefix(Int(total[0]) * width))
+    }
 }

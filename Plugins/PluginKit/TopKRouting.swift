@@ -137,9 +137,11 @@ public final class TopKRoutingState {
     public let index: UnsafeMutablePointer<Int32>, gates: UnsafeMutablePointer<Float>
     public let probs: UnsafeMutablePointer<Float>?, fraction: UnsafeMutablePointer<Float>
     public let fullSoftmax: Bool
+    /// Tokens of the global batch (every rank's; n in one process): f_e and P_e are its means.
+    public var globalN: Int
 
     init(n: Int, e: Int, k: Int, probs: Bool, fullSoftmax: Bool) {
-        (self.n, self.e, self.k, self.fullSoftmax) = (n, e, k, fullSoftmax)
+        (self.n, self.e, self.k, self.fullSoftmax, globalN) = (n, e, k, fullSoftmax, n)
         index = .allocate(capacity: max(n * k, 1))
         gates = .allocate(capacity: max(n * k, 1))
         self.probs = probs ? .allocate(capacity: max(n * e, 1)) : nil
@@ -161,6 +163,11 @@ public final class TopKRoutingState {
 ///               (fullSoftmax: the kept experts' probabilities p_{t,i} under softmax(s_t))
 ///     load_e = assignments to e,  f_e = load_e / (N k),  P_e = mean_t softmax(s_t)_e
 ///     aux = balance_weight · E · Σ_e f_e P_e
+///
+/// f_e and P_e are means over the global batch: in a data-parallel run the counts and
+/// probability sums are summed over the ranks (`Host.allreduce`), so aux is the single-process
+/// value on every rank and the backward gives its derivative for this rank's tokens (the routers
+/// declare VQMOE_PLUGIN_GLOBAL_BATCH).
 ///
 /// ```swift
 /// let (aux, state) = try TopKRouting.forward(host, scores: s, n: n, e: e, k: k, io: io, balanceWeight: 0.01,
@@ -187,17 +194,23 @@ public enum TopKRouting {
         load.update(repeating: 0, count: e)
         for i in 0..<(n * k) { load[Int(index[i])] += 1 }
         var aux: Double = 0
-        if let probs, n > 0 {
-            var meanP = [Double](repeating: 0, count: e)
-            for t in 0..<n { let p = probs + t * e; for j in 0..<e { meanP[j] += Double(p[j]) } }
-            let assignments = Double(n * k)
-            for j in 0..<e { aux += Double(load[j]) / assignments * (meanP[j] / Double(n)) }
+        // Global counts (E), probability sums (E) and tokens: one allreduce (a no-op in one process).
+        var stats = (0..<e).map { Double(load[$0]) } + [Double](repeating: 0, count: e) + [Double(n)]
+        if let probs {
+            for t in 0..<n { let p = probs + t * e; for j in 0..<e { stats[e + j] += Double(p[j]) } }
+            try host.allreduce(&stats)
+        }
+        let globalN = Int(stats[2 * e])
+        if probs != nil, globalN > 0 {
+            let assignments = Double(globalN * k)
+            for j in 0..<e { aux += stats[j] / assignments * (stats[e + j] / Double(globalN)) }
             aux *= Double(balanceWeight) * Double(e)
         }
         if let state {
             state.index.update(from: index, count: n * k)
             state.gates.update(from: gates, count: n * k)
-            for j in 0..<e { state.fraction[j] = n > 0 ? load[j] / Float(n * k) : 0 }
+            state.globalN = globalN
+            for j in 0..<e { state.fraction[j] = globalN > 0 ? Float(stats[j] / Double(globalN * k)) : 0 }
         }
         return (Float(aux), state)
     }
@@ -210,7 +223,7 @@ public enum TopKRouting {
         var balanceCoef: UnsafeMutablePointer<Float>? = nil
         if gradAux != 0 && balanceWeight != 0 && n > 0 && s.probs != nil {
             let c = try host.scratchFloats(e, "balance-loss coefficients")
-            let scale = gradAux * balanceWeight * Float(e) / Float(n)
+            let scale = gradAux * balanceWeight * Float(e) / Float(s.globalN)
             for j in 0..<e { c[j] = scale * s.fraction[j] }
             balanceCoef = c
         }

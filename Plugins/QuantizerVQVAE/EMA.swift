@@ -5,27 +5,28 @@ import PluginKit
 import VQMoEABI
 
 extension VQVAE {
-    /// With n_j = counts_j and s_j = sum of the x assigned to j in this batch:
+    /// With n_j = counts_j and s_j = sum of the x assigned to j in the global batch (this rank's
+    /// sums, summed over the ranks):
     ///   N_j = decay * N_j + (1 - decay) * n_j
     ///   m_j = decay * m_j + (1 - decay) * s_j
     ///   N'_j = (N_j + eps) / (sum_i N_i + K eps) * sum_i N_i     (Laplace smoothing)
     ///   e_j = m_j / N'_j
     /// An empty batch changes nothing.
     func emaUpdate(
-        x: UnsafePointer<Float>, codes: UnsafePointer<Int32>, counts: UnsafePointer<Float>,
-        n: Int
+        x: UnsafePointer<Float>, codes: UnsafePointer<Int32>, globalCounts counts: [Float], n: Int, globalN: Int
     ) throws(PluginFailure) {
-        guard n > 0, let emaCount, let emaSum else { return }
+        guard globalN > 0, let emaCount, let emaSum else { return }
         let C = codebook!
 
         let decay = Double(emaDecay), eps = Double(emaEpsilon)
-        // s_j (K,d): batch sums of the inputs per code.
+        // s_j (K,d): batch sums of the inputs per code, over every rank's rows.
         let sums = try host.scratchDoubles(k * d, "EMA batch sums")
         sums.update(repeating: 0, count: k * d)
         for t in 0..<n {
             let s = sums + Int(codes[t]) * d, xt = x + t * d
             for i in 0..<d { s[i] += Double(xt[i]) }
         }
+        try host.allreduce(sums, count: k * d)
         var totalCount: Double = 0
         for j in 0..<k {
             let nj = decay * Double(emaCount[j]) + (1 - decay) * Double(counts[j])

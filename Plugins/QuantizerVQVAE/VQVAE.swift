@@ -11,7 +11,10 @@ import PluginKit
 import VQMoEABI
 
 final class VQVAE: QuantizerPlugin {
-    static let name = "vqvae", version = "1.0.0", flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS), reportsMetrics = true
+    static let name = "vqvae", version = "1.0.0", reportsMetrics = true
+    /// Stop-gradient loss terms; the mse, EMA statistics, k-means rows and dead-code rows are those
+    /// of the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS | VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "VQ-VAE quantizer: nearest code by L2 (ties -> lowest index), q = e_c with a straight-through gradient; loss "
         + "= mse(sg(x), q) + commitment * mse(x, sg(q)); optional EMA codebook (ema); optional k-means init "
@@ -107,16 +110,24 @@ final class VQVAE: QuantizerPlugin {
     struct Saved {
         /// x (N,d), q = e_c (N,d) before this forward's EMA update, codes (N).
         let x: [Float], q: [Float], codes: [Int32], kmeansHere: Bool
+        /// M / d: the global batch's tokens (every rank's; N in one process).
+        let globalN: Int
     }
 
     func forward(_ step: Step, _ io: QuantizerForward) throws(PluginFailure) -> (loss: Float, context: Any?) {
         let n = io.n, x = io.x, C = codebook!
         for i in 0..<(n * d) where !x[i].isFinite { throw .numeric("non-finite input x[\(i / d)][\(i % d)] = \(x[i])") }
-        // k-means initialisation: once (the state records it), on a non-empty training batch.
-        var kmeansHere = false
-        if kmeansInit && step.train && !step.frozen && n > 0, let initialized, initialized.pointee == 0 {
-            try kmeansInitialize(x: x, n: n, seed: step.seed)
-            (initialized.pointee, kmeansHere) = (1, true)
+        // k-means initialisation: once (the state records it), on the rows of the global batch.
+        var kmeansHere = false, batchRows: [Float]? = nil
+        if kmeansInit && step.train && !step.frozen, let initialized, initialized.pointee == 0 {
+            let rows = try host.allgatherRows(x, rows: n, width: d)
+            batchRows = rows
+            if rows.count >= d {
+                try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
+                    try kmeansInitialize(x: b.baseAddress!, n: rows.count / d, seed: step.seed)
+                }
+                (initialized.pointee, kmeansHere) = (1, true)
+            }
         }
         for i in 0..<(k * d) where !C[i].isFinite {
             throw .numeric("non-finite codebook entry [\(i / d)][\(i % d)] = \(C[i])")
@@ -126,30 +137,40 @@ final class VQVAE: QuantizerPlugin {
             x: x, n: n, d: d, codebook: C, k: k, codes: io.codes, sqError: sqError, quantized: io.quantized,
             surrogate: step.surrogate)
         io.counts.update(repeating: 0, count: k)
-        var total: Double = 0
-        for t in 0..<n { io.counts[Int(io.codes[t])] += 1; total += sqError[t] }
-        let mse = n > 0 ? total / Double(n * d) : 0
+        // Σ squared errors, code counts (K) and tokens of the global batch (one allreduce).
+        var global = [Double](repeating: 0, count: k + 2)
+        for t in 0..<n { io.counts[Int(io.codes[t])] += 1; global[0] += sqError[t] }
+        for j in 0..<k { global[1 + j] = Double(io.counts[j]) }
+        global[k + 1] = Double(n)
+        try host.allreduce(&global)
+        let globalN = Int(global[k + 1]), counts = global[1...k].map(Float.init)
+        let mse = globalN > 0 ? global[0] / Double(globalN * d) : 0
         let saved =
             step.savesContext
             ? Saved(
                 x: Array(UnsafeBufferPointer(start: x, count: n * d)),
                 q: (0..<n).flatMap { Array(UnsafeBufferPointer(start: C + Int(io.codes[$0]) * d, count: d)) },
-                codes: Array(UnsafeBufferPointer(start: io.codes, count: n)), kmeansHere: kmeansHere) : nil
+                codes: Array(UnsafeBufferPointer(start: io.codes, count: n)), kmeansHere: kmeansHere,
+                globalN: globalN) : nil
         var restarted: Int? = nil
         if ema && step.train && !step.frozen {
-            try emaUpdate(x: x, codes: io.codes, counts: io.counts, n: n)
-            if deadCodeThreshold > 0 { restarted = try restartDeadCodes(x: x, n: n, seed: step.seed) }
+            try emaUpdate(x: x, codes: io.codes, globalCounts: counts, n: n, globalN: globalN)
+            if deadCodeThreshold > 0 {
+                var rows = batchRows ?? []
+                if batchRows == nil { rows = try host.allgatherRows(x, rows: n, width: d) }
+                restarted = try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
+                    try restartDeadCodes(x: b.baseAddress!, n: rows.count / d, seed: step.seed)
+                }
+            }
         }
-        if step.train || !(usage?.training ?? false) {
-            usage = (Array(UnsafeBufferPointer(start: io.counts, count: k)), n, step.train, restarted)
-        }
+        if step.train || !(usage?.training ?? false) { usage = (counts, globalN, step.train, restarted) }
         return (Float(ema ? Double(commitment) * mse : (1 + Double(commitment)) * mse), saved)
     }
 
     func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
         let s = context as! Saved, n = g.n
         guard n > 0 else { return }
-        let scale = 2 / Float(n * d) * g.gradLoss, commit = scale * commitment
+        let scale = 2 / Float(s.globalN * d) * g.gradLoss, commit = scale * commitment
         for t in 0..<n {
             let gx = g.gradX + t * d, o = t * d
             if let gq = g.gradQuantized.map({ $0 + t * d }) {

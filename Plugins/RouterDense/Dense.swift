@@ -14,6 +14,8 @@ import VQMoEABI
 
 final class DenseRouter: RouterPlugin {
     static let name = "dense", version = "1.0.0"
+    /// No batch statistics: the same loss (none) on every rank of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "no routing: every token goes to expert 0 with weight 1 (k = 1, no parameters, aux 0); with n_experts = 1 "
         + "the MoE layer is a plain dense FFN (the dense baseline: match active compute with d_inner, total parameters "

@@ -11,6 +11,8 @@ import VQMoEABI
 
 final class SMoE: RouterPlugin {
     static let name = "smoe", version = "1.1.0"
+    /// Batch statistics (the balance loss's f_e and P_e) over the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "Mixtral-style top-k router: logits = x W^T (+ b), keep the k largest (ties -> lower expert), "
         + "weights = softmax over the kept logits (weights = full: their probabilities under the softmax over all E, "

@@ -20,6 +20,8 @@ import VQMoEABI
 
 final class SMoEDropout: RouterPlugin {
     static let name = "smoe_dropout", version = "1.0.0"
+    /// Batch statistics (the balance loss's f_e and P_e) over the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "SMoE-Dropout (Chen et al. 2023): a randomly initialised, frozen linear router (state, never trained); "
         + "k grows linearly from k_min to k_max over training, k = round((k_max - k_min) step / total_steps) + k_min; "

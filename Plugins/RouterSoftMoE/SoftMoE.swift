@@ -20,6 +20,8 @@ import VQMoEABI
 
 final class SoftMoE: RouterPlugin {
     static let name = "softmoe", version = "1.0.0"
+    /// No batch statistics (dispatch normalises within a group): the same on every rank of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "Soft MoE (Puigcerver et al. 2024): dense routing over E*S slots; logits = scale * (x/||x||) (Phi/||Phi||), "
         + "dispatch = softmax over a group's tokens per slot, combine = softmax over the slots per token"

@@ -11,8 +11,8 @@ extension StableMoE {
         /// expert a_t (N) and its gate g_t = sigmoid(s_{t,a_t}) (N).
         let x: [Float], eHat: [Float], eNorm: [Float], index: [Int32], gate: [Float]
         /// Stage 1: p_te = softmax(s_t)_e (N,E) and f_e = #{t : a_t = e} / N (E), a constant
-        /// (empty in stage 2).
-        let probs: [Float], fraction: [Float]
+        /// (empty in stage 2); N is the global batch's tokens (every rank's).
+        let probs: [Float], fraction: [Float], globalN: Int
         /// Stage 1 with distill: token ids (N), the gathered rows emb[id_t] (N,D), the distilled
         /// centroids (E,D), q_t = softmax(z_t) (N,E).
         let distilled: (ids: [Int32], rows: [Float], centroids: [Float], q: [Float])?
@@ -79,13 +79,20 @@ extension StableMoE {
         io.load.update(repeating: 0, count: e)
         for t in 0..<n { io.load[Int(io.index![t])] += 1 }
         var aux: Double = 0
-        if stage == 1 && n > 0, let probs {
-            var meanP = [Double](repeating: 0, count: e)
-            for t in 0..<n { let p = probs + t * e; for j in 0..<e { meanP[j] += Double(p[j]) } }
+        // Over the global batch: loads (E), probability sums (E), Σ CE and tokens, summed over the
+        // ranks (one allreduce; a no-op in one process).
+        var global = (0..<e).map { Double(io.load[$0]) } + [Double](repeating: 0, count: e) + [0, Double(n)]
+        if stage == 1, let probs {
+            for t in 0..<n { let p = probs + t * e; for j in 0..<e { global[e + j] += Double(p[j]) } }
+            if let ce { global[2 * e] = (0..<n).reduce(0) { $0 + Double(ce[$1]) } }
+            try host.allreduce(&global)
+        }
+        let globalN = Int(global[2 * e + 1])
+        if stage == 1 && globalN > 0 && probs != nil {
             var balance: Double = 0
-            for j in 0..<e { balance += Double(io.load[j]) / Double(n) * (meanP[j] / Double(n)) }
+            for j in 0..<e { balance += global[j] / Double(globalN) * (global[e + j] / Double(globalN)) }
             aux += Double(balanceWeight) * Double(e) * balance
-            if let ce { aux += Double(distillWeight) * (0..<n).reduce(0) { $0 + Double(ce[$1]) } / Double(n) }
+            if ce != nil { aux += Double(distillWeight) * global[2 * e] / Double(globalN) }
         }
         // Report-only statistics (training forwards win over eval forwards).
         if step.train || !(stats?.fromTraining ?? false) {
@@ -100,7 +107,8 @@ extension StableMoE {
                 stage: stage, x: copy(io.x, n * d), eHat: copy(eHat, e * d), eNorm: copy(eNorm, e),
                 index: Array(UnsafeBufferPointer(start: io.index!, count: n)), gate: copy(gate, n),
                 probs: probs.map { copy($0, n * e) } ?? [],
-                fraction: stage == 1 ? (0..<e).map { j in n > 0 ? io.load[j] / Float(n) : 0 } : [],
+                fraction: stage == 1 ? (0..<e).map { j in globalN > 0 ? Float(global[j] / Double(globalN)) : 0 } : [],
+                globalN: globalN,
                 distilled: learn
                     ? (
                         Array(UnsafeBufferPointer(start: ids!, count: n)), copy(distilled!.rows, n * dd),
@@ -116,7 +124,7 @@ extension StableMoE {
         var balanceCoef: UnsafeMutablePointer<Float>? = nil
         if s.stage == 1 && g.gradAux != 0 && balanceWeight != 0 {
             let c = try host.scratchFloats(e, "balance-loss coefficients")
-            let scale = g.gradAux * balanceWeight * Float(e) / Float(n)
+            let scale = g.gradAux * balanceWeight * Float(e) / Float(s.globalN)
             for j in 0..<e { c[j] = scale * s.fraction[j] }
             balanceCoef = c
         }
@@ -145,7 +153,7 @@ extension StableMoE {
         // Distillation: only stage 1 saved the distilled rows (stage 2: the router is frozen).
         guard !g.frozen, g.gradAux != 0, distillWeight != 0, let dist = s.distilled else { return }
         let dz = try host.scratchFloats(n * e, "distilled logit gradients")  // (N,E)
-        let scale = g.gradAux * distillWeight / Float(n)
+        let scale = g.gradAux * distillWeight / Float(s.globalN)
         for t in 0..<n {
             for j in 0..<e { dz[t * e + j] = scale * dist.q[t * e + j] }
             dz[t * e + Int(s.index[t])] -= scale

@@ -23,7 +23,7 @@ import VQMoEABI
 final class StableMoE: RouterPlugin {
     static let name = "stablemoe", version = "1.0.0", reportsMetrics = true
     /// The distilled router maps token ids to experts.
-    static let flags = UInt32(VQMOE_PLUGIN_NEEDS_TOKEN_IDS)
+    static let flags = UInt32(VQMOE_PLUGIN_NEEDS_TOKEN_IDS | VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "StableMoE (Dai et al. 2022): top-1 routing on l2-normalised expert centroids with a sigmoid gate; "
         + "stage 1 adds a balance loss and distils the assignment into a token-id router, which decides, frozen, "

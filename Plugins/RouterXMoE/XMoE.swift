@@ -23,6 +23,8 @@ import VQMoEABI
 
 final class XMoE: RouterPlugin {
     static let name = "xmoe", version = "1.0.0", reportsMetrics = true
+    /// Batch statistics (the balance loss's f_e and P_e) over the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "X-MoE router (Chi et al. 2022): h = W_p x (d -> d_r, no bias), scores s_e = cos(h, e_e) / tau with "
         + "L2-normalised expert embeddings and a learnable (or fixed) temperature; keep the k largest (ties -> lower "

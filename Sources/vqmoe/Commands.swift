@@ -8,6 +8,8 @@ struct Command: Sendable {
     /// Usage lines without the leading `vqmoe `.
     let usage: [String]
     let summary: String
+    /// Joins a distributed job when launched by mpirun/srun (train, finetune, eval, bench).
+    var distributed = false
     let run: @Sendable (inout Args) throws -> Int32
 
     var help: String {
@@ -26,16 +28,17 @@ let commands: [Command] = [
             train a model from a JSON config (see configs/); writes DIR/metrics.jsonl, DIR/best.safetensors (+ .json
             sidecar) and reports test loss / bits per character with the best checkpoint; SIGINT/SIGTERM write
             DIR/last.* and stop (exit 130); --resume continues an interrupted run exactly where it stopped
-            """, run: trainCommand),
+            """, distributed: true, run: trainCommand),
     Command(
         name: "finetune", usage: ["finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]"],
         summary: """
             fine-tune pre-trained weights on a classification task (new head, frozen parts from finetune.freeze);
             reports accuracy and the FFN FLOPs per token of the pre-training vs fine-tuning path
-            """, run: finetuneCommand),
+            """, distributed: true, run: finetuneCommand),
     Command(
         name: "eval", usage: ["eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]"],
-        summary: "evaluate a run's checkpoint (default best) on a whole split", run: evalCommand),
+        summary: "evaluate a run's checkpoint (default best) on a whole split", distributed: true,
+        run: evalCommand),
     Command(
         name: "sweep", usage: ["sweep CONFIG [--set key.path=value ...]"],
         summary: """
@@ -56,7 +59,7 @@ let commands: [Command] = [
         summary: """
             time the trainer's training steps: tokens/s, ms per step (forward / backward / optimizer), training
             GFLOP/s, peak RSS; --ffn: one MoE layer against a dense FFN with the same active FLOPs
-            """, run: benchCommand),
+            """, distributed: true, run: benchCommand),
     Command(
         name: "plugins",
         usage: [

@@ -19,7 +19,7 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir)
     Trainer.installInterruptHandlers()
     let r = try trainer.run(resume: resume != nil)
-    print(trainSummary(cfg, r))
+    if trainer.comm.isRoot { print(trainSummary(cfg, r)) }
     return r.interrupted ? 130 : 0
 }
 

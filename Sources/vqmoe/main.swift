@@ -20,15 +20,25 @@ func run() throws -> Int32 {
         print("usage:\n" + command.help)
         return 0
     }
-    return try command.run(&args)
+    // Launched by mpirun or srun: join the job (one process: nothing happens).
+    if command.distributed { try Comm.start() }
+    let status = try command.run(&args)
+    Comm.world.finish()
+    return status
+}
+
+/// An error ends this process; in a distributed run it ends every rank (the others would wait
+/// for this one in their next collective).
+func fail(_ message: String, _ code: Int32) -> Never {
+    if Comm.world.isDistributed { Comm.world.abort(message, code: code) }
+    FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+    exit(code)
 }
 
 do {
     exit(try run())
 } catch let e as VQMoEError {
-    FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
-    exit(e.exitCode)
+    fail(e.message, e.exitCode)
 } catch {
-    FileHandle.standardError.write(Data("error: \(error)\n".utf8))
-    exit(70)
+    fail("\(error)", 70)
 }

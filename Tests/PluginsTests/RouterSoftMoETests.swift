@@ -278,7 +278,8 @@ final class RouterSoftMoETests: XCTestCase {
                                                 var s = vqmoe_step_info(
                                                     struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size),
                                                     flags: VQMOE_STEP_TRAIN,
-                                                    step: 0, total_steps: 10, seed: 1)
+                                                    step: 0, total_steps: 10, seed: 1, token_offset: 0, global_tokens: 0
+                                                )
                                                 return api.forward!(h, &s, &input, &out, &ctx)
                                             }
                                         }

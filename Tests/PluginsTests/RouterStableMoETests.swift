@@ -410,7 +410,8 @@ final class RouterStableMoETests: XCTestCase {
                                     )
                                     var s = vqmoe_step_info(
                                         struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size),
-                                        flags: VQMOE_STEP_TRAIN, step: 0, total_steps: 100, seed: 1)
+                                        flags: VQMOE_STEP_TRAIN, step: 0, total_steps: 100, seed: 1, token_offset: 0,
+                                        global_tokens: 0)
                                     return api.forward!(h, &s, &input, &out, &ctx)
                                 }
                             }

@@ -43,9 +43,12 @@ public enum Embedding {
 public enum Dropout {
     public static func forward(
         out: UnsafeMutablePointer<Float>, mask: UnsafeMutablePointer<Float>, inp: UnsafePointer<Float>,
-        count: Int, p: Float, seed: UInt64
+        count: Int, p: Float, seed: UInt64, offset: Int = 0
     ) {
+        // Element i draws the stream's value number offset + i: a slice of a larger activation
+        // (one rank's rows of a global batch) gets the same mask as in the whole.
         var r = HostRNG.make(seed: seed, stream: 0xd20)
+        r.counter = UInt64(offset)
         let keep = 1 / (1 - p)
         for i in 0..<count {
             let m: Float = HostRNG.uniform(&r) >= p ? keep : 0

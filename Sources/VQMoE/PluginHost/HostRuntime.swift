@@ -109,9 +109,58 @@ public enum HostRuntime {
                     guard let fn else { return }
                     HostRuntime.parallelFor(n, grain: grain) { b, e in fn(user, b, e) }
                 },
-                num_threads: 1))
+                num_threads: 1, num_ranks: 1, rank: 0,
+                allreduce_sum_f64: { buf, n in HostRuntime.collective { try Comm.world.allreduce(buf!, count: Int(n)) }
+                },
+                allreduce_sum_f32: { buf, n in HostRuntime.collective { try Comm.world.allreduce(buf!, count: Int(n)) }
+                },
+                allgather: { send, bytes, recv, capacity, rankBytes in
+                    HostRuntime.allgather(send, bytes, recv, capacity, rankBytes)
+                }))
         return p
     }()
+
+    /// A plugin's collective: VQMOE_OK, or an error status with the message set.
+    static func collective(_ body: () throws -> Void) -> Int32 {
+        do {
+            try body()
+            return VQMOE_OK
+        } catch {
+            setError("\(error)")
+            return VQMOE_ERR_INTERNAL
+        }
+    }
+
+    /// host->allgather: every rank's bytes in rank order; INVALID_ARGUMENT on every rank when the
+    /// total exceeds any rank's capacity.
+    static func allgather(
+        _ send: UnsafeRawPointer?, _ bytes: Int64, _ recv: UnsafeMutableRawPointer?, _ capacity: Int64,
+        _ rankBytes: UnsafeMutablePointer<Int64>?
+    ) -> Int32 {
+        let comm = Comm.world
+        var status = VQMOE_OK
+        let code = collective {
+            let (data, counts) = try comm.allgather(UnsafeRawBufferPointer(start: send, count: Int(max(bytes, 0))))
+            var fits: [Double] = [data.count <= Int(capacity) && (recv != nil || data.isEmpty) ? 0 : 1]
+            try comm.allreduce(&fits)
+            guard fits[0] == 0 else {
+                setError("allgather: the ranks send \(data.count) bytes in all, more than a receive capacity")
+                status = VQMOE_ERR_INVALID_ARGUMENT
+                return
+            }
+            if let recv, !data.isEmpty {
+                data.withUnsafeBytes { recv.copyMemory(from: $0.baseAddress!, byteCount: data.count) }
+            }
+            if let rankBytes { for (r, c) in counts.enumerated() { rankBytes[r] = Int64(c) } }
+        }
+        return code != VQMOE_OK ? code : status
+    }
+
+    /// The ranks of a distributed run, for plugins (ABI 1.3).
+    static func setRanks(_ comm: Comm) {
+        api.pointee.num_ranks = Int32(comm.size)
+        api.pointee.rank = Int32(comm.rank)
+    }
 
     // MARK: logging and errors
 

@@ -45,6 +45,9 @@ public struct StepInfo: Sendable, Equatable {
     public var totalSteps: Int
     public var flags: UInt32
     public var seed: UInt64
+    /// This rank's first token in the global batch and the global batch's tokens (a forward in one
+    /// process: 0 and N; 0 and 0 where there is no batch, as in begin_step).
+    public var tokenOffset = 0, globalTokens = 0
 
     public init(
         step: Int, totalSteps: Int, train: Bool, noGrad: Bool = false, frozen: Bool = false,
@@ -59,7 +62,8 @@ public struct StepInfo: Sendable, Equatable {
     var c: vqmoe_step_info {
         vqmoe_step_info(
             struct_size: UInt32(MemoryLayout<vqmoe_step_info>.size), flags: flags,
-            step: Int64(step), total_steps: Int64(totalSteps), seed: seed)
+            step: Int64(step), total_steps: Int64(totalSteps), seed: seed, token_offset: Int64(tokenOffset),
+            global_tokens: Int64(globalTokens))
     }
     var savesContext: Bool { flags & VQMOE_STEP_TRAIN != 0 && flags & VQMOE_STEP_NO_GRAD == 0 }
 

@@ -207,6 +207,8 @@ public final class PluginLibrary: @unchecked Sendable {
     public var hasStopGradientLoss: Bool { desc.pointee.flags & VQMOE_PLUGIN_STOPGRAD_LOSS != 0 }
     /// Whether a router reads token ids (`VQMOE_PLUGIN_NEEDS_TOKEN_IDS`).
     public var needsTokenIDs: Bool { desc.pointee.flags & VQMOE_PLUGIN_NEEDS_TOKEN_IDS != 0 }
+    /// VQMOE_PLUGIN_GLOBAL_BATCH: batch statistics over every rank's rows (ABI 1.3).
+    public var computesGlobalBatch: Bool { desc.pointee.flags & VQMOE_PLUGIN_GLOBAL_BATCH != 0 }
 
     /// An optional feature struct by string id, or nil.
     public func feature(_ id: String) -> UnsafeRawPointer? {

@@ -127,7 +127,7 @@ public final class RepresentationObserver: EvaluationObserver {
     }
 
     public func observe(_ e: EvaluationEvent, record: inout ProbeRecord) throws {
-        let keep = min(256, e.config.train.batchSize * e.model.config.seqLen), d = e.model.config.dModel, p = e.probe
+        let keep = min(256, e.model.lastForwardTokens), d = e.model.config.dModel, p = e.probe
         var layers: [Layer] = []
         for l in 0..<e.model.layers.count {
             guard let x = e.model.moeInput(layer: l) else { continue }

@@ -30,8 +30,11 @@ public final class Trainer {
     public var progress: ProgressReporter
     /// Fine-tuning facts for result.json (set by `Finetune`).
     public var finetuneSummary: ((inout RunSummary) -> Void)?
-    /// The open metrics log of a running `run()`.
+    /// The open metrics log of a running `run()` (rank 0 only).
     var metricsLog: MetricsLog?
+    /// The ranks of the run (one process: a single rank) and this rank's gradient reduction.
+    public let comm: Comm
+    let gradientSync: GradientSync?
 
     /// `prepare` runs on the built model before the optimizer is made (fine-tuning loads
     /// pre-trained weights and freezes parameters there).
@@ -41,14 +44,20 @@ public final class Trainer {
     ) throws {
         self.config = config
         self.outDir = outDir
+        comm = Comm.world
         HostRuntime.configure(threads: config.train.threads)
+        try Trainer.checkRanks(config, comm)
         let built = try ModelBuilder(config: config, registry: registry, dataRoot: dataRoot).build()
         dataset = built.dataset
         model = built.model
         try prepare?(model)
         optimizer = makeOptimizer(parameters: model.parameters.filter { !$0.frozen }, config: config.train)
-        progress = ProgressReporter(total: config.train.steps, quiet: quiet)
+        progress = ProgressReporter(total: config.train.steps, quiet: quiet || !comm.isRoot)
+        gradientSync = comm.isDistributed ? GradientSync(comm: comm) : nil
     }
+
+    /// This rank's rows of a global batch of `b` rows.
+    func share(_ b: Int) -> RowShare { RowShare(global: b, rank: comm.rank, ranks: comm.size) }
 
     // MARK: one step
 
@@ -62,16 +71,20 @@ public final class Trainer {
     public func trainStep(_ step: Int, timings: inout StepTimings) throws -> (LossParts, Float) {
         func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e6 }
         let t0 = now()
+        comm.step = step
         try model.beginStep(step)
         guard let batch = try dataset.read(.train, index: step, batchSize: config.train.batchSize) else {
             throw VQMoEError(.data, "the train split of '\(config.data.name)' gave no batch \(step)")
         }
         let t1 = now()
-        let parts: LossParts
+        var parts: LossParts
         do {
-            parts = try forward(batch, step: step, train: true)
+            let rows = share(config.train.batchSize)
+            parts = try forward(batch.rows(rows), step: step, train: true, share: rows)
+            let scale = try reduce(&parts, share: rows)
             timings.forward = now() - t1
-            try model.backward()
+            try model.backward(scale: scale, ready: gradientSync?.ready)
+            try gradientSync?.finish()
         } catch let e as VQMoEError where e.category == .numeric && !e.message.contains("at step") {
             throw VQMoEError(
                 .numeric,
@@ -84,21 +97,23 @@ public final class Trainer {
         guard norm.isFinite else { throw VQMoEError(.numeric, "non-finite gradient norm at step \(step)") }
         optimizer.step(lr: learningRate(step: step, config: config.train))
         model.zeroGrads()
+        try keepLocalStatesInStep()
         timings.data = t1 - t0
         timings.backward = t3 - t1 - timings.forward
         timings.optimizer = now() - t3
         return (parts, norm)
     }
 
-    /// One model forward on a dataset batch (with the sample lengths of text classification).
-    func forward(_ batch: DatasetInstance.Batch, step: Int, train: Bool) throws -> LossParts {
-        let bs = config.train.batchSize
+    /// One model forward on a dataset batch (with the sample lengths of text classification):
+    /// this rank's rows of it, which are rows `share.offset ...` of the global batch.
+    func forward(_ batch: DatasetInstance.Batch, step: Int, train: Bool, share: RowShare) throws -> LossParts {
+        let bs = share.count
         if dataset.inputIsFloat {
             return try batch.inputsFloat.withUnsafeBufferPointer { x in
                 try batch.targets.withUnsafeBufferPointer { y in
                     try model.forward(
                         tokens: nil, images: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step,
-                        train: train)
+                        train: train, rowOffset: share.offset, globalBatch: share.global)
                 }
             }
         }
@@ -107,7 +122,8 @@ public final class Trainer {
                 try batch.lengths.withUnsafeBufferPointer { l in
                     try model.forward(
                         tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: train,
-                        lengths: batch.lengths.isEmpty ? nil : l.baseAddress)
+                        lengths: batch.lengths.isEmpty ? nil : l.baseAddress, rowOffset: share.offset,
+                        globalBatch: share.global)
                 }
             }
         }
@@ -119,13 +135,19 @@ public final class Trainer {
     public func evaluate(_ split: Split, maxBatches: Int = 0) throws -> EvalResult {
         var sum = 0.0, count = 0, correct = 0, index = 0
         model.resetEvalMemory()  // Transformer-XL: the ordered pass starts with an empty memory
+        let rows = share(config.train.batchSize)
         while maxBatches == 0 || index < maxBatches {
             guard let batch = try dataset.read(split, index: index, batchSize: config.train.batchSize) else { break }
-            let parts = try forward(batch, step: index, train: false)
+            let parts = try forward(batch.rows(rows), step: index, train: false, share: rows)
             sum += parts.lossSum
             count += parts.count
             correct += parts.correct
             index += 1
+        }
+        if comm.isDistributed {
+            var sums = [sum, Double(count), Double(correct)]
+            try comm.allreduce(&sums)
+            (sum, count, correct) = (sums[0], Int(sums[1]), Int(sums[2]))
         }
         guard count > 0 else {
             throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate")
@@ -156,15 +178,21 @@ public final class Trainer {
             return ProbeAssignments(router: [], discrete: [])
         }
         model.resetEvalMemory()
-        _ = try forward(batch, step: 0, train: false)
+        let rows = share(bs)
+        _ = try forward(batch.rows(rows), step: 0, train: false, share: rows)
         let tops = model.layers.map { $0.lastTop1() }
-        return ProbeAssignments(router: tops.compactMap(\.router), discrete: tops.compactMap(\.discrete))
+        return ProbeAssignments(
+            router: try tops.compactMap(\.router).map(comm.allgatherRows),
+            discrete: try tops.compactMap(\.discrete).map(comm.allgatherRows))
     }
 
     // MARK: checkpoints
 
-    /// Checkpoint the model (and optimizer) to OUT/NAME.safetensors + OUT/NAME.json.
+    /// Checkpoint the model (and optimizer) to OUT/NAME.safetensors + OUT/NAME.json (rank 0
+    /// writes; every rank calls it).
     public func saveCheckpoint(_ name: String, step: Int, run: RunState? = nil, valid: EvalResult? = nil) throws {
+        defer { try? comm.barrier() }  // no rank reads it before rank 0 has written it
+        guard comm.isRoot else { return }
         let path = "\(outDir)/\(name).safetensors"
         try Checkpoint.write(
             path: path, tensors: model.checkpointTensors(optimizer: optimizer), metadata: ["step": String(step)])

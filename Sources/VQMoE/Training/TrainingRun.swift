@@ -26,7 +26,7 @@ extension Trainer {
             }
             if (step + 1) % t.evalEvery == 0 || isLast { try evaluateAndObserve(step, state: &state) }
             state.nextStep = step + 1
-            let stopNow = Trainer.interruptRequested != 0 || stopAfter == step + 1
+            let stopNow = try interruptAgreed() || stopAfter == step + 1
             if stopNow || (step + 1) % t.checkpointEvery == 0 {
                 observers.forEach { $0.save(into: &state) }
                 try saveCheckpoint("last", step: step + 1, run: state)
@@ -59,13 +59,24 @@ extension Trainer {
             optimizer.t = side.optimizerSteps
             observers.forEach { $0.restore(from: state) }
             progress.note("resuming \(config.name) at step \(state.nextStep) from \(ckPath)")
-        } else {
+        } else if comm.isRoot {
             let cfgData = try JSONSerialization.data(
                 withJSONObject: config.json, options: [.prettyPrinted, .sortedKeys])
             try Checkpoint.atomicWrite(cfgData, to: "\(outDir)/config.json")
         }
-        metricsLog = try MetricsLog(path: "\(outDir)/metrics.jsonl", keepingStepsBelow: resume ? state.nextStep : nil)
+        if comm.isRoot {
+            metricsLog = try MetricsLog(
+                path: "\(outDir)/metrics.jsonl", keepingStepsBelow: resume ? state.nextStep : nil)
+        }
         return state
+    }
+
+    /// SIGINT/SIGTERM reached any rank (every rank stops after the same step).
+    private func interruptAgreed() throws -> Bool {
+        guard comm.isDistributed else { return Trainer.interruptRequested != 0 }
+        var flag = [Double(Trainer.interruptRequested)]
+        try comm.allreduce(&flag)
+        return flag[0] > 0
     }
 
     /// A train record, and the progress line.
@@ -98,7 +109,7 @@ extension Trainer {
             let probe = try probeAssignments()
             var record = ProbeRecord(step: step, routerTop1: probe.router, discreteTop1: probe.discrete)
             let event = EvaluationEvent(step: step, model: model, probe: probe, outDir: outDir, config: config)
-            for observer in observers { try observer.observe(event, record: &record) }
+            if comm.isRoot { for observer in observers { try observer.observe(event, record: &record) } }
             try metricsLog?.append(record)
         }
         if state.bestValid.map({ isBetter(v, than: $0) }) ?? true {
@@ -132,6 +143,7 @@ extension Trainer {
         if let best = state.bestValid { summary.set(.valid, best, isLM: dataset.isLM) }
         if let test { summary.set(.test, test, isLM: dataset.isLM) }
         finetuneSummary?(&summary)
+        guard comm.isRoot else { return result }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         try Checkpoint.atomicWrite(try encoder.encode(summary), to: "\(outDir)/result.json")

@@ -58,6 +58,20 @@
  *     means the ABI 1.0 size. The host lays out the arrays it passes in the element size of
  *     the plugin's own ABI version.
  *
+ * Batch statistics in a distributed run (ABI 1.3): under data parallelism every rank holds a
+ * replica of the model and computes on its own rows of each global batch; all ranks run the
+ * same forwards, backwards and begin_steps in the same order. A plugin that computes a statistic
+ * over the batch -- a loss mean, a balance term's f_e and P_e, EMA code counts and sums, rows
+ * for a k-means init or a dead-code restart, code counts, an entropy of the mean distribution --
+ * sums it over the ranks with host->allreduce_sum_* (or gathers rows with host->allgather) and
+ * declares VQMOE_PLUGIN_GLOBAL_BATCH: its loss is then the single-process loss of the global
+ * batch, the same on every rank, and its backward returns that loss's derivative for this
+ * rank's tokens (the host sums parameter gradients over the ranks). The collectives are
+ * collective: every rank calls them in the same order with the same counts (allgather: any
+ * byte counts). In one process they are no-ops, so one code path serves both. A plugin without
+ * the flag keeps working: the host treats its loss as a mean over this rank's tokens (averaged
+ * over the ranks, weighted by tokens) and keeps rank 0's state buffers after each step.
+ *
  * Threading:
  *   - One instance is called from one thread at a time; different instances may be
  *     called concurrently. Descriptor functions (create, get_feature) are thread-safe.
@@ -84,13 +98,15 @@ extern "C" {
 
 /* ------------------------------------------------------------------ version */
 #define VQMOE_ABI_VERSION_MAJOR 1
-#define VQMOE_ABI_VERSION_MINOR 2
+#define VQMOE_ABI_VERSION_MINOR 3
 /* (major << 16) | minor, spelled out so that Swift imports it as a constant.
  * 1.1: vqmoe_dataset_info.streams (appended; 1.0 plugins leave it 0).
  * 1.2: element sizes for the arrays that cross the boundary, so their elements can grow too:
  *      vqmoe_plugin_desc.hparam_spec_size, vqmoe_hparams.value_size,
- *      vqmoe_create_info.binding_size (all appended; 0 or absent = the 1.0 size). */
-#define VQMOE_ABI_VERSION       0x00010002u
+ *      vqmoe_create_info.binding_size (all appended; 0 or absent = the 1.0 size).
+ * 1.3: distributed runs: the host's ranks and collectives (vqmoe_host_api.num_ranks ... allgather),
+ *      vqmoe_step_info.token_offset / global_tokens, VQMOE_PLUGIN_GLOBAL_BATCH (all appended). */
+#define VQMOE_ABI_VERSION       0x00010003u
 #define VQMOE_ABI_MAJOR(v)      ((uint32_t)(v) >> 16)
 #define VQMOE_ABI_MINOR(v)      ((uint32_t)(v)&0xffffu)
 
@@ -268,6 +284,22 @@ typedef struct vqmoe_host_api {
 
     /** Threads in the host's pool (>= 1). */
     int32_t num_threads;
+
+    /* ABI 1.3 (check struct_size before use; absent = one process). */
+    /** Ranks of the run (1 in one process) and this process's rank in [0, num_ranks). */
+    int32_t num_ranks;
+    int32_t rank;
+    /** buf[i] = the sum over every rank of buf[i], in place (collective; see "Batch statistics"). */
+    int32_t (*allreduce_sum_f64)(double *buf, int64_t n);
+    int32_t (*allreduce_sum_f32)(float *buf, int64_t n);
+    /**
+     * The `bytes` bytes of `send` of every rank, concatenated in rank order into `recv`, which has
+     * room for `recv_capacity` bytes (collective; ranks may send different counts). `rank_bytes`
+     * (num_ranks) receives each rank's count, or is NULL. When the total exceeds any rank's
+     * capacity, every rank gets VQMOE_ERR_INVALID_ARGUMENT and nothing is copied: size `recv`
+     * from an allreduce of the counts first.
+     */
+    int32_t (*allgather)(const void *send, int64_t bytes, void *recv, int64_t recv_capacity, int64_t *rank_bytes);
 } vqmoe_host_api;
 
 /* ------------------------------------------------------------------ create info */
@@ -345,7 +377,16 @@ typedef struct vqmoe_step_info {
     int64_t step;        /* 0-based optimizer step being computed */
     int64_t total_steps; /* planned steps of this run */
     uint64_t seed;       /* per (instance, step, call) seed: host->rng_init(&r, seed, stream) */
+    /** ABI 1.3 (check struct_size): this rank's first token in the global batch, and the global
+     *  batch's tokens (0 and N in one process; both 0 in begin_step). Per-token randomness drawn
+     *  from the global token index (token_offset + t) does not depend on how many ranks share
+     *  the batch. */
+    int64_t token_offset;
+    int64_t global_tokens;
 } vqmoe_step_info;
+
+/** The size of an ABI 1.0-1.2 step info (before token_offset): the least a plugin accepts. */
+#define VQMOE_STEP_INFO_1_0_SIZE ((uint32_t)offsetof(vqmoe_step_info, token_offset))
 
 /* ------------------------------------------------------------------ the instance */
 typedef struct vqmoe_instance vqmoe_instance; /* opaque; defined by each plugin */
@@ -622,6 +663,9 @@ typedef struct vqmoe_metrics_feature {
  * its backward is not the derivative of its value; gradcheck then compares the DIRECTION of each
  * loss gradient with finite differences (cosine similarity) instead of its values */
 #define VQMOE_PLUGIN_STOPGRAD_LOSS   0x4u
+/* computes its batch statistics over the global batch with the host's collectives (ABI 1.3; see
+ * "Batch statistics" at the top): its loss is the same on every rank */
+#define VQMOE_PLUGIN_GLOBAL_BATCH    0x8u
 
 /**
  * What vqmoe_plugin_entry returns: static, owned by the plugin, valid while loaded.

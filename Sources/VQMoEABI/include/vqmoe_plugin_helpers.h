@@ -394,7 +394,7 @@ static inline int32_t vqmoe_quantizer_begin(vqmoe_instance *inst, int64_t k, int
     if (inst == NULL || io == NULL) return VQMOE_ERR_INVALID_ARGUMENT;
     const vqmoe_base *b = vqmoe_base_of(inst);
     const int64_t d = b->d_model;
-    VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, step, vqmoe_step_info, "step info"));
+    VQMOE_TRY(vqmoe_check_struct(b, step, step ? step->struct_size : 0, VQMOE_STEP_INFO_1_0_SIZE, "step info"));
     VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, in, vqmoe_quantizer_input, "quantizer input"));
     VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, out, vqmoe_quantizer_output, "quantizer output"));
     VQMOE_TRY(VQMOE_CHECK_F32(b, &in->x, "x", VQMOE_ANY, d));
@@ -461,7 +461,7 @@ static inline int32_t vqmoe_router_begin(vqmoe_instance *inst, int64_t k, const 
     if (inst == NULL || io == NULL) return VQMOE_ERR_INVALID_ARGUMENT;
     const vqmoe_base *b = vqmoe_base_of(inst);
     const int64_t d = b->d_model;
-    VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, step, vqmoe_step_info, "step info"));
+    VQMOE_TRY(vqmoe_check_struct(b, step, step ? step->struct_size : 0, VQMOE_STEP_INFO_1_0_SIZE, "step info"));
     VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, in, vqmoe_router_input, "router input"));
     VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, out, vqmoe_router_output, "router output"));
     VQMOE_TRY(VQMOE_CHECK_F32(b, &in->x, "x", VQMOE_ANY, d));
@@ -531,7 +531,7 @@ static inline int32_t vqmoe_head_begin(vqmoe_instance *inst, int64_t n_out, int 
     if (inst == NULL || io == NULL) return VQMOE_ERR_INVALID_ARGUMENT;
     const vqmoe_base *b = vqmoe_base_of(inst);
     const int64_t d = b->d_model;
-    VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, step, vqmoe_step_info, "step info"));
+    VQMOE_TRY(vqmoe_check_struct(b, step, step ? step->struct_size : 0, VQMOE_STEP_INFO_1_0_SIZE, "step info"));
     VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, in, vqmoe_head_input, "head input"));
     VQMOE_TRY(VQMOE_CHECK_STRUCT_(b, out, vqmoe_head_output, "head output"));
     VQMOE_TRY(VQMOE_CHECK_F32(b, &in->h, "h", VQMOE_ANY, VQMOE_ANY, d));

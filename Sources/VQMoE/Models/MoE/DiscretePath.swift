@@ -91,7 +91,8 @@ public final class DiscretePath: ExpertPath {
         case .mix: Vec.axpy(g.dx, 1 - mixC, dxh, n * d)
         }
         guard let ctx else { return }
-        try quantizer.backward(ctx, n: n, gradQuantized: gradQ, gradLoss: lossWeight, gradX: g.dx)
+        let share = quantizer.core.library.computesGlobalBatch ? 1 : g.localShare
+        try quantizer.backward(ctx, n: n, gradQuantized: gradQ, gradLoss: lossWeight * share, gradX: g.dx)
     }
 
     /// The expert of each token's first code.

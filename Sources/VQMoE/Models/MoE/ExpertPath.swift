@@ -21,6 +21,8 @@ public struct PathGradients {
     public var dx: UnsafeMutablePointer<Float>
     /// dL/d(aux loss) (1 in training).
     public var auxGrad: Float
+    /// The extra weight of a plugin loss that averages this process's tokens only (`LossScale`).
+    public var localShare: Float = 1
 }
 
 /// One way tokens reach experts inside an `MoELayer`. A path runs its component (a router or a

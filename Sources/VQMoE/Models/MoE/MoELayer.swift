@@ -180,8 +180,11 @@ public final class MoELayer: @unchecked Sendable {
     // MARK: backward
 
     /// Accumulate dx (N,d) from dy (N,d), and every parameter gradient (plugins included).
-    /// `auxGrad` is dL/d(aux) (1 for the training loss).
-    public func backward(dy: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, auxGrad: Float = 1) throws {
+    /// `auxGrad` is dL/d(aux) (1 for the training loss); a plugin loss that is a mean over this
+    /// process's tokens only (no VQMOE_PLUGIN_GLOBAL_BATCH) weighs `localShare` more (see `LossScale`).
+    public func backward(
+        dy: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, auxGrad: Float = 1, localShare: Float = 1
+    ) throws {
         guard let inp = input else { throw VQMoEError(.internalError, "\(name): backward before forward") }
         let n = inp.n, d = dModel
         let dweight = scratch.dweight.reserve(table.count)
@@ -206,7 +209,8 @@ public final class MoELayer: @unchecked Sendable {
         }
         for (p, path) in paths.enumerated() {
             let grads = PathGradients(
-                rawWeights: draw + table.ranges[p].start, softOutput: dsoft[p], dx: dx, auxGrad: auxGrad)
+                rawWeights: draw + table.ranges[p].start, softOutput: dsoft[p], dx: dx, auxGrad: auxGrad,
+                localShare: localShare)
             try path.backward(inp, grads)
         }
         input = nil

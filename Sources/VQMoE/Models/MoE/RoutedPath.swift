@@ -86,13 +86,14 @@ public final class RoutedPath: ExpertPath {
     public func backward(_ input: PathInput, _ g: PathGradients) throws {
         defer { ctx = nil }
         guard let ctx else { return }
+        let gradAux = g.auxGrad * (router.core.library.computesGlobalBatch ? 1 : g.localShare)
         if shape.mode == .dense, let dsoft = g.softOutput {
             let (dD, dC) = soft.backward(
                 dy: dsoft, x: input.x, dx: g.dx, bank: input.experts.banks[0], scratch: input.scratch)
             try router.backward(
-                ctx, n: n, shape: shape, gradDispatch: dD, gradCombine: dC, gradAux: g.auxGrad, gradX: g.dx)
+                ctx, n: n, shape: shape, gradDispatch: dD, gradCombine: dC, gradAux: gradAux, gradX: g.dx)
         } else {
-            try router.backward(ctx, n: n, shape: shape, gradWeights: g.rawWeights, gradAux: g.auxGrad, gradX: g.dx)
+            try router.backward(ctx, n: n, shape: shape, gradWeights: g.rawWeights, gradAux: gradAux, gradX: g.dx)
         }
     }
 

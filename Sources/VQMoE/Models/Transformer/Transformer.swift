@@ -184,14 +184,17 @@ public final class Transformer: @unchecked Sendable {
 
     /// tokens (B,T) int32 or images (B,C,H,W), targets → loss parts. In training mode the
     /// activations are kept for `backward()`; `step` seeds dropout and the plugins' per-step randomness.
+    /// A data-parallel rank passes its rows' place in the global batch (`rowOffset`, `globalBatch`):
+    /// dropout masks and the plugins' token indices are then those of the single-process forward.
     public func forward(
         tokens: UnsafePointer<Int32>?, images: UnsafePointer<Float>? = nil, targets: UnsafePointer<Int32>?,
         batch: Int, step: Int, train: Bool, lengths: UnsafePointer<Int32>? = nil,
-        logits out: UnsafeMutablePointer<Float>? = nil
+        logits out: UnsafeMutablePointer<Float>? = nil, rowOffset: Int = 0, globalBatch: Int = 0
     ) throws -> LossParts {
         var ctx = ForwardContext(
             batch: batch, seqLen: config.seqLen, step: step, train: train, runSeed: runSeed,
             totalSteps: totalSteps, dropout: config.dropout)
+        (ctx.rowOffset, ctx.globalBatch) = (rowOffset, globalBatch)
         let c = config.dModel, n = ctx.n
         let x0 = stream[0].reserve(n * c)
         try input.forward(tokens: tokens, images: images, x: x0, batch: batch, t: ctx.seqLen)
@@ -201,7 +204,7 @@ public final class Transformer: @unchecked Sendable {
         if ctx.drops {
             Dropout.forward(
                 out: x0, mask: embeddingMask.reserve(n * c), inp: x0, count: n * c, p: ctx.dropout,
-                seed: ctx.dropoutSeed(.embeddingDropout))
+                seed: ctx.dropoutSeed(.embeddingDropout), offset: ctx.tokenOffset * c)
         }
         var parts = LossParts()
         for (l, block) in blocks.enumerated() {
@@ -241,6 +244,9 @@ public final class Transformer: @unchecked Sendable {
         }
     }
 
+    /// Tokens of the last forward (this rank's rows in a data-parallel run).
+    public var lastForwardTokens: Int { last?.n ?? 0 }
+
     /// The input of layer `l`'s feed-forward (LN2 output, (B,T,C)) from the last forward.
     public func moeInput(layer l: Int) -> UnsafePointer<Float>? {
         guard l < config.nLayer, last != nil else { return nil }
@@ -249,19 +255,27 @@ public final class Transformer: @unchecked Sendable {
 
     // MARK: backward
 
-    /// Accumulate every parameter gradient of the last training forward (dL/d total = 1).
-    public func backward() throws {
+    /// Accumulate every parameter gradient of the last training forward. `scale` says what this
+    /// process's share of the loss is (one process: dL/d total = 1); `ready` hears of each group
+    /// of parameters whose gradients are final (head and LN_f, each block from the last, the
+    /// input layer), so a data-parallel step can reduce them while the backward goes on.
+    public func backward(scale: LossScale = LossScale(), ready: (([Parameter]) -> Void)? = nil) throws {
         guard let ctx = last, ctx.train, let hctx = headCtx else {
             throw VQMoEError(.internalError, "backward needs a training forward first")
         }
         headCtx = nil
         let c = config.dModel, n = ctx.n
         let dx = self.dx.zeros(n * c), dlnf = self.dlnf.zeros(n * c)
-        try head.backward(hctx, batch: ctx.batch, seq: ctx.seqLen, gradLoss: 1, gradH: dlnf)
+        try head.backward(hctx, batch: ctx.batch, seq: ctx.seqLen, gradLoss: scale.task, gradH: dlnf)
         lnfSaved.backward(dinp: dx, dout: dlnf, inp: stream[config.nLayer].pointer, lnf, n: n, c: c)
-        for (l, block) in blocks.enumerated().reversed() { try block.backward(dx: dx, x: stream[l].pointer, ctx) }
+        ready?(lnf.parameters + headParameters)
+        for (l, block) in blocks.enumerated().reversed() {
+            try block.backward(dx: dx, x: stream[l].pointer, ctx, localShare: scale.localShare)
+            ready?(block.parameters)
+        }
         if ctx.dropout > 0 { Dropout.backward(dinp: dx, dout: dx, mask: embeddingMask.pointer, count: n * c) }
         input.backward(dx: dx, batch: ctx.batch, t: ctx.seqLen)
+        ready?(input.parameters)
         last?.train = false
     }
 

@@ -50,7 +50,7 @@ public final class TransformerBlock: @unchecked Sendable {
         if ctx.drops {
             Dropout.forward(
                 out: a, mask: saved.attentionMask.reserve(n * c), inp: a, count: n * c, p: ctx.dropout,
-                seed: ctx.dropoutSeed(.attentionDropout, layer: index))
+                seed: ctx.dropoutSeed(.attentionDropout, layer: index), offset: ctx.tokenOffset * c)
         }
         let mid = saved.mid.reserve(n * c)
         Vec.sum(mid, x, a, n * c)
@@ -62,19 +62,21 @@ public final class TransformerBlock: @unchecked Sendable {
         if ctx.drops {
             Dropout.forward(
                 out: f, mask: saved.ffnMask.reserve(n * c), inp: f, count: n * c, p: ctx.dropout,
-                seed: ctx.dropoutSeed(.ffnDropout, layer: index))
+                seed: ctx.dropoutSeed(.ffnDropout, layer: index), offset: ctx.tokenOffset * c)
         }
         Vec.sum(out, mid, f, n * c)
         return stats
     }
 
     /// In place: dx holds dL/d out on entry and dL/dx on return; every parameter gradient accumulates.
-    public func backward(dx: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, _ ctx: ForwardContext) throws {
+    public func backward(
+        dx: UnsafeMutablePointer<Float>, x: UnsafePointer<Float>, _ ctx: ForwardContext, localShare: Float = 1
+    ) throws {
         let n = ctx.n, c = ln2.weight.count
         let masked = scratch.masked.reserve(n * c), dln = scratch.dln.zeros(n * c)
         // out = mid + drop(FFN(LN2(mid)))
         if ctx.dropout > 0 { Dropout.backward(dinp: masked, dout: dx, mask: saved.ffnMask.pointer, count: n * c) }
-        try ffn.backward(dy: ctx.dropout > 0 ? masked : dx, dx: dln)
+        try ffn.backward(dy: ctx.dropout > 0 ? masked : dx, dx: dln, localShare: localShare)
         saved.ln2.backward(dinp: dx, dout: dln, inp: saved.mid.pointer, ln2, n: n, c: c)
         // mid = x + drop(attention(x))
         if ctx.dropout > 0 { Dropout.backward(dinp: masked, dout: dx, mask: saved.attentionMask.pointer, count: n * c) }

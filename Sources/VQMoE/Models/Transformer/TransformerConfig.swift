@@ -79,6 +79,21 @@ public struct LossParts: Sendable {
     public init() {}
 }
 
+/// What one process's losses weigh in the loss being minimised: 1 and 1 in one process. In a
+/// data-parallel step over a global batch, `task` = this rank's targets / all targets (its mean
+/// cross-entropy's share of the global mean) and `localShare` = this rank's tokens / all tokens,
+/// the weight of a plugin loss that is a mean over this rank's tokens (a plugin without
+/// VQMOE_PLUGIN_GLOBAL_BATCH); a global-batch plugin's loss weighs 1 on every rank.
+///
+/// ```swift
+/// try model.backward(scale: LossScale(task: Float(count) / Float(globalCount), localShare: 0.5))
+/// ```
+public struct LossScale: Sendable {
+    public var task: Float = 1
+    public var localShare: Float = 1
+    public init(task: Float = 1, localShare: Float = 1) { (self.task, self.localShare) = (task, localShare) }
+}
+
 /// The plugin components one layer needs, created by the caller (e.g. from a config).
 public struct LayerComponents {
     public var router: RouterInstance?
@@ -110,8 +125,13 @@ public struct ForwardContext: Sendable {
     public var dropout: Float
     /// Token ids (B,T) of a token model, for routers that use them.
     public nonisolated(unsafe) var tokenIDs: UnsafePointer<Int32>?
+    /// This forward's rows within the global batch of a data-parallel step: the first row's
+    /// index and the global batch's rows (0 = `batch`, one process).
+    public var rowOffset = 0, globalBatch = 0
 
     public var n: Int { batch * seqLen }
+    /// The first token's index in the global batch (dropout masks and plugins' per-token randomness).
+    public var tokenOffset: Int { rowOffset * seqLen }
     public var drops: Bool { train && dropout > 0 }
 
     /// Seeds per purpose: plugins' per-step hook, MoE layer, head; dropout sites.
@@ -121,9 +141,11 @@ public struct ForwardContext: Sendable {
 
     /// The step as plugins see it, seeded per purpose and layer.
     func stepInfo(_ tag: Tag, layer: Int) -> StepInfo {
-        StepInfo(
+        var s = StepInfo(
             step: step, totalSteps: totalSteps, train: train, noGrad: !train,
             seed: HostRNG.derive(runSeed, tag.rawValue, UInt64(layer), UInt64(step)))
+        (s.tokenOffset, s.globalTokens) = tag == .beginStep ? (0, 0) : (tokenOffset, max(globalBatch, batch) * seqLen)
+        return s
     }
 
     /// The dropout mask seed of a site (the embedding's has no layer).
