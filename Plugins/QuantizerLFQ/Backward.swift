@@ -4,7 +4,7 @@ import PluginKit
 import VQMoEABI
 
 extension LFQQuantizer {
-    /// With g = grad_loss, M = N b, G = grad_quantized (N,d):
+    /// With g = grad_loss, M = N b (N: the global batch's tokens), G = grad_quantized (N,d):
     ///   straight-through:  dL/dz_q = G W_out (N,b), and dL/dz = dL/dz_q (z_q = z + sg(q − z));
     ///                      grad_W_out += Gᵀ z_q,  grad_b_out += Σ_t G_t
     ///   entropy terms:     dL/dz += g · d/dz [entropy_weight (mean_t H_t − gamma_div H(p̄))]
@@ -31,11 +31,11 @@ extension LFQQuantizer {
         if gl != 0 && entropyWeight != 0 {
             let ge = try host.scratchDoubles(n * b, "entropy gradient")
             try s.weights.withUnsafeBufferPointer { w throws(PluginFailure) in
-                try entropyBackward(s.z, n: n, weights: w.baseAddress!, grad: ge)
+                try entropyBackward(s.z, n: n, globalN: s.globalN, weights: w.baseAddress!, grad: ge)
             }
             for i in 0..<(n * b) { gz[i] += Float(gl * ge[i]) }
         }
-        let commit = Float(gl * commitment * 2 / Double(n * b))
+        let commit = Float(gl * commitment * 2 / Double(s.globalN * b))
         if commit != 0 { for i in 0..<(n * b) { gz[i] += commit * (s.z[i] - (s.z[i] > 0 ? scale : -scale)) } }
         // grad_x (N,d) += dL/dz (N,b) @ W_in (b,d)
         host.matmul(n, d, b, gz, s.wIn, g.gradX, beta: 1)

@@ -45,30 +45,40 @@ extension LFQQuantizer {
 
     /// mean_t H(p(.|z_t)) and H(p̄), and the centred weights w (K) the backward needs:
     /// w_c = log p̄_c + H(p̄) where p̄_c > 0, else 0. p̄_c = (1/N) Σ_t exp(log p(c|z_t)), one
-    /// ordered sum per code.
+    /// ordered sum per code. The means are over the global batch (N: every rank's tokens): one
+    /// allreduce sums the entropies, Σ_t p(c|z_t), the commitment's squared errors `sse` and the
+    /// code `counts` (K) of every rank, which come back as the global batch's.
     func entropyForward(
-        _ z: UnsafePointer<Float>, n: Int, weights: UnsafeMutablePointer<Double>
-    ) throws(PluginFailure) -> (perSample: Double, codebook: Double) {
+        _ z: UnsafePointer<Float>, n: Int, sse: Double, counts: UnsafePointer<Float>, weights: UnsafeMutablePointer<Double>
+    ) throws(PluginFailure) -> (perSample: Double, codebook: Double, sse: Double, counts: [Float], globalN: Int) {
         let k = nCodes, b = nBits
         weights.update(repeating: 0, count: k)
-        guard n > 0 else { return (0, 0) }
         let (a, l0, entropy) = try bitLogits(z, n: n)
-        let meanP = try host.scratchDoubles(k, "batch-mean code distribution")
-        host.parallelFor(k, grain: max(1, 65536 / (n * b + 1))) { begin, end in
-            for c in begin..<end {
-                var s: Double = 0
-                for t in 0..<n { s += exp(codeLogProb(c, a + t * b, l0[t])) }
-                meanP[c] = s / Double(n)
+        // sums: [Σ_t H_t, sse, N, Σ_t p(c|z_t) (K), counts (K)]
+        var sums = [Double](repeating: 0, count: 3 + 2 * k)
+        (sums[0], sums[1], sums[2]) = (entropy, sse, Double(n))
+        sums.withUnsafeMutableBufferPointer { out in
+            let p = out.baseAddress! + 3
+            host.parallelFor(k, grain: max(1, 65536 / (n * b + 1))) { begin, end in
+                for c in begin..<end {
+                    var s: Double = 0
+                    for t in 0..<n { s += exp(codeLogProb(c, a + t * b, l0[t])) }
+                    p[c] = s
+                }
             }
+            for c in 0..<k { p[k + c] = Double(counts[c]) }
         }
+        try host.allreduce(&sums)
+        let globalN = Int(sums[2]), counts = sums[(3 + k)...].map(Float.init)
+        guard globalN > 0 else { return (0, 0, 0, counts, 0) }
         var codebook: Double = 0
-        for c in 0..<k where meanP[c] > 0 { codebook -= meanP[c] * log(meanP[c]) }
-        for c in 0..<k where meanP[c] > 0 { weights[c] = log(meanP[c]) + codebook }
-        return (entropy / Double(n), codebook)
+        for c in 0..<k where sums[3 + c] > 0 { let p = sums[3 + c] / Double(globalN); codebook -= p * log(p) }
+        for c in 0..<k where sums[3 + c] > 0 { weights[c] = log(sums[3 + c] / Double(globalN)) + codebook }
+        return (sums[0] / Double(globalN), codebook, sums[1], counts, globalN)
     }
 
     /// grad (N,b) = d/dz [entropy_weight (mean_t H_t − gamma_div H(p̄))], from the saved z and
-    /// weights. With σ = σ(a_{t,i}), w = entropy_weight:
+    /// weights, for this rank's N tokens of a global batch of `globalN`. With σ = σ(a_{t,i}), w = entropy_weight:
     ///   d/da_{t,i} [(w/N) Σ_t H_t]   = (w/N) (−a σ (1 − σ))
     ///   d/da_{t,i} [−w gamma H(p̄)]  = (w gamma/N) Σ_c log p̄_c · p(c|z_t) (bit_i(c) − σ)
     /// (dH/dp̄_c = −(log p̄_c + 1) and dp(c|z_t)/da_{t,i} = p(c|z_t)(bit_i(c) − σ); the constant
@@ -76,10 +86,11 @@ extension LFQQuantizer {
     /// the centred weights w_c = log p̄_c + H(p̄) keep the sum well conditioned), times the chain
     /// factor da/dz = 4 scale / tau.
     func entropyBackward(
-        _ z: UnsafePointer<Float>, n: Int, weights: UnsafePointer<Double>, grad: UnsafeMutablePointer<Double>
+        _ z: UnsafePointer<Float>, n: Int, globalN: Int, weights: UnsafePointer<Double>,
+        grad: UnsafeMutablePointer<Double>
     ) throws(PluginFailure) {
         let k = nCodes, b = nBits, (a, l0, _) = try bitLogits(z, n: n), gap = bitLogitScale
-        let perSample = entropyWeight / Double(n), diversity = perSample * diversityGamma
+        let perSample = entropyWeight / Double(globalN), diversity = perSample * diversityGamma
         host.parallelFor(n, grain: max(1, 65536 / (k * b + 1))) { begin, end in
             for t in begin..<end {
                 let at = a + t * b, g = grad + t * b

@@ -16,6 +16,9 @@ import VQMoEABI
 
 final class LFQQuantizer: QuantizerPlugin {
     static let name = "lfq", version = "1.0.0", reportsMetrics = true
+    /// The means over tokens (per-sample entropy, p̄ of the codebook entropy, commitment mse)
+    /// and the code usage are those of the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "Lookup-free quantizer (MAGVIT-v2): z = W_in x + b_in (d -> b = log2 K), q_i = scale * sign(z_i), "
         + "code = sum_i [z_i > 0] 2^i, quantized = W_out (z + sg(q - z)) + b_out; loss = entropy_weight * "
@@ -109,6 +112,8 @@ final class LFQQuantizer: QuantizerPlugin {
         let x: UnsafePointer<Float>
         /// z (N,b), z_q (N,b) the value fed to proj_out, centred entropy weights (K), W_in, W_out.
         let z: [Float], zq: [Float], weights: [Double], wIn: [Float], wOut: [Float]
+        /// The global batch's tokens (every rank's; N in one process).
+        let globalN: Int
     }
 
     /// z = x W_inᵀ + b_in (N,b); codes and z_q (value q; SURROGATE: z); quantized = z_q W_outᵀ + b_out.
@@ -137,21 +142,20 @@ final class LFQQuantizer: QuantizerPlugin {
         host.matmul(n, d, b, zq, wOut, io.quantized, tb: true)  // quantized (N,d) = z_q (N,b) @ W_out^T (b,d)
         for t in 0..<n { for i in 0..<d { io.quantized[t * d + i] += bOut[i] } }
         let weights = try host.scratchDoubles(k, "entropy weights")
-        let entropy = try entropyForward(z, n: n, weights: weights)
+        let e = try entropyForward(z, n: n, sse: sse, counts: io.counts, weights: weights)
         if step.train || !(report?.training ?? false) {
-            let counts = Array(UnsafeBufferPointer(start: io.counts, count: k))
-            report = (CodeUsage(counts: counts, tokens: n), entropy.perSample, entropy.codebook, step.train)
+            report = (CodeUsage(counts: e.counts, tokens: e.globalN), e.perSample, e.codebook, step.train)
         }
         let loss =
-            entropyWeight * (entropy.perSample - diversityGamma * entropy.codebook)
-            + commitment * (n > 0 ? sse / Double(n * b) : 0)
+            entropyWeight * (e.perSample - diversityGamma * e.codebook)
+            + commitment * (e.globalN > 0 ? e.sse / Double(e.globalN * b) : 0)
         guard step.savesContext else { return (Float(loss), nil) }
         func copy<T>(_ p: UnsafeMutablePointer<T>, _ count: Int) -> [T] {
             Array(UnsafeBufferPointer(start: p, count: count))
         }
         let saved = Saved(
             x: x, z: copy(z, n * b), zq: copy(zq, n * b), weights: copy(weights, k), wIn: copy(wIn, b * d),
-            wOut: copy(wOut, d * b))
+            wOut: copy(wOut, d * b), globalN: e.globalN)
         return (Float(loss), saved)
     }
 

@@ -3,7 +3,7 @@ import PluginKit
 import VQMoEABI
 
 extension RVQQuantizer {
-    /// With g = grad_loss, M = N d and r_l = r_{l-1} - q_l (so q_l - r_{l-1} = -r_l):
+    /// With g = grad_loss, M = N d (N: the global batch's tokens) and r_l = r_{l-1} - q_l (so q_l - r_{l-1} = -r_l):
     ///   grad_x_t += grad_quantized_t + g * commitment * 2/M * sum_l r_{l,t}
     ///     (straight-through: the surrogate quantized = x has Jacobian I; the residuals are
     ///      built from detached q_m, so d r_{l-1} / d x = I in every commitment term)
@@ -14,7 +14,7 @@ extension RVQQuantizer {
     func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
         let s = context as! Saved, n = g.n, R = s.residuals  // (L,N,d)
         guard n > 0 else { return }
-        let scale = 2 / Float(n * d) * g.gradLoss, commit = scale * commitment
+        let scale = 2 / Float(s.globalN * d) * g.gradLoss, commit = scale * commitment
         let acc = try host.scratchFloats(d, "residual sum")  // (d)
         for t in 0..<n {
             let gx = g.gradX + t * d

@@ -23,8 +23,9 @@ enum CodebookLoss: String {
 
 final class RVQQuantizer: QuantizerPlugin {
     static let name = "rvq", version = "1.0.0", reportsMetrics = true
-    /// The codebook + commitment terms use stop-gradients.
-    static let flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS)
+    /// The codebook + commitment terms use stop-gradients; the mse and the per-level code usage
+    /// are those of the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS | VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "Residual VQ (SoundStream; RQ-VAE): L levels, each a VQ-VAE codebook of K codes over the full width: r_0 = x, "
         + "c_l = argmin_j ||r_{l-1} - e^l_j||^2 (ties -> lowest index), q_l = e^l_{c_l}, r_l = r_{l-1} - q_l, q = sum_l q_l "
@@ -89,7 +90,8 @@ final class RVQQuantizer: QuantizerPlugin {
 
     /// What backward needs, copied at forward time: c_l per level (L,N) and
     /// r_l = r_{l-1} - q_l, the residual left after each level (L,N,d).
-    struct Saved { let codes: [Int32], residuals: [Float] }
+    /// globalN: the global batch's tokens (every rank's; N in one process).
+    struct Saved { let codes: [Int32], residuals: [Float], globalN: Int }
 
     /// For l = 1..L (codebook index l-1): r_0 = x, c_l = argmin_j ||r_{l-1} - e^l_j||^2 (ties ->
     /// lowest j), q_l = e^l_{c_l}, r_l = r_{l-1} - q_l.
@@ -132,11 +134,18 @@ final class RVQQuantizer: QuantizerPlugin {
         }
         if step.surrogate { io.quantized.update(from: x, count: n * d) }  // straight-through surrogate
         for j in 0..<k { io.counts[j] = levelCounts.reduce(0) { $0 + $1[j] } }
-        let mse = n > 0 ? sse / Double(n * d) : 0
-        if step.train || !(stats?.training ?? false) { stats = (levelCounts, n, step.train) }
+        // Σ squared errors, per-level code counts (L,K) and tokens of the global batch (one allreduce).
+        var global = [sse] + levelCounts.joined().map(Double.init) + [Double(n)]
+        try host.allreduce(&global)
+        let globalN = Int(global[levels * k + 1])
+        let mse = globalN > 0 ? global[0] / Double(globalN * d) : 0
+        if step.train || !(stats?.training ?? false) {
+            let counts = (0..<levels).map { l in global[(1 + l * k)..<(1 + (l + 1) * k)].map(Float.init) }
+            stats = (counts, globalN, step.train)
+        }
         return (
             Float((1 + Double(commitment)) * mse),
-            step.savesContext ? Saved(codes: savedCodes, residuals: residuals) : nil
+            step.savesContext ? Saved(codes: savedCodes, residuals: residuals, globalN: globalN) : nil
         )
     }
 

@@ -22,7 +22,7 @@ import VQMoEABI
 }
 
 extension VQGANCosQuantizer {
-    /// With g = grad_loss, M = N d_c, G = grad_quantized (N,d):
+    /// With g = grad_loss, M = N d_c (N: the global batch's tokens), G = grad_quantized (N,d):
     ///   straight-through:  dL/dz_q = G W_out (N,d_c), and dL/dẑ = dL/dz_q (z_q = ẑ + sg(ê_c − ẑ));
     ///                      grad_W_out += Gᵀ z_q,  grad_b_out += Σ_t G_t
     ///   commitment:        dL/dẑ_t += g gamma 2/M (ẑ_t − ê_c)
@@ -43,7 +43,7 @@ extension VQGANCosQuantizer {
         } else {
             gzHat.update(repeating: 0, count: n * dc)
         }
-        let scale = 2 / Float(n * dc) * g.gradLoss, commit = scale * commitment
+        let scale = 2 / Float(s.globalN * dc) * g.gradLoss, commit = scale * commitment
         if commit != 0 {
             for t in 0..<n {
                 let gt = gzHat + t * dc, z = t * dc, e = Int(s.codes[t]) * dc

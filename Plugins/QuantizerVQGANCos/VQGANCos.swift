@@ -19,8 +19,9 @@ let normEpsilon: Float = 1e-12
 
 final class VQGANCosQuantizer: QuantizerPlugin {
     static let name = "vqgan_cos", version = "1.0.0", reportsMetrics = true
-    /// The codebook + commitment terms use stop-gradients.
-    static let flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS)
+    /// The codebook + commitment terms use stop-gradients; the mse and the code usage are those
+    /// of the global batch of a data-parallel run.
+    static let flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS | VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "ViT-VQGAN quantizer (factorised, l2-normalised codes): z = W_in x + b_in (d -> code_dim), "
         + "code = argmax_j cos(z, e_j) (ties -> lowest index), quantized = W_out (ẑ + sg(ê_c - ẑ)) + b_out; "
@@ -108,6 +109,8 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         /// W_in (d_c,d) and W_out (d,d_c) as the forward used them.
         let x: [Float], zHat: [Float], zNorm: [Float], zq: [Float], eHat: [Float], eNorm: [Float]
         let codes: [Int32], wIn: [Float], wOut: [Float]
+        /// The global batch's tokens (every rank's; N in one process): M = globalN d_c.
+        let globalN: Int
     }
 
     /// z = x W_inᵀ + b_in (N,d_c); ẑ, ê l2-normalised; codes_t = argmax_j ẑ_t·ê_j;
@@ -139,11 +142,16 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         for t in 0..<n { let row = io.quantized + t * d; for i in 0..<d { row[i] += bOut[i] } }  // + b_out
 
         io.counts.update(repeating: 0, count: k)
-        var total: Double = 0
-        for t in 0..<n { io.counts[Int(io.codes[t])] += 1; total += sqError[t] }
-        let mse = n > 0 ? total / Double(n * dc) : 0
+        // Σ squared errors, code counts (K) and tokens of the global batch (one allreduce).
+        var global = [Double](repeating: 0, count: k + 2)
+        for t in 0..<n { io.counts[Int(io.codes[t])] += 1; global[0] += sqError[t] }
+        for j in 0..<k { global[1 + j] = Double(io.counts[j]) }
+        global[k + 1] = Double(n)
+        try host.allreduce(&global)
+        let globalN = Int(global[k + 1])
+        let mse = globalN > 0 ? global[0] / Double(globalN * dc) : 0
         if step.train || !(usage?.training ?? false) {
-            usage = (CodeUsage(counts: Array(UnsafeBufferPointer(start: io.counts, count: k)), tokens: n), step.train)
+            usage = (CodeUsage(counts: global[1...k].map(Float.init), tokens: globalN), step.train)
         }
         let loss = Float((1 + Double(commitment)) * mse)
         guard step.savesContext else { return (loss, nil) }
@@ -151,7 +159,7 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         let saved = Saved(
             x: copy(x, n * d), zHat: copy(zHat, n * dc), zNorm: copy(zNorm, n), zq: copy(zq, n * dc),
             eHat: copy(eHat, k * dc), eNorm: copy(eNorm, k), codes: copy(io.codes, n), wIn: copy(wIn, dc * d),
-            wOut: copy(wOut, d * dc))
+            wOut: copy(wOut, d * dc), globalN: globalN)
         return (loss, saved)
     }
 

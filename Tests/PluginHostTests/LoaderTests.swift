@@ -108,6 +108,25 @@ final class LoaderTests: XCTestCase {
         XCTAssertFalse(bad.allSatisfy(\.passed))
     }
 
+    /// `plugins check` says when a plugin's loss is a statistic of the whole batch and the
+    /// plugin does not reduce it over the ranks (no VQMOE_PLUGIN_GLOBAL_BATCH); a per-token
+    /// loss and a global-batch plugin get no note.
+    func testCheckNotesBatchStatisticsWithoutCollectives() throws {
+        let dir = try makeTempDir("batchstat")
+        func detail(_ lib: PluginLibrary) throws -> String {
+            let results = PluginChecker(library: lib).run()
+            XCTAssertTrue(results.allSatisfy(\.passed), results.map(\.description).joined(separator: "\n"))
+            return try XCTUnwrap(results.first { $0.name.hasPrefix("batch statistics") }).detail
+        }
+        let batchAux = try detail(try PluginLibrary.open(try fixture(dir, "libbatch.so", ["FIXTURE_BATCH_AUX"])))
+        XCTAssertTrue(batchAux.hasPrefix("note:") && batchAux.contains("VQMOE_PLUGIN_GLOBAL_BATCH"), batchAux)
+        let perToken = try detail(try PluginLibrary.open(try fixture(dir, "libok.so")))
+        XCTAssertTrue(perToken.contains("mean over tokens"), perToken)
+        let reg = try Registry.load(registryPath: "\(repoRoot)/registry.json", binDir: buildDir, searchPath: [])
+        let smoe = try detail(try reg.library(named: "smoe", kind: .router))
+        XCTAssertTrue(smoe.contains("declares VQMOE_PLUGIN_GLOBAL_BATCH"), smoe)
+    }
+
     /// ABI 1.2 lets the arrays grow: a plugin built against the 1.1 header (no element sizes)
     /// loads and passes every check; one whose schema entries are larger than this host's
     /// vqmoe_hparam_spec (as a later 1.x might make them) is read by its hparam_spec_size, and

@@ -320,6 +320,14 @@ public struct PluginChecker {
             CheckResult(name: "forward deterministic", passed: v1 == v2 && d1 == d2, detail: "objective \(fmt(v1))"))
         if shape.mode == .topK { results += topKChecks(io, shape: shape) }
         restore()
+        results.append(
+            try batchStatistics(restore: restore) { first, count, s in
+                let (aux, _) = try r.forward(
+                    s, x: io.x.pointer + first * d, tokenIDs: io.ids.pointer + first, nGroups: count / groupSize,
+                    groupSize: groupSize, shape: try r.shape(s), outputs: io.outputs)
+                return Double(aux)
+            })
+        restore()
         results.append(evalModeLeavesNoContext(try forward(step(train: false)).2))
         if library.hasNoGrad || r.api.backward == nil {
             return results + [
@@ -356,6 +364,48 @@ public struct PluginChecker {
             CheckResult(name: "top-k experts distinct per token", passed: distinct, detail: ""),
             CheckResult(name: "expert load sums to N·k", passed: loadOK, detail: "load \(PluginChecker.summary(load))"),
         ]
+    }
+
+    /// Data parallelism: does the plugin's loss depend on the batch as a whole? Two "ranks" each
+    /// run a training forward on one half of the check batch (the groups split between them); a
+    /// loss that is a mean over tokens gives the whole batch's loss as the mean of the halves'.
+    /// A plugin that declares VQMOE_PLUGIN_GLOBAL_BATCH is trusted (it reduces over the ranks
+    /// through the host's collectives); one that does not, and whose halves disagree, gets a note:
+    /// under `mpirun` it sees one rank's rows. A note, never a failure: such a plugin still trains.
+    private func batchStatistics(
+        restore: () -> Void, loss: (_ first: Int, _ count: Int, StepInfo) throws -> Double
+    ) throws -> CheckResult {
+        let name = "batch statistics (data parallel)"
+        if library.computesGlobalBatch {
+            return CheckResult(
+                name: name, passed: true,
+                detail: "declares VQMOE_PLUGIN_GLOBAL_BATCH: its batch statistics are the global batch's")
+        }
+        let half = (groups / 2) * groupSize
+        guard half > 0 && half < n else { return CheckResult(name: name, passed: true, detail: "not measured") }
+        var s = step(noGrad: true)
+        (s.tokenOffset, s.globalTokens) = (0, n)
+        let whole = try loss(0, n, s)
+        restore()
+        s.globalTokens = n
+        let first = try loss(0, half, s)
+        restore()
+        s.tokenOffset = half
+        let second = try loss(half, n - half, s)
+        restore()
+        let mean = (Double(half) * first + Double(n - half) * second) / Double(n)
+        if abs(whole - mean) <= 1e-5 * max(1, abs(whole)) {
+            return CheckResult(
+                name: name, passed: true,
+                detail: "the loss is a mean over tokens (the halves' losses average to the batch's): data parallel as is")
+        }
+        let states = library.kind == .router || library.kind == .quantizer ? " and any state kept from rank 0's" : ""
+        return CheckResult(
+            name: name, passed: true,
+            detail: "note: the loss over a batch (\(fmt(whole))) is not the mean of its halves' (\(fmt(mean))) and "
+                + "the plugin does not declare VQMOE_PLUGIN_GLOBAL_BATCH: under data parallelism each rank computes "
+                + "it over its own rows (the ranks' losses averaged\(states)); use the host's allreduce_sum_f64 / "
+                + "allgather to make it the global batch's (README, \"Running on several machines\")")
     }
 
     // MARK: quantizer
@@ -395,6 +445,15 @@ public struct PluginChecker {
             CheckResult(
                 name: "code counts sum to N·L", passed: abs(Double(used.reduce(0, +)) - Double(n * l)) < 1e-3,
                 detail: "counts \(PluginChecker.summary(used))"))
+        restore()
+        results.append(
+            try batchStatistics(restore: restore) { first, count, s in
+                Double(
+                    try q.forward(
+                        s, x: x.pointer + first * d, n: count, quantized: qo.pointer, codes: codes.pointer,
+                        codeCounts: counts.pointer
+                    ).loss)
+            })
         restore()
         results.append(evalModeLeavesNoContext(try forward(step(train: false), lossWeight: 1, outWeight: true).2))
         guard ctx != nil else {
