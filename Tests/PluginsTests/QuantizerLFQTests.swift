@@ -585,7 +585,7 @@ final class QuantizerLFQTests: XCTestCase {
             XCTAssertTrue(
                 results.allSatisfy(\.passed),
                 "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
-            XCTAssertEqual(results.count, 18, "\(hp)")
+            XCTAssertEqual(results.count, 19, "\(hp)")
             XCTAssertFalse(results.contains { $0.name.contains("direction") })
             for name in Self.bufferNames + ["x"] {
                 XCTAssertTrue(results.contains { $0.name == "gradcheck \(name) [loss]" && $0.passed }, "\(hp) \(name)")

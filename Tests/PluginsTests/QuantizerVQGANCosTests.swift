@@ -464,7 +464,7 @@ final class QuantizerVQGANCosTests: XCTestCase {
             XCTAssertTrue(
                 results.allSatisfy(\.passed),
                 "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
-            XCTAssertEqual(results.count, 20, "\(hp)")
+            XCTAssertEqual(results.count, 21, "\(hp)")
             for name in ["x", "proj_in.weight", "proj_in.bias"] {
                 let r = results.first { $0.name.hasPrefix("gradcheck \(name) (direction") }
                 XCTAssertTrue(
