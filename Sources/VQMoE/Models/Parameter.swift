@@ -22,6 +22,10 @@ public final class Parameter: @unchecked Sendable {
     /// A plugin parameter flagged VQMOE_BUF_FREEZE_FT: frozen by a fine-tuning config that gives
     /// no `finetune.freeze` list.
     public let freezeWhenFineTuning: Bool
+    /// Expert parallelism: this tensor holds rows `shard.offset ..< shard.offset + shape[0]` of
+    /// a tensor of `shard.global` rows (axis 0) that the ranks hold between them. Its gradient is
+    /// complete on this rank (no all-reduce), and a checkpoint gathers the whole tensor.
+    public var shard: AxisShard?
     private let owned: Bool
 
     public init(name: String, shape: [Int], noDecay: Bool = false) {
@@ -58,11 +62,23 @@ public final class Parameter: @unchecked Sendable {
     public func zeroGrad() { grad.update(repeating: 0, count: count) }
     public func fill(_ v: Float) { data.update(repeating: v, count: count) }
 
-    /// N(0, std²) from a seeded stream.
-    public func fillNormal(std: Float, seed: UInt64) {
+    /// N(0, std²) from a seeded stream; `skip` draws are passed over first (a shard of a larger
+    /// tensor gets the values the whole tensor has at its rows).
+    public func fillNormal(std: Float, seed: UInt64, skip: Int = 0) {
         var r = HostRNG.make(seed: seed, stream: 0x1417)
+        r.counter &+= UInt64(2 * skip)  // normal() consumes two counter values
         for i in 0..<count { data[i] = HostRNG.normal(&r) * std }
     }
+}
+
+/// Rows `offset ..< offset + count` (axis 0) of a tensor of `global` rows held by several ranks.
+///
+/// ```swift
+/// let s = AxisShard(offset: 4, count: 4, global: 8)   // experts 4..<8 of 8
+/// ```
+public struct AxisShard: Sendable, Equatable {
+    public let offset: Int, count: Int, global: Int
+    public init(offset: Int, count: Int, global: Int) { (self.offset, self.count, self.global) = (offset, count, global) }
 }
 
 /// Every state buffer of a plugin (EMA counts, flags) as a named byte range, for checkpoints.

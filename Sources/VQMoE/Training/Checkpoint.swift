@@ -21,8 +21,13 @@ public enum Checkpoint {
         public var dtype: String
         public var shape: [Int]
         public var bytes: UnsafeRawBufferPointer
-        public init(name: String, dtype: String, shape: [Int], bytes: UnsafeRawBufferPointer) {
-            self.name = name; self.dtype = dtype; self.shape = shape; self.bytes = bytes
+        /// Expert parallelism: these are rows `shard.offset ...` (axis 0) of a tensor the ranks
+        /// hold between them; the checkpoint gathers the whole tensor (`Trainer.saveCheckpoint`).
+        public var shard: AxisShard?
+        public init(
+            name: String, dtype: String, shape: [Int], bytes: UnsafeRawBufferPointer, shard: AxisShard? = nil
+        ) {
+            self.name = name; self.dtype = dtype; self.shape = shape; self.bytes = bytes; self.shard = shard
         }
     }
 
@@ -133,7 +138,7 @@ extension Transformer {
         var out = parameters.map {
             Checkpoint.Tensor(
                 name: $0.name, dtype: "F32", shape: $0.shape,
-                bytes: UnsafeRawBufferPointer(start: $0.data, count: $0.count * 4))
+                bytes: UnsafeRawBufferPointer(start: $0.data, count: $0.count * 4), shard: $0.shard)
         }
         out += stateBuffers.map {
             Checkpoint.Tensor(
@@ -146,7 +151,7 @@ extension Transformer {
                 out.append(
                     Checkpoint.Tensor(
                         name: "optimizer.\(slot.name).\(p.name)", dtype: "F32", shape: p.shape,
-                        bytes: UnsafeRawBufferPointer(start: buffer, count: p.count * 4)))
+                        bytes: UnsafeRawBufferPointer(start: buffer, count: p.count * 4), shard: p.shard))
             }
         }
         return out
@@ -154,17 +159,22 @@ extension Transformer {
 
     /// Load parameters and state buffers (and, resuming — optimizer given —, the optimizer's
     /// slots and a Transformer-XL's training memory) from a checkpoint; every tensor of the
-    /// model must be present with its shape.
+    /// model must be present with its shape. A sharded parameter (expert parallelism) takes its
+    /// rows of the whole tensor the file holds, so any layout loads any checkpoint.
     public func load(_ ck: Checkpoint.Loaded, optimizer: Optimizer? = nil, path: String) throws {
-        func copy(_ name: String, into dst: UnsafeMutableRawPointer, bytes: Int, shape: [Int]) throws {
+        func copy(
+            _ name: String, into dst: UnsafeMutableRawPointer, bytes: Int, shape: [Int], shard: AxisShard? = nil
+        ) throws {
             guard let t = ck.tensors[name] else { throw VQMoEError(.checkpoint, "\(path): missing tensor '\(name)'") }
-            guard t.shape == shape, t.data.count == bytes else {
+            let whole = shard.map { [$0.global] + shape.dropFirst() } ?? shape
+            guard t.shape == whole, t.data.count == bytes / max(shape.first ?? 1, 1) * (whole.first ?? 1) else {
                 throw VQMoEError(
-                    .checkpoint, "\(path): tensor '\(name)' has shape \(t.shape), the model needs \(shape)")
+                    .checkpoint, "\(path): tensor '\(name)' has shape \(t.shape), the model needs \(whole)")
             }
-            t.data.withUnsafeBytes { _ = memcpy(dst, $0.baseAddress!, bytes) }
+            let first = (shard?.offset ?? 0) * bytes / max(shape.first ?? 1, 1)
+            t.data.withUnsafeBytes { _ = memcpy(dst, $0.baseAddress! + first, bytes) }
         }
-        for p in parameters { try copy(p.name, into: p.data, bytes: p.count * 4, shape: p.shape) }
+        for p in parameters { try copy(p.name, into: p.data, bytes: p.count * 4, shape: p.shape, shard: p.shard) }
         for s in stateBuffers {
             try copy("state.\(s.name)", into: s.buffer.data, bytes: s.buffer.byteCount, shape: s.buffer.shape)
         }
@@ -172,7 +182,8 @@ extension Transformer {
         try trainMemory?.load(ck, path: path)
         for slot in optimizer.slots {
             for (p, buffer) in zip(optimizer.parameters, slot.buffers) {
-                try copy("optimizer.\(slot.name).\(p.name)", into: buffer, bytes: p.count * 4, shape: p.shape)
+                try copy(
+                    "optimizer.\(slot.name).\(p.name)", into: buffer, bytes: p.count * 4, shape: p.shape, shard: p.shard)
             }
         }
     }

@@ -76,6 +76,48 @@ extension Trainer {
     }
 }
 
+extension Trainer {
+    /// Clip to `train.grad_clip` by the global gradient norm and return the norm. With expert
+    /// parallelism the sharded experts' squared norms are summed over the ranks (every rank then
+    /// has the whole model's norm and scales alike).
+    func clipGlobalNorm() throws -> Float {
+        let params = optimizer.parameters
+        guard comm.isDistributed, params.contains(where: { $0.shard != nil }) else {
+            return clipGradients(params, maxNorm: config.train.gradClip)
+        }
+        var sums = [0.0, 0.0]  // replicated (equal on every rank), this rank's shards
+        for p in params where !p.frozen { sums[p.shard == nil ? 0 : 1] += Double(Vec.dot(p.grad, p.grad, p.count)) }
+        var sharded = [sums[1]]
+        try comm.allreduce(&sharded)
+        let norm = Float((sums[0] + sharded[0]).squareRoot()), maxNorm = config.train.gradClip
+        if maxNorm > 0 && norm > maxNorm {
+            let s = maxNorm / (norm + 1e-6)
+            for p in params where !p.frozen { Vec.scale(p.grad, s, p.count) }
+        }
+        return norm
+    }
+
+    /// The checkpoint tensors with every expert-parallel shard replaced, on rank 0, by the whole
+    /// tensor gathered from the ranks (rank order is expert order), so the file is the one a
+    /// single process writes. Returns the gathered buffers, which the caller frees after writing.
+    func gatherShards(_ tensors: [Checkpoint.Tensor]) throws -> ([Checkpoint.Tensor], [UnsafeMutableRawBufferPointer]) {
+        guard comm.isDistributed else { return (tensors, []) }
+        var out = tensors, owned: [UnsafeMutableRawBufferPointer] = []
+        for (i, t) in tensors.enumerated() {
+            guard let shard = t.shard else { continue }
+            let (all, _) = try comm.allgather(t.bytes)
+            guard comm.isRoot else { continue }
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: max(all.count, 1), alignment: 64)
+            all.withUnsafeBytes { buf.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: all.count) }
+            owned.append(buf)
+            out[i].bytes = UnsafeRawBufferPointer(rebasing: buf[0..<all.count])
+            out[i].shape[0] = shard.global
+            out[i].shard = nil
+        }
+        return (out, owned)
+    }
+}
+
 extension Comm {
     /// Every rank's values in rank order (rank r's rows of a batch follow rank r − 1's).
     public func allgatherRows(_ mine: [Int32]) throws -> [Int32] {

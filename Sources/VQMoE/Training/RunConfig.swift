@@ -178,6 +178,7 @@ public struct RunConfig: @unchecked Sendable {
         fc.mixC = try f.float("mix_c", default: fc.mixC, min: 0, max: 1)
         fc.beta = try f.float("beta", default: fc.beta, min: 0)
         fc.allowTokenMixing = try f.bool("allow_token_mixing", default: fc.allowTokenMixing)
+        fc.expertParallel = try f.bool("expert_parallel", default: fc.expertParallel)
         return fc
     }
 
@@ -208,6 +209,9 @@ public struct RunConfig: @unchecked Sendable {
         tc.logEvery = try t.int("log_every", default: tc.logEvery, min: 1)
         tc.checkpointEvery = try t.int("checkpoint_every", default: tc.evalEvery, min: 1)
         tc.threads = try t.int("threads", default: tc.threads, min: 1, max: 256)
+        // Several ranks (mpirun/srun) split each global batch by rows; expert parallelism is
+        // model.ffn.expert_parallel on top of it.
+        _ = try t.string("parallel", default: "data", choices: ["data"])
         try t.finish()
         return tc
     }

@@ -53,7 +53,9 @@ public final class Trainer {
         try prepare?(model)
         optimizer = makeOptimizer(parameters: model.parameters.filter { !$0.frozen }, config: config.train)
         progress = ProgressReporter(total: config.train.steps, quiet: quiet || !comm.isRoot)
-        gradientSync = comm.isDistributed ? GradientSync(comm: comm) : nil
+        // Expert-parallel shards have complete gradients on their rank: no all-reduce.
+        gradientSync =
+            comm.isDistributed ? GradientSync(comm: comm, excluding: model.parameters.filter { $0.shard != nil }) : nil
     }
 
     /// This rank's rows of a global batch of `b` rows.
@@ -93,7 +95,7 @@ public final class Trainer {
             )
         }
         let t3 = now()
-        let norm = clipGradients(optimizer.parameters, maxNorm: config.train.gradClip)
+        let norm = try clipGlobalNorm()
         guard norm.isFinite else { throw VQMoEError(.numeric, "non-finite gradient norm at step \(step)") }
         optimizer.step(lr: learningRate(step: step, config: config.train))
         model.zeroGrads()
@@ -192,10 +194,11 @@ public final class Trainer {
     /// writes; every rank calls it).
     public func saveCheckpoint(_ name: String, step: Int, run: RunState? = nil, valid: EvalResult? = nil) throws {
         defer { try? comm.barrier() }  // no rank reads it before rank 0 has written it
+        let (tensors, gathered) = try gatherShards(model.checkpointTensors(optimizer: optimizer))
+        defer { gathered.forEach { $0.deallocate() } }
         guard comm.isRoot else { return }
         let path = "\(outDir)/\(name).safetensors"
-        try Checkpoint.write(
-            path: path, tensors: model.checkpointTensors(optimizer: optimizer), metadata: ["step": String(step)])
+        try Checkpoint.write(path: path, tensors: tensors, metadata: ["step": String(step)])
         var side = CheckpointSidecar(
             step: step, config: JSONValue(any: config.json), checkpoint: "\(name).safetensors",
             optimizerSteps: optimizer.t, run: run)

@@ -21,25 +21,34 @@ public final class ExpertBank: @unchecked Sendable {
     public let activation: Activation
     public let fc1Weight, fc1Bias, fc2Weight, fc2Bias: Parameter
 
+    /// Expert parallelism: this rank holds experts `shard.offset ..< shard.offset + count` of
+    /// `shard.global` (its tensors are those rows of the whole bank's, initialised alike).
+    public let shard: AxisShard?
+
     public init(
         name: String, count: Int, dModel: Int, dInner: Int, activation: Activation, initStd: Float,
-        seeds: (fc1: UInt64, fc2: UInt64)
+        seeds: (fc1: UInt64, fc2: UInt64), shard: AxisShard? = nil
     ) {
         self.name = name
-        self.count = count
+        self.count = shard?.count ?? count
         self.dModel = dModel
         self.dInner = dInner
         self.activation = activation
-        let (e, f, d) = (count, dInner, dModel)
+        self.shard = shard
+        let (e, f, d) = (self.count, dInner, dModel), first = shard?.offset ?? 0
         fc1Weight = Parameter(name: "\(name).fc1.weight", shape: [e, f, d])
         fc1Bias = Parameter(name: "\(name).fc1.bias", shape: [e, f], noDecay: true)
         fc2Weight = Parameter(name: "\(name).fc2.weight", shape: [e, d, f])
         fc2Bias = Parameter(name: "\(name).fc2.bias", shape: [e, d], noDecay: true)
-        fc1Weight.fillNormal(std: initStd, seed: seeds.fc1)
-        fc2Weight.fillNormal(std: initStd, seed: seeds.fc2)
+        fc1Weight.fillNormal(std: initStd, seed: seeds.fc1, skip: first * f * d)
+        fc2Weight.fillNormal(std: initStd, seed: seeds.fc2, skip: first * d * f)
+        for p in parameters { p.shard = shard }
     }
 
     public var parameters: [Parameter] { [fc1Weight, fc1Bias, fc2Weight, fc2Bias] }
+
+    /// Experts of the whole bank (every rank's).
+    public var globalCount: Int { shard?.global ?? count }
 
     /// y (rows,d) = E_e(x (rows,d)); keeps hpre (rows,d_inner) for the backward.
     public func forward(

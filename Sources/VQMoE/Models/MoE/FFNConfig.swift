@@ -49,6 +49,10 @@ public struct FFNConfig: Sendable, Equatable {
     /// Allow routers that mix the tokens of a group (SoftMoE's dense dispatch). Natural in a
     /// ViT; in a causal language model it lets a token see later tokens, so it must be asked for.
     public var allowTokenMixing = false
+    /// Expert parallelism over the ranks of a multi-rank run: rank r holds the routed experts
+    /// ⌊r·E/N⌋ ..< ⌊(r+1)·E/N⌋ and tokens travel to them with all-to-all (`ExpertExchange`); the
+    /// rest of the model is data parallel. No effect in one process.
+    public var expertParallel = false
 
     public init() {}
 

@@ -55,11 +55,16 @@ public final class MoELayer: @unchecked Sendable {
         self.dModel = dModel
         self.name = name
         self.scratch = scratch
-        engine = DispatchEngine(scratch: scratch)
+        // Expert parallelism over the ranks of the run: this rank holds a block of the routed experts.
+        let comm = Comm.world
+        let shard =
+            config.expertParallel && comm.isDistributed
+            ? ExpertExchange.owned(rank: comm.rank, ranks: comm.size, experts: config.nExperts) : nil
         experts = ExpertBank(
             name: "\(name).experts", count: config.nExperts, dModel: dModel, dInner: config.dInner,
             activation: config.activation, initStd: initStd,
-            seeds: (HostRNG.derive(seed, 1), HostRNG.derive(seed, 2)))
+            seeds: (HostRNG.derive(seed, 1), HostRNG.derive(seed, 2)), shard: shard)
+        engine = DispatchEngine(scratch: scratch, exchange: shard.map { ExpertExchange(shard: $0, comm: comm) })
         paths = composition.paths.map { kind in
             switch kind {
             case .dense: return DensePath()
@@ -105,6 +110,20 @@ public final class MoELayer: @unchecked Sendable {
             }
             if router.dModel != dModel {
                 throw VQMoEError(.config, "\(name): router width \(router.dModel) != d_model \(dModel)")
+            }
+        }
+        if config.expertParallel {
+            guard c.paths.contains(.routed) || c.paths.contains(where: { if case .discrete = $0 { true } else { false } })
+            else {
+                throw VQMoEError(
+                    .config, "\(name): model.ffn.expert_parallel needs routed experts (mode \(config.mode.rawValue) has none)")
+            }
+            let ranks = Comm.world.size
+            guard config.nExperts >= ranks else {
+                throw VQMoEError(
+                    .config,
+                    "\(name): model.ffn.expert_parallel shares \(config.nExperts) experts over \(ranks) ranks: every "
+                        + "rank needs at least one (n_experts >= ranks)")
             }
         }
         if c.needsQuantizer, let quantizer, quantizer.dModel != dModel {
@@ -160,7 +179,7 @@ public final class MoELayer: @unchecked Sendable {
         for (path, slot) in zip(paths, slots) { path.fill(expert: slot.expert, raw: slot.raw) }
         table.finish(experts: expertSet.total, gate: g)
         // 4. Experts over their segments and the combine.
-        engine.forward(table, experts: expertSet, y: y, identity: composition.paths == [.dense])
+        try engine.forward(table, experts: expertSet, y: y, identity: composition.paths == [.dense])
         for (e, load) in table.load.enumerated() { stats.expertLoad[e] += load }
         // 5. Dense (SoftMoE) outputs: y += g_p·Y_soft.
         softOutputs = paths.map { $0.softForward(inp, stats: &stats) }
@@ -189,7 +208,7 @@ public final class MoELayer: @unchecked Sendable {
         let n = inp.n, d = dModel
         let dweight = scratch.dweight.reserve(table.count)
         let dsources = paths.map { $0.sourceGradient(inp, dx: dx) }
-        engine.backward(dy: dy, table, experts: expertSet, dweight: dweight, dsources: dsources)
+        try engine.backward(dy: dy, table, experts: expertSet, dweight: dweight, dsources: dsources)
         // dL/d raw weight = g_p(t)·dL/d weight; soft outputs get g_p·dy.
         let draw = scratch.draw.reserve(table.count)
         var dsoft: [UnsafePointer<Float>?] = softOutputs.map { $0 == nil ? nil : dy }

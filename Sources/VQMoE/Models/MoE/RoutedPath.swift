@@ -55,6 +55,13 @@ public final class RoutedPath: ExpertPath {
                         + "tokens. Use it in a ViT, or set model.ffn.allow_token_mixing = true for an ablation"
                 )
             }
+            guard input.experts.banks[0].shard == nil else {
+                throw VQMoEError(
+                    .config,
+                    "\(layerName): router '\(router.core.library.name)' dispatches densely (SoftMoE): every expert "
+                        + "runs on slots of every group, which expert parallelism does not exchange; set "
+                        + "model.ffn.expert_parallel = false (data parallel)")
+            }
             let es = nExperts * shape.slotsPerExpert
             outputs = RouterOutputs(
                 dispatch: soft.dispatch.reserve(n * es), combine: soft.combine.reserve(n * es),
