@@ -5,7 +5,13 @@ import VQMoE
 func trainCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides()
     let out = try args.take("--out").last, resume = try args.take("--resume").last
-    let usage = "train CONFIG [--set key.path=value ...] [--out DIR]  |  vqmoe train --resume DIR"
+    let usage =
+        "train CONFIG [--set key.path=value ...] [--out DIR] [--stop-after N]  |  vqmoe train --resume DIR [--stop-after N]"
+    // --stop-after N: write `last` after step N and stop (a job's time slice; resume later).
+    let stopAfter = try args.take("--stop-after").last.map { v -> Int in
+        guard let n = Int(v), n >= 1 else { throw VQMoEError(.usage, "--stop-after needs a step count >= 1, got '\(v)'") }
+        return n
+    }
     let cfg: RunConfig, dir: String
     if let resume {
         guard args.rest.isEmpty, out == nil else { throw VQMoEError(.usage, "usage: vqmoe \(usage)") }
@@ -18,9 +24,9 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
     }
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir)
     Trainer.installInterruptHandlers()
-    let r = try trainer.run(resume: resume != nil)
+    let r = try trainer.run(resume: resume != nil, stopAfter: stopAfter)
     if trainer.comm.isRoot { print(trainSummary(cfg, r)) }
-    return r.interrupted ? 130 : 0
+    return r.interrupted && r.steps != stopAfter ? 130 : 0  // a signal (on any rank): 130 on every rank
 }
 
 func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {

@@ -53,6 +53,10 @@ public final class Trainer {
         try prepare?(model)
         optimizer = makeOptimizer(parameters: model.parameters.filter { !$0.frozen }, config: config.train)
         progress = ProgressReporter(total: config.train.steps, quiet: quiet || !comm.isRoot)
+        if comm.isDistributed {  // a resumed Transformer-XL memory takes this rank's streams
+            let rows = RowShare(global: config.train.batchSize, rank: comm.rank, ranks: comm.size)
+            model.trainMemory?.rows = AxisShard(offset: rows.offset, count: rows.count, global: rows.global)
+        }
         // Expert-parallel shards have complete gradients on their rank: no all-reduce.
         gradientSync =
             comm.isDistributed ? GradientSync(comm: comm, excluding: model.parameters.filter { $0.shard != nil }) : nil
@@ -74,6 +78,7 @@ public final class Trainer {
         func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e6 }
         let t0 = now()
         comm.step = step
+        noteStep(step)
         try model.beginStep(step)
         guard let batch = try dataset.read(.train, index: step, batchSize: config.train.batchSize) else {
             throw VQMoEError(.data, "the train split of '\(config.data.name)' gave no batch \(step)")
@@ -210,8 +215,34 @@ public final class Trainer {
     nonisolated(unsafe) public static var interruptRequested: sig_atomic_t = 0
 
     /// SIGINT and SIGTERM ask the training loop to write `last` and stop after the current step.
+    /// A rank of a multi-rank run also says, from the handler, which step it was in and where the
+    /// last good checkpoint is: when a rank dies, the launcher ends the others with SIGTERM (and
+    /// then SIGKILL), and this line is what names the step.
     public static func installInterruptHandlers() {
-        signal(SIGINT) { _ in Trainer.interruptRequested = 1 }
-        signal(SIGTERM) { _ in Trainer.interruptRequested = 1 }
+        signal(SIGINT) { _ in Trainer.interruptRequested = 1; Trainer.writeSignalNote() }
+        signal(SIGTERM) { _ in Trainer.interruptRequested = 1; Trainer.writeSignalNote() }
+    }
+
+    /// The line the signal handler writes to stderr (async-signal-safe: a preformatted buffer).
+    nonisolated(unsafe) static let signalNote = UnsafeMutablePointer<CChar>.allocate(capacity: 1024)
+    nonisolated(unsafe) static var signalNoteLength = 0
+    nonisolated(unsafe) static var lastCheckpointStep = -1
+
+    static func writeSignalNote() {
+        if signalNoteLength > 0 { _ = write(2, signalNote, signalNoteLength) }
+    }
+
+    /// Prepare the signal line for `step` (multi-rank runs only).
+    func noteStep(_ step: Int) {
+        guard comm.isDistributed else { return }
+        let last =
+            Trainer.lastCheckpointStep >= 0
+            ? "\(outDir)/last.safetensors (step \(Trainer.lastCheckpointStep))" : "none yet"
+        let line = Array(
+            "\nvqmoe \(comm.describe): signal during training step \(step); stopping (last good checkpoint: \(last))\n"
+                .utf8.prefix(1023))
+        Trainer.signalNoteLength = 0
+        line.withUnsafeBufferPointer { UnsafeMutableRawPointer(Trainer.signalNote).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        Trainer.signalNoteLength = line.count
     }
 }

@@ -30,6 +30,7 @@ extension Trainer {
             if stopNow || (step + 1) % t.checkpointEvery == 0 {
                 observers.forEach { $0.save(into: &state) }
                 try saveCheckpoint("last", step: step + 1, run: state)
+                Trainer.lastCheckpointStep = step + 1
             }
             if stopNow && !isLast {
                 interrupted = true
@@ -56,6 +57,7 @@ extension Trainer {
                 throw VQMoEError(.checkpoint, "\(outDir)/last.json: no run state (not a resumable checkpoint)")
             }
             state = run
+            Trainer.lastCheckpointStep = state.nextStep
             optimizer.t = side.optimizerSteps
             observers.forEach { $0.restore(from: state) }
             progress.note("resuming \(config.name) at step \(state.nextStep) from \(ckPath)")

@@ -17,6 +17,9 @@ import Foundation
 public final class SegmentMemory: @unchecked Sendable {
     public let layers: Int, capacity: Int, width: Int
     public private(set) var batch = 0
+    /// Data parallelism: these streams are rows `rows.offset ...` of the global batch's (a
+    /// checkpoint gathers every rank's, a load takes this rank's).
+    public var rows: AxisShard?
     /// Valid rows per stream (the same for every layer): 0 at the start, then min(M, seen).
     public internal(set) var length: Int {
         get { Int(lengthCell.pointee) }
@@ -83,7 +86,8 @@ extension SegmentMemory {
         var out = (0..<layers).map { l in
             Checkpoint.Tensor(
                 name: "memory.layers.\(l)", dtype: "F32", shape: [batch, capacity, width],
-                bytes: UnsafeRawBufferPointer(start: layer(l), count: batch * capacity * width * 4))
+                bytes: UnsafeRawBufferPointer(start: layer(l), count: batch * capacity * width * 4),
+                shard: rows?.count == batch ? rows : nil)
         }
         out.append(
             Checkpoint.Tensor(
@@ -99,14 +103,18 @@ extension SegmentMemory {
             reset()
             return
         }
-        prepare(batch: first.shape[0])
+        let mine = rows.flatMap { $0.global == first.shape[0] ? $0 : nil }
+        prepare(batch: mine?.count ?? first.shape[0])
+        let whole = mine?.global ?? batch, rowBytes = capacity * width * 4
         for l in 0..<layers {
-            guard let tensor = ck.tensors["memory.layers.\(l)"], tensor.shape == [batch, capacity, width] else {
+            guard let tensor = ck.tensors["memory.layers.\(l)"], tensor.shape == [whole, capacity, width] else {
                 throw VQMoEError(
                     .checkpoint,
-                    "\(path): tensor 'memory.layers.\(l)' is missing or not (\(batch), \(capacity), \(width))")
+                    "\(path): tensor 'memory.layers.\(l)' is missing or not (\(whole), \(capacity), \(width))")
             }
-            tensor.data.withUnsafeBytes { _ = memcpy(layer(l), $0.baseAddress!, tensor.data.count) }
+            tensor.data.withUnsafeBytes {
+                _ = memcpy(layer(l), $0.baseAddress! + (mine?.offset ?? 0) * rowBytes, batch * rowBytes)
+            }
         }
         length = len.data.withUnsafeBytes { Int($0.load(as: Int32.self)) }
         guard length >= 0 && length <= capacity else {

@@ -201,6 +201,8 @@ public final class Transformer: @unchecked Sendable {
         ctx.tokenIDs = input.tokenIDs
         last = ctx
         (train ? trainMemory : evalMemory)?.prepare(batch: batch)
+        (train ? trainMemory : evalMemory)?.rows =
+            globalBatch > batch ? AxisShard(offset: rowOffset, count: batch, global: globalBatch) : nil
         if ctx.drops {
             Dropout.forward(
                 out: x0, mask: embeddingMask.reserve(n * c), inp: x0, count: n * c, p: ctx.dropout,
