@@ -49,7 +49,8 @@ extension LFQQuantizer {
     /// allreduce sums the entropies, Σ_t p(c|z_t), the commitment's squared errors `sse` and the
     /// code `counts` (K) of every rank, which come back as the global batch's.
     func entropyForward(
-        _ z: UnsafePointer<Float>, n: Int, sse: Double, counts: UnsafePointer<Float>, weights: UnsafeMutablePointer<Double>
+        _ z: UnsafePointer<Float>, n: Int, sse: Double, counts: UnsafePointer<Float>,
+        weights: UnsafeMutablePointer<Double>
     ) throws(PluginFailure) -> (perSample: Double, codebook: Double, sse: Double, counts: [Float], globalN: Int) {
         let k = nCodes, b = nBits
         weights.update(repeating: 0, count: k)

@@ -6,10 +6,18 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides()
     let out = try args.take("--out").last, resume = try args.take("--resume").last
     let usage =
-        "train CONFIG [--set key.path=value ...] [--out DIR] [--stop-after N]  |  vqmoe train --resume DIR [--stop-after N]"
+        "train CONFIG [--set key.path=value ...] [--out DIR] [--stop-after N] [--dump-gradients STEP]  |  "
+        + "vqmoe train --resume DIR [--stop-after N]"
     // --stop-after N: write `last` after step N and stop (a job's time slice; resume later).
     let stopAfter = try args.take("--stop-after").last.map { v -> Int in
-        guard let n = Int(v), n >= 1 else { throw VQMoEError(.usage, "--stop-after needs a step count >= 1, got '\(v)'") }
+        guard let n = Int(v), n >= 1 else {
+            throw VQMoEError(.usage, "--stop-after needs a step count >= 1, got '\(v)'")
+        }
+        return n
+    }
+    // --dump-gradients N: OUT/gradients_step<N>.safetensors (summed over the ranks, before clipping).
+    let dumpAt = try args.take("--dump-gradients").last.map { v -> Int in
+        guard let n = Int(v), n >= 0 else { throw VQMoEError(.usage, "--dump-gradients needs a step >= 0, got '\(v)'") }
         return n
     }
     let cfg: RunConfig, dir: String
@@ -23,6 +31,7 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
         dir = out ?? "runs/\(cfg.name)"
     }
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir)
+    trainer.dumpGradientsAt = dumpAt
     Trainer.installInterruptHandlers()
     let r = try trainer.run(resume: resume != nil, stopAfter: stopAfter)
     if trainer.comm.isRoot { print(trainSummary(cfg, r)) }

@@ -78,7 +78,9 @@ public final class Parameter: @unchecked Sendable {
 /// ```
 public struct AxisShard: Sendable, Equatable {
     public let offset: Int, count: Int, global: Int
-    public init(offset: Int, count: Int, global: Int) { (self.offset, self.count, self.global) = (offset, count, global) }
+    public init(offset: Int, count: Int, global: Int) {
+        (self.offset, self.count, self.global) = (offset, count, global)
+    }
 }
 
 /// Every state buffer of a plugin (EMA counts, flags) as a named byte range, for checkpoints.

@@ -397,7 +397,8 @@ public struct PluginChecker {
         if abs(whole - mean) <= 1e-5 * max(1, abs(whole)) {
             return CheckResult(
                 name: name, passed: true,
-                detail: "the loss is a mean over tokens (the halves' losses average to the batch's): data parallel as is")
+                detail:
+                    "the loss is a mean over tokens (the halves' losses average to the batch's): data parallel as is")
         }
         let states = library.kind == .router || library.kind == .quantizer ? " and any state kept from rank 0's" : ""
         return CheckResult(

@@ -183,7 +183,8 @@ extension Transformer {
         for slot in optimizer.slots {
             for (p, buffer) in zip(optimizer.parameters, slot.buffers) {
                 try copy(
-                    "optimizer.\(slot.name).\(p.name)", into: buffer, bytes: p.count * 4, shape: p.shape, shard: p.shard)
+                    "optimizer.\(slot.name).\(p.name)", into: buffer, bytes: p.count * 4, shape: p.shape, shard: p.shard
+                )
             }
         }
     }

@@ -97,6 +97,21 @@ extension Trainer {
         return norm
     }
 
+    /// OUT/gradients_step<N>.safetensors: every trainable parameter's gradient (rank 0 writes the
+    /// whole tensors; expert shards gathered).
+    func dumpGradients(_ step: Int) throws {
+        let tensors = optimizer.parameters.map {
+            Checkpoint.Tensor(
+                name: $0.name, dtype: "F32", shape: $0.shape,
+                bytes: UnsafeRawBufferPointer(start: $0.grad, count: $0.count * 4), shard: $0.shard)
+        }
+        let (whole, gathered) = try gatherShards(tensors)
+        defer { gathered.forEach { $0.deallocate() } }
+        guard comm.isRoot else { return }
+        try Checkpoint.write(
+            path: "\(outDir)/gradients_step\(step).safetensors", tensors: whole, metadata: ["step": String(step)])
+    }
+
     /// The checkpoint tensors with every expert-parallel shard replaced, on rank 0, by the whole
     /// tensor gathered from the ranks (rank order is expert order), so the file is the one a
     /// single process writes. Returns the gathered buffers, which the caller frees after writing.

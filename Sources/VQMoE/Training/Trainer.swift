@@ -32,6 +32,10 @@ public final class Trainer {
     public var finetuneSummary: ((inout RunSummary) -> Void)?
     /// The open metrics log of a running `run()` (rank 0 only).
     var metricsLog: MetricsLog?
+    /// Write every parameter's gradient of this step (summed over the ranks, before clipping)
+    /// to OUT/gradients_step<N>.safetensors (`vqmoe train --dump-gradients N`): the data- and
+    /// expert-parallel tests compare them with a single process's.
+    public var dumpGradientsAt: Int?
     /// The ranks of the run (one process: a single rank) and this rank's gradient reduction.
     public let comm: Comm
     let gradientSync: GradientSync?
@@ -100,6 +104,7 @@ public final class Trainer {
             )
         }
         let t3 = now()
+        if dumpGradientsAt == step { try dumpGradients(step) }
         let norm = try clipGlobalNorm()
         guard norm.isFinite else { throw VQMoEError(.numeric, "non-finite gradient norm at step \(step)") }
         optimizer.step(lr: learningRate(step: step, config: config.train))
@@ -219,8 +224,12 @@ public final class Trainer {
     /// last good checkpoint is: when a rank dies, the launcher ends the others with SIGTERM (and
     /// then SIGKILL), and this line is what names the step.
     public static func installInterruptHandlers() {
-        signal(SIGINT) { _ in Trainer.interruptRequested = 1; Trainer.writeSignalNote() }
-        signal(SIGTERM) { _ in Trainer.interruptRequested = 1; Trainer.writeSignalNote() }
+        signal(SIGINT) { _ in
+            Trainer.interruptRequested = 1; Trainer.writeSignalNote()
+        }
+        signal(SIGTERM) { _ in
+            Trainer.interruptRequested = 1; Trainer.writeSignalNote()
+        }
     }
 
     /// The line the signal handler writes to stderr (async-signal-safe: a preformatted buffer).
@@ -242,7 +251,9 @@ public final class Trainer {
             "\nvqmoe \(comm.describe): signal during training step \(step); stopping (last good checkpoint: \(last))\n"
                 .utf8.prefix(1023))
         Trainer.signalNoteLength = 0
-        line.withUnsafeBufferPointer { UnsafeMutableRawPointer(Trainer.signalNote).copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        line.withUnsafeBufferPointer {
+            UnsafeMutableRawPointer(Trainer.signalNote).copyMemory(from: $0.baseAddress!, byteCount: $0.count)
+        }
         Trainer.signalNoteLength = line.count
     }
 }

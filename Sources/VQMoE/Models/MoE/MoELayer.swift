@@ -113,10 +113,12 @@ public final class MoELayer: @unchecked Sendable {
             }
         }
         if config.expertParallel {
-            guard c.paths.contains(.routed) || c.paths.contains(where: { if case .discrete = $0 { true } else { false } })
+            guard
+                c.paths.contains(.routed) || c.paths.contains(where: { if case .discrete = $0 { true } else { false } })
             else {
                 throw VQMoEError(
-                    .config, "\(name): model.ffn.expert_parallel needs routed experts (mode \(config.mode.rawValue) has none)")
+                    .config,
+                    "\(name): model.ffn.expert_parallel needs routed experts (mode \(config.mode.rawValue) has none)")
             }
             let ranks = Comm.world.size
             guard config.nExperts >= ranks else {
