@@ -136,6 +136,20 @@ func benchCommand(_ args: inout Args) throws -> Int32 {
         return 0
     }
     let r = try Bench(config: cfg, registry: try args.registry(), steps: steps).run()
+    guard Comm.world.isRoot else { return 0 }
+    if let d = r.distributed, !json {
+        print(
+            String(
+                format:
+                    "%@ over %d ranks (%@): %.0f tokens/s for the job, %.1f ms/step; communication %.1f%% of the step "
+                    + "(%.1f%% exposed), gradient all-reduce %.0f%% hidden behind the backward; per rank and step "
+                    + "%.2f MB all-reduced, %.2f MB exchanged, ~%.2f MB sent; peak RSS per rank %@ MB",
+                cfg.name, d.ranks, d.expertParallel ? "data + expert parallel" : "data parallel", r.tokensPerSecond,
+                r.msPerStep, 100 * d.commShare, 100 * d.exposedShare, 100 * d.allreduceHidden,
+                Double(d.allreduceBytes) / 1e6, Double(d.exchangeBytes) / 1e6, Double(d.sentBytes) / 1e6,
+                d.peakRSSMBPerRank.map { String(format: "%.0f", $0) }.joined(separator: "/")))
+        return 0
+    }
     print(
         json
             ? try jsonLine(r.json)

@@ -5,6 +5,8 @@ public final class CommTicket: @unchecked Sendable {
     let what: String
     let done = DispatchSemaphore(value: 0)
     var status: Int32 = 0
+    /// Seconds the communication thread spent in this call (set when it is done).
+    public internal(set) var seconds = 0.0
     init(_ what: String) { self.what = what }
 }
 
@@ -50,6 +52,7 @@ final class CommWorker: @unchecked Sendable {
             let t0 = DispatchTime.now().uptimeNanoseconds
             ticket.status = body()
             let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            ticket.seconds = dt
             lock.lock()
             busySeconds += dt
             lock.unlock()

@@ -64,8 +64,11 @@ public final class GradientSync {
     private var current: [Parameter] = [], currentCount = 0
     private var inFlight: [(params: [Parameter], buffer: Storage<Float>, ticket: CommTicket?)] = []
     private var buffers: [Storage<Float>] = []
-    /// Bytes sent per step (the sum of the buckets).
+    /// Bytes all-reduced since `resetBytes` (the sum of the buckets).
     public private(set) var bytes = 0
+    /// Seconds the buckets took on the communication thread, and seconds `finish` waited for
+    /// them (the part not hidden behind the backward), since `resetBytes`.
+    public private(set) var busySeconds = 0.0, waitedSeconds = 0.0
 
     public init(comm: Comm, bucketBytes: Int = 1 << 20, excluding excluded: [Parameter] = []) {
         self.comm = comm
@@ -101,8 +104,11 @@ public final class GradientSync {
     /// Send what is left, wait for every bucket, and copy the sums into the gradients.
     public func finish() throws {
         flush()
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        for (_, _, ticket) in inFlight { try comm.wait(ticket) }
+        waitedSeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
         for (params, buf, ticket) in inFlight {
-            try comm.wait(ticket)
+            busySeconds += ticket?.seconds ?? 0
             var o = 0
             for p in params {
                 p.grad.update(from: buf.pointer + o, count: p.count)
@@ -112,6 +118,6 @@ public final class GradientSync {
         inFlight.removeAll(keepingCapacity: true)
     }
 
-    /// Start a new step's count of bytes.
-    public func resetBytes() { bytes = 0 }
+    /// Start a new count of bytes and seconds.
+    public func resetBytes() { (bytes, busySeconds, waitedSeconds) = (0, 0, 0) }
 }
