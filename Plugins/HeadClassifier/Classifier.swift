@@ -147,7 +147,9 @@ final class ClassifierHead: HeadPlugin {
         // a (B,H) = act(u), then inverted dropout.
         let act = try host.scratchFloats(B * H, "activations")
         activation.apply(pre, act, B * H)
-        let mask = step.train && dropout > 0 ? try dropoutMask(B * H, seed: step.seed) : nil
+        // Data parallel: this rank's samples start at row token_offset / T of the global batch.
+        let mask =
+            step.train && dropout > 0 ? try dropoutMask(B * H, seed: step.seed, skip: step.tokenOffset / max(T, 1) * H) : nil
         if let mask { for i in 0..<(B * H) { act[i] *= mask[i] } }
         // z (B,C) = b2 + a (B,H) W2^T (H,C).
         for i in 0..<B { (io.logits + i * C).update(from: b2, count: C) }
@@ -172,11 +174,14 @@ final class ClassifierHead: HeadPlugin {
 
     /// mask_i = 1/(1-p) with probability 1-p, else 0: u_i ~ U[0,1) from the host stream
     /// (step seed, 0), kept when u_i >= p. A pure function of the step seed, so a forward
-    /// repeated with the same step (gradcheck, resume) drops the same units.
-    func dropoutMask(_ n: Int, seed: UInt64) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
+    /// repeated with the same step (gradcheck, resume) drops the same units. Element i of this
+    /// batch is element skip + i of the global batch's stream (one draw each), so the ranks of
+    /// a data-parallel run drop what one process would.
+    func dropoutMask(_ n: Int, seed: UInt64, skip: Int = 0) throws(PluginFailure) -> UnsafeMutablePointer<Float> {
         let mask = try host.scratchFloats(n, "dropout mask"), uniform = host.api.pointee.rng_uniform!
         let keep = 1 / (1 - dropout)
         var r = host.rng(seed: seed, stream: 0)
+        r.counter &+= UInt64(skip)
         for i in 0..<n { mask[i] = uniform(&r) >= dropout ? keep : 0 }
         return mask
     }

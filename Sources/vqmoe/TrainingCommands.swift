@@ -67,6 +67,7 @@ func finetuneCommand(_ args: inout Args) throws -> Int32 {
     let ft = try Finetune(config: cfg, registry: try args.registry(), outDir: out ?? "runs/\(cfg.name)", from: from)
     Trainer.installInterruptHandlers()
     let r = try ft.run()
+    guard Comm.world.isRoot else { return r.result.interrupted ? 130 : 0 }  // rank 0 reports
     print("fine-tuned \(cfg.name) from \(ft.checkpoint): \(r.trainable) trainable parameters, \(r.frozen) frozen")
     if let v = r.result.bestValid {
         print(
@@ -89,6 +90,7 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
     let cfg = try RunConfig(json: try ConfigReader.load(file: "\(dir)/config.json", overrides: try args.overrides()))
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir, quiet: true)
     let r = try trainer.evaluateCheckpoint(name, sp)
+    guard trainer.comm.isRoot else { return 0 }  // rank 0 reports
     print(
         String(
             format: "%@ %@: loss %.4f  bpc %.4f  accuracy %.4f  (%d targets, checkpoint %@)", cfg.name, split, r.loss,

@@ -78,14 +78,17 @@ public struct Finetune {
         var missing: [String] = []
         for p in model.parameters where !p.name.hasPrefix("head.") {
             guard let t = ck.tensors[p.name] else { missing.append(p.name); continue }
-            guard t.shape == p.shape, t.data.count == p.count * 4 else {
+            // An expert-parallel shard takes its rows of the whole tensor.
+            let whole = p.shard.map { [$0.global] + p.shape.dropFirst() } ?? p.shape
+            let first = (p.shard?.offset ?? 0) * (p.count / max(p.shape.first ?? 1, 1))
+            guard t.shape == whole, t.data.count == whole.reduce(1, *) * 4 else {
                 throw VQMoEError(
                     .checkpoint,
                     "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs "
-                        + "\(p.shape): the model section must match the pre-training config"
+                        + "\(whole): the model section must match the pre-training config"
                 )
             }
-            t.data.withUnsafeBytes { _ = memcpy(p.data, $0.baseAddress!, p.count * 4) }
+            t.data.withUnsafeBytes { _ = memcpy(p.data, $0.baseAddress! + first * 4, p.count * 4) }
         }
         guard missing.isEmpty else {
             let names =
