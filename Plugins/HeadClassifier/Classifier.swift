@@ -149,7 +149,8 @@ final class ClassifierHead: HeadPlugin {
         activation.apply(pre, act, B * H)
         // Data parallel: this rank's samples start at row token_offset / T of the global batch.
         let mask =
-            step.train && dropout > 0 ? try dropoutMask(B * H, seed: step.seed, skip: step.tokenOffset / max(T, 1) * H) : nil
+            step.train && dropout > 0
+            ? try dropoutMask(B * H, seed: step.seed, skip: step.tokenOffset / max(T, 1) * H) : nil
         if let mask { for i in 0..<(B * H) { act[i] *= mask[i] } }
         // z (B,C) = b2 + a (B,H) W2^T (H,C).
         for i in 0..<B { (io.logits + i * C).update(from: b2, count: C) }

@@ -204,6 +204,48 @@ final class DistributedTests: XCTestCase {
         XCTAssertTrue(out.contains("bpc"), out)
     }
 
+    /// Fine-tuning a 2-rank expert-parallel checkpoint over 2 ranks (data + expert parallel)
+    /// gives one process's losses (the classifier head's dropout included), and `vqmoe eval`
+    /// under mpirun reports once, the single process's numbers.
+    func testFineTuningAndEvalOverRanks() throws {
+        let dir = try makeTempDir("ft")
+        try train(
+            "configs/enwik8_vqmoe.json", out: "\(dir)/pre", ranks: 2,
+            ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3", "model.ffn.expert_parallel=true"])
+        let env = ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"]
+        func finetune(_ out: String, ranks: Int?) throws {
+            let args =
+                [
+                    "--registry", "\(repoRoot)/registry.json", "finetune", "configs/finetune/sst2_vqmoe.json", "--from",
+                    "\(dir)/pre", "--out", out,
+                ]
+                + (Self.tiny + ["train.steps=4", "train.eval_every=4", "model.ffn.expert_parallel=true"]).flatMap {
+                    ["--set", $0]
+                }
+            let (status, text) =
+                try ranks.map {
+                    try runProcess(
+                        mpirun, ["--oversubscribe", "-np", String($0), vqmoe] + args, cwd: repoRoot, env: env)
+                } ?? runProcess(vqmoe, args, cwd: repoRoot)
+            XCTAssertEqual(status, 0, text)
+        }
+        try finetune("\(dir)/ft2", ranks: 2)
+        try finetune("\(dir)/ft1", ranks: nil)
+        let two = try trainRows("\(dir)/ft2"), one = try trainRows("\(dir)/ft1")
+        XCTAssertEqual(two.count, 4)
+        assertLossesClose(one, two, rel: 1e-5, "fine-tuning over 2 ranks")
+        let evalArgs = ["--registry", "\(repoRoot)/registry.json", "eval", "\(dir)/ft2"]
+        let (s2, o2) = try runProcess(
+            mpirun, ["--oversubscribe", "-np", "2", vqmoe] + evalArgs, cwd: repoRoot, env: env)
+        let (s1, o1) = try runProcess(vqmoe, evalArgs, cwd: repoRoot)
+        XCTAssertEqual(s2, 0, o2)
+        XCTAssertEqual(s1, 0, o1)
+        let lines = o2.split(separator: "\n").filter { $0.contains("accuracy") }
+        XCTAssertEqual(lines.count, 1, o2)
+        XCTAssertEqual(
+            lines.first.map(String.init), o1.split(separator: "\n").first { $0.contains("accuracy") }.map(String.init))
+    }
+
     /// A rank killed with SIGKILL ends the job: the launcher names the rank, the survivor names
     /// its step and the last good checkpoint, and the run resumes from that checkpoint.
     func testKilledRankEndsTheJobAndTheRunResumes() throws {

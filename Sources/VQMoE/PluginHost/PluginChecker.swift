@@ -428,9 +428,13 @@ public struct PluginChecker {
         let x = Storage(randomNormal(n * d, stream: 5)), qo = Storage<Float>(zeros: n * d),
             codes = Storage<Int32>(zeros: n * l)
         let counts = Storage<Float>(zeros: q.codebookSize), rq = randomNormal(n * d, stream: 6)
-        func forward(_ s: StepInfo, lossWeight: Double, outWeight: Bool) throws -> (Double, [Int32], PluginContext?) {
+        func forward(
+            _ s: StepInfo, lossWeight: Double, outWeight: Bool, _ first: Int = 0, _ rows: Int? = nil
+        ) throws -> (Double, [Int32], PluginContext?) {
+            let n = rows ?? n
             let (loss, ctx) = try q.forward(
-                s, x: x.pointer, n: n, quantized: qo.pointer, codes: codes.pointer, codeCounts: counts.pointer)
+                s, x: x.pointer + first * d, n: n, quantized: qo.pointer, codes: codes.pointer,
+                codeCounts: counts.pointer)
             var v = lossWeight * Double(loss)
             if outWeight { for i in 0..<(n * d) { v += Double(rq[i]) * Double(qo.pointer[i]) } }
             return (v, Array(UnsafeBufferPointer(start: codes.pointer, count: n * l)), ctx)
@@ -448,13 +452,7 @@ public struct PluginChecker {
                 detail: "counts \(PluginChecker.summary(used))"))
         restore()
         results.append(
-            try batchStatistics(restore: restore) { first, count, s in
-                Double(
-                    try q.forward(
-                        s, x: x.pointer + first * d, n: count, quantized: qo.pointer, codes: codes.pointer,
-                        codeCounts: counts.pointer
-                    ).loss)
-            })
+            try batchStatistics(restore: restore) { try forward($2, lossWeight: 1, outWeight: false, $0, $1).0 })
         restore()
         results.append(evalModeLeavesNoContext(try forward(step(train: false), lossWeight: 1, outWeight: true).2))
         guard ctx != nil else {

@@ -102,7 +102,8 @@ public struct Bench {
         var distributed: DistributedReport? = nil
         if trainer.comm.isDistributed {
             let stepSum = timings.reduce(0) { $0 + $1.total } / 1000
-            distributed = try comm.report(trainer, steps: timings.count, stepSeconds: stepSum, rss: Double(usage.ru_maxrss) / 1024)
+            distributed = try comm.report(
+                trainer, steps: timings.count, stepSeconds: stepSum, rss: Double(usage.ru_maxrss) / 1024)
             var all = [Double](repeating: 0, count: trainer.comm.size)
             try trainer.comm.allgatherEqual([step], into: &all)
             step = all.max()!  // the job moves at its slowest rank
