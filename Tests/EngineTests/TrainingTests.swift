@@ -62,7 +62,7 @@ final class TrainingTests: XCTestCase {
         func with(_ k: String, _ v: Any) throws -> [String: Any] { var c = base; try setPath(&c, k, v); return c }
         XCTAssertEqual(
             configError(try with("train.stpes", 5)),
-            "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every"
+            "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, parallel, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every"
         )
         XCTAssertEqual(
             configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
