@@ -284,6 +284,45 @@ final class DistributedTests: XCTestCase {
         XCTAssertEqual((after as? [String: Any])?["step"] as? Int, step + 2)
     }
 
+    /// SIGINT to mpirun: every rank stops after the same step, rank 0 writes `last` once, and the
+    /// run resumes from it (over 2 ranks) to the end.
+    func testInterruptCheckpointsOnceAndTheRunResumes() throws {
+        let dir = try makeTempDir("int"), out = "\(dir)/run"
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: mpirun)
+        p.arguments =
+            [
+                "--oversubscribe", "-np", "2", vqmoe, "--registry", "\(repoRoot)/registry.json", "train",
+                "configs/enwik8_smoe.json", "--out", out,
+            ]
+            + (Self.tiny + ["train.steps=100000", "train.log_every=1000"]).flatMap { ["--set", $0] }
+        p.currentDirectoryURL = URL(fileURLWithPath: repoRoot)
+        p.environment = ProcessInfo.processInfo.environment.merging([
+            "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        ]) { _, new in new }
+        let pipe = Pipe()
+        (p.standardOutput, p.standardError) = (pipe, pipe)
+        try p.run()
+        // Interrupt once the ranks train (metrics.jsonl has its first line).
+        let deadline = Date().addingTimeInterval(120)
+        while ((try? String(contentsOfFile: "\(out)/metrics.jsonl", encoding: .utf8)) ?? "").isEmpty
+            && Date() < deadline
+        {
+            usleep(100_000)
+        }
+        usleep(500_000)
+        p.interrupt()  // SIGINT to mpirun, which forwards it to the ranks
+        let text = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertNotEqual(p.terminationStatus, 0, text)
+        XCTAssertEqual(text.components(separatedBy: "stopped after step").count - 1, 1, text)  // rank 0 only
+        let side = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(out)/last.json")))
+        let step = try XCTUnwrap((side as? [String: Any])?["step"] as? Int)
+        XCTAssertGreaterThan(step, 0)
+        XCTAssertTrue(text.contains("run enwik8_smoe stopped after \(step) steps"), text)
+        try train("", out: "", ranks: 2, [], extra: ["--resume", out, "--stop-after", String(step + 1)])
+    }
+
     /// Ranks that resolve different configs (a --set given to one) are refused before training.
     func testDifferentConfigsAcrossRanksAreRefused() throws {
         let dir = try makeTempDir("mismatch")
