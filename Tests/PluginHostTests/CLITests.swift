@@ -98,6 +98,49 @@ final class CLITests: XCTestCase {
 
     /// The product quantizer written in C on the helpers (Plugins/examples/pq_c) trains 50 steps
     /// of a VQMoE model on enwik8-mini through `vqmoe train` with a registry overlay: K = 4^2 codes.
+    /// A collapsing configuration (plain VQ-VAE: no EMA, k-means init or dead-code restart, a
+    /// high learning rate) trains with a warning naming the collapsed layer and the options that
+    /// fix it; every validation record carries code perplexity, codes used and dead codes per layer;
+    /// `vqmoe results` marks the run; `train.collapse_threshold = 0` silences the warning.
+    func testCollapseWarningNamesTheLayer() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("collapse")
+        let settings = [
+            "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=32", "model.ffn.d_inner=64",
+            "train.batch_size=8", "train.steps=100", "train.eval_every=50", "train.eval_batches=4", "train.threads=1",
+            "train.lr=0.003", "train.warmup_steps=5",
+        ]
+        let (status, out) = try run(
+            ["train", "configs/enwik8_vqmoe.json", "--out", "\(dir)/run"] + settings.flatMap { ["--set", $0] })
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("warning: layers.1.ffn: the vqvae codebook collapsed at step 100"), out)
+        XCTAssertTrue(out.contains("model.ffn.quantizer.ema = true, kmeans_init = true, dead_code_threshold"), out)
+        let valid = try String(contentsOfFile: "\(dir)/run/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["split"] as? String == "valid" }
+        XCTAssertEqual(valid.count, 2)
+        for v in valid {
+            let ppl = try XCTUnwrap(v["code_perplexity"] as? [[Double]]),
+                used = try XCTUnwrap(v["codes_used"] as? [[Int]])
+            let dead = try XCTUnwrap(v["dead_codes"] as? [[Int]])
+            XCTAssertEqual(ppl.count, 2)
+            XCTAssertEqual(zip(used.joined(), dead.joined()).map { $0 + $1 }, [8, 8])
+            XCTAssertLessThan(ppl[1][0], 2, "layer 1 collapsed: \(ppl)")
+            XCTAssertLessThanOrEqual(ppl[1][0], Double(used[1][0]) + 1e-9)
+        }
+        let result = try JSONSerialization.jsonObject(
+            with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/run/result.json")))
+        XCTAssertLessThan(try XCTUnwrap((result as? [String: Any])?["code_perplexity_min"] as? Double), 2)
+        let (s2, table) = try run(["results", "\(dir)/run"])
+        XCTAssertEqual(s2, 0, table)
+        XCTAssertTrue(table.contains("min code ppl / K") && table.contains(" / 8 collapsed"), table)
+        let (s3, quiet) = try run(
+            ["train", "configs/enwik8_vqmoe.json", "--out", "\(dir)/quiet"]
+                + (settings + ["train.collapse_threshold=0"]).flatMap { ["--set", $0] })
+        XCTAssertEqual(s3, 0, quiet)
+        XCTAssertFalse(quiet.contains("collapsed"), quiet)
+    }
+
     func testProductQuantizerInCTrains() throws {
         guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
         let dir = try makeTempDir("pq")

@@ -65,6 +65,13 @@ final class DistributedTests: XCTestCase {
             .filter { $0["split"] as? String == "train" }
     }
 
+    /// The validation rows of a run's metrics.jsonl.
+    private func validRows(_ dir: String) throws -> [[String: Any]] {
+        try String(contentsOfFile: "\(dir)/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+            .compactMap { try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+            .filter { $0["split"] as? String == "valid" }
+    }
+
     /// Every F32 tensor of a safetensors file.
     private func floats(_ path: String) throws -> [String: [Float]] {
         try Checkpoint.read(path: path).tensors.filter { $0.value.dtype == "F32" }.mapValues { t in
@@ -126,6 +133,14 @@ final class DistributedTests: XCTestCase {
             XCTAssertEqual(one.count, 20, config)
             assertLossesClose([one[0]], [two[0]], rel: 1e-5, "\(config) first step")
             assertLossesClose(one, two, rel: 1e-4, "\(config) 20 steps")
+            // The evaluation's sums, code usage included, are the global batch's.
+            let v1 = try validRows("\(dir)/\(config)-1"), v2 = try validRows("\(dir)/\(config)-2")
+            XCTAssertEqual(v1.count, 1, config)
+            let l1 = try XCTUnwrap(v1.first?["loss"] as? Double), l2 = try XCTUnwrap(v2.first?["loss"] as? Double)
+            XCTAssertEqual(l1, l2, accuracy: 1e-6 * l1, config)
+            for key in ["code_perplexity", "codes_used"] {  // counts: exact
+                XCTAssertEqual("\(v1.first?[key] ?? "-")", "\(v2.first?[key] ?? "-")", "\(config) \(key)")
+            }
             try assertGradientsClose(
                 "\(dir)/\(config)-1/gradients_step0.safetensors", "\(dir)/\(config)-2/gradients_step0.safetensors",
                 rel: 1e-5, "\(config) step-0 gradients")

@@ -140,7 +140,10 @@ public struct Report {
 
     /// The runs' results: parameters, valid and test metric, steps, wall time.
     static func resultsTable(_ data: [Run]) -> [String] {
-        var md = ["| run | ffn | params | valid | test | steps | wall s |", "|---|---|---|---|---|---|---|"]
+        var md = [
+            "| run | ffn | params | valid | test | min code ppl / K | steps | wall s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in data {
             let key = r.isLM ? "bpc" : "accuracy"
             func f(_ k: String) -> String { num(r.result[k]).map { String(format: "%.4f", $0) } ?? "-" }
@@ -148,7 +151,8 @@ public struct Report {
             let wall = num(r.result["wall_s"]).map { String(format: "%.0f", $0) } ?? "-"
             md.append(
                 "| \(r.name) | \(r.result["ffn"] as? String ?? "-") | \(params) | \(f("valid_\(key)")) \(key) | "
-                    + "\(f("test_\(key)")) \(key) | \(r.result["steps"] as? Int ?? 0) | \(wall) |")
+                    + "\(f("test_\(key)")) \(key) | \(ResultsTable.codePerplexity(r.result)) | "
+                    + "\(r.result["steps"] as? Int ?? 0) | \(wall) |")
         }
         return md
     }
@@ -189,9 +193,11 @@ public struct Report {
         plot.yRange = (0, 1)
         var any = false
         for r in data {
+            let collapsed = collapsedAt(r)
             for (key, label) in [("consistency_router", "router"), ("consistency_discrete", "discrete")] {
                 let s = probeSeries(r, key)
-                if !s.xs.isEmpty { plot.line("\(r.name) \(label)", xs: s.xs, ys: s.ys); any = true }
+                let mark = label == "discrete" && collapsed != nil ? " †" : ""  // † a collapsed codebook
+                if !s.xs.isEmpty { plot.line("\(r.name) \(label)\(mark)", xs: s.xs, ys: s.ys); any = true }
             }
         }
         guard any else { return }
@@ -199,7 +205,37 @@ public struct Report {
             "consistency.svg", plot,
             "Consistency score: the fraction of probe tokens whose top-1 expert is unchanged since the "
                 + "previous evaluation (mean over layers; the complement of StableMoE's routing fluctuation)."
+                + (data.contains { collapsedAt($0) != nil }
+                    ? " † the discrete path's codebook collapsed: not meaningful." : "")
         )
+        for r in data {
+            guard let (step, p, k) = collapsedAt(r) else { continue }
+            doc.md += [
+                String(
+                    format:
+                        "**%@: the discrete path's consistency is not meaningful**: its codebook collapsed (code "
+                        + "perplexity %.2f of K = %d at the last evaluation, step %d), so nearly every token keeps the "
+                        + "same code and expert whatever the model learns.",
+                    r.name, p, k, step),
+                "",
+            ]
+        }
+    }
+
+    /// (step, lowest code perplexity, K) of a run's last validation when below the default
+    /// collapse threshold; nil when healthy or without codes.
+    static func collapsedAt(_ r: Run) -> (Int, Double, Int)? {
+        guard let v = r.split("valid").last, let ppl = v["code_perplexity"] as? [[Any]],
+            let used = v["codes_used"] as? [[Any]], let dead = v["dead_codes"] as? [[Any]]
+        else { return nil }
+        let p = ppl.joined().compactMap(num),
+            k = zip(used.joined(), dead.joined()).compactMap { u, d in
+                (num(u) ?? 0) + (num(d) ?? 0)
+            }
+        guard let worst = p.min(), let size = k.first, worst < CodeHealth.defaultThreshold(k: Int(size)) else {
+            return nil
+        }
+        return ((v["step"] as? Int ?? 0) + 1, worst, Int(size))
     }
 
     /// Movement of the router and codebook parameters between evaluations.

@@ -33,12 +33,27 @@ public struct EvalRecord: Codable, Sendable {
     public var loss: Double
     public var bpc: Double?
     public var accuracy: Double?
+    /// Per layer and code level (VQMoE): code perplexity exp(H(p)) of the codes used over the
+    /// evaluation, codes used, dead codes (K − used).
+    public var codePerplexity: [[Double]]?
+    public var codesUsed: [[Int]]?
+    public var deadCodes: [[Int]]?
 
     public init(step: Int, split: Split, result: EvalResult, isLM: Bool) {
         self.step = step
         self.split = split.name
         loss = result.loss
         if isLM { bpc = result.bpc } else { accuracy = result.accuracy }
+        if let h = result.codeHealth {
+            codePerplexity = h.map { $0.map(\.perplexity) }
+            codesUsed = h.map { $0.map(\.used) }
+            deadCodes = h.map { $0.map(\.dead) }
+        }
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case step, split, loss, bpc, accuracy
+        case codePerplexity = "code_perplexity", codesUsed = "codes_used", deadCodes = "dead_codes"
     }
 }
 

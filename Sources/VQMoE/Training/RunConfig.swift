@@ -34,6 +34,9 @@ public struct TrainConfig: Sendable, Equatable {
     /// Write the resumable `last` checkpoint every this many steps (default: eval_every).
     public var checkpointEvery = 100
     public var threads = 1
+    /// Warn when a codebook's code perplexity at an evaluation falls below this (per layer and
+    /// level); nil = `CodeHealth.defaultThreshold(k:)` = max(1.5, K/4); 0 = no warning.
+    public var collapseThreshold: Float?
     public init() {}
 }
 
@@ -209,6 +212,7 @@ public struct RunConfig: @unchecked Sendable {
         tc.logEvery = try t.int("log_every", default: tc.logEvery, min: 1)
         tc.checkpointEvery = try t.int("checkpoint_every", default: tc.evalEvery, min: 1)
         tc.threads = try t.int("threads", default: tc.threads, min: 1, max: 256)
+        if t.has("collapse_threshold") { tc.collapseThreshold = try t.float("collapse_threshold", default: 0, min: 0) }
         // Several ranks (mpirun/srun) split each global batch by rows; expert parallelism is
         // model.ffn.expert_parallel on top of it.
         _ = try t.string("parallel", default: "data", choices: ["data"])

@@ -6,11 +6,18 @@ public struct EvalResult: Codable, Sendable, Equatable {
     public var bpc: Double { loss / log(2.0) }
     public var count: Int
     public var accuracy: Double
-    public init(loss: Double, count: Int, accuracy: Double) {
+    /// Uses of each code over the evaluation, per layer and code level (layer, L, K); nil for a
+    /// model without a discrete path.
+    public var codeCounts: [[[Double]]]?
+    public init(loss: Double, count: Int, accuracy: Double, codeCounts: [[[Double]]]? = nil) {
         self.loss = loss
         self.count = count
         self.accuracy = accuracy
+        self.codeCounts = codeCounts
     }
+
+    /// Code health per layer and level (nil without a discrete path).
+    public var codeHealth: [[CodeHealth]]? { codeCounts?.map { $0.map(CodeHealth.init) } }
 }
 
 /// Result of `vqmoe train`.
@@ -103,6 +110,9 @@ public struct RunSummary: Codable, Sendable {
     public var pretrainedFrom: String?
     public var ffnFlopsPretrain, ffnFlopsFinetune, ffnFlopsSaving: Double?
     public var paramsFrozen, paramsTrainable: Int?
+    /// The best-validation evaluation's lowest code perplexity over layers and levels, and K.
+    public var codePerplexityMin: Double?
+    public var codebookSize: Int?
 
     enum CodingKeys: String, CodingKey {
         case name, ffn, steps, threads
@@ -113,6 +123,7 @@ public struct RunSummary: Codable, Sendable {
         case pretrainedFrom = "pretrained_from", ffnFlopsPretrain = "ffn_flops_per_token_pretrain"
         case ffnFlopsFinetune = "ffn_flops_per_token_finetune", ffnFlopsSaving = "ffn_flops_saving"
         case paramsFrozen = "params_frozen", paramsTrainable = "params_trainable"
+        case codePerplexityMin = "code_perplexity_min", codebookSize = "codebook_size"
     }
 
     /// Record an evaluation of the valid or test split (BPC for language models, else accuracy).
@@ -123,6 +134,9 @@ public struct RunSummary: Codable, Sendable {
         } else {
             validLoss = r.loss
             if isLM { validBPC = r.bpc } else { validAccuracy = r.accuracy }
+            if let health = r.codeHealth?.joined(), let worst = health.min(by: { $0.perplexity < $1.perplexity }) {
+                (codePerplexityMin, codebookSize) = (worst.perplexity, worst.codebookSize)
+            }
         }
     }
 }

@@ -146,6 +146,7 @@ public final class Trainer {
     /// Mean loss over `split` (at most `maxBatches` batches; 0 = the whole split).
     public func evaluate(_ split: Split, maxBatches: Int = 0) throws -> EvalResult {
         var sum = 0.0, count = 0, correct = 0, index = 0
+        var codes: [[[Double]]]? = nil  // (layer, level, K) uses over the evaluation
         model.resetEvalMemory()  // Transformer-XL: the ordered pass starts with an empty memory
         let rows = share(config.train.batchSize)
         while maxBatches == 0 || index < maxBatches {
@@ -155,16 +156,27 @@ public final class Trainer {
             count += parts.count
             correct += parts.correct
             index += 1
+            if config.model.ffn.usesQuantizer {
+                let now = parts.layers.map { $0.levelCodeCounts.map { $0.map(Double.init) } }
+                codes = codes.map { zip($0, now).map { zip($0, $1).map { zip($0, $1).map(+) } } } ?? now
+            }
         }
         if comm.isDistributed {
-            var sums = [sum, Double(count), Double(correct)]
+            var sums = [sum, Double(count), Double(correct)] + (codes.map { Array($0.joined().joined()) } ?? [])
             try comm.allreduce(&sums)
             (sum, count, correct) = (sums[0], Int(sums[1]), Int(sums[2]))
+            var i = 3
+            codes = codes?.map {
+                $0.map { level in
+                    defer { i += level.count }; return Array(sums[i..<(i + level.count)])
+                }
+            }
         }
         guard count > 0 else {
             throw VQMoEError(.data, "the \(split.name) split of '\(config.data.name)' has no targets to evaluate")
         }
-        return EvalResult(loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count))
+        return EvalResult(
+            loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count), codeCounts: codes)
     }
 
     /// Load OUT/NAME.safetensors into the model and evaluate `split` in full.

@@ -107,6 +107,7 @@ extension Trainer {
             dataset.isLM
                 ? String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc)
                 : String(format: "step %d  valid loss %.4f  accuracy %.4f", step + 1, v.loss, v.accuracy))
+        warnCollapse(v, step: step)
         if config.model.ffn.composition.routes {
             let probe = try probeAssignments()
             var record = ProbeRecord(step: step, routerTop1: probe.router, discreteTop1: probe.discrete)

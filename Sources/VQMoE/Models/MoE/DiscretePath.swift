@@ -58,6 +58,10 @@ public final class DiscretePath: ExpertPath {
         stats.vq += r.loss
         stats.vqWeighted += lossWeight * r.loss
         stats.codeCounts = Array(UnsafeBufferPointer(start: c, count: k))
+        var perLevel = [[Float]](repeating: [Float](repeating: 0, count: k), count: levels)
+        let codes = codes.pointer
+        for t in 0..<n { for l in 0..<levels { perLevel[l][Int(codes[t * levels + l])] += 1 } }
+        stats.levelCodeCounts = perLevel
         switch self.input {
         case .x: return (levels, x)
         case .ste: return (levels, UnsafePointer(q))

@@ -12,6 +12,9 @@ public struct MoEStats: Sendable {
     public var expertLoad: [Float] = []
     /// Uses of each code in this batch (VQMoE).
     public var codeCounts: [Float] = []
+    /// Uses of each code per code level (L,K): one row for a single-code quantizer, one per
+    /// residual level for RVQ (the collapse check looks at each).
+    public var levelCodeCounts: [[Float]] = []
     public init() {}
 }
 
