@@ -17,19 +17,20 @@ final class VQVAE: QuantizerPlugin {
     static let flags = UInt32(VQMOE_PLUGIN_STOPGRAD_LOSS | VQMOE_PLUGIN_GLOBAL_BATCH)
     static let summary =
         "VQ-VAE quantizer: nearest code by L2 (ties -> lowest index), q = e_c with a straight-through gradient; loss "
-        + "= mse(sg(x), q) + commitment * mse(x, sg(q)); optional EMA codebook (ema); optional k-means init "
-        + "(kmeans_init: Lloyd's k-means on the first training batch, kmeans_iters iterations from K distinct batch rows "
-        + "chosen by the step seed; state 'initialized' records it); optional dead-code restart (dead_code_threshold, "
-        + "needs ema: after each training EMA update, codes with EMA count below the threshold become random batch rows)"
+        + "= mse(sg(x), q) + commitment * mse(x, sg(q)); by default the codebook stays alive with an EMA codebook "
+        + "(ema), k-means init (kmeans_init: Lloyd's k-means on the first training batch, kmeans_iters iterations from "
+        + "K distinct batch rows chosen by the step seed; state 'initialized' records it) and dead-code restart "
+        + "(dead_code_threshold, needs ema: after each training EMA update, codes with EMA count below the threshold "
+        + "become random batch rows); ema = false, kmeans_init = false, dead_code_threshold = 0 is plain VQ-VAE"
     static let hyperparameters: [Hyper] = [
         .int("codebook_size", 0, min: 0, "K, codes in the codebook; 0 = the model's n_codes"),
         .float("commitment", 0.25, min: 0, "commitment weight gamma: loss = mse(sg(x), q) + gamma * mse(x, sg(q))"),
         .float("init_scale", 1.0, min: 0, "codebook init: e_j ~ N(0, init_scale^2)"),
-        .bool("ema", false, "EMA codebook updates (codebook becomes state, loss = gamma * mse(x, sg(q)))"),
-        .float("ema_decay", 0.99, min: 0, max: 1, "EMA decay of the code counts and sums, in [0, 1)"),
+        .bool("ema", true, "EMA codebook updates (codebook becomes state, loss = gamma * mse(x, sg(q)))"),
+        .float("ema_decay", 0.9, min: 0, max: 1, "EMA decay of the code counts and sums, in [0, 1)"),
         .float("ema_epsilon", 1e-5, min: 0, "Laplace smoothing of the EMA code counts"),
         .bool(
-            "kmeans_init", false,
+            "kmeans_init", true,
             "k-means init: the first training forward (state 'initialized' = 0, not frozen) runs Lloyd's k-means on "
                 + "its batch (K distinct rows chosen by the step seed as initial centres) and uses the centres as the codebook"
         ),
@@ -38,7 +39,7 @@ final class VQVAE: QuantizerPlugin {
             "Lloyd iterations of the k-means init (assign, then move each centre to its mean; empty clusters keep their centre)"
         ),
         .float(
-            "dead_code_threshold", 0, min: 0,
+            "dead_code_threshold", 4.0, min: 0,
             "dead-code restart, needs ema: after each training EMA update a code with EMA count below this is replaced "
                 + "by a random batch row (ema_sum = row, ema_count = 1); 0 = off"),
     ]

@@ -9,7 +9,11 @@ final class MoELayerTests: XCTestCase {
 
     func plugin(_ product: String, _ values: [String: Any] = [:]) throws -> PluginInstance {
         let lib = try PluginLibrary.open("\(Registry.executableDirectory())/lib\(product).so")
-        let hp = try ResolvedHyperparameters(schema: lib.schema, values: values, keyPath: product)
+        // Plain VQ-VAE (a trained codebook) unless a test asks otherwise: vqvae's defaults add EMA.
+        let plain: [String: Any] =
+            product == "QuantizerVQVAE" ? ["ema": false, "kmeans_init": false, "dead_code_threshold": 0.0] : [:]
+        let hp = try ResolvedHyperparameters(
+            schema: lib.schema, values: plain.merging(values) { _, given in given }, keyPath: product)
         return try PluginInstance(
             library: lib, instanceName: product, dims: ModelDims(dModel: d, nExperts: e, nCodes: e),
             hyperparameters: hp, seed: 5)

@@ -27,7 +27,11 @@ final class PyTorchParityTests: XCTestCase {
 
     func instance(_ product: String, dims: ModelDims, _ values: [String: Any] = [:]) throws -> PluginInstance {
         let lib = try PluginLibrary.open("\(Registry.executableDirectory())/lib\(product).so")
-        let hp = try ResolvedHyperparameters(schema: lib.schema, values: values, keyPath: product)
+        // The PyTorch reference is plain VQ-VAE (vqvae's defaults add EMA, k-means init, restarts).
+        let plain: [String: Any] =
+            product == "QuantizerVQVAE" ? ["ema": false, "kmeans_init": false, "dead_code_threshold": 0.0] : [:]
+        let hp = try ResolvedHyperparameters(
+            schema: lib.schema, values: plain.merging(values) { _, given in given }, keyPath: product)
         return try PluginInstance(library: lib, instanceName: product, dims: dims, hyperparameters: hp, seed: 1)
     }
 

@@ -17,7 +17,9 @@ final class TrainingTests: XCTestCase {
         guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory (run scripts/get-data.sh)") }
         var ffn: [String: Any] = ["mode": mode, "d_inner": 64]
         if mode != "dense" { ffn["n_experts"] = 4; ffn["router"] = ["name": "smoe", "k": 2] }
-        if mode == "vqmoe" { ffn["quantizer"] = ["name": "vqvae"] }
+        if mode == "vqmoe" {  // plain VQ-VAE: a trained codebook (vqvae's defaults make it an EMA state)
+            ffn["quantizer"] = ["name": "vqvae", "ema": false, "kmeans_init": false, "dead_code_threshold": 0.0]
+        }
         var cfg: [String: Any] = [
             "name": "tiny_\(mode)", "seed": 3,
             "data": ["name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"],

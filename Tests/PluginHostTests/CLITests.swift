@@ -108,7 +108,8 @@ final class CLITests: XCTestCase {
         let settings = [
             "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=32", "model.ffn.d_inner=64",
             "train.batch_size=8", "train.steps=100", "train.eval_every=50", "train.eval_batches=4", "train.threads=1",
-            "train.lr=0.003", "train.warmup_steps=5",
+            "train.lr=0.003", "train.warmup_steps=5", "model.ffn.quantizer.ema=false",
+            "model.ffn.quantizer.kmeans_init=false", "model.ffn.quantizer.dead_code_threshold=0",
         ]
         let (status, out) = try run(
             ["train", "configs/enwik8_vqmoe.json", "--out", "\(dir)/run"] + settings.flatMap { ["--set", $0] })

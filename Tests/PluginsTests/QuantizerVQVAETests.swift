@@ -108,19 +108,19 @@ final class QuantizerVQVAETests: XCTestCase {
         XCTAssertEqual(s["commitment"]?.min, 0)
         XCTAssertEqual(s["init_scale"]?.defaultNumber, 1.0)
         XCTAssertEqual(s["ema"]?.type, .bool)
-        XCTAssertEqual(s["ema"]?.defaultNumber, 0)
-        XCTAssertEqual(s["ema_decay"]?.defaultNumber, 0.99)
+        XCTAssertEqual(s["ema"]?.defaultNumber, 1)  // healthy defaults: EMA, k-means init, restarts
+        XCTAssertEqual(s["ema_decay"]?.defaultNumber, 0.9)
         XCTAssertEqual(s["ema_decay"]?.min, 0)
         XCTAssertEqual(s["ema_decay"]?.max, 1)
         XCTAssertEqual(s["ema_epsilon"]?.defaultNumber, 1e-5)
         XCTAssertEqual(s["kmeans_init"]?.type, .bool)
-        XCTAssertEqual(s["kmeans_init"]?.defaultNumber, 0)
+        XCTAssertEqual(s["kmeans_init"]?.defaultNumber, 1)
         XCTAssertEqual(s["kmeans_iters"]?.type, .int)
         XCTAssertEqual(s["kmeans_iters"]?.defaultNumber, 10)
         XCTAssertEqual(s["kmeans_iters"]?.min, 1)
         XCTAssertEqual(s["kmeans_iters"]?.max, 100)
         XCTAssertEqual(s["dead_code_threshold"]?.type, .float)
-        XCTAssertEqual(s["dead_code_threshold"]?.defaultNumber, 0)
+        XCTAssertEqual(s["dead_code_threshold"]?.defaultNumber, 4)
         XCTAssertEqual(s["dead_code_threshold"]?.min, 0)
         XCTAssertTrue(s["dead_code_threshold"]!.description.contains("ema"))
         XCTAssertTrue(lib.summary.contains("k-means") && lib.summary.contains("dead-code"), lib.summary)
@@ -680,13 +680,17 @@ final class QuantizerVQVAETests: XCTestCase {
         let lib = try openPlugin("QuantizerVQVAE")
         // EMA: every check applies (the loss gradient is the exact derivative of
         // commitment * mse(x, sg(q)) in x, the codebook is state).
-        let emaResults = PluginChecker(library: lib, hyperparameters: ["ema": true]).run()
+        let emaResults = PluginChecker(library: lib, hyperparameters: plainVQVAE.merging(["ema": true]) { $1 }).run()
         XCTAssertTrue(
             emaResults.allSatisfy(\.passed), emaResults.filter { !$0.passed }.map(\.detail).joined(separator: "\n"))
-        // Default (codebook loss): mse(sg(x), q) + gamma * mse(x, sg(q)) has stop-gradients, which
+        // The defaults (EMA, k-means init, dead-code restart) pass every check.
+        let defaults = PluginChecker(library: lib).run()
+        XCTAssertTrue(
+            defaults.allSatisfy(\.passed), defaults.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+        // Plain VQ-VAE (codebook loss): mse(sg(x), q) + gamma * mse(x, sg(q)) has stop-gradients, which
         // the plugin declares (VQMOE_PLUGIN_STOPGRAD_LOSS): the checker then compares directions,
         // and the backward is gamma/(1+gamma) of the value's slope in x, 1/(1+gamma) in the codebook.
-        let results = PluginChecker(library: lib).run()
+        let results = PluginChecker(library: lib, hyperparameters: plainVQVAE).run()
         XCTAssertTrue(
             results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
         let x = results.first { $0.name.hasPrefix("gradcheck x (direction") }
@@ -705,7 +709,7 @@ final class QuantizerVQVAETests: XCTestCase {
             ["ema": true, "dead_code_threshold": 0.5],
             ["ema": true, "dead_code_threshold": 0.5, "kmeans_init": true],
         ] {
-            let r = PluginChecker(library: lib, hyperparameters: hp).run()
+            let r = PluginChecker(library: lib, hyperparameters: plainVQVAE.merging(hp) { $1 }).run()
             XCTAssertTrue(
                 r.allSatisfy(\.passed), "\(hp): " + r.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
             XCTAssertGreaterThanOrEqual(r.count, 10)

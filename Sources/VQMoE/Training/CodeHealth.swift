@@ -35,8 +35,8 @@ public struct CodeHealth: Sendable, Equatable {
     public static func remedy(quantizer: String) -> String {
         switch quantizer {
         case "vqvae":
-            return "model.ffn.quantizer.ema = true, kmeans_init = true, dead_code_threshold = 1.0 (EMA codebook, "
-                + "k-means init, dead-code restart)"
+            return "model.ffn.quantizer.ema = true, kmeans_init = true, dead_code_threshold = 4, ema_decay = 0.9 "
+                + "(vqvae's defaults: EMA codebook, k-means init, dead-code restart)"
         case "vqgan_cos":
             return "a smaller model.ffn.quantizer.code_dim (8 or 16: low-dimensional l2-normalised codes), or the "
                 + "vqvae quantizer with ema, kmeans_init and dead_code_threshold"
