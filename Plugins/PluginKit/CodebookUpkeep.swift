@@ -108,9 +108,11 @@ public struct CodebookUpkeep {
     /// c_j = mean{x_t : a_t = j} (sums in double; an empty cluster keeps its centre). The loop
     /// stops early once an assignment repeats the previous one (the centres are then fixed).
     /// Finally e_j = c_j and, with EMA state (count, sum given), m_j = c_j, N_j = 1.
+    /// `spherical` (rows of unit length, cosine codes): each new centre is the normalised mean,
+    /// c_j = mean/‖mean‖, so the nearest centre by L2 is the nearest by cosine (spherical k-means).
     public func kmeans(
         codebook C: UnsafeMutablePointer<Float>, count: UnsafeMutablePointer<Float>?, sum: UnsafeMutablePointer<Float>?,
-        x: UnsafePointer<Float>, n: Int, seed: UInt64
+        x: UnsafePointer<Float>, n: Int, seed: UInt64, spherical: Bool = false
     ) throws(PluginFailure) {
         guard n > 0 else { return }
         let d = width
@@ -142,7 +144,14 @@ public struct CodebookUpkeep {
             }
             for j in 0..<k where counts[j] > 0 {
                 let c = centres + j * d, s = sums + j * d
-                for i in 0..<d { c[i] = Float(s[i] / counts[j]) }
+                var norm = 1.0
+                if spherical {
+                    norm = 0
+                    for i in 0..<d { norm += s[i] * s[i] }
+                    norm = norm.squareRoot() / counts[j]
+                    guard norm > 0 else { continue }
+                }
+                for i in 0..<d { c[i] = Float(s[i] / counts[j] / norm) }
             }
         }
         C.update(from: centres, count: k * d)

@@ -29,7 +29,8 @@ extension VQGANCosQuantizer {
     ///   codebook:          dL/dê_c += g 2/M (ê_c − ẑ_t), then through ê = e/‖e‖ to grad_e
     ///   normalisation:     dL/dz = (I − ẑẑᵀ)/‖z‖ dL/dẑ
     ///   proj_in:           grad_x += dL/dz W_in,  grad_W_in += dL/dzᵀ x,  grad_b_in += Σ_t dL/dz_t
-    /// Parameter gradients are skipped for a FROZEN forward.
+    /// Parameter gradients are skipped for a FROZEN forward; the codebook gets none with ema (it is
+    /// state) or in the forward that ran the k-means init (the parameter had no effect on it).
     func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
         let s = context as! Saved, n = g.n, params = !g.frozen
         guard n > 0 else { return }
@@ -50,7 +51,7 @@ extension VQGANCosQuantizer {
                 for i in 0..<dc { gt[i] += commit * (s.zHat[z + i] - s.eHat[e + i]) }
             }
         }
-        if params, scale != 0, let gC = codebookGrad {
+        if params, scale != 0, !ema, !s.kmeansHere, let gC = codebookGrad {
             // dL/dê (K,d_c), then through the normalisation of each used code.
             let geHat = try host.scratchFloats(k * dc, "grad of the normalised codes")
             geHat.update(repeating: 0, count: k * dc)

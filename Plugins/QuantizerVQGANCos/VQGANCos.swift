@@ -5,6 +5,11 @@
 //     c = argmax_j ẑ·ê_j (ties -> lowest j),  quantized = W_out (ẑ + sg(ê_c − ẑ)) + b_out (d_c -> d)
 //     loss = mse(sg(ẑ), ê_c) + commitment * mse(ẑ, sg(ê_c)) = (1 + gamma) Σ‖ẑ_t − ê_c‖² / (N d_c)
 //
+// By default the codebook stays alive as vector-quantize-pytorch's cosine codebooks do (the
+// kit's `CodebookUpkeep`, on the normalised codes ẑ): an EMA codebook (ema; the codebook is then
+// state and the loss is commitment * mse(ẑ, sg(ê_c)) alone), spherical k-means init on the first
+// training batch (kmeans_init) and dead-code restart from batch rows of ẑ (dead_code_threshold).
+//
 // Initialisation is fixed and documented rather than configurable: proj_in.weight ~ N(0, 1/d)
 // (stream 0), proj_out.weight ~ N(0, 1/d_c) (stream 1) (fan-in scaled, Xavier-like), biases 0,
 // codebook e_j ~ N(0, 1) (stream 2; only its direction matters: codes are l2-normalised). Every
@@ -32,12 +37,32 @@ final class VQGANCosQuantizer: QuantizerPlugin {
             "code_dim", 16, min: 1, max: 1024,
             "d_c, the low-dimensional code space: z = W_in x + b_in (d -> d_c), l2-normalised"),
         .float("commitment", 0.25, min: 0, "commitment weight gamma: loss = mse(sg(ẑ), ê_c) + gamma * mse(ẑ, sg(ê_c))"),
+        .bool(
+            "ema", true,
+            "EMA codebook on the normalised codes: e_j = EMA of the ẑ assigned to j / EMA count (the codebook becomes "
+                + "state; loss = gamma * mse(ẑ, sg(ê_c)))"),
+        .float("ema_decay", 0.9, min: 0, max: 1, "EMA decay of the code counts and sums, in [0, 1)"),
+        .float("ema_epsilon", 1e-5, min: 0, "Laplace smoothing of the EMA code counts"),
+        .bool(
+            "kmeans_init", true,
+            "spherical k-means init: the first training forward (state 'initialized' = 0, not frozen) clusters its "
+                + "batch's ẑ (K distinct rows chosen by the step seed as initial centres, centres normalised) and uses "
+                + "the centres as the codebook"),
+        .int("kmeans_iters", 10, min: 1, max: 100, "Lloyd iterations of the k-means init"),
+        .float(
+            "dead_code_threshold", 4.0, min: 0,
+            "dead-code restart, needs ema: after each training EMA update a code with EMA count below this is replaced "
+                + "by a random batch row of ẑ (ema_sum = row, ema_count = 1); 0 = off"),
     ]
 
     let host: Host
     /// d input width, d_c code width, K codes; gamma the commitment weight.
     let d: Int, dc: Int, k: Int
     let commitment: Float
+    let ema: Bool, emaDecay: Float, emaEpsilon: Float, kmeansInit: Bool, kmeansIters: Int, deadCodeThreshold: Float
+    /// ema: ema_count (K), ema_sum (K,d_c); kmeans_init: initialized (1).
+    var emaCount: UnsafeMutablePointer<Float>?, emaSum: UnsafeMutablePointer<Float>?
+    var initialized: UnsafeMutablePointer<Int32>?
     /// (d_c,d) W_in, (d_c) b_in, (d,d_c) W_out, (d) b_out, (K,d_c) codebook, and their gradients.
     var wIn: UnsafeMutablePointer<Float>!, bIn: UnsafeMutablePointer<Float>!
     var wOut: UnsafeMutablePointer<Float>!, bOut: UnsafeMutablePointer<Float>!
@@ -60,6 +85,26 @@ final class VQGANCosQuantizer: QuantizerPlugin {
                     + "(got codebook_size = \(requested), n_codes = \(model.nCodes))")
         }
         (dc, commitment) = (hp.int("code_dim"), hp.float("commitment"))
+        (ema, emaDecay, emaEpsilon) = (hp.bool("ema"), hp.float("ema_decay"), hp.float("ema_epsilon"))
+        (kmeansInit, kmeansIters, deadCodeThreshold) = (
+            hp.bool("kmeans_init"), hp.int("kmeans_iters"), hp.float("dead_code_threshold")
+        )
+        guard emaDecay < 1 else { throw .invalid("ema_decay = \(emaDecay) must be in [0, 1)") }
+        guard deadCodeThreshold == 0 || ema else {
+            throw .invalid(
+                "dead_code_threshold = \(deadCodeThreshold) needs ema = true: dead codes are found by their EMA counts "
+                    + "(set ema = true, or dead_code_threshold = 0 to turn the restart off)")
+        }
+        if (kmeansInit || deadCodeThreshold > 0) && host.api.pointee.rng_next_u64 == nil {
+            throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
+        }
+    }
+
+    /// The kit's EMA, k-means and restart, on the normalised codes ẑ (width d_c).
+    var upkeep: CodebookUpkeep {
+        CodebookUpkeep(
+            host: host, k: k, width: dc, decay: emaDecay, epsilon: emaEpsilon, kmeansIters: kmeansIters,
+            deadCodeThreshold: deadCodeThreshold)
     }
 
     var codebookSize: Int { k }
@@ -70,8 +115,10 @@ final class VQGANCosQuantizer: QuantizerPlugin {
             .param("proj_in.bias", [dc], noDecay: true, freezeWhenFineTuning: true),
             .param("proj_out.weight", [d, dc], freezeWhenFineTuning: true),
             .param("proj_out.bias", [d], noDecay: true, freezeWhenFineTuning: true),
-            .param("codebook", [k, dc], noDecay: true, freezeWhenFineTuning: true),
-        ]
+            ema
+                ? .state("codebook", [k, dc]) : .param("codebook", [k, dc], noDecay: true, freezeWhenFineTuning: true),
+        ] + (ema ? [.state("ema_count", [k]), .state("ema_sum", [k, dc])] : [])
+            + (kmeansInit ? [.state("initialized", [1], .int32)] : [])
     }
 
     func bind(_ b: BoundBuffers) throws(PluginFailure) {
@@ -83,6 +130,8 @@ final class VQGANCosQuantizer: QuantizerPlugin {
             b.grad("proj_in.weight"), b.grad("proj_in.bias"), b.grad("proj_out.weight"), b.grad("proj_out.bias")
         )
         codebookGrad = b.grad("codebook")
+        if ema { (emaCount, emaSum) = (try b.floats("ema_count"), try b.floats("ema_sum")) }
+        if kmeansInit { initialized = try b.ints("initialized") }
     }
 
     /// W_in ~ N(0, 1/d) (host stream (seed, 0)), W_out ~ N(0, 1/d_c) (stream 1), biases 0,
@@ -98,6 +147,9 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         bOut.update(repeating: 0, count: d)
         r = host.rng(seed: seed, stream: 2)
         for i in 0..<(k * dc) { codebook[i] = host.normal(&r) }
+        emaSum?.update(from: codebook, count: k * dc)
+        emaCount?.update(repeating: 1, count: k)
+        initialized?.pointee = 0
         usage = nil
     }
 
@@ -111,6 +163,8 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         let codes: [Int32], wIn: [Float], wOut: [Float]
         /// The global batch's tokens (every rank's; N in one process): M = globalN d_c.
         let globalN: Int
+        /// This forward ran the k-means init (the codebook parameter had no effect on it).
+        let kmeansHere: Bool
     }
 
     /// z = x W_inᵀ + b_in (N,d_c); ẑ, ê l2-normalised; codes_t = argmax_j ẑ_t·ê_j;
@@ -132,6 +186,20 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         // ẑ (N,d_c), ‖z‖ (N); ê (K,d_c), ‖e‖ (K)
         let zHat = try host.scratchFloats(n * dc, "normalised inputs"), zNorm = try host.scratchFloats(n, "input norms")
         normalizeRows(z, rows: n, cols: dc, out: zHat, norms: zNorm)
+        // Spherical k-means init: once (the state records it), on the ẑ rows of the global batch.
+        var kmeansHere = false, batchRows: [Float]? = nil
+        if kmeansInit && step.train && !step.frozen, let initialized, initialized.pointee == 0 {
+            let rows = try host.allgatherRows(zHat, rows: n, width: dc)
+            batchRows = rows
+            if rows.count >= dc {
+                try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
+                    try upkeep.kmeans(
+                        codebook: C, count: emaCount, sum: emaSum, x: b.baseAddress!, n: rows.count / dc,
+                        seed: step.seed, spherical: true)
+                }
+                (initialized.pointee, kmeansHere) = (1, true)
+            }
+        }
         let eHat = try host.scratchFloats(k * dc, "normalised codes"), eNorm = try host.scratchFloats(k, "code norms")
         normalizeRows(C, rows: k, cols: dc, out: eHat, norms: eNorm)
         // codes, z_q, ‖ẑ − ê_c‖²
@@ -150,16 +218,30 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         try host.allreduce(&global)
         let globalN = Int(global[k + 1])
         let mse = globalN > 0 ? global[0] / Double(globalN * dc) : 0
-        if step.train || !(usage?.training ?? false) {
-            usage = (CodeUsage(counts: global[1...k].map(Float.init), tokens: globalN), step.train)
-        }
-        let loss = Float((1 + Double(commitment)) * mse)
-        guard step.savesContext else { return (loss, nil) }
+        let counts = global[1...k].map(Float.init)
+        if step.train || !(usage?.training ?? false) { usage = (CodeUsage(counts: counts, tokens: globalN), step.train) }
+        // EMA: the codebook term is replaced by the EMA update; the commitment term stays.
+        let loss = Float((ema ? Double(commitment) : 1 + Double(commitment)) * mse)
         func copy<T>(_ p: UnsafePointer<T>, _ count: Int) -> [T] { Array(UnsafeBufferPointer(start: p, count: count)) }
-        let saved = Saved(
-            x: copy(x, n * d), zHat: copy(zHat, n * dc), zNorm: copy(zNorm, n), zq: copy(zq, n * dc),
-            eHat: copy(eHat, k * dc), eNorm: copy(eNorm, k), codes: copy(io.codes, n), wIn: copy(wIn, dc * d),
-            wOut: copy(wOut, d * dc), globalN: globalN)
+        let saved =
+            step.savesContext
+            ? Saved(
+                x: copy(x, n * d), zHat: copy(zHat, n * dc), zNorm: copy(zNorm, n), zq: copy(zq, n * dc),
+                eHat: copy(eHat, k * dc), eNorm: copy(eNorm, k), codes: copy(io.codes, n), wIn: copy(wIn, dc * d),
+                wOut: copy(wOut, d * dc), globalN: globalN, kmeansHere: kmeansHere) : nil
+        if ema && step.train && !step.frozen, let emaCount, let emaSum {
+            try upkeep.emaUpdate(
+                codebook: C, count: emaCount, sum: emaSum, x: zHat, codes: io.codes, globalCounts: counts, n: n,
+                globalN: globalN)
+            if deadCodeThreshold > 0 {
+                var rows = batchRows ?? []
+                if batchRows == nil { rows = try host.allgatherRows(zHat, rows: n, width: dc) }
+                _ = try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
+                    try upkeep.restartDeadCodes(
+                        codebook: C, count: emaCount, sum: emaSum, x: b.baseAddress!, n: rows.count / dc, seed: step.seed)
+                }
+            }
+        }
         return (loss, saved)
     }
 

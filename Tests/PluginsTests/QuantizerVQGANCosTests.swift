@@ -195,7 +195,13 @@ final class QuantizerVQGANCosTests: XCTestCase {
         XCTAssertEqual(lib.kind, .quantizer)
         XCTAssertTrue(lib.hasStopGradientLoss)
         XCTAssertFalse(lib.hasNoGrad)
-        XCTAssertEqual(lib.schema.map(\.name), ["codebook_size", "code_dim", "commitment"])
+        XCTAssertEqual(
+            lib.schema.map(\.name),
+            ["codebook_size", "code_dim", "commitment", "ema", "ema_decay", "ema_epsilon", "kmeans_init", "kmeans_iters",
+             "dead_code_threshold"])
+        XCTAssertEqual(lib.schema.first { $0.name == "ema" }?.defaultNumber, 1)  // healthy defaults
+        XCTAssertEqual(lib.schema.first { $0.name == "kmeans_init" }?.defaultNumber, 1)
+        XCTAssertEqual(lib.schema.first { $0.name == "dead_code_threshold" }?.defaultNumber, 4)
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["codebook_size"]?.type, .int)
         XCTAssertEqual(s["codebook_size"]?.defaultNumber, 0)
@@ -460,7 +466,7 @@ final class QuantizerVQGANCosTests: XCTestCase {
             ([String: Any](), "0.2000", "0.8000"), (["commitment": 1.5], "0.6000", "0.4000"),
             (["code_dim": 3, "codebook_size": 20], "0.2000", "0.8000"),
         ] {
-            let results = PluginChecker(library: lib, hyperparameters: hp).run()
+            let results = PluginChecker(library: lib, hyperparameters: plainVQVAE.merging(hp) { $1 }).run()
             XCTAssertTrue(
                 results.allSatisfy(\.passed),
                 "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
@@ -479,4 +485,120 @@ final class QuantizerVQGANCosTests: XCTestCase {
             }
         }
     }
+
+    // MARK: codebook upkeep (EMA, spherical k-means init, dead-code restart)
+
+    /// ẑ_t = normalize(W_in x_t + b_in) in double.
+    static func unitProjection(_ wIn: [Double], _ bIn: [Double], _ x: [Float], t: Int, d: Int, dc: Int) -> [Double] {
+        var z = [Double](repeating: 0, count: dc)
+        for i in 0..<dc {
+            var v = bIn[i]
+            for j in 0..<d { v += wIn[i * d + j] * Double(x[t * d + j]) }
+            z[i] = v
+        }
+        let r = z.reduce(0.0) { $0 + $1 * $1 }.squareRoot()
+        return z.map { $0 / r }
+    }
+
+    /// The defaults (EMA codebook, k-means init, restarts) pass every check of the framework's
+    /// gradcheck: with EMA the loss is commitment · mse(ẑ, sg(ê_c)) and its gradient exact
+    /// (ratio 1); k-means runs in the checked forward and its converged centres are stationary.
+    func testPluginCheckerAtDefaults() throws {
+        let results = PluginChecker(library: try openPlugin("QuantizerVQGANCos")).run()
+        XCTAssertTrue(results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+        let x = results.first { $0.name.hasPrefix("gradcheck x (direction") }
+        XCTAssertTrue(x?.detail.contains("|analytic|/|numeric| 1.0000") == true, x?.detail ?? "missing")
+        XCTAssertFalse(results.contains { $0.name.contains("gradcheck codebook") }, "the codebook is EMA state")
+    }
+
+    /// One training forward with ema (no k-means, no restart) against a brute-force EMA step on
+    /// the normalised codes: N_j = δN_j + (1−δ)n_j, m_j = δm_j + (1−δ)Σ_{c_t=j} ẑ_t,
+    /// e_j = m_j / ((N_j + ε)/(ΣN + Kε)·ΣN); the loss is γ·mse(ẑ, ê_c); eval forwards change nothing.
+    func testEMAUpdateOnNormalisedCodesByHand() throws {
+        let d = 6, K = 4, n = 12, decay = 0.8, gamma = 0.25, eps = 1e-5
+        let q = try makeQuantizer(d: d, K: K, hp: ["ema": true, "ema_decay": decay, "code_dim": 3])
+        let dc = 3, core = q.core
+        let C = try XCTUnwrap(core.buffer("codebook")), count = try XCTUnwrap(core.buffer("ema_count"))
+        let sum = try XCTUnwrap(core.buffer("ema_sum"))
+        XCTAssertFalse(C.isParameter)
+        for i in 0..<(K * dc) { sum.floats[i] = C.floats[i] }  // state as init leaves it
+        for j in 0..<K { count.floats[j] = 1 }
+        let x = randomNormal(n * d, seed: 9)
+        let p = parameters(q), wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!
+        // ẑ_t = normalize(W_in x_t + b_in); c_t = argmax_j ẑ_t·ê_j.
+        var zHat = [[Double]](), codes = [Int]()
+        let e0 = (0..<K).map { j in (0..<dc).map { Double(C.floats[j * dc + $0]) } }
+        func unit(_ v: [Double]) -> [Double] { let r = v.map { $0 * $0 }.reduce(0, +).squareRoot(); return v.map { $0 / r } }
+        for t in 0..<n {
+            let u = Self.unitProjection(wIn, bIn, x, t: t, d: d, dc: dc)
+            zHat.append(u)
+            let sims: [Double] = (0..<K).map { j in
+                let e = unit(e0[j])
+                return (0..<dc).reduce(0.0) { $0 + u[$1] * e[$1] }
+            }
+            codes.append(sims.firstIndex(of: sims.max()!)!)
+        }
+        let eval = try forward(q, x: x, n: n, step: StepInfo(step: 0, totalSteps: 10, train: false, seed: 1))
+        XCTAssertEqual(eval.codes.map(Int.init), codes)
+        XCTAssertEqual((0..<(K * dc)).map { Double(C.floats[$0]) }, e0.flatMap { $0 }, "eval changes nothing")
+        let out = try forward(q, x: x, n: n, step: StepInfo(step: 0, totalSteps: 10, train: true, seed: 1))
+        var mse = 0.0
+        for t in 0..<n { let e = unit(e0[codes[t]]); for i in 0..<dc { mse += pow(zHat[t][i] - e[i], 2) } }
+        XCTAssertEqual(Double(out.loss), gamma * mse / Double(n * dc), accuracy: 1e-5)
+        var N = [Double](repeating: 0, count: K), m = e0
+        for j in 0..<K {
+            let nj = Double(codes.filter { $0 == j }.count)
+            N[j] = decay * 1 + (1 - decay) * nj
+            for i in 0..<dc {
+                let s = (0..<n).filter { codes[$0] == j }.reduce(0.0) { $0 + zHat[$1][i] }
+                m[j][i] = decay * e0[j][i] + (1 - decay) * s
+            }
+        }
+        let total = N.reduce(0, +)
+        for j in 0..<K {
+            XCTAssertEqual(Double(count.floats[j]), N[j], accuracy: 1e-5)
+            let smoothed = (N[j] + eps) / (total + Double(K) * eps) * total
+            for i in 0..<dc { XCTAssertEqual(Double(C.floats[j * dc + i]), m[j][i] / smoothed, accuracy: 1e-5) }
+        }
+    }
+
+    /// k-means init: the first training forward clusters ẑ with normalised centres (a converged
+    /// spherical k-means: every ẑ_t's nearest centre by cosine is its cluster, each centre the
+    /// normalised mean of its cluster), sets 'initialized', and later forwards leave it; a dead
+    /// code (EMA count below the threshold) restarts from a batch row of ẑ.
+    func testSphericalKMeansInitAndDeadCodeRestart() throws {
+        let d = 5, K = 3, n = 30, dc = 4
+        let q = try makeQuantizer(d: d, K: K, hp: ["ema": true, "kmeans_init": true, "code_dim": dc, "kmeans_iters": 50])
+        let core = q.core, C = try XCTUnwrap(core.buffer("codebook")), flag = try XCTUnwrap(core.buffer("initialized"))
+        flag.data.assumingMemoryBound(to: Int32.self).pointee = 0
+        let x = randomNormal(n * d, seed: 4)
+        let out = try forward(q, x: x, n: n, step: StepInfo(step: 0, totalSteps: 10, train: true, seed: 3))
+        XCTAssertEqual(flag.data.assumingMemoryBound(to: Int32.self).pointee, 1)
+        // ẑ rows, from the parameters.
+        let p = parameters(q), wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!
+        func unit(_ v: [Double]) -> [Double] { let r = v.map { $0 * $0 }.reduce(0, +).squareRoot(); return v.map { $0 / r } }
+        let zHat: [[Double]] = (0..<n).map { t in Self.unitProjection(wIn, bIn, x, t: t, d: d, dc: dc) }
+        // The codebook after the EMA step has the centres' directions (each cluster's EMA mixes the
+        // centre with the same cluster's sum), so each code's cluster is the tokens coded to it.
+        for j in 0..<K {
+            let members = (0..<n).filter { Int(out.codes[$0]) == j }
+            guard !members.isEmpty else { continue }
+            let mean = unit((0..<dc).map { i in members.reduce(0.0) { $0 + zHat[$1][i] } })
+            let e = unit((0..<dc).map { Double(C.floats[j * dc + $0]) })
+            XCTAssertEqual(zip(mean, e).map(*).reduce(0, +), 1, accuracy: 1e-4, "code \(j) points at its cluster's mean")
+        }
+        // Dead codes restart from rows of ẑ: with a threshold above every EMA count, all of them.
+        let restarting = try makeQuantizer(d: d, K: K, hp: ["ema": true, "code_dim": dc, "dead_code_threshold": 1000.0])
+        _ = try forward(restarting, x: x, n: n, step: StepInfo(step: 1, totalSteps: 10, train: true, seed: 5))
+        let rC = try XCTUnwrap(restarting.core.buffer("codebook"))
+        let count = try XCTUnwrap(restarting.core.buffer("ema_count"))
+        let rp = parameters(restarting), rw = rp["proj_in.weight"]!, rb = rp["proj_in.bias"]!
+        let rows: [[Double]] = (0..<n).map { Self.unitProjection(rw, rb, x, t: $0, d: d, dc: dc) }
+        for j in 0..<K {
+            let e = (0..<dc).map { Double(rC.floats[j * dc + $0]) }
+            XCTAssertTrue(rows.contains { row in zip(row, e).allSatisfy { abs($0 - $1) < 1e-6 } }, "code \(j) is a row of ẑ")
+            XCTAssertEqual(count.floats[j], 1)
+        }
+    }
+
 }
