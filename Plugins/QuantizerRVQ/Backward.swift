@@ -10,7 +10,8 @@ extension RVQQuantizer {
     ///   codebook_loss = residual:   grad e^l_{c_l(t)} += g * 2/M * (q_l - r_{l-1})_t = -g * 2/M * r_{l,t}
     ///   codebook_loss = cumulative: grad e^m_{c_m(t)} += -g * 2/M * sum_{l >= m} r_{l,t}
     ///     (level l's term mse(sg(x), q_1 + .. + q_l) = ||r_l||^2 / M reaches every q_m, m <= l)
-    /// No codebook gradient when frozen or when the host bound no gradient buffer.
+    /// No codebook gradient when frozen, with ema (state), in the forward that ran the k-means
+    /// init, or when the host bound no gradient buffer.
     func backward(_ context: Any, _ g: QuantizerBackward) throws(PluginFailure) {
         let s = context as! Saved, n = g.n, R = s.residuals  // (L,N,d)
         guard n > 0 else { return }
@@ -24,7 +25,7 @@ extension RVQQuantizer {
             for l in 0..<levels { let rl = (l * n + t) * d; for i in 0..<d { acc[i] += R[rl + i] } }
             for i in 0..<d { gx[i] += commit * acc[i] }
         }
-        guard !g.frozen, let gC = codebookGrad, scale != 0 else { return }
+        guard !g.frozen, !ema, !s.kmeansHere, let gC = codebookGrad, scale != 0 else { return }
         for t in 0..<n {
             acc.update(repeating: 0, count: d)  // cumulative: sum_{l >= m} r_l, built from the last level down
             for l in stride(from: levels - 1, through: 0, by: -1) {

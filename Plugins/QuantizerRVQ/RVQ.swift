@@ -5,8 +5,11 @@
 //     loss = sum_l [mse(sg(r_{l-1}), q_l) + commitment * mse(r_{l-1}, sg(q_l))]
 //
 // codes (N,L): level l's code picks the token's l-th expert (top-L routing). The codebooks
-// (L,K,d) are one parameter, e^l_j ~ N(0, init_scale^2) from the host stream (seed, 0) in
-// (L,K,d) order, no weight decay, frozen when fine-tuning. Backward: Backward.swift.
+// (L,K,d) are one tensor, e^l_j ~ N(0, init_scale^2) from the host stream (seed, 0) in
+// (L,K,d) order: a parameter (no weight decay, frozen when fine-tuning), or, with the default
+// ema, state kept alive per level as SoundStream does (the kit's `CodebookUpkeep` on each
+// level's input r_{l-1}): EMA updates, k-means init level by level on the first training batch,
+// dead-code restart from rows of the level's input. Backward: Backward.swift.
 import PluginKit
 import VQMoEABI
 
@@ -40,6 +43,21 @@ final class RVQQuantizer: QuantizerPlugin {
             "commitment", 0.25, min: 0,
             "commitment weight gamma: loss = sum_l mse(sg(r_{l-1}), q_l) + gamma * mse(r_{l-1}, sg(q_l))"),
         .float("init_scale", 1.0, min: 0, "codebook init: e^l_j ~ N(0, init_scale^2) at every level"),
+        .bool(
+            "ema", true,
+            "EMA codebooks: e^l_j = EMA of the level inputs r_{l-1} assigned to j / EMA count, per level (the codebooks "
+                + "become state; loss = commitment * sum_l mse(r_{l-1}, sg(q_l)))"),
+        .float("ema_decay", 0.9, min: 0, max: 1, "EMA decay of the code counts and sums, in [0, 1)"),
+        .float("ema_epsilon", 1e-5, min: 0, "Laplace smoothing of the EMA code counts"),
+        .bool(
+            "kmeans_init", true,
+            "k-means init: the first training forward (state 'initialized' = 0, not frozen) runs Lloyd's k-means on "
+                + "each level's input rows in turn (level l after levels < l are set) and uses the centres"),
+        .int("kmeans_iters", 10, min: 1, max: 100, "Lloyd iterations of the k-means init"),
+        .float(
+            "dead_code_threshold", 4.0, min: 0,
+            "dead-code restart per level, needs ema: after each training EMA update a code with EMA count below this "
+                + "is replaced by a random row of its level's input (ema_sum = row, ema_count = 1); 0 = off"),
         .string(
             "codebook_loss", "residual", choices: ["residual", "cumulative"],
             "codebook gradient: residual = level l's term trains codebook l only (SoundStream/lucidrains, detached "
@@ -52,6 +70,10 @@ final class RVQQuantizer: QuantizerPlugin {
     let d: Int, k: Int, levels: Int
     let commitment: Float, initScale: Float
     let codebookLoss: CodebookLoss
+    let ema: Bool, emaDecay: Float, emaEpsilon: Float, kmeansInit: Bool, kmeansIters: Int, deadCodeThreshold: Float
+    /// ema: ema_count (L,K), ema_sum (L,K,d); kmeans_init: initialized (1).
+    var emaCount: UnsafeMutablePointer<Float>?, emaSum: UnsafeMutablePointer<Float>?
+    var initialized: UnsafeMutablePointer<Int32>?
     /// (L,K,d) codebooks and their gradient (nil when the host freezes them).
     var codebook: UnsafeMutablePointer<Float>!, codebookGrad: UnsafeMutablePointer<Float>?
     /// Code usage of the last forward, (L) per level: (K) uses of each code; for
@@ -70,28 +92,61 @@ final class RVQQuantizer: QuantizerPlugin {
         }
         (levels, commitment, initScale) = (hp.int("levels"), hp.float("commitment"), hp.float("init_scale"))
         codebookLoss = CodebookLoss(rawValue: hp.string("codebook_loss"))!
+        (ema, emaDecay, emaEpsilon) = (hp.bool("ema"), hp.float("ema_decay"), hp.float("ema_epsilon"))
+        (kmeansInit, kmeansIters, deadCodeThreshold) = (
+            hp.bool("kmeans_init"), hp.int("kmeans_iters"), hp.float("dead_code_threshold")
+        )
+        guard emaDecay < 1 else { throw .invalid("ema_decay = \(emaDecay) must be in [0, 1)") }
+        guard deadCodeThreshold == 0 || ema else {
+            throw .invalid(
+                "dead_code_threshold = \(deadCodeThreshold) needs ema = true: dead codes are found by their EMA counts "
+                    + "(set ema = true, or dead_code_threshold = 0 to turn the restart off)")
+        }
+        if (kmeansInit || deadCodeThreshold > 0) && host.api.pointee.rng_next_u64 == nil {
+            throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
+        }
+    }
+
+    /// The kit's EMA, k-means and restart for level l (its own random streams).
+    func upkeep(level l: Int) -> CodebookUpkeep {
+        CodebookUpkeep(
+            host: host, k: k, width: d, decay: emaDecay, epsilon: emaEpsilon, kmeansIters: kmeansIters,
+            deadCodeThreshold: deadCodeThreshold, salt: UInt64(l) &* 0x9E37_79B9)
     }
 
     var codebookSize: Int { k }
     var codesPerToken: Int { levels }
 
-    var buffers: [BufferDecl] { [.param("codebook", [levels, k, d], noDecay: true, freezeWhenFineTuning: true)] }
+    var buffers: [BufferDecl] {
+        [
+            ema
+                ? .state("codebook", [levels, k, d])
+                : .param("codebook", [levels, k, d], noDecay: true, freezeWhenFineTuning: true)
+        ] + (ema ? [.state("ema_count", [levels, k]), .state("ema_sum", [levels, k, d])] : [])
+            + (kmeansInit ? [.state("initialized", [1], .int32)] : [])
+    }
 
     func bind(_ b: BoundBuffers) throws(PluginFailure) {
         (codebook, codebookGrad) = (try b.floats("codebook"), b.grad("codebook"))
+        if ema { (emaCount, emaSum) = (try b.floats("ema_count"), try b.floats("ema_sum")) }
+        if kmeansInit { initialized = try b.ints("initialized") }
     }
 
     /// e^l_j ~ N(0, init_scale^2) for every level, from the host stream (seed, 0), in (L,K,d) order.
     func initBuffers(seed: UInt64) throws(PluginFailure) {
         var r = host.rng(seed: seed, stream: 0)
         for i in 0..<(levels * k * d) { codebook[i] = initScale * host.normal(&r) }
+        emaSum?.update(from: codebook, count: levels * k * d)
+        emaCount?.update(repeating: 1, count: levels * k)
+        initialized?.pointee = 0
         stats = nil
     }
 
     /// What backward needs, copied at forward time: c_l per level (L,N) and
     /// r_l = r_{l-1} - q_l, the residual left after each level (L,N,d).
     /// globalN: the global batch's tokens (every rank's; N in one process).
-    struct Saved { let codes: [Int32], residuals: [Float], globalN: Int }
+    /// kmeansHere: this forward ran the k-means init (the codebook parameter had no effect on it).
+    struct Saved { let codes: [Int32], residuals: [Float], globalN: Int, kmeansHere: Bool }
 
     /// For l = 1..L (codebook index l-1): r_0 = x, c_l = argmin_j ||r_{l-1} - e^l_j||^2 (ties ->
     /// lowest j), q_l = e^l_{c_l}, r_l = r_{l-1} - q_l.
@@ -114,9 +169,26 @@ final class RVQQuantizer: QuantizerPlugin {
         var savedCodes: [Int32] = [], residuals: [Float] = []
         var levelCounts: [[Float]] = []
         var sse: Double = 0
+        // Codebook upkeep (training forwards): k-means init once, level by level; EMA and restarts
+        // after the forward, on each level's input r_{l-1} (this rank's, and every rank's rows).
+        let upkeeping = ema && step.train && !step.frozen
+        let kmeansHere = kmeansInit && step.train && !step.frozen && initialized?.pointee == 0
+        var inputs: [[Float]] = [], inputCodes: [[Int32]] = [], gathered: [[Float]?] = []
         for l in 0..<levels {
             let Cl = C + l * k * d  // (K,d) codebook of level l+1
+            let rows =
+                kmeansHere || (upkeeping && deadCodeThreshold > 0) ? try host.allgatherRows(r, rows: n, width: d) : nil
+            if kmeansHere, let rows, rows.count >= d {
+                try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
+                    try upkeep(level: l).kmeans(
+                        codebook: Cl, count: emaCount.map { $0 + l * k }, sum: emaSum.map { $0 + l * k * d },
+                        x: b.baseAddress!, n: rows.count / d, seed: step.seed)
+                }
+            }
+            if upkeeping { inputs.append(Array(UnsafeBufferPointer(start: r, count: n * d))) }
+            gathered.append(rows)
             try host.nearestCodes(x: r, n: n, d: d, codebook: Cl, k: k, codes: levelCodes, sqError: sqError)
+            if upkeeping { inputCodes.append(Array(UnsafeBufferPointer(start: levelCodes, count: n))) }
             var used = [Float](repeating: 0, count: k)
             for t in 0..<n {
                 let c = Int(levelCodes[t])
@@ -132,6 +204,7 @@ final class RVQQuantizer: QuantizerPlugin {
             }
             levelCounts.append(used)
         }
+        if kmeansHere && gathered.first??.isEmpty == false { initialized?.pointee = 1 }
         if step.surrogate { io.quantized.update(from: x, count: n * d) }  // straight-through surrogate
         for j in 0..<k { io.counts[j] = levelCounts.reduce(0) { $0 + $1[j] } }
         // Σ squared errors, per-level code counts (L,K) and tokens of the global batch (one allreduce).
@@ -139,14 +212,44 @@ final class RVQQuantizer: QuantizerPlugin {
         try host.allreduce(&global)
         let globalN = Int(global[levels * k + 1])
         let mse = globalN > 0 ? global[0] / Double(globalN * d) : 0
-        if step.train || !(stats?.training ?? false) {
-            let counts = (0..<levels).map { l in global[(1 + l * k)..<(1 + (l + 1) * k)].map(Float.init) }
-            stats = (counts, globalN, step.train)
+        let counts = (0..<levels).map { l in global[(1 + l * k)..<(1 + (l + 1) * k)].map(Float.init) }
+        if step.train || !(stats?.training ?? false) { stats = (counts, globalN, step.train) }
+        if upkeeping {
+            try updateCodebooks(inputs, inputCodes, gathered, counts: counts, n: n, globalN: globalN, seed: step.seed)
         }
+        // EMA: the codebook terms are replaced by the EMA updates; the commitment terms stay.
         return (
-            Float((1 + Double(commitment)) * mse),
-            step.savesContext ? Saved(codes: savedCodes, residuals: residuals, globalN: globalN) : nil
+            Float((ema ? Double(commitment) : 1 + Double(commitment)) * mse),
+            step.savesContext
+                ? Saved(codes: savedCodes, residuals: residuals, globalN: globalN, kmeansHere: kmeansHere) : nil
         )
+    }
+
+    /// After a training forward, per level l: the EMA update on this rank's inputs r_{l-1} and
+    /// codes with the global counts, then the dead-code restart from every rank's input rows.
+    func updateCodebooks(
+        _ inputs: [[Float]], _ codes: [[Int32]], _ gathered: [[Float]?], counts: [[Float]], n: Int, globalN: Int,
+        seed: UInt64
+    ) throws(PluginFailure) {
+        guard let emaCount, let emaSum else { return }
+        let C = codebook!
+        let empty = try host.scratchFloats(d, "empty batch")  // a valid pointer when this rank has no rows
+        let noCode = try host.scratchInts(1, "empty batch")
+        for l in 0..<levels {
+            let u = upkeep(level: l), Cl = C + l * k * d, count = emaCount + l * k, sum = emaSum + l * k * d
+            try inputs[l].withUnsafeBufferPointer { (xi) throws(PluginFailure) in
+                try codes[l].withUnsafeBufferPointer { (ci) throws(PluginFailure) in
+                    try u.emaUpdate(
+                        codebook: Cl, count: count, sum: sum, x: xi.baseAddress ?? UnsafePointer(empty),
+                        codes: ci.baseAddress ?? UnsafePointer(noCode), globalCounts: counts[l], n: n, globalN: globalN)
+                }
+            }
+            guard deadCodeThreshold > 0, let rows = gathered[l], rows.count >= d else { continue }
+            _ = try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
+                try u.restartDeadCodes(
+                    codebook: Cl, count: count, sum: sum, x: b.baseAddress!, n: rows.count / d, seed: seed)
+            }
+        }
     }
 
     /// Per level l (0-based, the column of `codes` and the first index of the codebook):

@@ -219,7 +219,9 @@ final class VQGANCosQuantizer: QuantizerPlugin {
         let globalN = Int(global[k + 1])
         let mse = globalN > 0 ? global[0] / Double(globalN * dc) : 0
         let counts = global[1...k].map(Float.init)
-        if step.train || !(usage?.training ?? false) { usage = (CodeUsage(counts: counts, tokens: globalN), step.train) }
+        if step.train || !(usage?.training ?? false) {
+            usage = (CodeUsage(counts: counts, tokens: globalN), step.train)
+        }
         // EMA: the codebook term is replaced by the EMA update; the commitment term stays.
         let loss = Float((ema ? Double(commitment) : 1 + Double(commitment)) * mse)
         func copy<T>(_ p: UnsafePointer<T>, _ count: Int) -> [T] { Array(UnsafeBufferPointer(start: p, count: count)) }
@@ -238,7 +240,8 @@ final class VQGANCosQuantizer: QuantizerPlugin {
                 if batchRows == nil { rows = try host.allgatherRows(zHat, rows: n, width: dc) }
                 _ = try rows.withUnsafeBufferPointer { (b) throws(PluginFailure) in
                     try upkeep.restartDeadCodes(
-                        codebook: C, count: emaCount, sum: emaSum, x: b.baseAddress!, n: rows.count / dc, seed: step.seed)
+                        codebook: C, count: emaCount, sum: emaSum, x: b.baseAddress!, n: rows.count / dc,
+                        seed: step.seed)
                 }
             }
         }

@@ -270,6 +270,29 @@ final class TrainingTests: XCTestCase {
                 .evaluateCheckpoint("best", .test).loss)
     }
 
+    /// Every built-in quantizer at its defaults (vqvae, vqgan_cos, rvq: EMA codebooks, k-means
+    /// init, dead-code restart, all checkpointed state) resumes bit-identically, and the k-means
+    /// flag and EMA state are in the checkpoint.
+    func testResumeIsBitIdenticalWithCodebookUpkeepAtDefaults() throws {
+        for quantizer in ["vqvae", "vqgan_cos", "rvq"] {
+            var cfgJSON = try tinyConfig("vqmoe")
+            try setPath(&cfgJSON, "model.ffn.quantizer", ["name": quantizer])
+            try setPath(&cfgJSON, "train.steps", 12)
+            try setPath(&cfgJSON, "train.eval_every", 4)
+            try setPath(&cfgJSON, "train.log_every", 1)
+            let cfg = try RunConfig(json: cfgJSON)
+            let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("upkeep-\(UUID().uuidString)").path
+            _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/a", quiet: true).run()
+            _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(stopAfter: 5)
+            let ck = try Checkpoint.read(path: "\(tmp)/b/last.safetensors")
+            for name in ["initialized", "ema_count", "ema_sum", "codebook"] {
+                XCTAssertNotNil(ck.tensors["state.layers.0.ffn.quantizer.\(name)"], "\(quantizer): \(name) is state")
+            }
+            _ = try Trainer(config: cfg, registry: try registry(), outDir: "\(tmp)/b", quiet: true).run(resume: true)
+            XCTAssertEqual(try curve("\(tmp)/a"), try curve("\(tmp)/b"), quantizer)
+        }
+    }
+
     /// Lion trains (the loss falls), keeps its one moment per parameter in the checkpoint
     /// (`optimizer.m.*`, no `optimizer.v.*`), and an interrupted-and-resumed Lion run equals the
     /// uninterrupted one.

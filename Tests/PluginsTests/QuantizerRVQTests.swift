@@ -111,7 +111,11 @@ final class QuantizerRVQTests: XCTestCase {
         XCTAssertTrue(lib.hasStopGradientLoss)
         XCTAssertFalse(lib.hasNoGrad)
         XCTAssertEqual(
-            lib.schema.map(\.name), ["levels", "codebook_size", "commitment", "init_scale", "codebook_loss"])
+            lib.schema.map(\.name),
+            [
+                "levels", "codebook_size", "commitment", "init_scale", "ema", "ema_decay", "ema_epsilon", "kmeans_init",
+                "kmeans_iters", "dead_code_threshold", "codebook_loss",
+            ])
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["levels"]?.type, .int)
         XCTAssertEqual(s["levels"]?.defaultNumber, 2)
@@ -441,7 +445,7 @@ final class QuantizerRVQTests: XCTestCase {
             ["levels": 1], ["codebook_loss": "cumulative"], ["codebook_loss": "cumulative", "levels": 4],
             ["levels": 1, "commitment": 0.7, "codebook_size": 5],
         ] {
-            let results = PluginChecker(library: lib, hyperparameters: hp).run()
+            let results = PluginChecker(library: lib, hyperparameters: plainVQVAE.merging(hp) { $1 }).run()
             XCTAssertTrue(
                 results.allSatisfy(\.passed),
                 "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
@@ -455,7 +459,7 @@ final class QuantizerRVQTests: XCTestCase {
         // level's term — so the checker reports it without judging (the tests above pin the
         // gradient by hand). The x direction and the straight-through checks are judged.
         for hp: [String: Any] in [[:], ["levels": 3]] {
-            let results = PluginChecker(library: lib, hyperparameters: hp).run()
+            let results = PluginChecker(library: lib, hyperparameters: plainVQVAE.merging(hp) { $1 }).run()
             XCTAssertTrue(
                 results.allSatisfy(\.passed),
                 "\(hp): " + results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
@@ -469,4 +473,101 @@ final class QuantizerRVQTests: XCTestCase {
             XCTAssertGreaterThanOrEqual(results.count, 12)
         }
     }
+
+    // MARK: codebook upkeep per level (EMA, k-means init, dead-code restart)
+
+    /// The defaults (per-level EMA codebooks, k-means init, restarts) pass the framework's
+    /// gradcheck: the loss is commitment · Σ_l mse(r_{l-1}, sg(q_l)), its x gradient exact.
+    func testPluginCheckerAtDefaults() throws {
+        let results = PluginChecker(library: try openPlugin("QuantizerRVQ")).run()
+        XCTAssertTrue(
+            results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+        let x = results.first { $0.name.hasPrefix("gradcheck x (direction") }
+        XCTAssertTrue(x?.detail.contains("|analytic|/|numeric| 1.0000") == true, x?.detail ?? "missing")
+    }
+
+    /// One training forward with ema: each level's codebook takes the brute-force EMA step on
+    /// that level's input r_{l-1} (= x for level 1, x − q_1 for level 2) with its own counts.
+    func testEMAUpdatePerLevelByHand() throws {
+        let d = 3, K = 4, n = 16, L = 2, decay = 0.7, eps = 1e-5
+        let lib = try openPlugin("QuantizerRVQ")
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K), hyperparameters: ["ema": true, "ema_decay": decay, "levels": L])
+        let q = try QuantizerInstance(core)
+        let C = try XCTUnwrap(core.buffer("codebook")), count = try XCTUnwrap(core.buffer("ema_count"))
+        let before = (0..<(L * K * d)).map { Double(C.floats[$0]) }
+        let x = randomNormal(n * d, seed: 11)
+        // Brute force: nearest code per level on the running residual.
+        var r = x.map(Double.init), inputs: [[Double]] = [], codes: [[Int]] = []
+        for l in 0..<L {
+            inputs.append(r)
+            var c = [Int]()
+            for t in 0..<n {
+                let dist: [Double] = (0..<K).map { j in
+                    (0..<d).reduce(0.0) { $0 + pow(r[t * d + $1] - before[(l * K + j) * d + $1], 2) }
+                }
+                c.append(dist.firstIndex(of: dist.min()!)!)
+                for i in 0..<d { r[t * d + i] -= before[(l * K + c[t]) * d + i] }
+            }
+            codes.append(c)
+        }
+        var qo = [Float](repeating: 0, count: n * d), out = [Int32](repeating: 0, count: n * L)
+        var cnt = [Float](repeating: 0, count: K)
+        _ = try x.withUnsafeBufferPointer { xp in
+            try q.forward(
+                StepInfo(step: 0, totalSteps: 10, train: true, seed: 1), x: xp.baseAddress!, n: n, quantized: &qo,
+                codes: &out, codeCounts: &cnt)
+        }
+        for l in 0..<L {
+            XCTAssertEqual((0..<n).map { Int(out[$0 * L + l]) }, codes[l], "level \(l) codes")
+            var N = [Double](repeating: 0, count: K), m = [Double](repeating: 0, count: K * d)
+            for j in 0..<K {
+                N[j] = decay + (1 - decay) * Double(codes[l].filter { $0 == j }.count)
+                for i in 0..<d {
+                    let s = (0..<n).filter { codes[l][$0] == j }.reduce(0.0) { $0 + inputs[l][$1 * d + i] }
+                    m[j * d + i] = decay * before[(l * K + j) * d + i] + (1 - decay) * s
+                }
+            }
+            let total = N.reduce(0, +)
+            for j in 0..<K {
+                XCTAssertEqual(Double(count.floats[l * K + j]), N[j], accuracy: 1e-5)
+                let smoothed = (N[j] + eps) / (total + Double(K) * eps) * total
+                for i in 0..<d {
+                    XCTAssertEqual(Double(C.floats[(l * K + j) * d + i]), m[j * d + i] / smoothed, accuracy: 1e-5)
+                }
+            }
+        }
+    }
+
+    /// k-means init runs level by level on the first training forward (state 'initialized'),
+    /// so level 1's codes are the k-means clusters of x: each code is the mean of its tokens.
+    func testKMeansInitPerLevel() throws {
+        let d = 3, K = 3, n = 24
+        let lib = try openPlugin("QuantizerRVQ")
+        let core = try makeInstance(
+            lib, dims: ModelDims(dModel: d, nCodes: K),
+            hyperparameters: ["kmeans_init": true, "kmeans_iters": 50, "levels": 2])
+        let q = try QuantizerInstance(core)
+        let C = try XCTUnwrap(core.buffer("codebook")), flag = try XCTUnwrap(core.buffer("initialized"))
+        XCTAssertEqual(flag.data.assumingMemoryBound(to: Int32.self).pointee, 0)
+        let x = randomNormal(n * d, seed: 12)
+        var qo = [Float](repeating: 0, count: n * d), out = [Int32](repeating: 0, count: n * 2)
+        var cnt = [Float](repeating: 0, count: K)
+        _ = try x.withUnsafeBufferPointer { xp in
+            try q.forward(
+                StepInfo(step: 0, totalSteps: 10, train: true, seed: 2), x: xp.baseAddress!, n: n, quantized: &qo,
+                codes: &out, codeCounts: &cnt)
+        }
+        XCTAssertEqual(flag.data.assumingMemoryBound(to: Int32.self).pointee, 1)
+        for j in 0..<K {
+            let members = (0..<n).filter { out[$0 * 2] == Int32(j) }
+            guard !members.isEmpty else { continue }
+            for i in 0..<d {
+                let mean = members.reduce(0.0) { $0 + Double(x[$1 * d + i]) } / Double(members.count)
+                XCTAssertEqual(
+                    Double(C.floats[j * d + i]), mean, accuracy: 1e-4, "level 1 code \(j) is its cluster's mean")
+            }
+        }
+    }
+
 }

@@ -197,8 +197,11 @@ final class QuantizerVQGANCosTests: XCTestCase {
         XCTAssertFalse(lib.hasNoGrad)
         XCTAssertEqual(
             lib.schema.map(\.name),
-            ["codebook_size", "code_dim", "commitment", "ema", "ema_decay", "ema_epsilon", "kmeans_init", "kmeans_iters",
-             "dead_code_threshold"])
+            [
+                "codebook_size", "code_dim", "commitment", "ema", "ema_decay", "ema_epsilon", "kmeans_init",
+                "kmeans_iters",
+                "dead_code_threshold",
+            ])
         XCTAssertEqual(lib.schema.first { $0.name == "ema" }?.defaultNumber, 1)  // healthy defaults
         XCTAssertEqual(lib.schema.first { $0.name == "kmeans_init" }?.defaultNumber, 1)
         XCTAssertEqual(lib.schema.first { $0.name == "dead_code_threshold" }?.defaultNumber, 4)
@@ -505,7 +508,8 @@ final class QuantizerVQGANCosTests: XCTestCase {
     /// (ratio 1); k-means runs in the checked forward and its converged centres are stationary.
     func testPluginCheckerAtDefaults() throws {
         let results = PluginChecker(library: try openPlugin("QuantizerVQGANCos")).run()
-        XCTAssertTrue(results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
+        XCTAssertTrue(
+            results.allSatisfy(\.passed), results.filter { !$0.passed }.map(\.description).joined(separator: "\n"))
         let x = results.first { $0.name.hasPrefix("gradcheck x (direction") }
         XCTAssertTrue(x?.detail.contains("|analytic|/|numeric| 1.0000") == true, x?.detail ?? "missing")
         XCTAssertFalse(results.contains { $0.name.contains("gradcheck codebook") }, "the codebook is EMA state")
@@ -528,7 +532,9 @@ final class QuantizerVQGANCosTests: XCTestCase {
         // ẑ_t = normalize(W_in x_t + b_in); c_t = argmax_j ẑ_t·ê_j.
         var zHat = [[Double]](), codes = [Int]()
         let e0 = (0..<K).map { j in (0..<dc).map { Double(C.floats[j * dc + $0]) } }
-        func unit(_ v: [Double]) -> [Double] { let r = v.map { $0 * $0 }.reduce(0, +).squareRoot(); return v.map { $0 / r } }
+        func unit(_ v: [Double]) -> [Double] {
+            let r = v.map { $0 * $0 }.reduce(0, +).squareRoot(); return v.map { $0 / r }
+        }
         for t in 0..<n {
             let u = Self.unitProjection(wIn, bIn, x, t: t, d: d, dc: dc)
             zHat.append(u)
@@ -568,7 +574,8 @@ final class QuantizerVQGANCosTests: XCTestCase {
     /// code (EMA count below the threshold) restarts from a batch row of ẑ.
     func testSphericalKMeansInitAndDeadCodeRestart() throws {
         let d = 5, K = 3, n = 30, dc = 4
-        let q = try makeQuantizer(d: d, K: K, hp: ["ema": true, "kmeans_init": true, "code_dim": dc, "kmeans_iters": 50])
+        let q = try makeQuantizer(
+            d: d, K: K, hp: ["ema": true, "kmeans_init": true, "code_dim": dc, "kmeans_iters": 50])
         let core = q.core, C = try XCTUnwrap(core.buffer("codebook")), flag = try XCTUnwrap(core.buffer("initialized"))
         flag.data.assumingMemoryBound(to: Int32.self).pointee = 0
         let x = randomNormal(n * d, seed: 4)
@@ -576,7 +583,9 @@ final class QuantizerVQGANCosTests: XCTestCase {
         XCTAssertEqual(flag.data.assumingMemoryBound(to: Int32.self).pointee, 1)
         // ẑ rows, from the parameters.
         let p = parameters(q), wIn = p["proj_in.weight"]!, bIn = p["proj_in.bias"]!
-        func unit(_ v: [Double]) -> [Double] { let r = v.map { $0 * $0 }.reduce(0, +).squareRoot(); return v.map { $0 / r } }
+        func unit(_ v: [Double]) -> [Double] {
+            let r = v.map { $0 * $0 }.reduce(0, +).squareRoot(); return v.map { $0 / r }
+        }
         let zHat: [[Double]] = (0..<n).map { t in Self.unitProjection(wIn, bIn, x, t: t, d: d, dc: dc) }
         // The codebook after the EMA step has the centres' directions (each cluster's EMA mixes the
         // centre with the same cluster's sum), so each code's cluster is the tokens coded to it.
@@ -585,10 +594,12 @@ final class QuantizerVQGANCosTests: XCTestCase {
             guard !members.isEmpty else { continue }
             let mean = unit((0..<dc).map { i in members.reduce(0.0) { $0 + zHat[$1][i] } })
             let e = unit((0..<dc).map { Double(C.floats[j * dc + $0]) })
-            XCTAssertEqual(zip(mean, e).map(*).reduce(0, +), 1, accuracy: 1e-4, "code \(j) points at its cluster's mean")
+            XCTAssertEqual(
+                zip(mean, e).map(*).reduce(0, +), 1, accuracy: 1e-4, "code \(j) points at its cluster's mean")
         }
         // Dead codes restart from rows of ẑ: with a threshold above every EMA count, all of them.
-        let restarting = try makeQuantizer(d: d, K: K, hp: ["ema": true, "code_dim": dc, "dead_code_threshold": 1000.0])
+        let restarting = try makeQuantizer(
+            d: d, K: K, hp: ["ema": true, "code_dim": dc, "dead_code_threshold": 1000.0])
         _ = try forward(restarting, x: x, n: n, step: StepInfo(step: 1, totalSteps: 10, train: true, seed: 5))
         let rC = try XCTUnwrap(restarting.core.buffer("codebook"))
         let count = try XCTUnwrap(restarting.core.buffer("ema_count"))
@@ -596,7 +607,8 @@ final class QuantizerVQGANCosTests: XCTestCase {
         let rows: [[Double]] = (0..<n).map { Self.unitProjection(rw, rb, x, t: $0, d: d, dc: dc) }
         for j in 0..<K {
             let e = (0..<dc).map { Double(rC.floats[j * dc + $0]) }
-            XCTAssertTrue(rows.contains { row in zip(row, e).allSatisfy { abs($0 - $1) < 1e-6 } }, "code \(j) is a row of ẑ")
+            XCTAssertTrue(
+                rows.contains { row in zip(row, e).allSatisfy { abs($0 - $1) < 1e-6 } }, "code \(j) is a row of ẑ")
             XCTAssertEqual(count.floats[j], 1)
         }
     }

@@ -15,16 +15,17 @@ func makeInstance(
     _ lib: PluginLibrary, dims: ModelDims, hyperparameters: [String: Any] = [:],
     seed: UInt64 = 1
 ) throws -> PluginInstance {
-    // vqvae's and vqgan_cos's tests check each codebook mechanism from the plain quantizer (their
+    // vqvae's, vqgan_cos's and rvq's tests check each codebook mechanism from the plain quantizer (their
     // defaults turn EMA, k-means init and dead-code restart on); a test turns on what it checks.
     let values =
-        ["vqvae", "vqgan_cos"].contains(lib.name) ? plainVQVAE.merging(hyperparameters) { _, given in given } : hyperparameters
+        ["vqvae", "vqgan_cos", "rvq"].contains(lib.name)
+        ? plainVQVAE.merging(hyperparameters) { _, given in given } : hyperparameters
     let hp = try ResolvedHyperparameters(schema: lib.schema, values: values, keyPath: lib.name)
     return try PluginInstance(
         library: lib, instanceName: "test.\(lib.name)", dims: dims, hyperparameters: hp, seed: seed)
 }
 
-/// vqvae / vqgan_cos without their healthy defaults: a trained codebook, no EMA, k-means or restart.
+/// vqvae / vqgan_cos / rvq without their healthy defaults: a trained codebook, no EMA, k-means or restart.
 nonisolated(unsafe) let plainVQVAE: [String: Any] = ["ema": false, "kmeans_init": false, "dead_code_threshold": 0.0]
 
 /// Seeded N(0, scale²) values.

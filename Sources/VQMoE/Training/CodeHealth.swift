@@ -37,12 +37,10 @@ public struct CodeHealth: Sendable, Equatable {
         case "vqvae":
             return "model.ffn.quantizer.ema = true, kmeans_init = true, dead_code_threshold = 4, ema_decay = 0.9 "
                 + "(vqvae's defaults: EMA codebook, k-means init, dead-code restart)"
-        case "vqgan_cos":
-            return "a smaller model.ffn.quantizer.code_dim (8 or 16: low-dimensional l2-normalised codes), or the "
-                + "vqvae quantizer with ema, kmeans_init and dead_code_threshold"
-        case "rvq":
-            return "fewer levels or a smaller init_scale, or the vqvae quantizer with ema, kmeans_init and "
-                + "dead_code_threshold"
+        case "vqgan_cos", "rvq":
+            return "model.ffn.quantizer.ema = true, kmeans_init = true, dead_code_threshold = 4, ema_decay = 0.9 "
+                + "(\(quantizer)'s defaults: EMA codebook\(quantizer == "rvq" ? "s per level" : " of the normalised codes"), "
+                + "k-means init, dead-code restart)"
         case "lfq":
             return "a larger model.ffn.quantizer.diversity_gamma or entropy_weight (the codebook-entropy term "
                 + "rewards using every code)"
