@@ -161,3 +161,27 @@ public struct CodebookUpkeep {
         }
     }
 }
+
+extension CodebookUpkeep {
+    /// The upkeep hyperparameters a quantizer declares (ema, ema_decay, ema_epsilon, kmeans_init,
+    /// kmeans_iters, dead_code_threshold), read and checked once for every quantizer that has them.
+    public struct Settings {
+        public let ema: Bool, decay: Float, epsilon: Float, kmeansInit: Bool, kmeansIters: Int, deadCodeThreshold: Float
+
+        public init(_ hp: HyperValues, host: Host) throws(PluginFailure) {
+            (ema, decay, epsilon) = (hp.bool("ema"), hp.float("ema_decay"), hp.float("ema_epsilon"))
+            (kmeansInit, kmeansIters, deadCodeThreshold) = (
+                hp.bool("kmeans_init"), hp.int("kmeans_iters"), hp.float("dead_code_threshold")
+            )
+            guard decay < 1 else { throw .invalid("ema_decay = \(decay) must be in [0, 1)") }
+            guard deadCodeThreshold == 0 || ema else {
+                throw .invalid(
+                    "dead_code_threshold = \(deadCodeThreshold) needs ema = true: dead codes are found by their EMA "
+                        + "counts (set ema = true, or dead_code_threshold = 0 to turn the restart off)")
+            }
+            if (kmeansInit || deadCodeThreshold > 0) && host.api.pointee.rng_next_u64 == nil {
+                throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
+            }
+        }
+    }
+}

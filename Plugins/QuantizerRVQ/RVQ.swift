@@ -92,19 +92,9 @@ final class RVQQuantizer: QuantizerPlugin {
         }
         (levels, commitment, initScale) = (hp.int("levels"), hp.float("commitment"), hp.float("init_scale"))
         codebookLoss = CodebookLoss(rawValue: hp.string("codebook_loss"))!
-        (ema, emaDecay, emaEpsilon) = (hp.bool("ema"), hp.float("ema_decay"), hp.float("ema_epsilon"))
-        (kmeansInit, kmeansIters, deadCodeThreshold) = (
-            hp.bool("kmeans_init"), hp.int("kmeans_iters"), hp.float("dead_code_threshold")
-        )
-        guard emaDecay < 1 else { throw .invalid("ema_decay = \(emaDecay) must be in [0, 1)") }
-        guard deadCodeThreshold == 0 || ema else {
-            throw .invalid(
-                "dead_code_threshold = \(deadCodeThreshold) needs ema = true: dead codes are found by their EMA counts "
-                    + "(set ema = true, or dead_code_threshold = 0 to turn the restart off)")
-        }
-        if (kmeansInit || deadCodeThreshold > 0) && host.api.pointee.rng_next_u64 == nil {
-            throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
-        }
+        let upkeep = try CodebookUpkeep.Settings(hp, host: host)
+        (ema, emaDecay, emaEpsilon) = (upkeep.ema, upkeep.decay, upkeep.epsilon)
+        (kmeansInit, kmeansIters, deadCodeThreshold) = (upkeep.kmeansInit, upkeep.kmeansIters, upkeep.deadCodeThreshold)
     }
 
     /// The kit's EMA, k-means and restart for level l (its own random streams).

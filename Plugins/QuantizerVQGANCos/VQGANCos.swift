@@ -85,19 +85,9 @@ final class VQGANCosQuantizer: QuantizerPlugin {
                     + "(got codebook_size = \(requested), n_codes = \(model.nCodes))")
         }
         (dc, commitment) = (hp.int("code_dim"), hp.float("commitment"))
-        (ema, emaDecay, emaEpsilon) = (hp.bool("ema"), hp.float("ema_decay"), hp.float("ema_epsilon"))
-        (kmeansInit, kmeansIters, deadCodeThreshold) = (
-            hp.bool("kmeans_init"), hp.int("kmeans_iters"), hp.float("dead_code_threshold")
-        )
-        guard emaDecay < 1 else { throw .invalid("ema_decay = \(emaDecay) must be in [0, 1)") }
-        guard deadCodeThreshold == 0 || ema else {
-            throw .invalid(
-                "dead_code_threshold = \(deadCodeThreshold) needs ema = true: dead codes are found by their EMA counts "
-                    + "(set ema = true, or dead_code_threshold = 0 to turn the restart off)")
-        }
-        if (kmeansInit || deadCodeThreshold > 0) && host.api.pointee.rng_next_u64 == nil {
-            throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
-        }
+        let upkeep = try CodebookUpkeep.Settings(hp, host: host)
+        (ema, emaDecay, emaEpsilon) = (upkeep.ema, upkeep.decay, upkeep.epsilon)
+        (kmeansInit, kmeansIters, deadCodeThreshold) = (upkeep.kmeansInit, upkeep.kmeansIters, upkeep.deadCodeThreshold)
     }
 
     /// The kit's EMA, k-means and restart, on the normalised codes ẑ (width d_c).

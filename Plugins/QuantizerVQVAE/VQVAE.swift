@@ -64,20 +64,10 @@ final class VQVAE: QuantizerPlugin {
                 "codebook size K = \(k): set hyperparameter codebook_size >= 1 or give the model n_codes >= 1 "
                     + "(got codebook_size = \(requested), n_codes = \(model.nCodes))")
         }
-        (commitment, initScale, ema) = (hp.float("commitment"), hp.float("init_scale"), hp.bool("ema"))
-        (emaDecay, emaEpsilon) = (hp.float("ema_decay"), hp.float("ema_epsilon"))
-        guard emaDecay < 1 else { throw .invalid("ema_decay = \(emaDecay) must be in [0, 1)") }
-        (kmeansInit, kmeansIters, deadCodeThreshold) = (
-            hp.bool("kmeans_init"), hp.int("kmeans_iters"), hp.float("dead_code_threshold")
-        )
-        guard deadCodeThreshold == 0 || ema else {
-            throw .invalid(
-                "dead_code_threshold = \(deadCodeThreshold) needs ema = true: dead codes are found by their EMA counts "
-                    + "(set ema = true, or dead_code_threshold = 0 to turn the restart off)")
-        }
-        if (kmeansInit || deadCodeThreshold > 0) && host.api.pointee.rng_next_u64 == nil {
-            throw .invalid("host API table lacks rng_next_u64 (needed by kmeans_init / dead_code_threshold)")
-        }
+        (commitment, initScale) = (hp.float("commitment"), hp.float("init_scale"))
+        let upkeep = try CodebookUpkeep.Settings(hp, host: host)
+        (ema, emaDecay, emaEpsilon) = (upkeep.ema, upkeep.decay, upkeep.epsilon)
+        (kmeansInit, kmeansIters, deadCodeThreshold) = (upkeep.kmeansInit, upkeep.kmeansIters, upkeep.deadCodeThreshold)
     }
 
     var codebookSize: Int { k }
