@@ -293,6 +293,41 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(o3.contains("model.ffn.router.kk: unknown hyperparameter"), o3)
     }
 
+    /// The sweep tables carry the lowest code perplexity over layers (mean ± std over seeds) when
+    /// the runs report one (VQMoE), next to BPC. Finished runs are only tabulated, not re-run.
+    func testSweepTableShowsCodePerplexity() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("sweep-ppl")
+        let cfg = """
+            {"name": "mini", "seed": 1, "data": {"name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"},
+             "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16,
+                       "ffn": {"mode": "vqmoe", "d_inner": 16, "n_experts": 4, "router": {"name": "smoe"},
+                               "quantizer": {"name": "vqvae"}}},
+             "head": {"name": "lm"}, "train": {"steps": 4, "batch_size": 2},
+             "sweep": {"grid": {"model.ffn.beta": [0.1]}, "seeds": [1, 2], "out": "\(dir)/out"}}
+            """
+        try cfg.write(toFile: "\(dir)/sweep.json", atomically: true, encoding: .utf8)
+        for (seed, bpc, ppl) in [(1, 3.0, 3.5), (2, 3.2, 2.5)] {
+            let run = "\(dir)/out/beta=0.1,seed=\(seed)"
+            try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true)
+            try """
+            {"test_bpc": \(bpc), "valid_bpc": \(bpc + 0.1), "tokens_per_s": 1000.0, "params_total": 1000,
+             "code_perplexity_min": \(ppl), "codebook_size": 4}
+            """.write(toFile: "\(run)/result.json", atomically: true, encoding: .utf8)
+        }
+        let (status, out) = try run(["sweep", "\(dir)/sweep.json"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("2 runs, 2 already finished, 0 to run"), out)
+        let md = try String(contentsOfFile: "\(dir)/out/results.md", encoding: .utf8)
+        XCTAssertTrue(
+            md.contains("| run | test_bpc | valid_bpc | tokens_per_s | code_perplexity_min | params | seeds |"), md)
+        // mean 3.0, sample std sqrt(0.5) = 0.71
+        XCTAssertTrue(
+            md.contains("| beta=0.1 | 3.1000 ± 0.1414 | 3.2000 ± 0.1414 | 1000 ± 0 | 3.00 ± 0.71 | 0.00M | 2 |"), md)
+        let csv = try String(contentsOfFile: "\(dir)/out/results.csv", encoding: .utf8).split(separator: "\n")
+        XCTAssertTrue(csv[0].contains("code_perplexity_min_mean,code_perplexity_min_std"), String(csv[0]))
+    }
+
     /// Variant axes (settings that change together) crossed with the grid, and a fine-tuning
     /// sweep whose `{seed}` in finetune.from picks each seed's own pre-trained run.
     func testSweepVariantsAndFinetuneFromEachSeed() throws {

@@ -204,7 +204,7 @@ final class QuantizerVQGANCosTests: XCTestCase {
             ])
         XCTAssertEqual(lib.schema.first { $0.name == "ema" }?.defaultNumber, 1)  // healthy defaults
         XCTAssertEqual(lib.schema.first { $0.name == "kmeans_init" }?.defaultNumber, 1)
-        XCTAssertEqual(lib.schema.first { $0.name == "dead_code_threshold" }?.defaultNumber, 4)
+        XCTAssertEqual(lib.schema.first { $0.name == "dead_code_threshold" }?.defaultNumber, 16)
         let s = Dictionary(uniqueKeysWithValues: lib.schema.map { ($0.name, $0) })
         XCTAssertEqual(s["codebook_size"]?.type, .int)
         XCTAssertEqual(s["codebook_size"]?.defaultNumber, 0)

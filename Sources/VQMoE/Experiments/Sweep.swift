@@ -182,10 +182,15 @@ public struct Sweep {
                     .write(to: URL(fileURLWithPath: cfgPath))
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: executable)
+                // An unfinished earlier attempt: continue it from its `last` checkpoint when
+                // there is one, else start it over (--force removes its partial files).
+                let resumable =
+                    base["finetune"] == nil && FileManager.default.fileExists(atPath: "\(run.dir)/last.json")
                 p.arguments =
-                    registries.flatMap { ["--registry", $0] } + [
-                        base["finetune"] == nil ? "train" : "finetune", cfgPath, "--out", run.dir,
-                    ]
+                    registries.flatMap { ["--registry", $0] }
+                    + (resumable
+                        ? ["train", "--resume", run.dir]
+                        : [base["finetune"] == nil ? "train" : "finetune", cfgPath, "--out", run.dir, "--force"])
                 _ = FileManager.default.createFile(atPath: "\(run.dir)/train.log", contents: nil)
                 let logHandle = FileHandle(forWritingAtPath: "\(run.dir)/train.log")
                 p.standardOutput = logHandle
@@ -215,7 +220,8 @@ public struct Sweep {
         return md
     }
 
-    /// One row per combination: mean ± std over seeds of test/valid BPC, params, tokens/s.
+    /// One row per combination: mean ± std over seeds of test/valid BPC (or accuracy), tokens/s
+    /// and, for VQMoE runs, the lowest code perplexity over layers (`code_perplexity_min`); params.
     public func results() throws -> (markdown: String, csv: String) {
         var groups: [(String, [[String: Any]])] = []
         for run in runs() {
@@ -229,7 +235,9 @@ public struct Sweep {
             }
         }
         // BPC for language models, accuracy for classifiers: the columns some run has.
-        let metrics = ["test_bpc", "valid_bpc", "test_accuracy", "valid_accuracy", "tokens_per_s"].filter { k in
+        let metrics = [
+            "test_bpc", "valid_bpc", "test_accuracy", "valid_accuracy", "tokens_per_s", "code_perplexity_min",
+        ].filter { k in
             groups.contains { $0.1.contains { $0[k] != nil } }
         }
         func stats(_ rs: [[String: Any]], _ k: String) -> (Double, Double)? {
@@ -252,7 +260,8 @@ public struct Sweep {
             var cells: [String] = [g.isEmpty ? "(base)" : g]
             var csvCells: [String] = ["\"\(g)\""]
             for k in metrics {
-                let format = k == "tokens_per_s" ? "%.0f ± %.0f" : "%.4f ± %.4f"
+                let format =
+                    k == "tokens_per_s" ? "%.0f ± %.0f" : k == "code_perplexity_min" ? "%.2f ± %.2f" : "%.4f ± %.4f"
                 if let (m, sd) = stats(rs, k) {
                     cells.append(String(format: format, m, sd))
                     csvCells += [String(m), String(sd)]
