@@ -22,15 +22,19 @@ let commands: [Command] = [
     Command(
         name: "train",
         usage: [
-            "train CONFIG [--set key.path=value ...] [--out DIR]", "train --resume DIR [--set key.path=value ...]",
+            "train CONFIG [--set key.path=value ...] [--out DIR] [--force]",
+            "train --resume DIR [--set key.path=value ...]",
         ],
         summary: """
             train a model from a JSON config (see configs/); writes DIR/metrics.jsonl, DIR/best.safetensors (+ .json
             sidecar) and reports test loss / bits per character with the best checkpoint; SIGINT/SIGTERM write
-            DIR/last.* and stop (exit 130); --resume continues an interrupted run exactly where it stopped
+            DIR/last.* and stop (exit 130); --resume continues an interrupted run exactly where it stopped. DIR is
+            locked while a run writes it; a DIR holding an earlier run is refused unless --resume or --force
+            (which removes that run's files first)
             """, distributed: true, run: trainCommand),
     Command(
-        name: "finetune", usage: ["finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]"],
+        name: "finetune",
+        usage: ["finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--force] [--set key.path=value ...]"],
         summary: """
             fine-tune pre-trained weights on a classification task (new head, frozen parts from finetune.freeze);
             reports accuracy and the FFN FLOPs per token of the pre-training vs fine-tuning path

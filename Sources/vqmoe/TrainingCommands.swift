@@ -4,9 +4,9 @@ import VQMoE
 /// `vqmoe train CONFIG | --resume DIR`.
 func trainCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides()
-    let out = try args.take("--out").last, resume = try args.take("--resume").last
+    let out = try args.take("--out").last, resume = try args.take("--resume").last, force = args.flag("--force")
     let usage =
-        "train CONFIG [--set key.path=value ...] [--out DIR] [--stop-after N] [--dump-gradients STEP]  |  "
+        "train CONFIG [--set key.path=value ...] [--out DIR] [--force] [--stop-after N] [--dump-gradients STEP]  |  "
         + "vqmoe train --resume DIR [--stop-after N]"
     // --stop-after N: write `last` after step N and stop (a job's time slice; resume later).
     let stopAfter = try args.take("--stop-after").last.map { v -> Int in
@@ -22,7 +22,7 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
     }
     let cfg: RunConfig, dir: String
     if let resume {
-        guard args.rest.isEmpty, out == nil else { throw VQMoEError(.usage, "usage: vqmoe \(usage)") }
+        guard args.rest.isEmpty, out == nil, !force else { throw VQMoEError(.usage, "usage: vqmoe \(usage)") }
         cfg = try RunConfig(json: try ConfigReader.load(file: "\(resume)/config.json", overrides: overrides))
         dir = resume
     } else {
@@ -33,7 +33,7 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir)
     trainer.dumpGradientsAt = dumpAt
     Trainer.installInterruptHandlers()
-    let r = try trainer.run(resume: resume != nil, stopAfter: stopAfter)
+    let r = try trainer.run(resume: resume != nil, stopAfter: stopAfter, force: force)
     if trainer.comm.isRoot { print(trainSummary(cfg, r)) }
     return r.interrupted && r.steps != stopAfter ? 130 : 0  // a signal (on any rank): 130 on every rank
 }
@@ -60,13 +60,13 @@ func trainSummary(_ cfg: RunConfig, _ r: TrainResult) -> String {
 /// `vqmoe finetune CONFIG`.
 func finetuneCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides()
-    let out = try args.take("--out").last, from = try args.take("--from").last
+    let out = try args.take("--out").last, from = try args.take("--from").last, force = args.flag("--force")
     let file = try args.positional(
-        1, usage: "finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--set key.path=value ...]")[0]
+        1, usage: "finetune CONFIG [--from CHECKPOINT|RUN_DIR] [--out DIR] [--force] [--set key.path=value ...]")[0]
     let cfg = try RunConfig(json: try ConfigReader.load(file: file, overrides: overrides))
     let ft = try Finetune(config: cfg, registry: try args.registry(), outDir: out ?? "runs/\(cfg.name)", from: from)
     Trainer.installInterruptHandlers()
-    let r = try ft.run()
+    let r = try ft.run(force: force)
     guard Comm.world.isRoot else { return r.result.interrupted ? 130 : 0 }  // rank 0 reports
     print("fine-tuned \(cfg.name) from \(ft.checkpoint): \(r.trainable) trainable parameters, \(r.frozen) frozen")
     if let v = r.result.bestValid {

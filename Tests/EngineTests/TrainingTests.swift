@@ -68,6 +68,14 @@ final class TrainingTests: XCTestCase {
         )
         XCTAssertEqual(
             configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
+        // `--set` keys are names joined by single dots: an empty segment is an error, not skipped.
+        for key in ["model..d_model", ".model.d_model", "model.d_model."] {
+            XCTAssertThrowsError(try with(key, 16), key) {
+                XCTAssertEqual(
+                    ($0 as? VQMoEError)?.message,
+                    "--set \(key): empty key segment (keys are names joined by single dots)")
+            }
+        }
         XCTAssertEqual(configError(try with("train.lr", -1)), "train.lr: -1.0 is below the minimum 0.0")
         XCTAssertEqual(
             configError(try with("model.ffn.mode", "moe")),

@@ -29,7 +29,11 @@ public final class ConfigReader {
         }
         guard var obj = json as? [String: Any] else { throw VQMoEError(.config, "\(file): expected a JSON object") }
         for (key, value) in overrides.sorted(by: { $0.key < $1.key }) {
-            try set(&obj, path: key.split(separator: ".").map(String.init), value: value, full: key)
+            let path = key.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            guard !path.contains(where: \.isEmpty) else {
+                throw VQMoEError(.config, "--set \(key): empty key segment (keys are names joined by single dots)")
+            }
+            try set(&obj, path: path, value: value, full: key)
         }
         return obj
     }

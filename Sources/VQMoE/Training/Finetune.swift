@@ -127,7 +127,11 @@ public struct Finetune {
             finetuneMode: config.model.ffn.mode.rawValue)
     }
 
-    public func run(quiet: Bool = false) throws -> (result: TrainResult, flops: Flops, frozen: Int, trainable: Int) {
+    public func run(
+        quiet: Bool = false, force: Bool = false
+    ) throws -> (
+        result: TrainResult, flops: Flops, frozen: Int, trainable: Int
+    ) {
         let trainer = try Trainer(config: config, registry: registry, outDir: outDir, quiet: quiet) { model in
             try self.load(into: model)
         }
@@ -142,7 +146,7 @@ public struct Finetune {
             )
             (s.paramsFrozen, s.paramsTrainable) = (frozen, trainable)
         }
-        let result = try trainer.run()
+        let result = try trainer.run(force: force)
         return (result, flops, frozen, trainable)
     }
 }

@@ -32,6 +32,8 @@ public final class Trainer {
     public var finetuneSummary: ((inout RunSummary) -> Void)?
     /// The open metrics log of a running `run()` (rank 0 only).
     var metricsLog: MetricsLog?
+    /// The locked output directory of a running `run()` (rank 0 only).
+    var runDirectory: RunDirectory?
     /// Write every parameter's gradient of this step (summed over the ranks, before clipping)
     /// to OUT/gradients_step<N>.safetensors (`vqmoe train --dump-gradients N`): the data- and
     /// expert-parallel tests compare them with a single process's.

@@ -7,9 +7,15 @@ extension Trainer {
     /// interrupted and resumed run equals the uninterrupted one: batches, dropout masks, plugin
     /// randomness and the learning rate follow from the step number, and the checkpoint holds
     /// every parameter, plugin state buffer and optimizer slot. `stopAfter` ends the loop early
-    /// as an interrupt would (checkpoint `last`, no test evaluation).
-    public func run(resume: Bool = false, stopAfter: Int? = nil) throws -> TrainResult {
-        var state = try start(resume: resume)
+    /// as an interrupt would (checkpoint `last`, no test evaluation). The output directory is
+    /// locked for the run (`RunDirectory`); a fresh run refuses one that holds an earlier run
+    /// unless `force` (which removes that run's files first).
+    public func run(resume: Bool = false, stopAfter: Int? = nil, force: Bool = false) throws -> TrainResult {
+        defer {
+            runDirectory?.release()
+            runDirectory = nil
+        }
+        var state = try start(resume: resume, force: force)
         let t = config.train
         let tokensPerStep = t.batchSize * config.model.seqLen
         let start = Date()
@@ -46,8 +52,12 @@ extension Trainer {
 
     /// A fresh run writes config.json and an empty metrics log; a resumed one loads OUT/last.*
     /// and keeps the metrics of the steps the checkpoint covers.
-    private func start(resume: Bool) throws -> RunState {
-        try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+    private func start(resume: Bool, force: Bool) throws -> RunState {
+        if comm.isRoot {
+            runDirectory = try RunDirectory(path: outDir, mode: resume ? .resume : .fresh(force: force))
+        } else {
+            try FileManager.default.createDirectory(atPath: outDir, withIntermediateDirectories: true)
+        }
         var state = RunState()
         if resume {
             let ckPath = "\(outDir)/last.safetensors"
@@ -57,6 +67,13 @@ extension Trainer {
                 throw VQMoEError(.checkpoint, "\(outDir)/last.json: no run state (not a resumable checkpoint)")
             }
             state = run
+            guard state.nextStep <= config.train.steps else {
+                throw VQMoEError(
+                    .config,
+                    "\(outDir) is at step \(state.nextStep), past train.steps = \(config.train.steps): a resumed run "
+                        + "only continues to a later step (--set train.steps=N with N > \(state.nextStep)); to train "
+                        + "again from scratch use --out with a new directory, or --force")
+            }
             Trainer.lastCheckpointStep = state.nextStep
             optimizer.t = side.optimizerSteps
             observers.forEach { $0.restore(from: state) }
