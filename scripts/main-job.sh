@@ -8,7 +8,7 @@ scripts/setup.sh
 steps=${STEPS:-600}
 for m in dense smoe vqmoe; do
   echo "== $m ($steps steps)"
-  .build/release/vqmoe train "configs/enwik8_$m.json" --set "train.steps=$steps" --out "runs/main/$m"
+  .build/release/vqmoe train "configs/enwik8_$m.json" --set "train.steps=$steps" --out "runs/main/$m" --force
 done
 echo
 .build/release/vqmoe results runs/main/dense runs/main/smoe runs/main/vqmoe

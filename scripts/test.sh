@@ -28,7 +28,7 @@ py=.build/pyenv/bin/python
 if ! "$py" -c "import safetensors, numpy" 2>/dev/null; then
   python3 -m venv .build/pyenv && .build/pyenv/bin/pip install -q safetensors numpy
 fi
-"$bin/vqmoe" train configs/enwik8_vqmoe.json --out .build/test-run --set train.steps=6 --set train.eval_every=3 \
+"$bin/vqmoe" train configs/enwik8_vqmoe.json --out .build/test-run --force --set train.steps=6 --set train.eval_every=3 \
   --set model.n_layer=2 --set model.seq_len=64 > /dev/null
 "$py" Tests/python/test_checkpoint.py .build/test-run
 

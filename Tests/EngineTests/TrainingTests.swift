@@ -209,7 +209,7 @@ final class TrainingTests: XCTestCase {
         var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
         try bytes.prefix(bytes.count - 10).write(to: URL(fileURLWithPath: "\(dir)/trunc.safetensors"))
         XCTAssertThrowsError(try Checkpoint.read(path: "\(dir)/trunc.safetensors")) {
-            XCTAssertTrue(($0 as! VQMoEError).message.contains("checksum mismatch"), "\($0)")
+            XCTAssertTrue(($0 as! VQMoEError).message.hasSuffix("bytes): truncated?"), "\($0)")
         }
         try bytes.prefix(5).write(to: URL(fileURLWithPath: "\(dir)/short.safetensors"))
         XCTAssertThrowsError(try Checkpoint.read(path: "\(dir)/short.safetensors")) {
@@ -221,6 +221,86 @@ final class TrainingTests: XCTestCase {
             XCTAssertTrue(($0 as! VQMoEError).message.contains("truncated or altered"), "\($0)")
         }
         XCTAssertFalse(FileManager.default.fileExists(atPath: "\(path).tmp-\(getpid())"))
+        try checkHeaderValidation(dir, original: try Data(contentsOf: URL(fileURLWithPath: path)))
+    }
+
+    /// A safetensors file from a header object and a data section (header padded to 8 bytes).
+    func safetensors(_ header: [String: Any], body: Data, length: UInt64? = nil) throws -> Data {
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        while json.count % 8 != 0 { json.append(0x20) }
+        var len = (length ?? UInt64(json.count)).littleEndian
+        var file = Data()
+        withUnsafeBytes(of: &len) { file.append(contentsOf: $0) }
+        return file + json + body
+    }
+
+    /// The checksum covers the header (an edited offset or shape is refused), every size in the
+    /// header is checked against the file before use, and format-1 files (data-only checksum)
+    /// still load.
+    func checkHeaderValidation(_ dir: String, original: Data) throws {
+        let len = Int(original.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+        var header = try JSONSerialization.jsonObject(with: original.subdata(in: 8..<(8 + len))) as! [String: Any]
+        let body = original.subdata(in: (8 + len)..<original.count)
+        func refused(_ file: Data, _ expected: String, _ line: UInt = #line) throws {
+            let p = "\(dir)/edited.safetensors"
+            try file.write(to: URL(fileURLWithPath: p))
+            XCTAssertThrowsError(try Checkpoint.read(path: p), line: line) {
+                let m = ($0 as? VQMoEError)?.message ?? "\($0)"
+                XCTAssertTrue(m.contains(expected), m, line: line)
+            }
+        }
+        // Swap the data of two tensors of one size: valid JSON, valid offsets, wrong weights.
+        let names = header.keys.filter { $0.hasPrefix("layers.0.ln1.") }.sorted()
+        XCTAssertEqual(names, ["layers.0.ln1.bias", "layers.0.ln1.weight"])
+        var a = header[names[0]] as! [String: Any], b = header[names[1]] as! [String: Any]
+        (a["data_offsets"], b["data_offsets"]) = (b["data_offsets"], a["data_offsets"])
+        var swapped = header
+        (swapped[names[0]], swapped[names[1]]) = (a, b)
+        try refused(try safetensors(swapped, body: body), "checksum mismatch: the header or the data")
+        // A header length near 2^63, and one past the file: refused, nothing allocated.
+        try refused(try safetensors(header, body: body, length: 1 << 63 - 8), "does not fit the file")
+        try refused(try safetensors(header, body: body, length: UInt64(original.count)), "does not fit the file")
+        func edited(_ name: String, _ key: String, _ value: Any) -> [String: Any] {
+            var h = header, e = h[name] as! [String: Any]
+            e[key] = value
+            h[name] = e
+            return h
+        }
+        let off = (header["wte"] as! [String: Any])["data_offsets"] as! [Int]
+        try refused(try safetensors(edited("wte", "data_offsets", [-8, off[1]]), body: body), "outside the data")
+        try refused(
+            try safetensors(edited("wte", "shape", [1 << 40, 1 << 40]), body: body), "larger than the file's data")
+        try refused(try safetensors(edited("wte", "shape", [-1, 4]), body: body), "negative dimension")
+        try refused(try safetensors(edited("wte", "dtype", "F16"), body: body), "has dtype F16; known:")
+        try refused(try safetensors(edited("wte", "shape", [1]), body: body), "needs 4 bytes, data_offsets")
+        try refused(try safetensors(header, body: body + Data([0, 0, 0, 0])), "4 bytes after the last tensor")
+        // Format 1: the checksum is of the data alone; such files keep loading.
+        var meta = header["__metadata__"] as! [String: String]
+        (meta["format"], meta["sha256"]) = ("vqmoe-checkpoint-1", SHA256.hex(of: [UInt8](body)))
+        header["__metadata__"] = meta
+        try safetensors(header, body: body).write(to: URL(fileURLWithPath: "\(dir)/v1.safetensors"))
+        XCTAssertEqual(try Checkpoint.read(path: "\(dir)/v1.safetensors").tensors.count, header.count - 1)
+    }
+
+    /// last.json and last.safetensors from different saves (a crash between the two writes)
+    /// are refused on resume, naming both steps.
+    func testResumeRefusesUnpairedCheckpointFiles() throws {
+        var json = try tinyConfig("smoe")
+        try setPath(&json, "train.steps", 8)
+        try setPath(&json, "train.checkpoint_every", 2)
+        let cfg = try RunConfig(json: json)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("pair-\(UUID().uuidString)").path
+        _ = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(stopAfter: 2)
+        let oldSidecar = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/last.json"))
+        _ = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(resume: true, stopAfter: 4)
+        try oldSidecar.write(to: URL(fileURLWithPath: "\(dir)/last.json"))
+        XCTAssertThrowsError(try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(resume: true)) {
+            XCTAssertEqual(
+                ($0 as? VQMoEError)?.message,
+                "\(dir)/last.json (step 2) and \(dir)/last.safetensors (step 4) were not written by the same save (a "
+                    + "crash or a full disk between the two writes?): refusing to resume from a mixed state. Start "
+                    + "again (--force), or fine-tune from best.safetensors")
+        }
     }
 
     /// A short end-to-end run on real data for each FFN mode: the loss falls, every output is

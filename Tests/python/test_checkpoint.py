@@ -4,12 +4,37 @@ backend) and check tensor names, shapes and dtypes against the run's config, and
 
 usage: python Tests/python/test_checkpoint.py RUN_DIR   (after `vqmoe train ... --out RUN_DIR`)
 """
+import hashlib
 import json
+import struct
 import sys
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
+
+
+def digest(path):
+    """The format-2 checksum (docs: Checkpoint.digest): sha256 of a canonical text of the header,
+    then the data section."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__")
+
+    def field(s):
+        return f"{len(s.encode())}:{s}"
+
+    text = "vqmoe-checkpoint-2\n"
+    for k in sorted(meta):
+        if k != "sha256":
+            text += f"meta {field(k)} {field(meta[k])}\n"
+    for name in sorted(header):
+        e = header[name]
+        shape = ",".join(str(d) for d in e["shape"])
+        text += f"tensor {field(name)} {e['dtype']} {shape} {e['data_offsets'][0]} {e['data_offsets'][1]}\n"
+    text += "\n"
+    return hashlib.sha256(text.encode() + raw[8 + n :]).hexdigest()
 
 
 def main(run):
@@ -41,8 +66,10 @@ def main(run):
         check(f"optimizer.m.layers.{i}.ln1.weight", (d,))
     check("head.weight", (256, d))
     check("lnf.weight", (d,))
-    if meta.get("format") != "vqmoe-checkpoint-1" or len(meta.get("sha256", "")) != 64:
-        failures.append(f"metadata: {meta}")
+    if meta.get("format") != "vqmoe-checkpoint-2" or meta.get("sha256") != digest(path):
+        failures.append(f"metadata: {meta} (checksum recomputed here: {digest(path)})")
+    if side.get("tensors_sha256") != meta.get("sha256"):
+        failures.append(f"sidecar tensors_sha256 {side.get('tensors_sha256')} != file's {meta.get('sha256')}")
     if int(meta.get("step", -1)) != side["step"]:
         failures.append(f"metadata step {meta.get('step')} != sidecar step {side['step']}")
     if not all(np.isfinite(t).all() for t in tensors.values() if t.dtype == np.float32):

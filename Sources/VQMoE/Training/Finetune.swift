@@ -81,11 +81,11 @@ public struct Finetune {
             // An expert-parallel shard takes its rows of the whole tensor.
             let whole = p.shard.map { [$0.global] + p.shape.dropFirst() } ?? p.shape
             let first = (p.shard?.offset ?? 0) * (p.count / max(p.shape.first ?? 1, 1))
-            guard t.shape == whole, t.data.count == whole.reduce(1, *) * 4 else {
+            guard t.shape == whole, t.dtype == "F32", t.data.count == whole.reduce(1, *) * 4 else {
                 throw VQMoEError(
                     .checkpoint,
-                    "\(checkpoint): tensor '\(p.name)' has shape \(t.shape), the fine-tuning model needs "
-                        + "\(whole): the model section must match the pre-training config"
+                    "\(checkpoint): tensor '\(p.name)' is \(t.dtype) \(t.shape), the fine-tuning model needs "
+                        + "F32 \(whole): the model section must match the pre-training config"
                 )
             }
             t.data.withUnsafeBytes { _ = memcpy(p.data, $0.baseAddress! + first * 4, p.count * 4) }
@@ -99,7 +99,9 @@ public struct Finetune {
             )
         }
         for s in model.stateBuffers {
-            if let t = ck.tensors["state.\(s.name)"], t.data.count == s.buffer.byteCount {
+            if let t = ck.tensors["state.\(s.name)"], t.data.count == s.buffer.byteCount,
+                t.dtype == Checkpoint.dtypeName(s.buffer)
+            {
                 t.data.withUnsafeBytes { _ = memcpy(s.buffer.data, $0.baseAddress!, s.buffer.byteCount) }
             }
         }

@@ -75,9 +75,13 @@ public struct CheckpointSidecar: Codable, Sendable {
     public var run: RunState?
     /// The validation result a `best` checkpoint was kept for.
     public var validLoss, validBPC, validAccuracy: Double?
+    /// The checksum of the tensor file written with this sidecar (its metadata's sha256): pairs
+    /// the two files, so a crash between their writes is detected (`checkPaired`).
+    public var tensorsSHA256: String?
 
     enum CodingKeys: String, CodingKey {
         case format, step, config, checkpoint, run
+        case tensorsSHA256 = "tensors_sha256"
         case optimizerSteps = "optimizer_steps", validLoss = "valid_loss", validBPC = "valid_bpc", validAccuracy =
             "valid_accuracy"
     }
@@ -89,6 +93,20 @@ public struct CheckpointSidecar: Codable, Sendable {
         }
         do { return try JSONDecoder().decode(CheckpointSidecar.self, from: data) } catch {
             throw VQMoEError(.checkpoint, "\(path): not a vqmoe checkpoint sidecar (\(error))")
+        }
+    }
+
+    /// This sidecar (read from `path`) and the checkpoint `ck` (read from `ckPath`) were
+    /// written by one save: same step and, when recorded, the tensor file's checksum.
+    public func checkPaired(with ck: Checkpoint.Loaded, path: String, ckPath: String) throws {
+        let ckStep = ck.metadata["step"].flatMap { Int($0) }
+        let shaMatches = tensorsSHA256.map { $0 == ck.metadata["sha256"] } ?? true
+        guard ckStep == step, shaMatches else {
+            throw VQMoEError(
+                .checkpoint,
+                "\(path) (step \(step)) and \(ckPath) (step \(ckStep.map(String.init) ?? "unknown")) were not written "
+                    + "by the same save (a crash or a full disk between the two writes?): refusing to resume from a "
+                    + "mixed state. Start again (--force), or fine-tune from best.safetensors")
         }
     }
 

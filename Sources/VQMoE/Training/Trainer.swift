@@ -222,10 +222,11 @@ public final class Trainer {
         defer { gathered.forEach { $0.deallocate() } }
         guard comm.isRoot else { return }
         let path = "\(outDir)/\(name).safetensors"
-        try Checkpoint.write(path: path, tensors: tensors, metadata: ["step": String(step)])
+        let sha = try Checkpoint.write(path: path, tensors: tensors, metadata: ["step": String(step)])
         var side = CheckpointSidecar(
             step: step, config: JSONValue(any: config.json), checkpoint: "\(name).safetensors",
             optimizerSteps: optimizer.t, run: run)
+        side.tensorsSHA256 = sha
         if let valid { (side.validLoss, side.validBPC, side.validAccuracy) = (valid.loss, valid.bpc, valid.accuracy) }
         try side.write("\(outDir)/\(name).json")
     }

@@ -60,9 +60,11 @@ extension Trainer {
         }
         var state = RunState()
         if resume {
-            let ckPath = "\(outDir)/last.safetensors"
-            try model.load(try Checkpoint.read(path: ckPath), optimizer: optimizer, path: ckPath)
-            let side = try CheckpointSidecar.read("\(outDir)/last.json")
+            let ckPath = "\(outDir)/last.safetensors", sidePath = "\(outDir)/last.json"
+            let ck = try Checkpoint.read(path: ckPath)
+            let side = try CheckpointSidecar.read(sidePath)
+            try side.checkPaired(with: ck, path: sidePath, ckPath: ckPath)
+            try model.load(ck, optimizer: optimizer, path: ckPath)
             guard let run = side.run else {
                 throw VQMoEError(.checkpoint, "\(outDir)/last.json: no run state (not a resumable checkpoint)")
             }

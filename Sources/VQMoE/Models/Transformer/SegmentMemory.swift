@@ -107,16 +107,21 @@ extension SegmentMemory {
         prepare(batch: mine?.count ?? first.shape[0])
         let whole = mine?.global ?? batch, rowBytes = capacity * width * 4
         for l in 0..<layers {
-            guard let tensor = ck.tensors["memory.layers.\(l)"], tensor.shape == [whole, capacity, width] else {
+            guard let tensor = ck.tensors["memory.layers.\(l)"], tensor.shape == [whole, capacity, width],
+                tensor.dtype == "F32"
+            else {
                 throw VQMoEError(
                     .checkpoint,
-                    "\(path): tensor 'memory.layers.\(l)' is missing or not (\(whole), \(capacity), \(width))")
+                    "\(path): tensor 'memory.layers.\(l)' is missing or not F32 (\(whole), \(capacity), \(width))")
             }
             tensor.data.withUnsafeBytes {
                 _ = memcpy(layer(l), $0.baseAddress! + (mine?.offset ?? 0) * rowBytes, batch * rowBytes)
             }
         }
-        length = len.data.withUnsafeBytes { Int($0.load(as: Int32.self)) }
+        guard len.dtype == "I32", len.data.count == 4 else {
+            throw VQMoEError(.checkpoint, "\(path): tensor 'memory.length' is not one I32")
+        }
+        length = len.data.withUnsafeBytes { Int($0.loadUnaligned(as: Int32.self)) }
         guard length >= 0 && length <= capacity else {
             throw VQMoEError(.checkpoint, "\(path): memory.length \(length) is outside 0...\(capacity)")
         }
