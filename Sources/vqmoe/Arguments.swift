@@ -13,7 +13,7 @@ struct Args {
         var i = 0
         while i < argv.count {
             let a = argv[i]
-            guard a == "--registry" || a == "--threads" else {
+            guard a == "--registry" || a == "--threads" || a == "--max-memory" else {
                 out.append(a)
                 i += 1
                 continue
@@ -21,6 +21,11 @@ struct Args {
             guard i + 1 < argv.count else { throw VQMoEError(.usage, "\(a) needs a value") }
             if a == "--registry" {
                 registryPaths += argv[i + 1].split(separator: ":").map(String.init)
+            } else if a == "--max-memory" {
+                guard let bytes = MemoryBudget.parse(argv[i + 1]) else {
+                    throw VQMoEError(.usage, "--max-memory: expected a size such as 8G or 512M, got '\(argv[i + 1])'")
+                }
+                MemoryBudget.limitOverride = bytes
             } else {
                 guard let n = Int(argv[i + 1]), n >= 1 else {
                     throw VQMoEError(.usage, "--threads: expected a positive integer, got '\(argv[i + 1])'")

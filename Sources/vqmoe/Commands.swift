@@ -22,7 +22,7 @@ let commands: [Command] = [
     Command(
         name: "train",
         usage: [
-            "train CONFIG [--set key.path=value ...] [--out DIR] [--force]",
+            "train CONFIG [--set key.path=value ...] [--out DIR] [--force] [--dry-run]",
             "train --resume DIR [--set key.path=value ...]",
         ],
         summary: """
@@ -30,7 +30,7 @@ let commands: [Command] = [
             sidecar) and reports test loss / bits per character with the best checkpoint; SIGINT/SIGTERM write
             DIR/last.* and stop (exit 130); --resume continues an interrupted run exactly where it stopped. DIR is
             locked while a run writes it; a DIR holding an earlier run is refused unless --resume or --force
-            (which removes that run's files first)
+            (which removes that run's files first). --dry-run prints the memory estimate and exits
             """, distributed: true, run: trainCommand),
     Command(
         name: "finetune",
@@ -105,6 +105,8 @@ func globalHelp() -> String {
                             executable's; env VQMOE_REGISTRY). VQMOE_PLUGIN_PATH adds directories of plugin
                             libraries, registered by their descriptor names.
           --threads N       threads for BLAS and parallel loops (default 1)
+          --max-memory SIZE memory a run may use (e.g. 8G, 512M; default: the machine's available memory, or
+                            the cgroup limit): train, finetune and eval refuse a run whose estimate exceeds it
           -h, --help        this text; `vqmoe COMMAND --help` for one command
 
         exit codes:

@@ -20,6 +20,7 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
         guard let n = Int(v), n >= 0 else { throw VQMoEError(.usage, "--dump-gradients needs a step >= 0, got '\(v)'") }
         return n
     }
+    let dryRun = args.flag("--dry-run")
     let cfg: RunConfig, dir: String
     if let resume {
         guard args.rest.isEmpty, out == nil, !force else { throw VQMoEError(.usage, "usage: vqmoe \(usage)") }
@@ -29,6 +30,14 @@ func trainCommand(_ args: inout Args) throws -> Int32 {
         let file = try args.positional(1, usage: usage)[0]
         cfg = try RunConfig(json: try ConfigReader.load(file: file, overrides: overrides))
         dir = out ?? "runs/\(cfg.name)"
+    }
+    if dryRun {
+        // The estimate and the limit; exit 65 (with the same message as a run) when it cannot fit.
+        let estimate = try ModelBuilder(config: cfg, registry: try args.registry()).memoryEstimate()
+        let (limit, source) = MemoryBudget.limit()
+        print("\(cfg.name): \(estimate.text)\nlimit \(MemoryBudget.format(limit)) (\(source))")
+        try estimate.check(localRanks: 1)
+        return 0
     }
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir)
     trainer.dumpGradientsAt = dumpAt

@@ -119,6 +119,7 @@ final class TrainingTests: XCTestCase {
         try log?.append(record)
         try log?.append(
             EvalRecord(step: 9, split: .valid, result: EvalResult(loss: 1, count: 4, accuracy: 0.5), isLM: true))
+        XCTAssertEqual(log?.nonFiniteLines, 1)  // the event is counted (and reported once on stderr)
         log = nil
         let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n")
         XCTAssertEqual(lines.count, 2)
@@ -294,7 +295,9 @@ final class TrainingTests: XCTestCase {
         let oldSidecar = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/last.json"))
         _ = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(resume: true, stopAfter: 4)
         try oldSidecar.write(to: URL(fileURLWithPath: "\(dir)/last.json"))
-        XCTAssertThrowsError(try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(resume: true)) {
+        XCTAssertThrowsError(
+            try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(resume: true)
+        ) {
             XCTAssertEqual(
                 ($0 as? VQMoEError)?.message,
                 "\(dir)/last.json (step 2) and \(dir)/last.safetensors (step 4) were not written by the same save (a "

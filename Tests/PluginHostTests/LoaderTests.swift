@@ -44,9 +44,9 @@ final class LoaderTests: XCTestCase {
         XCTAssertTrue(msg.contains("/nonexistent/libnothing.so") && msg.contains("does not exist"), msg)
     }
 
-    private func router(_ fail: String) throws -> RouterInstance {
+    private func router(_ fail: String, _ defines: [String] = []) throws -> RouterInstance {
         let dir = try makeTempDir("fail")
-        let lib = try PluginLibrary.open(try fixture(dir, "libfixture_\(fail).so"))
+        let lib = try PluginLibrary.open(try fixture(dir, "libfixture_\(fail).so", defines))
         let hp = try ResolvedHyperparameters(schema: lib.schema, values: ["fail": fail], keyPath: "model.router")
         return try RouterInstance(
             PluginInstance(
@@ -91,6 +91,74 @@ final class LoaderTests: XCTestCase {
             XCTAssertEqual(e.category, .numeric)
             XCTAssertTrue(
                 e.message.contains("non-finite routing weight") && e.message.contains("fixture_router"), e.message)
+        }
+    }
+
+    /// A NaN that a plugin's backward writes is named (plugin, layer, call) in training, and
+    /// fails `plugins check` (every element of every gradient, not only the gradcheck's samples).
+    func testNonFiniteBackwardIsNamedAndFailsTheCheck() throws {
+        // x (2,4), one expert per token; buffers the host would own.
+        let x = UnsafeMutablePointer<Float>.allocate(capacity: 8),
+            gx = UnsafeMutablePointer<Float>.allocate(capacity: 8)
+        let w = UnsafeMutablePointer<Float>.allocate(capacity: 2),
+            load = UnsafeMutablePointer<Float>.allocate(capacity: 2)
+        let gw = UnsafeMutablePointer<Float>.allocate(capacity: 2),
+            idx = UnsafeMutablePointer<Int32>.allocate(capacity: 2)
+        defer { [x, gx, w, load, gw].forEach { $0.deallocate() }; idx.deallocate() }
+        x.initialize(repeating: 1, count: 8)
+        let step = StepInfo(step: 0, totalSteps: 1, train: true, seed: 0)
+        func backward(_ r: RouterInstance, gradWeight: Float) throws {
+            let shape = try r.shape(step)
+            let ctx = try XCTUnwrap(
+                try r.forward(
+                    step, x: x, tokenIDs: nil, nGroups: 1, groupSize: 2, shape: shape,
+                    outputs: RouterOutputs(expertIndex: idx, weights: w, expertLoad: load)
+                ).ctx)
+            gx.initialize(repeating: 0, count: 8)
+            gw.initialize(repeating: gradWeight, count: 2)
+            try r.backward(ctx, n: 2, shape: shape, gradWeights: gw, gradAux: 1, gradX: gx)
+        }
+        let msg = errorMessage { try backward(try router("nan_backward", ["FIXTURE_BACKWARD"]), gradWeight: 1) }
+        XCTAssertEqual(
+            msg,
+            "router 'fixture_router' (layers.1.router) produced a non-finite input gradient in backward (element 4 = nan)"
+        )
+        // A NaN handed in is not blamed on the plugin (the host's gradient-norm check reports the step).
+        XCTAssertNoThrow(try backward(try router("none", ["FIXTURE_BACKWARD"]), gradWeight: .nan))
+
+        let dir = try makeTempDir("nan-backward")
+        let lib = try PluginLibrary.open(try fixture(dir, "libnanbw.so", ["FIXTURE_BACKWARD"]))
+        let ok = PluginChecker(library: lib).run()
+        XCTAssertTrue(ok.allSatisfy(\.passed), ok.map(\.description).joined(separator: "\n"))
+        let bad = PluginChecker(library: lib, hyperparameters: ["fail": "nan_backward"]).run()
+        let failed = bad.filter { !$0.passed }
+        XCTAssertEqual(failed.map(\.name), ["router calls"], bad.map(\.description).joined(separator: "\n"))
+        XCTAssertEqual(
+            failed.first?.detail,
+            "router 'fixture_router' (check) produced a non-finite input gradient in backward (element 40 = nan)")
+    }
+
+    /// Buffer sizes a plugin declares are multiplied with overflow checks and must fit the
+    /// machine: [2^40, 2^40] used to wrap to 0 bytes (and pass), 2^62 floats to crash.
+    func testOversizedBuffersAreRefused() throws {
+        let wrapped = errorMessage { _ = try router("wrapped_buffer") }
+        XCTAssertEqual(
+            wrapped,
+            "router 'fixture_router' (layers.1.router): buffer 'w': shape [1099511627776, 1099511627776] has more "
+                + "elements than a 64-bit size holds")
+        let huge = errorMessage { _ = try router("huge_buffer") }
+        XCTAssertTrue(
+            huge.hasPrefix(
+                "router 'fixture_router' (layers.1.router): buffer 'w': shape [4611686018427387904] needs more than "
+                    + "2^63 bytes, more than this machine's memory"), huge)
+        let dir = try makeTempDir("buffers")
+        let lib = try PluginLibrary.open(try fixture(dir, "libbuf.so"))
+        for fail in ["wrapped_buffer", "huge_buffer"] {
+            let results = PluginChecker(library: lib, hyperparameters: ["fail": fail]).run()
+            XCTAssertFalse(results.allSatisfy(\.passed), fail)
+            XCTAssertTrue(
+                results.contains { !$0.passed && $0.detail.contains("buffer 'w': shape") },
+                results.map(\.description).joined(separator: "\n"))
         }
     }
 

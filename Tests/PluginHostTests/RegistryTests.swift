@@ -120,6 +120,50 @@ final class RegistryTests: XCTestCase {
             """)
         let msg = errorMessage { _ = try bad.library(named: "fixture_router") }
         XCTAssertTrue(msg.contains("sha256 mismatch") && msg.contains(wrong) && msg.contains(actual), msg)
+        // A pin that is not 64 hex digits in a string is an error, not an unverified load.
+        for pin in ["123", "\"abc\"", "\"\(String(repeating: "g", count: 64))\"", "null"] {
+            let msg = errorMessage {
+                _ = try registry(
+                    dir,
+                    """
+                    {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "$ROOT/libpinned.so", "sha256": \(pin)}]}
+                    """)
+            }
+            XCTAssertTrue(
+                msg.hasSuffix(".sha256: expected a string of 64 hex digits, got \(pin == "null" ? "null" : pin)"), msg)
+        }
+    }
+
+    /// The bytes a pin is checked on are the bytes loaded: the library is loaded from a private
+    /// copy of what was hashed, not from the path again (which could have changed in between).
+    func testPinnedBytesAreTheLoadedBytes() throws {
+        let dir = try makeTempDir("sha-bytes")
+        let other = try fixture(dir, "libother.so", ["FIXTURE_NAME=\"pinned_other\""])
+        let path = try fixture(dir, "libplain.so")
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: other)))
+        // Verified bytes of one library, the path of another: what loads is what was verified.
+        let lib = try PluginLibrary.open(path, verified: bytes)
+        XCTAssertEqual(lib.name, "pinned_other")
+        XCTAssertEqual(lib.path, path)  // messages still name the registered path
+        XCTAssertEqual(try PluginLibrary.open(path).name, "fixture_router")
+        // No private copy is left behind.
+        let left = try FileManager.default.contentsOfDirectory(atPath: NSTemporaryDirectory())
+            .filter { $0.hasPrefix("vqmoe-plugin-") }
+        XCTAssertEqual(left, [])
+    }
+
+    /// One plugin folder listed twice (as "dir" and "dir/") is scanned once: no duplicate
+    /// warnings, no plugin "overriding" itself; a broken .so in it is skipped with a warning.
+    func testSearchPathFolderListedTwiceIsScannedOnce() throws {
+        let dir = try makeTempDir("twice")
+        let libs = "\(dir)/libs"
+        try FileManager.default.createDirectory(atPath: libs, withIntermediateDirectories: true)
+        _ = try fixture(libs, "libfixture.so")
+        try Data("not a library".utf8).write(to: URL(fileURLWithPath: "\(libs)/libbroken.so"))
+        let reg = try registry(dir, #"{"version": 1, "plugins": []}"#, searchPath: [libs, libs + "/", libs])
+        XCTAssertEqual(try reg.library(named: "fixture_router").name, "fixture_router")
+        XCTAssertEqual(reg.warnings.count, 1, "\(reg.warnings)")
+        XCTAssertTrue(reg.warnings[0].hasPrefix("VQMOE_PLUGIN_PATH: skipping \(libs)/libbroken.so: "), reg.warnings[0])
     }
 
     func testRegistryFileMistakes() throws {

@@ -113,6 +113,59 @@ final class RunDirectoryTests: XCTestCase {
         XCTAssertEqual(s, 0, o)
     }
 
+    /// A full disk (simulated with a file-size limit, `ulimit -f`, which fails writes as a full
+    /// disk does) ends training with exit 74, an error naming the file and the last good
+    /// checkpoint; the run resumes from it once there is room, and its metrics stay valid JSON.
+    func testFullDiskStopsWithTheLastGoodCheckpoint() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("rundir-full")
+        let cfg = try tinyConfig(dir, steps: 3000)
+        let command =
+            "ulimit -f 300; trap '' XFSZ; exec '\(vqmoe)' --registry '\(repoRoot)/registry.json' train '\(cfg)' "
+            + "--out '\(dir)/run' --set train.log_every=1 --set train.checkpoint_every=50"
+        let (s, o) = try runProcess("/bin/bash", ["-c", command], cwd: repoRoot)
+        XCTAssertEqual(s, 74, o)
+        let step = try resumeStep(dir)
+        XCTAssertTrue(
+            o.contains(
+                "\(dir)/run/metrics.jsonl: cannot append a metrics line (File too large); the last good "
+                    + "checkpoint is \(dir)/run/last.safetensors (step \(step)): free space, then `vqmoe train --resume "
+            ),
+            o)
+        XCTAssertGreaterThan(step, 0)
+        let (s2, o2) = try train(["--resume", "\(dir)/run"])
+        XCTAssertEqual(s2, 0, o2)
+        let lines = try String(contentsOfFile: "\(dir)/run/metrics.jsonl", encoding: .utf8).split(separator: "\n")
+        let steps = try lines.map { try XCTUnwrap(JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]) }
+            .filter { $0["split"] as? String == "train" }.compactMap { $0["step"] as? Int }
+        XCTAssertEqual(steps, Array(0..<3000))
+    }
+
+    /// A plugin whose backward writes NaN stops training at that step with the plugin, its layer
+    /// and the call named (it used to say only "non-finite gradient norm"), and at step 0 says
+    /// there is no checkpoint yet instead of pointing to one that does not exist.
+    func testNonFinitePluginBackwardIsNamedInTraining() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("rundir-nan")
+        let lib = try fixture(dir, "libfixture_router.so", ["FIXTURE_BACKWARD"])
+        try """
+        {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "\(lib)"}]}
+        """.write(toFile: "\(dir)/registry.json", atomically: true, encoding: .utf8)
+        let cfg = try tinyConfig(dir, steps: 10)
+        let (s, o) = try runProcess(
+            vqmoe,
+            [
+                "--registry", "\(repoRoot)/registry.json", "--registry", "\(dir)/registry.json", "train", cfg,
+                "--out", "\(dir)/run", "--set", "model.ffn.mode=smoe", "--set", "model.ffn.router.name=fixture_router",
+                "--set", "model.ffn.router.fail=nan_backward",
+            ], cwd: repoRoot)
+        XCTAssertEqual(s, 69, o)
+        XCTAssertTrue(
+            o.contains(
+                "error: training step 0: router 'fixture_router' (layers.0.ffn.router) produced a non-finite input "
+                    + "gradient in backward (element 256 = nan); no checkpoint was written yet"), o)
+    }
+
     private func resumeStep(_ dir: String) throws -> Int {
         try XCTUnwrap(CheckpointSidecar.read("\(dir)/run/last.json").run?.nextStep)
     }

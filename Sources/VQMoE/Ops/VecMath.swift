@@ -109,6 +109,23 @@ public enum VecMath {
     }
 
     /// max of row[0..<count] (finite values).
+    /// No NaN or ±Inf among `count` floats: x·0 is 0 for finite x and NaN otherwise, summed
+    /// eight lanes at a time (a NaN survives every addition).
+    public static func allFinite(_ p: UnsafePointer<Float>, count: Int) -> Bool {
+        var acc = SIMD8<Float>(repeating: 0)
+        var i = 0
+        while i + 8 <= count {
+            acc += UnsafeRawPointer(p + i).loadUnaligned(as: SIMD8<Float>.self) * 0
+            i += 8
+        }
+        var tail: Float = 0
+        while i < count {
+            tail += p[i] * 0
+            i += 1
+        }
+        return (acc.sum() + tail) == 0
+    }
+
     @inline(__always) public static func max(_ row: UnsafePointer<Float>, count: Int) -> Float {
         var r = -Float.infinity
         var i = 0

@@ -81,6 +81,9 @@ public final class HeadInstance: @unchecked Sendable {
         var gin = vqmoe_head_grad_in(struct_size: structSize(vqmoe_head_grad_in.self), grad_loss: gradLoss)
         var gout = vqmoe_head_grad_out(
             struct_size: structSize(vqmoe_head_grad_out.self), grad_h: a.f32(gradH, [batch, seq, dModel]))
+        let count = batch * seq * dModel
+        let finite = PluginInstance.finite([(UnsafePointer(gradH), count)])
         try core.call("backward") { api.backward!(core.handle, ctx.pointer, &gin, &gout) }
+        try core.checkBackward(gradX: gradH, count: count, inputsWereFinite: finite && gradLoss.isFinite)
     }
 }

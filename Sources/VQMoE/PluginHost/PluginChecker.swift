@@ -141,6 +141,12 @@ public struct PluginChecker {
         analytic: [Float], coordinates: [Int], restore: () -> Void, eval: Eval,
         directionOnly: Bool = false
     ) throws -> CheckResult {
+        // Every element, not only the sampled coordinates (a NaN compares false with any tolerance).
+        if let bad = analytic.firstIndex(where: { !$0.isFinite }) {
+            return CheckResult(
+                name: "gradcheck \(label)", passed: false,
+                detail: "backward wrote a non-finite gradient (element \(bad) = \(analytic[bad]))")
+        }
         restore()
         let base = try eval().discrete
         var maxErr = 0.0, worst = "", checked = 0, skipped = 0, failures = 0

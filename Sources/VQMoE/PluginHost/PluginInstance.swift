@@ -108,19 +108,24 @@ public final class HostBuffer: @unchecked Sendable {
         guard shape.allSatisfy({ $0 >= 0 }) else {
             throw VQMoEError(.plugin, "\(owner): buffer '\(name)' has a negative dimension \(shape)")
         }
-        count = shape.reduce(1, *)
         let elementBytes = Int(dtype.bits) / 8 * Int(max(dtype.lanes, 1))
         guard elementBytes > 0, !isParameter || (dtype.code == UInt8(VQMOE_DTYPE_FLOAT) && dtype.bits == 32) else {
             throw VQMoEError(.plugin, "\(owner): parameter '\(name)' must be float32")
         }
-        byteCount = count * elementBytes
+        (count, byteCount) = try MemoryBudget.checkedSize(
+            shape, elementBytes: elementBytes, copies: isParameter ? 2 : 1, what: "\(owner): buffer '\(name)'")
         guard let d = HostRuntime.alignedAlloc(byteCount) else {
-            throw VQMoEError(.internalError, "out of memory for buffer \(name)")
+            throw VQMoEError(.plugin, "\(owner): buffer '\(name)' of \(byteCount) bytes: allocation failed")
         }
         memset(d, 0, max(byteCount, 1))
         data = d
         if isParameter {
-            let g = HostRuntime.alignedAlloc(byteCount)!.bindMemory(to: Float.self, capacity: count)
+            guard let raw = HostRuntime.alignedAlloc(byteCount) else {
+                free(d)
+                throw VQMoEError(
+                    .plugin, "\(owner): the gradient of buffer '\(name)' (\(byteCount) bytes): allocation failed")
+            }
+            let g = raw.bindMemory(to: Float.self, capacity: count)
             g.initialize(repeating: 0, count: count)
             grad = g
         } else {
@@ -259,12 +264,25 @@ public final class PluginInstance: @unchecked Sendable {
 
     /// Throw when any of `count` floats is NaN or ±Inf.
     func checkFinite(_ p: UnsafePointer<Float>?, _ count: Int, _ what: String) throws {
-        guard let p else { return }
-        var bad = false
-        for i in 0..<count where !p[i].isFinite { bad = true; break }
-        if bad {
-            let i = (0..<count).first { !p[$0].isFinite }!
-            throw VQMoEError(.numeric, "\(describe) produced a non-finite \(what) (element \(i) = \(p[i]))")
+        guard let p, !VecMath.allFinite(p, count: count) else { return }
+        let i = (0..<count).first { !p[$0].isFinite }!
+        throw VQMoEError(.numeric, "\(describe) produced a non-finite \(what) (element \(i) = \(p[i]))")
+    }
+
+    /// Whether every given buffer (pointer, count) is finite: taken before a backward call, so a
+    /// non-finite gradient afterwards is this plugin's own (not one handed to it).
+    static func finite(_ buffers: [(UnsafePointer<Float>?, Int)]) -> Bool {
+        buffers.allSatisfy { p, n in p.map { VecMath.allFinite($0, count: n) } ?? true }
+    }
+
+    /// After backward: the input gradient (`count` floats) and every parameter gradient are
+    /// finite, else the error names this plugin, its layer and the call (when what came in was
+    /// finite; otherwise the host's gradient-norm check reports the step).
+    func checkBackward(gradX: UnsafePointer<Float>, count: Int, inputsWereFinite: Bool) throws {
+        guard inputsWereFinite else { return }
+        try checkFinite(gradX, count, "input gradient in backward")
+        for b in buffers where b.isParameter {
+            try checkFinite(b.grad, b.count, "gradient of its parameter '\(b.name)' in backward")
         }
     }
 

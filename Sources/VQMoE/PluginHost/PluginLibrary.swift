@@ -28,13 +28,39 @@ public final class PluginLibrary: @unchecked Sendable {
     private static let lock = NSLock()
 
     /// Open (or return the already opened) library at `path` and validate its descriptor.
-    public static func open(_ path: String) throws -> PluginLibrary {
-        let key = URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+    /// `verified`: the library's bytes, already checked against a registry pin; they are what is
+    /// loaded (from a private copy), so the file cannot change between the check and `dlopen`.
+    public static func open(_ path: String, verified: [UInt8]? = nil) throws -> PluginLibrary {
+        let key =
+            URL(fileURLWithPath: path).resolvingSymlinksInPath().path
+            + (verified.map { "#" + SHA256.hex(of: $0) } ?? "")
         lock.lock(); defer { lock.unlock() }
         if let lib = cache[key] { return lib }
-        let lib = try PluginLibrary(path: path)
+        let lib = try PluginLibrary(path: path, loadFrom: try verified.map { try privateCopy($0, of: path) })
         cache[key] = lib
         return lib
+    }
+
+    /// `bytes` written to a new file only this process knows (mode 0600, unlinked once loaded).
+    private static func privateCopy(_ bytes: [UInt8], of path: String) throws -> String {
+        var template = Array("\(NSTemporaryDirectory())/vqmoe-plugin-XXXXXX.so".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemps($0.baseAddress!, 3) }
+        guard fd >= 0 else {
+            throw VQMoEError(.io, "\(path): cannot make a private copy to load (\(String(cString: strerror(errno))))")
+        }
+        defer { close(fd) }
+        let copy = String(cString: template)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+            guard n > 0 else {
+                unlink(copy)
+                throw VQMoEError(
+                    .io, "\(path): cannot make a private copy to load (\(String(cString: strerror(errno))))")
+            }
+            done += n
+        }
+        return copy
     }
 
     /// A component implemented by the host behind a descriptor of its own (`desc` is never freed:
@@ -56,10 +82,18 @@ public final class PluginLibrary: @unchecked Sendable {
         schema = try PluginLibrary.readSchema(d, plugin: "\(path) ('\(name)')")
     }
 
-    private init(path: String) throws {
+    /// `loadFrom`: a private copy of the verified bytes to dlopen instead of `path` (removed
+    /// once loaded); messages name `path`.
+    private init(path: String, loadFrom copy: String?) throws {
         self.path = path
         hostCreate = nil
-        let d = try PluginLibrary.entryDescriptor(path)
+        let d: UnsafePointer<vqmoe_plugin_desc>
+        if let copy {
+            defer { unlink(copy) }
+            d = try PluginLibrary.entryDescriptor(path, loading: copy)
+        } else {
+            d = try PluginLibrary.entryDescriptor(path)
+        }
         let abi = try PluginLibrary.checkVersion(d, path: path)
         let desc = d.pointee
         guard let kind = PluginKind(code: desc.kind) else {
@@ -105,12 +139,16 @@ public final class PluginLibrary: @unchecked Sendable {
     }
 
     /// dlopen the library, find the entry symbol and call it with the host API.
-    private static func entryDescriptor(_ path: String) throws -> UnsafePointer<vqmoe_plugin_desc> {
+    private static func entryDescriptor(
+        _ path: String, loading file: String? = nil
+    ) throws -> UnsafePointer<vqmoe_plugin_desc> {
         guard FileManager.default.fileExists(atPath: path) else {
             throw VQMoEError(
                 .plugin, "plugin library \(path) does not exist (build the plugins with `swift build -c release`)")
         }
-        guard let handle = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) else {
+        // A path without a slash would make dlopen search the library path instead of this file.
+        let target = file ?? (path.contains("/") ? path : "./\(path)")
+        guard let handle = dlopen(target, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) else {
             let why = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
             throw VQMoEError(.plugin, "cannot load plugin library \(path): dlopen failed: \(why)")
         }

@@ -76,6 +76,8 @@ public final class QuantizerInstance: @unchecked Sendable {
             grad_loss: gradLoss)
         var gout = vqmoe_quantizer_grad_out(
             struct_size: structSize(vqmoe_quantizer_grad_out.self), grad_x: a.f32(gradX, [n, dModel]))
+        let finite = PluginInstance.finite([(gradQuantized, n * dModel), (UnsafePointer(gradX), n * dModel)])
         try core.call("backward") { api.backward!(core.handle, ctx.pointer, &gin, &gout) }
+        try core.checkBackward(gradX: gradX, count: n * dModel, inputsWereFinite: finite && gradLoss.isFinite)
     }
 }

@@ -82,7 +82,13 @@ public final class Registry: @unchecked Sendable {
         registryPath = base
         self.binDir = binDir
         if let base { try stack(try readRegistry(base)) }
-        for dir in searchPath where !dir.isEmpty { try stack(try scan(directory: dir)) }
+        // A folder listed twice (also as "dir" and "dir/") is scanned once.
+        var scanned: [String] = []
+        for dir in searchPath where !dir.isEmpty {
+            guard !scanned.contains(where: { Registry.same($0, dir) }) else { continue }
+            scanned.append(dir)
+            try stack(try scan(directory: dir))
+        }
         for file in overlays where !file.isEmpty && !files.contains(where: { Registry.same($0, file) }) {
             try stack(try readRegistry(file))
         }
@@ -210,10 +216,18 @@ public final class Registry: @unchecked Sendable {
         } else {
             throw VQMoEError(.registry, "\(origin): needs \"library\" (a plugin .so) or \"ffi\" (a plain C function)")
         }
-        return Entry(
-            name: name, kind: kind, source: source, sha256: (obj["sha256"] as? String)?.lowercased(),
-            defaults: defaults,
-            origin: origin)
+        var pin: String?
+        if let raw = obj["sha256"] {
+            guard let text = raw as? String, text.count == 64, text.allSatisfy(\.isHexDigit) else {
+                throw VQMoEError(
+                    .registry, "\(origin).sha256: expected a string of 64 hex digits, got \(describeJSON(raw))")
+            }
+            guard case .library = source else {
+                throw VQMoEError(.registry, "\(origin).sha256: pins a plugin \"library\"; an \"ffi\" entry has none")
+            }
+            pin = text.lowercased()
+        }
+        return Entry(name: name, kind: kind, source: source, sha256: pin, defaults: defaults, origin: origin)
     }
 
     /// A plugin folder: its registry.json, then each library in it that no entry names. A library
@@ -285,8 +299,13 @@ public final class Registry: @unchecked Sendable {
         case .ffi(let f): return try FFIComponent.library(name: e.name, entry: f)
         case .library(let p): path = p
         }
+        var verified: [UInt8]?
         if let pin = e.sha256 {
-            let actual = try SHA256.hex(ofFile: path)
+            // The bytes checked are the bytes loaded (PluginLibrary loads this copy).
+            guard let data = FileManager.default.contents(atPath: path) else {
+                throw VQMoEError(.registry, "\(path): cannot read the pinned library of '\(e.name)' (\(e.origin))")
+            }
+            let bytes = [UInt8](data), actual = SHA256.hex(of: bytes)
             guard actual == pin else {
                 throw VQMoEError(
                     .registry,
@@ -294,8 +313,9 @@ public final class Registry: @unchecked Sendable {
                         + "\(actual); refusing to load it"
                 )
             }
+            verified = bytes
         }
-        let lib = try PluginLibrary.open(path)
+        let lib = try PluginLibrary.open(path, verified: verified)
         guard lib.name == e.name, lib.kind == e.kind else {
             throw VQMoEError(
                 .registry,

@@ -140,6 +140,11 @@ public final class RouterInstance: @unchecked Sendable {
             grad_aux_loss: gradAux)
         var gout = vqmoe_router_grad_out(
             struct_size: structSize(vqmoe_router_grad_out.self), grad_x: a.f32(gradX, [n, dModel]))
+        let finite = PluginInstance.finite([
+            (gradWeights, n * shape.k), (gradDispatch, n * es), (gradCombine, n * es),
+            (UnsafePointer(gradX), n * dModel),
+        ])
         try core.call("backward") { bw(core.handle, ctx.pointer, &gin, &gout) }
+        try core.checkBackward(gradX: gradX, count: n * dModel, inputsWereFinite: finite && gradAux.isFinite)
     }
 }

@@ -67,7 +67,8 @@ public enum Checkpoint {
             text += "meta \(field(k)) \(field(v))\n"
         }
         for (name, e) in entries.sorted(by: { $0.key < $1.key }) {
-            text += "tensor \(field(name)) \(e.dtype) \(e.shape.map(String.init).joined(separator: ",")) \(e.begin) \(e.end)\n"
+            text +=
+                "tensor \(field(name)) \(e.dtype) \(e.shape.map(String.init).joined(separator: ",")) \(e.begin) \(e.end)\n"
         }
         text += "\n"
         return SHA256.hex(of: Array(text.utf8) + Array(body.bindMemory(to: UInt8.self)))
@@ -161,7 +162,9 @@ public enum Checkpoint {
             ? body.withUnsafeBytes { digest(meta: meta, entries: entries, body: $0) } : SHA256.hex(of: [UInt8](body))
         guard got == want else { throw bad("checksum mismatch: the header or the data was truncated or altered") }
         return Loaded(
-            tensors: entries.mapValues { (dtype: $0.dtype, shape: $0.shape, data: body.subdata(in: $0.begin..<$0.end)) },
+            tensors: entries.mapValues {
+                (dtype: $0.dtype, shape: $0.shape, data: body.subdata(in: $0.begin..<$0.end))
+            },
             metadata: meta)
     }
 
@@ -187,7 +190,8 @@ public enum Checkpoint {
             throw bad("entry '\(name)' has data_offsets \(off) outside the data (\(bodyBytes) bytes): truncated?")
         }
         guard off[1] - off[0] == bytes else {
-            throw bad("entry '\(name)': \(dtype) \(shape) needs \(bytes) bytes, data_offsets \(off) hold \(off[1] - off[0])")
+            throw bad(
+                "entry '\(name)': \(dtype) \(shape) needs \(bytes) bytes, data_offsets \(off) hold \(off[1] - off[0])")
         }
         return Entry(dtype: dtype, shape: shape, begin: off[0], end: off[1])
     }

@@ -92,6 +92,8 @@ public final class MetricsLog {
     private let encoder = JSONEncoder()
     /// What a non-finite number is encoded as before it becomes null.
     private static let nonFinite = "__vqmoe_non_finite__"
+    /// Lines written with a non-finite value (as null); the first is reported on standard error.
+    public private(set) var nonFiniteLines = 0
 
     /// Open the log: empty, or (resuming) keeping only the lines of steps below `keepingStepsBelow`.
     public init(path: String, keepingStepsBelow: Int?) throws {
@@ -122,9 +124,27 @@ public final class MetricsLog {
 
     public func append<R: Encodable>(_ record: R) throws {
         var line = String(decoding: try encoder.encode(record), as: UTF8.self)
+        if line.contains(MetricsLog.nonFinite) {
+            if nonFiniteLines == 0 {
+                let step = line.range(of: #""step":(-?[0-9]+)"#, options: .regularExpression).map { String(line[$0]) }
+                FileHandle.standardError.write(
+                    Data(
+                        ("warning: \(path): a non-finite value (NaN or ±Inf) written as null (\(step ?? "no step")); "
+                            + "later ones are not reported\n").utf8))
+            }
+            nonFiniteLines += 1
+        }
         line = line.replacingOccurrences(of: "\"\(MetricsLog.nonFinite)\"", with: "null") + "\n"
-        do { try handle.write(contentsOf: Data(line.utf8)) } catch {
-            throw VQMoEError(.io, "\(path): cannot append a metrics line (\(error.localizedDescription))")
+        // POSIX writes, so a full disk is named by errno ("No space left on device").
+        let fd = handle.fileDescriptor
+        var bytes = Array(line.utf8)[...]
+        while !bytes.isEmpty {
+            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) }
+            guard n > 0 else {
+                throw VQMoEError(
+                    .io, "\(path): cannot append a metrics line (\(String(cString: strerror(n < 0 ? errno : ENOSPC))))")
+            }
+            bytes = bytes.dropFirst(n)
         }
     }
 }

@@ -108,7 +108,8 @@ public struct ModelBuilder {
         return comp
     }
 
-    public func build() throws -> Built {
+    /// The dataset and head, the completed model config and the dims the layers' plugins get.
+    func start() throws -> (dataset: DatasetInstance, head: HeadInstance, model: TransformerConfig, dims: ModelDims) {
         let c = config
         var dims = ModelDims(
             dModel: c.model.dModel, seqLen: c.model.seqLen, totalSteps: c.train.steps, dataRoot: dataRoot)
@@ -121,6 +122,29 @@ public struct ModelBuilder {
         let head = try HeadInstance(
             instance(.head, c.head, dims: dims, seed: HostRNG.derive(c.seed, 202), name: "head"))
         try check(head, for: dataset)
+        return (dataset, head, mc, dims)
+    }
+
+    /// The run's estimated memory per process (`vqmoe train --dry-run`), without building the model.
+    public func memoryEstimate(ranks: Int = Comm.world.size) throws -> MemoryEstimate {
+        let s = try start()
+        return try estimate(model: s.model, dims: s.dims, head: s.head, dataset: s.dataset, ranks: ranks)
+    }
+
+    /// Processes of this job on this machine (Open MPI / Slurm tell; else 1).
+    static var localRanks: Int {
+        let env = ProcessInfo.processInfo.environment
+        return ["OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "MPI_LOCALNRANKS"].lazy
+            .compactMap { env[$0].flatMap { Int($0) } }.first ?? 1
+    }
+
+    /// Everything for a run; refused before the model is allocated when its memory estimate
+    /// exceeds the limit (`MemoryEstimate.check`).
+    public func build() throws -> Built {
+        let c = config
+        let (dataset, head, mc, dims) = try start()
+        try estimate(model: mc, dims: dims, head: head, dataset: dataset, ranks: Comm.world.size)
+            .check(localRanks: ModelBuilder.localRanks)
         let model = try Transformer(
             config: mc, head: head,
             components: { layer in

@@ -101,8 +101,8 @@ public final class Trainer {
         } catch let e as VQMoEError where e.category == .numeric && !e.message.contains("at step") {
             throw VQMoEError(
                 .numeric,
-                "training step \(step): \(e.message); the last good checkpoint is \(outDir)/last.safetensors "
-                    + "(resume with a lower learning rate or stronger clipping)"
+                "training step \(step): \(e.message); "
+                    + lastCheckpointNote(then: "lower the learning rate or clip harder, then")
             )
         }
         let t3 = now()

@@ -16,6 +16,15 @@ extension Trainer {
             runDirectory = nil
         }
         var state = try start(resume: resume, force: force)
+        do { return try loop(&state, stopAfter: stopAfter) } catch let e as VQMoEError where e.category == .io {
+            // A full disk (or a lost mount): the checkpoint writes are atomic, so `last` is
+            // whole and resumable.
+            throw VQMoEError(.io, "\(e.message); \(lastCheckpointNote(then: "free space, then"))")
+        }
+    }
+
+    /// The steps from `state.nextStep` on, then `finish`.
+    private func loop(_ state: inout RunState, stopAfter: Int?) throws -> TrainResult {
         let t = config.train
         let tokensPerStep = t.batchSize * config.model.seqLen
         let start = Date()
@@ -52,7 +61,17 @@ extension Trainer {
 
     /// A fresh run writes config.json and an empty metrics log; a resumed one loads OUT/last.*
     /// and keeps the metrics of the steps the checkpoint covers.
+    /// Where training can continue from: "the last good checkpoint is OUT/last.safetensors
+    /// (step N): <then> `vqmoe train --resume OUT`", or that there is none yet.
+    func lastCheckpointNote(then: String) -> String {
+        Trainer.lastCheckpointStep >= 0 && FileManager.default.fileExists(atPath: "\(outDir)/last.json")
+            ? "the last good checkpoint is \(outDir)/last.safetensors (step \(Trainer.lastCheckpointStep)): \(then) "
+                + "`vqmoe train --resume \(outDir)`"
+            : "no checkpoint was written yet (one every train.checkpoint_every = \(config.train.checkpointEvery) steps)"
+    }
+
     private func start(resume: Bool, force: Bool) throws -> RunState {
+        Trainer.lastCheckpointStep = -1
         if comm.isRoot {
             runDirectory = try RunDirectory(path: outDir, mode: resume ? .resume : .fresh(force: force))
         } else {

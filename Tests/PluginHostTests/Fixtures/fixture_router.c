@@ -5,7 +5,10 @@
  *   -DFIXTURE_NAME='"other"'   descriptor name
  *   -DFIXTURE_WIDE_SPECS       (ABI >= 1.2) schema entries in a larger struct, as a later 1.x
  *                              might declare them: the host must step by hparam_spec_size
- * The `fail` hyperparameter picks a runtime failure: none, create_error, forward_error, nan.
+ *   -DFIXTURE_BACKWARD         trainable: saves a context and has a backward (zero gradient)
+ * The `fail` hyperparameter picks a runtime failure: none, create_error, forward_error, nan,
+ * nan_backward (NaN in grad_x), wrapped_buffer (a parameter of shape [2^40, 2^40], whose byte
+ * count wraps to 0 in 64 bits), huge_buffer (a parameter of 2^62 floats).
  * Built against Fixtures/abi_1_1/vqmoe_plugin.h it is an ABI 1.1 plugin. */
 #include "vqmoe_plugin.h"
 #include <math.h>
@@ -20,7 +23,7 @@
 
 typedef struct {
     const vqmoe_host_api *host;
-    int fail; /* 0 none, 2 forward_error, 3 nan */
+    int fail; /* 0 none, 2 forward_error, 3 nan, 4 nan_backward, 5 wrapped_buffer, 6 huge_buffer */
 } fixture;
 
 #ifdef FIXTURE_WIDE_SPECS
@@ -29,14 +32,16 @@ typedef struct {
     double future[3]; /* fields a later 1.x might append */
 } wide_spec;
 static const wide_spec hparams[] = {
-    {{"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0, "none,create_error,forward_error,nan"},
+    {{"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0,
+      "none,create_error,forward_error,nan,nan_backward,wrapped_buffer,huge_buffer"},
      {1, 2, 3}},
     {{"level", VQMOE_HP_INT, VQMOE_HP_HAS_MIN, "an integer that create checks", 7, NULL, 0, 0, NULL}, {4, 5, 6}},
 };
 #define N_HPARAMS 2
 #else
 static const vqmoe_hparam_spec hparams[] = {
-    {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0, "none,create_error,forward_error,nan"},
+    {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0,
+     "none,create_error,forward_error,nan,nan_backward,wrapped_buffer,huge_buffer"},
 };
 #define N_HPARAMS 1
 #endif
@@ -55,7 +60,12 @@ static int32_t create(const vqmoe_create_info *info, const vqmoe_hparams *hp, vq
     }
     fixture *s = (fixture *)calloc(1, sizeof(fixture));
     s->host = info->host;
-    s->fail = strcmp(f, "forward_error") == 0 ? 2 : strcmp(f, "nan") == 0 ? 3 : 0;
+    s->fail = strcmp(f, "forward_error") == 0    ? 2
+              : strcmp(f, "nan") == 0            ? 3
+              : strcmp(f, "nan_backward") == 0   ? 4
+              : strcmp(f, "wrapped_buffer") == 0 ? 5
+              : strcmp(f, "huge_buffer") == 0    ? 6
+                                                 : 0;
     *out = (vqmoe_instance *)s;
     return VQMOE_OK;
 }
@@ -63,14 +73,26 @@ static void destroy(vqmoe_instance *inst) {
     free(inst);
 }
 static int32_t num_buffers(vqmoe_instance *inst) {
-    (void)inst;
-    return 0;
+    fixture *s = (fixture *)inst;
+    return s->fail == 5 || s->fail == 6 ? 1 : 0;
 }
 static int32_t buffer_spec(vqmoe_instance *inst, int32_t i, vqmoe_buffer_spec *out) {
-    (void)inst;
-    (void)i;
-    (void)out;
-    return VQMOE_ERR_INVALID_ARGUMENT;
+    fixture *s = (fixture *)inst;
+    if (i != 0 || (s->fail != 5 && s->fail != 6)) return VQMOE_ERR_INVALID_ARGUMENT;
+    out->name = "w";
+    out->role = VQMOE_BUF_PARAM;
+    out->dtype.code = VQMOE_DTYPE_FLOAT;
+    out->dtype.bits = 32;
+    out->dtype.lanes = 1;
+    if (s->fail == 5) {
+        out->ndim = 2;
+        out->shape[0] = (int64_t)1 << 40;
+        out->shape[1] = (int64_t)1 << 40;
+    } else {
+        out->ndim = 1;
+        out->shape[0] = (int64_t)1 << 62;
+    }
+    return VQMOE_OK;
 }
 static int32_t bind_buffers(vqmoe_instance *inst, const vqmoe_buffer_binding *b, int32_t n) {
     (void)inst;
@@ -96,6 +118,9 @@ static int32_t forward(vqmoe_instance *inst, const vqmoe_step_info *step, const 
     (void)step;
     fixture *s = (fixture *)inst;
     *ctx = NULL;
+#ifdef FIXTURE_BACKWARD
+    if (step->flags & VQMOE_STEP_TRAIN) *ctx = malloc(1);
+#endif
     if (s->fail == 2) {
         s->host->set_error("fixture asked to fail in forward");
         return VQMOE_ERR_INVALID_ARGUMENT;
@@ -123,16 +148,34 @@ static int32_t forward(vqmoe_instance *inst, const vqmoe_step_info *step, const 
 }
 static void free_ctx(vqmoe_instance *inst, void *ctx) {
     (void)inst;
-    (void)ctx;
+    free(ctx);
 }
 
-static const vqmoe_router_api router_api = {sizeof(vqmoe_router_api), shape, forward, NULL, free_ctx};
+#ifdef FIXTURE_BACKWARD
+/* The weights are constant 1 (no dependence on x): grad_x is 0, or NaN on request. */
+static int32_t backward(vqmoe_instance *inst, void *ctx, const vqmoe_router_grad_in *in, vqmoe_router_grad_out *out) {
+    (void)ctx;
+    (void)in;
+    fixture *s = (fixture *)inst;
+    float *g = (float *)out->grad_x.data;
+    int64_t n = out->grad_x.shape[0] * out->grad_x.shape[1];
+    if (s->fail == 4) g[n / 2] += (float)NAN;
+    return VQMOE_OK;
+}
+#define FIXTURE_FLAGS       0
+#define FIXTURE_BACKWARD_FN backward
+#else
+#define FIXTURE_FLAGS       VQMOE_PLUGIN_NO_GRAD
+#define FIXTURE_BACKWARD_FN NULL
+#endif
+
+static const vqmoe_router_api router_api = {sizeof(vqmoe_router_api), shape, forward, FIXTURE_BACKWARD_FN, free_ctx};
 
 static const vqmoe_plugin_desc desc = {
     FIXTURE_ABI,
     sizeof(vqmoe_plugin_desc),
     VQMOE_KIND_ROUTER,
-    VQMOE_PLUGIN_NO_GRAD,
+    FIXTURE_FLAGS,
     FIXTURE_NAME,
     "0.1.0",
     "test fixture: a router that fails on request",
