@@ -44,6 +44,8 @@ func pluginsCommand(_ args: inout Args) throws -> Int32 {
     case "check":
         let settings = try parseSettings(try args.take("--set"))
         let target = try args.positional(1, usage: "plugins check NAME|PATH [--set key=value ...]")[0]
+        // The checks run in a child process: a plugin that crashes is a failed check, not a dead checker.
+        guard ProcessInfo.processInfo.environment[checkChildVariable] != nil else { return try checkInChild() }
         let isPath = target.contains("/") || target.hasSuffix(".so")
         return emit(
             try PluginCommands.check(
@@ -52,6 +54,43 @@ func pluginsCommand(_ args: inout Args) throws -> Int32 {
         let known = closestFirst(sub, among: ["list", "inspect", "check", "docs"]).joined(separator: ", ")
         throw VQMoEError(.usage, "unknown command 'plugins \(sub)'; commands: \(known)")
     }
+}
+
+/// Set in the child that runs `plugins check`'s checks.
+let checkChildVariable = "VQMOE_CHECK_CHILD"
+
+/// Run this same command line in a child process and relay its output; when the child dies of
+/// a signal, report the plugin call it died in (from `PluginCallGuard`'s line) as a failed check.
+func checkInChild() throws -> Int32 {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/proc/self/exe")
+    p.arguments = Array(CommandLine.arguments.dropFirst())
+    p.environment = ProcessInfo.processInfo.environment.merging([checkChildVariable: "1"]) { _, new in new }
+    let out = Pipe(), err = Pipe()
+    (p.standardOutput, p.standardError) = (out, err)
+    try p.run()
+    // Read both pipes while the child runs (a full pipe would block it).
+    nonisolated(unsafe) var errData = Data()
+    let reader = Thread { errData = err.fileHandleForReading.readDataToEndOfFile() }
+    reader.start()
+    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    while !reader.isFinished { Thread.sleep(forTimeInterval: 0.01) }
+    let stderrText = String(decoding: errData, as: UTF8.self)
+    FileHandle.standardOutput.write(outData)
+    guard p.terminationReason == .uncaughtSignal else {
+        FileHandle.standardError.write(errData)
+        return p.terminationStatus
+    }
+    let signal = p.terminationStatus
+    let named = String(cString: strsignal(signal))
+    if let (sig, plugin, call) = PluginCallGuard.parse(stderrText) {
+        print("FAIL  crashed  with \(sig) in \(call) (\(plugin))")
+    } else {
+        print("FAIL  crashed  the checker's child process died of signal \(signal) (\(named)) outside any plugin call")
+    }
+    print("the checks stopped there: a plugin must never crash its host (fix the crash, then check again)")
+    return 1
 }
 
 /// `vqmoe plugin new KIND NAME`.

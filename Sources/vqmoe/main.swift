@@ -4,6 +4,7 @@ import Foundation
 import VQMoE
 
 func run() throws -> Int32 {
+    PluginCallGuard.install()  // a crash inside a plugin names the plugin and the call
     var args = try Args(Array(CommandLine.arguments.dropFirst()))
     HostRuntime.configure(threads: args.threads ?? 1)
     let wantsHelp = args.flag("--help") || args.flag("-h")

@@ -166,6 +166,46 @@ final class RunDirectoryTests: XCTestCase {
                     + "gradient in backward (element 256 = nan); no checkpoint was written yet"), o)
     }
 
+    /// A plugin that segfaults: training's last words name the plugin, its layer and the call
+    /// (then the usual crash report); `plugins check` survives it and reports a failed check.
+    func testCrashInsideAPluginIsNamed() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        let dir = try makeTempDir("rundir-segv")
+        let lib = try fixture(dir, "libfixture_router.so")
+        try """
+        {"version": 1, "plugins": [{"name": "fixture_router", "kind": "router", "library": "\(lib)"}]}
+        """.write(toFile: "\(dir)/registry.json", atomically: true, encoding: .utf8)
+        let cfg = try tinyConfig(dir, steps: 10)
+        let registries = ["--registry", "\(repoRoot)/registry.json", "--registry", "\(dir)/registry.json"]
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: vqmoe)
+        p.arguments =
+            registries + [
+                "train", cfg, "--out", "\(dir)/run", "--set", "model.ffn.mode=smoe", "--set",
+                "model.ffn.router.name=fixture_router", "--set", "model.ffn.router.fail=segfault",
+            ]
+        p.environment = ProcessInfo.processInfo.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { _, b in b }
+        let err = Pipe()
+        (p.standardOutput, p.standardError) = (FileHandle.nullDevice, err)
+        try p.run()
+        let text = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationReason, .uncaughtSignal, text)
+        XCTAssertEqual(p.terminationStatus, SIGSEGV, text)
+        XCTAssertTrue(
+            text.contains(
+                "vqmoe: fatal signal SIGSEGV inside router 'fixture_router' (layers.0.ffn.router) in forward"),
+            text)
+
+        let (s, o) = try runProcess(
+            vqmoe, registries + ["plugins", "check", "fixture_router", "--set", "fail=segfault"])
+        XCTAssertEqual(s, 1, o)
+        XCTAssertTrue(o.contains("FAIL  crashed  with SIGSEGV in forward (router 'fixture_router' (check))"), o)
+        let (s2, o2) = try runProcess(vqmoe, registries + ["plugins", "check", "fixture_router"])
+        XCTAssertEqual(s2, 0, o2)
+        XCTAssertTrue(o2.hasSuffix("11 passed, 0 failed\n"), o2)
+    }
+
     private func resumeStep(_ dir: String) throws -> Int {
         try XCTUnwrap(CheckpointSidecar.read("\(dir)/run/last.json").run?.nextStep)
     }

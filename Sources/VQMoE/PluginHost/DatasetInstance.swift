@@ -84,40 +84,46 @@ public final class DatasetInstance: @unchecked Sendable {
     /// Batch `index` of `split`; nil past the end of a finite split.
     public func read(_ split: Split, index: Int, batchSize: Int) throws -> Batch? {
         let sampleCount = sampleShape.reduce(1, *)
-        var b = Batch(
-            inputsInt: inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount),
-            inputsFloat: inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : [],
-            targets: [Int32](repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize),
-            lengths: task == VQMOE_TASK_CLASSIFY_TOKENS
-                ? [Int32](repeating: Int32(sampleShape[0]), count: batchSize) : [],
-            rows: 0, inputShape: [batchSize] + sampleShape,
-            targetShape: isLM ? [batchSize, sampleShape[0]] : [batchSize])
-        var status: Int32 = 0
+        // The arrays the plugin fills, as separate variables (one exclusive access each; nested
+        // accesses to fields of one struct would overlap).
+        var inputsInt = inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount)
+        var inputsFloat = inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : []
+        var targetValues = [Int32](
+            repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize)
+        var lengthValues =
+            task == VQMOE_TASK_CLASSIFY_TOKENS ? [Int32](repeating: Int32(sampleShape[0]), count: batchSize) : []
+        let inputShape = [batchSize] + sampleShape, targetShape = isLM ? [batchSize, sampleShape[0]] : [batchSize]
+        var status: Int32 = 0, rows = 0
         let a = TensorArena()
         var req = vqmoe_batch_request(
             struct_size: structSize(vqmoe_batch_request.self), split: split.rawValue,
             index: Int64(index), batch_size: Int64(batchSize))
-        let hasLengths = !b.lengths.isEmpty
-        b.targets.withUnsafeMutableBufferPointer { t in
-            b.lengths.withUnsafeMutableBufferPointer { l in
-                let targets = a.i32(t.baseAddress, b.targetShape)
+        let hasLengths = !lengthValues.isEmpty
+        targetValues.withUnsafeMutableBufferPointer { t in
+            lengthValues.withUnsafeMutableBufferPointer { l in
+                let targets = a.i32(t.baseAddress, targetShape)
                 let lengths = hasLengths ? a.i32(l.baseAddress, [batchSize]) : TensorArena.absent
                 func run(_ inputs: vqmoe_tensor) {
                     var out = vqmoe_batch(
                         struct_size: structSize(vqmoe_batch.self), inputs: inputs, targets: targets, rows: 0,
                         lengths: lengths)
                     _ = HostRuntime.takeError()
+                    PluginCallGuard.enter(core.describe, call: "read_batch")
                     status = api.read_batch!(core.handle, &req, &out)
+                    PluginCallGuard.leave()
                     HostRuntime.releaseScratch()
-                    b.rows = Int(out.rows)
+                    rows = Int(out.rows)
                 }
                 if inputIsFloat {
-                    b.inputsFloat.withUnsafeMutableBufferPointer { run(a.f32($0.baseAddress, b.inputShape)) }
+                    inputsFloat.withUnsafeMutableBufferPointer { run(a.f32($0.baseAddress, inputShape)) }
                 } else {
-                    b.inputsInt.withUnsafeMutableBufferPointer { run(a.i32($0.baseAddress, b.inputShape)) }
+                    inputsInt.withUnsafeMutableBufferPointer { run(a.i32($0.baseAddress, inputShape)) }
                 }
             }
         }
+        let b = Batch(
+            inputsInt: inputsInt, inputsFloat: inputsFloat, targets: targetValues, lengths: lengthValues, rows: rows,
+            inputShape: inputShape, targetShape: targetShape)
         if status == VQMOE_ERR_END_OF_DATA { _ = HostRuntime.takeError(); return nil }
         if status != VQMOE_OK {
             let msg = HostRuntime.takeError() ?? "no message"

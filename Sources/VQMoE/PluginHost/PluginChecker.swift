@@ -507,32 +507,26 @@ public struct PluginChecker {
                 detail: "\(h.perToken ? "per token" : "per sequence"), \(h.nOut) outputs\(h.isLM ? ", LM" : "")")
         ]
         let d = dims.dModel, b = groups, t = groupSize, rows = h.rows(batch: b, seq: t)
-        var hs = randomNormal(b * t * d, stream: 7)
+        // Stable buffers (Storage): the gradcheck perturbs hs while forward reads it.
+        let hs = Storage(randomNormal(b * t * d, stream: 7))
         var r = HostRNG.make(seed: seed, stream: 8)
-        var targets = (0..<rows).map { _ in Int32(HostRNG.next(&r) % UInt64(h.nOut)) }
-        if rows > 2 { targets[1] = Int32(VQMOE_PAD_TARGET) }  // one ignored target
-        var logits = [Float](repeating: 0, count: rows * h.nOut)
+        var targetValues = (0..<rows).map { _ in Int32(HostRNG.next(&r) % UInt64(h.nOut)) }
+        if rows > 2 { targetValues[1] = Int32(VQMOE_PAD_TARGET) }  // one ignored target
+        let targets = Storage(targetValues), logits = Storage<Float>(zeros: rows * h.nOut)
         let cLoss: Float = 1.3
         // Pooled heads also get padded sequences: sample i has t − i real tokens.
         let lengths: [Int32]? = h.perToken ? nil : (0..<b).map { Int32(max(1, t - $0)) }
         func forward(_ s: StepInfo) throws -> (Double, [Int32], HeadInstance.Result) {
-            try hs.withUnsafeMutableBufferPointer { hp in
-                try targets.withUnsafeMutableBufferPointer { tp in
-                    try logits.withUnsafeMutableBufferPointer { lp in
-                        let res = try h.forward(
-                            s, h: hp.baseAddress!, batch: b, seq: t, targets: tp.baseAddress, lengths: lengths,
-                            logits: lp.baseAddress!)
-                        return (Double(cLoss) * Double(res.loss), [], res)
-                    }
-                }
-            }
+            let res = try h.forward(
+                s, h: hs.pointer, batch: b, seq: t, targets: targets.pointer, lengths: lengths, logits: logits.pointer)
+            return (Double(cLoss) * Double(res.loss), [], res)
         }
         let restore = stateRestorer(h.core)
         let (v1, _, res) = try forward(step())
         let (v2, _, _) = try forward(step(noGrad: true))
         results.append(
             CheckResult(name: "forward deterministic", passed: v1 == v2, detail: "loss \(fmt(Double(res.loss)))"))
-        let expectCount = targets.filter { $0 != Int32(VQMOE_PAD_TARGET) }.count
+        let expectCount = targetValues.filter { $0 != Int32(VQMOE_PAD_TARGET) }.count
         let sumsOK =
             res.count == expectCount
             && abs(res.lossSum / Double(max(res.count, 1)) - Double(res.loss)) < 1e-4 * max(1, Double(res.loss))
@@ -553,11 +547,9 @@ public struct PluginChecker {
         let eval: Eval = {
             let (v, dsc, _) = try forward(step(noGrad: true)); return (v, dsc)
         }
-        results += try hs.withUnsafeMutableBufferPointer { hp in
-            try gradchecks(
-                h.core, inputName: "h", input: hp.baseAddress!, inputCount: b * t * d, inputGrad: gh, restore: restore,
-                eval: eval)
-        }
+        results += try gradchecks(
+            h.core, inputName: "h", input: hs.pointer, inputCount: b * t * d, inputGrad: gh, restore: restore,
+            eval: eval)
         return results
     }
 

@@ -192,7 +192,9 @@ public final class PluginInstance: @unchecked Sendable {
                     }
                     return VQMOE_OK
                 }
+                PluginCallGuard.enter("\(library.kind.rawValue) '\(library.name)' (\(instanceName))", call: "create")
                 let s = hyperparameters.withC { hp in d.create!(&info, hp, &out) }
+                PluginCallGuard.leave()
                 HostRuntime.releaseScratch()
                 return s
             }
@@ -252,7 +254,9 @@ public final class PluginInstance: @unchecked Sendable {
     /// an error naming the plugin, the instance and the call.
     func call(_ what: String, _ body: () -> Int32) throws {
         _ = HostRuntime.takeError()
+        PluginCallGuard.enter(describe, call: what)
         let status = body()
+        PluginCallGuard.leave()
         HostRuntime.releaseScratch()
         if status != VQMOE_OK {
             let msg = HostRuntime.takeError() ?? "no message"

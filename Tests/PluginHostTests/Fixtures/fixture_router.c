@@ -8,7 +8,8 @@
  *   -DFIXTURE_BACKWARD         trainable: saves a context and has a backward (zero gradient)
  * The `fail` hyperparameter picks a runtime failure: none, create_error, forward_error, nan,
  * nan_backward (NaN in grad_x), wrapped_buffer (a parameter of shape [2^40, 2^40], whose byte
- * count wraps to 0 in 64 bits), huge_buffer (a parameter of 2^62 floats).
+ * count wraps to 0 in 64 bits), huge_buffer (a parameter of 2^62 floats), segfault (a NULL write in
+ * forward).
  * Built against Fixtures/abi_1_1/vqmoe_plugin.h it is an ABI 1.1 plugin. */
 #include "vqmoe_plugin.h"
 #include <math.h>
@@ -23,7 +24,8 @@
 
 typedef struct {
     const vqmoe_host_api *host;
-    int fail; /* 0 none, 2 forward_error, 3 nan, 4 nan_backward, 5 wrapped_buffer, 6 huge_buffer */
+    volatile int *nowhere;
+    int fail; /* 0 none, 2 forward_error, 3 nan, 4 nan_backward, 5 wrapped_buffer, 6 huge_buffer, 7 segfault */
 } fixture;
 
 #ifdef FIXTURE_WIDE_SPECS
@@ -33,7 +35,7 @@ typedef struct {
 } wide_spec;
 static const wide_spec hparams[] = {
     {{"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0,
-      "none,create_error,forward_error,nan,nan_backward,wrapped_buffer,huge_buffer"},
+      "none,create_error,forward_error,nan,nan_backward,wrapped_buffer,huge_buffer,segfault"},
      {1, 2, 3}},
     {{"level", VQMOE_HP_INT, VQMOE_HP_HAS_MIN, "an integer that create checks", 7, NULL, 0, 0, NULL}, {4, 5, 6}},
 };
@@ -41,7 +43,7 @@ static const wide_spec hparams[] = {
 #else
 static const vqmoe_hparam_spec hparams[] = {
     {"fail", VQMOE_HP_STRING, 0, "which failure to produce", 0, "none", 0, 0,
-     "none,create_error,forward_error,nan,nan_backward,wrapped_buffer,huge_buffer"},
+     "none,create_error,forward_error,nan,nan_backward,wrapped_buffer,huge_buffer,segfault"},
 };
 #define N_HPARAMS 1
 #endif
@@ -65,6 +67,7 @@ static int32_t create(const vqmoe_create_info *info, const vqmoe_hparams *hp, vq
               : strcmp(f, "nan_backward") == 0   ? 4
               : strcmp(f, "wrapped_buffer") == 0 ? 5
               : strcmp(f, "huge_buffer") == 0    ? 6
+              : strcmp(f, "segfault") == 0       ? 7
                                                  : 0;
     *out = (vqmoe_instance *)s;
     return VQMOE_OK;
@@ -121,6 +124,7 @@ static int32_t forward(vqmoe_instance *inst, const vqmoe_step_info *step, const 
 #ifdef FIXTURE_BACKWARD
     if (step->flags & VQMOE_STEP_TRAIN) *ctx = malloc(1);
 #endif
+    if (s->fail == 7) *s->nowhere = 1; /* NULL (calloc), unknown to the compiler here: a real SIGSEGV */
     if (s->fail == 2) {
         s->host->set_error("fixture asked to fail in forward");
         return VQMOE_ERR_INVALID_ARGUMENT;
