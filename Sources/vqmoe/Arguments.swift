@@ -80,20 +80,5 @@ struct Args {
     }
 }
 
-/// `key=value` settings; values parse as JSON when they can (numbers, true/false), else strings.
-func parseSettings(_ items: [String]) throws -> [String: Any] {
-    var out: [String: Any] = [:]
-    for item in items {
-        guard let eq = item.firstIndex(of: "=") else { throw VQMoEError(.usage, "--set \(item): expected key=value") }
-        let key = String(item[..<eq]), raw = String(item[item.index(after: eq)...])
-        if let data = raw.data(using: .utf8),
-            let v = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]),
-            !(v is [Any]), !(v is [String: Any])
-        {
-            out[key] = v
-        } else {
-            out[key] = raw
-        }
-    }
-    return out
-}
+/// `key=value` settings (`ConfigReader.parseSettings`).
+func parseSettings(_ items: [String]) throws -> [String: Any] { try ConfigReader.parseSettings(items) }

@@ -65,17 +65,24 @@ func checkInChild() throws -> Int32 {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/proc/self/exe")
     p.arguments = Array(CommandLine.arguments.dropFirst())
-    p.environment = ProcessInfo.processInfo.environment.merging([checkChildVariable: "1"]) { _, new in new }
+    // The parent reports a crash itself: no crash report (backtracer) in the child.
+    p.environment = ProcessInfo.processInfo.environment.merging([
+        checkChildVariable: "1", "SWIFT_BACKTRACE": "enable=no",
+    ]) { _, new in new }
     let out = Pipe(), err = Pipe()
     (p.standardOutput, p.standardError) = (out, err)
     try p.run()
-    // Read both pipes while the child runs (a full pipe would block it).
-    nonisolated(unsafe) var errData = Data()
-    let reader = Thread { errData = err.fileHandleForReading.readDataToEndOfFile() }
-    reader.start()
-    let outData = out.fileHandleForReading.readDataToEndOfFile()
+    // Read both pipes while the child runs (a full pipe would block it); once it has ended, wait
+    // at most 5 s for the pipes to close (a helper it started could hold them open).
+    nonisolated(unsafe) var outData = Data(), errData = Data()
+    let readers = [
+        Thread { outData = out.fileHandleForReading.readDataToEndOfFile() },
+        Thread { errData = err.fileHandleForReading.readDataToEndOfFile() },
+    ]
+    readers.forEach { $0.start() }
     p.waitUntilExit()
-    while !reader.isFinished { Thread.sleep(forTimeInterval: 0.01) }
+    let deadline = Date().addingTimeInterval(5)
+    while readers.contains(where: { !$0.isFinished }) && Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
     let stderrText = String(decoding: errData, as: UTF8.self)
     FileHandle.standardOutput.write(outData)
     guard p.terminationReason == .uncaughtSignal else {

@@ -35,12 +35,16 @@ func runProcess(
     return (p.terminationStatus, String(decoding: data, as: UTF8.self))
 }
 
-/// Compile a C plugin source against the ABI header into a shared library.
+/// Compile a C plugin source against the ABI header into a shared library (with
+/// `$VQMOE_TEST_CFLAGS` and compiler `$VQMOE_TEST_CC`: the sanitizer lane builds them with
+/// clang -fsanitize=address, the runtime the Swift side links).
 func compilePlugin(_ source: String, to output: String, defines: [String] = [], include: String? = nil) throws {
+    let env = ProcessInfo.processInfo.environment
+    let extra = (env["VQMOE_TEST_CFLAGS"] ?? "").split(separator: " ").map(String.init)
     let (status, out) = try runProcess(
         "/usr/bin/env",
-        [
-            "cc", "-O1", "-std=c11", "-shared", "-fPIC",
+        [env["VQMOE_TEST_CC"] ?? "cc"] + extra + [
+            "-O1", "-std=c11", "-shared", "-fPIC",
             "-I\(include ?? "\(repoRoot)/Sources/VQMoEABI/include")",
         ] + defines.map { "-D\($0)" } + [source, "-o", output, "-lm"])
     if status != 0 { throw VQMoEError(.internalError, "cc failed for \(source):\n\(out)") }

@@ -95,7 +95,8 @@ public final class PluginLibrary: @unchecked Sendable {
             d = try PluginLibrary.entryDescriptor(path)
         }
         let abi = try PluginLibrary.checkVersion(d, path: path)
-        let desc = d.pointee
+        let padded = PluginLibrary.paddedCopy(d)
+        let desc = padded.pointee
         guard let kind = PluginKind(code: desc.kind) else {
             throw VQMoEError(
                 .plugin,
@@ -106,7 +107,7 @@ public final class PluginLibrary: @unchecked Sendable {
             throw VQMoEError(.plugin, "\(path): plugin name '\(name)' must be lower_snake_case (letters, digits, _)")
         }
         try PluginLibrary.checkFunctions(desc, kind: kind, name: name, path: path)
-        self.desc = d
+        self.desc = padded
         self.kind = kind
         self.name = name
         self.abiVersion = abi
@@ -168,6 +169,30 @@ public final class PluginLibrary: @unchecked Sendable {
                     + (HostRuntime.takeError().map { ": \($0)" } ?? ""))
         }
         return d
+    }
+
+    /// The descriptor, and its kind's API table, copied into host-sized zero-filled memory: a
+    /// plugin built against an older 1.x has shorter structs, and the fields it lacks must read
+    /// as 0 / NULL rather than past its end (structs grow only at the end). Never freed (plugins
+    /// are never unloaded). The API table is padded once `checkFunctions` has checked its size.
+    static func paddedCopy(_ d: UnsafePointer<vqmoe_plugin_desc>) -> UnsafePointer<vqmoe_plugin_desc> {
+        func copy(_ src: UnsafeRawPointer, declared: Int, full: Int) -> UnsafeMutableRawPointer {
+            let p = UnsafeMutableRawPointer.allocate(byteCount: full, alignment: 16)
+            memset(p, 0, full)
+            memcpy(p, src, min(declared, full))
+            return p
+        }
+        let raw = UnsafeRawPointer(d)
+        let full = MemoryLayout<vqmoe_plugin_desc>.size
+        let out = copy(raw, declared: Int(raw.load(fromByteOffset: 4, as: UInt32.self)), full: full)
+            .bindMemory(to: vqmoe_plugin_desc.self, capacity: 1)
+        if let kind = PluginKind(code: out.pointee.kind), let api = out.pointee.kind_api {
+            let declared = Int(api.load(as: UInt32.self))
+            if declared >= kind.apiStructSize {
+                out.pointee.kind_api = UnsafeRawPointer(copy(api, declared: declared, full: kind.apiStructSize))
+            }
+        }
+        return UnsafePointer(out)
     }
 
     /// abi_version and struct_size come first in every version; nothing else is read before the

@@ -28,6 +28,33 @@ public final class ConfigReader {
             throw VQMoEError(.config, "\(file): not valid JSON (\(error.localizedDescription))")
         }
         guard var obj = json as? [String: Any] else { throw VQMoEError(.config, "\(file): expected a JSON object") }
+        try apply(overrides, to: &obj)
+        return obj
+    }
+
+    /// `--set key=value` items → overrides; values parse as JSON when they can (numbers,
+    /// true/false, null, strings in quotes), else they are strings.
+    public static func parseSettings(_ items: [String]) throws -> [String: Any] {
+        var out: [String: Any] = [:]
+        for item in items {
+            guard let eq = item.firstIndex(of: "=") else {
+                throw VQMoEError(.usage, "--set \(item): expected key=value")
+            }
+            let key = String(item[..<eq]), raw = String(item[item.index(after: eq)...])
+            if let data = raw.data(using: .utf8),
+                let v = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]),
+                !(v is [Any]), !(v is [String: Any])
+            {
+                out[key] = v
+            } else {
+                out[key] = raw
+            }
+        }
+        return out
+    }
+
+    /// Apply overrides (key paths → values) to a config object, in key order.
+    public static func apply(_ overrides: [String: Any], to obj: inout [String: Any]) throws {
         for (key, value) in overrides.sorted(by: { $0.key < $1.key }) {
             let path = key.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
             guard !path.contains(where: \.isEmpty) else {
@@ -35,7 +62,6 @@ public final class ConfigReader {
             }
             try set(&obj, path: path, value: value, full: key)
         }
-        return obj
     }
 
     static func set(_ obj: inout [String: Any], path: [String], value: Any, full: String) throws {

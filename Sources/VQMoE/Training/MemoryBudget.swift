@@ -132,7 +132,6 @@ extension ModelBuilder {
         model mc: TransformerConfig, dims: ModelDims, head: HeadInstance, dataset: DatasetInstance, ranks: Int
     ) throws -> MemoryEstimate {
         let c = config
-        let w = MemoryBudget.self
         func mul(_ xs: Int...) throws -> Int {
             var p = 1
             for x in xs {
