@@ -283,6 +283,22 @@ final class TrainingTests: XCTestCase {
         XCTAssertEqual(try Checkpoint.read(path: "\(dir)/v1.safetensors").tensors.count, header.count - 1)
     }
 
+    /// A damaged sidecar is named with what is wrong, never Foundation's raw error text.
+    func testDamagedSidecarIsNamed() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("side-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        for (text, expected) in [
+            ("{bad", "not a JSON object (truncated or overwritten?)"), ("{}", "missing key 'format'"),
+            (#"{"format": "x", "step": "3"}"#, "'step' has the wrong type"),
+        ] {
+            try text.write(toFile: "\(dir)/last.json", atomically: true, encoding: .utf8)
+            XCTAssertThrowsError(try CheckpointSidecar.read("\(dir)/last.json")) {
+                XCTAssertEqual(
+                    ($0 as? VQMoEError)?.message, "\(dir)/last.json: not a vqmoe checkpoint sidecar: \(expected)")
+            }
+        }
+    }
+
     /// last.json and last.safetensors from different saves (a crash between the two writes)
     /// are refused on resume, naming both steps.
     func testResumeRefusesUnpairedCheckpointFiles() throws {

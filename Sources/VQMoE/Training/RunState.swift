@@ -91,8 +91,19 @@ public struct CheckpointSidecar: Codable, Sendable {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw VQMoEError(.checkpoint, "\(path): missing (the sidecar of a vqmoe checkpoint)")
         }
-        do { return try JSONDecoder().decode(CheckpointSidecar.self, from: data) } catch {
-            throw VQMoEError(.checkpoint, "\(path): not a vqmoe checkpoint sidecar (\(error))")
+        guard (try? JSONSerialization.jsonObject(with: data)) is [String: Any] else {
+            throw VQMoEError(
+                .checkpoint, "\(path): not a vqmoe checkpoint sidecar: not a JSON object (truncated or overwritten?)")
+        }
+        do { return try JSONDecoder().decode(CheckpointSidecar.self, from: data) } catch DecodingError.keyNotFound(
+            let key, _)
+        {
+            throw VQMoEError(.checkpoint, "\(path): not a vqmoe checkpoint sidecar: missing key '\(key.stringValue)'")
+        } catch DecodingError.typeMismatch(_, let context), DecodingError.valueNotFound(_, let context) {
+            let where_ = context.codingPath.map(\.stringValue).joined(separator: ".")
+            throw VQMoEError(.checkpoint, "\(path): not a vqmoe checkpoint sidecar: '\(where_)' has the wrong type")
+        } catch {
+            throw VQMoEError(.checkpoint, "\(path): not a vqmoe checkpoint sidecar")
         }
     }
 
