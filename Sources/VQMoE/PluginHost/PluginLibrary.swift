@@ -30,12 +30,20 @@ public final class PluginLibrary: @unchecked Sendable {
     /// Open (or return the already opened) library at `path` and validate its descriptor.
     /// `verified`: the library's bytes, already checked against a registry pin; they are what is
     /// loaded (from a private copy), so the file cannot change between the check and `dlopen`.
-    public static func open(_ path: String, verified: [UInt8]? = nil) throws -> PluginLibrary {
-        let key =
-            URL(fileURLWithPath: path).resolvingSymlinksInPath().path
-            + (verified.map { "#" + SHA256.hex(of: $0) } ?? "")
+    public static func open(_ path: String, verified: [UInt8]) throws -> PluginLibrary {
+        try open(path, pin: SHA256.hex(of: verified)) { verified }
+    }
+
+    /// Open `path` pinned to `pin`: `bytes` (called only when the library is not open yet, so a
+    /// run's many instances read and hash the file once) returns the file's bytes checked against
+    /// the pin, and those bytes are what is loaded.
+    public static func open(
+        _ path: String, pin: String? = nil, bytes: (() throws -> [UInt8])? = nil
+    ) throws -> PluginLibrary {
+        let key = URL(fileURLWithPath: path).resolvingSymlinksInPath().path + (pin.map { "#" + $0 } ?? "")
         lock.lock(); defer { lock.unlock() }
         if let lib = cache[key] { return lib }
+        let verified = try bytes?()
         let lib = try PluginLibrary(path: path, loadFrom: try verified.map { try privateCopy($0, of: path) })
         cache[key] = lib
         return lib

@@ -299,23 +299,24 @@ public final class Registry: @unchecked Sendable {
         case .ffi(let f): return try FFIComponent.library(name: e.name, entry: f)
         case .library(let p): path = p
         }
-        var verified: [UInt8]?
-        if let pin = e.sha256 {
-            // The bytes checked are the bytes loaded (PluginLibrary loads this copy).
-            guard let data = FileManager.default.contents(atPath: path) else {
-                throw VQMoEError(.registry, "\(path): cannot read the pinned library of '\(e.name)' (\(e.origin))")
+        // The bytes checked are the bytes loaded (PluginLibrary loads this copy), once per library.
+        let check: (() throws -> [UInt8])? = e.sha256.map { pin in
+            {
+                guard let data = FileManager.default.contents(atPath: path) else {
+                    throw VQMoEError(.registry, "\(path): cannot read the pinned library of '\(e.name)' (\(e.origin))")
+                }
+                let bytes = [UInt8](data), actual = SHA256.hex(of: bytes)
+                guard actual == pin else {
+                    throw VQMoEError(
+                        .registry,
+                        "\(path): sha256 mismatch for '\(e.name)' (\(e.origin)): pinned \(pin), file has "
+                            + "\(actual); refusing to load it"
+                    )
+                }
+                return bytes
             }
-            let bytes = [UInt8](data), actual = SHA256.hex(of: bytes)
-            guard actual == pin else {
-                throw VQMoEError(
-                    .registry,
-                    "\(path): sha256 mismatch for '\(e.name)' (\(e.origin)): pinned \(pin), file has "
-                        + "\(actual); refusing to load it"
-                )
-            }
-            verified = bytes
         }
-        let lib = try PluginLibrary.open(path, verified: verified)
+        let lib = try PluginLibrary.open(path, pin: e.sha256, bytes: check)
         guard lib.name == e.name, lib.kind == e.kind else {
             throw VQMoEError(
                 .registry,
