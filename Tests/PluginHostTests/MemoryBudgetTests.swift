@@ -63,4 +63,24 @@ final class MemoryBudgetTests: XCTestCase {
             XCTAssertFalse(FileManager.default.fileExists(atPath: "\(dir)/run"))
         }
     }
+
+    /// When the system has less than it reported (here a 3 GB address-space limit under a
+    /// --max-memory of 1 TB, so the estimate passes), the allocation that fails ends the run with
+    /// exit 65 and a message naming the tensor and its size, not a crash on a NULL pointer.
+    func testFailedAllocationIsNamed() throws {
+        guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory") }
+        // AddressSanitizer reserves terabytes of shadow address space: no ulimit -v under it.
+        if ProcessInfo.processInfo.environment["ASAN_OPTIONS"] != nil { throw XCTSkip("AddressSanitizer lane") }
+        let dir = try makeTempDir("nomem")
+        let command =
+            "ulimit -v 3000000; exec '\(vqmoe)' --registry '\(repoRoot)/registry.json' --max-memory 1T train "
+            + "configs/shakespeare_char_cpu.json --out '\(dir)/run' --set model.n_layer=1 --set model.d_model=512 "
+            + "--set model.ffn.d_inner=2000000 --set train.steps=2"
+        let (s, o) = try runProcess("/bin/bash", ["-c", command], cwd: repoRoot)
+        XCTAssertEqual(s, 65, o)
+        XCTAssertTrue(
+            o.contains(
+                "vqmoe: out of memory: cannot allocate 4096000000 bytes for parameter layers.0.ffn.experts.fc1.weight [1, 2000000, 512]; the run does not fit"
+            ), o)
+    }
 }

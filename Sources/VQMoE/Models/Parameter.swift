@@ -32,8 +32,8 @@ public final class Parameter: @unchecked Sendable {
         self.name = name
         self.shape = shape
         count = shape.reduce(1, *)
-        data = HostRuntime.alignedAlloc(count * 4)!.bindMemory(to: Float.self, capacity: count)
-        grad = HostRuntime.alignedAlloc(count * 4)!.bindMemory(to: Float.self, capacity: count)
+        data = HostRuntime.mustAllocate(count, of: Float.self, for: "parameter \(name) \(shape)")
+        grad = HostRuntime.mustAllocate(count, of: Float.self, for: "the gradient of \(name) \(shape)")
         data.initialize(repeating: 0, count: count)
         grad.initialize(repeating: 0, count: count)
         self.noDecay = noDecay

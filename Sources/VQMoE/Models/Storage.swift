@@ -24,11 +24,8 @@ public final class Storage<Element>: @unchecked Sendable {
     deinit { free(pointer) }
 
     private static func allocate(_ count: Int) -> UnsafeMutablePointer<Element> {
-        let bytes = max(count * MemoryLayout<Element>.stride, 64)
-        guard let raw = HostRuntime.alignedAlloc(bytes) else {
-            fatalError("out of memory allocating \(bytes) bytes of activations")
-        }
-        return raw.bindMemory(to: Element.self, capacity: count)
+        HostRuntime.mustAllocate(
+            max(count, 64 / max(MemoryLayout<Element>.stride, 1)), of: Element.self, for: "activations")
     }
 
     /// At least `count` elements (contents kept unless the storage had to grow).

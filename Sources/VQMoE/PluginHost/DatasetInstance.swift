@@ -68,6 +68,11 @@ public final class DatasetInstance: @unchecked Sendable {
         if task != VQMOE_TASK_CLASSIFY_IMAGE && vocabSize < 1 {
             throw VQMoEError(.plugin, "\(core.describe): vocab_size \(vocabSize)")
         }
+        if task != VQMOE_TASK_LM && nClasses < 1 {
+            throw VQMoEError(.plugin, "\(core.describe): n_classes \(nClasses)")
+        }
+        // A sample must be addressable: the batch arrays multiply its shape by the batch size.
+        _ = try MemoryBudget.checkedSize(sampleShape, elementBytes: 4, what: "\(core.describe): sample")
     }
 
     public var isLM: Bool { task == VQMOE_TASK_LM }
@@ -83,11 +88,13 @@ public final class DatasetInstance: @unchecked Sendable {
 
     /// Batch `index` of `split`; nil past the end of a finite split.
     public func read(_ split: Split, index: Int, batchSize: Int) throws -> Batch? {
-        let sampleCount = sampleShape.reduce(1, *)
+        let inputCount = try MemoryBudget.checkedSize(
+            [batchSize] + sampleShape, elementBytes: 4, what: "\(core.describe): a batch of \(batchSize)"
+        ).count
         // The arrays the plugin fills, as separate variables (one exclusive access each; nested
         // accesses to fields of one struct would overlap).
-        var inputsInt = inputIsFloat ? [] : [Int32](repeating: 0, count: batchSize * sampleCount)
-        var inputsFloat = inputIsFloat ? [Float](repeating: 0, count: batchSize * sampleCount) : []
+        var inputsInt = inputIsFloat ? [] : [Int32](repeating: 0, count: inputCount)
+        var inputsFloat = inputIsFloat ? [Float](repeating: 0, count: inputCount) : []
         var targetValues = [Int32](
             repeating: Int32(VQMOE_PAD_TARGET), count: isLM ? batchSize * sampleShape[0] : batchSize)
         var lengthValues =
@@ -138,6 +145,32 @@ public final class DatasetInstance: @unchecked Sendable {
         guard b.rows >= 1 && b.rows <= batchSize else {
             throw VQMoEError(.plugin, "\(core.describe): read_batch gave rows = \(b.rows) for batch size \(batchSize)")
         }
+        try checkValues(b, split: split, index: index)
         return b
+    }
+
+    /// Every value a batch hands to the model is one it can use: token inputs in [0, vocab),
+    /// image inputs finite, targets in [0, vocab) (language models) or [0, classes), or
+    /// VQMOE_PAD_TARGET. An embedding row or a loss class outside the table would be read out of
+    /// bounds, so a dataset's mistake stops here, named.
+    private func checkValues(_ b: Batch, split: Split, index: Int) throws {
+        let at = "\(core.describe): read_batch(\(split.name), \(index))"
+        if let i = b.inputsInt.firstIndex(where: { $0 < 0 || Int($0) >= vocabSize }) {
+            throw VQMoEError(
+                .plugin, "\(at) gave input token \(b.inputsInt[i]) at \(i), outside the vocabulary [0, \(vocabSize))")
+        }
+        if !b.inputsFloat.isEmpty,
+            !b.inputsFloat.withUnsafeBufferPointer({ VecMath.allFinite($0.baseAddress!, count: $0.count) })
+        {
+            let i = b.inputsFloat.firstIndex { !$0.isFinite }!
+            throw VQMoEError(.plugin, "\(at) gave input value \(b.inputsFloat[i]) at \(i)")
+        }
+        let limit = isLM ? vocabSize : nClasses, pad = Int32(VQMOE_PAD_TARGET)
+        if let i = b.targets.firstIndex(where: { $0 != pad && ($0 < 0 || Int($0) >= limit) }) {
+            throw VQMoEError(
+                .plugin,
+                "\(at) gave target \(b.targets[i]) at \(i), outside [0, \(limit)) (\(isLM ? "vocabulary" : "classes")) and not VQMOE_PAD_TARGET"
+            )
+        }
     }
 }

@@ -194,6 +194,28 @@ public enum HostRuntime {
         return p
     }
 
+    /// `count` elements of `T`, 64-byte aligned (free with `free`), for memory the host cannot run
+    /// without (parameters, optimizer moments, activations). The run's estimate is checked against
+    /// the memory limit before any of these (`MemoryBudget`), so failing here means the system
+    /// had less than it reported: the process ends with a message naming `what` and the size, and
+    /// exit code 65 (a run that does not fit in memory), instead of crashing on a NULL pointer.
+    public static func mustAllocate<T>(
+        _ count: Int, of _: T.Type, for what: @autoclosure () -> String
+    )
+        -> UnsafeMutablePointer<T>
+    {
+        let (bytes, overflow) = max(count, 1).multipliedReportingOverflow(by: MemoryLayout<T>.stride)
+        guard !overflow, count >= 0, let p = alignedAlloc(bytes) else {
+            let size = overflow || count < 0 ? "\(count) elements" : "\(bytes) bytes"
+            let message =
+                "vqmoe: out of memory: cannot allocate \(size) for \(what()); the run does not fit "
+                + "(see its estimate with `vqmoe train --dry-run`, lower it, or free memory)\n"
+            FileHandle.standardError.write(Data(message.utf8))
+            exit(VQMoEError(.config, "").exitCode)
+        }
+        return p.bindMemory(to: T.self, capacity: max(count, 1))
+    }
+
     final class ScratchList { var pointers: [UnsafeMutableRawPointer] = [] }
 
     static func scratch(_ bytes: Int) -> UnsafeMutableRawPointer? {

@@ -92,9 +92,7 @@ public final class PluginLibrary: @unchecked Sendable {
 
     /// `loadFrom`: a private copy of the verified bytes to dlopen instead of `path` (removed
     /// once loaded); messages name `path`.
-    private init(path: String, loadFrom copy: String?) throws {
-        self.path = path
-        hostCreate = nil
+    private convenience init(path: String, loadFrom copy: String?) throws {
         let d: UnsafePointer<vqmoe_plugin_desc>
         if let copy {
             defer { unlink(copy) }
@@ -102,6 +100,24 @@ public final class PluginLibrary: @unchecked Sendable {
         } else {
             d = try PluginLibrary.entryDescriptor(path)
         }
+        try self.init(path: path, descriptor: d)
+    }
+
+    /// A plugin linked into this executable rather than loaded (the fuzz harnesses link dataset
+    /// plugins statically): `entry` is its `vqmoe_plugin_entry`, called with the host API, and the
+    /// descriptor gets every check a loaded one gets. `path` names it in messages.
+    convenience init(linked entry: vqmoe_plugin_entry_fn, path: String) throws {
+        _ = HostRuntime.takeError()
+        guard let d = entry(UnsafePointer(HostRuntime.api)) else {
+            throw VQMoEError(.plugin, "\(path): the plugin refused this host")
+        }
+        try self.init(path: path, descriptor: d)
+    }
+
+    /// Check the descriptor `d` that `path`'s entry returned and keep a padded copy of it.
+    private init(path: String, descriptor d: UnsafePointer<vqmoe_plugin_desc>) throws {
+        self.path = path
+        hostCreate = nil
         let abi = try PluginLibrary.checkVersion(d, path: path)
         let padded = PluginLibrary.paddedCopy(d)
         let desc = padded.pointee

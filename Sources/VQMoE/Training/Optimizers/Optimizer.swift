@@ -30,7 +30,7 @@ public struct OptimizerSlot: @unchecked Sendable {
         OptimizerSlot(
             name: name,
             buffers: parameters.map { p in
-                let b = HostRuntime.alignedAlloc(p.count * 4)!.bindMemory(to: Float.self, capacity: p.count)
+                let b = HostRuntime.mustAllocate(p.count, of: Float.self, for: "optimizer state \(name) of \(p.name)")
                 b.initialize(repeating: 0, count: p.count)
                 return b
             })
