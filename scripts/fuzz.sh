@@ -21,6 +21,9 @@ objs=.build/fuzz/obj
 # Dataset targets and the plugin folders they link.
 declare -A datasets=([char]=DatasetChar [word]=DatasetWord [csv]=DatasetCSV [sst]=DatasetSST [idx]=DatasetIDX
   [cifar]=DatasetCIFAR)
+# One build at a time (several targets may be fuzzed at once); the rest wait, then reuse it.
+exec 9> .build/fuzz/.build.lock
+flock 9
 newest=$(find Sources/VQMoE Sources/VQMoEABI Plugins/PluginKit Plugins/Dataset* Tests/Fuzz/FuzzTargets.swift \
   -newer "$bin" -type f 2>/dev/null | head -n 1 || true)
 if [ ! -x "$bin" ] || [ -n "$newest" ]; then
@@ -46,6 +49,7 @@ if [ ! -x "$bin" ] || [ -n "$newest" ]; then
   swiftc -sanitize=fuzzer,address "$objs"/*.o -lopenblas -lffi -lz -Xlinker --export-dynamic -o "$bin" \
     2> >(grep -v "Cannot export local symbol" >&2)
 fi
+flock -u 9
 targets=("$target"); [ "$target" = all ] && targets=(config set registry safetensors char word csv sst idx cifar)
 export ASAN_OPTIONS=detect_leaks=0 SWIFT_BACKTRACE=enable=no
 for t in "${targets[@]}"; do

@@ -25,12 +25,28 @@ scripts/check-templates.sh || failed=1
 
 echo "== checkpoint is real safetensors (Python safetensors package)"
 py=.build/pyenv/bin/python
-if ! "$py" -c "import safetensors, numpy" 2>/dev/null; then
-  python3 -m venv .build/pyenv && .build/pyenv/bin/pip install -q safetensors numpy
+if ! "$py" -c "import safetensors, numpy, tensorboard" 2>/dev/null; then
+  python3 -m venv .build/pyenv && .build/pyenv/bin/pip install -q safetensors numpy tensorboard
 fi
 "$bin/vqmoe" train configs/enwik8_vqmoe.json --out .build/test-run --force --set train.steps=6 --set train.eval_every=3 \
   --set model.n_layer=2 --set model.seq_len=64 > /dev/null
 "$py" Tests/python/test_checkpoint.py .build/test-run
+
+echo "== TensorBoard event files (TensorBoard's own reader)"
+"$py" Tests/python/test_tensorboard.py .build/test-run
+# A run that dies past its last checkpoint (a 300 KB file-size limit fails a write as a full disk
+# does: exit 74), then resumes: TensorBoard must show each step once, as metrics.jsonl does.
+tiny='{"name": "tiny", "seed": 1, "data": {"name": "char", "path": "$DATA/enwik8-mini/enwik8-mini"},
+  "model": {"n_layer": 1, "n_head": 2, "d_model": 16, "seq_len": 16, "ffn": {"mode": "vqmoe", "d_inner": 16,
+    "n_experts": 4, "router": {"name": "smoe"}, "quantizer": {"name": "vqvae"}}}, "head": {"name": "lm"},
+  "train": {"steps": 3000, "batch_size": 2, "eval_every": 50, "eval_batches": 2, "log_every": 1}}'
+echo "$tiny" > .build/test-tiny.json
+status=0
+(ulimit -f 300; trap '' XFSZ; exec "$bin/vqmoe" train .build/test-tiny.json --out .build/test-resumed --force) \
+  > /dev/null 2>&1 || status=$?
+[ "$status" = 74 ] || { echo "expected exit 74 from the file-size limit, got $status" >&2; exit 1; }
+"$bin/vqmoe" train --resume .build/test-resumed > /dev/null
+"$py" Tests/python/test_tensorboard.py .build/test-resumed --resumed
 
 echo "== unit tests"
 swift test -c release --skip-build --disable-swift-testing

@@ -64,7 +64,7 @@ final class TrainingTests: XCTestCase {
         func with(_ k: String, _ v: Any) throws -> [String: Any] { var c = base; try setPath(&c, k, v); return c }
         XCTAssertEqual(
             configError(try with("train.stpes", 5)),
-            "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, parallel, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, weight_decay, checkpoint_every"
+            "train.stpes: unknown key; known: steps, eps, beta1, beta2, lr, threads, min_lr, schedule, optimizer, parallel, batch_size, log_every, eval_batches, eval_every, grad_clip, warmup_steps, tensorboard, weight_decay, checkpoint_every"
         )
         XCTAssertEqual(
             configError(try with("model.n_layer", "four")), "model.n_layer: expected an integer, got \"four\"")
@@ -129,6 +129,27 @@ final class TrainingTests: XCTestCase {
         XCTAssertTrue((o["code_counts"] as? [[Any]])?[0][1] is NSNull, "\(o)")
         _ = try MetricsLog(path: path, keepingStepsBelow: 5)
         XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").count, 1)
+    }
+
+    /// Every run writes one TensorBoard event file per process (a resumed run a second one);
+    /// `train.tensorboard = false` writes none, and --force removes them with the run.
+    func testTensorBoardEventFilesFollowTheRun() throws {
+        var json = try tinyConfig("smoe")
+        try setPath(&json, "train.steps", 4)
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("tb-\(UUID().uuidString)").path
+        func events() throws -> [String] {
+            try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix("events.out.tfevents.") }
+        }
+        let cfg = try RunConfig(json: json)
+        _ = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(stopAfter: 2)
+        XCTAssertEqual(try events().count, 1)
+        _ = try Trainer(config: cfg, registry: try registry(), outDir: dir, quiet: true).run(resume: true)
+        XCTAssertEqual(try events().count, 2)
+        try setPath(&json, "train.tensorboard", false)
+        _ = try Trainer(config: try RunConfig(json: json), registry: try registry(), outDir: dir, quiet: true).run(
+            force: true)
+        XCTAssertEqual(try events(), [])
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir)/metrics.jsonl"))
     }
 
     /// The model's n_codes is the codebook size: a quantizer reporting another K is refused with

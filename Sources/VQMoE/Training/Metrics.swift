@@ -80,7 +80,8 @@ public struct ProbeRecord: Codable, Sendable {
 }
 
 /// `OUT/metrics.jsonl`: one JSON object per line, keys sorted. A non-finite number is written
-/// as null (the line is never dropped); a failed write is an I/O error naming the file.
+/// as null (the line is never dropped); a failed write is an I/O error naming the file. With
+/// `events`, every line is mirrored into a TensorBoard event file as scalars.
 ///
 /// ```swift
 /// let log = try MetricsLog(path: "runs/x/metrics.jsonl", keepingStepsBelow: nil)   // a new, empty log
@@ -88,6 +89,8 @@ public struct ProbeRecord: Codable, Sendable {
 /// ```
 public final class MetricsLog {
     public let path: String
+    /// The TensorBoard event file the lines are mirrored into (`train.tensorboard`).
+    public let events: TensorBoardEvents?
     private let handle: FileHandle
     private let encoder = JSONEncoder()
     /// What a non-finite number is encoded as before it becomes null.
@@ -96,8 +99,9 @@ public final class MetricsLog {
     public private(set) var nonFiniteLines = 0
 
     /// Open the log: empty, or (resuming) keeping only the lines of steps below `keepingStepsBelow`.
-    public init(path: String, keepingStepsBelow: Int?) throws {
+    public init(path: String, keepingStepsBelow: Int?, events: TensorBoardEvents? = nil) throws {
         self.path = path
+        self.events = events
         var kept = ""
         if let next = keepingStepsBelow {
             let old = (try? String(contentsOfFile: path, encoding: .utf8)) ?? ""
@@ -136,15 +140,11 @@ public final class MetricsLog {
         }
         line = line.replacingOccurrences(of: "\"\(MetricsLog.nonFinite)\"", with: "null") + "\n"
         // POSIX writes, so a full disk is named by errno ("No space left on device").
-        let fd = handle.fileDescriptor
-        var bytes = Array(line.utf8)[...]
-        while !bytes.isEmpty {
-            let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress!, $0.count) }
-            guard n > 0 else {
-                throw VQMoEError(
-                    .io, "\(path): cannot append a metrics line (\(String(cString: strerror(n < 0 ? errno : ENOSPC))))")
-            }
-            bytes = bytes.dropFirst(n)
+        try appendAll(handle.fileDescriptor, Array(line.utf8), path: path, what: "a metrics line")
+        if let events, let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+            let (step, values) = TensorBoardEvents.scalars(of: object)
+        {
+            try events.write(values, step: step)
         }
     }
 }

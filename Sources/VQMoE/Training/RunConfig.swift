@@ -34,6 +34,8 @@ public struct TrainConfig: Sendable, Equatable {
     /// Write the resumable `last` checkpoint every this many steps (default: eval_every).
     public var checkpointEvery = 100
     public var threads = 1
+    /// Mirror `metrics.jsonl` into a TensorBoard event file in the run directory.
+    public var tensorboard = true
     /// Warn when a codebook's code perplexity at an evaluation falls below this (per layer and
     /// level); nil = `CodeHealth.defaultThreshold(k:)` = max(1.5, K/4); 0 = no warning.
     public var collapseThreshold: Float?
@@ -212,6 +214,7 @@ public struct RunConfig: @unchecked Sendable {
         tc.logEvery = try t.int("log_every", default: tc.logEvery, min: 1)
         tc.checkpointEvery = try t.int("checkpoint_every", default: tc.evalEvery, min: 1)
         tc.threads = try t.int("threads", default: tc.threads, min: 1, max: 256)
+        tc.tensorboard = try t.bool("tensorboard", default: tc.tensorboard)
         if t.has("collapse_threshold") { tc.collapseThreshold = try t.float("collapse_threshold", default: 0, min: 0) }
         // Several ranks (mpirun/srun) split each global batch by rows; expert parallelism is
         // model.ffn.expert_parallel on top of it.

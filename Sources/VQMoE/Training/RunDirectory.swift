@@ -8,8 +8,9 @@ import Foundation
 ///   the process ends (also by a crash or SIGKILL: the kernel drops it); the file records the
 ///   holder's PID and host, which the refusal names.
 /// - A fresh run (`.fresh`) refuses a directory that holds an earlier run's output
-///   (`config.json`, `metrics.jsonl`, checkpoints, `result.json`) unless `force`, which first
-///   removes exactly those files (and `repr/`), so no old checkpoint survives under a new config.
+///   (`config.json`, `metrics.jsonl`, checkpoints, `result.json`, TensorBoard event files) unless
+///   `force`, which first removes exactly those files (and `repr/`), so no old checkpoint
+///   survives under a new config.
 ///   Other files (a sweep's `config.input.json` and `train.log`, a user's notes) stay.
 /// - `.resume` needs the earlier run's `last.*`.
 ///
@@ -76,7 +77,10 @@ public final class RunDirectory {
 
     private func prepare(_ mode: Mode) throws {
         let fm = FileManager.default
-        let present = RunDirectory.runFiles.filter { fm.fileExists(atPath: "\(path)/\($0)") }
+        let events = ((try? fm.contentsOfDirectory(atPath: path)) ?? []).filter {
+            $0.hasPrefix("events.out.tfevents.")
+        }
+        let present = RunDirectory.runFiles.filter { fm.fileExists(atPath: "\(path)/\($0)") } + events.sorted()
         switch mode {
         case .resume:
             guard fm.fileExists(atPath: "\(path)/last.safetensors"), fm.fileExists(atPath: "\(path)/last.json") else {

@@ -30,6 +30,7 @@ extension Trainer {
         let start = Date()
         var window = (start: Date(), tokens: 0)
         var interrupted = false
+        progress.begin(at: state.nextStep)
         for step in state.nextStep..<t.steps {
             let (parts, norm) = try trainStep(step)
             window.tokens += tokensPerStep
@@ -106,7 +107,9 @@ extension Trainer {
         }
         if comm.isRoot {
             metricsLog = try MetricsLog(
-                path: "\(outDir)/metrics.jsonl", keepingStepsBelow: resume ? state.nextStep : nil)
+                path: "\(outDir)/metrics.jsonl", keepingStepsBelow: resume ? state.nextStep : nil,
+                events: config.train.tensorboard
+                    ? try TensorBoardEvents(directory: outDir, resumingAt: resume ? state.nextStep : nil) : nil)
         }
         return state
     }
@@ -145,6 +148,8 @@ extension Trainer {
             dataset.isLM
                 ? String(format: "step %d  valid loss %.4f  bpc %.4f", step + 1, v.loss, v.bpc)
                 : String(format: "step %d  valid loss %.4f  accuracy %.4f", step + 1, v.loss, v.accuracy))
+        progress.validation =
+            dataset.isLM ? String(format: "valid bpc %.4f", v.bpc) : String(format: "valid acc %.4f", v.accuracy)
         warnCollapse(v, step: step)
         if config.model.ffn.composition.routes {
             let probe = try probeAssignments()
@@ -192,30 +197,64 @@ extension Trainer {
     }
 }
 
-/// A progress bar on a terminal; plain lines when stdout is not a terminal.
+/// A progress bar on a terminal, like tqdm's: steps done, elapsed time and the estimated time
+/// left, the last logged training numbers and the last validation result; plain lines (one per
+/// logged step, with the same fields) when stdout is not a terminal.
+///
+///     [#########.....................] 600/2000  00:42<01:38  loss 2.3102  lr 9.1e-04  5120 tok/s  valid bpc 2.1034
+///
+/// ```swift
+/// var progress = ProgressReporter(total: 2000, quiet: false)
+/// progress.begin(at: 0)
+/// progress.update(step: 600, text: "loss 2.3102")
+/// ```
 public struct ProgressReporter {
     public let total: Int
     public let quiet: Bool
     let tty = isatty(1) != 0
     var lastLine = ""
+    /// Where this process started counting (a resumed run's first step) and when.
+    var started = (step: 0, time: Date())
+    /// The last validation result, shown after the training numbers ("valid bpc 2.1034").
+    public var validation: String?
 
     public init(total: Int, quiet: Bool) {
         self.total = total
         self.quiet = quiet
     }
 
+    /// Start the clock at `step` (the ETA extrapolates from the steps this process has run).
+    public mutating func begin(at step: Int) { started = (step, Date()) }
+
     public mutating func update(step: Int, text: String) {
         guard !quiet else { return }
+        let timing = ProgressReporter.timing(
+            step: step, total: total, startStep: started.step, elapsed: Date().timeIntervalSince(started.time))
+        let fields = [timing, text] + (validation.map { [$0] } ?? [])
         if tty {
-            let width = 30, filled = width * step / max(total, 1)
+            let width = 30, filled = width * min(step, total) / max(total, 1)
             lastLine =
                 "[" + String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-                + "] \(step)/\(total)  \(text)"
+                + "] \(step)/\(total)  " + fields.joined(separator: "  ")
             print("\r\u{1B}[K" + lastLine, terminator: "")
             fflush(nil)
         } else {
-            print("step \(step)/\(total)  \(text)")
+            print("step \(step)/\(total)  " + fields.joined(separator: "  "))
         }
+    }
+
+    /// "elapsed<left" as tqdm writes it: the time since `startStep`, and the rest at that pace
+    /// ("?" before the first step is done).
+    public static func timing(step: Int, total: Int, startStep: Int, elapsed: Double) -> String {
+        let done = step - startStep
+        let left = done > 0 ? clock(elapsed / Double(done) * Double(max(total - step, 0))) : "?"
+        return "\(clock(elapsed))<\(left)"
+    }
+
+    /// MM:SS, or H:MM:SS from an hour on.
+    public static func clock(_ seconds: Double) -> String {
+        let s = Int(max(seconds, 0).rounded()), h = s / 3600, m = s / 60 % 60
+        return h > 0 ? String(format: "%d:%02d:%02d", h, m, s % 60) : String(format: "%02d:%02d", m, s % 60)
     }
 
     public func note(_ text: String) {
