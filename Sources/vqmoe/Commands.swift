@@ -44,6 +44,16 @@ let commands: [Command] = [
         summary: "evaluate a run's checkpoint (default best) on a whole split", distributed: true,
         run: evalCommand),
     Command(
+        name: "sample",
+        usage: [
+            "sample RUN_DIR [--prompt TEXT | --prompt-file F] [--tokens N] [--temperature T] [--top-k K] [--top-p P]",
+            "       [--seed S] [--batch B] [--checkpoint best|last]",
+        ],
+        summary: """
+            generate text from a trained character-level model (streamed as drawn; KV cache; default 256
+            tokens, temperature 1, no top-k/top-p; temperature 0 = greedy; the same seed gives the same text)
+            """, distributed: false, run: sampleCommand),
+    Command(
         name: "sweep", usage: ["sweep CONFIG [--set key.path=value ...]"],
         summary: """
             run a grid of trainings (config key "sweep": grid, seeds, parallel, out), skip finished runs, write

@@ -108,6 +108,60 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
     return 0
 }
 
+/// `vqmoe sample RUN_DIR`: text from a trained language model, streamed as it is generated.
+func sampleCommand(_ args: inout Args) throws -> Int32 {
+    let usage =
+        "sample RUN_DIR [--prompt TEXT | --prompt-file F] [--tokens N] [--temperature T] [--top-k K] [--top-p P] "
+        + "[--seed S] [--batch B] [--checkpoint best|last]"
+    func number<T: LosslessStringConvertible>(_ flag: String, _ def: T) throws -> T {
+        guard let s = try args.take(flag).last else { return def }
+        guard let v = T(s) else { throw VQMoEError(.usage, "\(flag) \(s): not a number") }
+        return v
+    }
+    var o = SamplingOptions()
+    o.tokens = try number("--tokens", o.tokens)
+    o.temperature = try number("--temperature", o.temperature)
+    o.topK = try number("--top-k", o.topK)
+    o.topP = try number("--top-p", o.topP)
+    o.seed = try number("--seed", o.seed)
+    let batch: Int = try number("--batch", 1), name = try args.take("--checkpoint").last ?? "best"
+    let promptText = try args.take("--prompt").last, promptFile = try args.take("--prompt-file").last
+    let dir = try args.positional(1, usage: usage)[0]
+    guard o.tokens >= 0, o.temperature >= 0, o.topK >= 0, o.topP > 0, o.topP <= 1, batch >= 1 else {
+        throw VQMoEError(.usage, "--tokens, --temperature, --top-k ≥ 0, --top-p in (0, 1], --batch ≥ 1")
+    }
+    let cfg = try RunConfig(json: try ConfigReader.load(file: "\(dir)/config.json", overrides: try args.overrides()))
+    let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir, quiet: true)
+    let path = "\(dir)/\(name).safetensors"
+    try trainer.model.load(try Checkpoint.read(path: path), path: path)
+    let codec = try TextCodec(config: cfg, vocab: trainer.model.head.nOut)
+    var text = promptText ?? "\n"
+    if let promptFile {
+        guard let t = try? String(contentsOfFile: promptFile, encoding: .utf8) else {
+            throw VQMoEError(.data, "\(promptFile): cannot read the prompt file as UTF-8 text")
+        }
+        text = t
+    }
+    if codec == .text8 && promptText == nil && promptFile == nil { text = " " }
+    let prompt = try codec.encode(text)
+    let generator = try Generator(model: trainer.model, batch: batch)
+    let out = FileHandle.standardOutput
+    if batch == 1 { out.write(Data(codec.decode(prompt))) }
+    let samples = try generator.generate(prompt: prompt, options: o) { next in
+        if batch == 1 { out.write(Data(codec.decode(next))) }  // streamed as drawn
+    }
+    if batch > 1 {
+        for (i, s) in samples.enumerated() {
+            out.write(
+                Data("--- sample \(i + 1) (seed \(o.seed), stream \(i))\n".utf8) + Data(codec.decode(prompt + s))
+                    + Data("\n".utf8))
+        }
+    } else {
+        out.write(Data("\n".utf8))
+    }
+    return 0
+}
+
 /// `vqmoe sweep CONFIG`.
 func sweepCommand(_ args: inout Args) throws -> Int32 {
     let overrides = try args.overrides(threads: false)

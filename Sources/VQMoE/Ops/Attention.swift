@@ -53,6 +53,37 @@ public enum Attention {
         }
     }
 
+    /// Inference with a key/value cache: the `t` new rows of each stream attend causally over
+    /// the `past` cached rows before them and over themselves.
+    ///
+    ///     cache (B, capacity, 3C): rows 0..<past + t of each stream hold [Q | K | V] (the new rows
+    ///     last); query past + i sees keys 0...past + i;  y (B,t,C) = softmax(Q Kᵀ/√Dh) V
+    ///
+    /// `att` (B·H, t, past + t) receives the probabilities. Work is split over (batch, head) pairs
+    /// as in `forward`; with `past` = 0 and t = T this is `forward`'s causal attention.
+    public static func decode(
+        y: UnsafeMutablePointer<Float>, att: UnsafeMutablePointer<Float>, cache: UnsafePointer<Float>,
+        capacity: Int, past: Int, b: Int, t: Int, c: Int, heads: Int
+    ) {
+        let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c, keys = past + t
+        nonisolated(unsafe) let (y, att) = (y, att)
+        HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+            for pair in Int(lo)..<Int(hi) {
+                let bi = pair / heads, h = pair % heads
+                let k = cache + bi * capacity * ld + h * dh + c, v = k + c, q = k - c + past * ld
+                let p = att + pair * t * keys, out = y + bi * t * c + h * dh
+                // S (t, keys) = Q Kᵀ·scale; row i sees keys 0...past + i
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(keys), Int32(dh), scale, q, Int32(ld), k,
+                    Int32(ld), 0, p, Int32(keys))
+                for i in 0..<t { softmaxRow(p + i * keys, seen: past + i + 1, width: keys) }
+                cblas_sgemm(
+                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(dh), Int32(keys), 1, p, Int32(keys), v,
+                    Int32(ld), 0, out, Int32(c))
+            }
+        }
+    }
+
     /// row[0..<seen] = softmax(row[0..<seen]); row[seen..<width] = 0 (the masked keys).
     @inline(__always) static func softmaxRow(_ row: UnsafeMutablePointer<Float>, seen: Int, width: Int) {
         let m = VecMath.max(row, count: seen)

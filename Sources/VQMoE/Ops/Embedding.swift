@@ -1,6 +1,6 @@
 /// Token + learned position embedding.
 ///
-///     forward   x[b,t] = wte[tok[b,t]] + wpe[t]          (B,T,C)
+///     forward   x[b,t] = wte[tok[b,t]] + wpe[position + t]   (B,T,C); position > 0 when decoding
 ///     backward  dwte[tok[b,t]] += dx[b,t];  dwpe[t] += dx[b,t]
 ///
 /// ```swift
@@ -9,13 +9,13 @@
 public enum Embedding {
     public static func forward(
         out: UnsafeMutablePointer<Float>, tokens: UnsafePointer<Int32>, wte: UnsafePointer<Float>,
-        wpe: UnsafePointer<Float>?, b: Int, t: Int, c: Int
+        wpe: UnsafePointer<Float>?, b: Int, t: Int, c: Int, position: Int = 0
     ) {
         for bi in 0..<b {
             for ti in 0..<t {
                 let o = out + (bi * t + ti) * c
                 o.update(from: wte + Int(tokens[bi * t + ti]) * c, count: c)
-                if let wpe { Vec.add(o, wpe + ti * c, c) }
+                if let wpe { Vec.add(o, wpe + (position + ti) * c, c) }
             }
         }
     }

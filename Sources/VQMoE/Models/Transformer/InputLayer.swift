@@ -65,6 +65,16 @@ public final class TokenEmbedding: InputLayer {
             dwte: wte.grad, dwpe: positions?.grad, dout: dx, tokens: ids.pointer, b: batch, t: t, c: wte.shape[1])
     }
 
+    /// Inference: x (B,t,C) for tokens (B,t) at positions `position ..< position + t` (the
+    /// caller keeps them below `seq_len` and the tokens inside the vocabulary).
+    func embed(tokens: UnsafePointer<Int32>, x: UnsafeMutablePointer<Float>, batch: Int, t: Int, position: Int) {
+        let tok = ids.reserve(batch * t)
+        tok.update(from: tokens, count: batch * t)
+        Embedding.forward(
+            out: x, tokens: tok, wte: wte.data, wpe: positions?.data, b: batch, t: t, c: wte.shape[1],
+            position: position)
+    }
+
     public var bytes: Int { ids.bytes }
 }
 

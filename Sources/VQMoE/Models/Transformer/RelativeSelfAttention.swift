@@ -113,6 +113,37 @@ public final class RelativeSelfAttention: AttentionSublayer {
         for bi in 0..<b { Vec.add(dx + bi * t * c, dcat + (bi * k + m) * c, t * c) }  // the segment rows only
     }
 
+    /// The cached keys are the memory and the segment so far: a query at key position past + i
+    /// sees keys 0...past + i at distances past + i − j, as in `forward` with M = past.
+    public func decode(
+        x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, batch: Int, t: Int, cache: KVCache, layer: Int
+    ) {
+        let p = projections, c = p.c, n = batch * t, past = cache.length, k = past + t, ld = 3 * c
+        ln1.forward(x, p.ln1, n: n, c: c)
+        p.qkv(ln1.out.pointer, into: qkv.reserve(n * 3 * c), n: n)
+        cache.append(layer, qkv: qkv.pointer, t: t)
+        let table =
+            cache.relative[layer]
+            ?? {
+                // r for every distance the cache can hold (capacity − 1 … 0), once per cache.
+                let s = Storage<Float>(), cap = cache.capacity
+                let sinusoids = positions.prepare(keys: cap, c: c)
+                Linear.forward(
+                    out: s.reserve(cap * c), inp: sinusoids, weight: rWeight.data, bias: nil, n: cap, inFeatures: c,
+                    outFeatures: c)
+                cache.relative[layer] = s
+                return s
+            }()
+        let r = table.pointer + (cache.capacity - k) * c  // distances k − 1 … 0
+        let y = self.y.reserve(n * c), att = probs.reserve(heads * t * k)
+        for bi in 0..<batch {
+            RelativeAttention.forward(
+                y: y + bi * t * c, att: att, qkv: cache.layer(layer) + bi * cache.capacity * ld, r: r, u: u.data,
+                v: v.data, b: 1, t: t, mem: past, c: c, heads: heads)
+        }
+        p.project(y, into: out, n: n)
+    }
+
     /// Projections, (Q+u)Kᵀ, (Q+v)rᵀ and PV over the average visible length M + (T+1)/2
     /// (`square`: M + T), and W_r over the K position rows shared by the batch's streams.
     public func flopsPerToken(seqLen: Int, batch: Int, accounting: AttentionFlops) -> Double {

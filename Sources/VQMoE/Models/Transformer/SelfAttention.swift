@@ -16,6 +16,11 @@ public protocol AttentionSublayer: AnyObject {
     /// dx (B,T,C) += dL/dx, and the parameter gradients, from dout = dL/d out (B,T,C).
     func backward(
         dout: UnsafePointer<Float>, x: UnsafePointer<Float>, dx: UnsafeMutablePointer<Float>, _ ctx: ForwardContext)
+    /// Inference: out (B,t,C) for the rows x (B,t,C) that follow the `cache.length` cached
+    /// positions, whose [Q | K | V] rows go into layer `layer`'s cache (the model advances
+    /// `cache.length` after its last layer). Keeps nothing for a backward.
+    func decode(
+        x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, batch: Int, t: Int, cache: KVCache, layer: Int)
     /// Analytic forward FLOPs per token (matmuls) for a batch of `batch` sequences.
     func flopsPerToken(seqLen: Int, batch: Int, accounting: AttentionFlops) -> Double
     /// Bytes of saved activations.
@@ -132,6 +137,21 @@ public final class SelfAttention: AttentionSublayer {
             dqkv: dqkv, dy: dy, qkv: qkv.pointer, att: probs.pointer, b: b, t: t, c: c, heads: heads, causal: causal)
         p.qkvBackward(dqkv: dqkv, ln: ln1.out.pointer, dln: dln, n: n)
         ln1.backward(dinp: dx, dout: dln, inp: x, p.ln1, n: n, c: c)
+    }
+
+    /// Causal only (a ViT's full attention does not generate).
+    public func decode(
+        x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, batch: Int, t: Int, cache: KVCache, layer: Int
+    ) {
+        precondition(causal, "decode needs causal attention")
+        let p = projections, c = p.c, n = batch * t, past = cache.length
+        ln1.forward(x, p.ln1, n: n, c: c)
+        p.qkv(ln1.out.pointer, into: qkv.reserve(n * 3 * c), n: n)
+        cache.append(layer, qkv: qkv.pointer, t: t)
+        Attention.decode(
+            y: y.reserve(n * c), att: probs.reserve(batch * heads * t * (past + t)), cache: cache.layer(layer),
+            capacity: cache.capacity, past: past, b: batch, t: t, c: c, heads: heads)
+        p.project(y.pointer, into: out, n: n)
     }
 
     /// Projections 8C², scores and values 4·keys·C with keys = T (full, or `square`) or the

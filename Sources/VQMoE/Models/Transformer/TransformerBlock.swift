@@ -40,13 +40,18 @@ public final class TransformerBlock: @unchecked Sendable {
     /// attention, LN2, then the FFN's parameters (the checkpoint order).
     public var parameters: [Parameter] { attention.parameters + ln2.parameters + ffn.parameters }
 
-    /// out (B,T,C) = the block applied to x (B,T,C); returns the MoE layer's statistics.
+    /// out (B,T,C) = the block applied to x (B,T,C); returns the MoE layer's statistics. With
+    /// `cache` (inference), x holds the T positions after the cached ones (`AttentionSublayer.decode`).
     public func forward(
-        x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ ctx: ForwardContext
+        x: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, _ ctx: ForwardContext, cache: KVCache? = nil
     ) throws -> MoEStats {
         let n = ctx.n, c = ln2.weight.count
         let a = scratch.sublayerOut.reserve(n * c)
-        attention.forward(x: x, out: a, ctx)
+        if let cache {
+            attention.decode(x: x, out: a, batch: ctx.batch, t: ctx.seqLen, cache: cache, layer: index)
+        } else {
+            attention.forward(x: x, out: a, ctx)
+        }
         if ctx.drops {
             Dropout.forward(
                 out: a, mask: saved.attentionMask.reserve(n * c), inp: a, count: n * c, p: ctx.dropout,
