@@ -40,8 +40,16 @@ let commands: [Command] = [
             reports accuracy and the FFN FLOPs per token of the pre-training vs fine-tuning path
             """, distributed: true, run: finetuneCommand),
     Command(
-        name: "eval", usage: ["eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]"],
-        summary: "evaluate a run's checkpoint (default best) on a whole split", distributed: true,
+        name: "eval",
+        usage: [
+            "eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]",
+            "eval RUN_DIR --text FILE [--stride S] [--batch B] [--checkpoint NAME]",
+        ],
+        summary: """
+            evaluate a run's checkpoint (default best) on a whole split, or the bits per character of any text
+            file (windows of seq_len every S tokens, default seq_len/2, each character scored once; Transformer-XL:
+            segments with memory)
+            """, distributed: true,
         run: evalCommand),
     Command(
         name: "sample",

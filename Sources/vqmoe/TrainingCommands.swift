@@ -91,13 +91,20 @@ func finetuneCommand(_ args: inout Args) throws -> Int32 {
 /// `vqmoe eval RUN_DIR`.
 func evalCommand(_ args: inout Args) throws -> Int32 {
     let split = try args.take("--split").last ?? "test", name = try args.take("--checkpoint").last ?? "best"
-    let usage = "eval RUN_DIR [--split train|valid|test] [--checkpoint NAME]"
+    let text = try args.take("--text").last, strideText = try args.take("--stride").last
+    let batchText = try args.take("--batch").last
+    let usage =
+        "eval RUN_DIR [--split train|valid|test] [--checkpoint NAME] | eval RUN_DIR --text FILE [--stride S] [--batch B]"
     let dir = try args.positional(1, usage: usage)[0]
     guard let sp = Split.allCases.first(where: { $0.name == split }) else {
         throw VQMoEError(.usage, "usage: vqmoe \(usage)")
     }
     let cfg = try RunConfig(json: try ConfigReader.load(file: "\(dir)/config.json", overrides: try args.overrides()))
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir, quiet: true)
+    if let text {
+        return try evalText(
+            trainer, file: text, checkpoint: "\(dir)/\(name).safetensors", stride: strideText, batch: batchText)
+    }
     let r = try trainer.evaluateCheckpoint(name, sp)
     guard trainer.comm.isRoot else { return 0 }  // rank 0 reports
     print(
@@ -105,6 +112,39 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
             format: "%@ %@: loss %.4f  bpc %.4f  accuracy %.4f  (%d targets, checkpoint %@)", cfg.name, split, r.loss,
             r.bpc,
             r.accuracy, r.count, "\(dir)/\(name).safetensors"))
+    return 0
+}
+
+/// `vqmoe eval RUN_DIR --text FILE`: bits per character of any text (see `TextScore`).
+func evalText(_ trainer: Trainer, file: String, checkpoint: String, stride: String?, batch: String?) throws -> Int32 {
+    let model = trainer.model
+    guard let s = Int(stride ?? "\(model.config.seqLen / 2)"), let b = Int(batch ?? "8"), b >= 1 else {
+        throw VQMoEError(.usage, "--stride and --batch take positive integers")
+    }
+    try model.load(try Checkpoint.read(path: checkpoint), path: checkpoint)
+    let codec = try TextCodec(config: trainer.config, vocab: model.head.nOut)
+    guard let data = FileManager.default.contents(atPath: file) else {
+        throw VQMoEError(.data, "\(file): cannot read the text file")
+    }
+    let tokens: [Int32]
+    switch codec {
+    case .bytes: tokens = data.map(Int32.init)
+    case .text8:
+        guard let text = String(data: data, encoding: .utf8) else {
+            throw VQMoEError(.data, "\(file) is not UTF-8 text")
+        }
+        tokens = try codec.encode(text)
+    }
+    let r = try TextScore.score(
+        model: model, tokens: tokens, stride: model.config.relative ? model.config.seqLen : s, batch: b)
+    let nats = r.lossSum / Double(r.count)
+    print(
+        String(
+            format: "%@: %d characters, loss %.4f nats  bpc %.4f  (checkpoint %@, %@)", file, r.count + 1, nats,
+            nats / log(2.0), checkpoint,
+            model.config.relative
+                ? "segments of \(model.config.seqLen) with memory \(model.config.memLen)"
+                : "windows of \(model.config.seqLen), stride \(s)"))
     return 0
 }
 
