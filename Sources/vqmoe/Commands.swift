@@ -77,10 +77,16 @@ let commands: [Command] = [
         name: "results", usage: ["results RUN_DIR..."],
         summary: "a markdown table of finished runs (test / valid BPC, params, speed)", run: resultsCommand),
     Command(
-        name: "bench", usage: ["bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]"],
+        name: "bench",
+        usage: [
+            "bench CONFIG [--steps N] [--threads T] [--json] [--ffn] [--set key.path=value ...]",
+            "bench CONFIG --sample [--tokens N] [--batch B] [--prompt-tokens P] [--threads T] [--json]",
+        ],
         summary: """
             time the trainer's training steps: tokens/s, ms per step (forward / backward / optimizer), training
-            GFLOP/s, peak RSS; --ffn: one MoE layer against a dense FFN with the same active FLOPs
+            GFLOP/s, peak RSS; --ffn: one MoE layer against a dense FFN with the same active FLOPs; --sample:
+            generation with the KV cache (generated tokens/s, ms per token, prefill, peak RSS; default 256 tokens
+            after a 64-token prompt, batch 1)
             """, distributed: true, run: benchCommand),
     Command(
         name: "plugins",

@@ -225,9 +225,27 @@ func benchCommand(_ args: inout Args) throws -> Int32 {
             }
             return n
         } ?? 15
-    let json = args.flag("--json"), ffnOnly = args.flag("--ffn")
-    let file = try args.positional(1, usage: "bench CONFIG [--steps N] [--threads T] [--json] [--ffn]")[0]
+    let json = args.flag("--json"), ffnOnly = args.flag("--ffn"), sample = args.flag("--sample")
+    let sampleTokens = try args.take("--tokens").last, sampleBatch = try args.take("--batch").last
+    let promptTokens = try args.take("--prompt-tokens").last
+    let file = try args.positional(
+        1, usage: "bench CONFIG [--steps N] [--threads T] [--json] [--ffn | --sample [--tokens N] [--batch B]]")[0]
     let cfg = try RunConfig(json: try ConfigReader.load(file: file, overrides: overrides))
+    if sample {
+        guard let n = Int(sampleTokens ?? "256"), let b = Int(sampleBatch ?? "1"), let p = Int(promptTokens ?? "64")
+        else { throw VQMoEError(.usage, "--tokens, --batch and --prompt-tokens take integers") }
+        let r = try GenerationBench(config: cfg, registry: try args.registry(), tokens: n, batch: b, promptLength: p)
+            .run()
+        print(
+            json
+                ? try jsonLine(r.json)
+                : String(
+                    format:
+                        "%@ generation: %.0f tokens/s, %.3f ms/token (batch %d, %d tokens after a %d-token prompt, "
+                        + "prefill %.1f ms), peak RSS %.0f MB, %d threads",
+                    cfg.name, r.tokensPerSecond, r.msPerToken, b, n, p, r.msPrefill, r.peakRSSMB, r.threads))
+        return 0
+    }
     if ffnOnly {
         let r = try FFNBench(config: cfg, registry: try args.registry(), steps: steps).run()
         print(
