@@ -72,14 +72,10 @@ public enum Attention {
                 let bi = pair / heads, h = pair % heads
                 let k = cache + bi * capacity * ld + h * dh + c, v = k + c, q = k - c + past * ld
                 let p = att + pair * t * keys, out = y + bi * t * c + h * dh
-                // S (t, keys) = Q Kᵀ·scale; row i sees keys 0...past + i
-                cblas_sgemm(
-                    CblasRowMajor, CblasNoTrans, CblasTrans, Int32(t), Int32(keys), Int32(dh), scale, q, Int32(ld), k,
-                    Int32(ld), 0, p, Int32(keys))
+                // S (t, keys) = Q Kᵀ·scale; row i sees keys 0...past + i (one token: matrix-vector products)
+                HostRuntime.gemm(false, true, t, keys, dh, scale, q, ld, k, ld, 0, p, keys)
                 for i in 0..<t { softmaxRow(p + i * keys, seen: past + i + 1, width: keys) }
-                cblas_sgemm(
-                    CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(t), Int32(dh), Int32(keys), 1, p, Int32(keys), v,
-                    Int32(ld), 0, out, Int32(c))
+                HostRuntime.gemm(false, false, t, dh, keys, 1, p, keys, v, ld, 0, out, c)
             }
         }
     }

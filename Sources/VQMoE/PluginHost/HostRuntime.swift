@@ -34,6 +34,38 @@ public enum HostRuntime {
         api.pointee.num_threads = Int32(threads)
     }
 
+    /// One single-threaded row-major SGEMM, C = α·op(A)·op(B) + β·C. A product with one row
+    /// or one column of C is a matrix-vector product (SGEMV): OpenBLAS's SGEMM would pack the
+    /// whole other operand first, which for one row (a token decoded at a time, an expert given
+    /// one token) costs more than the product itself.
+    static func gemm(
+        _ transA: Bool, _ transB: Bool, _ m: Int, _ n: Int, _ k: Int, _ alpha: Float,
+        _ a: UnsafePointer<Float>, _ lda: Int, _ b: UnsafePointer<Float>, _ ldb: Int,
+        _ beta: Float, _ c: UnsafeMutablePointer<Float>, _ ldc: Int
+    ) {
+        if (m == 1 || n == 1) && beta == 0 {
+            // SGEMV scales y by β: clear C so that no NaN left in reused memory survives 0·NaN.
+            if m == 1 { c.update(repeating: 0, count: n) } else { for i in 0..<m { c[i * ldc] = 0 } }
+        }
+        if m == 1 {
+            // c (n) = α·op(B)ᵀ-side product with the row x = op(A) (k): B (n,k) if transB, else (k,n).
+            let incx = Int32(transA ? lda : 1)
+            cblas_sgemv(
+                CblasRowMajor, transB ? CblasNoTrans : CblasTrans, Int32(transB ? n : k), Int32(transB ? k : n), alpha,
+                b, Int32(ldb), a, incx, beta, c, 1)
+        } else if n == 1 {
+            // c (m, stride ldc) = op(A) (m,k) · the column x = op(B) (k).
+            let incx = Int32(transB ? 1 : ldb)
+            cblas_sgemv(
+                CblasRowMajor, transA ? CblasTrans : CblasNoTrans, Int32(transA ? k : m), Int32(transA ? m : k), alpha,
+                a, Int32(lda), b, incx, beta, c, Int32(ldc))
+        } else {
+            cblas_sgemm(
+                CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans, Int32(m),
+                Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+        }
+    }
+
     /// Row-major SGEMM C = α·op(A)·op(B) + β·C over the host pool: large products are split
     /// into one block of C's rows (or columns, when C is wide and short) per thread, each a
     /// single-threaded OpenBLAS call. Inside a `parallelFor` body it runs serially.
@@ -42,13 +74,10 @@ public enum HostRuntime {
         a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
         beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
-        let ta = transA ? CblasTrans : CblasNoTrans, tb = transB ? CblasTrans : CblasNoTrans
         func call(
             _ m: Int, _ n: Int, _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafeMutablePointer<Float>
         ) {
-            cblas_sgemm(
-                CblasRowMajor, ta, tb, Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c,
-                Int32(ldc))
+            gemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
         }
         let parts = threads
         if parts <= 1 || m * n * k < (1 << 21) || Thread.current.threadDictionary[nestedKey] != nil {
