@@ -134,15 +134,31 @@ public final class Generator {
     }
 
     /// One token of stream b from its logits: greedy at temperature 0, else a draw from the
-    /// softmax of logits/temperature restricted to the top-k and then the top-p nucleus.
+    /// softmax of logits/temperature restricted to the top-k and then the top-p nucleus (ties:
+    /// the lower token id first). Without top-k/top-p nothing is sorted: O(V) per token.
     func draw(stream b: Int, _ o: SamplingOptions, _ rng: inout vqmoe_rng) -> Int32 {
-        let row = Array(logits[(b * vocab)..<((b + 1) * vocab)])
-        guard o.temperature > 0 else {
-            return Int32(row.indices.max { row[$0] < row[$1] || (row[$0] == row[$1] && $0 > $1) }!)
+        logits.withUnsafeBufferPointer { all in
+            draw(UnsafeBufferPointer(rebasing: all[(b * vocab)..<((b + 1) * vocab)]), o, &rng)
+        }
+    }
+
+    private func draw(_ row: UnsafeBufferPointer<Float>, _ o: SamplingOptions, _ rng: inout vqmoe_rng) -> Int32 {
+        var best = 0
+        for i in 1..<vocab where row[i] > row[best] { best = i }
+        guard o.temperature > 0 else { return Int32(best) }
+        let top = row[best]
+        if o.topK == 0 && o.topP >= 1 {
+            probabilities.removeAll(keepingCapacity: true)
+            for x in row { probabilities.append(Foundation.exp((x - top) / o.temperature)) }
+            var u = HostRNG.uniform(&rng) * probabilities.reduce(0, +)
+            for (i, p) in probabilities.enumerated() {
+                u -= p
+                if u < 0 { return Int32(i) }
+            }
+            return Int32(best)
         }
         order = (0..<Int32(vocab)).sorted { row[Int($0)] > row[Int($1)] || (row[Int($0)] == row[Int($1)] && $0 < $1) }
         var keep = o.topK > 0 ? min(o.topK, vocab) : vocab
-        let top = row[Int(order[0])]
         probabilities = order[0..<keep].map { Foundation.exp((row[Int($0)] - top) / o.temperature) }
         var sum = probabilities.reduce(0, +)
         if o.topP < 1 {
