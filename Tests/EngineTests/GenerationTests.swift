@@ -9,11 +9,15 @@ import XCTest
 final class GenerationTests: XCTestCase {
     let seqLen = 16, memLen = 8
 
-    func model(_ mode: String, xl: Bool) throws -> Transformer {
+    func model(_ mode: String, xl: Bool, router: String = "smoe", quantizer: String = "vqvae") throws -> Transformer {
         guard DataLocator.defaultRoot() != nil else { throw XCTSkip("no data directory (run scripts/get-data.sh)") }
         var ffn: [String: Any] = ["mode": mode, "d_inner": 48]
-        if mode != "dense" { ffn["n_experts"] = 4; ffn["router"] = ["name": "smoe", "k": 2] }
-        if mode == "vqmoe" { ffn["quantizer"] = ["name": "vqvae"] }
+        if mode != "dense" {
+            ffn["n_experts"] = 4
+            ffn["router"] = ["smoe", "xmoe"].contains(router) ? ["name": router, "k": 2] : ["name": router]
+            ffn["allow_token_mixing"] = router == "softmoe"
+        }
+        if mode == "vqmoe" { ffn["quantizer"] = ["name": quantizer] }
         // A wide init spreads the logits, so greedy picks are far from ties.
         var model: [String: Any] = [
             "n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": seqLen, "init_std": 0.3, "ffn": ffn,
@@ -70,14 +74,16 @@ final class GenerationTests: XCTestCase {
 
     func argmax(_ x: [Float]) -> Int32 { Int32(x.indices.max { x[$0] < x[$1] }!) }
 
-    func checkCachedEqualsRecomputed(_ mode: String, xl: Bool) throws {
-        let m = try model(mode, xl: xl)
+    func checkCachedEqualsRecomputed(
+        _ mode: String, xl: Bool, router: String = "smoe", quantizer: String = "vqvae", steps: Int = 45
+    ) throws {
+        let m = try model(mode, xl: xl, router: router, quantizer: quantizer)
         let gen = try Generator(model: m, batch: 1)
         var rng = HostRNG.make(seed: 9, stream: 0)
         let prompt = (0..<11).map { _ in Int32(HostRNG.next(&rng) % 256) }
         var logits = try gen.feed([prompt])
         var shifts = Set<Int>()
-        for step in 0..<45 {  // crosses the window's moves (GPT-2) and three segment ends (Transformer-XL)
+        for step in 0..<steps {  // 45 cross the window's moves (GPT-2) and three segment ends (Transformer-XL)
             let tokens = gen.sequences[0]
             let ref = try reference(m, tokens, windowStart: gen.windowStart)
             let scale = max(1, ref.map(abs).max()!)
@@ -89,7 +95,26 @@ final class GenerationTests: XCTestCase {
         }
         // GPT-2: the window moved by seq_len/2 (to 8, 16, ... tokens before the end); Transformer-XL:
         // the segments start at 16, 32, 48 with 8 memory positions before them.
-        XCTAssertEqual(shifts.sorted(), xl ? [0, 8, 24, 40] : [0, 8, 16, 24, 32, 40])
+        if steps == 45 { XCTAssertEqual(shifts.sorted(), xl ? [0, 8, 24, 40] : [0, 8, 16, 24, 32, 40]) }
+    }
+
+    /// Every router (the hash router reads token ids) with every quantizer generates at batch 1
+    /// as it evaluates, through a window move; SoftMoE, whose slots mix a sequence's tokens, is
+    /// refused with the reason.
+    func testEveryRouterAndQuantizerGenerates() throws {
+        for r in ["smoe", "xmoe", "stablemoe", "smoe_dropout", "dense", "hash"] {
+            for q in ["vqvae", "vqgan_cos", "lfq", "rvq"] {
+                try checkCachedEqualsRecomputed("vqmoe", xl: false, router: r, quantizer: q, steps: 12)
+            }
+        }
+        let message = errorMessage { _ = try Generator(model: try model("smoe", xl: false, router: "softmoe")) }
+        XCTAssertTrue(message.contains("model.ffn.allow_token_mixing"), message)
+    }
+
+    func errorMessage(_ body: () throws -> Void) -> String {
+        do { try body() } catch let e as VQMoEError { return e.message } catch { return "\(error)" }
+        XCTFail("expected an error")
+        return ""
     }
 
     func testCachedGenerationEqualsRecomputationDense() throws { try checkCachedEqualsRecomputed("dense", xl: false) }

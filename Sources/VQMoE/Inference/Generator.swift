@@ -55,6 +55,13 @@ public final class Generator {
         guard model.input is TokenEmbedding, model.config.attention != .full else {
             throw VQMoEError(.config, "generation needs a token model with causal attention (not a ViT)")
         }
+        guard !model.config.ffn.allowTokenMixing else {
+            throw VQMoEError(
+                .config,
+                "this model was trained with model.ffn.allow_token_mixing (a router such as SoftMoE mixes the "
+                    + "tokens of a sequence, so a token's output depends on later tokens): it cannot generate one "
+                    + "token at a time")
+        }
         self.model = model
         self.batch = batch
         cache = KVCache(model: model, batch: batch)
