@@ -126,15 +126,7 @@ func evalText(_ trainer: Trainer, file: String, checkpoint: String, stride: Stri
     guard let data = FileManager.default.contents(atPath: file) else {
         throw VQMoEError(.data, "\(file): cannot read the text file")
     }
-    let tokens: [Int32]
-    switch codec {
-    case .bytes: tokens = data.map(Int32.init)
-    case .text8:
-        guard let text = String(data: data, encoding: .utf8) else {
-            throw VQMoEError(.data, "\(file) is not UTF-8 text")
-        }
-        tokens = try codec.encode(text)
-    }
+    let tokens = try codec.encode(bytes: Array(data))
     let r = try TextScore.score(
         model: model, tokens: tokens, stride: model.config.relative ? model.config.seqLen : s, batch: b)
     let nats = r.lossSum / Double(r.count)

@@ -5,6 +5,7 @@ import Foundation
 /// ```swift
 /// let codec = try TextCodec(config: cfg, vocab: 256)     // the `char` dataset: bytes
 /// let prompt = try codec.encode("The ")                   // [84, 104, 101, 32]
+/// let text = try codec.encode(bytes: Array(fileData))
 /// FileHandle.standardOutput.write(Data(codec.decode(tokens)))
 /// ```
 public enum TextCodec: Sendable, Equatable {
@@ -28,15 +29,18 @@ public enum TextCodec: Sendable, Equatable {
     }
 
     /// The tokens of `text`; text8 takes lower-case a–z and space only.
-    public func encode(_ text: String) throws -> [Int32] {
-        let bytes = Array(text.utf8)
+    public func encode(_ text: String) throws -> [Int32] { try encode(bytes: Array(text.utf8)) }
+
+    /// The tokens of UTF-8 `bytes` (a file's contents).
+    public func encode(bytes: [UInt8]) throws -> [Int32] {
         switch self {
         case .bytes: return bytes.map(Int32.init)
         case .text8:
-            return try bytes.map { c in
+            return try bytes.enumerated().map { i, c in
                 guard c == 0x20 || (0x61...0x7A).contains(c) else {
                     throw VQMoEError(
-                        .usage, "the prompt has '\(UnicodeScalar(c))': a text8 model reads only a-z and space")
+                        .usage,
+                        "the text has byte 0x\(String(c, radix: 16)) at \(i): a text8 model reads only a-z and space")
                 }
                 return c == 0x20 ? 0 : Int32(c) - 0x60
             }
