@@ -170,4 +170,42 @@ final class OpsGradientTests: XCTestCase {
         Dropout.backward(dinp: &dx, dout: x, mask: mask, count: n)
         XCTAssertEqual(dx, mask)
     }
+
+    /// HostRuntime.sgemm against a plain triple loop for every transpose pair, with padded
+    /// leading dimensions, for products with one row or one column (sent to SGEMV) and a general
+    /// one; β = 0 must ignore NaN already in C.
+    func testSgemmMatrixVectorShapes() {
+        var r = HostRNG.make(seed: 31, stream: 0)
+        for (m, n, k) in [(1, 5, 3), (4, 1, 3), (1, 1, 3), (3, 4, 2)] {
+            for transA in [false, true] {
+                for transB in [false, true] {
+                    for beta: Float in [0, 0.5] {
+                        let lda = (transA ? m : k) + 2, ldb = (transB ? k : n) + 1, ldc = n + 3
+                        let a = (0..<((transA ? k : m) * lda)).map { _ in HostRNG.normal(&r) }
+                        let b = (0..<((transB ? n : k) * ldb)).map { _ in HostRNG.normal(&r) }
+                        let c0 = (0..<(m * ldc)).map { _ in beta == 0 ? Float.nan : HostRNG.normal(&r) }
+                        var c = c0
+                        HostRuntime.sgemm(
+                            transA: transA, transB: transB, m: m, n: n, k: k, alpha: 1.5, a: a, lda: lda, b: b,
+                            ldb: ldb,
+                            beta: beta, c: &c, ldc: ldc)
+                        for i in 0..<m {
+                            for j in 0..<n {
+                                var sum: Float = 0
+                                for p in 0..<k {
+                                    sum +=
+                                        (transA ? a[p * lda + i] : a[i * lda + p])
+                                        * (transB ? b[j * ldb + p] : b[p * ldb + j])
+                                }
+                                let want = 1.5 * sum + (beta == 0 ? 0 : beta * c0[i * ldc + j])
+                                XCTAssertEqual(
+                                    c[i * ldc + j], want, accuracy: 1e-5,
+                                    "m \(m) n \(n) k \(k) transA \(transA) transB \(transB) beta \(beta) [\(i),\(j)]")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
