@@ -42,6 +42,8 @@ final class CharDataset: LanguageModelDataset {
 
     /// The file's bytes (or its cleaned text) and the split boundaries.
     let corpus: TokenCorpus<UInt8>
+    /// Tokens are text8's 27 symbols (compact_vocab), not bytes.
+    let compact: Bool
 
     /// Read the hyperparameters, load the file, compute the splits.
     init(_ model: ModelInfo, _ hp: HyperValues) throws(PluginFailure) {
@@ -61,7 +63,8 @@ final class CharDataset: LanguageModelDataset {
                 )
             }
         }
-        if hp.bool("compact_vocab") {
+        compact = hp.bool("compact_vocab")
+        if compact {
             // text8's 27 symbols: space -> 0, a..z -> 1..26; anything else is an error.
             for i in bytes.indices {
                 let c = bytes[i]
@@ -91,6 +94,32 @@ final class CharDataset: LanguageModelDataset {
             model, tokens: bytes, splitStart: starts, splitLength: lens,
             vocabSize: hp.bool("compact_vocab") ? 27 : 256,
             cut: TokenBatches(seqLen: T, streams: hp.string("order") == "streams", name: "char"))
+    }
+}
+
+/// "vqmoe.tokenizer/1": a token is a byte, or with compact_vocab one of text8's 27 symbols.
+extension CharDataset: TextTokenizer {
+    var textUnit: Int32 { VQMOE_TEXT_UNIT_CHAR }
+
+    func encode(_ text: UnsafeBufferPointer<UInt8>) throws(PluginFailure) -> [Int32] {
+        guard compact else { return text.map(Int32.init) }
+        var out = [Int32](repeating: 0, count: text.count)
+        for (i, c) in text.enumerated() {
+            guard c == 0x20 || (c >= 0x61 && c <= 0x7A) else {
+                throw .invalid(
+                    "the text has byte 0x\(String(c, radix: 16)) at offset \(i): this model's vocabulary (compact_vocab, text8) is a-z and space"
+                )
+            }
+            out[i] = c == 0x20 ? 0 : Int32(c) - 0x60
+        }
+        return out
+    }
+
+    func decode(_ token: Int32, after previous: Int32) throws(PluginFailure) -> [UInt8] {
+        guard token >= 0 && Int(token) < corpus.vocabSize else {
+            throw .invalid("token \(token) is outside the vocabulary [0, \(corpus.vocabSize))")
+        }
+        return [compact ? (token == 0 ? 0x20 : UInt8(token + 0x60)) : UInt8(token)]
     }
 }
 

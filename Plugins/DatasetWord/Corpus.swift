@@ -101,6 +101,26 @@ final class WordTable {
         slots = bigger
     }
 
+    /// The id of the word p[0 ..< n], or nil when the table does not hold it.
+    func find(_ p: UnsafePointer<UInt8>, _ n: Int) -> Int32? {
+        let h = WordTable.hash(p, n)
+        let mask = slots.count - 1
+        var s = Int(truncatingIfNeeded: h) & mask
+        while slots[s] >= 0 {
+            let i = Int(slots[s])
+            if hashes[i] == h && Int(lengths[i]) == n
+                && arena.withUnsafeBufferPointer({ memcmp($0.baseAddress! + starts[i], p, n) == 0 })
+            {
+                return slots[s]
+            }
+            s = (s + 1) & mask
+        }
+        return nil
+    }
+
+    /// The bytes of word `id`.
+    func word(_ id: Int) -> ArraySlice<UInt8> { arena[starts[id]..<(starts[id] + Int(lengths[id]))] }
+
     /// Byte order of words a and b (memcmp, then the shorter first): the vocabulary's tie-break.
     func bytesLess(_ a: Int, _ b: Int) -> Bool {
         let la = Int(lengths[a]), lb = Int(lengths[b])

@@ -47,6 +47,11 @@ final class WordDataset: LanguageModelDataset {
     let corpus: TokenCorpus<Int32>
     /// Tokens of each split mapped to <unk> although their text was not "<unk>".
     let oovCount: [Int]
+    /// Every word read (provisional ids) and the vocabulary over them, for the tokenizer.
+    let table: WordTable
+    let vocabulary: Vocabulary
+    /// The provisional id of each final id (its text in `table`).
+    let wordOfID: [Int32]
 
     init(_ model: ModelInfo, _ hp: HyperValues) throws(PluginFailure) {
         let who = Self.who(model), trainFraction = hp.double("train_fraction")
@@ -78,6 +83,10 @@ final class WordDataset: LanguageModelDataset {
                 minCount: hp.int("min_count"), maxVocab: maxVocab)
         }
         oovCount = data.mapToFinalIDs(vocab)
+        (self.table, vocabulary) = (table, vocab)
+        var wordOf = [Int32](repeating: 0, count: vocab.size)
+        for (p, f) in vocab.finalID.enumerated() where f > 0 || p == 0 { wordOf[Int(f)] = Int32(p) }
+        wordOfID = wordOf
         corpus = try TokenCorpus(
             model, tokens: data.stream, splitStart: data.splitStart, splitLength: lens, vocabSize: vocab.size,
             cut: TokenBatches(seqLen: T, streams: hp.string("order") == "streams", name: "word"))
@@ -142,6 +151,38 @@ final class WordDataset: LanguageModelDataset {
     func metrics(_ sink: MetricSink) throws(PluginFailure) {
         for s in Split.allCases { sink.scalar("oov_rate_\(s.name)", oovRate(s.rawValue)) }
         sink.scalar("vocab_size", Double(corpus.vocabSize))
+    }
+}
+
+/// "vqmoe.tokenizer/1": each line's words and <eos>, as the corpus files are read (a last line
+/// without a newline still ends in <eos>); words outside the vocabulary are <unk>. Decoding
+/// puts a space before each word except at the start of a line, and <eos> as a newline.
+extension WordDataset: TextTokenizer {
+    var textUnit: Int32 { VQMOE_TEXT_UNIT_WORD }
+
+    func encode(_ text: UnsafeBufferPointer<UInt8>) throws(PluginFailure) -> [Int32] {
+        guard text.count > 0 else { return [] }
+        let local = WordTable()
+        var ids: [Int32] = []
+        _ = try tokenize(Array(text), path: "the text", into: &ids, table: local)
+        // Local ids -> final ids through the corpus's words (0 = <unk>, 1 = <eos> in both).
+        var toFinal = [Int32](repeating: 0, count: local.count)
+        toFinal[1] = 1
+        for l in 2..<max(2, local.count) {
+            let w = local.word(l)
+            let p = w.withUnsafeBufferPointer { table.find($0.baseAddress!, $0.count) }
+            toFinal[l] = p.map { vocabulary.finalID[Int($0)] } ?? 0
+        }
+        return ids.map { toFinal[Int($0)] }
+    }
+
+    func decode(_ token: Int32, after previous: Int32) throws(PluginFailure) -> [UInt8] {
+        guard token >= 0 && Int(token) < wordOfID.count else {
+            throw .invalid("token \(token) is outside the vocabulary [0, \(wordOfID.count))")
+        }
+        if token == 1 { return [0x0A] }
+        let w = Array(table.word(Int(wordOfID[Int(token)])))
+        return previous < 0 || previous == 1 ? w : [0x20] + w
     }
 }
 

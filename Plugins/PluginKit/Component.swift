@@ -256,8 +256,13 @@ private func descriptor<T: PluginComponent>(_ type: T.Type) -> vqmoe_plugin_desc
     }
     d.init_buffers = { p, seed in call(p) { inst throws(PluginFailure) in try inst.component.initBuffers(seed: seed) } }
     d.begin_step = { p, s in call(p) { inst throws(PluginFailure) in try inst.component.beginStep(try Step(s)) } }
-    if T.reportsMetrics {
-        d.get_feature = { id in id.flatMap { strcmp($0, VQMOE_FEATURE_METRICS) == 0 ? metricsTable : nil } }
+    if T.reportsMetrics || T.self is TextTokenizer.Type {
+        d.get_feature = { id in
+            guard let id, let type = componentType else { return nil }
+            if strcmp(id, VQMOE_FEATURE_METRICS) == 0 && type.reportsMetrics { return metricsTable }
+            if strcmp(id, VQMOE_FEATURE_TOKENIZER) == 0 && type is TextTokenizer.Type { return tokenizerTable }
+            return nil
+        }
     }
     switch type {
     case is RouterPlugin.Type:

@@ -115,28 +115,38 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
     return 0
 }
 
-/// `vqmoe eval RUN_DIR --text FILE`: bits per character of any text (see `TextScore`).
+/// `vqmoe eval RUN_DIR --text FILE`: bits per character (char models) or perplexity (word
+/// models) of any text, tokenised by the run's dataset (see `TextScore`).
 func evalText(_ trainer: Trainer, file: String, checkpoint: String, stride: String?, batch: String?) throws -> Int32 {
     let model = trainer.model
     guard let s = Int(stride ?? "\(model.config.seqLen / 2)"), let b = Int(batch ?? "8"), b >= 1 else {
         throw VQMoEError(.usage, "--stride and --batch take positive integers")
     }
     try model.load(try Checkpoint.read(path: checkpoint), path: checkpoint)
-    let codec = try TextCodec(config: trainer.config, vocab: model.head.nOut)
+    let tokenizer = try Tokenizer(dataset: trainer.dataset, vocab: model.head.nOut)
     guard let data = FileManager.default.contents(atPath: file) else {
         throw VQMoEError(.data, "\(file): cannot read the text file")
     }
-    let tokens = try codec.encode(bytes: Array(data))
+    let tokens = try tokenizer.encode(bytes: Array(data))
     let r = try TextScore.score(
         model: model, tokens: tokens, stride: model.config.relative ? model.config.seqLen : s, batch: b)
     let nats = r.lossSum / Double(r.count)
-    print(
-        String(
-            format: "%@: %d characters, loss %.4f nats  bpc %.4f  (checkpoint %@, %@)", file, r.count + 1, nats,
-            nats / log(2.0), checkpoint,
-            model.config.relative
-                ? "segments of \(model.config.seqLen) with memory \(model.config.memLen)"
-                : "windows of \(model.config.seqLen), stride \(s)"))
+    let how =
+        model.config.relative
+        ? "segments of \(model.config.seqLen) with memory \(model.config.memLen)"
+        : "windows of \(model.config.seqLen), stride \(s)"
+    switch tokenizer.unit {
+    case .character:
+        print(
+            String(
+                format: "%@: %d characters, loss %.4f nats  bpc %.4f  (checkpoint %@, %@)", file, r.count + 1, nats,
+                nats / log(2.0), checkpoint, how))
+    case .word:
+        print(
+            String(
+                format: "%@: %d tokens (words and <eos>), loss %.4f nats  perplexity %.2f  (checkpoint %@, %@)", file,
+                r.count + 1, nats, exp(nats), checkpoint, how))
+    }
     return 0
 }
 
@@ -166,7 +176,7 @@ func sampleCommand(_ args: inout Args) throws -> Int32 {
     let trainer = try Trainer(config: cfg, registry: try args.registry(), outDir: dir, quiet: true)
     let path = "\(dir)/\(name).safetensors"
     try trainer.model.load(try Checkpoint.read(path: path), path: path)
-    let codec = try TextCodec(config: cfg, vocab: trainer.model.head.nOut)
+    let tokenizer = try Tokenizer(dataset: trainer.dataset, vocab: trainer.model.head.nOut)
     var text = promptText ?? "\n"
     if let promptFile {
         guard let t = try? String(contentsOfFile: promptFile, encoding: .utf8) else {
@@ -174,18 +184,25 @@ func sampleCommand(_ args: inout Args) throws -> Int32 {
         }
         text = t
     }
-    if codec == .text8 && promptText == nil && promptFile == nil { text = " " }
-    let prompt = try codec.encode(text)
+    // No prompt: a new line, or a space where the vocabulary has no line break (text8).
+    let prompt =
+        promptText == nil && promptFile == nil
+        ? try ((try? tokenizer.encode(prompt: "\n")) ?? tokenizer.encode(prompt: " "))
+        : try tokenizer.encode(prompt: text)
     let generator = try Generator(model: trainer.model, batch: batch)
     let out = FileHandle.standardOutput
-    if batch == 1 { out.write(Data(codec.decode(prompt))) }
+    if batch == 1 { out.write(Data(try tokenizer.decode(prompt))) }
+    var previous = prompt.last ?? -1
     let samples = try generator.generate(prompt: prompt, options: o) { next in
-        if batch == 1 { out.write(Data(codec.decode(next))) }  // streamed as drawn
+        guard batch == 1 else { return }
+        out.write(Data(try tokenizer.decode(next[0], after: previous)))  // streamed as drawn
+        previous = next[0]
     }
     if batch > 1 {
         for (i, s) in samples.enumerated() {
             out.write(
-                Data("--- sample \(i + 1) (seed \(o.seed), stream \(i))\n".utf8) + Data(codec.decode(prompt + s))
+                Data("--- sample \(i + 1) (seed \(o.seed), stream \(i))\n".utf8)
+                    + Data(try tokenizer.decode(prompt + s))
                     + Data("\n".utf8))
         }
     } else {

@@ -66,16 +66,4 @@ final class TextScoreTests: XCTestCase {
         XCTAssertThrowsError(try TextScore.score(model: trainer.model, tokens: [5], stride: 4))
         XCTAssertThrowsError(try TextScore.score(model: trainer.model, tokens: [5, 300], stride: 4))
     }
-
-    /// Bytes are tokens; text8 maps space → 0 and a…z → 1…26 both ways and refuses anything else.
-    func testTextCodec() throws {
-        XCTAssertEqual(try TextCodec.bytes.encode("Hé"), [72, 195, 169])
-        XCTAssertEqual(TextCodec.bytes.decode([72, 195, 169]), Array("Hé".utf8))
-        XCTAssertEqual(try TextCodec.text8.encode("az b"), [1, 26, 0, 2])
-        XCTAssertEqual(TextCodec.text8.decode([1, 26, 0, 2]), Array("az b".utf8))
-        XCTAssertThrowsError(try TextCodec.text8.encode("aB")) {
-            XCTAssertEqual(
-                ($0 as? VQMoEError)?.message, "the text has byte 0x42 at 1: a text8 model reads only a-z and space")
-        }
-    }
 }

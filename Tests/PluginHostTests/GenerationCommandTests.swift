@@ -4,7 +4,8 @@ import XCTest
 
 /// The inference commands end to end on a run the test trains: `vqmoe sample` (greedy is
 /// reproducible and streams the prompt then the tokens; bad options are usage errors),
-/// `vqmoe eval --text` (a file's bits per character, every character once) and
+/// `vqmoe eval --text` (a file's bits per character, every character once; a word model's
+/// perplexity), word-level prompts and samples, and
 /// `vqmoe bench --sample` (a JSON line with the generation figures).
 final class GenerationCommandTests: XCTestCase {
     let vqmoe = "\(buildDir)/vqmoe"
@@ -47,6 +48,35 @@ final class GenerationCommandTests: XCTestCase {
         XCTAssertTrue(e.contains("windows of 32, stride 16"), e)
         let (s4, o4) = try run(["eval", "\(dir)/run", "--text", text, "--stride", "33"])
         XCTAssertEqual(s4, 64, o4)
+
+        // A word-level model: prompts are words, samples are words with spaces and newlines,
+        // and a text is scored in perplexity per word.
+        let config = "\(dir)/word.json"
+        let json: [String: Any] = [
+            "name": "word", "seed": 3,
+            "data": ["name": "word", "dir": "", "path": "$DATA/tinyshakespeare/input.txt", "max_vocab": 2000],
+            "model": [
+                "n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 16,
+                "ffn": [
+                    "mode": "vqmoe", "d_inner": 64, "n_experts": 4, "router": ["name": "smoe"],
+                    "quantizer": ["name": "vqvae"],
+                ],
+            ],
+            "head": ["name": "lm"], "train": ["steps": 10, "batch_size": 4, "eval_every": 10, "eval_batches": 2],
+        ]
+        try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: config))
+        let (s6, o6) = try run(["train", config, "--out", "\(dir)/word"])
+        XCTAssertEqual(s6, 0, o6)
+        let (s7, w) = try run([
+            "sample", "\(dir)/word", "--prompt", "ROMEO: thou art", "--tokens", "30", "--temperature", "0",
+        ])
+        XCTAssertEqual(s7, 0, w)
+        // The prompt's words, then a space before the next word or a newline for <eos>.
+        XCTAssertTrue(w.hasPrefix("ROMEO: thou art ") || w.hasPrefix("ROMEO: thou art\n"), w)
+        XCTAssertFalse(w.contains("  "), w)
+        let (s8, e8) = try run(["eval", "\(dir)/word", "--text", text])
+        XCTAssertEqual(s8, 0, e8)
+        XCTAssertTrue(e8.contains("tokens (words and <eos>), loss ") && e8.contains("perplexity "), e8)
 
         let (s5, j) = try run(["bench", "configs/bench/smoe.json", "--sample", "--tokens", "40", "--json"])
         XCTAssertEqual(s5, 0, j)

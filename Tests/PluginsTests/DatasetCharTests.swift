@@ -372,6 +372,35 @@ final class DatasetCharTests: XCTestCase {
         XCTAssertEqual(ds.splitSizes, [5_480_771, 304_487, 304_488])
     }
 
+    /// "vqmoe.tokenizer/1": bytes are tokens; with compact_vocab text8 maps space → 0 and
+    /// a…z → 1…26 both ways and refuses anything else.
+    func testTokenizer() throws {
+        let path = try writeFixture(Array(String(repeating: "the quick brown fox ", count: 20).utf8))
+        let bytes = try openDataset(path: path, seqLen: 8)
+        let tok = try Tokenizer(dataset: bytes, vocab: 256)
+        XCTAssertEqual(tok.unit, .character)
+        XCTAssertEqual(try tok.encode(bytes: Array("Hé\n".utf8)), [72, 195, 169, 10])
+        XCTAssertEqual(try tok.encode(prompt: "Hé\n"), [72, 195, 169, 10])  // a newline is a byte, not an end of line
+        XCTAssertEqual(try tok.decode([72, 195, 169]), Array("Hé".utf8))
+        XCTAssertEqual(
+            errorMessage { _ = try tok.decode(256, after: -1) },
+            "dataset 'char' (test.char) failed in tokenizer decode: INVALID_ARGUMENT: token 256 is outside the vocabulary [0, 256)"
+        )
+
+        let text8 = try Tokenizer(
+            dataset: try openDataset(path: path, seqLen: 8, hp: ["compact_vocab": true]), vocab: 27)
+        XCTAssertEqual(try text8.encode(prompt: "az b"), [1, 26, 0, 2])
+        XCTAssertEqual(try text8.decode([1, 26, 0, 2]), Array("az b".utf8))
+        XCTAssertEqual(
+            errorMessage { _ = try text8.encode(bytes: Array("aB".utf8)) },
+            "dataset 'char' (test.char) failed in tokenizer encode: INVALID_ARGUMENT: the text has byte 0x42 at offset 1: this model's vocabulary (compact_vocab, text8) is a-z and space"
+        )
+        // A model whose vocabulary is smaller than the dataset's: out-of-range tokens are refused.
+        XCTAssertTrue(
+            errorMessage { _ = try Tokenizer(dataset: bytes, vocab: 100).encode(prompt: "z") }.contains(
+                "gave token 122, outside the vocabulary [0, 100)"))
+    }
+
     func testRealTinyShakespeareMatchesNanoGPTSplit() throws {
         guard let dir = sharedDataDirectory() else { throw XCTSkip("../shared/data not present") }
         let path = dir + "/tinyshakespeare/input.txt"

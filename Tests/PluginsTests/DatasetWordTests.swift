@@ -447,6 +447,39 @@ final class DatasetWordTests: XCTestCase {
         XCTAssertTrue(path.isPath && path.optional && path.defaultString.isEmpty)
     }
 
+    // MARK: the tokenizer ("vqmoe.tokenizer/1")
+
+    func testTokenizerEncodesLikeTheCorpusAndDecodesWithSpacing() throws {
+        // Vocabulary as in testHandCheckedTokensVocabularyAndOOV: <unk> 0, <eos> 1, a 2, b 3, c 4.
+        let train = "b a c a\n\nb <unk>\n", valid = "a d <unk>\nc", test = "e e\n"
+        let dir = try writeWikiText("wt", train: train, valid: valid, test: test)
+        let ds = try openDataset(["dir": dir], seqLen: 2)
+        let tok = try Tokenizer(dataset: ds, vocab: ds.vocabSize)
+        XCTAssertEqual(tok.unit, .word)
+        // A split's file encodes to that split's tokens: unknown words are <unk>, a last line
+        // without a newline still ends in <eos>.
+        XCTAssertEqual(try tok.encode(bytes: Array(train.utf8)), try trainStream(["dir": dir]))
+        XCTAssertEqual(try tok.encode(bytes: Array(valid.utf8)), try evalStream(ds, .valid))
+        XCTAssertEqual(try tok.encode(bytes: Array(test.utf8)), try evalStream(ds, .test))
+        XCTAssertEqual(try tok.encode(bytes: []), [])
+        // Decoding: a space before each word but the first of a line, <eos> as a newline.
+        XCTAssertEqual(String(decoding: try tok.decode([3, 2, 4, 1, 1, 2, 0, 1]), as: UTF8.self), "b a c\n\na <unk>\n")
+        XCTAssertEqual(try tok.decode(2, after: 3), Array(" a".utf8))
+        XCTAssertEqual(try tok.decode(2, after: 1), Array("a".utf8))
+        XCTAssertEqual(try tok.decode(2, after: -1), Array("a".utf8))
+        // A prompt continues its last line: no <eos> unless it ends in a line break.
+        XCTAssertEqual(try tok.encode(prompt: "a  b\tzzz"), [2, 3, 0])
+        XCTAssertEqual(try tok.encode(prompt: "a b\n"), [2, 3, 1])
+        XCTAssertEqual(try tok.encode(prompt: "\n"), [1])
+        XCTAssertEqual(
+            errorMessage { _ = try tok.decode(5, after: -1) },
+            "dataset 'word' (test.word) failed in tokenizer decode: INVALID_ARGUMENT: token 5 is outside the vocabulary [0, 5)"
+        )
+        XCTAssertTrue(
+            errorMessage { _ = try tok.encode(bytes: [0x61, 0x20, 0xFF]) }.contains(
+                "the text:1: malformed UTF-8 (byte 0xff at column 3, file offset 2)"))
+    }
+
     // MARK: real data
 
     func testRealTinyShakespeareThroughPath() throws {
@@ -479,10 +512,24 @@ final class DatasetWordTests: XCTestCase {
         let decode = { (ids: [Int32]) in ids.map { String(decoding: vocab[Int($0)], as: UTF8.self) } }
         let known = Set(vocab.map { String(decoding: $0, as: UTF8.self) })
         XCTAssertEqual(decode(try trainStream(hp)), Array(words[..<218_385]))
+        var streams = try trainStream(hp)
         for (split, range) in [(Split.valid, 218_385..<230_518), (Split.test, 230_518..<242_651)] {
             let expected = words[range].map { known.contains($0) ? $0 : "<unk>" }
-            XCTAssertEqual(decode(try evalStream(ds, split, batchSize: 16)), expected, split.name)
+            let ids = try evalStream(ds, split, batchSize: 16)
+            XCTAssertEqual(decode(ids), expected, split.name)
+            streams += ids
         }
+
+        // The tokenizer: the whole file encodes to the three splits' tokens, and decodes to
+        // its lines with single spaces between words (unknown words as <unk>).
+        let tok = try Tokenizer(dataset: ds, vocab: ds.vocabSize)
+        let ids = try tok.encode(bytes: Array(text.utf8))
+        XCTAssertEqual(ids, streams)
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false).dropLast().map { line in
+            line.split(whereSeparator: { $0 == " " || $0 == "\t" }).map { known.contains(String($0)) ? $0 : "<unk>" }
+                .joined(separator: " ")
+        }
+        XCTAssertEqual(String(decoding: try tok.decode(ids), as: UTF8.self), lines.joined(separator: "\n") + "\n")
     }
 }
 

@@ -586,6 +586,9 @@ public struct PluginChecker {
                 name: "inputs and targets in range",
                 passed: inRange && targetsOK && a.inputsFloat.allSatisfy(\.isFinite),
                 detail: "tokens < \(limit), targets < \(classes) or pad"))
+        if ds.isLM && ds.core.library.feature(VQMOE_FEATURE_TOKENIZER) != nil {
+            results.append(tokenizerRoundTrip(ds, a))
+        }
         for split in [Split.valid, .test] {
             let nb = try ds.numBatches(split, batchSize: bs)
             if nb == 0 {
@@ -599,6 +602,32 @@ public struct PluginChecker {
                     detail: "\(nb) batches of \(bs)"))
         }
         return results
+    }
+
+    /// "vqmoe.tokenizer/1": every row of a train batch, decoded and encoded again as a prompt,
+    /// gives the row back (the text a sample is written as reads back as the same tokens).
+    private func tokenizerRoundTrip(_ ds: DatasetInstance, _ batch: DatasetInstance.Batch) -> CheckResult {
+        let name = "tokenizer: encode(decode(row)) = row"
+        do {
+            let tok = try Tokenizer(dataset: ds, vocab: ds.vocabSize)
+            let T = batch.inputsInt.count / max(batch.rows, 1)
+            for r in 0..<batch.rows {
+                let row = Array(batch.inputsInt[(r * T)..<((r + 1) * T)])
+                let text = try tok.decode(row)
+                let back = try tok.encode(prompt: String(decoding: text, as: UTF8.self))
+                guard back == row else {
+                    let i = (0..<min(back.count, row.count)).first { back[$0] != row[$0] } ?? min(back.count, row.count)
+                    return CheckResult(
+                        name: name, passed: false,
+                        detail:
+                            "row \(r): \(row.count) tokens decode to \(text.count) bytes that encode to \(back.count) tokens, first difference at \(i)"
+                    )
+                }
+            }
+            return CheckResult(name: name, passed: true, detail: "\(batch.rows) rows of \(T) tokens, \(tok.unit)")
+        } catch {
+            return CheckResult(name: name, passed: false, detail: "\(error)")
+        }
     }
 
     private func randomNormal(_ count: Int, stream: UInt64) -> [Float] {

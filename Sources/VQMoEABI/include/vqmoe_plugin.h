@@ -653,6 +653,38 @@ typedef struct vqmoe_metrics_feature {
     int32_t (*metrics)(vqmoe_instance *inst, const vqmoe_metric_sink *sink);
 } vqmoe_metrics_feature;
 
+/**
+ * "vqmoe.tokenizer/1" (language-model datasets): text to the dataset's tokens and back, so a
+ * trained model can be prompted and sampled (`vqmoe sample`) and can score any text file
+ * (`vqmoe eval --text`) with the vocabulary it was trained on. Calls may come at any time
+ * after create (no buffers needed) and are not concurrent with other calls on the instance.
+ *
+ * encode: the tokens of the UTF-8 bytes text[0, n_bytes), tokenised exactly as the dataset
+ *   tokenises its files (words outside the vocabulary become its unknown token). Writes
+ *   min(count, capacity) ids to out (out may be NULL when capacity is 0) and sets *n_tokens to
+ *   the count, so a call with capacity 0 sizes the buffer. Text the vocabulary cannot express
+ *   (a byte outside text8's a-z and space) is VQMOE_ERR_INVALID_ARGUMENT with set_error
+ *   naming the byte and its offset. The host owns text and out.
+ * decode: the UTF-8 bytes of `token` as it continues a text whose last token is `previous`
+ *   (-1 at the start of a text), so that concatenating the pieces of a token sequence gives
+ *   readable text: a byte-level vocabulary gives the byte; a word-level one gives " word",
+ *   "word" at the start or after an end of line, and "\n" for its end-of-line token. Writes
+ *   min(length, capacity) bytes to out (no NUL) and sets *n_bytes to the length.
+ * unit: what a token is, for reports: VQMOE_TEXT_UNIT_CHAR (bits per character) or
+ *   VQMOE_TEXT_UNIT_WORD (perplexity per word).
+ */
+#define VQMOE_FEATURE_TOKENIZER "vqmoe.tokenizer/1"
+#define VQMOE_TEXT_UNIT_CHAR    1
+#define VQMOE_TEXT_UNIT_WORD    2
+typedef struct vqmoe_tokenizer_feature {
+    uint32_t struct_size;
+    int32_t (*unit)(vqmoe_instance *inst);
+    int32_t (*encode)(vqmoe_instance *inst, const char *text, int64_t n_bytes, int32_t *out, int64_t capacity,
+                      int64_t *n_tokens);
+    int32_t (*decode)(vqmoe_instance *inst, int32_t token, int32_t previous, char *out, int64_t capacity,
+                      int64_t *n_bytes);
+} vqmoe_tokenizer_feature;
+
 /* ================================================================== descriptor */
 /* router: may read vqmoe_router_input.token_ids (the host passes them whenever the model has
  * tokens; a plugin whose configuration needs them refuses absent ones itself) */
