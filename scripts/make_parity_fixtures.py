@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Golden fixtures for the Swift engine's PyTorch parity tests (Tests/EngineTests/Fixtures).
 
-A tiny decoder-only Transformer LM, written here in plain PyTorch with the exact semantics of
-the Swift engine and its plugins (`smoe` router, `vqvae` quantizer, `lm` head):
+A tiny decoder-only Transformer LM in PyTorch, built from python/vqmoe_torch (the package that
+loads vqmoe runs into PyTorch: one implementation of the engine's semantics for both), with the
+`smoe` router, `vqvae` quantizer and `lm` head:
 
   x = wte[tok] + wpe[t];  per layer: x += proj(attn(LN1(x)));  x += FFN(LN2(x));  LN_f;  head
   attention: fused qkv Linear, causal softmax(QK^T/sqrt(Dh)) V, output Linear (all with bias)
@@ -22,21 +23,24 @@ logits, the loss parts, every parameter gradient, and the total losses of 10 Ada
 (lr 1e-2, betas 0.9/0.999, eps 1e-8, global-norm clipping at 1.0) on that batch.
 
 Transformer-XL (parity_txl_*): the same layers with relative attention over a memory of the
-previous segment (see txl_forward).
+previous segment (vqmoe_torch.RelativeAttention).
 
 usage: python scripts/make_parity_fixtures.py [OUT_DIR]   (needs torch; default OUT_DIR is
 Tests/EngineTests/Fixtures)
 """
 import json
-import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from vqmoe_torch import VQMoEModel, load_weights  # noqa: E402
+from vqmoe_torch.plugins import resolve_hparams  # noqa: E402
+
 V, T, B, D, H, L, F_INNER, E, K = 32, 8, 2, 16, 2, 2, 32, 4, 2
-BETA, MIX_C, GAMMA, AUX_W = 0.08, 0.05, 0.25, 0.01
+BETA, MIX_C = 0.08, 0.05   # vqvae's commitment 0.25 and smoe's balance weight 0.01 are their defaults
 
 
 def params(mode, gen):
@@ -79,110 +83,73 @@ def params(mode, gen):
     return {k: v.clone().requires_grad_(True) for k, v in p.items()}
 
 
-def expert(p, pre, e, x, bank="experts"):
-    h = F.gelu(x @ p[f"{pre}.ffn.{bank}.fc1.weight"][e].t() + p[f"{pre}.ffn.{bank}.fc1.bias"][e])
-    return h @ p[f"{pre}.ffn.{bank}.fc2.weight"][e].t() + p[f"{pre}.ffn.{bank}.fc2.bias"][e]
+# The FFN modes of the fixtures: the composition of paths, the router and quantizer.
+FFN_MODES = {
+    "dense": (["dense"], False, None), "smoe": (["routed"], False, None), "shared": (["routed", "shared"], False, None),
+    "vqmoe_mix": (["routed", "discrete"], True, "mix"), "vqmoe_ste": (["routed", "discrete"], True, "ste"),
+    "vqmoe_x": (["routed", "discrete"], True, "x"),
+}
 
 
-def smoe(p, pre, x):
-    logits = x @ p[f"{pre}.ffn.router.weight"].t()                       # (N,E)
-    probs = logits.softmax(-1)
-    topv, topi = logits.topk(K, dim=-1)                                   # descending
-    w = topv.softmax(-1)                                                  # softmax over kept logits
-    frac = F.one_hot(topi, E).sum(dim=(0, 1)).float() / topi.numel()
-    aux = AUX_W * E * (frac * probs.mean(0)).sum()
-    return topi, w, aux
+def plugin(name, hp, **info):
+    return {"name": name, "hyperparameters": resolve_hparams(name, hp), "create_info": info}
 
 
-def ffn(p, pre, x, mode):
-    n = x.shape[0]
-    zero = x.new_zeros(())
-    if mode == "dense":
-        return expert(p, pre, 0, x), zero, zero
-    topi, w, aux = smoe(p, pre, x)
-    if mode in ("smoe", "shared"):
-        gc = torch.ones(n, 1)
-    else:
-        g = (x @ p[f"{pre}.ffn.gate.weight"].t() + p[f"{pre}.ffn.gate.bias"]).softmax(-1)
-        gc, gd = g[:, :1], g[:, 1]
-    y = torch.zeros_like(x)
-    for j in range(K):
-        for e in range(E):
-            sel = (topi[:, j] == e).nonzero(as_tuple=True)[0]
-            if sel.numel():
-                y = y.index_add(0, sel, (gc[sel] * w[sel, j:j + 1]) * expert(p, pre, e, x[sel]))
-    if mode == "smoe":
-        return y, aux, zero
-    if mode == "shared":
-        return y + expert(p, pre, 0, x, bank="shared_expert"), aux, zero
-    cb = p[f"{pre}.ffn.quantizer.codebook"]
-    dist = (x * x).sum(1, keepdim=True) - 2 * x @ cb.t() + (cb * cb).sum(1)
-    code = dist.argmin(-1)
-    q = cb[code]
-    vq = F.mse_loss(q, x.detach()) + GAMMA * F.mse_loss(x, q.detach())
-    kind = mode.split("_")[1]
-    if kind == "ste":
-        xh = x + (q - x).detach()
-    elif kind == "mix":
-        xh = (1 - MIX_C) * x + MIX_C * (q - x).detach()
-    else:
-        xh = x
-    for e in range(E):
-        sel = (code % E == e).nonzero(as_tuple=True)[0]
-        if sel.numel():
-            y = y.index_add(0, sel, gd[sel].unsqueeze(1) * expert(p, pre, e, xh[sel]))
-    return y, aux, vq
+def architecture(mode, backbone="transformer", router="smoe"):
+    """The model description (what a checkpoint sidecar's `model` holds) of a fixture."""
+    paths, gated, discrete = FFN_MODES[mode]
+    arch = {
+        "backbone": backbone, "attention": {"transformer": "causal", "vit": "full", "transformer_xl": "relative"}[backbone],
+        "vocab_size": V, "seq_len": T, "n_layer": L, "n_head": H, "d_model": D, "mem_len": 0, "layer_norm_eps": 1e-5,
+        "image": None,
+        "ffn": {"mode": mode.split("_")[0], "d_inner": F_INNER, "n_experts": 1 if mode == "dense" else E,
+                "activation": "gelu", "discrete_input": discrete or "mix", "mix_c": MIX_C, "beta": BETA,
+                "gated": gated, "paths": paths},
+        "router": None, "quantizer": None,
+        "head": dict(plugin("lm", {}), n_out=V, per_token=True),
+    }
+    if "routed" in paths:
+        arch["router"] = (plugin("softmoe", {"slots_per_expert": S_SLOTS}) if router == "softmoe"
+                          else plugin("smoe", {"k": K}))
+    if discrete:
+        arch["quantizer"] = plugin("vqvae", {"ema": False, "kmeans_init": False, "dead_code_threshold": 0.0},
+                                   n_codes=E)
+    return arch
 
 
-def ffn_residual(p, pre, x, mode):
-    """x + FFN(LN2(x)) over (B, T, D), with the layer's aux and vq losses."""
-    b, t, _ = x.shape
-    h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5)
-    y, aux, vq = ffn(p, pre, h.reshape(b * t, D), mode)
-    return x + y.view(b, t, D), aux, vq
+def build(arch, p):
+    """The model of `arch` with the weights `p` (names as the engine's checkpoint)."""
+    model = VQMoEModel(arch)
+    load_weights(model, {k: v.detach() for k, v in p.items()})
+    return model.train()
 
 
-def lm_output(p, x, tgt, mode, aux_t, vq_t):
-    """LN_f, the LM head and the loss parts: logits, CE, aux, vq, total."""
-    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)
-    logits = h @ p["head.weight"].t() + p["head.bias"]
-    ce = F.cross_entropy(logits.view(-1, V), tgt.reshape(-1))
-    total = ce + aux_t + (BETA * vq_t if mode.startswith("vqmoe") else 0)
-    return logits, ce, aux_t, vq_t, total
+def loss_parts(model, logits, tgt, mode):
+    """CE, aux, vq and total = CE + aux + beta * vq (vq only where a quantizer trains)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    aux, vq = model.aux_loss, model.vq_loss
+    return logits, ce, aux, vq, ce + aux + (BETA * vq if "vqmoe" in mode else 0)
 
 
-def adam_losses(p, loss_at):
+def grads_by_name(model):
+    return {k: v.grad.detach().clone() for k, v in model.named_parameters()}
+
+
+def adam_losses(model, loss_at):
     """Total losses of 10 Adam steps (lr 1e-2, clipping at 1.0); loss_at(step) runs the forward."""
-    for v in p.values():
+    params = list(model.parameters())
+    for v in params:
         v.grad = None
-    opt = torch.optim.Adam(list(p.values()), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    opt = torch.optim.Adam(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
     losses = []
     for s in range(10):
         opt.zero_grad()
         tot = loss_at(s)
         losses.append(tot.item())
         tot.backward()
-        torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
     return losses
-
-
-def forward(p, tok, tgt, mode):
-    x = p["wte"][tok] + p["wpe"][torch.arange(T)]
-    aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
-    for i in range(L):
-        pre = f"layers.{i}"
-        h = F.layer_norm(x, (D,), p[f"{pre}.ln1.weight"], p[f"{pre}.ln1.bias"], 1e-5)
-        qkv = h @ p[f"{pre}.attn.qkv.weight"].t() + p[f"{pre}.attn.qkv.bias"]
-        q, k, v = qkv.split(D, dim=2)
-        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(D // H)
-        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
-        a = (att @ v).transpose(1, 2).reshape(B, T, D)
-        x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
-        x, aux, vq = ffn_residual(p, pre, x, mode)
-        aux_t, vq_t = aux_t + aux, vq_t + vq
-    return lm_output(p, x, tgt, mode, aux_t, vq_t)
 
 
 def fixture(mode, seed):
@@ -191,10 +158,12 @@ def fixture(mode, seed):
     tok = torch.randint(0, V, (B, T), generator=gen)
     tgt = torch.randint(0, V, (B, T), generator=gen)
     init = {k: v.detach().clone() for k, v in p.items()}
-    logits, ce, aux, vq, total = forward(p, tok, tgt, mode)
+    model = build(architecture(mode), p)
+    forward = lambda: loss_parts(model, model(tok), tgt, mode)
+    logits, ce, aux, vq, total = forward()
     total.backward()
-    grads = {k: v.grad.detach().clone() for k, v in p.items()}
-    losses = adam_losses(p, lambda s: forward(p, tok, tgt, mode)[-1])   # 10 Adam steps on the same batch
+    grads = grads_by_name(model)
+    losses = adam_losses(model, lambda s: forward()[-1])   # 10 Adam steps on the same batch
     flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
     return {
         "mode": mode, "vocab": V, "seq_len": T, "batch": B, "d_model": D, "n_head": H, "n_layer": L,
@@ -237,54 +206,12 @@ def vit_params(mode, gen):
     return {k: v.clone().requires_grad_(True) for k, v in p.items()}
 
 
-def softmoe(p, pre, x, groups):
-    """Soft MoE (Puigcerver et al. 2024) as the `softmoe` plugin computes it: normalised x and
-    phi columns (norm sqrt(|v|^2 + 1e-12)), logits = scale * x^ phi^, dispatch softmax over a
-    group's tokens, combine softmax over the E*S slots."""
-    phi, scale = p[f"{pre}.ffn.router.phi"], p[f"{pre}.ffn.router.scale"]
-    xn = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-12)
-    pn = phi / torch.sqrt((phi * phi).sum(0, keepdim=True) + 1e-12)
-    logits = scale * (xn @ pn)                                       # (N, E*S)
-    t = x.shape[0] // groups
-    lg = logits.view(groups, t, E * S_SLOTS)
-    disp, comb = lg.softmax(dim=1), lg.softmax(dim=2)
-    xs = disp.transpose(1, 2) @ x.view(groups, t, D)                  # (G, E*S, d)
-    ys = torch.empty_like(xs)
-    for e in range(E):
-        sl = slice(e * S_SLOTS, (e + 1) * S_SLOTS)
-        ys[:, sl] = expert(p, pre, e, xs[:, sl].reshape(-1, D)).view(groups, S_SLOTS, D)
-    return (comb @ ys).reshape(-1, D)
-
-
-def vit_forward(p, img, tgt, mode):
-    b = img.shape[0]
-    pt = img.view(b, IMG_C, IMG_H // PATCH, PATCH, IMG_W // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, NP, -1)
-    emb = pt @ p["patch.weight"].t() + p["patch.bias"]
-    x = torch.cat([p["cls"].view(1, 1, D).expand(b, 1, D), emb], dim=1) + p["wpe"]
-    aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
-    ffn_mode = {"vit_dense": "dense", "vit_smoe": "smoe", "vit_vqmoe": "vqmoe_mix"}.get(mode)
-    for i in range(L):
-        pre = f"layers.{i}"
-        h = F.layer_norm(x, (D,), p[f"{pre}.ln1.weight"], p[f"{pre}.ln1.bias"], 1e-5)
-        qkv = h @ p[f"{pre}.attn.qkv.weight"].t() + p[f"{pre}.attn.qkv.bias"]
-        q, k, v = qkv.split(D, dim=2)
-        q, k, v = (t.view(b, VT, H, D // H).transpose(1, 2) for t in (q, k, v))
-        att = ((q @ k.transpose(-2, -1)) / math.sqrt(D // H)).softmax(-1)  # full attention
-        a = (att @ v).transpose(1, 2).reshape(b, VT, D)
-        x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
-        h = F.layer_norm(x, (D,), p[f"{pre}.ln2.weight"], p[f"{pre}.ln2.bias"], 1e-5).reshape(b * VT, D)
-        if mode == "vit_softmoe":
-            y, aux, vq = softmoe(p, pre, h, b), h.new_zeros(()), h.new_zeros(())
-        else:
-            y, aux, vq = ffn(p, pre, h, ffn_mode)
-        x = x + y.view(b, VT, D)
-        aux_t, vq_t = aux_t + aux, vq_t + vq
-    h = F.layer_norm(x, (D,), p["lnf.weight"], p["lnf.bias"], 1e-5)[:, 0]   # class token
-    h = F.layer_norm(h, (D,), p["head.norm.weight"], p["head.norm.bias"], 1e-5)
-    logits = h @ p["head.head.weight"].t() + p["head.head.bias"]
-    ce = F.cross_entropy(logits, tgt)
-    total = ce + aux_t + (BETA * vq_t if mode == "vit_vqmoe" else 0)
-    return logits, ce, aux_t, vq_t, total
+def vit_architecture(mode):
+    arch = architecture({"vit_dense": "dense", "vit_vqmoe": "vqmoe_mix"}.get(mode, "smoe"), backbone="vit",
+                        router="softmoe" if mode == "vit_softmoe" else "smoe")
+    arch.update(seq_len=VT, vocab_size=0, image={"channels": IMG_C, "height": IMG_H, "width": IMG_W, "patch": PATCH})
+    arch["head"] = dict(plugin("image_classifier", {}), n_out=CLASSES, per_token=False)
+    return arch
 
 
 def vit_fixture(mode, seed):
@@ -293,9 +220,10 @@ def vit_fixture(mode, seed):
     img = torch.rand(B, IMG_C, IMG_H, IMG_W, generator=gen)
     tgt = torch.randint(0, CLASSES, (B,), generator=gen)
     init = {k: v.detach().clone() for k, v in p.items()}
-    logits, ce, aux, vq, total = vit_forward(p, img, tgt, mode)
+    model = build(vit_architecture(mode), p)
+    logits, ce, aux, vq, total = loss_parts(model, model(img), tgt, mode)
     total.backward()
-    grads = {k: v.grad.detach().clone() for k, v in p.items()}
+    grads = grads_by_name(model)
     flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
     return {
         "mode": mode, "batch": B, "d_model": D, "n_head": H, "n_layer": L, "d_inner": F_INNER, "n_experts": E, "k": K,
@@ -326,50 +254,10 @@ def txl_params(mode, gen):
     return {k: v.clone().requires_grad_(True) for k, v in p.items()}
 
 
-def rel_shift(x):
-    """Transformer-XL's _rel_shift on (qlen, klen, B, H): row i moves left by qlen-1-i."""
-    zero_pad = torch.zeros((x.size(0), 1, *x.size()[2:]), dtype=x.dtype)
-    x_padded = torch.cat([zero_pad, x], dim=1).view(x.size(1) + 1, x.size(0), *x.size()[2:])
-    return x_padded[1:].view_as(x)
-
-
-def txl_forward(p, tok, tgt, mode, mems):
-    """One segment (B,T) over the memories (one (B,m,D) per layer, m <= MEM), pre-LN layers as in
-    the Swift engine; attention as Transformer-XL's RelPartialLearnableMultiHeadAttn (pre_lnorm):
-    AC = (q + u) k^T, BD = rel_shift((q + v) r^T), r = W_r pos_emb(K-1 ... 0), mask j > m + i.
-    Returns the outputs and the next memories: the last MEM rows of [mem; layer input], detached."""
-    dh = D // H
-    m = mems[0].shape[1]
-    klen = m + T
-    pos = torch.arange(klen - 1, -1, -1.0, dtype=torch.float64)
-    inv_freq = 1 / (10000 ** (torch.arange(0.0, D, 2.0, dtype=torch.float64) / D))
-    sinus = torch.outer(pos, inv_freq)
-    pos_emb = torch.cat([sinus.sin(), sinus.cos()], dim=-1).float()          # (K, D)
-    mask = torch.triu(torch.ones(T, klen, dtype=torch.bool), diagonal=1 + m)  # (T, K)
-    x = p["wte"][tok]
-    aux_t, vq_t = x.new_zeros(()), x.new_zeros(())
-    new_mems = []
-    for i in range(L):
-        pre = f"layers.{i}"
-        cat = torch.cat([mems[i], x], dim=1)                                  # (B, K, D)
-        new_mems.append(cat[:, -MEM:].detach())
-        h = F.layer_norm(cat, (D,), p[f"{pre}.ln1.weight"], p[f"{pre}.ln1.bias"], 1e-5)
-        w_heads = h @ p[f"{pre}.attn.qkv.weight"].t() + p[f"{pre}.attn.qkv.bias"]
-        q, k, v = w_heads.split(D, dim=2)
-        q = q[:, -T:]
-        q, k, v = (t.transpose(0, 1).reshape(t.shape[1], B, H, dh) for t in (q, k, v))   # (len, B, H, dh)
-        r = (pos_emb @ p[f"{pre}.attn.r.weight"].t()).view(klen, H, dh)
-        u, vb = p[f"{pre}.attn.u"].view(H, dh), p[f"{pre}.attn.v"].view(H, dh)
-        ac = torch.einsum("ibnd,jbnd->ijbn", q + u, k)
-        bd = rel_shift(torch.einsum("ibnd,jnd->ijbn", q + vb, r))
-        score = (ac + bd) / math.sqrt(dh)
-        score = score.masked_fill(mask[:, :, None, None], float("-inf"))
-        prob = score.softmax(dim=1)
-        a = torch.einsum("ijbn,jbnd->ibnd", prob, v).reshape(T, B, D).transpose(0, 1)
-        x = x + a @ p[f"{pre}.attn.proj.weight"].t() + p[f"{pre}.attn.proj.bias"]
-        x, aux, vq = ffn_residual(p, pre, x, mode)
-        aux_t, vq_t = aux_t + aux, vq_t + vq
-    return lm_output(p, x, tgt, mode, aux_t, vq_t), new_mems
+def txl_architecture(mode):
+    arch = architecture(mode, backbone="transformer_xl")
+    arch["mem_len"] = MEM
+    return arch
 
 
 def txl_fixture(mode, seed):
@@ -382,17 +270,20 @@ def txl_fixture(mode, seed):
     tgt = torch.randint(0, V, (B, SEGS * T), generator=gen)
     seg = lambda t, s: t[:, s * T:(s + 1) * T]
     init = {k: v.detach().clone() for k, v in p.items()}
-    empty = [torch.zeros(B, 0, D) for _ in range(L)]
-    _, mems = txl_forward(p, seg(tok, 0), seg(tgt, 0), mode, empty)
-    (logits, ce, aux, vq, total), _ = txl_forward(p, seg(tok, 1), seg(tgt, 1), mode, mems)
+    model = build(txl_architecture(mode), p)
+    def txl_forward(s, mems):
+        logits, mems = model(seg(tok, s), mems)
+        return loss_parts(model, logits, seg(tgt, s), mode), mems
+    _, mems = txl_forward(0, None)
+    (logits, ce, aux, vq, total), _ = txl_forward(1, mems)
     total.backward()
-    grads = {k: v.grad.detach().clone() for k, v in p.items()}
-    mems = empty
+    grads = grads_by_name(model)
+    mems = None
     def step(s):
         nonlocal mems
-        out, mems = txl_forward(p, seg(tok, s % SEGS), seg(tgt, s % SEGS), mode, mems)
+        out, mems = txl_forward(s % SEGS, mems)
         return out[-1]
-    losses = adam_losses(p, step)
+    losses = adam_losses(model, step)
     flat = lambda t: [float(v) for v in t.reshape(-1).tolist()]
     return {
         "mode": mode, "vocab": V, "seq_len": T, "mem_len": MEM, "segments": SEGS, "batch": B, "d_model": D, "n_head": H,

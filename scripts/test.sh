@@ -48,5 +48,17 @@ status=0
 "$bin/vqmoe" train --resume .build/test-resumed > /dev/null
 "$py" Tests/python/test_tensorboard.py .build/test-resumed --resumed
 
+echo "== PyTorch loading (python/vqmoe_torch) against the engine's logits"
+# The venv of ../shared/bench/compare.sh and the fixture script (torch + numpy), made once.
+tvenv=${TORCH_VENV:-/tmp/vqmoe-torch-venv}
+if ! "$tvenv/bin/python" -c "import torch, numpy" 2>/dev/null; then
+  python3 -m venv "$tvenv" && "$tvenv/bin/pip" install -q torch numpy
+fi
+"$tvenv/bin/python" python/vqmoe_torch/plugins.py > /dev/null
+scripts/test-torch-loading.sh "$tvenv/bin/python"
+# One implementation: the parity fixtures the Swift tests read are what the package computes.
+"$tvenv/bin/python" scripts/make_parity_fixtures.py .build/fixtures > /dev/null
+"$tvenv/bin/python" Tests/python/test_parity_fixtures.py .build/fixtures
+
 echo "== unit tests"
 swift test -c release --skip-build --disable-swift-testing

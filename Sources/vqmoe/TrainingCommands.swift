@@ -93,8 +93,10 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
     let split = try args.take("--split").last ?? "test", name = try args.take("--checkpoint").last ?? "best"
     let text = try args.take("--text").last, strideText = try args.take("--stride").last
     let batchText = try args.take("--batch").last
+    let logitsFile = try args.take("--logits").last, batchesText = try args.take("--batches").last
     let usage =
-        "eval RUN_DIR [--split train|valid|test] [--checkpoint NAME] | eval RUN_DIR --text FILE [--stride S] [--batch B]"
+        "eval RUN_DIR [--split train|valid|test] [--checkpoint NAME] [--logits FILE [--batches N]] | "
+        + "eval RUN_DIR --text FILE [--stride S] [--batch B]"
     let dir = try args.positional(1, usage: usage)[0]
     guard let sp = Split.allCases.first(where: { $0.name == split }) else {
         throw VQMoEError(.usage, "usage: vqmoe \(usage)")
@@ -104,6 +106,16 @@ func evalCommand(_ args: inout Args) throws -> Int32 {
     if let text {
         return try evalText(
             trainer, file: text, checkpoint: "\(dir)/\(name).safetensors", stride: strideText, batch: batchText)
+    }
+    if let logitsFile {
+        guard let n = Int(batchesText ?? "1"), n >= 1 else {
+            throw VQMoEError(.usage, "--batches takes an integer >= 1")
+        }
+        let path = "\(dir)/\(name).safetensors"
+        try trainer.model.load(try Checkpoint.read(path: path), path: path)
+        try trainer.exportLogits(sp, batches: n, path: logitsFile)
+        print("\(logitsFile): inputs, targets and logits of the first \(n) \(split) batch(es) (checkpoint \(path))")
+        return 0
     }
     let r = try trainer.evaluateCheckpoint(name, sp)
     guard trainer.comm.isRoot else { return 0 }  // rank 0 reports

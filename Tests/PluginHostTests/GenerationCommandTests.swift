@@ -49,6 +49,18 @@ final class GenerationCommandTests: XCTestCase {
         let (s4, o4) = try run(["eval", "\(dir)/run", "--text", text, "--stride", "33"])
         XCTAssertEqual(s4, 64, o4)
 
+        // The sidecar describes the model as built, and `eval --logits` exports a batch's logits.
+        let side = try XCTUnwrap(
+            JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/run/best.json")))
+                as? [String: Any])
+        let arch = try XCTUnwrap(side["model"] as? [String: Any])
+        XCTAssertEqual(arch["n_layer"] as? Int, 1)
+        XCTAssertEqual((arch["quantizer"] as? [String: Any])?["name"] as? String, "vqvae")
+        let (s9, o9) = try run(["eval", "\(dir)/run", "--logits", "\(dir)/logits.safetensors"])
+        XCTAssertEqual(s9, 0, o9)
+        XCTAssertEqual(try Checkpoint.read(path: "\(dir)/logits.safetensors").tensors["logits"]?.shape.last, 256)
+        XCTAssertEqual(try run(["eval", "\(dir)/run", "--logits", "\(dir)/l.safetensors", "--batches", "0"]).0, 64)
+
         // A word-level model: prompts are words, samples are words with spaces and newlines,
         // and a text is scored in perplexity per word.
         let config = "\(dir)/word.json"

@@ -65,7 +65,7 @@ public struct RunState: Codable, Sendable {
 }
 
 /// The JSON sidecar of a checkpoint (`NAME.json` beside `NAME.safetensors`): the resolved config,
-/// the step, the optimizer's step count and, for `last`, the run state.
+/// the model as built, the step, the optimizer's step count and, for `last`, the run state.
 public struct CheckpointSidecar: Codable, Sendable {
     public var format = Checkpoint.format
     public var step: Int
@@ -78,9 +78,12 @@ public struct CheckpointSidecar: Codable, Sendable {
     /// The checksum of the tensor file written with this sidecar (its metadata's sha256): pairs
     /// the two files, so a crash between their writes is detected (`checkPaired`).
     public var tensorsSHA256: String?
+    /// The model as built (`Architecture`): backbone shape, FFN composition, each plugin's
+    /// resolved hyperparameters; what a loader outside the engine rebuilds the model from.
+    public var model: JSONValue?
 
     enum CodingKeys: String, CodingKey {
-        case format, step, config, checkpoint, run
+        case format, step, config, checkpoint, run, model
         case tensorsSHA256 = "tensors_sha256"
         case optimizerSteps = "optimizer_steps", validLoss = "valid_loss", validBPC = "valid_bpc", validAccuracy =
             "valid_accuracy"

@@ -120,14 +120,17 @@ public final class Trainer {
 
     /// One model forward on a dataset batch (with the sample lengths of text classification):
     /// this rank's rows of it, which are rows `share.offset ...` of the global batch.
-    func forward(_ batch: DatasetInstance.Batch, step: Int, train: Bool, share: RowShare) throws -> LossParts {
+    func forward(
+        _ batch: DatasetInstance.Batch, step: Int, train: Bool, share: RowShare,
+        logits: UnsafeMutablePointer<Float>? = nil
+    ) throws -> LossParts {
         let bs = share.count
         if dataset.inputIsFloat {
             return try batch.inputsFloat.withUnsafeBufferPointer { x in
                 try batch.targets.withUnsafeBufferPointer { y in
                     try model.forward(
                         tokens: nil, images: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step,
-                        train: train, rowOffset: share.offset, globalBatch: share.global)
+                        train: train, logits: logits, rowOffset: share.offset, globalBatch: share.global)
                 }
             }
         }
@@ -136,8 +139,8 @@ public final class Trainer {
                 try batch.lengths.withUnsafeBufferPointer { l in
                     try model.forward(
                         tokens: x.baseAddress!, targets: y.baseAddress!, batch: bs, step: step, train: train,
-                        lengths: batch.lengths.isEmpty ? nil : l.baseAddress, rowOffset: share.offset,
-                        globalBatch: share.global)
+                        lengths: batch.lengths.isEmpty ? nil : l.baseAddress, logits: logits,
+                        rowOffset: share.offset, globalBatch: share.global)
                 }
             }
         }
@@ -179,6 +182,60 @@ public final class Trainer {
         }
         return EvalResult(
             loss: sum / Double(count), count: count, accuracy: Double(correct) / Double(count), codeCounts: codes)
+    }
+
+    /// The first `batches` batches of `split` in evaluation mode (Transformer-XL: in order, the
+    /// memory carried from batch to batch from empty, as `evaluate`), written to `path` as a
+    /// safetensors file: `inputs` (tokens int32 (N,T) or images float32 (N,C,H,W)), `targets`,
+    /// `lengths` (text classification), `logits` (rows, n_out) float32; metadata `split`,
+    /// `batches`, `batch_size`. What a loader outside the engine checks its logits against.
+    public func exportLogits(_ split: Split, batches: Int, path: String) throws {
+        guard !comm.isDistributed else { throw VQMoEError(.usage, "--logits runs in one process") }
+        model.resetEvalMemory()
+        let bs = config.train.batchSize, rows = share(bs)
+        var inputsInt: [Int32] = [], inputsFloat: [Float] = [], targets: [Int32] = [], lengths: [Int32] = []
+        var logits: [Float] = [], inputShape: [Int] = [], targetShape: [Int] = []
+        var read = 0
+        while read < batches, let batch = try dataset.read(split, index: read, batchSize: bs) {
+            let n = model.head.rows(batch: bs, seq: model.config.seqLen) * model.head.nOut
+            var out = [Float](repeating: 0, count: n)
+            _ = try out.withUnsafeMutableBufferPointer { o in
+                try forward(batch, step: read, train: false, share: rows, logits: o.baseAddress)
+            }
+            inputsInt += batch.inputsInt
+            inputsFloat += batch.inputsFloat
+            targets += batch.targets
+            lengths += batch.lengths
+            logits += out
+            (inputShape, targetShape) = (batch.inputShape, batch.targetShape)
+            read += 1
+        }
+        guard read > 0 else { throw VQMoEError(.data, "the \(split.name) split has no batch") }
+        func stacked(_ shape: [Int]) -> [Int] { [shape[0] * read] + shape.dropFirst() }
+        var tensors: [(String, String, [Int], UnsafeRawBufferPointer)] = []
+        try inputsInt.withUnsafeBytes { ii in
+            try inputsFloat.withUnsafeBytes { fi in
+                try targets.withUnsafeBytes { t in
+                    try lengths.withUnsafeBytes { l in
+                        try logits.withUnsafeBytes { g in
+                            tensors.append(
+                                dataset.inputIsFloat
+                                    ? ("inputs", "F32", stacked(inputShape), fi)
+                                    : ("inputs", "I32", stacked(inputShape), ii))
+                            tensors.append(("targets", "I32", stacked(targetShape), t))
+                            if !lengths.isEmpty { tensors.append(("lengths", "I32", [lengths.count], l)) }
+                            tensors.append(("logits", "F32", [logits.count / model.head.nOut, model.head.nOut], g))
+                            _ = try Checkpoint.write(
+                                path: path,
+                                tensors: tensors.map {
+                                    Checkpoint.Tensor(name: $0.0, dtype: $0.1, shape: $0.2, bytes: $0.3)
+                                },
+                                metadata: ["split": split.name, "batches": String(read), "batch_size": String(bs)])
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Load OUT/NAME.safetensors into the model and evaluate `split` in full.
@@ -227,6 +284,7 @@ public final class Trainer {
             step: step, config: JSONValue(any: config.json), checkpoint: "\(name).safetensors",
             optimizerSteps: optimizer.t, run: run)
         side.tensorsSHA256 = sha
+        side.model = JSONValue(any: Architecture(model).json)
         if let valid { (side.validLoss, side.validBPC, side.validAccuracy) = (valid.loss, valid.bpc, valid.accuracy) }
         try side.write("\(outDir)/\(name).json")
     }
