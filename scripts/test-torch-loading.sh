@@ -39,6 +39,10 @@ run vqmoe_xmoe_vqgan "{\"name\": \"v2\", \"seed\": 7, $lm,
 run vqmoe_stablemoe_lfq "{\"name\": \"v3\", \"seed\": 8, $lm,
   \"model\": {$model, $(ffn vqmoe stablemoe lfq '"discrete_input": "x",')}}"
 run vqmoe_dropout_rvq "{\"name\": \"v4\", \"seed\": 9, $lm, \"model\": {$model, $(ffn vqmoe smoe_dropout rvq)}}"
+# A long context: 520 tokens run the engine's blockwise attention (FlashAttention, from 512).
+run long_context "{\"name\": \"long\", \"seed\": 13, \"data\": {\"name\": \"char\", \"path\": \"\$DATA/enwik8-mini/enwik8-mini\"},
+  \"head\": {\"name\": \"lm\"}, \"train\": {\"steps\": 10, \"batch_size\": 2, \"eval_every\": 10, \"eval_batches\": 1},
+  \"model\": {\"n_layer\": 2, \"n_head\": 2, \"d_model\": 32, \"seq_len\": 520, $(ffn smoe smoe)}}"
 run txl "{\"name\": \"txl\", \"seed\": 10,
   \"data\": {\"name\": \"char\", \"path\": \"\$DATA/enwik8-mini/enwik8-mini\", \"order\": \"streams\"},
   \"head\": {\"name\": \"lm\"}, \"train\": {\"steps\": 30, \"batch_size\": 4, \"eval_every\": 30, \"eval_batches\": 2},

@@ -90,11 +90,16 @@ public final class AttentionScratch: @unchecked Sendable {
 }
 
 /// Multi-head self-attention with absolute positions (learned in the input layer), causal
-/// (GPT-2 language models) or full (ViT), over `Attention`'s kernels:
+/// (GPT-2 language models) or full (ViT):
 ///
 ///     ln = LN1(x);  qkv = ln W_qkvᵀ + b;  y = softmax(QKᵀ/√Dh [+ causal mask]) V;  out = y W_projᵀ + b
 ///
-/// Saved per layer: LN1's output and statistics, qkv (B,T,3C), the probabilities (B,H,T,T), y.
+/// Sequences of `FlashAttention.minimumLength` (512) tokens and more run `FlashAttention`'s
+/// blockwise kernels, which save the log-sum-exp of every score row (B,H,T): memory O(T·C), no
+/// T×T matrix, at the price of recomputing the scores in the backward. Shorter ones run
+/// `Attention`, which saves the probabilities (B,H,T,T): small there, and no recomputation.
+/// Saved per layer besides: LN1's output and statistics, qkv (B,T,3C), y. Generation (`decode`)
+/// uses `Attention.decode`.
 ///
 /// ```swift
 /// let attn = SelfAttention(projections: p, heads: 4, mask: .causal, scratch: AttentionScratch())
@@ -104,7 +109,9 @@ public final class SelfAttention: AttentionSublayer {
     public let projections: AttentionProjections
     public let heads: Int
     public let mask: Mask
-    let ln1 = LayerNormSaved(), qkv = Storage<Float>(), probs = Storage<Float>(), y = Storage<Float>()
+    let ln1 = LayerNormSaved(), qkv = Storage<Float>(), lse = Storage<Float>(), y = Storage<Float>()
+    /// The probabilities of short sequences (B,H,T,T), and `decode`'s over the cache (B·H, t, keys).
+    let probs = Storage<Float>()
     let scratch: AttentionScratch
 
     public init(projections: AttentionProjections, heads: Int, mask: Mask, scratch: AttentionScratch) {
@@ -121,9 +128,15 @@ public final class SelfAttention: AttentionSublayer {
         let p = projections, c = p.c, n = ctx.n, t = ctx.seqLen, b = ctx.batch
         ln1.forward(x, p.ln1, n: n, c: c)
         p.qkv(ln1.out.pointer, into: qkv.reserve(n * 3 * c), n: n)
-        Attention.forward(
-            y: y.reserve(n * c), att: probs.reserve(b * heads * t * t), qkv: qkv.pointer, b: b, t: t, c: c,
-            heads: heads, causal: causal)
+        if FlashAttention.applies(t: t) {
+            FlashAttention.forward(
+                y: y.reserve(n * c), lse: lse.reserve(b * heads * t), qkv: qkv.pointer, b: b, t: t, c: c,
+                heads: heads, causal: causal)
+        } else {
+            Attention.forward(
+                y: y.reserve(n * c), att: probs.reserve(b * heads * t * t), qkv: qkv.pointer, b: b, t: t, c: c,
+                heads: heads, causal: causal)
+        }
         p.project(y.pointer, into: out, n: n)
     }
 
@@ -133,8 +146,15 @@ public final class SelfAttention: AttentionSublayer {
         let p = projections, c = p.c, n = ctx.n, t = ctx.seqLen, b = ctx.batch
         let dy = scratch.dy.reserve(n * c), dqkv = scratch.dqkv.zeros(n * 3 * c), dln = scratch.dln.reserve(n * c)
         p.projectBackward(dout: dout, y: y.pointer, dy: dy, n: n)
-        Attention.backward(
-            dqkv: dqkv, dy: dy, qkv: qkv.pointer, att: probs.pointer, b: b, t: t, c: c, heads: heads, causal: causal)
+        if FlashAttention.applies(t: t) {
+            FlashAttention.backward(
+                dqkv: dqkv, dy: dy, y: y.pointer, lse: lse.pointer, qkv: qkv.pointer, b: b, t: t, c: c, heads: heads,
+                causal: causal)
+        } else {
+            Attention.backward(
+                dqkv: dqkv, dy: dy, qkv: qkv.pointer, att: probs.pointer, b: b, t: t, c: c, heads: heads,
+                causal: causal)
+        }
         p.qkvBackward(dqkv: dqkv, ln: ln1.out.pointer, dln: dln, n: n)
         ln1.backward(dinp: dx, dout: dln, inp: x, p.ln1, n: n, c: c)
     }
@@ -161,5 +181,5 @@ public final class SelfAttention: AttentionSublayer {
         return projections.projectionFlops + 4 * keys * Double(projections.c)
     }
 
-    public var bytes: Int { ln1.bytes + qkv.bytes + probs.bytes + y.bytes }
+    public var bytes: Int { ln1.bytes + qkv.bytes + lse.bytes + y.bytes + probs.bytes }
 }

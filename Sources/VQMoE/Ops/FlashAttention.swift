@@ -1,0 +1,166 @@
+import CBLAS
+import Foundation
+
+/// Blockwise ("flash") multi-head self-attention over a fused qkv buffer, causal or full, in
+/// O(T·d) saved memory (FlashAttention, Dao et al. 2022, with FlashAttention-2's loop order):
+///
+///     qkv (B,T,3C) = [Q | K | V], head h uses columns h·Dh ..< (h+1)·Dh of each, Dh = C/H
+///     forward, per query block Q_i (≤ 64 rows), over key blocks K_j, V_j (≤ 512 rows):
+///         S = Q_i K_jᵀ/√Dh (causal: key ≤ query),  m' = max(m, rowmax S),
+///         P = exp(S − m'),  ℓ = ℓ·e^(m−m') + rowsum P,  A = A·e^(m−m') + P V_j,  m = m'
+///         y_i = A / ℓ,  lse_i = m + log ℓ            → y (B,T,C), lse (B,H,T) saved
+///     backward, with D = rowsum(dY ⊙ Y), recomputing P = exp(Q_i K_jᵀ/√Dh − lse_i) per block:
+///         dV_j += Pᵀ dY_i,  dP = dY_i V_jᵀ,  dS = P ⊙ (dP − D_i)/√Dh,
+///         dQ_i += dS K_j,  dK_j += dSᵀ Q_i
+///
+/// A block of S (64 × 512 floats, 128 KiB) with its key and value rows stays in one core's 1 MiB
+/// L2. Work is split over (batch, head) pairs on the host pool, each pair's GEMMs single-threaded;
+/// a causal mask skips the key blocks after a query block. Nothing of size T² is kept: the
+/// backward recomputes the scores (one more Q Kᵀ product) instead of reading saved P.
+/// `Attention` (which saves P) is the reference the tests check this against.
+///
+/// ```swift
+/// FlashAttention.forward(y: y, lse: lse, qkv: qkv, b: B, t: T, c: C, heads: H)
+/// FlashAttention.backward(dqkv: dqkv, dy: dy, y: y, lse: lse, qkv: qkv, b: B, t: T, c: C, heads: H)
+/// ```
+public enum FlashAttention {
+    /// Query rows and key rows per block.
+    static let queryBlock = 64, keyBlock = 512
+    /// The sequence length from which `SelfAttention` runs these kernels. Below it the saved
+    /// probabilities are small (B·H·T² floats) and `Attention`, which needs no recomputation of
+    /// the scores in the backward, is faster (4% of a training step at T = 256 on the bench model).
+    public static let minimumLength = 512
+
+    /// Whether `SelfAttention` runs the blockwise kernels for sequences of `t` tokens.
+    public static func applies(t: Int) -> Bool { t >= minimumLength }
+
+    /// y (B,T,C) and the log-sum-exp of every score row, lse (B,H,T), for qkv (B,T,3C).
+    public static func forward(
+        y: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
+        b: Int, t: Int, c: Int, heads: Int, causal: Bool = true
+    ) {
+        let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
+        let bq = queryBlock, bk = keyBlock
+        nonisolated(unsafe) let (y, lse) = (y, lse)
+        HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+            // S (bq,bk), the accumulator A (bq,Dh), the running max m and sum ℓ (bq)
+            let s = UnsafeMutablePointer<Float>.allocate(capacity: bq * bk + bq * dh + 2 * bq)
+            defer { s.deallocate() }
+            let acc = s + bq * bk, m = acc + bq * dh, l = m + bq
+            for pair in Int(lo)..<Int(hi) {
+                let bi = pair / heads, h = pair % heads
+                let q = qkv + bi * t * ld + h * dh, k = q + c, v = q + 2 * c
+                let out = y + bi * t * c + h * dh, rowLSE = lse + pair * t
+                var i0 = 0
+                while i0 < t {
+                    let i1 = min(i0 + bq, t), rows = i1 - i0
+                    let keys = causal ? i1 : t
+                    var j0 = 0
+                    while j0 < keys {
+                        let j1 = min(j0 + bk, keys), cols = j1 - j0
+                        // S = Q_i K_jᵀ / √Dh  (rows, cols), row stride bk
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), scale,
+                            q + i0 * ld, Int32(ld), k + j0 * ld, Int32(ld), 0, s, Int32(bk))
+                        for r in 0..<rows {
+                            let row = s + r * bk
+                            let seen = causal ? min(cols, i0 + r + 1 - j0) : cols
+                            guard seen > 0 else {
+                                row.update(repeating: 0, count: cols)
+                                continue
+                            }
+                            let mOld = j0 == 0 ? -Float.infinity : m[r]
+                            let mNew = Swift.max(mOld, VecMath.max(row, count: seen))
+                            let sum = VecMath.expInPlace(row, count: seen, subtracting: mNew)
+                            (row + seen).update(repeating: 0, count: cols - seen)
+                            if j0 == 0 {
+                                l[r] = sum
+                            } else {
+                                let corr = expf(mOld - mNew)
+                                l[r] = l[r] * corr + sum
+                                if corr != 1 { Vec.scale(acc + r * dh, corr, dh) }
+                            }
+                            m[r] = mNew
+                        }
+                        // A (+)= P V_j
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(cols), 1,
+                            s, Int32(bk), v + j0 * ld, Int32(ld), j0 == 0 ? 0 : 1, acc, Int32(dh))
+                        j0 = j1
+                    }
+                    for r in 0..<rows {
+                        let o = out + (i0 + r) * c
+                        o.update(from: acc + r * dh, count: dh)
+                        Vec.scale(o, 1 / l[r], dh)
+                        rowLSE[i0 + r] = m[r] + logf(l[r])
+                    }
+                    i0 = i1
+                }
+            }
+        }
+    }
+
+    /// Accumulates into dqkv (B,T,3C) from dy (B,T,C), the forward's y and lse.
+    public static func backward(
+        dqkv: UnsafeMutablePointer<Float>, dy: UnsafePointer<Float>, y: UnsafePointer<Float>,
+        lse: UnsafePointer<Float>, qkv: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int,
+        causal: Bool = true
+    ) {
+        let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
+        let bq = queryBlock, bk = keyBlock
+        nonisolated(unsafe) let dqkv = dqkv
+        HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+            // P and dP/dS blocks (bq,bk), D = rowsum(dY ⊙ Y) of the pair's rows (T)
+            let p = UnsafeMutablePointer<Float>.allocate(capacity: 2 * bq * bk + t)
+            defer { p.deallocate() }
+            let ds = p + bq * bk, dd = ds + bq * bk
+            for pair in Int(lo)..<Int(hi) {
+                let bi = pair / heads, h = pair % heads
+                let q = qkv + bi * t * ld + h * dh, k = q + c, v = q + 2 * c
+                let dq = dqkv + bi * t * ld + h * dh, dk = dq + c, dv = dq + 2 * c
+                let g = dy + bi * t * c + h * dh, o = y + bi * t * c + h * dh, rowLSE = lse + pair * t
+                for i in 0..<t { dd[i] = Vec.dot(g + i * c, o + i * c, dh) }
+                var i0 = 0
+                while i0 < t {
+                    let i1 = min(i0 + bq, t), rows = i1 - i0
+                    let keys = causal ? i1 : t
+                    var j0 = 0
+                    while j0 < keys {
+                        let j1 = min(j0 + bk, keys), cols = j1 - j0
+                        // P = exp(Q_i K_jᵀ/√Dh − lse_i), masked keys 0
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), scale,
+                            q + i0 * ld, Int32(ld), k + j0 * ld, Int32(ld), 0, p, Int32(bk))
+                        for r in 0..<rows {
+                            let row = p + r * bk
+                            let seen = Swift.max(0, causal ? min(cols, i0 + r + 1 - j0) : cols)
+                            _ = VecMath.expInPlace(row, count: seen, subtracting: rowLSE[i0 + r])
+                            (row + seen).update(repeating: 0, count: cols - seen)
+                        }
+                        // dV_j += Pᵀ dY_i;  dP = dY_i V_jᵀ
+                        cblas_sgemm(
+                            CblasRowMajor, CblasTrans, CblasNoTrans, Int32(cols), Int32(dh), Int32(rows), 1,
+                            p, Int32(bk), g + i0 * c, Int32(c), 1, dv + j0 * ld, Int32(ld))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), 1,
+                            g + i0 * c, Int32(c), v + j0 * ld, Int32(ld), 0, ds, Int32(bk))
+                        // dS = P ⊙ (dP − D_i) / √Dh  (masked entries: P = 0)
+                        for r in 0..<rows {
+                            Attention.softmaxBackwardRow(
+                                ds + r * bk, p + r * bk, dot: dd[i0 + r], scale: scale, count: cols)
+                        }
+                        // dQ_i += dS K_j;  dK_j += dSᵀ Q_i
+                        cblas_sgemm(
+                            CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(cols), 1,
+                            ds, Int32(bk), k + j0 * ld, Int32(ld), 1, dq + i0 * ld, Int32(ld))
+                        cblas_sgemm(
+                            CblasRowMajor, CblasTrans, CblasNoTrans, Int32(cols), Int32(dh), Int32(rows), 1,
+                            ds, Int32(bk), q + i0 * ld, Int32(ld), 1, dk + j0 * ld, Int32(ld))
+                        j0 = j1
+                    }
+                    i0 = i1
+                }
+            }
+        }
+    }
+}
