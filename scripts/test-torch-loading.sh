@@ -47,6 +47,12 @@ run txl "{\"name\": \"txl\", \"seed\": 10,
   \"data\": {\"name\": \"char\", \"path\": \"\$DATA/enwik8-mini/enwik8-mini\", \"order\": \"streams\"},
   \"head\": {\"name\": \"lm\"}, \"train\": {\"steps\": 30, \"batch_size\": 4, \"eval_every\": 30, \"eval_batches\": 2},
   \"model\": {$model, \"backbone\": \"transformer_xl\", \"mem_len\": 16, $(ffn vqmoe smoe vqvae)}}"
+# Transformer-XL over 300 + 300 keys: the second batch runs the blockwise relative attention.
+run txl_long "{\"name\": \"txl_long\", \"seed\": 14,
+  \"data\": {\"name\": \"char\", \"path\": \"\$DATA/enwik8-mini/enwik8-mini\", \"order\": \"streams\"},
+  \"head\": {\"name\": \"lm\"}, \"train\": {\"steps\": 6, \"batch_size\": 2, \"eval_every\": 6, \"eval_batches\": 1},
+  \"model\": {\"n_layer\": 2, \"n_head\": 2, \"d_model\": 32, \"seq_len\": 300, \"backbone\": \"transformer_xl\",
+  \"mem_len\": 300, $(ffn vqmoe smoe vqvae)}}"
 vit='"data": {"name": "idx"}, "head": {"name": "image_classifier"},
   "train": {"steps": 20, "batch_size": 8, "eval_every": 20, "eval_batches": 2, "lr": 0.003}'
 vitmodel='"backbone": "vit", "patch_size": 7, "n_layer": 2, "n_head": 2, "d_model": 32'

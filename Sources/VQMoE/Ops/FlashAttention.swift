@@ -26,12 +26,13 @@ import Foundation
 public enum FlashAttention {
     /// Query rows and key rows per block.
     static let queryBlock = 64, keyBlock = 512
-    /// The sequence length from which `SelfAttention` runs these kernels. Below it the saved
-    /// probabilities are small (B·H·T² floats) and `Attention`, which needs no recomputation of
-    /// the scores in the backward, is faster (4% of a training step at T = 256 on the bench model).
+    /// The number of keys from which `SelfAttention` and `RelativeSelfAttention` run the blockwise
+    /// kernels (this and `FlashRelativeAttention`). Below it the saved probabilities are small
+    /// (B·H·T·K floats) and `Attention` / `RelativeAttention`, which need no recomputation of the
+    /// scores in the backward, are faster (4% of a training step at T = 256 on the bench model).
     public static let minimumLength = 512
 
-    /// Whether `SelfAttention` runs the blockwise kernels for sequences of `t` tokens.
+    /// Whether the attention sublayers run the blockwise kernels for `t` keys.
     public static func applies(t: Int) -> Bool { t >= minimumLength }
 
     /// y (B,T,C) and the log-sum-exp of every score row, lse (B,H,T), for qkv (B,T,3C).

@@ -7,9 +7,8 @@ import Foundation
 /// The estimate (`MemoryEstimate`) counts, per rank: parameters, their gradients and the
 /// optimizer's moments (Adam 2, Lion 1 per parameter); the plugins' buffers (measured on one
 /// layer's instances); the activations a training step keeps for its backward (per layer: about
-/// 10 (B,T,d) tensors, the attention's softmax state (blockwise attention from 512 tokens: one
-/// log-sum-exp per score row, (B,H,T); else and for Transformer-XL: the probabilities
-/// (B,H,T,T+M)), 2 (B,T,v,d_inner + d) expert
+/// 10 (B,T,d) tensors, the attention's softmax state (blockwise attention from 512 keys: one
+/// log-sum-exp per score row, (B,H,T); below: the probabilities (B,H,T,T+M)), 2 (B,T,v,d_inner + d) expert
 /// tensors for v expert visits per token over the paths, Transformer-XL memory) and the head's
 /// logits with their gradient (B,T,V). It is a model of the engine's buffers, not a measurement:
 /// on the bench configs it is 1.00–1.14× the measured peak RSS (README "Reliability").
@@ -178,7 +177,7 @@ extension ModelBuilder {
         }
         // The attention's softmax state: blockwise row log-sum-exps, or Transformer-XL's probabilities.
         let attentionSaved =
-            mc.relative || !FlashAttention.applies(t: T) ? try mul(rows, heads, T, T + M) : try mul(rows, heads, T)
+            FlashAttention.applies(t: T + M) ? try mul(rows, heads, T) : try mul(rows, heads, T, T + M)
         let perLayer =
             try mul(10, rows, T, d) + attentionSaved
             + (try mul(2, rows, T, visits, f + d))

@@ -40,9 +40,11 @@ public final class RelativeSelfAttention: AttentionSublayer {
     let memory: (train: SegmentMemory?, eval: SegmentMemory?)
     let positions: RelativePositions
     let scratch: AttentionScratch
-    /// Saved: [memory; x], LN1 over it, qkv (B,K,3C), r (K,C), probabilities (B,H,T,K), y (B,T,C).
+    /// Saved: [memory; x], LN1 over it, qkv (B,K,3C), r (K,C), y (B,T,C), and the softmax state:
+    /// from K = `FlashAttention.minimumLength` keys the row log-sum-exps (B,H,T) of
+    /// `FlashRelativeAttention`'s blockwise kernels, below it the probabilities (B,H,T,K).
     let cat = Storage<Float>(), ln1 = LayerNormSaved(), qkv = Storage<Float>(), r = Storage<Float>()
-    let probs = Storage<Float>(), y = Storage<Float>()
+    let probs = Storage<Float>(), lse = Storage<Float>(), y = Storage<Float>()
     /// Memory rows the last forward attended to.
     private var memoryUsed = 0
 
@@ -85,9 +87,15 @@ public final class RelativeSelfAttention: AttentionSublayer {
         let table = positions.prepare(keys: k, c: c)
         Linear.forward(
             out: r.reserve(k * c), inp: table, weight: rWeight.data, bias: nil, n: k, inFeatures: c, outFeatures: c)
-        RelativeAttention.forward(
-            y: y.reserve(b * t * c), att: probs.reserve(b * heads * t * k), qkv: qkv.pointer, r: r.pointer,
-            u: u.data, v: v.data, b: b, t: t, mem: memoryUsed, c: c, heads: heads)
+        if FlashAttention.applies(t: k) {
+            FlashRelativeAttention.forward(
+                y: y.reserve(b * t * c), lse: lse.reserve(b * heads * t), qkv: qkv.pointer, r: r.pointer,
+                u: u.data, v: v.data, b: b, t: t, mem: memoryUsed, c: c, heads: heads)
+        } else {
+            RelativeAttention.forward(
+                y: y.reserve(b * t * c), att: probs.reserve(b * heads * t * k), qkv: qkv.pointer, r: r.pointer,
+                u: u.data, v: v.data, b: b, t: t, mem: memoryUsed, c: c, heads: heads)
+        }
         p.project(y.pointer, into: out, n: b * t)
     }
 
@@ -99,10 +107,19 @@ public final class RelativeSelfAttention: AttentionSublayer {
         let dy = scratch.dy.reserve(b * t * c)
         p.projectBackward(dout: dout, y: y.pointer, dy: dy, n: b * t)
         let dqkv = scratch.dqkv.zeros(nk * 3 * c), dr = scratch.dr.zeros(k * c)
-        let work = scratch.relative.reserve(RelativeAttention.scratchCount(b: b, t: t, mem: m, c: c, heads: heads))
-        RelativeAttention.backward(
-            dqkv: dqkv, dr: dr, du: u.grad, dv: v.grad, dy: dy, qkv: qkv.pointer, r: r.pointer, u: u.data,
-            v: v.data, att: probs.pointer, b: b, t: t, mem: m, c: c, heads: heads, scratch: work)
+        if FlashAttention.applies(t: k) {
+            let work = scratch.relative.reserve(
+                FlashRelativeAttention.scratchCount(b: b, t: t, mem: m, c: c, heads: heads))
+            FlashRelativeAttention.backward(
+                dqkv: dqkv, dr: dr, du: u.grad, dv: v.grad, dy: dy, y: y.pointer, lse: lse.pointer, qkv: qkv.pointer,
+                r: r.pointer, u: u.data, v: v.data, b: b, t: t, mem: m, c: c, heads: heads, scratch: work)
+        } else {
+            let work = scratch.relative.reserve(
+                RelativeAttention.scratchCount(b: b, t: t, mem: m, c: c, heads: heads))
+            RelativeAttention.backward(
+                dqkv: dqkv, dr: dr, du: u.grad, dv: v.grad, dy: dy, qkv: qkv.pointer, r: r.pointer, u: u.data,
+                v: v.data, att: probs.pointer, b: b, t: t, mem: m, c: c, heads: heads, scratch: work)
+        }
         Linear.backward(
             dinp: nil, dweight: rWeight.grad, dbias: nil, dout: dr, inp: positions.table.pointer, weight: rWeight.data,
             n: k, inFeatures: c, outFeatures: c)
@@ -152,5 +169,5 @@ public final class RelativeSelfAttention: AttentionSublayer {
         return projections.projectionFlops + 3 * 2 * visible * c + 2 * (m + t) * c * c / (Double(batch) * t)
     }
 
-    public var bytes: Int { cat.bytes + ln1.bytes + qkv.bytes + r.bytes + probs.bytes + y.bytes }
+    public var bytes: Int { cat.bytes + ln1.bytes + qkv.bytes + r.bytes + probs.bytes + lse.bytes + y.bytes }
 }
