@@ -46,38 +46,45 @@ public final class Tokenizer {
     }
 
     /// The tokens of UTF-8 `bytes` (a file's contents), tokenised as the dataset reads its files.
+    /// One call when the tokens fit one per byte (+16), as for bytes and words; a second with
+    /// the exact size otherwise.
     public func encode(bytes: [UInt8]) throws -> [Int32] {
-        var n: Int64 = 0
-        try bytes.withUnsafeBufferPointer { b in
-            try b.withMemoryRebound(to: CChar.self) { c in
-                try core.call("tokenizer encode") {
-                    feature.encode!(core.handle, c.baseAddress, Int64(c.count), nil, 0, &n)
-                }
-            }
-        }
+        var ids = [Int32](repeating: 0, count: bytes.count + 16)
+        var n = try encodeCall(bytes, into: &ids)
         guard n >= 0 && n <= Int64(bytes.count) * 4 + 16 else {
             throw VQMoEError(.plugin, "\(core.describe): tokenizer encode gave \(n) tokens for \(bytes.count) bytes")
         }
-        var ids = [Int32](repeating: 0, count: Int(n))
-        var again: Int64 = 0
-        try bytes.withUnsafeBufferPointer { b in
-            try b.withMemoryRebound(to: CChar.self) { c in
-                try ids.withUnsafeMutableBufferPointer { out in
-                    try core.call("tokenizer encode") {
-                        feature.encode!(core.handle, c.baseAddress, Int64(c.count), out.baseAddress, n, &again)
-                    }
-                }
+        if n > Int64(ids.count) {
+            ids = [Int32](repeating: 0, count: Int(n))
+            let again = try encodeCall(bytes, into: &ids)
+            guard again == n else {
+                throw VQMoEError(.plugin, "\(core.describe): tokenizer encode gave \(n) tokens, then \(again)")
             }
+            n = again
         }
-        guard again == n else {
-            throw VQMoEError(.plugin, "\(core.describe): tokenizer encode gave \(n) tokens, then \(again)")
-        }
+        ids.removeLast(ids.count - Int(n))
         if let bad = ids.firstIndex(where: { $0 < 0 || Int($0) >= vocab }) {
             throw VQMoEError(
                 .plugin,
                 "\(core.describe): tokenizer encode gave token \(ids[bad]), outside the vocabulary [0, \(vocab))")
         }
         return ids
+    }
+
+    /// One encode call into `ids` (its count is the capacity); returns the token count.
+    private func encodeCall(_ bytes: [UInt8], into ids: inout [Int32]) throws -> Int64 {
+        var n: Int64 = 0
+        try bytes.withUnsafeBufferPointer { b in
+            try b.withMemoryRebound(to: CChar.self) { c in
+                try ids.withUnsafeMutableBufferPointer { out in
+                    try core.call("tokenizer encode") {
+                        feature.encode!(
+                            core.handle, c.baseAddress, Int64(c.count), out.baseAddress, Int64(out.count), &n)
+                    }
+                }
+            }
+        }
+        return n
     }
 
     /// The tokens of a prompt: `text` as a file, without the end-of-line token a file's last

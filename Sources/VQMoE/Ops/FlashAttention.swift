@@ -64,24 +64,9 @@ public enum FlashAttention {
                             CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), scale,
                             q + i0 * ld, Int32(ld), k + j0 * ld, Int32(ld), 0, s, Int32(bk))
                         for r in 0..<rows {
-                            let row = s + r * bk
-                            let seen = causal ? min(cols, i0 + r + 1 - j0) : cols
-                            guard seen > 0 else {
-                                row.update(repeating: 0, count: cols)
-                                continue
-                            }
-                            let mOld = j0 == 0 ? -Float.infinity : m[r]
-                            let mNew = Swift.max(mOld, VecMath.max(row, count: seen))
-                            let sum = VecMath.expInPlace(row, count: seen, subtracting: mNew)
-                            (row + seen).update(repeating: 0, count: cols - seen)
-                            if j0 == 0 {
-                                l[r] = sum
-                            } else {
-                                let corr = expf(mOld - mNew)
-                                l[r] = l[r] * corr + sum
-                                if corr != 1 { Vec.scale(acc + r * dh, corr, dh) }
-                            }
-                            m[r] = mNew
+                            onlineSoftmaxRow(
+                                s + r * bk, seen: causal ? min(cols, i0 + r + 1 - j0) : cols, cols: cols,
+                                first: j0 == 0, m: m + r, l: l + r, acc: acc + r * dh, dh: dh)
                         }
                         // A (+)= P V_j
                         cblas_sgemm(
@@ -89,15 +74,48 @@ public enum FlashAttention {
                             s, Int32(bk), v + j0 * ld, Int32(ld), j0 == 0 ? 0 : 1, acc, Int32(dh))
                         j0 = j1
                     }
-                    for r in 0..<rows {
-                        let o = out + (i0 + r) * c
-                        o.update(from: acc + r * dh, count: dh)
-                        Vec.scale(o, 1 / l[r], dh)
-                        rowLSE[i0 + r] = m[r] + logf(l[r])
-                    }
+                    finishRows(out: out + i0 * c, ld: c, lse: rowLSE + i0, acc: acc, m: m, l: l, rows: rows, dh: dh)
                     i0 = i1
                 }
             }
+        }
+    }
+
+    /// One row of an S block in the online softmax: its first `seen` scores become
+    /// P = exp(S − m') (the rest of the `cols` 0), the running max m and sum ℓ move on, and the
+    /// row's accumulator A is rescaled by e^(m − m') (`first`: the row's first block, nothing to rescale).
+    @inline(__always) static func onlineSoftmaxRow(
+        _ row: UnsafeMutablePointer<Float>, seen: Int, cols: Int, first: Bool, m: UnsafeMutablePointer<Float>,
+        l: UnsafeMutablePointer<Float>, acc: UnsafeMutablePointer<Float>, dh: Int
+    ) {
+        guard seen > 0 else {
+            row.update(repeating: 0, count: cols)
+            return
+        }
+        let mOld = first ? -Float.infinity : m.pointee
+        let mNew = Swift.max(mOld, VecMath.max(row, count: seen))
+        let sum = VecMath.expInPlace(row, count: seen, subtracting: mNew)
+        (row + seen).update(repeating: 0, count: cols - seen)
+        if first {
+            l.pointee = sum
+        } else {
+            let corr = expf(mOld - mNew)
+            l.pointee = l.pointee * corr + sum
+            if corr != 1 { Vec.scale(acc, corr, dh) }
+        }
+        m.pointee = mNew
+    }
+
+    /// The outputs of a query block's `rows` (row stride `ld`): y = A / ℓ, lse = m + log ℓ.
+    @inline(__always) static func finishRows(
+        out: UnsafeMutablePointer<Float>, ld: Int, lse: UnsafeMutablePointer<Float>, acc: UnsafePointer<Float>,
+        m: UnsafePointer<Float>, l: UnsafePointer<Float>, rows: Int, dh: Int
+    ) {
+        for r in 0..<rows {
+            let o = out + r * ld
+            o.update(from: acc + r * dh, count: dh)
+            Vec.scale(o, 1 / l[r], dh)
+            lse[r] = m[r] + logf(l[r])
         }
     }
 

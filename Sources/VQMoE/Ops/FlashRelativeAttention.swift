@@ -84,32 +84,17 @@ public enum FlashRelativeAttention {
                             x, s: s, g: g, i0: i0, i1: i1, j0: j0, j1: j1, t: t, mem: mem, c: c, dh: dh, scale: scale,
                             seen: seen)
                         for rr in 0..<rows {
-                            let row = s + rr * bk, n = seen[rr]
-                            guard n > 0 else { row.update(repeating: 0, count: cols); continue }
-                            let mOld = j0 == 0 ? -Float.infinity : m[rr]
-                            let mNew = Swift.max(mOld, VecMath.max(row, count: n))
-                            let sum = VecMath.expInPlace(row, count: n, subtracting: mNew)
-                            (row + n).update(repeating: 0, count: cols - n)
-                            if j0 == 0 {
-                                l[rr] = sum
-                            } else {
-                                let corr = expf(mOld - mNew)
-                                l[rr] = l[rr] * corr + sum
-                                if corr != 1 { Vec.scale(acc + rr * dh, corr, dh) }
-                            }
-                            m[rr] = mNew
+                            FlashAttention.onlineSoftmaxRow(
+                                s + rr * bk, seen: seen[rr], cols: cols, first: j0 == 0, m: m + rr, l: l + rr,
+                                acc: acc + rr * dh, dh: dh)
                         }
                         cblas_sgemm(
                             CblasRowMajor, CblasNoTrans, CblasNoTrans, Int32(rows), Int32(dh), Int32(cols), 1,
                             s, Int32(bk), x.v + j0 * ld, Int32(ld), j0 == 0 ? 0 : 1, acc, Int32(dh))
                         j0 = j1
                     }
-                    for rr in 0..<rows {
-                        let o = out + (i0 + rr) * c
-                        o.update(from: acc + rr * dh, count: dh)
-                        Vec.scale(o, 1 / l[rr], dh)
-                        rowLSE[i0 + rr] = m[rr] + logf(l[rr])
-                    }
+                    FlashAttention.finishRows(
+                        out: out + i0 * c, ld: c, lse: rowLSE + i0, acc: acc, m: m, l: l, rows: rows, dh: dh)
                     i0 = i1
                 }
             }
@@ -129,7 +114,7 @@ public enum FlashRelativeAttention {
         r: UnsafePointer<Float>, u: UnsafePointer<Float>, v: UnsafePointer<Float>,
         b: Int, t: Int, mem: Int, c: Int, heads: Int, scratch: UnsafeMutablePointer<Float>
     ) {
-        let dh = c / heads, keys = mem + t, per = keys * dh + 2 * dh
+        let dh = c / heads, keys = mem + t, per = keys * dh + 2 * dh, ld = 3 * c
         scratch.update(repeating: 0, count: b * heads * per)
         nonisolated(unsafe) let (dqkv, sums) = (dqkv, scratch)
         HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
@@ -141,12 +126,12 @@ public enum FlashRelativeAttention {
             let qu = dg + bq * ldg, qv = qu + bq * dh, tmp = qv + bq * dh, dd = tmp + bq * dh
             for pair in Int(lo)..<Int(hi) {
                 let bi = pair / heads, h = pair % heads
-                let kb = qkv + bi * keys * ld(c) + h * dh, dkb = dqkv + bi * keys * ld(c) + h * dh
-                let x = Pair(q: kb + mem * ld(c), k: kb + c, v: kb + 2 * c, r: r + h * dh, qu: qu, qv: qv)
+                let kb = qkv + bi * keys * ld + h * dh, dkb = dqkv + bi * keys * ld + h * dh
+                let x = Pair(q: kb + mem * ld, k: kb + c, v: kb + 2 * c, r: r + h * dh, qu: qu, qv: qv)
                 let own = sums + pair * per
                 let w = Work(p: p, ds: ds, g: g, dg: dg, tmp: tmp, dd: dd, seen: seen, dr: own, du: own + keys * dh)
                 let grads = Grads(
-                    dq: dkb + mem * ld(c), dk: dkb + c, dv: dkb + 2 * c, dy: dy + bi * t * c + h * dh,
+                    dq: dkb + mem * ld, dk: dkb + c, dv: dkb + 2 * c, dy: dy + bi * t * c + h * dh,
                     y: y + bi * t * c + h * dh, lse: lse + pair * t)
                 pairBackward(x, grads, w, u: u + h * dh, v: v + h * dh, t: t, mem: mem, c: c, dh: dh)
             }
@@ -159,8 +144,6 @@ public enum FlashRelativeAttention {
             Vec.add(dv + h * dh, own + keys * dh + dh, dh)
         }
     }
-
-    @inline(__always) static func ld(_ c: Int) -> Int { 3 * c }
 
     /// A pair's gradient pointers: dQ of the segment rows, dK and dV of every key row, dY, y, lse.
     struct Grads {

@@ -212,29 +212,27 @@ public final class Trainer {
         }
         guard read > 0 else { throw VQMoEError(.data, "the \(split.name) split has no batch") }
         func stacked(_ shape: [Int]) -> [Int] { [shape[0] * read] + shape.dropFirst() }
-        var tensors: [(String, String, [Int], UnsafeRawBufferPointer)] = []
-        try inputsInt.withUnsafeBytes { ii in
-            try inputsFloat.withUnsafeBytes { fi in
-                try targets.withUnsafeBytes { t in
-                    try lengths.withUnsafeBytes { l in
-                        try logits.withUnsafeBytes { g in
-                            tensors.append(
-                                dataset.inputIsFloat
-                                    ? ("inputs", "F32", stacked(inputShape), fi)
-                                    : ("inputs", "I32", stacked(inputShape), ii))
-                            tensors.append(("targets", "I32", stacked(targetShape), t))
-                            if !lengths.isEmpty { tensors.append(("lengths", "I32", [lengths.count], l)) }
-                            tensors.append(("logits", "F32", [logits.count / model.head.nOut, model.head.nOut], g))
-                            _ = try Checkpoint.write(
-                                path: path,
-                                tensors: tensors.map {
-                                    Checkpoint.Tensor(name: $0.0, dtype: $0.1, shape: $0.2, bytes: $0.3)
-                                },
-                                metadata: ["split": split.name, "batches": String(read), "batch_size": String(bs)])
-                        }
-                    }
-                }
+        func bytes<T>(_ a: [T]) -> [UInt8] { a.withUnsafeBytes { Array($0) } }
+        var parts: [(name: String, dtype: String, shape: [Int], bytes: [UInt8])] = [
+            dataset.inputIsFloat
+                ? ("inputs", "F32", stacked(inputShape), bytes(inputsFloat))
+                : ("inputs", "I32", stacked(inputShape), bytes(inputsInt)),
+            ("targets", "I32", stacked(targetShape), bytes(targets)),
+        ]
+        if !lengths.isEmpty { parts.append(("lengths", "I32", [lengths.count], bytes(lengths))) }
+        parts.append(("logits", "F32", [logits.count / model.head.nOut, model.head.nOut], bytes(logits)))
+        let blob = parts.flatMap(\.bytes)
+        try blob.withUnsafeBytes { raw in
+            var offset = 0
+            let tensors = parts.map { p -> Checkpoint.Tensor in
+                defer { offset += p.bytes.count }
+                return Checkpoint.Tensor(
+                    name: p.name, dtype: p.dtype, shape: p.shape,
+                    bytes: UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + p.bytes.count)]))
             }
+            _ = try Checkpoint.write(
+                path: path, tensors: tensors,
+                metadata: ["split": split.name, "batches": String(read), "batch_size": String(bs)])
         }
     }
 
