@@ -115,6 +115,15 @@ final class DatasetCSVTests: XCTestCase {
 
     // MARK: parsing
 
+    /// A classification dataset has no tokenizer: `sample` / `eval --text` say so.
+    func testNoTokenizerForClassification() throws {
+        let train = try write("train.csv", csv(rows(6)))
+        let ds = try openDataset(train: train, test: try write("test.csv", csv(rows(3))))
+        XCTAssertTrue(
+            errorMessage { _ = try Tokenizer(dataset: ds, vocab: 256) }.contains(
+                "has no tokenizer (feature vqmoe.tokenizer/1), so text cannot be turned into this model's tokens"))
+    }
+
     func testQuotedFieldsCommasEscapesAndEmbeddedNewlines() throws {
         // Raw RFC 4180 with CRLF records, an LF inside quotes, a CRLF inside quotes, a blank line,
         // an empty field, a quote inside an unquoted field, a last record without line break.
