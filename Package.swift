@@ -37,7 +37,9 @@ let package = Package(
         .systemLibrary(name: "CBLAS", path: "Sources/CBLAS"),
         .systemLibrary(name: "CFFI", path: "Sources/CFFI"),
         .systemLibrary(name: "CZlib", path: "Sources/CZlib"),
-        .target(name: "VQMoE", dependencies: ["VQMoEABI", "CBLAS", "CFFI"], swiftSettings: swiftFlags),
+        // C kernels compiled for AVX2 + FMA and chosen at run time (Swift code is built for baseline x86-64).
+        .target(name: "CKernels", path: "Sources/CKernels"),
+        .target(name: "VQMoE", dependencies: ["VQMoEABI", "CBLAS", "CFFI", "CKernels"], swiftSettings: swiftFlags),
         .executableTarget(name: "vqmoe", dependencies: ["VQMoE"], swiftSettings: swiftFlags),
         .target(name: "FFIHashRouter", path: "Plugins/FFIHashRouter"),
         .testTarget(

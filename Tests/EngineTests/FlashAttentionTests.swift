@@ -4,8 +4,13 @@ import XCTest
 
 /// `FlashAttention` (blockwise, O(T·d) saved) against `Attention` (saves the T×T probabilities),
 /// the reference: outputs and every gradient to 1e-5 relative, causal and full, for lengths that
-/// are and are not multiples of the 64-row query and 512-row key blocks; and finite differences.
+/// are and are not multiples of the 64-row query and 512-row key blocks (BLAS kernel) and of the
+/// 6-row tiles, 16-key panels, 48-row blocks and 96 / 256-key chunks (register-tile kernel); and
+/// finite differences. Both kernels are checked where the CPU runs the register tiles.
 final class FlashAttentionTests: XCTestCase {
+    /// The kernels this CPU runs.
+    var kernels: [FlashAttention.Kernel] { FlashAttention.registerTilesAvailable ? [.blas, .registerTiles] : [.blas] }
+
     /// Largest |a − b| over the largest |b| (at least 1: at T = 1, dQ and dK are 0 up to rounding).
     func relativeError(_ a: [Float], _ b: [Float]) -> Float {
         let scale = max(b.map { abs($0) }.max() ?? 0, 1)
@@ -13,6 +18,12 @@ final class FlashAttentionTests: XCTestCase {
     }
 
     func compare(b: Int, t: Int, c: Int, heads: Int, causal: Bool, seed: UInt64) {
+        for kernel in kernels where kernel == .blas || (c / heads) % 8 == 0 {
+            compare(b: b, t: t, c: c, heads: heads, causal: causal, seed: seed, kernel: kernel)
+        }
+    }
+
+    func compare(b: Int, t: Int, c: Int, heads: Int, causal: Bool, seed: UInt64, kernel: FlashAttention.Kernel) {
         let n = b * t
         // Scores of a few units: softmax rows far from uniform, as in a trained model.
         let qkv = normals(n * 3 * c, seed: seed).map { $0 * 1.5 }
@@ -23,11 +34,14 @@ final class FlashAttentionTests: XCTestCase {
         Attention.backward(dqkv: &dRef, dy: dy, qkv: qkv, att: att, b: b, t: t, c: c, heads: heads, causal: causal)
 
         var y = [Float](repeating: .nan, count: n * c), lse = [Float](repeating: .nan, count: b * heads * t)
-        FlashAttention.forward(y: &y, lse: &lse, qkv: qkv, b: b, t: t, c: c, heads: heads, causal: causal)
-        var d = [Float](repeating: 0, count: n * 3 * c)
+        FlashAttention.forward(
+            y: &y, lse: &lse, qkv: qkv, b: b, t: t, c: c, heads: heads, causal: causal, kernel: kernel)
+        // dqkv is accumulated into: start from ones, subtract them after
+        var d = [Float](repeating: 1, count: n * 3 * c)
         FlashAttention.backward(
-            dqkv: &d, dy: dy, y: y, lse: lse, qkv: qkv, b: b, t: t, c: c, heads: heads, causal: causal)
-        let what = "B \(b) T \(t) C \(c) H \(heads) \(causal ? "causal" : "full")"
+            dqkv: &d, dy: dy, y: y, lse: lse, qkv: qkv, b: b, t: t, c: c, heads: heads, causal: causal, kernel: kernel)
+        d = d.map { $0 - 1 }
+        let what = "B \(b) T \(t) C \(c) H \(heads) \(causal ? "causal" : "full") \(kernel)"
         XCTAssertLessThan(relativeError(y, yRef), 1e-5, "\(what): y")
         for (part, name) in ["dQ", "dK", "dV"].enumerated() {
             func pick(_ v: [Float]) -> [Float] {
@@ -60,22 +74,48 @@ final class FlashAttentionTests: XCTestCase {
         compare(b: 1, t: 600, c: 128, heads: 2, causal: true, seed: 7)  // Dh 64, three key blocks
     }
 
+    /// Head sizes 16 · k and 16 · k + 8 (the register tiles' 8-column tile), and one that is not a
+    /// multiple of 8 (BLAS only), at lengths around the tiles, panels, blocks and chunks.
+    func testHeadSizes() {
+        for (c, heads) in [(32, 2), (48, 2), (96, 3), (24, 2)] {
+            for t in [5, 47, 97, 300] {
+                for causal in [true, false] {
+                    compare(b: 2, t: t, c: c, heads: heads, causal: causal, seed: UInt64(c * t))
+                }
+            }
+        }
+    }
+
+    /// Register tiles run by default where the CPU has them and Dh is a multiple of 8.
+    func testDefaultKernel() {
+        XCTAssertEqual(FlashAttention.defaultKernel(dh: 12), .blas)
+        XCTAssertEqual(
+            FlashAttention.defaultKernel(dh: 32), FlashAttention.registerTilesAvailable ? .registerTiles : .blas)
+    }
+
     func testFiniteDifferences() {
-        for (t, causal) in [(70, true), (530, true), (530, false)] {
-            let b = 1, c = 8, h = 2, n = b * t
+        let cases: [(Int, Bool, Int, FlashAttention.Kernel)] =
+            [(70, true, 8, .blas), (530, true, 8, .blas), (530, false, 8, .blas)]
+            + (FlashAttention.registerTilesAvailable
+                ? [(70, true, 48, .registerTiles), (300, false, 48, .registerTiles)] : [])
+        for (t, causal, c, kernel) in cases {
+            let b = 1, h = 2, n = b * t
             var qkv = normals(n * 3 * c, seed: 21)
             let r = normals(n * c, seed: 22)
             var y = [Float](repeating: 0, count: n * c), lse = [Float](repeating: 0, count: b * h * t)
             func f() -> Double {
-                FlashAttention.forward(y: &y, lse: &lse, qkv: qkv, b: b, t: t, c: c, heads: h, causal: causal)
+                FlashAttention.forward(
+                    y: &y, lse: &lse, qkv: qkv, b: b, t: t, c: c, heads: h, causal: causal, kernel: kernel)
                 return weightedSum(y, r)
             }
             _ = f()
             var dqkv = [Float](repeating: 0, count: n * 3 * c)
             FlashAttention.backward(
-                dqkv: &dqkv, dy: r, y: y, lse: lse, qkv: qkv, b: b, t: t, c: c, heads: h, causal: causal)
+                dqkv: &dqkv, dy: r, y: y, lse: lse, qkv: qkv, b: b, t: t, c: c, heads: h, causal: causal,
+                kernel: kernel)
             assertGradient(
-                "qkv T \(t)", target: &qkv, count: n * 3 * c, analytic: dqkv, eps: 1e-3, sample: 96, objective: f)
+                "qkv T \(t) \(kernel)", target: &qkv, count: n * 3 * c, analytic: dqkv, eps: 1e-3, sample: 96,
+                objective: f)
         }
     }
 
@@ -95,7 +135,7 @@ final class FlashAttentionTests: XCTestCase {
             registryPath: "\(engineRepoRoot)/registry.json", binDir: Registry.executableDirectory(), searchPath: [])
         let trainer = try Trainer(
             config: try RunConfig(json: json), registry: registry, outDir: NSTemporaryDirectory(), quiet: true)
-        XCTAssertTrue(FlashAttention.applies(t: 520))
+        XCTAssertTrue(FlashAttention.applies(t: 520, dh: 8))
         let model = trainer.model
         let batch = try XCTUnwrap(trainer.dataset.read(.train, index: 0, batchSize: 2))
         func loss(train: Bool) throws -> Double {

@@ -1,11 +1,12 @@
 import CBLAS
+import CKernels
 import Foundation
 
 /// Blockwise ("flash") multi-head self-attention over a fused qkv buffer, causal or full, in
 /// O(T·d) saved memory (FlashAttention, Dao et al. 2022, with FlashAttention-2's loop order):
 ///
 ///     qkv (B,T,3C) = [Q | K | V], head h uses columns h·Dh ..< (h+1)·Dh of each, Dh = C/H
-///     forward, per query block Q_i (≤ 64 rows), over key blocks K_j, V_j (≤ 512 rows):
+///     forward, per query block Q_i, over key blocks K_j, V_j:
 ///         S = Q_i K_jᵀ/√Dh (causal: key ≤ query),  m' = max(m, rowmax S),
 ///         P = exp(S − m'),  ℓ = ℓ·e^(m−m') + rowsum P,  A = A·e^(m−m') + P V_j,  m = m'
 ///         y_i = A / ℓ,  lse_i = m + log ℓ            → y (B,T,C), lse (B,H,T) saved
@@ -13,36 +14,78 @@ import Foundation
 ///         dV_j += Pᵀ dY_i,  dP = dY_i V_jᵀ,  dS = P ⊙ (dP − D_i)/√Dh,
 ///         dQ_i += dS K_j,  dK_j += dSᵀ Q_i
 ///
-/// A block of S (64 × 512 floats, 128 KiB) with its key and value rows stays in one core's 1 MiB
-/// L2. Work is split over (batch, head) pairs on the host pool, each pair's GEMMs single-threaded;
-/// a causal mask skips the key blocks after a query block. Nothing of size T² is kept: the
-/// backward recomputes the scores (one more Q Kᵀ product) instead of reading saved P.
-/// `Attention` (which saves P) is the reference the tests check this against.
+/// Two kernels compute it (`Kernel`), both split over (batch, head) pairs on the host pool:
+/// - `.registerTiles` (the default where the CPU has AVX2 + FMA and Dh is a multiple of 8):
+///   CKernels' `vk_flash_forward` / `vk_flash_backward`, the same loop in C over 48-row query
+///   blocks and key chunks, every product a 6 × 16 register tile, the scores of 6 query rows at a
+///   time kept in L1, Kᵀ and Vᵀ packed once per pair, a causal mask applied per 6-row tile. No BLAS
+///   call per block (with 32-dimensional heads OpenBLAS's packing and zeroing of C cost a third of
+///   the time), so it is faster than `Attention` at every length measured, 256 included.
+/// - `.blas`: the Swift loop below, 64-row query blocks × 512-key blocks through OpenBLAS; a block
+///   of S (128 KiB) with its key and value rows stays in one core's L2; causal key blocks after a
+///   query block skipped. Any CPU, any head size; used from `minimumLength` keys.
+///
+/// Nothing of size T² is kept: the backward recomputes the scores (one more Q Kᵀ product) instead
+/// of reading saved P. `Attention` (which saves P) is the reference the tests check both against.
 ///
 /// ```swift
 /// FlashAttention.forward(y: y, lse: lse, qkv: qkv, b: B, t: T, c: C, heads: H)
 /// FlashAttention.backward(dqkv: dqkv, dy: dy, y: y, lse: lse, qkv: qkv, b: B, t: T, c: C, heads: H)
 /// ```
 public enum FlashAttention {
-    /// Query rows and key rows per block.
+    /// Query rows and key rows per block of the `.blas` kernel.
     static let queryBlock = 64, keyBlock = 512
-    /// The number of keys from which `SelfAttention` and `RelativeSelfAttention` run the blockwise
-    /// kernels (this and `FlashRelativeAttention`). Below it the saved probabilities are small
-    /// (B·H·T·K floats) and `Attention` / `RelativeAttention`, which need no recomputation of the
-    /// scores in the backward, are faster (4% of a training step at T = 256 on the bench model).
+    /// The number of keys from which the BLAS kernels (this file's `.blas` loop and
+    /// `FlashRelativeAttention`) beat the saved-probability ones (`Attention`, `RelativeAttention`):
+    /// below it the saved probabilities are small (B·H·T·K floats) and need no recomputation of the
+    /// scores in the backward (4% of a training step at T = 256 on the bench model).
     public static let minimumLength = 512
 
-    /// Whether the attention sublayers run the blockwise kernels for `t` keys.
-    public static func applies(t: Int) -> Bool { t >= minimumLength }
+    /// Whether `SelfAttention` runs this blockwise attention for `t` tokens of head size `dh`:
+    /// always with the register tiles (faster than `Attention` at every length measured, 256
+    /// included), from `minimumLength` with BLAS.
+    public static func applies(t: Int, dh: Int) -> Bool {
+        defaultKernel(dh: dh) == .registerTiles || t >= minimumLength
+    }
+
+    /// How a call computes its blocks: `.registerTiles` runs CKernels' AVX2 + FMA register tiles
+    /// (`vk_flash_forward` / `vk_flash_backward`: the same loop in C, each score tile kept in L1,
+    /// no BLAS call per block); `.blas` runs the Swift loop below over OpenBLAS GEMMs, on any CPU
+    /// and any head size.
+    public enum Kernel: Sendable { case blas, registerTiles }
+
+    /// Whether this CPU runs the AVX2 + FMA kernels.
+    public static let registerTilesAvailable = vk_has_avx2_fma() != 0
+
+    /// The kernel calls without an explicit `kernel` run: register tiles where the CPU has them and
+    /// the head size Dh is a multiple of 8, else BLAS.
+    public static func defaultKernel(dh: Int) -> Kernel {
+        registerTilesAvailable && dh % 8 == 0 ? .registerTiles : .blas
+    }
 
     /// y (B,T,C) and the log-sum-exp of every score row, lse (B,H,T), for qkv (B,T,3C).
     public static func forward(
         y: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
-        b: Int, t: Int, c: Int, heads: Int, causal: Bool = true
+        b: Int, t: Int, c: Int, heads: Int, causal: Bool = true, kernel: Kernel? = nil
     ) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         let bq = queryBlock, bk = keyBlock
         nonisolated(unsafe) let (y, lse) = (y, lse)
+        if checkedKernel(kernel, dh: dh) == .registerTiles {
+            HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+                let work = UnsafeMutablePointer<Float>.allocate(
+                    capacity: vk_flash_forward_workspace(Int32(t), Int32(dh)))
+                defer { work.deallocate() }
+                for pair in Int(lo)..<Int(hi) {
+                    let bi = pair / heads, h = pair % heads
+                    let q = qkv + bi * t * ld + h * dh
+                    vk_flash_forward(
+                        q, q + c, q + 2 * c, ld, Int32(t), Int32(dh), scale, causal ? 1 : 0, y + bi * t * c + h * dh, c,
+                        lse + pair * t, work)
+                }
+            }
+            return
+        }
         HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
             // S (bq,bk), the accumulator A (bq,Dh), the running max m and sum ℓ (bq)
             let s = UnsafeMutablePointer<Float>.allocate(capacity: bq * bk + bq * dh + 2 * bq)
@@ -79,6 +122,15 @@ public enum FlashAttention {
                 }
             }
         }
+    }
+
+    /// `kernel`, or the default for `dh`; register tiles need the CPU's AVX2 + FMA and Dh % 8 = 0.
+    static func checkedKernel(_ kernel: Kernel?, dh: Int) -> Kernel {
+        let chosen = kernel ?? defaultKernel(dh: dh)
+        precondition(
+            chosen == .blas || (registerTilesAvailable && dh % 8 == 0),
+            "register-tile attention needs AVX2 + FMA and a head size that is a multiple of 8 (Dh = \(dh))")
+        return chosen
     }
 
     /// One row of an S block in the online softmax: its first `seen` scores become
@@ -123,11 +175,26 @@ public enum FlashAttention {
     public static func backward(
         dqkv: UnsafeMutablePointer<Float>, dy: UnsafePointer<Float>, y: UnsafePointer<Float>,
         lse: UnsafePointer<Float>, qkv: UnsafePointer<Float>, b: Int, t: Int, c: Int, heads: Int,
-        causal: Bool = true
+        causal: Bool = true, kernel: Kernel? = nil
     ) {
         let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c
         let bq = queryBlock, bk = keyBlock
         nonisolated(unsafe) let dqkv = dqkv
+        if checkedKernel(kernel, dh: dh) == .registerTiles {
+            HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
+                let work = UnsafeMutablePointer<Float>.allocate(
+                    capacity: vk_flash_backward_workspace(Int32(t), Int32(dh)))
+                defer { work.deallocate() }
+                for pair in Int(lo)..<Int(hi) {
+                    let bi = pair / heads, h = pair % heads
+                    let q = qkv + bi * t * ld + h * dh, dq = dqkv + bi * t * ld + h * dh, row = bi * t * c + h * dh
+                    vk_flash_backward(
+                        q, q + c, q + 2 * c, ld, dy + row, y + row, c, lse + pair * t, dq, dq + c, dq + 2 * c, Int32(t),
+                        Int32(dh), scale, causal ? 1 : 0, work)
+                }
+            }
+            return
+        }
         HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
             // P and dP/dS blocks (bq,bk), D = rowsum(dY ⊙ Y) of the pair's rows (T)
             let p = UnsafeMutablePointer<Float>.allocate(capacity: 2 * bq * bk + t)

@@ -22,6 +22,10 @@ import Foundation
 public enum FlashRelativeAttention {
     static let queryBlock = 64, keyBlock = 512
 
+    /// Whether `RelativeSelfAttention` runs this blockwise attention over `keys` (memory + segment):
+    /// from `FlashAttention.minimumLength`, below which `RelativeAttention` is faster.
+    public static func applies(keys: Int) -> Bool { keys >= FlashAttention.minimumLength }
+
     /// Pointers of one (batch, head) pair and its query block's biased queries.
     struct Pair {
         let q, k, v, r: UnsafePointer<Float>

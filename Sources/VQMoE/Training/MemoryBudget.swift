@@ -177,7 +177,8 @@ extension ModelBuilder {
         }
         // The attention's softmax state: blockwise row log-sum-exps, or Transformer-XL's probabilities.
         let attentionSaved =
-            FlashAttention.applies(t: T + M) ? try mul(rows, heads, T) : try mul(rows, heads, T, T + M)
+            (mc.relative ? FlashRelativeAttention.applies(keys: T + M) : FlashAttention.applies(t: T, dh: d / heads))
+            ? try mul(rows, heads, T) : try mul(rows, heads, T, T + M)
         let perLayer =
             try mul(10, rows, T, d) + attentionSaved
             + (try mul(2, rows, T, visits, f + d))

@@ -87,7 +87,7 @@ public final class RelativeSelfAttention: AttentionSublayer {
         let table = positions.prepare(keys: k, c: c)
         Linear.forward(
             out: r.reserve(k * c), inp: table, weight: rWeight.data, bias: nil, n: k, inFeatures: c, outFeatures: c)
-        if FlashAttention.applies(t: k) {
+        if FlashRelativeAttention.applies(keys: k) {
             FlashRelativeAttention.forward(
                 y: y.reserve(b * t * c), lse: lse.reserve(b * heads * t), qkv: qkv.pointer, r: r.pointer,
                 u: u.data, v: v.data, b: b, t: t, mem: memoryUsed, c: c, heads: heads)
@@ -107,7 +107,7 @@ public final class RelativeSelfAttention: AttentionSublayer {
         let dy = scratch.dy.reserve(b * t * c)
         p.projectBackward(dout: dout, y: y.pointer, dy: dy, n: b * t)
         let dqkv = scratch.dqkv.zeros(nk * 3 * c), dr = scratch.dr.zeros(k * c)
-        if FlashAttention.applies(t: k) {
+        if FlashRelativeAttention.applies(keys: k) {
             let work = scratch.relative.reserve(
                 FlashRelativeAttention.scratchCount(b: b, t: t, mem: m, c: c, heads: heads))
             FlashRelativeAttention.backward(

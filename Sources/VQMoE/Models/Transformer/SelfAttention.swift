@@ -94,10 +94,10 @@ public final class AttentionScratch: @unchecked Sendable {
 ///
 ///     ln = LN1(x);  qkv = ln W_qkvᵀ + b;  y = softmax(QKᵀ/√Dh [+ causal mask]) V;  out = y W_projᵀ + b
 ///
-/// Sequences of `FlashAttention.minimumLength` (512) tokens and more run `FlashAttention`'s
-/// blockwise kernels, which save the log-sum-exp of every score row (B,H,T): memory O(T·C), no
-/// T×T matrix, at the price of recomputing the scores in the backward. Shorter ones run
-/// `Attention`, which saves the probabilities (B,H,T,T): small there, and no recomputation.
+/// `FlashAttention`'s blockwise kernels run where `FlashAttention.applies` (always on a CPU with
+/// AVX2 + FMA and Dh a multiple of 8; else from 512 tokens): they save the log-sum-exp of every
+/// score row (B,H,T), memory O(T·C), no T×T matrix, and recompute the scores in the backward.
+/// Otherwise `Attention` runs, which saves the probabilities (B,H,T,T) and recomputes nothing.
 /// Saved per layer besides: LN1's output and statistics, qkv (B,T,3C), y. Generation (`decode`)
 /// uses `Attention.decode`.
 ///
@@ -128,7 +128,7 @@ public final class SelfAttention: AttentionSublayer {
         let p = projections, c = p.c, n = ctx.n, t = ctx.seqLen, b = ctx.batch
         ln1.forward(x, p.ln1, n: n, c: c)
         p.qkv(ln1.out.pointer, into: qkv.reserve(n * 3 * c), n: n)
-        if FlashAttention.applies(t: t) {
+        if FlashAttention.applies(t: t, dh: c / heads) {
             FlashAttention.forward(
                 y: y.reserve(n * c), lse: lse.reserve(b * heads * t), qkv: qkv.pointer, b: b, t: t, c: c,
                 heads: heads, causal: causal)
@@ -146,7 +146,7 @@ public final class SelfAttention: AttentionSublayer {
         let p = projections, c = p.c, n = ctx.n, t = ctx.seqLen, b = ctx.batch
         let dy = scratch.dy.reserve(n * c), dqkv = scratch.dqkv.zeros(n * 3 * c), dln = scratch.dln.reserve(n * c)
         p.projectBackward(dout: dout, y: y.pointer, dy: dy, n: n)
-        if FlashAttention.applies(t: t) {
+        if FlashAttention.applies(t: t, dh: c / heads) {
             FlashAttention.backward(
                 dqkv: dqkv, dy: dy, y: y.pointer, lse: lse.pointer, qkv: qkv.pointer, b: b, t: t, c: c, heads: heads,
                 causal: causal)
