@@ -24,7 +24,7 @@ declare -A datasets=([char]=DatasetChar [word]=DatasetWord [csv]=DatasetCSV [sst
 # One build at a time (several targets may be fuzzed at once); the rest wait, then reuse it.
 exec 9> .build/fuzz/.build.lock
 flock 9
-newest=$(find Sources/VQMoE Sources/VQMoEABI Plugins/PluginKit Plugins/Dataset* Tests/Fuzz/FuzzTargets.swift \
+newest=$(find Sources/VQMoE Sources/VQMoEABI Sources/CKernels Plugins/PluginKit Plugins/Dataset* Tests/Fuzz/FuzzTargets.swift \
   -newer "$bin" -type f 2>/dev/null | head -n 1 || true)
 if [ ! -x "$bin" ] || [ -n "$newest" ]; then
   echo "== building $bin"
@@ -34,10 +34,12 @@ if [ ! -x "$bin" ] || [ -n "$newest" ]; then
   swift_c() { # swift_c MODULE OUTPUT SOURCES...: one module, whole-module, to one object file
     local module=$1 out=$2; shift 2
     swiftc -sanitize=fuzzer,address -parse-as-library -module-name "$module" -O -g -wmo -c \
-      -ISources/VQMoEABI/include -ISources/CBLAS -ISources/CFFI -ISources/CZlib -I"$objs" \
+      -ISources/VQMoEABI/include -ISources/CKernels/include -ISources/CBLAS -ISources/CFFI -ISources/CZlib -I"$objs" \
       "$@" -o "$out" 2> >(grep -v "Cannot export local symbol" >&2)
   }
   clang -c -fPIC -fsanitize=fuzzer-no-link,address -ISources/VQMoEABI/include Sources/VQMoEABI/abi.c -o "$objs/abi.o"
+  clang -c -O2 -fPIC -fsanitize=fuzzer-no-link,address -ISources/CKernels/include Sources/CKernels/flash_attention.c \
+    -o "$objs/ckernels.o"
   swift_c PluginKit "$objs/PluginKit.o" -emit-module -emit-module-path "$objs/PluginKit.swiftmodule" \
     $(find Plugins/PluginKit -name '*.swift' | sort)
   for name in "${!datasets[@]}"; do
