@@ -29,10 +29,10 @@ int vk_has_avx2_fma(void) {
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 
 enum {
-    MR = 6,    // query (or key) rows of a register tile
-    BQ = 48,   // query rows per block (8 tiles)
-    FKC = 256, // keys per chunk in the forward (16 panels)
-    KC = 96,   // keys per chunk in the backward (6 panels; a multiple of MR and 16)
+    MR = 6,                    // query (or key) rows of a register tile
+    BQ = VK_FLASH_QUERY_BLOCK, // query rows per block (8 tiles)
+    FKC = 256,                 // keys per chunk in the forward (16 panels)
+    KC = 96,                   // keys per chunk in the backward (6 panels; a multiple of MR and 16)
 };
 
 static inline int min_int(int a, int b) {
@@ -215,20 +215,27 @@ static size_t panel_floats(int t, int dh) {
     return (size_t)round16(t) * (size_t)dh;
 }
 
-size_t vk_flash_forward_workspace(int t, int dh) {
-    return panel_floats(t, dh) + MR * FKC + (size_t)BQ * dh + 2 * BQ;
+size_t vk_flash_panels(int t, int dh) {
+    return panel_floats(t, dh);
+}
+
+void vk_flash_pack(const float *k, ptrdiff_t ld, int t, int dh, float *kt) {
+    pack_panels(k, ld, t, dh, kt);
+}
+
+size_t vk_flash_forward_workspace(int dh) {
+    return MR * FKC + (size_t)BQ * dh + 2 * BQ;
 }
 
 size_t vk_flash_backward_workspace(int t, int dh) {
     return 2 * panel_floats(t, dh) + 2 * BQ * KC + (size_t)BQ * dh + (size_t)t;
 }
 
-void vk_flash_forward(const float *q, const float *k, const float *v, ptrdiff_t ld, int t, int dh, float scale,
-                      int causal, float *y, ptrdiff_t ldy, float *lse, float *work) {
-    float *kt = work, *s = kt + panel_floats(t, dh), *acc = s + MR * FKC, *m = acc + BQ * dh, *l = m + BQ;
-    pack_panels(k, ld, t, dh, kt);
-    for (int ib = 0; ib < t; ib += BQ) {
-        const int rowsB = min_int(BQ, t - ib), keysB = causal ? ib + rowsB : t;
+void vk_flash_forward(const float *q, const float *kt, const float *v, ptrdiff_t ld, int t, int dh, float scale,
+                      int causal, int row0, int row1, float *y, ptrdiff_t ldy, float *lse, float *work) {
+    float *s = work, *acc = s + MR * FKC, *m = acc + BQ * dh, *l = m + BQ;
+    for (int ib = row0; ib < row1; ib += BQ) {
+        const int rowsB = min_int(BQ, row1 - ib), keysB = causal ? ib + rowsB : t;
         memset(acc, 0, sizeof(float) * rowsB * dh);
         for (int r = 0; r < rowsB; r++) m[r] = -INFINITY, l[r] = 0;
         for (int j0 = 0; j0 < keysB; j0 += FKC) {
@@ -325,14 +332,18 @@ void vk_flash_backward(const float *q, const float *k, const float *v, ptrdiff_t
 int vk_has_avx2_fma(void) {
     return 0;
 }
-size_t vk_flash_forward_workspace(int t, int dh) {
+size_t vk_flash_panels(int t, int dh) {
+    return 0;
+}
+void vk_flash_pack(const float *k, ptrdiff_t ld, int t, int dh, float *kt) {}
+size_t vk_flash_forward_workspace(int dh) {
     return 0;
 }
 size_t vk_flash_backward_workspace(int t, int dh) {
     return 0;
 }
-void vk_flash_forward(const float *q, const float *k, const float *v, ptrdiff_t ld, int t, int dh, float scale,
-                      int causal, float *y, ptrdiff_t ldy, float *lse, float *work) {}
+void vk_flash_forward(const float *q, const float *kt, const float *v, ptrdiff_t ld, int t, int dh, float scale,
+                      int causal, int row0, int row1, float *y, ptrdiff_t ldy, float *lse, float *work) {}
 void vk_flash_backward(const float *q, const float *k, const float *v, ptrdiff_t ld, const float *dy, const float *y,
                        ptrdiff_t ldy, const float *lse, float *dq, float *dk, float *dv, int t, int dh, float scale,
                        int causal, float *work) {}

@@ -86,6 +86,27 @@ final class FlashAttentionTests: XCTestCase {
         }
     }
 
+    /// The register-tile forward is split over (batch, head, query block), its backward over pairs:
+    /// 1, 2 and 3 threads (3: split points inside a pair's blocks) give the same bits.
+    func testThreadCountChangesNoBits() throws {
+        guard FlashAttention.registerTilesAvailable else { throw XCTSkip("no AVX2 + FMA on this CPU") }
+        let b = 1, t = 300, c = 64, heads = 2, n = b * t
+        let qkv = normals(n * 3 * c, seed: 41), dy = normals(n * c, seed: 42)
+        let threads = HostRuntime.threads
+        defer { HostRuntime.configure(threads: threads) }
+        var first: [Float]?
+        for count in [1, 2, 3] {
+            HostRuntime.configure(threads: count)
+            var y = [Float](repeating: 0, count: n * c), lse = [Float](repeating: 0, count: b * heads * t)
+            FlashAttention.forward(y: &y, lse: &lse, qkv: qkv, b: b, t: t, c: c, heads: heads, kernel: .registerTiles)
+            var d = [Float](repeating: 0, count: n * 3 * c)
+            FlashAttention.backward(
+                dqkv: &d, dy: dy, y: y, lse: lse, qkv: qkv, b: b, t: t, c: c, heads: heads, kernel: .registerTiles)
+            let all = y + lse + d
+            if let first { XCTAssertEqual(all, first, "\(count) threads") } else { first = all }
+        }
+    }
+
     /// Register tiles run by default where the CPU has them and Dh is a multiple of 8.
     func testDefaultKernel() {
         XCTAssertEqual(FlashAttention.defaultKernel(dh: 12), .blas)

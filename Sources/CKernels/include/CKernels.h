@@ -14,18 +14,31 @@ extern "C" {
 /// 1 when the CPU runs AVX2 and FMA (the kernels below may be called), else 0.
 int vk_has_avx2_fma(void);
 
-/// Floats of workspace `vk_flash_forward` needs for `t` keys of head size `dh`.
-size_t vk_flash_forward_workspace(int t, int dh);
+/// Query rows per block of `vk_flash_forward` and `vk_flash_backward` (8 tiles of 6 rows): the
+/// forward's row ranges start at multiples of it.
+#define VK_FLASH_QUERY_BLOCK 48
+
+/// Floats of Kᵀ packed by `vk_flash_pack` for `t` keys of head size `dh`.
+size_t vk_flash_panels(int t, int dh);
+
+/// Packs Kᵀ (t keys, row i at k + i·ld) in panels of 16 keys, dh × 16 floats each, zero past
+/// key t − 1, into kt (`vk_flash_panels(t, dh)` floats, caller-owned).
+void vk_flash_pack(const float *k, ptrdiff_t ld, int t, int dh, float *kt);
+
+/// Floats of workspace one `vk_flash_forward` call needs for head size `dh`.
+size_t vk_flash_forward_workspace(int dh);
 
 /// Floats of workspace `vk_flash_backward` needs for `t` keys of head size `dh`.
 size_t vk_flash_backward_workspace(int t, int dh);
 
-/// Blockwise attention forward for one (batch, head) pair, head size `dh` a multiple of 8.
-/// q, k, v: row i of Q, K, V at q + i·ld (and k, v likewise), t rows each. Writes y (row i at
-/// y + i·ldy, dh floats) = softmax(Q Kᵀ·scale) V, causal (key ≤ query) or full, and lse[i], the
-/// log-sum-exp of score row i. `work`: vk_flash_forward_workspace(t, dh) floats, caller-owned.
-void vk_flash_forward(const float *q, const float *k, const float *v, ptrdiff_t ld, int t, int dh, float scale,
-                      int causal, float *y, ptrdiff_t ldy, float *lse, float *work);
+/// Blockwise attention forward of query rows row0 ..< row1 of one (batch, head) pair, head size
+/// `dh` a multiple of 8. q, v: row i of Q, V at q + i·ld, v + i·ld, t rows each; kt: Kᵀ as packed
+/// by `vk_flash_pack`. Writes rows row0 ..< row1 of y (row i at y + i·ldy, dh floats) =
+/// softmax(Q Kᵀ·scale) V, causal (key ≤ query) or full, and lse[i], the log-sum-exp of score row
+/// i. Rows are independent: any split of 0 ..< t into ranges gives the same bits. `work`:
+/// vk_flash_forward_workspace(dh) floats, caller-owned.
+void vk_flash_forward(const float *q, const float *kt, const float *v, ptrdiff_t ld, int t, int dh, float scale,
+                      int causal, int row0, int row1, float *y, ptrdiff_t ldy, float *lse, float *work);
 
 /// Blockwise attention backward for one pair: from dy and the forward's y (row stride ldy) and
 /// lse, ADDS dQ, dK, dV into dq, dk, dv (row stride ld, like q, k, v), recomputing each block's

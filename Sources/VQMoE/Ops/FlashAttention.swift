@@ -14,14 +14,18 @@ import Foundation
 ///         dV_j += Pᵀ dY_i,  dP = dY_i V_jᵀ,  dS = P ⊙ (dP − D_i)/√Dh,
 ///         dQ_i += dS K_j,  dK_j += dSᵀ Q_i
 ///
-/// Two kernels compute it (`Kernel`), both split over (batch, head) pairs on the host pool:
+/// Two kernels compute it (`Kernel`), on the host pool:
 /// - `.registerTiles` (the default where the CPU has AVX2 + FMA and Dh is a multiple of 8):
 ///   CKernels' `vk_flash_forward` / `vk_flash_backward`, the same loop in C over 48-row query
 ///   blocks and key chunks, every product a 6 × 16 register tile, the scores of 6 query rows at a
 ///   time kept in L1, Kᵀ and Vᵀ packed once per pair, a causal mask applied per 6-row tile. No BLAS
 ///   call per block (with 32-dimensional heads OpenBLAS's packing and zeroing of C cost a third of
-///   the time), so it is faster than `Attention` at every length measured, 256 included.
-/// - `.blas`: the Swift loop below, 64-row query blocks × 512-key blocks through OpenBLAS; a block
+///   the time), so it is faster than `Attention` at every length measured, 256 included. The
+///   forward is split over (batch, head, query block); the backward over (batch, head) pairs, as
+///   PyTorch's CPU flash attention does: a split over query blocks would need a partial dK and dV
+///   per split (memory) summed in an order that depends on the split (bits).
+/// - `.blas`: the Swift loop below, 64-row query blocks × 512-key blocks through OpenBLAS, split
+///   over (batch, head) pairs; a block
 ///   of S (128 KiB) with its key and value rows stays in one core's L2; causal key blocks after a
 ///   query block skipped. Any CPU, any head size; used from `minimumLength` keys.
 ///
@@ -72,18 +76,7 @@ public enum FlashAttention {
         let bq = queryBlock, bk = keyBlock
         nonisolated(unsafe) let (y, lse) = (y, lse)
         if checkedKernel(kernel, dh: dh) == .registerTiles {
-            HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
-                let work = UnsafeMutablePointer<Float>.allocate(
-                    capacity: vk_flash_forward_workspace(Int32(t), Int32(dh)))
-                defer { work.deallocate() }
-                for pair in Int(lo)..<Int(hi) {
-                    let bi = pair / heads, h = pair % heads
-                    let q = qkv + bi * t * ld + h * dh
-                    vk_flash_forward(
-                        q, q + c, q + 2 * c, ld, Int32(t), Int32(dh), scale, causal ? 1 : 0, y + bi * t * c + h * dh, c,
-                        lse + pair * t, work)
-                }
-            }
+            registerTileForward(y: y, lse: lse, qkv: qkv, b: b, t: t, c: c, heads: heads, causal: causal)
             return
         }
         HostRuntime.parallelFor(Int64(b * heads)) { lo, hi in
@@ -120,6 +113,41 @@ public enum FlashAttention {
                     finishRows(out: out + i0 * c, ld: c, lse: rowLSE + i0, acc: acc, m: m, l: l, rows: rows, dh: dh)
                     i0 = i1
                 }
+            }
+        }
+    }
+
+    /// The forward on register tiles, split over (batch, head, query block): Kᵀ of every pair is
+    /// packed first (B·H·T·Dh floats, freed on return), then each item computes one block of
+    /// `VK_FLASH_QUERY_BLOCK` query rows. Rows are independent, so the split changes no bits. A
+    /// pair's blocks are taken in zig-zag order (first, last, second, second-to-last, …) so a
+    /// thread's contiguous range of items mixes cheap and costly causal blocks when B·H is small.
+    static func registerTileForward(
+        y: UnsafeMutablePointer<Float>, lse: UnsafeMutablePointer<Float>, qkv: UnsafePointer<Float>,
+        b: Int, t: Int, c: Int, heads: Int, causal: Bool
+    ) {
+        let dh = c / heads, scale = 1 / Float(dh).squareRoot(), ld = 3 * c, pairs = b * heads
+        let rows = Int(VK_FLASH_QUERY_BLOCK), blocks = (t + rows - 1) / rows
+        let panels = vk_flash_panels(Int32(t), Int32(dh))
+        nonisolated(unsafe) let kt = UnsafeMutablePointer<Float>.allocate(capacity: pairs * panels)
+        defer { kt.deallocate() }
+        HostRuntime.parallelFor(Int64(pairs)) { lo, hi in
+            for pair in Int(lo)..<Int(hi) {
+                let bi = pair / heads, h = pair % heads
+                vk_flash_pack(qkv + bi * t * ld + c + h * dh, ld, Int32(t), Int32(dh), kt + pair * panels)
+            }
+        }
+        HostRuntime.parallelFor(Int64(pairs * blocks)) { lo, hi in
+            let work = UnsafeMutablePointer<Float>.allocate(capacity: vk_flash_forward_workspace(Int32(dh)))
+            defer { work.deallocate() }
+            for item in Int(lo)..<Int(hi) {
+                let pair = item / blocks, j = item % blocks, bi = pair / heads, h = pair % heads
+                let block = j % 2 == 0 ? j / 2 : blocks - 1 - j / 2
+                let row0 = block * rows, row1 = min(t, row0 + rows)
+                let q = qkv + bi * t * ld + h * dh
+                vk_flash_forward(
+                    q, kt + pair * panels, q + 2 * c, ld, Int32(t), Int32(dh), scale, causal ? 1 : 0, Int32(row0),
+                    Int32(row1), y + bi * t * c + h * dh, c, lse + pair * t, work)
             }
         }
     }
