@@ -5,8 +5,8 @@ import XCTest
 /// `FlashAttention` (blockwise, O(T·d) saved) against `Attention` (saves the T×T probabilities),
 /// the reference: outputs and every gradient to 1e-5 relative, causal and full, for lengths that
 /// are and are not multiples of the 64-row query and 512-row key blocks (BLAS kernel) and of the
-/// 6-row tiles, 16-key panels, 48-row blocks and 96 / 256-key chunks (register-tile kernel); and
-/// finite differences. Both kernels are checked where the CPU runs the register tiles.
+/// 6-row tiles, 16-key panels, 48- and 96-row blocks and 96 / 192 / 256-key chunks (register-tile
+/// kernel; the larger backward blocks from 1,024 keys); and finite differences. Both kernels are checked where the CPU runs the register tiles.
 final class FlashAttentionTests: XCTestCase {
     /// The kernels this CPU runs.
     var kernels: [FlashAttention.Kernel] { FlashAttention.registerTilesAvailable ? [.blas, .registerTiles] : [.blas] }
@@ -84,6 +84,7 @@ final class FlashAttentionTests: XCTestCase {
                 }
             }
         }
+        compare(b: 1, t: 1030, c: 96, heads: 3, causal: true, seed: 9)  // Dh 32, the long blocks
     }
 
     /// The register-tile forward is split over (batch, head, query block), its backward over pairs:

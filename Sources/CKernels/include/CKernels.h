@@ -14,8 +14,8 @@ extern "C" {
 /// 1 when the CPU runs AVX2 and FMA (the kernels below may be called), else 0.
 int vk_has_avx2_fma(void);
 
-/// Query rows per block of `vk_flash_forward` and `vk_flash_backward` (8 tiles of 6 rows): the
-/// forward's row ranges start at multiples of it.
+/// Query rows per block of `vk_flash_forward` (8 tiles of 6 rows): callers split the rows of a
+/// pair into ranges of this many.
 #define VK_FLASH_QUERY_BLOCK 48
 
 /// Floats of Kᵀ packed by `vk_flash_pack` for `t` keys of head size `dh`.

@@ -16,7 +16,7 @@ import Foundation
 ///
 /// Two kernels compute it (`Kernel`), on the host pool:
 /// - `.registerTiles` (the default where the CPU has AVX2 + FMA and Dh is a multiple of 8):
-///   CKernels' `vk_flash_forward` / `vk_flash_backward`, the same loop in C over 48-row query
+///   CKernels' `vk_flash_forward` / `vk_flash_backward`, the same loop in C over 48- or 96-row query
 ///   blocks and key chunks, every product a 6 × 16 register tile, the scores of 6 query rows at a
 ///   time kept in L1, Kᵀ and Vᵀ packed once per pair, a causal mask applied per 6-row tile. No BLAS
 ///   call per block (with 32-dimensional heads OpenBLAS's packing and zeroing of C cost a third of
