@@ -16,18 +16,18 @@ import Foundation
 ///
 /// Two kernels compute it (`Kernel`), on the host pool:
 /// - `.registerTiles` (the default where the CPU has AVX2 + FMA and Dh is a multiple of 8):
-///   CKernels' `vk_flash_forward` / `vk_flash_backward`, the same loop in C over 48- or 96-row query
-///   blocks and key chunks, every product a 6 × 16 register tile, the scores of 6 query rows at a
-///   time kept in L1, Kᵀ and Vᵀ packed once per pair, a causal mask applied per 6-row tile. No BLAS
-///   call per block (with 32-dimensional heads OpenBLAS's packing and zeroing of C cost a third of
-///   the time), so it is faster than `Attention` at every length measured, 256 included. The
+///   CKernels' `vk_flash_forward` / `vk_flash_backward`, the same loop in C over 48- or 96-row
+///   query blocks and key chunks, every product a 6 × 16 register tile, the scores of 6 query rows
+///   at a time kept in L1, Kᵀ and Vᵀ packed once per pair, a causal mask applied per 6-row tile. No
+///   BLAS call per block (with 32-dimensional heads OpenBLAS's packing and zeroing of C cost a third
+///   of the time), so it is faster than `Attention` at every length measured, 256 included. The
 ///   forward is split over (batch, head, query block); the backward over (batch, head) pairs, as
 ///   PyTorch's CPU flash attention does: a split over query blocks would need a partial dK and dV
 ///   per split (memory) summed in an order that depends on the split (bits).
 /// - `.blas`: the Swift loop below, 64-row query blocks × 512-key blocks through OpenBLAS, split
-///   over (batch, head) pairs; a block
-///   of S (128 KiB) with its key and value rows stays in one core's L2; causal key blocks after a
-///   query block skipped. Any CPU, any head size; used from `minimumLength` keys.
+///   over (batch, head) pairs; a block of S (128 KiB) with its key and value rows stays in one
+///   core's L2; causal key blocks after a query block skipped. Any CPU, any head size; used from
+///   `minimumLength` keys.
 ///
 /// Nothing of size T² is kept: the backward recomputes the scores (one more Q Kᵀ product) instead
 /// of reading saved P. `Attention` (which saves P) is the reference the tests check both against.

@@ -175,7 +175,7 @@ extension ModelBuilder {
             case .dense, .shared: return n + 1
             }
         }
-        // The attention's softmax state: blockwise row log-sum-exps, or Transformer-XL's probabilities.
+        // The attention's softmax state: blockwise row log-sum-exps, or the probabilities (B,H,T,K).
         let attentionSaved =
             (mc.relative ? FlashRelativeAttention.applies(keys: T + M) : FlashAttention.applies(t: T, dh: d / heads))
             ? try mul(rows, heads, T) : try mul(rows, heads, T, T + M)
