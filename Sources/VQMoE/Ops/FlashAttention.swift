@@ -95,13 +95,10 @@ public enum FlashAttention {
                     var j0 = 0
                     while j0 < keys {
                         let j1 = min(j0 + bk, keys), cols = j1 - j0
-                        // S = Q_i K_jᵀ / √Dh  (rows, cols), row stride bk
-                        cblas_sgemm(
-                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), scale,
-                            q + i0 * ld, Int32(ld), k + j0 * ld, Int32(ld), 0, s, Int32(bk))
+                        scoreBlock(s, q: q, k: k, ld: ld, i0: i0, rows: rows, j0: j0, cols: cols, dh: dh, scale: scale)
                         for r in 0..<rows {
                             onlineSoftmaxRow(
-                                s + r * bk, seen: causal ? min(cols, i0 + r + 1 - j0) : cols, cols: cols,
+                                s + r * bk, seen: visible(i0 + r, j0: j0, cols: cols, causal: causal), cols: cols,
                                 first: j0 == 0, m: m + r, l: l + r, acc: acc + r * dh, dh: dh)
                         }
                         // A (+)= P V_j
@@ -159,6 +156,22 @@ public enum FlashAttention {
             chosen == .blas || (registerTilesAvailable && dh % 8 == 0),
             "register-tile attention needs AVX2 + FMA and a head size that is a multiple of 8 (Dh = \(dh))")
         return chosen
+    }
+
+    /// S (rows, cols) = Q_i K_jᵀ / √Dh for query rows i0 ..< i0 + rows and keys j0 ..< j0 + cols,
+    /// row stride `keyBlock` (the `.blas` kernel's forward and backward).
+    @inline(__always) static func scoreBlock(
+        _ s: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>, k: UnsafePointer<Float>, ld: Int, i0: Int,
+        rows: Int, j0: Int, cols: Int, dh: Int, scale: Float
+    ) {
+        cblas_sgemm(
+            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), scale,
+            q + i0 * ld, Int32(ld), k + j0 * ld, Int32(ld), 0, s, Int32(keyBlock))
+    }
+
+    /// How many of the `cols` keys from j0 query row i sees (causal: keys ≤ i).
+    @inline(__always) static func visible(_ i: Int, j0: Int, cols: Int, causal: Bool) -> Int {
+        causal ? Swift.max(0, min(cols, i + 1 - j0)) : cols
     }
 
     /// One row of an S block in the online softmax: its first `seen` scores become
@@ -242,12 +255,10 @@ public enum FlashAttention {
                     while j0 < keys {
                         let j1 = min(j0 + bk, keys), cols = j1 - j0
                         // P = exp(Q_i K_jᵀ/√Dh − lse_i), masked keys 0
-                        cblas_sgemm(
-                            CblasRowMajor, CblasNoTrans, CblasTrans, Int32(rows), Int32(cols), Int32(dh), scale,
-                            q + i0 * ld, Int32(ld), k + j0 * ld, Int32(ld), 0, p, Int32(bk))
+                        scoreBlock(p, q: q, k: k, ld: ld, i0: i0, rows: rows, j0: j0, cols: cols, dh: dh, scale: scale)
                         for r in 0..<rows {
                             let row = p + r * bk
-                            let seen = Swift.max(0, causal ? min(cols, i0 + r + 1 - j0) : cols)
+                            let seen = visible(i0 + r, j0: j0, cols: cols, causal: causal)
                             _ = VecMath.expInPlace(row, count: seen, subtracting: rowLSE[i0 + r])
                             (row + seen).update(repeating: 0, count: cols - seen)
                         }
